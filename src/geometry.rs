@@ -1,0 +1,263 @@
+//! Model dimensions of one MLA attention layer and the TPLA shard plan of one rank.
+//!
+//! Symbols follow DESIGN.md section 2: `heads` (H), `d_c` (latent width, kv_lora_rank),
+//! `d_r` (RoPE key width), `d_n` (per-head no-RoPE width), `d_v` (per-head value width).
+
+use crate::error::{Error, Result};
+
+/// YaRN RoPE scaling as found in a model's `rope_scaling` config: it changes the softmax
+/// scale by `mscale^2`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct YarnScaling {
+    pub factor: f64,
+    pub mscale_all_dim: f64,
+}
+
+impl YarnScaling {
+    /// DeepSeek's `yarn_get_mscale(factor, mscale_all_dim)`.
+    pub fn mscale(&self) -> f64 {
+        if self.factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * self.mscale_all_dim * self.factor.ln() + 1.0
+        }
+    }
+}
+
+/// Softmax scale of an MLA layer: `1/sqrt(d_n + d_r)`, times `mscale^2` under YaRN.
+pub fn softmax_scale(d_n: usize, d_r: usize, yarn: Option<YarnScaling>) -> f64 {
+    let m = yarn.map_or(1.0, |y| y.mscale());
+    m * m / ((d_n + d_r) as f64).sqrt()
+}
+
+/// Dimensions of one MLA attention layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelDims {
+    pub heads: usize,
+    pub d_c: usize,
+    pub d_r: usize,
+    pub d_n: usize,
+    pub d_v: usize,
+    pub softmax_scale: f64,
+}
+
+/// Names accepted by [`ModelDims::preset`].
+pub const PRESETS: [&str; 3] = ["deepseek-v3", "kimi-k2", "deepseek-v2-lite"];
+
+impl ModelDims {
+    /// Checked constructor: every width positive, a finite positive scale.
+    pub fn new(
+        heads: usize,
+        d_c: usize,
+        d_r: usize,
+        d_n: usize,
+        d_v: usize,
+        softmax_scale: f64,
+    ) -> Result<Self> {
+        let dims = ModelDims {
+            heads,
+            d_c,
+            d_r,
+            d_n,
+            d_v,
+            softmax_scale,
+        };
+        dims.validate()?;
+        Ok(dims)
+    }
+
+    /// The layer shapes of published models, with the softmax scale their configs give
+    /// (YaRN `rope_scaling` included).
+    pub fn preset(name: &str) -> Result<Self> {
+        let (heads, factor, mscale_all_dim) = match name {
+            // config.json: rope_scaling {type: yarn, factor: 40, mscale_all_dim: 1.0}
+            "deepseek-v3" => (128, 40.0, 1.0),
+            // config.json: rope_scaling {type: yarn, factor: 32, mscale_all_dim: 1.0}
+            "kimi-k2" => (64, 32.0, 1.0),
+            // config.json: rope_scaling {type: yarn, factor: 40, mscale_all_dim: 0.707}
+            "deepseek-v2-lite" => (16, 40.0, 0.707),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown model preset '{name}'; known presets: {}",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        let yarn = YarnScaling {
+            factor,
+            mscale_all_dim,
+        };
+        ModelDims::new(heads, 512, 64, 128, 128, softmax_scale(128, 64, Some(yarn)))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("heads", self.heads),
+            ("d_c", self.d_c),
+            ("d_r", self.d_r),
+            ("d_n", self.d_n),
+            ("d_v", self.d_v),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(format!("{name} must be positive, got 0")));
+            }
+            if v > 1 << 16 {
+                return Err(Error::invalid(format!(
+                    "{name} = {v} is larger than the supported maximum 65536"
+                )));
+            }
+        }
+        if !(self.softmax_scale.is_finite() && self.softmax_scale > 0.0) {
+            return Err(Error::invalid(format!(
+                "softmax scale must be finite and positive, got {}",
+                self.softmax_scale
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Latent group counts TPLA supports.
+pub const GROUP_COUNTS: [usize; 4] = [1, 2, 4, 8];
+
+/// What one rank holds: latent slice `group` of `groups`, and head shard `head_shard`
+/// of the `ranks / groups` shards its group splits the heads into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub groups: usize,
+    pub group: usize,
+    pub ranks: usize,
+    pub rank: usize,
+    /// Heads of this rank: `head_start .. head_start + heads`.
+    pub head_start: usize,
+    pub heads: usize,
+    /// Latent columns of this rank's slice: `slice_start .. slice_start + slice_width`.
+    pub slice_start: usize,
+    pub slice_width: usize,
+}
+
+impl ShardPlan {
+    /// One rank per latent group, every head on every rank (the TPLA layout of DESIGN 3.2).
+    pub fn new(dims: &ModelDims, groups: usize, group: usize) -> Result<Self> {
+        Self::with_head_split(dims, groups, groups, group)
+    }
+
+    /// `ranks` ranks in `groups` latent groups: rank `r` holds slice `r / (ranks/groups)`
+    /// and head shard `r % (ranks/groups)` of its group's heads.
+    pub fn with_head_split(
+        dims: &ModelDims,
+        ranks: usize,
+        groups: usize,
+        rank: usize,
+    ) -> Result<Self> {
+        dims.validate()?;
+        if !GROUP_COUNTS.contains(&groups) {
+            return Err(Error::invalid(format!(
+                "latent groups must be one of 1, 2, 4, 8, got {groups}"
+            )));
+        }
+        if dims.d_c % groups != 0 {
+            return Err(Error::invalid(format!(
+                "latent width d_c = {} is not divisible by {groups} groups",
+                dims.d_c
+            )));
+        }
+        if ranks == 0 || ranks % groups != 0 {
+            return Err(Error::invalid(format!(
+                "{ranks} ranks cannot be split evenly into {groups} latent groups"
+            )));
+        }
+        let shards = ranks / groups;
+        if dims.heads % shards != 0 {
+            return Err(Error::invalid(format!(
+                "{} heads cannot be split evenly over {shards} ranks per latent group",
+                dims.heads
+            )));
+        }
+        if rank >= ranks {
+            return Err(Error::out_of_range(format!(
+                "rank {rank} is out of range for {ranks} ranks"
+            )));
+        }
+        let group = rank / shards;
+        let heads = dims.heads / shards;
+        let slice_width = dims.d_c / groups;
+        Ok(ShardPlan {
+            groups,
+            group,
+            ranks,
+            rank,
+            head_start: (rank % shards) * heads,
+            heads,
+            slice_start: group * slice_width,
+            slice_width,
+        })
+    }
+
+    /// Values per cached token on this rank: the latent slice then the RoPE key.
+    pub fn row_width(&self, dims: &ModelDims) -> usize {
+        self.slice_width + dims.d_r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_the_published_shapes_and_yarn_scales() {
+        let v3 = ModelDims::preset("deepseek-v3").unwrap();
+        assert_eq!(
+            (v3.heads, v3.d_c, v3.d_r, v3.d_n, v3.d_v),
+            (128, 512, 64, 128, 128)
+        );
+        // DeepSeek-V3 reference code: mscale = 0.1 * ln(40) + 1, scale = mscale^2 / sqrt(192)
+        let m = 0.1 * 40f64.ln() + 1.0;
+        assert!((v3.softmax_scale - m * m / 192f64.sqrt()).abs() < 1e-15);
+        assert_eq!(ModelDims::preset("kimi-k2").unwrap().heads, 64);
+        assert_eq!(ModelDims::preset("deepseek-v2-lite").unwrap().heads, 16);
+        assert_eq!(softmax_scale(128, 64, None), 1.0 / 192f64.sqrt());
+        let err = ModelDims::preset("llama").unwrap_err();
+        assert!(err.message().contains("deepseek-v3"), "{err}");
+    }
+
+    #[test]
+    fn plans_slice_the_latent_and_split_heads() {
+        let dims = ModelDims::preset("deepseek-v3").unwrap();
+        let p = ShardPlan::new(&dims, 4, 3).unwrap();
+        assert_eq!((p.slice_start, p.slice_width, p.heads), (384, 128, 128));
+        assert_eq!(p.row_width(&dims), 192);
+        // 8 ranks, 2 groups: 4 head shards of 32 heads per group
+        let p = ShardPlan::with_head_split(&dims, 8, 2, 5).unwrap();
+        assert_eq!(
+            (p.group, p.head_start, p.heads, p.slice_start),
+            (1, 32, 32, 256)
+        );
+        let mla = ShardPlan::new(&dims, 1, 0).unwrap();
+        assert_eq!((mla.slice_width, mla.row_width(&dims)), (512, 576));
+    }
+
+    #[test]
+    fn invalid_plans_and_dims_are_errors_with_a_reason() {
+        let dims = ModelDims::preset("deepseek-v3").unwrap();
+        for (ranks, groups, rank, want) in [
+            (3, 3, 0, "one of 1, 2, 4, 8"),
+            (2, 16, 0, "one of 1, 2, 4, 8"),
+            (0, 1, 0, "cannot be split"),
+            (6, 4, 0, "cannot be split"),
+            (2, 2, 2, "out of range"),
+            (2 * 256, 2, 0, "heads cannot be split"),
+        ] {
+            let e = ShardPlan::with_head_split(&dims, ranks, groups, rank).unwrap_err();
+            assert!(e.message().contains(want), "{ranks} {groups} {rank}: {e}");
+        }
+        let odd = ModelDims::new(8, 500, 64, 128, 128, 0.1).unwrap();
+        assert!(ShardPlan::new(&odd, 8, 0)
+            .unwrap_err()
+            .message()
+            .contains("not divisible"));
+        assert!(ModelDims::new(0, 512, 64, 128, 128, 0.1).is_err());
+        assert!(ModelDims::new(8, 512, 64, 128, 128, f64::NAN).is_err());
+        assert!(ModelDims::new(8, 512, 64, 128, 128, -1.0).is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! libtpla: decode attention of MLA models under Tensor-Parallel Latent Attention.
+//!
+//! Data flows one way: [`geometry`] (dims and shard plan) -> [`transform`] and
+//! [`convert`] (per-rank folded weights) -> cache -> [`attention`] backends -> combine.
+//! DESIGN.md in the repository explains the maths.
+
+pub mod attention;
+pub mod dtype;
+pub mod error;
+pub mod geometry;
+
+pub use dtype::DType;
+pub use error::{Error, ErrorKind, Result};
+pub use geometry::{ModelDims, ShardPlan};
