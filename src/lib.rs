@@ -5,6 +5,7 @@
 //! DESIGN.md in the repository explains the maths.
 
 pub mod attention;
+pub mod cache;
 pub mod dtype;
 pub mod error;
 pub mod geometry;
