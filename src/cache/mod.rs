@@ -19,9 +19,13 @@
 //!   keeps its own length, because a decode step appends to one layer after another;
 //!   between steps every layer has the same length.
 
+mod export;
+pub mod format;
 mod pool;
 mod rank;
 
+pub use export::{ExportPlan, ShardFileWriter, ShardWriter};
+pub use format::{SequenceEntry, ShardHeader};
 pub use pool::PAGE_ALIGN;
 pub use rank::{LayerView, RankCache};
 

@@ -1,17 +1,26 @@
 //! [`RankCache`]: sequences, block tables and appends over the page pool, and the
 //! per-layer [`RowSource`] views the attention backends read.
 
+use super::format::ShardHeader;
 use super::pool::PagePool;
 use super::{check_representable, ShardSpec};
 use crate::attention::RowSource;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
+use memmap2::Mmap;
 use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
 
 /// Where one page of a sequence lives.
 #[derive(Clone, Copy, Debug)]
 enum PageLoc {
     Pool(u32),
+    /// Page `page` (within each layer) of registered shard `shard`.
+    Shard {
+        shard: usize,
+        page: usize,
+    },
 }
 
 struct Sequence {
@@ -20,6 +29,16 @@ struct Sequence {
     /// Block table: page `k` holds tokens `[k * page_size, (k + 1) * page_size)` of every
     /// layer.
     pages: Vec<PageLoc>,
+    /// The registered shard holding this sequence's prefix, if any.
+    shard: Option<usize>,
+}
+
+/// A registered shard image: a read-only file mapping or a buffer the cache owns.
+struct Shard {
+    image: Box<dyn AsRef<[u8]> + Send + Sync>,
+    header: ShardHeader,
+    /// Sequences still holding pages of it; the image is dropped when none is left.
+    live: usize,
 }
 
 /// One rank's slice cache: every layer of a model, for a set of sequences.
@@ -27,6 +46,8 @@ pub struct RankCache {
     spec: ShardSpec,
     pool: PagePool,
     sequences: HashMap<u32, Sequence>,
+    /// Registered images by slot; a slot is emptied when its last sequence is freed.
+    shards: Vec<Option<Shard>>,
 }
 
 impl RankCache {
@@ -43,6 +64,7 @@ impl RankCache {
             spec,
             pool,
             sequences: HashMap::new(),
+            shards: Vec::new(),
         })
     }
 
@@ -58,6 +80,11 @@ impl RankCache {
     /// Pages not held by any sequence.
     pub fn free_pages(&self) -> usize {
         self.pool.free_count()
+    }
+
+    /// Shard images (files or buffers) some sequence still reads from.
+    pub fn registered_images(&self) -> usize {
+        self.shards.iter().flatten().count()
     }
 
     /// Ids of the cached sequences, in no particular order.
@@ -77,6 +104,7 @@ impl RankCache {
             Sequence {
                 lens: vec![0; self.spec.layers()],
                 pages: Vec::new(),
+                shard: None,
             },
         );
         Ok(())
@@ -86,8 +114,17 @@ impl RankCache {
     pub fn free_sequence(&mut self, seq: u32) -> Result<()> {
         let s = self.sequences.remove(&seq).ok_or_else(|| unknown(seq))?;
         for loc in s.pages {
-            match loc {
-                PageLoc::Pool(p) => self.pool.release(p),
+            if let PageLoc::Pool(p) = loc {
+                self.pool.release(p);
+            }
+        }
+        if let Some(slot) = s.shard {
+            let shard = self.shards[slot]
+                .as_mut()
+                .expect("a live sequence keeps its shard");
+            shard.live -= 1;
+            if shard.live == 0 {
+                self.shards[slot] = None;
             }
         }
         Ok(())
@@ -117,7 +154,14 @@ impl RankCache {
         let s = self.sequence(seq)?;
         let start = s.lens[layer];
         let end = start + rows.len() / rw;
-        let new_pages = end.div_ceil(ps).saturating_sub(s.pages.len());
+        // Pages being written that still live in a read-only shard (the mapped prefix's
+        // last, partial page) move to the pool first, in every layer, so that all pages
+        // of a sequence stay uniform.
+        let written = start / ps..end.div_ceil(ps).min(s.pages.len());
+        let to_copy: Vec<usize> = written
+            .filter(|&k| matches!(s.pages[k], PageLoc::Shard { .. }))
+            .collect();
+        let new_pages = end.div_ceil(ps).saturating_sub(s.pages.len()) + to_copy.len();
         if new_pages > self.pool.free_count() {
             return Err(Error::new(
                 ErrorKind::OutOfCapacity,
@@ -132,7 +176,15 @@ impl RankCache {
         }
 
         let s = self.sequences.get_mut(&seq).expect("checked above");
-        for _ in 0..new_pages {
+        for k in to_copy {
+            let p = self.pool.alloc().expect("free pages counted above");
+            for l in 0..self.spec.layers() {
+                let src = shard_page(&self.shards, s.pages[k], l);
+                self.pool.page_mut(l, p).copy_from_slice(src);
+            }
+            s.pages[k] = PageLoc::Pool(p);
+        }
+        while s.pages.len() < end.div_ceil(ps) {
             let p = self.pool.alloc().expect("free pages counted above");
             s.pages.push(PageLoc::Pool(p));
         }
@@ -143,7 +195,9 @@ impl RankCache {
         while !rest.is_empty() {
             let in_page = t % ps;
             let n = (ps - in_page).min(rest.len() / rw);
-            let PageLoc::Pool(p) = s.pages[t / ps];
+            let PageLoc::Pool(p) = s.pages[t / ps] else {
+                unreachable!("pages being written were moved to the pool above");
+            };
             let page = self.pool.page_mut(layer, p);
             dt.encode(
                 &rest[..n * rw],
@@ -154,6 +208,84 @@ impl RankCache {
         }
         s.lens[layer] = end;
         Ok(())
+    }
+
+    /// Registers the shard file at `path`: maps it read-only, validates its metadata
+    /// (see [`ShardHeader::parse`]) and checks that it belongs to this cache
+    /// ([`ShardHeader::check_matches`]). Its sequences join the cache with the ids of
+    /// its sequence table, which are returned; their rows are read in place from the
+    /// mapping (zero-copy), so registration costs time and memory in proportion to the
+    /// metadata, not the file. Rows appended later go to pool pages.
+    ///
+    /// The file must not be truncated or rewritten in place while registered (shard
+    /// writers replace files by rename, which leaves a mapping intact).
+    pub fn register_file(&mut self, path: impl AsRef<Path>) -> Result<Vec<u32>> {
+        let path = path.as_ref();
+        let at = |e: Error| e.context(format!("shard file {}", path.display()));
+        let file = File::open(path).map_err(|e| at(e.into()))?;
+        if file.metadata().map_err(|e| at(e.into()))?.len() == 0 {
+            // Nothing to map; the parser gives the reason.
+            return self.register_buffer(Vec::new()).map_err(at);
+        }
+        // SAFETY: the mapping is read-only and only ever read through `&[u8]`. The one
+        // hazard, another process truncating or rewriting the file while it is mapped, is
+        // excluded by the contract above.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| at(e.into()))?;
+        self.register_buffer(map).map_err(at)
+    }
+
+    /// Registers a shard image held in memory (for example one filled by
+    /// [`ShardWriter::to_buffers`](super::ShardWriter::to_buffers) and moved here by
+    /// the engine); the cache keeps it and reads its pages in place. Otherwise as
+    /// [`register_file`](Self::register_file).
+    pub fn register_buffer<B>(&mut self, image: B) -> Result<Vec<u32>>
+    where
+        B: AsRef<[u8]> + Send + Sync + 'static,
+    {
+        let header = ShardHeader::parse(image.as_ref())?;
+        header.check_matches(&self.spec)?;
+        if let Some(e) = header
+            .sequences()
+            .iter()
+            .find(|e| self.sequences.contains_key(&e.id))
+        {
+            return Err(Error::invalid(format!(
+                "sequence {} of the shard is already in the cache",
+                e.id
+            )));
+        }
+        let ids: Vec<u32> = header.sequences().iter().map(|e| e.id).collect();
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        let slot = match self.shards.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None => {
+                self.shards.push(None);
+                self.shards.len() - 1
+            }
+        };
+        let ps = self.spec.page_size();
+        for e in header.sequences() {
+            let pages = (0..e.len.div_ceil(ps))
+                .map(|k| PageLoc::Shard {
+                    shard: slot,
+                    page: e.first_page + k,
+                })
+                .collect();
+            let s = Sequence {
+                lens: vec![e.len; self.spec.layers()],
+                pages,
+                shard: Some(slot),
+            };
+            self.sequences.insert(e.id, s);
+        }
+        self.shards[slot] = Some(Shard {
+            image: Box::new(image),
+            live: ids.len(),
+            header,
+        });
+        Ok(ids)
     }
 
     /// Layer `layer` as the backends read it.
@@ -175,6 +307,19 @@ impl RankCache {
     fn sequence(&self, seq: u32) -> Result<&Sequence> {
         self.sequences.get(&seq).ok_or_else(|| unknown(seq))
     }
+}
+
+/// The bytes of a shard page in layer `layer`.
+fn shard_page(shards: &[Option<Shard>], loc: PageLoc, layer: usize) -> &[u8] {
+    let PageLoc::Shard { shard, page } = loc else {
+        unreachable!("a pool page is not a shard page");
+    };
+    let sh = shards[shard]
+        .as_ref()
+        .expect("a live sequence keeps its shard");
+    let start = sh.header.page_offset(layer, page);
+    // In range: parse checked that every layer's pages lie inside the image.
+    &sh.image.as_ref().as_ref()[start..start + sh.header.spec().page_bytes()]
 }
 
 fn unknown(seq: u32) -> Error {
@@ -220,6 +365,7 @@ impl RowSource for LayerView<'_> {
             .unwrap_or_else(|e| panic!("RowSource::page: {e}"));
         match s.pages.get(page) {
             Some(PageLoc::Pool(p)) => self.cache.pool.page(self.layer, *p),
+            Some(loc) => shard_page(&self.cache.shards, *loc, self.layer),
             None => panic!(
                 "RowSource::page: page {page} of sequence {seq} is past its {} pages",
                 s.pages.len()

@@ -1,0 +1,579 @@
+//! The shard file format, version 1: one rank's slice of an exported prefill cache.
+//!
+//! docs/shard-format.md is the byte-level description; this module is the authority.
+//! All integers little-endian.
+//!
+//! ```text
+//! [0, 128)            fixed header (field offsets below)
+//! [lt, lt + 16 L)     layer table: per layer  u32 transform code, u32 zero, u64 fingerprint
+//! [st, st + 24 S)     sequence table: per seq u32 id, u32 zero, u64 length, u64 first page
+//! [data, data + len)  pages, [layer][page][page_stride bytes], data % 4096 == 0
+//! ```
+//!
+//! Checksums (CRC-32C): the header checksum covers header bytes 16..128 (everything after
+//! magic, version and itself); the tables checksum covers the layer table then the
+//! sequence table; the data checksum covers the data region. Parsing checks the first
+//! two; the data checksum is checked on demand ([`ShardHeader::verify_data`]) because
+//! registration must not read the data.
+//!
+//! Within a layer, sequence `k` owns pages `[first_page_k, first_page_k +
+//! ceil(len_k / page_size))`; sequences follow each other in table order with no gap,
+//! and the last page of a sequence is zero past its end.
+
+use super::{ShardSpec, TransformId, MAX_LAYERS, MAX_PAGE_SIZE};
+use crate::dtype::DType;
+use crate::error::{Error, ErrorKind, Result};
+use crate::geometry::{ModelDims, ShardPlan};
+use std::collections::HashSet;
+
+/// First eight bytes of every shard file.
+pub const MAGIC: [u8; 8] = *b"TPLASHRD";
+/// Version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes of the fixed header.
+pub const HEADER_LEN: usize = 128;
+/// Bytes of one layer table entry.
+pub const LAYER_ENTRY_LEN: usize = 16;
+/// Bytes of one sequence table entry.
+pub const SEQUENCE_ENTRY_LEN: usize = 24;
+/// Alignment of the data region in the file: an operating-system page, so that mapped
+/// pages keep the 64-byte alignment of the page stride.
+pub const DATA_ALIGN: usize = 4096;
+
+/// Byte offsets of the fixed header's fields.
+mod at {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const HEADER_CRC: usize = 12;
+    pub const HEADS: usize = 16;
+    pub const D_C: usize = 20;
+    pub const D_R: usize = 24;
+    pub const D_N: usize = 28;
+    pub const D_V: usize = 32;
+    pub const GROUPS: usize = 36;
+    pub const GROUP: usize = 40;
+    pub const DTYPE: usize = 44;
+    pub const SOFTMAX_SCALE: usize = 48;
+    pub const PAGE_SIZE: usize = 56;
+    pub const LAYERS: usize = 60;
+    pub const SEQUENCES: usize = 64;
+    pub const TABLES_CRC: usize = 68;
+    pub const PAGES_PER_LAYER: usize = 72;
+    pub const PAGE_STRIDE: usize = 80;
+    pub const LAYER_TABLE: usize = 88;
+    pub const SEQUENCE_TABLE: usize = 96;
+    pub const DATA_OFFSET: usize = 104;
+    pub const DATA_LEN: usize = 112;
+    pub const DATA_CRC: usize = 120;
+    pub const RESERVED: usize = 124;
+}
+
+/// One entry of the sequence table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SequenceEntry {
+    pub id: u32,
+    /// Tokens, the same in every layer.
+    pub len: usize,
+    /// First page of the sequence within each layer's pages.
+    pub first_page: usize,
+}
+
+/// The validated metadata of a shard image (file or buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardHeader {
+    spec: ShardSpec,
+    sequences: Vec<SequenceEntry>,
+    pages_per_layer: usize,
+    layer_table_offset: usize,
+    sequence_table_offset: usize,
+    data_offset: usize,
+    data_len: usize,
+    data_crc: u32,
+}
+
+fn corrupt(message: impl Into<String>) -> Error {
+    Error::corrupt(message)
+}
+
+fn overflow(what: &str) -> Error {
+    corrupt(format!("{what} overflows"))
+}
+
+fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// A u64 file field as usize, naming the field if it does not fit.
+fn usize_field(b: &[u8], off: usize, name: &str) -> Result<usize> {
+    let v = u64_at(b, off);
+    usize::try_from(v).map_err(|_| corrupt(format!("{name} {v} does not fit in memory")))
+}
+
+impl ShardHeader {
+    /// The layout of a shard holding `sequences` (id, tokens), in that order.
+    pub fn for_sequences(spec: ShardSpec, sequences: &[(u32, usize)]) -> Result<Self> {
+        let mut seen = HashSet::new();
+        let mut entries = Vec::with_capacity(sequences.len());
+        let mut pages = 0usize;
+        for &(id, len) in sequences {
+            if !seen.insert(id) {
+                return Err(Error::invalid(format!(
+                    "sequence {id} appears twice in the export"
+                )));
+            }
+            entries.push(SequenceEntry {
+                id,
+                len,
+                first_page: pages,
+            });
+            pages = pages
+                .checked_add(len.div_ceil(spec.page_size()))
+                .ok_or_else(|| Error::invalid("page count of the export overflows"))?;
+        }
+        let too_big = || Error::invalid("the export is too large to address");
+        if u32::try_from(sequences.len()).is_err() {
+            return Err(too_big());
+        }
+        let layer_table_offset = HEADER_LEN;
+        let sequence_table_offset = layer_table_offset + LAYER_ENTRY_LEN * spec.layers();
+        let tables_end = sequences
+            .len()
+            .checked_mul(SEQUENCE_ENTRY_LEN)
+            .and_then(|n| n.checked_add(sequence_table_offset))
+            .ok_or_else(too_big)?;
+        let data_offset = tables_end
+            .checked_next_multiple_of(DATA_ALIGN)
+            .ok_or_else(too_big)?;
+        let data_len = pages
+            .checked_mul(spec.layers())
+            .and_then(|n| n.checked_mul(spec.page_stride()))
+            .filter(|n| n.checked_add(data_offset).is_some())
+            .ok_or_else(too_big)?;
+        Ok(ShardHeader {
+            spec,
+            sequences: entries,
+            pages_per_layer: pages,
+            layer_table_offset,
+            sequence_table_offset,
+            data_offset,
+            data_len,
+            data_crc: 0,
+        })
+    }
+
+    /// What the shard holds: dims, group, element type, page size, transforms.
+    pub fn spec(&self) -> &ShardSpec {
+        &self.spec
+    }
+    pub fn sequences(&self) -> &[SequenceEntry] {
+        &self.sequences
+    }
+    /// Pages of every layer (the sum over sequences of `ceil(len / page_size)`).
+    pub fn pages_per_layer(&self) -> usize {
+        self.pages_per_layer
+    }
+    /// Offset of the data region: the metadata (header, tables, padding) before it.
+    pub fn data_offset(&self) -> usize {
+        self.data_offset
+    }
+    pub fn data_len(&self) -> usize {
+        self.data_len
+    }
+    pub fn data_crc(&self) -> u32 {
+        self.data_crc
+    }
+    pub(crate) fn set_data_crc(&mut self, crc: u32) {
+        self.data_crc = crc;
+    }
+    /// Bytes of the whole image.
+    pub fn image_len(&self) -> usize {
+        self.data_offset + self.data_len
+    }
+    /// Offset in the image of page `page` of layer `layer`.
+    pub fn page_offset(&self, layer: usize, page: usize) -> usize {
+        self.data_offset + (layer * self.pages_per_layer + page) * self.spec.page_stride()
+    }
+
+    /// The metadata bytes `[0, data_offset)`: header, tables, zero padding.
+    pub fn encode(&self) -> Vec<u8> {
+        let s = &self.spec;
+        let d = s.dims();
+        let mut b = vec![0u8; self.data_offset];
+        b[at::MAGIC..at::MAGIC + 8].copy_from_slice(&MAGIC);
+        put32(&mut b, at::VERSION, FORMAT_VERSION);
+        // Every width, count and code fits in u32: ShardSpec and for_sequences check.
+        for (off, v) in [
+            (at::HEADS, d.heads),
+            (at::D_C, d.d_c),
+            (at::D_R, d.d_r),
+            (at::D_N, d.d_n),
+            (at::D_V, d.d_v),
+            (at::GROUPS, s.groups()),
+            (at::GROUP, s.group()),
+            (at::PAGE_SIZE, s.page_size()),
+            (at::LAYERS, s.layers()),
+            (at::SEQUENCES, self.sequences.len()),
+        ] {
+            put32(&mut b, off, v as u32);
+        }
+        put32(&mut b, at::DTYPE, s.dtype().code());
+        put32(&mut b, at::DATA_CRC, self.data_crc);
+        put64(&mut b, at::SOFTMAX_SCALE, d.softmax_scale.to_bits());
+        put64(&mut b, at::PAGES_PER_LAYER, self.pages_per_layer as u64);
+        put64(&mut b, at::PAGE_STRIDE, s.page_stride() as u64);
+        put64(&mut b, at::LAYER_TABLE, self.layer_table_offset as u64);
+        put64(
+            &mut b,
+            at::SEQUENCE_TABLE,
+            self.sequence_table_offset as u64,
+        );
+        put64(&mut b, at::DATA_OFFSET, self.data_offset as u64);
+        put64(&mut b, at::DATA_LEN, self.data_len as u64);
+
+        let mut off = self.layer_table_offset;
+        for t in s.transforms() {
+            put32(&mut b, off, t.code);
+            put64(&mut b, off + 8, t.fingerprint);
+            off += LAYER_ENTRY_LEN;
+        }
+        let mut off = self.sequence_table_offset;
+        for e in &self.sequences {
+            put32(&mut b, off, e.id);
+            put64(&mut b, off + 8, e.len as u64);
+            put64(&mut b, off + 16, e.first_page as u64);
+            off += SEQUENCE_ENTRY_LEN;
+        }
+        let tables_crc = self.tables_crc(&b);
+        put32(&mut b, at::TABLES_CRC, tables_crc);
+        let header_crc = crc32c::crc32c(&b[at::HEADS..HEADER_LEN]);
+        put32(&mut b, at::HEADER_CRC, header_crc);
+        b
+    }
+
+    fn tables_crc(&self, b: &[u8]) -> u32 {
+        let lt = self.layer_table_offset;
+        let st = self.sequence_table_offset;
+        let layers = &b[lt..lt + LAYER_ENTRY_LEN * self.spec.layers()];
+        let seqs = &b[st..st + SEQUENCE_ENTRY_LEN * self.sequences.len()];
+        crc32c::crc32c_append(crc32c::crc32c(layers), seqs)
+    }
+
+    /// Reads and validates the metadata of a shard image. Every field, count, offset and
+    /// length is checked against `image.len()` (with checked arithmetic) before anything
+    /// past the metadata is touched; data bytes are never read.
+    pub fn parse(image: &[u8]) -> Result<Self> {
+        let n = image.len();
+        if n >= MAGIC.len() && image[..MAGIC.len()] != MAGIC {
+            return Err(corrupt("not a shard file: the magic bytes are wrong"));
+        }
+        if n < HEADER_LEN {
+            return Err(corrupt(format!(
+                "truncated: {n} bytes, shorter than the {HEADER_LEN}-byte header"
+            )));
+        }
+        let b = &image[..HEADER_LEN];
+        let version = u32_at(b, at::VERSION);
+        if version != FORMAT_VERSION {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("shard format version {version} is not supported (this build reads {FORMAT_VERSION})"),
+            ));
+        }
+        let stored = u32_at(b, at::HEADER_CRC);
+        let computed = crc32c::crc32c(&b[at::HEADS..]);
+        if stored != computed {
+            return Err(corrupt(format!(
+                "header checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): \
+                 the header is corrupted"
+            )));
+        }
+
+        let field = |off| u32_at(b, off) as usize;
+        let dims = ModelDims::new(
+            field(at::HEADS),
+            field(at::D_C),
+            field(at::D_R),
+            field(at::D_N),
+            field(at::D_V),
+            f64::from_bits(u64_at(b, at::SOFTMAX_SCALE)),
+        )
+        .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+        let (groups, group) = (field(at::GROUPS), field(at::GROUP));
+        if group >= groups {
+            return Err(corrupt(format!(
+                "header: group index {group} is out of range for {groups} latent groups"
+            )));
+        }
+        let plan = ShardPlan::new(&dims, groups, group)
+            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+        let dtype = DType::from_code(u32_at(b, at::DTYPE))
+            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+        let page_size = field(at::PAGE_SIZE);
+        if page_size == 0 || page_size > MAX_PAGE_SIZE {
+            return Err(corrupt(format!(
+                "header: page size {page_size} is outside 1..={MAX_PAGE_SIZE} tokens"
+            )));
+        }
+        let layers = field(at::LAYERS);
+        if layers == 0 || layers > MAX_LAYERS {
+            return Err(corrupt(format!(
+                "header: layer count {layers} is outside 1..={MAX_LAYERS}"
+            )));
+        }
+        let seq_count = field(at::SEQUENCES);
+        let reserved = u32_at(b, at::RESERVED);
+        if reserved != 0 {
+            return Err(corrupt(format!(
+                "header: reserved field is {reserved:#x}, must be zero"
+            )));
+        }
+        let row_bytes = (plan.row_width(&dims) * dtype.size()) as u64;
+        let page_stride = (page_size as u64 * row_bytes).next_multiple_of(64);
+        if u64_at(b, at::PAGE_STRIDE) != page_stride {
+            return Err(corrupt(format!(
+                "header: page stride is {} bytes, expected {page_stride} for {page_size} rows \
+                 of {row_bytes} bytes",
+                u64_at(b, at::PAGE_STRIDE)
+            )));
+        }
+
+        // Regions: header < layer table <= sequence table <= data = end of file.
+        let lt = usize_field(b, at::LAYER_TABLE, "layer table offset")?;
+        let st = usize_field(b, at::SEQUENCE_TABLE, "sequence table offset")?;
+        let data_offset = usize_field(b, at::DATA_OFFSET, "data offset")?;
+        let data_len = usize_field(b, at::DATA_LEN, "data length")?;
+        let pages_per_layer = usize_field(b, at::PAGES_PER_LAYER, "pages per layer")?;
+        if lt < HEADER_LEN {
+            return Err(corrupt(format!(
+                "header: layer table offset {lt} overlaps the {HEADER_LEN}-byte header"
+            )));
+        }
+        let lt_end = lt
+            .checked_add(layers * LAYER_ENTRY_LEN)
+            .ok_or_else(|| overflow("layer table end"))?;
+        if st < lt_end {
+            return Err(corrupt(format!(
+                "header: sequence table offset {st} overlaps the layer table [{lt}, {lt_end})"
+            )));
+        }
+        let st_end = seq_count
+            .checked_mul(SEQUENCE_ENTRY_LEN)
+            .and_then(|len| len.checked_add(st))
+            .ok_or_else(|| overflow("sequence table end"))?;
+        if data_offset < st_end {
+            return Err(corrupt(format!(
+                "header: data offset {data_offset} overlaps the sequence table [{st}, {st_end})"
+            )));
+        }
+        if data_offset % DATA_ALIGN != 0 {
+            return Err(corrupt(format!(
+                "header: data offset {data_offset} is not a multiple of {DATA_ALIGN}"
+            )));
+        }
+        let expected_len = pages_per_layer
+            .checked_mul(layers)
+            .and_then(|p| p.checked_mul(page_stride as usize))
+            .ok_or_else(|| overflow("data length of pages per layer x layers x page stride"))?;
+        if data_len != expected_len {
+            return Err(corrupt(format!(
+                "header: data length is {data_len} bytes, but {layers} layers of \
+                 {pages_per_layer} pages of {page_stride} bytes make {expected_len}"
+            )));
+        }
+        let end = data_offset
+            .checked_add(data_len)
+            .ok_or_else(|| overflow("data end"))?;
+        if n < end {
+            return Err(corrupt(format!(
+                "truncated: the file is {n} bytes but its header describes {end}"
+            )));
+        }
+        if n > end {
+            return Err(corrupt(format!(
+                "{} unexpected bytes after the data region (file {n} bytes, data ends at {end})",
+                n - end
+            )));
+        }
+
+        // The tables lie inside [HEADER_LEN, data_offset) now, and data_offset <= n.
+        let stored = u32_at(b, at::TABLES_CRC);
+        let computed =
+            crc32c::crc32c_append(crc32c::crc32c(&image[lt..lt_end]), &image[st..st_end]);
+        if stored != computed {
+            return Err(corrupt(format!(
+                "table checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): \
+                 the layer or sequence table is corrupted"
+            )));
+        }
+        let mut transforms = Vec::with_capacity(layers);
+        for (layer, e) in image[lt..lt_end].chunks_exact(LAYER_ENTRY_LEN).enumerate() {
+            if u32_at(e, 4) != 0 {
+                return Err(corrupt(format!(
+                    "layer table entry {layer}: reserved field must be zero"
+                )));
+            }
+            transforms.push(TransformId {
+                code: u32_at(e, 0),
+                fingerprint: u64_at(e, 8),
+            });
+        }
+        let mut sequences = Vec::with_capacity(seq_count);
+        let mut seen = HashSet::with_capacity(seq_count);
+        let mut next_page = 0usize;
+        for (k, e) in image[st..st_end]
+            .chunks_exact(SEQUENCE_ENTRY_LEN)
+            .enumerate()
+        {
+            let id = u32_at(e, 0);
+            let what = || format!("sequence table entry {k} (id {id})");
+            if u32_at(e, 4) != 0 {
+                return Err(corrupt(format!("{}: reserved field must be zero", what())));
+            }
+            if !seen.insert(id) {
+                return Err(corrupt(format!("{}: the id appears twice", what())));
+            }
+            let len = usize_field(e, 8, "sequence length")?;
+            let first_page = usize_field(e, 16, "first page")?;
+            if first_page != next_page {
+                return Err(corrupt(format!(
+                    "{}: starts at page {first_page}, but the sequences before it end at \
+                     page {next_page} (sequences must follow each other without gap or overlap)",
+                    what()
+                )));
+            }
+            next_page = next_page
+                .checked_add(len.div_ceil(page_size))
+                .filter(|&p| p <= pages_per_layer)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "{}: {len} tokens run past the {pages_per_layer} pages of a layer",
+                        what()
+                    ))
+                })?;
+            sequences.push(SequenceEntry {
+                id,
+                len,
+                first_page,
+            });
+        }
+        if next_page != pages_per_layer {
+            return Err(corrupt(format!(
+                "header: the sequences fill {next_page} pages per layer, the header says \
+                 {pages_per_layer}"
+            )));
+        }
+        let spec = ShardSpec::new(dims, &plan, dtype, page_size, transforms)
+            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+        debug_assert_eq!(spec.page_stride() as u64, page_stride);
+        Ok(ShardHeader {
+            spec,
+            sequences,
+            pages_per_layer,
+            layer_table_offset: lt,
+            sequence_table_offset: st,
+            data_offset,
+            data_len,
+            data_crc: u32_at(b, at::DATA_CRC),
+        })
+    }
+
+    /// Checks the data checksum of `image` (the image this header was parsed from).
+    /// Reads the whole data region.
+    pub fn verify_data(&self, image: &[u8]) -> Result<()> {
+        if image.len() != self.image_len() {
+            return Err(Error::invalid(format!(
+                "image is {} bytes, the header describes {}",
+                image.len(),
+                self.image_len()
+            )));
+        }
+        let computed = crc32c::crc32c(&image[self.data_offset..]);
+        if computed != self.data_crc {
+            return Err(corrupt(format!(
+                "data checksum mismatch (stored {:#010x}, computed {computed:#010x}): the \
+                 cached rows are corrupted",
+                self.data_crc
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a shard that does not belong to a cache of `expected`, naming the first
+    /// field that differs.
+    pub fn check_matches(&self, expected: &ShardSpec) -> Result<()> {
+        let (f, e) = (&self.spec, expected);
+        let (fd, ed) = (f.dims(), e.dims());
+        for (name, file, want) in [
+            ("heads", fd.heads, ed.heads),
+            ("latent width d_c", fd.d_c, ed.d_c),
+            ("RoPE width d_r", fd.d_r, ed.d_r),
+            ("no-RoPE width d_n", fd.d_n, ed.d_n),
+            ("value width d_v", fd.d_v, ed.d_v),
+            ("latent group count", f.groups(), e.groups()),
+        ] {
+            if file != want {
+                return Err(Error::mismatch(format!(
+                    "the shard has {name} {file}, this cache expects {want}"
+                )));
+            }
+        }
+        if fd.softmax_scale.to_bits() != ed.softmax_scale.to_bits() {
+            return Err(Error::mismatch(format!(
+                "the shard has softmax scale {}, this cache expects {}",
+                fd.softmax_scale, ed.softmax_scale
+            )));
+        }
+        if f.group() != e.group() {
+            return Err(Error::mismatch(format!(
+                "the shard holds latent group {} of {}, this cache is group {}: the file \
+                 belongs to another rank",
+                f.group(),
+                f.groups(),
+                e.group()
+            )));
+        }
+        if f.dtype() != e.dtype() {
+            return Err(Error::mismatch(format!(
+                "the shard stores {}, this cache stores {}",
+                f.dtype().name(),
+                e.dtype().name()
+            )));
+        }
+        if f.page_size() != e.page_size() {
+            return Err(Error::mismatch(format!(
+                "the shard has pages of {} tokens, this cache {}",
+                f.page_size(),
+                e.page_size()
+            )));
+        }
+        if f.layers() != e.layers() {
+            return Err(Error::mismatch(format!(
+                "the shard has {} layers, this cache {}",
+                f.layers(),
+                e.layers()
+            )));
+        }
+        for (layer, (tf, te)) in f.transforms().iter().zip(e.transforms()).enumerate() {
+            if tf != te {
+                return Err(Error::mismatch(format!(
+                    "layer {layer}: the shard was rotated by transform code {} fingerprint \
+                     {:#018x}, this cache expects code {} fingerprint {:#018x}",
+                    tf.code, tf.fingerprint, te.code, te.fingerprint
+                )));
+            }
+        }
+        Ok(())
+    }
+}
