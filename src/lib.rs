@@ -9,6 +9,7 @@ pub mod cache;
 pub mod dtype;
 pub mod error;
 pub mod geometry;
+pub mod transform;
 
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
