@@ -16,6 +16,10 @@
 //! two; the data checksum is checked on demand ([`ShardHeader::verify_data`]) because
 //! registration must not read the data.
 //!
+//! The placement is fixed: layer table at 128, sequence table right after it, data at
+//! the next multiple of 4096, zero bytes between; so every metadata byte is checked
+//! (magic, version, checksums, or zero padding).
+//!
 //! Within a layer, sequence `k` owns pages `[first_page_k, first_page_k +
 //! ceil(len_k / page_size))`; sequences follow each other in table order with no gap,
 //! and the last page of a sequence is zero past its end.
@@ -96,7 +100,7 @@ fn corrupt(message: impl Into<String>) -> Error {
 }
 
 fn overflow(what: &str) -> Error {
-    corrupt(format!("{what} overflows"))
+    corrupt(format!("header: {what} overflows"))
 }
 
 fn put32(b: &mut [u8], off: usize, v: u32) {
@@ -349,38 +353,36 @@ impl ShardHeader {
             )));
         }
 
-        // Regions: header < layer table <= sequence table <= data = end of file.
+        // Regions, in the one placement writers use: header, layer table, sequence
+        // table, zero padding to the aligned data offset, data up to the end of the file.
         let lt = usize_field(b, at::LAYER_TABLE, "layer table offset")?;
         let st = usize_field(b, at::SEQUENCE_TABLE, "sequence table offset")?;
         let data_offset = usize_field(b, at::DATA_OFFSET, "data offset")?;
         let data_len = usize_field(b, at::DATA_LEN, "data length")?;
         let pages_per_layer = usize_field(b, at::PAGES_PER_LAYER, "pages per layer")?;
-        if lt < HEADER_LEN {
-            return Err(corrupt(format!(
-                "header: layer table offset {lt} overlaps the {HEADER_LEN}-byte header"
-            )));
-        }
-        let lt_end = lt
-            .checked_add(layers * LAYER_ENTRY_LEN)
-            .ok_or_else(|| overflow("layer table end"))?;
-        if st < lt_end {
-            return Err(corrupt(format!(
-                "header: sequence table offset {st} overlaps the layer table [{lt}, {lt_end})"
-            )));
-        }
+        let lt_end = HEADER_LEN + layers * LAYER_ENTRY_LEN;
         let st_end = seq_count
             .checked_mul(SEQUENCE_ENTRY_LEN)
-            .and_then(|len| len.checked_add(st))
+            .and_then(|len| len.checked_add(lt_end))
             .ok_or_else(|| overflow("sequence table end"))?;
-        if data_offset < st_end {
-            return Err(corrupt(format!(
-                "header: data offset {data_offset} overlaps the sequence table [{st}, {st_end})"
-            )));
-        }
-        if data_offset % DATA_ALIGN != 0 {
-            return Err(corrupt(format!(
-                "header: data offset {data_offset} is not a multiple of {DATA_ALIGN}"
-            )));
+        let aligned = st_end
+            .checked_next_multiple_of(DATA_ALIGN)
+            .ok_or_else(|| overflow("data offset"))?;
+        for (name, got, want, before) in [
+            ("layer table offset", lt, HEADER_LEN, "the header"),
+            ("sequence table offset", st, lt_end, "the layer table"),
+            ("data offset", data_offset, aligned, "the sequence table"),
+        ] {
+            if got < want {
+                return Err(corrupt(format!(
+                    "header: {name} {got} overlaps {before} (expected {want})"
+                )));
+            }
+            if got > want {
+                return Err(corrupt(format!(
+                    "header: {name} is {got}, expected {want}: a gap after {before}"
+                )));
+            }
         }
         let expected_len = pages_per_layer
             .checked_mul(layers)
@@ -407,7 +409,14 @@ impl ShardHeader {
             )));
         }
 
-        // The tables lie inside [HEADER_LEN, data_offset) now, and data_offset <= n.
+        // The tables and the padding lie inside [HEADER_LEN, data_offset) now, and
+        // data_offset <= n. Zero padding leaves no metadata byte unchecked.
+        if let Some(i) = image[st_end..data_offset].iter().position(|&x| x != 0) {
+            return Err(corrupt(format!(
+                "padding byte at offset {} before the data is not zero",
+                st_end + i
+            )));
+        }
         let stored = u32_at(b, at::TABLES_CRC);
         let computed =
             crc32c::crc32c_append(crc32c::crc32c(&image[lt..lt_end]), &image[st..st_end]);

@@ -151,3 +151,5 @@ impl Prefill {
         cache
     }
 }
+
+pub mod reseal;
