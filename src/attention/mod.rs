@@ -10,6 +10,7 @@
 //!
 //! `reference` is the f64 oracle every other backend is tested against.
 
+pub mod cpu;
 pub mod reference;
 
 use crate::dtype::DType;

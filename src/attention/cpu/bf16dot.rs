@@ -1,0 +1,214 @@
+//! The AVX-512 BF16 tile for bf16 caches: `vdpbf16ps` multiplies pairs of bf16 values
+//! and accumulates in f32, 32 multiply-adds per instruction (twice the f32 FMA rate).
+//!
+//! Scores: heads in lanes, the query packed as bf16 pairs `[k/2][hp]`, each pair of a
+//! cached row broadcast straight from the cache (no decode): `S[t][h] += q_h[k..k+2] .
+//! row_t[k..k+2]`. Outputs: latent columns in lanes, rows paired through the reduction:
+//! the probabilities of rows `t, t+1` become one bf16 pair per head, the latent parts of
+//! the two rows are interleaved once per tile into `[t/2][wp]` pairs, and
+//! `O[h][j] += (p_t, p_t+1)[h] . (x_t[j], x_t+1[j])`. The query and the probabilities
+//! are rounded to bf16 (relative 2^-9 each); everything accumulates in f32.
+
+use super::simd::{Avx512, Simd};
+use super::tile::{softmax_update, Accum, TileGeo, TileScratch, ROW_STEP, TILE_ROWS};
+use std::arch::x86_64::*;
+
+/// Scores of rows `R` x head vectors `HV`; `rows` holds `R` row pointers.
+#[inline(always)]
+unsafe fn score_block<const R: usize, const HV: usize>(
+    rows: *const *const u8,
+    qp: *const u32,
+    hp: usize,
+    s: *mut f32,
+    rw: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); HV]; R];
+    let mut r = [std::ptr::null::<u8>(); R];
+    for (i, p) in r.iter_mut().enumerate() {
+        *p = *rows.add(i);
+    }
+    for kk in 0..rw / 2 {
+        let mut qv = [_mm512_setzero_si512(); HV];
+        for (j, v) in qv.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(qp.add(kk * hp + j * 16).cast());
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let pair = r[i].add(4 * kk).cast::<i32>().read_unaligned();
+            let b = as_bh(_mm512_set1_epi32(pair));
+            for (a, v) in row.iter_mut().zip(qv) {
+                *a = _mm512_dpbf16_ps(*a, as_bh(v), b);
+            }
+        }
+    }
+    if rw % 2 == 1 {
+        // the last element pairs with a zero (only 2 bytes of the row are read)
+        let kk = rw / 2;
+        for (i, row) in acc.iter_mut().enumerate() {
+            let last = r[i].add(2 * (rw - 1)).cast::<u16>().read_unaligned();
+            let b = as_bh(_mm512_set1_epi32(last as i32));
+            for (j, a) in row.iter_mut().enumerate() {
+                let v = _mm512_loadu_si512(qp.add(kk * hp + j * 16).cast());
+                *a = _mm512_dpbf16_ps(*a, as_bh(v), b);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            _mm512_storeu_ps(s.add(i * hp + j * 16), *a);
+        }
+    }
+}
+
+/// Outputs of heads `HB` x latent vectors `JV` over `pairs` row pairs.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn output_block<const HB: usize, const JV: usize>(
+    pp: *const u32,
+    hp: usize,
+    vp: *const u32,
+    wp: usize,
+    o: *mut f32,
+    corr: *const f32,
+    pairs: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); JV]; HB];
+    for (h, row) in acc.iter_mut().enumerate() {
+        let c = _mm512_set1_ps(*corr.add(h));
+        for (j, a) in row.iter_mut().enumerate() {
+            *a = _mm512_mul_ps(_mm512_loadu_ps(o.add(h * wp + j * 16)), c);
+        }
+    }
+    for tp in 0..pairs {
+        let mut v = [_mm512_setzero_si512(); JV];
+        for (j, x) in v.iter_mut().enumerate() {
+            *x = _mm512_loadu_si512(vp.add(tp * wp + j * 16).cast());
+        }
+        for (h, row) in acc.iter_mut().enumerate() {
+            let b = as_bh(_mm512_set1_epi32(*pp.add(tp * hp + h) as i32));
+            for (a, x) in row.iter_mut().zip(v) {
+                *a = _mm512_dpbf16_ps(*a, as_bh(x), b);
+            }
+        }
+    }
+    for (h, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            _mm512_storeu_ps(o.add(h * wp + j * 16), *a);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn as_bh(v: __m512i) -> __m512bh {
+    std::mem::transmute(v)
+}
+
+/// Probabilities of rows `2i, 2i+1` as bf16 pairs per head: `pp[i][h]`.
+#[inline(always)]
+unsafe fn pack_probabilities(s: *const f32, pp: *mut u32, n: usize, hp: usize) {
+    // word order after the conversion: row 2i in words 0..16, row 2i+1 in 16..32
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    for i in 0..n / 2 {
+        for h0 in (0..hp).step_by(16) {
+            let even = _mm512_loadu_ps(s.add(2 * i * hp + h0));
+            let odd = _mm512_loadu_ps(s.add((2 * i + 1) * hp + h0));
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+            let pairs = _mm512_permutexvar_epi16(interleave, both);
+            _mm512_storeu_si512(pp.add(i * hp + h0).cast(), pairs);
+        }
+    }
+}
+
+/// Latent parts of rows `2i, 2i+1` interleaved: `vp[i][j] = x_2i[j] | x_2i+1[j] << 16`,
+/// zero in the padding `w..wp`.
+#[inline(always)]
+unsafe fn pack_latents(rows: &[*const u8], vp: *mut u32, w: usize, wp: usize) {
+    for (i, pair) in rows.chunks_exact(2).enumerate() {
+        for j0 in (0..wp).step_by(16) {
+            let mask: __mmask16 = if j0 + 16 <= w {
+                0xffff
+            } else {
+                ((1u32 << (w.saturating_sub(j0))) - 1) as u16
+            };
+            let a = _mm256_maskz_loadu_epi16(mask, pair[0].add(2 * j0).cast());
+            let b = _mm256_maskz_loadu_epi16(mask, pair[1].add(2 * j0).cast());
+            let v = _mm512_or_si512(
+                _mm512_cvtepu16_epi32(a),
+                _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
+            );
+            _mm512_storeu_si512(vp.add(i * wp + j0).cast(), v);
+        }
+    }
+}
+
+/// The bf16 tile: scores with `vdpbf16ps`, softmax update, outputs with `vdpbf16ps`.
+///
+/// `qp` is the group's query as bf16 pairs `[ceil(rw/2)][hp]` (zero in padding), `rows`
+/// holds `n` (a multiple of [`ROW_STEP`]) pointers to bf16 rows of `w + d_r` elements.
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW, VL and BF16; buffers as documented.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn tile_bf16(
+    geo: &TileGeo,
+    qp: &[u32],
+    rows: &[*const u8],
+    valid: usize,
+    scr: &mut TileScratch,
+    acc: &mut Accum,
+) {
+    const HV: usize = 4;
+    const HB: usize = 4;
+    const JV: usize = 4;
+    let (n, hp, wp, rw) = (rows.len(), geo.hp, geo.wp, geo.w + geo.d_r);
+    debug_assert!(n % ROW_STEP == 0 && n <= TILE_ROWS && valid <= n && hp % 16 == 0);
+    debug_assert!(qp.len() >= rw.div_ceil(2) * hp && acc.o.len() >= geo.heads * wp);
+
+    let s = scr.s.as_mut_ptr();
+    let vectors = hp / 16;
+    let whole = vectors / HV * HV;
+    for t0 in (0..n).step_by(ROW_STEP) {
+        let r = rows.as_ptr().add(t0);
+        let st = s.add(t0 * hp);
+        for v0 in (0..whole).step_by(HV) {
+            score_block::<ROW_STEP, HV>(r, qp.as_ptr().add(v0 * 16), hp, st.add(v0 * 16), rw);
+        }
+        for v in whole..vectors {
+            score_block::<ROW_STEP, 1>(r, qp.as_ptr().add(v * 16), hp, st.add(v * 16), rw);
+        }
+    }
+
+    softmax_update::<Avx512>(&mut scr.s, n, valid, hp, acc, &mut scr.corr);
+    pack_probabilities(scr.s.as_ptr(), scr.pp.as_mut_ptr(), n, hp);
+    pack_latents(rows, scr.vp.as_mut_ptr(), geo.w, wp);
+
+    let (pp, vp, o, corr) = (
+        scr.pp.as_ptr(),
+        scr.vp.as_ptr(),
+        acc.o.as_mut_ptr(),
+        scr.corr.as_ptr(),
+    );
+    let (vectors, heads, pairs) = (wp / 16, geo.heads, n / 2);
+    let (whole_j, whole_h) = (vectors / JV * JV, heads / HB * HB);
+    let mut j = 0;
+    while j < vectors {
+        let (vj, oj) = (vp.add(j * 16), o.add(j * 16));
+        let mut h = 0;
+        while h < heads {
+            let (p, oh, c) = (pp.add(h), oj.add(h * wp), corr.add(h));
+            match (h < whole_h, j < whole_j) {
+                (true, true) => output_block::<HB, JV>(p, hp, vj, wp, oh, c, pairs),
+                (true, false) => output_block::<HB, 1>(p, hp, vj, wp, oh, c, pairs),
+                (false, true) => output_block::<1, JV>(p, hp, vj, wp, oh, c, pairs),
+                (false, false) => output_block::<1, 1>(p, hp, vj, wp, oh, c, pairs),
+            }
+            h += if h < whole_h { HB } else { 1 };
+        }
+        j += if j < whole_j { JV } else { 1 };
+    }
+}
+
+// `Avx512` lanes are what the softmax update assumes for `hp`.
+const _: () = assert!(<Avx512 as Simd>::LANES == 16);

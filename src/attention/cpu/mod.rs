@@ -1,0 +1,561 @@
+//! The CPU backend: split-KV flash decoding over a paged slice cache.
+//!
+//! A batch step is cut into work items `(sequence, head group, chunk of cached rows)`.
+//! Each item walks its chunk in tiles of [`tile::TILE_ROWS`] rows with an online
+//! softmax; every loaded row serves all heads of the group (that sharing is what makes
+//! MLA and TPLA decode bandwidth-efficient). The items' partial outputs are merged per
+//! sequence and head with their log-sum-exps. Items run on a rayon pool the backend
+//! owns (never the host's global pool), so the context decides how many cores decode
+//! takes.
+//!
+//! Kernels are picked at run time: AVX-512 BF16 (`vdpbf16ps`, bf16 caches), AVX-512F,
+//! AVX2+FMA, and a portable one. The AVX-512 BF16 choice handles f16 and f32 caches
+//! with the AVX-512F kernel: `vdpbf16ps` needs bf16 operands, and rounding an f32 cache
+//! to bf16 would lose the precision it was stored with.
+//!
+//! Non-finite cached values are not searched for (that would cost a second read of the
+//! cache): a NaN in a row makes that row's scores NaN for every head, which propagates to
+//! the sequence's outputs and log-sum-exps, so a damaged cache never yields a plausible
+//! number. An infinite value gives NaN or infinite outputs the same way.
+
+mod bf16dot;
+mod ceilings;
+mod simd;
+mod tile;
+
+use super::reference::check_attend_args;
+use super::{LatentAttention, LatentShape, RowSource};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::Mutex;
+use tile::{grow, Accum, TileGeo, TileScratch, ROW_STEP, TILE_ROWS};
+
+/// Which vector kernel the backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelChoice {
+    /// The fastest kernel this CPU supports.
+    Auto,
+    /// `vdpbf16ps` for bf16 caches (AVX-512F kernel for f16 and f32 caches).
+    Avx512Bf16,
+    Avx512F,
+    Avx2Fma,
+    /// Plain Rust, vectorised by the compiler for the build target; runs anywhere.
+    Portable,
+}
+
+impl KernelChoice {
+    /// Every concrete kernel, fastest first.
+    pub const ALL: [KernelChoice; 4] = [
+        KernelChoice::Avx512Bf16,
+        KernelChoice::Avx512F,
+        KernelChoice::Avx2Fma,
+        KernelChoice::Portable,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelChoice::Auto => "auto",
+            KernelChoice::Avx512Bf16 => "avx512-bf16",
+            KernelChoice::Avx512F => "avx512f",
+            KernelChoice::Avx2Fma => "avx2-fma",
+            KernelChoice::Portable => "portable",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        std::iter::once(KernelChoice::Auto)
+            .chain(Self::ALL)
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown CPU kernel '{name}' (auto, avx512-bf16, avx512f, avx2-fma, portable)"
+                ))
+            })
+    }
+
+    /// Whether this CPU can run the kernel (`Auto` always can).
+    pub fn is_available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                KernelChoice::Auto | KernelChoice::Portable => true,
+                KernelChoice::Avx512Bf16 => {
+                    is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512bf16")
+                }
+                KernelChoice::Avx512F => is_x86_feature_detected!("avx512f"),
+                KernelChoice::Avx2Fma => {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            matches!(self, KernelChoice::Auto | KernelChoice::Portable)
+        }
+    }
+
+    /// The concrete kernels this CPU can run, fastest first.
+    pub fn available() -> Vec<KernelChoice> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The kernel that runs a cache of `dtype` under this choice.
+    fn path(self, dtype: DType) -> Path {
+        match (self, dtype) {
+            (KernelChoice::Avx512Bf16, DType::Bf16) => Path::Bf16Dot,
+            (KernelChoice::Avx512Bf16 | KernelChoice::Avx512F, _) => Path::Avx512,
+            (KernelChoice::Avx2Fma, _) => Path::Avx2,
+            _ => Path::Portable,
+        }
+    }
+}
+
+/// A concrete tile kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Bf16Dot,
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Path {
+    fn lanes(self) -> usize {
+        match self {
+            Path::Bf16Dot | Path::Avx512 => 16,
+            Path::Avx2 | Path::Portable => 8,
+        }
+    }
+}
+
+/// Heads of one work item at most: the query and output accumulators of a group
+/// (128 heads x 512 latent columns: 256 KiB of f32 outputs) stay in a core's L2.
+const MAX_GROUP_HEADS: usize = 128;
+/// Work items aimed for per thread: enough to balance sequences of different lengths.
+const ITEMS_PER_THREAD: usize = 4;
+/// A chunk shorter than this costs more in merging than it gains in parallelism.
+const MIN_CHUNK_ROWS: usize = 512;
+
+/// The fast CPU decode backend. See the module documentation.
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    kernel: KernelChoice,
+    work: Workspace,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("threads", &self.threads)
+            .field("kernel", &self.kernel)
+            .finish()
+    }
+}
+
+/// One work item: rows `start..end` of batch entry `batch`, heads of group `group`.
+#[derive(Clone, Copy, Debug)]
+struct WorkItem {
+    batch: usize,
+    group: usize,
+    start: usize,
+    end: usize,
+}
+
+/// Buffers reused across steps: they grow to the largest batch shape seen and are
+/// never sized by context length.
+#[derive(Default)]
+struct Workspace {
+    items: Vec<WorkItem>,
+    /// `(first item, item count)` per (batch entry, head group).
+    spans: Vec<(usize, usize)>,
+    lens: Vec<usize>,
+    /// Packed queries per (batch entry, head group): f32 `[xs][hp]` or bf16 pairs.
+    query_f32: Vec<f32>,
+    query_bf16: Vec<u32>,
+    /// Per item: outputs `[group heads][wp]`, running maximum `[hp]`, sum `[hp]`.
+    partials: Vec<f32>,
+    tiles: Vec<Mutex<TileScratch>>,
+    zero_row: Vec<u8>,
+}
+
+impl CpuBackend {
+    /// A backend with `threads` threads and the fastest kernel this CPU supports.
+    pub fn new(threads: usize) -> Result<Self> {
+        Self::with_kernel(threads, KernelChoice::Auto)
+    }
+
+    /// A backend with `threads` threads and the given kernel; an `Unsupported` error
+    /// when this CPU cannot run it.
+    pub fn with_kernel(threads: usize, kernel: KernelChoice) -> Result<Self> {
+        if threads == 0 {
+            return Err(Error::invalid("the CPU backend needs at least one thread"));
+        }
+        let kernel = match kernel {
+            KernelChoice::Auto => KernelChoice::available()[0],
+            k if k.is_available() => k,
+            k => {
+                return Err(Error::unsupported(format!(
+                    "this CPU cannot run the {} kernel; available: {}",
+                    k.name(),
+                    KernelChoice::available()
+                        .iter()
+                        .map(|k| k.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tpla-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::new(crate::ErrorKind::Backend, e.to_string()))?;
+        let work = Workspace {
+            tiles: (0..threads).map(|_| Mutex::default()).collect(),
+            ..Workspace::default()
+        };
+        Ok(CpuBackend {
+            pool,
+            threads,
+            kernel,
+            work,
+        })
+    }
+
+    /// The kernel chosen at construction (never `Auto`).
+    pub fn kernel(&self) -> KernelChoice {
+        self.kernel
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The backend's own thread pool (the benchmark measures machine ceilings on it).
+    pub fn pool(&self) -> &rayon::ThreadPool {
+        &self.pool
+    }
+}
+
+impl LatentAttention for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu {} ({} threads)", self.kernel.name(), self.threads)
+    }
+
+    fn attend(
+        &mut self,
+        cache: &dyn RowSource,
+        shape: LatentShape,
+        seqs: &[u32],
+        q: &[f32],
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        check_attend_args(cache, shape, seqs, q, out, lse)?;
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let path = self.kernel.path(cache.dtype());
+        let lanes = path.lanes();
+        let groups = shape.heads.div_ceil(MAX_GROUP_HEADS);
+        let group_heads = shape.heads.div_ceil(groups);
+        let geo = TileGeo {
+            heads: group_heads,
+            hp: group_heads.next_multiple_of(lanes),
+            w: shape.slice_width,
+            wp: shape.slice_width.next_multiple_of(lanes),
+            d_r: shape.d_r,
+            dtype: cache.dtype(),
+        };
+        let work = &mut self.work;
+        work.lens.clear();
+        for &s in seqs {
+            work.lens.push(cache.seq_len(s)?);
+        }
+        plan_items(work, groups, self.threads);
+        let q_block = pack_queries(work, path, &geo, shape, groups, q);
+        let part_len = geo.heads * geo.wp + 2 * geo.hp;
+        grow(&mut work.partials, work.items.len() * part_len);
+        grow(&mut work.zero_row, shape.row_width() * cache.dtype().size());
+        for t in &work.tiles {
+            t.lock().expect("tile scratch lock").reserve(&geo);
+        }
+
+        let heads = shape.heads;
+        let job = ItemJob {
+            cache,
+            seqs,
+            geo,
+            path,
+            groups,
+            q_block,
+            lens: &work.lens,
+            query_f32: &work.query_f32,
+            query_bf16: &work.query_bf16,
+            tiles: &work.tiles,
+            zero_row: &work.zero_row,
+        };
+        let partials = &mut work.partials[..work.items.len() * part_len];
+        let items = &work.items;
+        self.pool.install(|| {
+            items
+                .par_iter()
+                .zip(partials.par_chunks_mut(part_len))
+                .with_max_len(1)
+                .try_for_each(|(item, part)| job.run(item, part))
+        })?;
+
+        let partials = &work.partials;
+        let spans = &work.spans;
+        let w = shape.slice_width;
+        self.pool.install(|| {
+            out.par_chunks_mut(heads * w)
+                .zip(lse.par_chunks_mut(heads))
+                .enumerate()
+                .for_each(|(b, (out_b, lse_b))| {
+                    for g in 0..groups {
+                        let h0 = g * group_heads;
+                        let gh = group_heads.min(heads - h0);
+                        let (first, count) = spans[b * groups + g];
+                        let parts = &partials[first * part_len..(first + count) * part_len];
+                        merge(
+                            parts,
+                            part_len,
+                            &geo,
+                            &mut out_b[h0 * w..(h0 + gh) * w],
+                            &mut lse_b[h0..h0 + gh],
+                        );
+                    }
+                })
+        });
+        Ok(())
+    }
+}
+
+/// Splits every sequence into chunks: about `ITEMS_PER_THREAD * threads` items in all,
+/// chunks proportional to length and whole tiles, so the item count (and the partial
+/// buffers) depend on the batch shape and thread count, not on the context length.
+fn plan_items(work: &mut Workspace, groups: usize, threads: usize) {
+    let total: usize = work.lens.iter().sum();
+    let target = (ITEMS_PER_THREAD * threads).div_ceil(groups).max(1);
+    work.items.clear();
+    work.spans.clear();
+    for (b, &len) in work.lens.iter().enumerate() {
+        let by_share = (target * len).div_ceil(total);
+        let splits = by_share.min(len.div_ceil(MIN_CHUNK_ROWS)).max(1);
+        let chunk = len.div_ceil(splits).next_multiple_of(TILE_ROWS);
+        for group in 0..groups {
+            let first = work.items.len();
+            for start in (0..len).step_by(chunk) {
+                work.items.push(WorkItem {
+                    batch: b,
+                    group,
+                    start,
+                    end: (start + chunk).min(len),
+                });
+            }
+            work.spans.push((first, work.items.len() - first));
+        }
+    }
+}
+
+/// Packs each (batch entry, head group) query in the layout of `path`; returns the
+/// length of one packed block.
+fn pack_queries(
+    work: &mut Workspace,
+    path: Path,
+    geo: &TileGeo,
+    shape: LatentShape,
+    groups: usize,
+    q: &[f32],
+) -> usize {
+    let (rw, hp, w) = (shape.row_width(), geo.hp, geo.w);
+    let blocks = work.lens.len() * groups;
+    if path == Path::Bf16Dot {
+        let len = rw.div_ceil(2) * hp;
+        grow(&mut work.query_bf16, blocks * len);
+        let dst = &mut work.query_bf16[..blocks * len];
+        dst.fill(0);
+        for (blk, qb) in dst.chunks_exact_mut(len).enumerate() {
+            for h in 0..geo.heads {
+                let Some(src) = query_row(q, blk, groups, geo.heads, shape.heads, h, rw) else {
+                    break;
+                };
+                for (kk, pair) in src.chunks(2).enumerate() {
+                    let lo = bf16::from_f32(pair[0]).to_bits() as u32;
+                    let hi = pair
+                        .get(1)
+                        .map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
+                    qb[kk * hp + h] = lo | hi << 16;
+                }
+            }
+        }
+        len
+    } else {
+        let xs = geo.xs();
+        let len = xs * hp;
+        grow(&mut work.query_f32, blocks * len);
+        let dst = &mut work.query_f32[..blocks * len];
+        dst.fill(0.0);
+        for (blk, qb) in dst.chunks_exact_mut(len).enumerate() {
+            for h in 0..geo.heads {
+                let Some(src) = query_row(q, blk, groups, geo.heads, shape.heads, h, rw) else {
+                    break;
+                };
+                for (k, &v) in src.iter().enumerate() {
+                    // latent columns keep their index, the RoPE part starts at wp
+                    let col = if k < w { k } else { k - w + geo.wp };
+                    qb[col * hp + h] = v;
+                }
+            }
+        }
+        len
+    }
+}
+
+/// Query row of head `h` of the group of block `blk`, or `None` past the last head.
+fn query_row(
+    q: &[f32],
+    blk: usize,
+    groups: usize,
+    group_heads: usize,
+    heads: usize,
+    h: usize,
+    rw: usize,
+) -> Option<&[f32]> {
+    let (b, g) = (blk / groups, blk % groups);
+    let head = g * group_heads + h;
+    (head < heads).then(|| &q[(b * heads + head) * rw..(b * heads + head + 1) * rw])
+}
+
+/// What every work item of one step shares.
+struct ItemJob<'a> {
+    cache: &'a dyn RowSource,
+    seqs: &'a [u32],
+    geo: TileGeo,
+    path: Path,
+    groups: usize,
+    q_block: usize,
+    lens: &'a [usize],
+    query_f32: &'a [f32],
+    query_bf16: &'a [u32],
+    tiles: &'a [Mutex<TileScratch>],
+    zero_row: &'a [u8],
+}
+
+impl ItemJob<'_> {
+    /// Runs one work item into its partial block `[o][m][l]`.
+    fn run(&self, item: &WorkItem, part: &mut [f32]) -> Result<()> {
+        let geo = self.geo;
+        let slot = rayon::current_thread_index().unwrap_or(0) % self.tiles.len();
+        let mut scratch = self.tiles[slot].lock().expect("tile scratch lock");
+        let (o, ml) = part.split_at_mut(geo.heads * geo.wp);
+        let (m, l) = ml.split_at_mut(geo.hp);
+        o.fill(0.0);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        let mut acc = Accum { o, m, l };
+        let blk = item.batch * self.groups + item.group;
+        let seq = self.seqs[item.batch];
+        let len = self.lens[item.batch];
+        let ps = self.cache.page_size();
+        let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
+        let zero = self.zero_row.as_ptr();
+        let mut rows = [zero; TILE_ROWS];
+        let mut page: (usize, &[u8]) = (usize::MAX, &[]);
+        for t0 in (item.start..item.end).step_by(TILE_ROWS) {
+            let valid = TILE_ROWS.min(item.end - t0);
+            let n = valid.next_multiple_of(ROW_STEP);
+            for (i, r) in rows[..n].iter_mut().enumerate() {
+                let t = t0 + i;
+                if i >= valid {
+                    *r = zero;
+                    continue;
+                }
+                if t / ps != page.0 {
+                    let p = t / ps;
+                    let bytes = self.cache.page(seq, p);
+                    let need = ps.min(len - p * ps) * row_bytes;
+                    if bytes.len() < need {
+                        return Err(Error::invalid(format!(
+                            "page {p} of sequence {seq} holds {} bytes, fewer than its {need} \
+                             bytes of cached rows",
+                            bytes.len()
+                        )));
+                    }
+                    page = (p, bytes);
+                }
+                // in bounds: checked against the page length above
+                *r = page.1[(t % ps) * row_bytes..].as_ptr();
+            }
+            let rows = &rows[..n];
+            let scr = &mut *scratch;
+            // SAFETY: the path was checked against this CPU at construction; every row
+            // pointer is valid for `row_bytes` (cache pages checked above, the zero row
+            // sized for a row); scratch, query and accumulators are sized for `geo`.
+            unsafe {
+                match self.path {
+                    #[cfg(target_arch = "x86_64")]
+                    Path::Bf16Dot => {
+                        let qp = &self.query_bf16[blk * self.q_block..][..self.q_block];
+                        bf16dot::tile_bf16(&geo, qp, rows, valid, scr, &mut acc)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Path::Avx512 => {
+                        tile::tile_avx512(&geo, self.query(blk), rows, valid, scr, &mut acc)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Path::Avx2 => {
+                        tile::tile_avx2(&geo, self.query(blk), rows, valid, scr, &mut acc)
+                    }
+                    _ => tile::tile_portable(&geo, self.query(blk), rows, valid, scr, &mut acc),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn query(&self, blk: usize) -> &[f32] {
+        &self.query_f32[blk * self.q_block..][..self.q_block]
+    }
+}
+
+/// Merges the partial blocks of one (sequence, head group) into the output rows of its
+/// heads: `out = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i`, `lse = M + ln(den)`.
+fn merge(parts: &[f32], part_len: usize, geo: &TileGeo, out: &mut [f32], lse: &mut [f32]) {
+    let (w, wp) = (geo.w, geo.wp);
+    let o_len = geo.heads * wp;
+    for (h, (out_h, lse_h)) in out.chunks_exact_mut(w).zip(lse.iter_mut()).enumerate() {
+        let stat = |p: &[f32], k: usize| p[o_len + k * geo.hp + h];
+        // a NaN maximum must stay NaN: f32::max would drop it
+        let top =
+            parts
+                .chunks_exact(part_len)
+                .map(|p| stat(p, 0))
+                .fold(
+                    f32::NEG_INFINITY,
+                    |a, b| if a.is_nan() || a > b { a } else { b },
+                );
+        let mut den = 0.0;
+        out_h.fill(0.0);
+        for p in parts.chunks_exact(part_len) {
+            let weight = (stat(p, 0) - top).exp();
+            den += weight * stat(p, 1);
+            for (o, v) in out_h.iter_mut().zip(&p[h * wp..h * wp + w]) {
+                *o += weight * v;
+            }
+        }
+        for o in out_h.iter_mut() {
+            *o /= den;
+        }
+        *lse_h = top + den.ln();
+    }
+}

@@ -1,0 +1,384 @@
+//! The CPU backend against the f64 reference, on fresh random caches and queries, for
+//! every kernel this machine can run.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use tpla::attention::cpu::{CpuBackend, KernelChoice};
+use tpla::attention::reference::Reference;
+use tpla::attention::{LatentAttention, LatentShape, RowSource};
+use tpla::{DType, ErrorKind, Result};
+
+/// A paged cache for tests: every page is a separate allocation, and the rows past a
+/// sequence's end in its last page hold NaN, so reading them would show.
+struct PagedRows {
+    dtype: DType,
+    row_width: usize,
+    page_size: usize,
+    seqs: Vec<(usize, Vec<Vec<u8>>)>,
+}
+
+impl PagedRows {
+    fn random(
+        rng: &mut ChaCha8Rng,
+        dtype: DType,
+        row_width: usize,
+        page_size: usize,
+        lens: &[usize],
+    ) -> Self {
+        let mut seqs = Vec::new();
+        for &len in lens {
+            let values: Vec<f64> = (0..len * row_width)
+                .map(|_| rng.sample(StandardNormal))
+                .collect();
+            let page_bytes = page_size * row_width * dtype.size();
+            let mut pages = Vec::new();
+            for chunk in values.chunks(page_size * row_width) {
+                let mut page = vec![0xffu8; page_bytes];
+                dtype.encode(chunk, &mut page[..chunk.len() * dtype.size()]);
+                pages.push(page);
+            }
+            seqs.push((len, pages));
+        }
+        PagedRows {
+            dtype,
+            row_width,
+            page_size,
+            seqs,
+        }
+    }
+
+    /// Overwrites element `col` of row `row` of sequence `seq`.
+    fn set(&mut self, seq: usize, row: usize, col: usize, value: f64) {
+        let size = self.dtype.size();
+        let page = &mut self.seqs[seq].1[row / self.page_size];
+        let at = ((row % self.page_size) * self.row_width + col) * size;
+        self.dtype.encode(&[value], &mut page[at..at + size]);
+    }
+}
+
+impl RowSource for PagedRows {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn row_width(&self) -> usize {
+        self.row_width
+    }
+    fn page_size(&self) -> usize {
+        self.page_size
+    }
+    fn seq_len(&self, seq: u32) -> Result<usize> {
+        self.seqs
+            .get(seq as usize)
+            .map(|s| s.0)
+            .ok_or_else(|| tpla::Error::out_of_range(format!("no sequence {seq}")))
+    }
+    fn page(&self, seq: u32, page: usize) -> &[u8] {
+        &self.seqs[seq as usize].1[page]
+    }
+}
+
+/// Queries with logits of a few units (attention neither uniform nor one-hot).
+fn random_queries(rng: &mut ChaCha8Rng, batch: usize, shape: LatentShape) -> Vec<f32> {
+    let sigma = 2.5 / (shape.row_width() as f64).sqrt();
+    (0..batch * shape.heads * shape.row_width())
+        .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
+        .collect()
+}
+
+/// Runs `backend` with NaN-poisoned outputs.
+fn run(
+    backend: &mut dyn LatentAttention,
+    cache: &PagedRows,
+    shape: LatentShape,
+    q: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let batch = cache.seqs.len();
+    let seqs: Vec<u32> = (0..batch as u32).collect();
+    let mut out = vec![f32::NAN; batch * shape.heads * shape.slice_width];
+    let mut lse = vec![f32::NAN; batch * shape.heads];
+    backend.attend(cache, shape, &seqs, q, &mut out, &mut lse)?;
+    Ok((out, lse))
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (g, w) in got.iter().zip(want) {
+        let d = *g as f64 - *w as f64;
+        num += d * d;
+        den += (*w as f64) * (*w as f64);
+    }
+    // NaN compares false: a NaN anywhere fails every `<` check on the result
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::NAN;
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn tolerance(dtype: DType, kernel: KernelChoice) -> f64 {
+    match (dtype, kernel) {
+        // the query and the probabilities are rounded to bf16 for vdpbf16ps
+        (DType::Bf16, KernelChoice::Avx512Bf16) => 2e-2,
+        _ => 1e-5,
+    }
+}
+
+/// Checks every available kernel against the reference on one cache.
+fn check_all_kernels(cache: &PagedRows, shape: LatentShape, q: &[f32], threads: usize) {
+    let (want_out, want_lse) = run(&mut Reference, cache, shape, q).unwrap();
+    for kernel in KernelChoice::available() {
+        let mut backend = CpuBackend::with_kernel(threads, kernel).unwrap();
+        let (out, lse) = run(&mut backend, cache, shape, q).unwrap();
+        let tol = tolerance(cache.dtype, kernel);
+        let (e_out, e_lse) = (rel_l2(&out, &want_out), rel_l2(&lse, &want_lse));
+        assert!(
+            e_out < tol && e_lse < tol,
+            "{} on {:?} {shape:?}: output error {e_out:.2e}, lse error {e_lse:.2e}, tolerance {tol:.0e}",
+            backend.name(),
+            cache.dtype
+        );
+    }
+}
+
+fn shape(heads: usize, slice_width: usize, d_r: usize) -> LatentShape {
+    LatentShape {
+        heads,
+        slice_width,
+        d_r,
+    }
+}
+
+#[test]
+fn every_kernel_and_element_type_matches_the_reference_on_mixed_lengths() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0001);
+    let page = 16;
+    // length 1, page size -1/0/+1, odd lengths, several pages and tiles
+    let lens = [1, page - 1, page, page + 1, 2 * page + 3, 131, 700];
+    for dtype in [DType::Bf16, DType::F16, DType::F32] {
+        let s = shape(24, 128, 64);
+        let cache = PagedRows::random(&mut rng, dtype, s.row_width(), page, &lens);
+        let q = random_queries(&mut rng, lens.len(), s);
+        check_all_kernels(&cache, s, &q, 2);
+    }
+}
+
+#[test]
+fn deepseek_v3_shapes_match_the_reference_for_every_group_count() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0002);
+    for g in [1, 2, 4, 8] {
+        let s = shape(128, 512 / g, 64);
+        let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 64, &[257, 64]);
+        let q = random_queries(&mut rng, 2, s);
+        check_all_kernels(&cache, s, &q, 2);
+    }
+}
+
+#[test]
+fn odd_widths_head_counts_and_page_sizes_match_the_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0003);
+    // odd row width (31), widths that are not whole vectors, a single head, more heads
+    // than one group holds, a page size that is not a power of two
+    for (s, page) in [
+        (shape(5, 24, 7), 7),
+        (shape(1, 16, 1), 64),
+        (shape(3, 9, 4), 1),
+        (shape(130, 32, 8), 5),
+    ] {
+        for dtype in [DType::Bf16, DType::F32] {
+            let lens = [1, page + 1, 97];
+            let cache = PagedRows::random(&mut rng, dtype, s.row_width(), page, &lens);
+            let q = random_queries(&mut rng, lens.len(), s);
+            check_all_kernels(&cache, s, &q, 2);
+        }
+    }
+}
+
+#[test]
+fn a_32k_token_sequence_matches_the_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0004);
+    let s = shape(16, 128, 64);
+    let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 64, &[32768, 3000]);
+    let q = random_queries(&mut rng, 2, s);
+    let (want_out, want_lse) = run(&mut Reference, &cache, s, &q).unwrap();
+    let mut backend = CpuBackend::new(2).unwrap();
+    let (out, lse) = run(&mut backend, &cache, s, &q).unwrap();
+    let tol = tolerance(DType::Bf16, backend.kernel());
+    assert!(rel_l2(&out, &want_out) < tol, "{}", rel_l2(&out, &want_out));
+    assert!(rel_l2(&lse, &want_lse) < tol, "{}", rel_l2(&lse, &want_lse));
+}
+
+#[test]
+fn one_backend_serves_changing_batch_shapes_and_thread_counts() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0005);
+    for threads in [1, 3] {
+        let mut backend = CpuBackend::new(threads).unwrap();
+        for (s, lens) in [
+            (shape(64, 256, 64), vec![900, 5, 64]),
+            (shape(16, 64, 64), vec![3]),
+            (shape(64, 256, 64), vec![2000, 1, 1, 1, 1000]),
+        ] {
+            let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 64, &lens);
+            let q = random_queries(&mut rng, lens.len(), s);
+            let (want_out, _) = run(&mut Reference, &cache, s, &q).unwrap();
+            let (out, _) = run(&mut backend, &cache, s, &q).unwrap();
+            let err = rel_l2(&out, &want_out);
+            assert!(err < tolerance(DType::Bf16, backend.kernel()), "{err}");
+        }
+    }
+}
+
+#[test]
+fn nan_in_the_cache_or_query_reaches_the_output_and_nothing_else() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0006);
+    let s = shape(32, 64, 16);
+    let lens = [300, 1000, 70];
+    for dtype in [DType::Bf16, DType::F32] {
+        // a NaN in the latent part, in the RoPE part, and in the middle of a long chunk
+        for col in [3, s.slice_width + 5] {
+            let mut cache = PagedRows::random(&mut rng, dtype, s.row_width(), 16, &lens);
+            let row = rng.random_range(0..lens[1]);
+            cache.set(1, row, col, f64::NAN);
+            let q = random_queries(&mut rng, lens.len(), s);
+            for kernel in KernelChoice::available() {
+                let mut backend = CpuBackend::with_kernel(2, kernel).unwrap();
+                let (out, lse) = run(&mut backend, &cache, s, &q).unwrap();
+                let per_seq = s.heads * s.slice_width;
+                assert!(
+                    out[per_seq..2 * per_seq].iter().all(|v| v.is_nan())
+                        && lse[s.heads..2 * s.heads].iter().all(|v| v.is_nan()),
+                    "{}: NaN at row {row} col {col} did not reach every output",
+                    backend.name()
+                );
+                for b in [0, 2] {
+                    let v = &out[b * per_seq..(b + 1) * per_seq];
+                    assert!(v.iter().all(|v| v.is_finite()), "{}", backend.name());
+                }
+            }
+        }
+    }
+    // a NaN query value poisons its own head only
+    let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 16, &lens);
+    let mut q = random_queries(&mut rng, lens.len(), s);
+    let head = 7;
+    q[head * s.row_width() + 2] = f32::NAN;
+    for kernel in KernelChoice::available() {
+        let mut backend = CpuBackend::with_kernel(2, kernel).unwrap();
+        let (out, lse) = run(&mut backend, &cache, s, &q).unwrap();
+        for h in 0..s.heads {
+            let v = &out[h * s.slice_width..(h + 1) * s.slice_width];
+            assert_eq!(
+                v.iter().all(|x| x.is_nan()),
+                h == head,
+                "{} head {h}",
+                backend.name()
+            );
+            assert_eq!(
+                v.iter().all(|x| x.is_finite()),
+                h != head,
+                "{} head {h}",
+                backend.name()
+            );
+            assert_eq!(lse[h].is_nan(), h == head);
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0007);
+    let s = shape(4, 16, 8);
+    let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 8, &[10, 0]);
+    let mut backend = CpuBackend::new(1).unwrap();
+    let q = random_queries(&mut rng, 1, s);
+    let (mut out, mut lse) = (vec![0.0; 4 * 16], vec![0.0; 4]);
+    let mut call =
+        |seqs: &[u32], shape: LatentShape, q: &[f32], out: &mut [f32], lse: &mut [f32]| {
+            backend
+                .attend(&cache, shape, seqs, q, out, lse)
+                .unwrap_err()
+                .kind()
+        };
+    assert_eq!(
+        call(&[0], s, &q[1..], &mut out, &mut lse),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        call(&[0], s, &q, &mut out[1..], &mut lse),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        call(&[0], s, &q, &mut out, &mut lse[1..]),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        call(&[1], s, &q, &mut out, &mut lse),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(call(&[9], s, &q, &mut out, &mut lse), ErrorKind::OutOfRange);
+    let wide = shape(4, 16, 9);
+    assert_eq!(
+        call(&[0], wide, &q, &mut out, &mut lse),
+        ErrorKind::Mismatch
+    );
+
+    assert_eq!(
+        CpuBackend::new(0).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    for kernel in KernelChoice::ALL {
+        match CpuBackend::with_kernel(1, kernel) {
+            Ok(b) => assert!(kernel.is_available() && b.kernel() == kernel),
+            Err(e) => assert!(!kernel.is_available() && e.kind() == ErrorKind::Unsupported),
+        }
+        assert_eq!(KernelChoice::parse(kernel.name()).unwrap(), kernel);
+    }
+    assert_eq!(
+        KernelChoice::parse("sse9").unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    let auto = CpuBackend::new(1).unwrap();
+    assert_eq!(auto.kernel(), KernelChoice::available()[0]);
+    assert!(auto.name().contains(auto.kernel().name()));
+}
+
+/// A row source whose pages are shorter than it claims.
+struct ShortPages(PagedRows);
+
+impl RowSource for ShortPages {
+    fn dtype(&self) -> DType {
+        self.0.dtype()
+    }
+    fn row_width(&self) -> usize {
+        self.0.row_width()
+    }
+    fn page_size(&self) -> usize {
+        self.0.page_size()
+    }
+    fn seq_len(&self, seq: u32) -> Result<usize> {
+        self.0.seq_len(seq)
+    }
+    fn page(&self, seq: u32, page: usize) -> &[u8] {
+        &self.0.page(seq, page)[..10]
+    }
+}
+
+#[test]
+fn a_row_source_with_short_pages_is_an_error_not_a_wild_read() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0008);
+    let s = shape(4, 16, 8);
+    let cache = ShortPages(PagedRows::random(
+        &mut rng,
+        DType::Bf16,
+        s.row_width(),
+        8,
+        &[20],
+    ));
+    let q = random_queries(&mut rng, 1, s);
+    let (mut out, mut lse) = (vec![0.0; 4 * 16], vec![0.0; 4]);
+    let err = CpuBackend::new(1)
+        .unwrap()
+        .attend(&cache, s, &[0], &q, &mut out, &mut lse)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.message().contains("page 0"), "{err}");
+}
