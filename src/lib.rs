@@ -6,9 +6,12 @@
 
 pub mod attention;
 pub mod cache;
+pub mod convert;
 pub mod dtype;
 pub mod error;
+pub mod fidelity;
 pub mod geometry;
+pub mod synthetic;
 pub mod transform;
 
 pub use dtype::DType;

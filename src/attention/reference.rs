@@ -5,7 +5,11 @@
 //! against it.
 
 use super::{LatentAttention, LatentShape, RowSource};
+use crate::convert::{MlaWeights, RankWeights};
 use crate::error::{Error, Result};
+use crate::geometry::ShardPlan;
+use crate::synthetic::{Query, Tokens};
+use crate::transform::Transform;
 
 /// Numerically stable softmax of `scores` in place; returns the log-sum-exp.
 pub fn softmax_in_place(scores: &mut [f64]) -> f64 {
@@ -21,8 +25,22 @@ pub fn softmax_in_place(scores: &mut [f64]) -> f64 {
     max + sum.ln()
 }
 
+/// Dot product with eight partial sums, so the compiler vectorises it.
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0.0; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Latent attention over contiguous rows (`[T][slice_width + d_r]`) for `[heads]` query
@@ -141,4 +159,343 @@ pub fn check_attend_args(
         }
     }
     Ok(())
+}
+
+/// Epsilon of kv_a_layernorm in DeepSeek-V2/V3 and Kimi-K2.
+pub const RMS_EPS: f64 = 1e-6;
+
+/// `a / rms(a)`: the weightless normalised latent the TPLA cache holds (gamma is folded
+/// into the up-projections).
+pub fn normalise(a: &[f64]) -> Vec<f64> {
+    let rms = (a.iter().map(|x| x * x).sum::<f64>() / a.len() as f64 + RMS_EPS).sqrt();
+    a.iter().map(|x| x / rms).collect()
+}
+
+/// How a decode-time token's latent is normalised before slicing (DESIGN 3.4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AppendMode {
+    /// Normalise with the full latent's RMS (the engine has the full `a_t`).
+    Exact,
+    /// Estimate the RMS from the rank's slice alone: `rms^2 ~= |slice|^2 / (d_c * fraction)`
+    /// where `fraction` is the slice's share of the latent energy.
+    SlicedRms { fraction: f64 },
+}
+
+/// The cache row a rank keeps for a token with pre-norm latent `a` and RoPE key
+/// `k_rope`: its slice of the rotated normalised latent, then the RoPE key.
+pub fn slice_token(
+    a: &[f64],
+    k_rope: &[f64],
+    transform: &Transform,
+    plan: &ShardPlan,
+    mode: AppendMode,
+) -> Result<Vec<f64>> {
+    let d_c = transform.dim();
+    if a.len() != d_c {
+        return Err(Error::invalid(format!(
+            "latent has {} values, the transform is {d_c} wide",
+            a.len()
+        )));
+    }
+    if plan.slice_start + plan.slice_width > d_c {
+        return Err(Error::mismatch("shard plan slice lies outside the latent"));
+    }
+    let slice = plan.slice_start..plan.slice_start + plan.slice_width;
+    let mut y = vec![0.0; d_c];
+    let mut row = Vec::with_capacity(plan.slice_width + k_rope.len());
+    match mode {
+        AppendMode::Exact => {
+            transform.rotate(&normalise(a), &mut y);
+            row.extend_from_slice(&y[slice]);
+        }
+        AppendMode::SlicedRms { fraction } => {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(Error::invalid(format!(
+                    "slice energy fraction must lie in (0, 1], got {fraction}"
+                )));
+            }
+            // Rotation commutes with the scalar normalisation, so rotate the raw latent.
+            transform.rotate(a, &mut y);
+            let s = &y[slice];
+            let energy: f64 = s.iter().map(|x| x * x).sum();
+            let rms = (energy / (d_c as f64 * fraction) + RMS_EPS).sqrt();
+            row.extend(s.iter().map(|x| x / rms));
+        }
+    }
+    row.extend_from_slice(k_rope);
+    Ok(row)
+}
+
+/// Full-width cache rows of a prefill: rotated normalised latents `[T][d_c]`, exact.
+pub fn rotated_latents(latents: &[f64], transform: &Transform) -> Vec<f64> {
+    let d_c = transform.dim();
+    let mut out = vec![0.0; latents.len()];
+    for (a, y) in latents.chunks_exact(d_c).zip(out.chunks_exact_mut(d_c)) {
+        transform.rotate(&normalise(a), y);
+    }
+    out
+}
+
+/// `[T][d_c]` -> the rank's rows `[T][slice_width + d_r]` (slice of each latent, RoPE key).
+pub fn slice_rows(rotated: &[f64], k_rope: &[f64], plan: &ShardPlan, d_c: usize) -> Vec<f64> {
+    let d_r = k_rope.len() / (rotated.len() / d_c).max(1);
+    let mut rows = Vec::with_capacity(rotated.len() / d_c * (plan.slice_width + d_r));
+    for (y, kr) in rotated.chunks_exact(d_c).zip(k_rope.chunks_exact(d_r)) {
+        rows.extend_from_slice(&y[plan.slice_start..plan.slice_start + plan.slice_width]);
+        rows.extend_from_slice(kr);
+    }
+    rows
+}
+
+/// Result of exact MLA decode for one query: per-head outputs and attention weights.
+#[derive(Clone, Debug)]
+pub struct MlaOutput {
+    /// `[heads][d_v]`
+    pub out: Vec<f64>,
+    /// `[heads][T]`
+    pub probs: Vec<f64>,
+}
+
+/// Exact MLA decode, non-absorbed: materialises every head's key `[c W_UK, k_rope]` and
+/// value `c W_UV` for every cached token (`latents` pre-norm `[T][d_c]`).
+pub fn mla_decode_naive(
+    w: &MlaWeights,
+    latents: &[f64],
+    k_rope: &[f64],
+    q_nope: &[f64],
+    q_rope: &[f64],
+) -> MlaOutput {
+    let d = &w.dims;
+    let len = latents.len() / d.d_c;
+    let c: Vec<Vec<f64>> = latents
+        .chunks_exact(d.d_c)
+        .map(|a| {
+            normalise(a)
+                .iter()
+                .zip(&w.gamma)
+                .map(|(n, g)| n * g)
+                .collect()
+        })
+        .collect();
+    let mut out = vec![0.0; d.heads * d.d_v];
+    let mut probs = vec![0.0; d.heads * len];
+    for h in 0..d.heads {
+        let (wk, wv) = (w.w_uk_head(h), w.w_uv_head(h));
+        let qn = &q_nope[h * d.d_n..(h + 1) * d.d_n];
+        let qr = &q_rope[h * d.d_r..(h + 1) * d.d_r];
+        let p = &mut probs[h * len..(h + 1) * len];
+        for t in 0..len {
+            let mut key = vec![0.0; d.d_n];
+            for (ci, row) in c[t].iter().zip(wk.chunks_exact(d.d_n)) {
+                for (kj, wj) in key.iter_mut().zip(row) {
+                    *kj += ci * wj;
+                }
+            }
+            p[t] = d.softmax_scale * (dot(qn, &key) + dot(qr, &k_rope[t * d.d_r..(t + 1) * d.d_r]));
+        }
+        softmax_in_place(p);
+        let o = &mut out[h * d.d_v..(h + 1) * d.d_v];
+        for t in 0..len {
+            for (ci, row) in c[t].iter().zip(wv.chunks_exact(d.d_v)) {
+                for (oj, wj) in o.iter_mut().zip(row) {
+                    *oj += p[t] * ci * wj;
+                }
+            }
+        }
+    }
+    MlaOutput { out, probs }
+}
+
+/// `x W` for `W` stored `[k][n]` and `x` of width `k`: returns width `n`.
+fn vec_mat(x: &[f64], w: &[f64], n: usize) -> Vec<f64> {
+    let mut y = vec![0.0; n];
+    for (xk, row) in x.iter().zip(w.chunks_exact(n)) {
+        for (yj, wj) in y.iter_mut().zip(row) {
+            *yj += xk * wj;
+        }
+    }
+    y
+}
+
+/// `W x` for `W` stored `[k][n]` and `x` of width `n`: returns width `k`.
+fn mat_vec(w: &[f64], x: &[f64]) -> Vec<f64> {
+    w.chunks_exact(x.len()).map(|row| dot(row, x)).collect()
+}
+
+/// Exact MLA decode, absorbed: `q_lat = W_UK q_nope` attends over the normalised latents.
+pub fn mla_decode(
+    w: &MlaWeights,
+    latents: &[f64],
+    k_rope: &[f64],
+    q_nope: &[f64],
+    q_rope: &[f64],
+) -> MlaOutput {
+    let d = &w.dims;
+    let len = latents.len() / d.d_c;
+    let c: Vec<f64> = latents
+        .chunks_exact(d.d_c)
+        .flat_map(|a| {
+            normalise(a)
+                .into_iter()
+                .zip(&w.gamma)
+                .map(|(n, g)| n * g)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut out = vec![0.0; d.heads * d.d_v];
+    let mut probs = vec![0.0; d.heads * len];
+    for h in 0..d.heads {
+        let q_lat = mat_vec(w.w_uk_head(h), &q_nope[h * d.d_n..(h + 1) * d.d_n]);
+        let qr = &q_rope[h * d.d_r..(h + 1) * d.d_r];
+        let p = &mut probs[h * len..(h + 1) * len];
+        for t in 0..len {
+            p[t] = d.softmax_scale
+                * (dot(&q_lat, &c[t * d.d_c..(t + 1) * d.d_c])
+                    + dot(qr, &k_rope[t * d.d_r..(t + 1) * d.d_r]));
+        }
+        softmax_in_place(p);
+        let mut o = vec![0.0; d.d_c];
+        for t in 0..len {
+            for (oj, cj) in o.iter_mut().zip(&c[t * d.d_c..(t + 1) * d.d_c]) {
+                *oj += p[t] * cj;
+            }
+        }
+        out[h * d.d_v..(h + 1) * d.d_v].copy_from_slice(&vec_mat(&o, w.w_uv_head(h), d.d_v));
+    }
+    MlaOutput { out, probs }
+}
+
+/// Causal MLA prefill: token `t` attends to tokens `0..=t`. Returns `[T][heads][d_v]`.
+pub fn mla_prefill(w: &MlaWeights, tokens: &Tokens, queries: &[Query]) -> Vec<f64> {
+    let d = &w.dims;
+    let mut out = Vec::with_capacity(tokens.len() * d.heads * d.d_v);
+    for (t, q) in queries.iter().enumerate().take(tokens.len()) {
+        let r = mla_decode(
+            w,
+            &tokens.latents[..(t + 1) * d.d_c],
+            &tokens.k_rope[..(t + 1) * d.d_r],
+            &q.q_nope,
+            &q.q_rope,
+        );
+        out.extend_from_slice(&r.out);
+    }
+    out
+}
+
+/// A rank's query rows for latent attention: `[heads][slice_width + d_r]`, the absorbed
+/// latent query times `scale * mu`, then the RoPE query times `scale`.
+pub fn rank_query(rw: &RankWeights, q_nope: &[f64], q_rope: &[f64]) -> Vec<f64> {
+    let d = &rw.dims;
+    let (w, p) = (rw.plan.slice_width, &rw.plan);
+    let mut q = Vec::with_capacity(p.heads * (w + d.d_r));
+    for i in 0..p.heads {
+        let h = p.head_start + i;
+        let wk = &rw.w_uk[i * w * d.d_n..(i + 1) * w * d.d_n];
+        let q_lat = mat_vec(wk, &q_nope[h * d.d_n..(h + 1) * d.d_n]);
+        q.extend(q_lat.iter().map(|x| x * d.softmax_scale * rw.mu));
+        q.extend(
+            q_rope[h * d.d_r..(h + 1) * d.d_r]
+                .iter()
+                .map(|x| x * d.softmax_scale),
+        );
+    }
+    q
+}
+
+/// A rank's latent outputs `[heads][slice_width]` -> its partial head outputs
+/// `[heads][d_v]` (the all-reduce sums these over ranks).
+pub fn project_latent(rw: &RankWeights, latent: &[f64]) -> Vec<f64> {
+    let (w, dv) = (rw.plan.slice_width, rw.dims.d_v);
+    let mut out = Vec::with_capacity(rw.plan.heads * dv);
+    for i in 0..rw.plan.heads {
+        let wv = &rw.w_uv[i * w * dv..(i + 1) * w * dv];
+        out.extend(vec_mat(&latent[i * w..(i + 1) * w], wv, dv));
+    }
+    out
+}
+
+/// One rank's TPLA decode of one query over its rows `[T][slice_width + d_r]`.
+#[derive(Clone, Debug)]
+pub struct RankOutput {
+    /// Partial head outputs `[heads][d_v]`.
+    pub out: Vec<f64>,
+    /// Attention weights `[heads][T]` of the rank's sliced softmax.
+    pub probs: Vec<f64>,
+}
+
+pub fn tpla_rank_decode(
+    rw: &RankWeights,
+    rows: &[f64],
+    q_nope: &[f64],
+    q_rope: &[f64],
+) -> RankOutput {
+    let w = rw.plan.slice_width;
+    let rwid = w + rw.dims.d_r;
+    let len = rows.len() / rwid;
+    let q = rank_query(rw, q_nope, q_rope);
+    let mut probs = vec![0.0; rw.plan.heads * len];
+    let mut latent = vec![0.0; rw.plan.heads * w];
+    for h in 0..rw.plan.heads {
+        let p = &mut probs[h * len..(h + 1) * len];
+        for (t, pt) in p.iter_mut().enumerate() {
+            *pt = dot(
+                &q[h * rwid..(h + 1) * rwid],
+                &rows[t * rwid..(t + 1) * rwid],
+            );
+        }
+        softmax_in_place(p);
+        let o = &mut latent[h * w..(h + 1) * w];
+        for (t, pt) in p.iter().enumerate() {
+            for (oj, rj) in o.iter_mut().zip(&rows[t * rwid..t * rwid + w]) {
+                *oj += pt * rj;
+            }
+        }
+    }
+    RankOutput {
+        out: project_latent(rw, &latent),
+        probs,
+    }
+}
+
+/// TPLA decode over all ranks of a layer (one per latent group): each rank's partial
+/// output and their sum, the all-reduced head outputs.
+pub fn tpla_decode(
+    ranks: &[RankWeights],
+    rows: &[Vec<f64>],
+    q_nope: &[f64],
+    q_rope: &[f64],
+) -> (Vec<RankOutput>, Vec<f64>) {
+    let parts: Vec<RankOutput> = ranks
+        .iter()
+        .zip(rows)
+        .map(|(rw, r)| tpla_rank_decode(rw, r, q_nope, q_rope))
+        .collect();
+    let mut sum = vec![0.0; parts[0].out.len()];
+    for p in &parts {
+        for (s, v) in sum.iter_mut().zip(&p.out) {
+            *s += v;
+        }
+    }
+    (parts, sum)
+}
+
+/// `|a - b| / |b|` (relative L2 error of `a` against the truth `b`); NaN if either holds
+/// a NaN, so a NaN never passes a `<` check.
+pub fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+}
+
+/// `KL(p || q)` of two distributions over the same support.
+pub fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
+    p.iter()
+        .zip(q)
+        .filter(|(pi, _)| **pi > 0.0)
+        .map(|(pi, qi)| pi * (pi / qi).ln())
+        .sum()
 }

@@ -1,0 +1,39 @@
+//! `tpla`: the command-line client of the libtpla Rust API.
+//!
+//! Each subcommand lives in its own module with an `Args` struct and a `run` function.
+
+mod demo;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "tpla",
+    version,
+    about = "Tensor-Parallel Latent Attention for MLA models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare exact MLA with TPLA on a synthetic DeepSeek-V3-shaped layer.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tpla: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
