@@ -11,6 +11,8 @@
 //! `reference` is the f64 oracle every other backend is tested against.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 
 use crate::dtype::DType;

@@ -1,0 +1,354 @@
+//! The backend object, decode plans (split-KV launch geometry plus workspace) and the
+//! [`LatentAttention`] implementation.
+
+use super::cache::{DeviceCache, DeviceCacheConfig};
+use super::compile::default_cache_dir;
+use super::driver::{arg, CUstream, CudaDevice, DeviceBuffer, Stream};
+use super::kernels::{KernelConfig, Kernels, DECODE_THREADS, MAX_STAGES, PAGE_SIZE, TILE_TOKENS};
+use crate::attention::reference::check_attend_args;
+use crate::attention::{LatentAttention, LatentShape, RowSource};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// The CUDA backend on one GPU: its kernels (compiled on first use per shape, cached
+/// on disk) and a stream of its own.
+#[derive(Debug)]
+pub struct CudaBackend {
+    device: Arc<CudaDevice>,
+    cache_dir: Option<PathBuf>,
+    kernels: Mutex<HashMap<KernelConfig, Arc<Kernels>>>,
+    max_stages: usize,
+    stream: Stream,
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, caching compiled kernels under [`default_cache_dir`].
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_cache_dir(ordinal, default_cache_dir())
+    }
+
+    /// Opens GPU `ordinal`, caching compiled kernels in `cache_dir` (none: no disk cache).
+    pub fn with_cache_dir(ordinal: usize, cache_dir: Option<PathBuf>) -> Result<Self> {
+        let device = CudaDevice::open(ordinal)?;
+        // Fail at creation, not at the first call, when libnvrtc is missing.
+        super::compile::nvrtc_version()?;
+        Ok(CudaBackend {
+            stream: Stream::new(&device)?,
+            device,
+            cache_dir,
+            kernels: Mutex::new(HashMap::new()),
+            max_stages: MAX_STAGES,
+        })
+    }
+
+    /// Caps the decode kernels' cp.async pipeline depth (2 to [`MAX_STAGES`]; default
+    /// the maximum): a tuning knob for benchmarks, applied to kernels chosen afterwards.
+    pub fn set_max_stages(&mut self, stages: usize) -> Result<()> {
+        if !(2..=MAX_STAGES).contains(&stages) {
+            return Err(Error::invalid(format!(
+                "pipeline depth must be 2 to {MAX_STAGES}, got {stages}"
+            )));
+        }
+        self.max_stages = stages;
+        Ok(())
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
+    /// The backend's own stream.
+    pub fn stream(&self) -> CUstream {
+        self.stream.raw()
+    }
+
+    /// The kernels for `heads` heads over slices of `slice_width` (compiled or loaded on
+    /// first use).
+    pub fn kernels(&self, heads: usize, slice_width: usize, d_r: usize) -> Result<Arc<Kernels>> {
+        let config = KernelConfig::choose(&self.device, heads, slice_width, d_r, self.max_stages)?;
+        let mut map = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = map.get(&config) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(Kernels::load(
+            &self.device,
+            config,
+            self.cache_dir.as_deref(),
+        )?);
+        map.insert(config, k.clone());
+        Ok(k)
+    }
+
+    /// An empty device cache.
+    pub fn new_cache(&self, config: DeviceCacheConfig) -> Result<DeviceCache> {
+        let kernels = self.kernels(64, config.slice_width, super::kernels::ROPE_WIDTH)?;
+        DeviceCache::new(&self.device, kernels, config)
+    }
+
+    /// A decode plan for `batch` queries of `shape` over sequences of at most `max_len`
+    /// tokens: the split count is chosen to fill the GPU.
+    pub fn plan(&self, shape: LatentShape, batch: usize, max_len: usize) -> Result<DecodePlan> {
+        let kernels = self.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        let slots = self.device.multiprocessors() * kernels.decode_blocks_per_sm;
+        let head_tiles = shape.heads / kernels.config.heads_tile;
+        let splits = choose_splits(
+            slots,
+            batch * head_tiles,
+            max_len.max(1).div_ceil(TILE_TOKENS),
+        );
+        DecodePlan::new(&self.device, kernels, shape, batch, splits)
+    }
+
+    /// A decode plan with a fixed split count (1 to 1024).
+    pub fn plan_with_splits(
+        &self,
+        shape: LatentShape,
+        batch: usize,
+        splits: usize,
+    ) -> Result<DecodePlan> {
+        let kernels = self.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        DecodePlan::new(&self.device, kernels, shape, batch, splits)
+    }
+}
+
+/// Splits per (sequence, head tile): the fewest that keep at least 90% of the GPU's
+/// resident-block slots busy across waves, with at least 4 tiles (128 tokens) per split;
+/// failing that, the best-filling count.
+fn choose_splits(slots: usize, blocks_per_split: usize, tiles: usize) -> usize {
+    let max_splits = (tiles / 4).clamp(1, 1024);
+    let fill = |s: usize| {
+        let blocks = blocks_per_split * s;
+        blocks as f64 / (blocks.div_ceil(slots) * slots) as f64
+    };
+    let mut best = 1;
+    for s in 1..=max_splits {
+        if fill(s) >= 0.9 {
+            return s;
+        }
+        if fill(s) > fill(best) + 1e-9 {
+            best = s;
+        }
+    }
+    best
+}
+
+/// Launch geometry and workspace of one decode shape; reusable for any lengths (the
+/// kernels read them on the device), so its launches can be captured in a CUDA graph.
+#[derive(Debug)]
+pub struct DecodePlan {
+    device: Arc<CudaDevice>,
+    kernels: Arc<Kernels>,
+    shape: LatentShape,
+    batch: usize,
+    splits: usize,
+    part_out: DeviceBuffer<f32>,
+    part_lse: DeviceBuffer<f32>,
+}
+
+impl DecodePlan {
+    fn new(
+        device: &Arc<CudaDevice>,
+        kernels: Arc<Kernels>,
+        shape: LatentShape,
+        batch: usize,
+        splits: usize,
+    ) -> Result<Self> {
+        if batch == 0 || batch > 65535 {
+            return Err(Error::invalid(format!(
+                "decode batch must be 1 to 65535, got {batch}"
+            )));
+        }
+        if !(1..=1024).contains(&splits) {
+            return Err(Error::invalid(format!(
+                "split count must be 1 to 1024, got {splits}"
+            )));
+        }
+        let partials = if splits > 1 {
+            batch * splits * shape.heads
+        } else {
+            0
+        };
+        Ok(DecodePlan {
+            part_out: DeviceBuffer::new(device, partials * shape.slice_width)?,
+            part_lse: DeviceBuffer::new(device, partials)?,
+            device: device.clone(),
+            kernels,
+            shape,
+            batch,
+            splits,
+        })
+    }
+
+    pub fn splits(&self) -> usize {
+        self.splits
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn shape(&self) -> LatentShape {
+        self.shape
+    }
+    /// Name of the kernel variant, for reports.
+    pub fn kernel_name(&self) -> String {
+        let c = self.kernels.config;
+        format!(
+            "cuda mma.sync split-kv v1 (slice {}, {} heads/block, {} stages, {} splits)",
+            c.slice_width, c.heads_tile, c.stages, self.splits
+        )
+    }
+
+    /// Enqueues one decode step on `stream`, with no host synchronisation (graph
+    /// capturable): for each `b < batch`, query rows `q[b]` (f32, `[heads][row_width]`)
+    /// against slot `slots[b]` of `cache`; writes `out[b]` (f32, `[heads][slice_width]`)
+    /// and `lse[b]` (f32, `[heads]`). Every slot must hold at least one token.
+    ///
+    /// # Safety
+    /// `slots` (`batch` i32), `q`, `out` and `lse` must be device addresses of buffers of
+    /// those sizes, valid until the stream passes this point; slot ids must be below the
+    /// cache's slot count.
+    pub unsafe fn launch(
+        &self,
+        cache: &DeviceCache,
+        slots: u64,
+        q: u64,
+        out: u64,
+        lse: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        if cache.row_width() != self.shape.row_width() {
+            return Err(Error::mismatch(format!(
+                "the device cache holds rows of {} values, the plan expects {}",
+                cache.row_width(),
+                self.shape.row_width()
+            )));
+        }
+        self.device.bind()?;
+        let (pool, table, lens) = cache.device_ptrs();
+        let heads = self.shape.heads as i32;
+        let max_pages = cache.config().max_pages_per_slot as i32;
+        let splits = self.splits as i32;
+        let (part_out, part_lse) = (self.part_out.ptr(), self.part_lse.ptr());
+        let mut args = [
+            arg(&q),
+            arg(&pool),
+            arg(&table),
+            arg(&lens),
+            arg(&slots),
+            arg(&heads),
+            arg(&max_pages),
+            arg(&splits),
+            arg(&out),
+            arg(&lse),
+            arg(&part_out),
+            arg(&part_lse),
+        ];
+        let head_tiles = (self.shape.heads / self.kernels.config.heads_tile) as u32;
+        self.kernels.decode.launch(
+            (head_tiles, self.splits as u32, self.batch as u32),
+            DECODE_THREADS,
+            self.kernels.decode_shared_bytes,
+            stream,
+            &mut args,
+        )?;
+        if self.splits > 1 {
+            let mut args = [
+                arg(&part_out),
+                arg(&part_lse),
+                arg(&heads),
+                arg(&splits),
+                arg(&out),
+                arg(&lse),
+            ];
+            self.kernels.combine.launch(
+                (self.shape.heads as u32, self.batch as u32, 1),
+                128,
+                self.splits * 4,
+                stream,
+                &mut args,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl LatentAttention for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda ({})", self.device.name())
+    }
+
+    /// Uploads the sequences of `cache` to a fresh device cache, runs one decode step
+    /// and copies the results back (the engine-facing path is [`DecodePlan::launch`]).
+    fn attend(
+        &mut self,
+        cache: &dyn RowSource,
+        shape: LatentShape,
+        seqs: &[u32],
+        q: &[f32],
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        check_attend_args(cache, shape, seqs, q, out, lse)?;
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        // Check the shape before allocating anything.
+        self.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        let lens = seqs
+            .iter()
+            .map(|&s| cache.seq_len(s))
+            .collect::<Result<Vec<_>>>()?;
+        let max_len = *lens.iter().max().expect("the batch is not empty");
+        let pages: usize = lens.iter().map(|l| l.div_ceil(PAGE_SIZE)).sum();
+        let mut dev_cache = self.new_cache(DeviceCacheConfig {
+            slice_width: shape.slice_width,
+            pages,
+            slots: seqs.len(),
+            max_pages_per_slot: max_len.div_ceil(PAGE_SIZE),
+        })?;
+        for (slot, &seq) in seqs.iter().enumerate() {
+            dev_cache.upload(slot, cache, seq)?;
+        }
+        let plan = self.plan(shape, seqs.len(), max_len)?;
+        let slots: Vec<i32> = (0..seqs.len() as i32).collect();
+        let slots_dev = DeviceBuffer::from_host(&self.device, &slots)?;
+        let q_dev = DeviceBuffer::from_host(&self.device, q)?;
+        let mut out_dev = DeviceBuffer::<f32>::new(&self.device, out.len())?;
+        let mut lse_dev = DeviceBuffer::<f32>::new(&self.device, lse.len())?;
+        // NaN poison: an element the kernels fail to write cannot pass as a result.
+        out_dev.fill_bytes(0xff)?;
+        lse_dev.fill_bytes(0xff)?;
+        // SAFETY: every buffer is sized for this batch and shape and outlives the sync.
+        unsafe {
+            plan.launch(
+                &dev_cache,
+                slots_dev.ptr(),
+                q_dev.ptr(),
+                out_dev.ptr(),
+                lse_dev.ptr(),
+                self.stream.raw(),
+            )?
+        };
+        self.stream.synchronize()?;
+        out_dev.download(out)?;
+        lse_dev.download(lse)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_splits;
+
+    #[test]
+    fn splits_fill_the_gpu_without_tiny_chunks() {
+        // 132 slots: one long sequence spreads over (nearly) every slot
+        let s = choose_splits(132, 1, 1024);
+        assert!((119..=132).contains(&s), "{s}");
+        // 128 sequences already fill a wave: no split
+        assert_eq!(choose_splits(132, 128, 1024), 1);
+        // a short sequence is not cut below 4 tiles per split
+        assert_eq!(choose_splits(132, 1, 8), 2);
+        assert_eq!(choose_splits(132, 1, 1), 1);
+    }
+}

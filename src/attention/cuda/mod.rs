@@ -1,0 +1,30 @@
+//! CUDA backend (cargo feature `cuda`): latent-attention decode on NVIDIA GPUs.
+//!
+//! - [`CudaDevice`] opens a GPU through the driver API, loaded at run time: a machine
+//!   without the driver, without libnvrtc, or with a GPU older than compute capability
+//!   8.0 gets an error, never a panic.
+//! - Kernels (`decode.cu`, embedded) are compiled by NVRTC for the device's own
+//!   architecture, specialised per (slice width, heads per block, pipeline depth), and
+//!   the cubins are cached on disk ([`default_cache_dir`]).
+//! - [`DeviceCache`] mirrors the CPU page layout (pages of 64 bf16 rows
+//!   `[slice_width + d_r]`) with device block tables; sequences are uploaded from any
+//!   [`RowSource`](crate::attention::RowSource), decode rows appended on the device.
+//! - [`DecodePlan::launch`] takes device addresses and a raw `CUstream` and never
+//!   synchronises, so an engine can capture decode steps in a CUDA graph.
+//! - [`CudaBackend`] implements [`LatentAttention`](crate::attention::LatentAttention)
+//!   by uploading the host cache, so the reference comparison tests apply unchanged.
+//!
+//! Kernel design, measured figures and limits: benches/RESULTS.md, "CUDA decode".
+
+pub mod bench;
+mod cache;
+mod compile;
+mod decode;
+mod driver;
+mod kernels;
+
+pub use cache::{DeviceCache, DeviceCacheConfig};
+pub use compile::{default_cache_dir, nvrtc_version, Origin};
+pub use decode::{CudaBackend, DecodePlan};
+pub use driver::{CUstream, CudaDevice, DeviceBuffer, Event, Stream};
+pub use kernels::{KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS};

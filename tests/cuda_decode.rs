@@ -1,0 +1,408 @@
+//! CUDA backend against the f64 reference on fresh random inputs (feature `cuda`).
+//!
+//! Every test skips, saying why, on a machine without a usable GPU (CI has none).
+
+#![cfg(feature = "cuda")]
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tpla::attention::cuda::{CudaBackend, DeviceBuffer, DeviceCacheConfig, Origin};
+use tpla::attention::reference::latent_attention;
+use tpla::attention::{LatentAttention, LatentShape, RowSource};
+use tpla::{DType, ErrorKind, Result};
+
+/// A new seed every run (printed, so a failure can be replayed).
+fn fresh_seed() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// Opens GPU 0, or says why not and returns None.
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("skipping: no usable CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// A host paged cache of bf16 rows with its own page size, holding the f64 values the
+/// reference sees (the bf16-rounded ones).
+struct HostRows {
+    width: usize,
+    page: usize,
+    seqs: Vec<(Vec<u8>, Vec<f64>)>,
+}
+
+impl HostRows {
+    fn random(width: usize, page: usize, lens: &[usize], rng: &mut ChaCha8Rng) -> Self {
+        let seqs = lens
+            .iter()
+            .map(|&len| {
+                let vals: Vec<f64> = (0..len * width)
+                    .map(|_| rng.sample::<f64, _>(StandardNormal))
+                    .collect();
+                let mut bytes = vec![0u8; len.div_ceil(page) * page * width * 2];
+                DType::Bf16.encode(&vals, &mut bytes[..vals.len() * 2]);
+                let mut rounded = vec![0.0; vals.len()];
+                DType::Bf16.decode(&bytes[..vals.len() * 2], &mut rounded);
+                (bytes, rounded)
+            })
+            .collect();
+        HostRows { width, page, seqs }
+    }
+
+    fn push_row(&mut self, seq: usize, row: &[f32]) {
+        let vals: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        let mut enc = vec![0u8; vals.len() * 2];
+        DType::Bf16.encode(&vals, &mut enc);
+        let mut rounded = vec![0.0; vals.len()];
+        DType::Bf16.decode(&enc, &mut rounded);
+        let (bytes, rows) = &mut self.seqs[seq];
+        let len = rows.len() / self.width;
+        if (len + 1) * self.width * 2 > bytes.len() {
+            bytes.resize(bytes.len() + self.page * self.width * 2, 0);
+        }
+        bytes[len * self.width * 2..(len + 1) * self.width * 2].copy_from_slice(&enc);
+        rows.extend(rounded);
+    }
+}
+
+impl RowSource for HostRows {
+    fn dtype(&self) -> DType {
+        DType::Bf16
+    }
+    fn row_width(&self) -> usize {
+        self.width
+    }
+    fn page_size(&self) -> usize {
+        self.page
+    }
+    fn seq_len(&self, seq: u32) -> Result<usize> {
+        self.seqs
+            .get(seq as usize)
+            .map(|s| s.1.len() / self.width)
+            .ok_or_else(|| tpla::Error::out_of_range(format!("no sequence {seq}")))
+    }
+    fn page(&self, seq: u32, page: usize) -> &[u8] {
+        let b = self.page * self.width * 2;
+        &self.seqs[seq as usize].0[page * b..(page + 1) * b]
+    }
+}
+
+fn random_queries(n: usize, sigma: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..n)
+        .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
+        .collect()
+}
+
+/// Reference outputs per sequence, heads split over threads.
+fn reference(rows: &HostRows, shape: LatentShape, q: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (h, rw, w) = (shape.heads, shape.row_width(), shape.slice_width);
+    let b = rows.seqs.len();
+    let mut out = vec![0.0; b * h * w];
+    let mut lse = vec![0.0; b * h];
+    let chunk = 8.min(h);
+    let sub = LatentShape {
+        heads: chunk,
+        ..shape
+    };
+    std::thread::scope(|s| {
+        let mut jobs = Vec::new();
+        for (bi, (o, l)) in out.chunks_mut(h * w).zip(lse.chunks_mut(h)).enumerate() {
+            for (ci, (oc, lc)) in o.chunks_mut(chunk * w).zip(l.chunks_mut(chunk)).enumerate() {
+                let data = &rows.seqs[bi].1;
+                let qs: Vec<f64> = q[(bi * h + ci * chunk) * rw..(bi * h + (ci + 1) * chunk) * rw]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                jobs.push(s.spawn(move || {
+                    let (ro, rl) = latent_attention(data, &qs, sub);
+                    oc.copy_from_slice(&ro);
+                    lc.copy_from_slice(&rl);
+                }));
+            }
+        }
+        for j in jobs {
+            j.join().unwrap();
+        }
+    });
+    (out, lse)
+}
+
+/// Worst per-sequence relative L2 error of `out` and worst absolute lse error.
+fn errors(
+    shape: LatentShape,
+    batch: usize,
+    out: &[f32],
+    lse: &[f32],
+    r_out: &[f64],
+    r_lse: &[f64],
+) -> (f64, f64) {
+    let per = shape.heads * shape.slice_width;
+    let mut worst = 0.0f64;
+    for b in 0..batch {
+        let (mut num, mut den) = (0.0, 0.0);
+        for (x, r) in out[b * per..(b + 1) * per]
+            .iter()
+            .zip(&r_out[b * per..(b + 1) * per])
+        {
+            num += (*x as f64 - r).powi(2);
+            den += r * r;
+        }
+        let e = (num / den).sqrt();
+        worst = if e.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(e)
+        };
+    }
+    let lse_err = lse
+        .iter()
+        .zip(r_lse)
+        .map(|(x, r)| {
+            if x.is_finite() {
+                (*x as f64 - r).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max);
+    (worst, lse_err)
+}
+
+fn check(
+    backend: &mut CudaBackend,
+    heads: usize,
+    width: usize,
+    lens: &[usize],
+    page: usize,
+    seed: u64,
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let shape = LatentShape {
+        heads,
+        slice_width: width,
+        d_r: 64,
+    };
+    let rows = HostRows::random(shape.row_width(), page, lens, &mut rng);
+    let b = lens.len();
+    let q = random_queries(b * heads * shape.row_width(), 0.08, &mut rng);
+    let mut out = vec![f32::NAN; b * heads * width];
+    let mut lse = vec![f32::NAN; b * heads];
+    let seqs: Vec<u32> = (0..b as u32).collect();
+    backend
+        .attend(&rows, shape, &seqs, &q, &mut out, &mut lse)
+        .unwrap();
+    let (r_out, r_lse) = reference(&rows, shape, &q);
+    let (e, le) = errors(shape, b, &out, &lse, &r_out, &r_lse);
+    println!("H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse abs {le:.2e}");
+    assert!(e < 1e-2, "H={heads} W={width} lens={lens:?}: rel L2 {e}");
+    assert!(
+        le < 1e-2,
+        "H={heads} W={width} lens={lens:?}: lse error {le}"
+    );
+}
+
+#[test]
+fn every_shape_matches_the_reference_on_mixed_lengths() {
+    let Some(mut backend) = gpu() else { return };
+    let mut seed = fresh_seed();
+    println!("seed {seed}");
+    for heads in [16, 32, 64, 128] {
+        for width in [512, 256, 128, 64] {
+            seed += 1;
+            check(
+                &mut backend,
+                heads,
+                width,
+                &[1, 63, 64, 65, 4096, 300],
+                64,
+                seed,
+            );
+        }
+    }
+}
+
+#[test]
+fn long_sequences_match_the_reference() {
+    let Some(mut backend) = gpu() else { return };
+    let seed = fresh_seed();
+    println!("seed {seed}");
+    check(&mut backend, 128, 512, &[32768], 64, seed);
+    check(&mut backend, 64, 256, &[32768, 7, 4096], 64, seed + 1);
+    check(&mut backend, 16, 64, &[32768, 1], 64, seed + 2);
+}
+
+#[test]
+fn other_source_page_sizes_are_repaged() {
+    let Some(mut backend) = gpu() else { return };
+    let seed = fresh_seed();
+    check(&mut backend, 32, 128, &[100, 17, 1000], 16, seed);
+    check(&mut backend, 64, 512, &[700, 129], 256, seed + 1);
+}
+
+#[test]
+fn split_counts_agree_and_device_appends_extend_sequences() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let shape = LatentShape {
+        heads: 64,
+        slice_width: 256,
+        d_r: 64,
+    };
+    let rw = shape.row_width();
+    let lens = [3000usize, 64, 1, 1500];
+    let mut rows = HostRows::random(rw, 64, &lens, &mut rng);
+    let b = lens.len();
+    let dev = backend.device().clone();
+    let mut cache = backend
+        .new_cache(DeviceCacheConfig {
+            slice_width: 256,
+            pages: 200,
+            slots: 6,
+            max_pages_per_slot: 60,
+        })
+        .unwrap();
+    // slots 5, 0, 3, 1 hold sequences 0..4: slot indirection is exercised
+    let slot_of = [5usize, 0, 3, 1];
+    for (seq, &slot) in slot_of.iter().enumerate() {
+        cache.upload(slot, &rows, seq as u32).unwrap();
+        assert_eq!(cache.seq_len(slot).unwrap(), lens[seq]);
+    }
+    // two appended rows per sequence: one from the host, one device-side
+    let extra = random_queries(b * rw, 1.0, &mut rng);
+    cache.append(&slot_of, &extra).unwrap();
+    let extra2 = random_queries(b * rw, 1.0, &mut rng);
+    for &s in &slot_of {
+        cache.reserve(s, 1).unwrap();
+    }
+    let slots_i32: Vec<i32> = slot_of.iter().map(|&s| s as i32).collect();
+    let slots_dev = DeviceBuffer::from_host(&dev, &slots_i32).unwrap();
+    let extra2_dev = DeviceBuffer::from_host(&dev, &extra2).unwrap();
+    unsafe {
+        cache
+            .append_raw(slots_dev.ptr(), extra2_dev.ptr(), b, backend.stream())
+            .unwrap()
+    };
+    dev.synchronize().unwrap();
+    cache.check_append_error().unwrap();
+    cache.refresh_lengths().unwrap();
+    for (i, row) in extra.chunks(rw).zip(extra2.chunks(rw)).enumerate() {
+        rows.push_row(i, row.0);
+        rows.push_row(i, row.1);
+        assert_eq!(cache.seq_len(slot_of[i]).unwrap(), lens[i] + 2);
+    }
+
+    let q = random_queries(b * shape.heads * rw, 0.08, &mut rng);
+    let (r_out, r_lse) = reference(&rows, shape, &q);
+    let q_dev = DeviceBuffer::from_host(&dev, &q).unwrap();
+    let mut results = Vec::new();
+    for plan in [
+        backend.plan_with_splits(shape, b, 1).unwrap(),
+        backend.plan_with_splits(shape, b, 7).unwrap(),
+        backend.plan(shape, b, 3002).unwrap(),
+    ] {
+        let mut out = DeviceBuffer::<f32>::new(&dev, b * shape.heads * 256).unwrap();
+        let mut lse = DeviceBuffer::<f32>::new(&dev, b * shape.heads).unwrap();
+        out.fill_bytes(0xff).unwrap();
+        lse.fill_bytes(0xff).unwrap();
+        unsafe {
+            plan.launch(
+                &cache,
+                slots_dev.ptr(),
+                q_dev.ptr(),
+                out.ptr(),
+                lse.ptr(),
+                backend.stream(),
+            )
+            .unwrap()
+        };
+        dev.synchronize().unwrap();
+        let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
+        let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);
+        println!("{}: rel L2 {e:.2e}, lse abs {le:.2e}", plan.kernel_name());
+        assert!(e < 1e-2 && le < 1e-2, "{}: {e} {le}", plan.kernel_name());
+        results.push(o);
+    }
+    // different split points round different probabilities to bf16: agreement to a
+    // few 1e-3 relative, not bit for bit
+    let (num, den) = results[0]
+        .iter()
+        .zip(&results[1])
+        .fold((0.0f64, 0.0f64), |(n, d), (a, b)| {
+            (n + ((a - b) as f64).powi(2), d + (*a as f64).powi(2))
+        });
+    let diff = (num / den).sqrt();
+    assert!(
+        diff < 5e-3,
+        "1 split and 7 splits differ by {diff} (relative L2)"
+    );
+
+    // an append past the reservation is reported, not written out of bounds
+    let full = DeviceBuffer::from_host(&dev, &[2i32]).unwrap();
+    unsafe {
+        cache
+            .append_raw(full.ptr(), extra2_dev.ptr(), 1, backend.stream())
+            .unwrap()
+    };
+    dev.synchronize().unwrap();
+    assert_eq!(
+        cache.check_append_error().unwrap_err().kind(),
+        ErrorKind::OutOfCapacity
+    );
+    assert_eq!(
+        cache.reserve(0, 60 * 64).unwrap_err().kind(),
+        ErrorKind::OutOfCapacity
+    );
+    assert_eq!(cache.seq_len(6).unwrap_err().kind(), ErrorKind::OutOfRange);
+}
+
+#[test]
+fn unsupported_shapes_and_mismatches_are_errors() {
+    let Some(mut backend) = gpu() else { return };
+    for (heads, width, d_r) in [(8, 512, 64), (48, 512, 64), (16, 96, 64), (16, 512, 32)] {
+        let e = backend.kernels(heads, width, d_r).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::Unsupported,
+            "{heads} {width} {d_r}: {e}"
+        );
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let rows = HostRows::random(576, 64, &[10], &mut rng);
+    let shape = LatentShape {
+        heads: 16,
+        slice_width: 256,
+        d_r: 64,
+    };
+    let mut out = vec![0.0; 16 * 256];
+    let mut lse = vec![0.0; 16];
+    let q = vec![0.0; 16 * 320];
+    let e = backend
+        .attend(&rows, shape, &[0], &q, &mut out, &mut lse)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Mismatch);
+}
+
+#[test]
+fn compiled_kernels_are_cached_on_disk() {
+    let dir = std::env::temp_dir().join(format!("tpla-cuda-kcache-{}", std::process::id()));
+    let Ok(first) = CudaBackend::with_cache_dir(0, Some(dir.clone())) else {
+        eprintln!("skipping: no usable CUDA device");
+        return;
+    };
+    assert_eq!(first.kernels(32, 128, 64).unwrap().origin, Origin::Compiled);
+    let second = CudaBackend::with_cache_dir(0, Some(dir.clone())).unwrap();
+    assert_eq!(
+        second.kernels(32, 128, 64).unwrap().origin,
+        Origin::DiskCache
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
