@@ -211,7 +211,7 @@ impl<T: Pod> DeviceBuffer<T> {
     }
 
     fn check_fits(&self, offset: usize, count: usize) -> Result<()> {
-        if offset.checked_add(count).map_or(true, |end| end > self.len) {
+        if !matches!(offset.checked_add(count), Some(end) if end <= self.len) {
             return Err(Error::invalid(format!(
                 "{count} elements at offset {offset} do not fit a device buffer of {}",
                 self.len
