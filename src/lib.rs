@@ -6,7 +6,9 @@
 
 pub mod attention;
 pub mod cache;
+pub mod combine;
 pub mod convert;
+pub mod decode;
 pub mod dtype;
 pub mod error;
 pub mod fidelity;

@@ -1,0 +1,388 @@
+//! A rank's decode context: the Rust API a serving engine (and the C ABI) drives.
+//!
+//! A [`RankContext`] owns one rank's folded weights of every layer (f32), the layer
+//! transforms (to rotate appended tokens), and an attention backend. A decode step for
+//! one layer and a batch of sequences:
+//! 1. builds the rank's latent-attention queries: `scale * mu * W'_UK q_nope` (or the
+//!    caller's absorbed latent query) then `scale * q_rope`, per head;
+//! 2. runs the backend over the rank's [`RankCache`] layer;
+//! 3. projects the latent outputs through `W'_UV` into the rank's partial head outputs
+//!    (f32), which the ranks then sum ([`crate::combine`]), or returns the latent
+//!    outputs and log-sum-exps as they are.
+//!
+//! Scratch buffers grow to the largest batch seen and are reused: a step allocates
+//! nothing proportional to the context length.
+
+use crate::attention::reference::{slice_token, AppendMode};
+use crate::attention::{LatentAttention, LatentShape};
+use crate::cache::{RankCache, TransformId};
+use crate::convert::RankWeights;
+use crate::error::{Error, Result};
+use crate::geometry::{ModelDims, ShardPlan};
+use crate::transform::Transform;
+
+/// One layer of a rank: absorbed weights in f32 plus what appends need.
+#[derive(Clone, Debug)]
+pub struct RankLayer {
+    /// `[heads][slice_width][d_n]`
+    pub w_uk: Vec<f32>,
+    /// `[heads][slice_width][d_v]`
+    pub w_uv: Vec<f32>,
+    pub mu: f64,
+    /// The layer's rotation, applied to appended tokens before slicing.
+    pub transform: Transform,
+    /// This rank's share of the latent energy, for sliced-RMS appends (DESIGN 3.4).
+    pub slice_fraction: f64,
+}
+
+impl RankLayer {
+    /// A layer from f64 folded weights (see [`crate::convert`]).
+    pub fn new(weights: &RankWeights, transform: Transform, slice_fraction: f64) -> Result<Self> {
+        if transform.kind().code() != weights.transform_code
+            || transform.fingerprint() != weights.transform_fingerprint
+        {
+            return Err(Error::mismatch(
+                "the transform is not the one the weights were folded with",
+            ));
+        }
+        if !(slice_fraction > 0.0 && slice_fraction <= 1.0) {
+            return Err(Error::invalid(format!(
+                "slice energy fraction must lie in (0, 1], got {slice_fraction}"
+            )));
+        }
+        Ok(RankLayer {
+            w_uk: weights.w_uk.iter().map(|&v| v as f32).collect(),
+            w_uv: weights.w_uv.iter().map(|&v| v as f32).collect(),
+            mu: weights.mu,
+            transform,
+            slice_fraction,
+        })
+    }
+
+    pub fn transform_id(&self) -> TransformId {
+        TransformId {
+            code: self.transform.kind().code(),
+            fingerprint: self.transform.fingerprint(),
+        }
+    }
+}
+
+/// How the queries of a step are given.
+#[derive(Clone, Copy, Debug)]
+pub enum Queries<'a> {
+    /// `q_nope` `[batch][heads][d_n]` and RoPE-rotated `q_rope` `[batch][heads][d_r]`,
+    /// for the rank's heads; the context absorbs `W'_UK`.
+    Nope {
+        q_nope: &'a [f32],
+        q_rope: &'a [f32],
+    },
+    /// Absorbed latent queries in the rotated basis, already cut to this rank's slice,
+    /// `[batch][heads][slice_width]`, and `q_rope` as above.
+    Latent { q_lat: &'a [f32], q_rope: &'a [f32] },
+}
+
+/// Where a step writes.
+#[derive(Debug)]
+pub enum Outputs<'a> {
+    /// The rank's partial head outputs `[batch][heads][d_v]`, to be summed over ranks.
+    Heads(&'a mut [f32]),
+    /// The latent outputs `[batch][heads][slice_width]` and the log-sum-exp of each
+    /// head's scores `[batch][heads]`.
+    Latent {
+        out: &'a mut [f32],
+        lse: &'a mut [f32],
+    },
+}
+
+/// One rank of a TPLA layer stack.
+pub struct RankContext {
+    dims: ModelDims,
+    plan: ShardPlan,
+    layers: Vec<Option<RankLayer>>,
+    backend: Box<dyn LatentAttention + Send>,
+    q: Vec<f32>,
+    latent: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+impl std::fmt::Debug for RankContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankContext")
+            .field("plan", &self.plan)
+            .field("layers", &self.layers.len())
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::invalid(format!(
+            "{what} holds {got} values, expected {want}"
+        )));
+    }
+    Ok(())
+}
+
+impl RankContext {
+    /// A context for `layers` layers whose weights are set with [`Self::set_layer`].
+    pub fn new(
+        dims: ModelDims,
+        plan: ShardPlan,
+        layers: usize,
+        backend: Box<dyn LatentAttention + Send>,
+    ) -> Result<Self> {
+        let checked = ShardPlan::with_head_split(&dims, plan.ranks, plan.groups, plan.rank)?;
+        if checked != plan {
+            return Err(Error::invalid("shard plan does not belong to these dims"));
+        }
+        if layers == 0 || layers > crate::cache::MAX_LAYERS {
+            return Err(Error::invalid(format!(
+                "a context needs between 1 and {} layers, got {layers}",
+                crate::cache::MAX_LAYERS
+            )));
+        }
+        Ok(RankContext {
+            dims,
+            plan,
+            layers: vec![None; layers],
+            backend,
+            q: Vec::new(),
+            latent: Vec::new(),
+            lse: Vec::new(),
+        })
+    }
+
+    pub fn dims(&self) -> &ModelDims {
+        &self.dims
+    }
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// Installs layer `index`'s weights; they must be this rank's slice and heads.
+    pub fn set_layer(
+        &mut self,
+        index: usize,
+        weights: &RankWeights,
+        layer: RankLayer,
+    ) -> Result<()> {
+        if weights.dims != self.dims || weights.plan != self.plan {
+            return Err(Error::mismatch(
+                "layer weights were folded for another geometry or rank",
+            ));
+        }
+        let w = self.plan.slice_width;
+        check_len(
+            "W_UK",
+            layer.w_uk.len(),
+            self.plan.heads * w * self.dims.d_n,
+        )?;
+        check_len(
+            "W_UV",
+            layer.w_uv.len(),
+            self.plan.heads * w * self.dims.d_v,
+        )?;
+        let slot = self.layer_slot(index)?;
+        *slot = Some(layer);
+        Ok(())
+    }
+
+    fn layer_slot(&mut self, index: usize) -> Result<&mut Option<RankLayer>> {
+        let n = self.layers.len();
+        self.layers.get_mut(index).ok_or_else(|| {
+            Error::out_of_range(format!("layer {index} is out of range for {n} layers"))
+        })
+    }
+
+    /// Layer `index`, which must have been set.
+    pub fn layer(&self, index: usize) -> Result<&RankLayer> {
+        installed(&self.layers, index)
+    }
+
+    /// The transform ids of all layers, in order (what the rank's cache must match).
+    pub fn transform_ids(&self) -> Result<Vec<TransformId>> {
+        (0..self.layers.len())
+            .map(|i| Ok(self.layer(i)?.transform_id()))
+            .collect()
+    }
+
+    fn check_cache(&self, cache: &RankCache) -> Result<()> {
+        let spec = cache.spec();
+        if spec.dims() != &self.dims
+            || spec.groups() != self.plan.groups
+            || spec.group() != self.plan.group
+        {
+            return Err(Error::mismatch(format!(
+                "the cache holds latent group {} of {}, this context is group {} of {}",
+                spec.group(),
+                spec.groups(),
+                self.plan.group,
+                self.plan.groups
+            )));
+        }
+        if spec.layers() != self.layers.len() {
+            return Err(Error::mismatch(format!(
+                "the cache has {} layers, the context {}",
+                spec.layers(),
+                self.layers.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends one token to `seq` in `layer` of `cache`: `latent` is the full pre-norm
+    /// latent `a_t` (`d_c`), `k_rope` the RoPE-rotated key (`d_r`).
+    pub fn append_token(
+        &self,
+        cache: &mut RankCache,
+        seq: u32,
+        layer: usize,
+        latent: &[f32],
+        k_rope: &[f32],
+        exact_rms: bool,
+    ) -> Result<()> {
+        self.check_cache(cache)?;
+        let l = self.layer(layer)?;
+        check_len("latent", latent.len(), self.dims.d_c)?;
+        check_len("RoPE key", k_rope.len(), self.dims.d_r)?;
+        if cache.spec().transforms()[layer] != l.transform_id() {
+            return Err(Error::mismatch(format!(
+                "layer {layer} of the cache was rotated by another transform"
+            )));
+        }
+        let a: Vec<f64> = latent.iter().map(|&v| v as f64).collect();
+        let kr: Vec<f64> = k_rope.iter().map(|&v| v as f64).collect();
+        let mode = if exact_rms {
+            AppendMode::Exact
+        } else {
+            AppendMode::SlicedRms {
+                fraction: l.slice_fraction,
+            }
+        };
+        let row = slice_token(&a, &kr, &l.transform, &self.plan, mode)?;
+        cache.append_rows(seq, layer, &row)
+    }
+
+    /// One decode step of `layer` for the sequences `seqs` of `cache`.
+    pub fn decode(
+        &mut self,
+        cache: &RankCache,
+        layer: usize,
+        seqs: &[u32],
+        queries: Queries,
+        outputs: Outputs,
+    ) -> Result<()> {
+        self.check_cache(cache)?;
+        let (d, p) = (self.dims, self.plan);
+        let (b, h, w) = (seqs.len(), p.heads, p.slice_width);
+        let l = installed(&self.layers, layer)?;
+        if cache.spec().transforms()[layer] != l.transform_id() {
+            return Err(Error::mismatch(format!(
+                "layer {layer} of the cache was rotated by another transform"
+            )));
+        }
+        let shape = LatentShape {
+            heads: h,
+            slice_width: w,
+            d_r: d.d_r,
+        };
+        let rw = shape.row_width();
+        let (q, latent, lse_buf) = (&mut self.q, &mut self.latent, &mut self.lse);
+        let scale = d.softmax_scale as f32;
+        let lat_scale = (d.softmax_scale * l.mu) as f32;
+        q.resize(b * h * rw, 0.0);
+        let q_rope = match queries {
+            Queries::Nope { q_nope, q_rope } => {
+                check_len("q_nope", q_nope.len(), b * h * d.d_n)?;
+                for (i, qrow) in q.chunks_exact_mut(rw).enumerate() {
+                    let wk = &l.w_uk[(i % h) * w * d.d_n..(i % h + 1) * w * d.d_n];
+                    let qn = &q_nope[i * d.d_n..(i + 1) * d.d_n];
+                    for (qj, wrow) in qrow[..w].iter_mut().zip(wk.chunks_exact(d.d_n)) {
+                        *qj = lat_scale * dot(wrow, qn);
+                    }
+                }
+                q_rope
+            }
+            Queries::Latent { q_lat, q_rope } => {
+                check_len("latent queries", q_lat.len(), b * h * w)?;
+                for (qrow, src) in q.chunks_exact_mut(rw).zip(q_lat.chunks_exact(w)) {
+                    for (qj, s) in qrow[..w].iter_mut().zip(src) {
+                        *qj = lat_scale * s;
+                    }
+                }
+                q_rope
+            }
+        };
+        check_len("q_rope", q_rope.len(), b * h * d.d_r)?;
+        for (qrow, src) in q.chunks_exact_mut(rw).zip(q_rope.chunks_exact(d.d_r)) {
+            for (qj, s) in qrow[w..].iter_mut().zip(src) {
+                *qj = scale * s;
+            }
+        }
+        let view = cache.layer(layer)?;
+        match outputs {
+            Outputs::Latent { out, lse } => {
+                check_len("latent outputs", out.len(), b * h * w)?;
+                check_len("log-sum-exp outputs", lse.len(), b * h)?;
+                self.backend.attend(&view, shape, seqs, q, out, lse)
+            }
+            Outputs::Heads(out) => {
+                check_len("head outputs", out.len(), b * h * d.d_v)?;
+                latent.resize(b * h * w, 0.0);
+                lse_buf.resize(b * h, 0.0);
+                self.backend
+                    .attend(&view, shape, seqs, q, latent, lse_buf)?;
+                for (i, (o, lat)) in out
+                    .chunks_exact_mut(d.d_v)
+                    .zip(latent.chunks_exact(w))
+                    .enumerate()
+                {
+                    let wv = &l.w_uv[(i % h) * w * d.d_v..(i % h + 1) * w * d.d_v];
+                    o.fill(0.0);
+                    for (x, wrow) in lat.iter().zip(wv.chunks_exact(d.d_v)) {
+                        for (oj, wj) in o.iter_mut().zip(wrow) {
+                            *oj += x * wj;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn installed(layers: &[Option<RankLayer>], index: usize) -> Result<&RankLayer> {
+    match layers.get(index) {
+        None => Err(Error::out_of_range(format!(
+            "layer {index} is out of range for {} layers",
+            layers.len()
+        ))),
+        Some(None) => Err(Error::invalid(format!("layer {index} has no weights yet"))),
+        Some(Some(l)) => Ok(l),
+    }
+}
+
+/// Dot product with eight partial sums, so the compiler vectorises it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
