@@ -1,5 +1,7 @@
 //! The CPU backend against the f64 reference, on fresh random caches and queries, for
-//! every kernel this machine can run.
+//! every kernel this machine can run: on the paged slice cache ([`RankCache`]), and on a
+//! hand-made row source for what that cache cannot hold (NaN values, garbage past a
+//! sequence's end, pages shorter than promised).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -7,10 +9,13 @@ use rand_distr::StandardNormal;
 use tpla::attention::cpu::{CpuBackend, KernelChoice};
 use tpla::attention::reference::Reference;
 use tpla::attention::{LatentAttention, LatentShape, RowSource};
-use tpla::{DType, ErrorKind, Result};
+use tpla::cache::{RankCache, ShardSpec, TransformId};
+use tpla::{DType, ErrorKind, ModelDims, Result, ShardPlan};
 
-/// A paged cache for tests: every page is a separate allocation, and the rows past a
-/// sequence's end in its last page hold NaN, so reading them would show.
+/// A damaged paged cache: every page is a separate allocation, the rows past a
+/// sequence's end in its last page hold NaN (reading them would show), and single values
+/// can be set to NaN (the real cache refuses non-finite rows; a mapped shard file is
+/// not checked value by value).
 struct PagedRows {
     dtype: DType,
     row_width: usize,
@@ -78,6 +83,42 @@ impl RowSource for PagedRows {
     }
 }
 
+/// Rank `groups - 1`'s slice cache of a layer with `heads` heads, latent width `d_c` and
+/// RoPE width `d_r`, holding sequences `0..lens.len()` of random rows.
+#[allow(clippy::too_many_arguments)]
+fn rank_cache(
+    rng: &mut ChaCha8Rng,
+    dtype: DType,
+    heads: usize,
+    d_c: usize,
+    d_r: usize,
+    groups: usize,
+    page: usize,
+    lens: &[usize],
+) -> (RankCache, LatentShape) {
+    let dims = ModelDims::new(heads, d_c, d_r, 8, 8, 0.1).unwrap();
+    let plan = ShardPlan::new(&dims, groups, groups - 1).unwrap();
+    let id = TransformId {
+        code: 0,
+        fingerprint: 0,
+    };
+    let spec = ShardSpec::new(dims, &plan, dtype, page, vec![id]).unwrap();
+    let rw = spec.row_width();
+    let pages = lens.iter().map(|l| l.div_ceil(page)).sum();
+    let mut cache = RankCache::new(spec, pages).unwrap();
+    for (seq, &len) in lens.iter().enumerate() {
+        cache.add_sequence(seq as u32).unwrap();
+        let rows: Vec<f64> = (0..len * rw).map(|_| rng.sample(StandardNormal)).collect();
+        cache.append_rows(seq as u32, 0, &rows).unwrap();
+    }
+    let shape = LatentShape {
+        heads,
+        slice_width: plan.slice_width,
+        d_r,
+    };
+    (cache, shape)
+}
+
 /// Queries with logits of a few units (attention neither uniform nor one-hot).
 fn random_queries(rng: &mut ChaCha8Rng, batch: usize, shape: LatentShape) -> Vec<f32> {
     let sigma = 2.5 / (shape.row_width() as f64).sqrt();
@@ -86,14 +127,14 @@ fn random_queries(rng: &mut ChaCha8Rng, batch: usize, shape: LatentShape) -> Vec
         .collect()
 }
 
-/// Runs `backend` with NaN-poisoned outputs.
+/// Runs `backend` on sequences `0..batch` with NaN-poisoned outputs.
 fn run(
     backend: &mut dyn LatentAttention,
-    cache: &PagedRows,
+    cache: &dyn RowSource,
     shape: LatentShape,
     q: &[f32],
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let batch = cache.seqs.len();
+    let batch = q.len() / (shape.heads * shape.row_width());
     let seqs: Vec<u32> = (0..batch as u32).collect();
     let mut out = vec![f32::NAN; batch * shape.heads * shape.slice_width];
     let mut lse = vec![f32::NAN; batch * shape.heads];
@@ -124,18 +165,18 @@ fn tolerance(dtype: DType, kernel: KernelChoice) -> f64 {
 }
 
 /// Checks every available kernel against the reference on one cache.
-fn check_all_kernels(cache: &PagedRows, shape: LatentShape, q: &[f32], threads: usize) {
+fn check_all_kernels(cache: &dyn RowSource, shape: LatentShape, q: &[f32], threads: usize) {
     let (want_out, want_lse) = run(&mut Reference, cache, shape, q).unwrap();
     for kernel in KernelChoice::available() {
         let mut backend = CpuBackend::with_kernel(threads, kernel).unwrap();
         let (out, lse) = run(&mut backend, cache, shape, q).unwrap();
-        let tol = tolerance(cache.dtype, kernel);
+        let tol = tolerance(cache.dtype(), kernel);
         let (e_out, e_lse) = (rel_l2(&out, &want_out), rel_l2(&lse, &want_lse));
         assert!(
             e_out < tol && e_lse < tol,
             "{} on {:?} {shape:?}: output error {e_out:.2e}, lse error {e_lse:.2e}, tolerance {tol:.0e}",
             backend.name(),
-            cache.dtype
+            cache.dtype()
         );
     }
 }
@@ -149,7 +190,7 @@ fn shape(heads: usize, slice_width: usize, d_r: usize) -> LatentShape {
 }
 
 #[test]
-fn every_kernel_and_element_type_matches_the_reference_on_mixed_lengths() {
+fn every_kernel_and_element_type_matches_the_reference_and_never_reads_past_the_end() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0001);
     let page = 16;
     // length 1, page size -1/0/+1, odd lengths, several pages and tiles
@@ -166,10 +207,9 @@ fn every_kernel_and_element_type_matches_the_reference_on_mixed_lengths() {
 fn deepseek_v3_shapes_match_the_reference_for_every_group_count() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0002);
     for g in [1, 2, 4, 8] {
-        let s = shape(128, 512 / g, 64);
-        let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 64, &[257, 64]);
+        let (cache, s) = rank_cache(&mut rng, DType::Bf16, 128, 512, 64, g, 64, &[257, 64]);
         let q = random_queries(&mut rng, 2, s);
-        check_all_kernels(&cache, s, &q, 2);
+        check_all_kernels(&cache.layer(0).unwrap(), s, &q, 2);
     }
 }
 
@@ -177,18 +217,13 @@ fn deepseek_v3_shapes_match_the_reference_for_every_group_count() {
 fn odd_widths_head_counts_and_page_sizes_match_the_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0003);
     // odd row width (31), widths that are not whole vectors, a single head, more heads
-    // than one group holds, a page size that is not a power of two
-    for (s, page) in [
-        (shape(5, 24, 7), 7),
-        (shape(1, 16, 1), 64),
-        (shape(3, 9, 4), 1),
-        (shape(130, 32, 8), 5),
-    ] {
+    // than one group holds, page sizes that are not powers of two
+    for (heads, d_c, d_r, page) in [(5, 24, 7, 7), (1, 16, 1, 64), (3, 9, 4, 1), (130, 32, 8, 5)] {
         for dtype in [DType::Bf16, DType::F32] {
             let lens = [1, page + 1, 97];
-            let cache = PagedRows::random(&mut rng, dtype, s.row_width(), page, &lens);
+            let (cache, s) = rank_cache(&mut rng, dtype, heads, d_c, d_r, 1, page, &lens);
             let q = random_queries(&mut rng, lens.len(), s);
-            check_all_kernels(&cache, s, &q, 2);
+            check_all_kernels(&cache.layer(0).unwrap(), s, &q, 2);
         }
     }
 }
@@ -196,12 +231,13 @@ fn odd_widths_head_counts_and_page_sizes_match_the_reference() {
 #[test]
 fn a_32k_token_sequence_matches_the_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0004);
-    let s = shape(16, 128, 64);
-    let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 64, &[32768, 3000]);
+    let lens = [32768, 3000];
+    let (cache, s) = rank_cache(&mut rng, DType::Bf16, 16, 512, 64, 4, 64, &lens);
+    let layer = cache.layer(0).unwrap();
     let q = random_queries(&mut rng, 2, s);
-    let (want_out, want_lse) = run(&mut Reference, &cache, s, &q).unwrap();
+    let (want_out, want_lse) = run(&mut Reference, &layer, s, &q).unwrap();
     let mut backend = CpuBackend::new(2).unwrap();
-    let (out, lse) = run(&mut backend, &cache, s, &q).unwrap();
+    let (out, lse) = run(&mut backend, &layer, s, &q).unwrap();
     let tol = tolerance(DType::Bf16, backend.kernel());
     assert!(rel_l2(&out, &want_out) < tol, "{}", rel_l2(&out, &want_out));
     assert!(rel_l2(&lse, &want_lse) < tol, "{}", rel_l2(&lse, &want_lse));
@@ -212,15 +248,16 @@ fn one_backend_serves_changing_batch_shapes_and_thread_counts() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0005);
     for threads in [1, 3] {
         let mut backend = CpuBackend::new(threads).unwrap();
-        for (s, lens) in [
-            (shape(64, 256, 64), vec![900, 5, 64]),
-            (shape(16, 64, 64), vec![3]),
-            (shape(64, 256, 64), vec![2000, 1, 1, 1, 1000]),
+        for (heads, g, lens) in [
+            (64, 2, vec![900, 5, 64]),
+            (16, 8, vec![3]),
+            (64, 2, vec![2000, 1, 1, 1, 1000]),
         ] {
-            let cache = PagedRows::random(&mut rng, DType::Bf16, s.row_width(), 64, &lens);
+            let (cache, s) = rank_cache(&mut rng, DType::Bf16, heads, 512, 64, g, 64, &lens);
+            let layer = cache.layer(0).unwrap();
             let q = random_queries(&mut rng, lens.len(), s);
-            let (want_out, _) = run(&mut Reference, &cache, s, &q).unwrap();
-            let (out, _) = run(&mut backend, &cache, s, &q).unwrap();
+            let (want_out, _) = run(&mut Reference, &layer, s, &q).unwrap();
+            let (out, _) = run(&mut backend, &layer, s, &q).unwrap();
             let err = rel_l2(&out, &want_out);
             assert!(err < tolerance(DType::Bf16, backend.kernel()), "{err}");
         }

@@ -11,9 +11,11 @@
 
 use super::simd::{Avx512, Simd};
 use super::tile::{softmax_update, Accum, TileGeo, TileScratch, ROW_STEP, TILE_ROWS};
+use half::bf16;
 use std::arch::x86_64::*;
 
-/// Scores of rows `R` x head vectors `HV`; `rows` holds `R` row pointers.
+/// Scores of rows `R` x head vectors `HV`; `rows` holds `R` row pointers, `qp` the
+/// block's packed query `[ceil(rw/2)][HV*16]`, `s` the scores `[R][hp]`.
 #[inline(always)]
 unsafe fn score_block<const R: usize, const HV: usize>(
     rows: *const *const u8,
@@ -22,6 +24,7 @@ unsafe fn score_block<const R: usize, const HV: usize>(
     s: *mut f32,
     rw: usize,
 ) {
+    let qs = HV * 16;
     let mut acc = [[_mm512_setzero_ps(); HV]; R];
     let mut r = [std::ptr::null::<u8>(); R];
     for (i, p) in r.iter_mut().enumerate() {
@@ -30,7 +33,7 @@ unsafe fn score_block<const R: usize, const HV: usize>(
     for kk in 0..rw / 2 {
         let mut qv = [_mm512_setzero_si512(); HV];
         for (j, v) in qv.iter_mut().enumerate() {
-            *v = _mm512_loadu_si512(qp.add(kk * hp + j * 16).cast());
+            *v = _mm512_loadu_si512(qp.add(kk * qs + j * 16).cast());
         }
         for (i, row) in acc.iter_mut().enumerate() {
             let pair = r[i].add(4 * kk).cast::<i32>().read_unaligned();
@@ -47,7 +50,7 @@ unsafe fn score_block<const R: usize, const HV: usize>(
             let last = r[i].add(2 * (rw - 1)).cast::<u16>().read_unaligned();
             let b = as_bh(_mm512_set1_epi32(last as i32));
             for (j, a) in row.iter_mut().enumerate() {
-                let v = _mm512_loadu_si512(qp.add(kk * hp + j * 16).cast());
+                let v = _mm512_loadu_si512(qp.add(kk * qs + j * 16).cast());
                 *a = _mm512_dpbf16_ps(*a, as_bh(v), b);
             }
         }
@@ -59,7 +62,8 @@ unsafe fn score_block<const R: usize, const HV: usize>(
     }
 }
 
-/// Outputs of heads `HB` x latent vectors `JV` over `pairs` row pairs.
+/// Outputs of heads `HB` x latent vectors `JV` over `pairs` row pairs; `vp` is the
+/// block's packed latents `[pairs][JV*16]`, `o` the outputs `[heads][wp]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn output_block<const HB: usize, const JV: usize>(
@@ -71,6 +75,7 @@ unsafe fn output_block<const HB: usize, const JV: usize>(
     corr: *const f32,
     pairs: usize,
 ) {
+    let vs = JV * 16;
     let mut acc = [[_mm512_setzero_ps(); JV]; HB];
     for (h, row) in acc.iter_mut().enumerate() {
         let c = _mm512_set1_ps(*corr.add(h));
@@ -81,7 +86,7 @@ unsafe fn output_block<const HB: usize, const JV: usize>(
     for tp in 0..pairs {
         let mut v = [_mm512_setzero_si512(); JV];
         for (j, x) in v.iter_mut().enumerate() {
-            *x = _mm512_loadu_si512(vp.add(tp * wp + j * 16).cast());
+            *x = _mm512_loadu_si512(vp.add(tp * vs + j * 16).cast());
         }
         for (h, row) in acc.iter_mut().enumerate() {
             let b = as_bh(_mm512_set1_epi32(*pp.add(tp * hp + h) as i32));
@@ -121,24 +126,106 @@ unsafe fn pack_probabilities(s: *const f32, pp: *mut u32, n: usize, hp: usize) {
     }
 }
 
-/// Latent parts of rows `2i, 2i+1` interleaved: `vp[i][j] = x_2i[j] | x_2i+1[j] << 16`,
-/// zero in the padding `w..wp`.
+/// Latent parts of rows `2i, 2i+1` interleaved, `x_2i[j] | x_2i+1[j] << 16`, zero in the
+/// padding `w..wp`; stored block by block of output vectors (see [`VectorBlocks`]) so
+/// that each block's `[pairs][width]` slab is contiguous (rows of a power-of-two stride
+/// would share a few L1 sets and evict each other).
 #[inline(always)]
 unsafe fn pack_latents(rows: &[*const u8], vp: *mut u32, w: usize, wp: usize) {
-    for (i, pair) in rows.chunks_exact(2).enumerate() {
-        for j0 in (0..wp).step_by(16) {
-            let mask: __mmask16 = if j0 + 16 <= w {
-                0xffff
-            } else {
-                ((1u32 << (w.saturating_sub(j0))) - 1) as u16
+    let pairs = rows.len() / 2;
+    for blk in VectorBlocks::new(wp / 16, JV) {
+        let base = vp.add(blk.start * 16 * pairs);
+        for (i, pair) in rows.chunks_exact(2).enumerate() {
+            for v in 0..blk.len {
+                let j0 = (blk.start + v) * 16;
+                let mask: __mmask16 = if j0 + 16 <= w {
+                    0xffff
+                } else {
+                    ((1u32 << (w.saturating_sub(j0))) - 1) as u16
+                };
+                let a = _mm256_maskz_loadu_epi16(mask, pair[0].add(2 * j0).cast());
+                let b = _mm256_maskz_loadu_epi16(mask, pair[1].add(2 * j0).cast());
+                let x = _mm512_or_si512(
+                    _mm512_cvtepu16_epi32(a),
+                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
+                );
+                _mm512_storeu_si512(base.add((i * blk.len + v) * 16).cast(), x);
+            }
+        }
+    }
+}
+
+/// Consecutive blocks of `step` vectors, then single vectors for the rest: the
+/// micro-kernels' work units, and the order packed operands are laid out in.
+#[derive(Clone, Copy)]
+pub(super) struct VectorBlocks {
+    next: usize,
+    total: usize,
+    whole: usize,
+    step: usize,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct VectorBlock {
+    pub start: usize,
+    pub len: usize,
+}
+
+impl VectorBlocks {
+    pub fn new(total: usize, step: usize) -> Self {
+        VectorBlocks {
+            next: 0,
+            total,
+            whole: total / step * step,
+            step,
+        }
+    }
+}
+
+impl Iterator for VectorBlocks {
+    type Item = VectorBlock;
+    #[inline(always)]
+    fn next(&mut self) -> Option<VectorBlock> {
+        if self.next >= self.total {
+            return None;
+        }
+        let len = if self.next < self.whole { self.step } else { 1 };
+        let blk = VectorBlock {
+            start: self.next,
+            len,
+        };
+        self.next += len;
+        Some(blk)
+    }
+}
+
+/// Packs one group's query rows (`rows(h)` for `h < heads`, `None` past the last) as
+/// bf16 pairs, block by block of score vectors: block `b` holds `[ceil(rw/2)][len*16]`
+/// at `b.start * 16 * ceil(rw/2)`. `dst` (`ceil(rw/2) * hp` values) is overwritten.
+pub(super) fn pack_query<'a>(
+    dst: &mut [u32],
+    rows: impl Fn(usize) -> Option<&'a [f32]>,
+    heads: usize,
+    hp: usize,
+    rw: usize,
+) {
+    let rw2 = rw.div_ceil(2);
+    dst.fill(0);
+    for blk in VectorBlocks::new(hp / 16, HV) {
+        let block = &mut dst[blk.start * 16 * rw2..(blk.start + blk.len) * 16 * rw2];
+        let width = blk.len * 16;
+        for i in 0..width {
+            let h = blk.start * 16 + i;
+            let Some(q) = rows(h).filter(|_| h < heads) else {
+                break;
             };
-            let a = _mm256_maskz_loadu_epi16(mask, pair[0].add(2 * j0).cast());
-            let b = _mm256_maskz_loadu_epi16(mask, pair[1].add(2 * j0).cast());
-            let v = _mm512_or_si512(
-                _mm512_cvtepu16_epi32(a),
-                _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
-            );
-            _mm512_storeu_si512(vp.add(i * wp + j0).cast(), v);
+            for (kk, pair) in q.chunks(2).enumerate() {
+                let lo = bf16::from_f32(pair[0]).to_bits() as u32;
+                let hi = pair
+                    .get(1)
+                    .map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
+                block[kk * width + i] = lo | hi << 16;
+            }
         }
     }
 }
@@ -159,24 +246,24 @@ pub(super) unsafe fn tile_bf16(
     scr: &mut TileScratch,
     acc: &mut Accum,
 ) {
-    const HV: usize = 4;
-    const HB: usize = 4;
-    const JV: usize = 4;
     let (n, hp, wp, rw) = (rows.len(), geo.hp, geo.wp, geo.w + geo.d_r);
+    let rw2 = rw.div_ceil(2);
     debug_assert!(n % ROW_STEP == 0 && n <= TILE_ROWS && valid <= n && hp % 16 == 0);
-    debug_assert!(qp.len() >= rw.div_ceil(2) * hp && acc.o.len() >= geo.heads * wp);
+    debug_assert!(qp.len() >= rw2 * hp && acc.o.len() >= geo.heads * wp);
 
     let s = scr.s.as_mut_ptr();
-    let vectors = hp / 16;
-    let whole = vectors / HV * HV;
-    for t0 in (0..n).step_by(ROW_STEP) {
-        let r = rows.as_ptr().add(t0);
-        let st = s.add(t0 * hp);
-        for v0 in (0..whole).step_by(HV) {
-            score_block::<ROW_STEP, HV>(r, qp.as_ptr().add(v0 * 16), hp, st.add(v0 * 16), rw);
-        }
-        for v in whole..vectors {
-            score_block::<ROW_STEP, 1>(r, qp.as_ptr().add(v * 16), hp, st.add(v * 16), rw);
+    for blk in VectorBlocks::new(hp / 16, HV) {
+        let q = qp.as_ptr().add(blk.start * 16 * rw2);
+        let st = s.add(blk.start * 16);
+        // 16 accumulators for whole blocks; single vectors take more rows instead
+        if blk.len == HV {
+            for t0 in (0..n).step_by(4) {
+                score_block::<4, HV>(rows.as_ptr().add(t0), q, hp, st.add(t0 * hp), rw);
+            }
+        } else {
+            for t0 in (0..n).step_by(ROW_STEP) {
+                score_block::<ROW_STEP, 1>(rows.as_ptr().add(t0), q, hp, st.add(t0 * hp), rw);
+            }
         }
     }
 
@@ -190,25 +277,26 @@ pub(super) unsafe fn tile_bf16(
         acc.o.as_mut_ptr(),
         scr.corr.as_ptr(),
     );
-    let (vectors, heads, pairs) = (wp / 16, geo.heads, n / 2);
-    let (whole_j, whole_h) = (vectors / JV * JV, heads / HB * HB);
-    let mut j = 0;
-    while j < vectors {
-        let (vj, oj) = (vp.add(j * 16), o.add(j * 16));
-        let mut h = 0;
-        while h < heads {
-            let (p, oh, c) = (pp.add(h), oj.add(h * wp), corr.add(h));
-            match (h < whole_h, j < whole_j) {
+    let (heads, pairs) = (geo.heads, n / 2);
+    for jb in VectorBlocks::new(wp / 16, JV) {
+        let (vj, oj) = (vp.add(jb.start * 16 * pairs), o.add(jb.start * 16));
+        for hb in VectorBlocks::new(heads, HB) {
+            let (p, oh, c) = (pp.add(hb.start), oj.add(hb.start * wp), corr.add(hb.start));
+            match (hb.len == HB, jb.len == JV) {
                 (true, true) => output_block::<HB, JV>(p, hp, vj, wp, oh, c, pairs),
                 (true, false) => output_block::<HB, 1>(p, hp, vj, wp, oh, c, pairs),
                 (false, true) => output_block::<1, JV>(p, hp, vj, wp, oh, c, pairs),
                 (false, false) => output_block::<1, 1>(p, hp, vj, wp, oh, c, pairs),
             }
-            h += if h < whole_h { HB } else { 1 };
         }
-        j += if j < whole_j { JV } else { 1 };
     }
 }
+
+/// Head vectors per score micro-kernel (16 accumulators of the 32 registers).
+const HV: usize = 4;
+/// Heads x latent vectors per output micro-kernel.
+const HB: usize = 4;
+const JV: usize = 4;
 
 // `Avx512` lanes are what the softmax update assumes for `hp`.
 const _: () = assert!(<Avx512 as Simd>::LANES == 16);

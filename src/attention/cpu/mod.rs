@@ -27,7 +27,6 @@ use super::reference::check_attend_args;
 use super::{LatentAttention, LatentShape, RowSource};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use half::bf16;
 use rayon::prelude::*;
 use std::sync::Mutex;
 use tile::{grow, Accum, TileGeo, TileScratch, ROW_STEP, TILE_ROWS};
@@ -382,21 +381,12 @@ fn pack_queries(
     if path == Path::Bf16Dot {
         let len = rw.div_ceil(2) * hp;
         grow(&mut work.query_bf16, blocks * len);
-        let dst = &mut work.query_bf16[..blocks * len];
-        dst.fill(0);
-        for (blk, qb) in dst.chunks_exact_mut(len).enumerate() {
-            for h in 0..geo.heads {
-                let Some(src) = query_row(q, blk, groups, geo.heads, shape.heads, h, rw) else {
-                    break;
-                };
-                for (kk, pair) in src.chunks(2).enumerate() {
-                    let lo = bf16::from_f32(pair[0]).to_bits() as u32;
-                    let hi = pair
-                        .get(1)
-                        .map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
-                    qb[kk * hp + h] = lo | hi << 16;
-                }
-            }
+        for (blk, qb) in work.query_bf16[..blocks * len]
+            .chunks_exact_mut(len)
+            .enumerate()
+        {
+            let rows = |h| query_row(q, blk, groups, geo.heads, shape.heads, h, rw);
+            bf16dot::pack_query(qb, rows, geo.heads, hp, rw);
         }
         len
     } else {
@@ -557,5 +547,36 @@ fn merge(parts: &[f32], part_len: usize, geo: &TileGeo, out: &mut [f32], lse: &m
             *o /= den;
         }
         *lse_h = top + den.ln();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_items_depend_on_the_batch_shape_not_the_context_length() {
+        let mut work = Workspace::default();
+        for threads in [1, 2, 8] {
+            for lens in [vec![1, 5000, 64], vec![32768, 7, 100_000]] {
+                for scale in [1, 10, 1000] {
+                    work.lens = lens.iter().map(|l| l * scale).collect();
+                    plan_items(&mut work, 1, threads);
+                    let bound = ITEMS_PER_THREAD * threads + lens.len();
+                    assert!(work.items.len() <= bound, "{} > {bound}", work.items.len());
+                    // the chunks of each sequence tile it exactly, in whole tiles
+                    for (b, &len) in work.lens.iter().enumerate() {
+                        let mut next = 0;
+                        for item in work.items.iter().filter(|i| i.batch == b) {
+                            assert_eq!(item.start, next);
+                            assert!(item.end > item.start);
+                            assert!(item.end == len || (item.end - item.start) % TILE_ROWS == 0);
+                            next = item.end;
+                        }
+                        assert_eq!(next, len);
+                    }
+                }
+            }
+        }
     }
 }

@@ -14,8 +14,9 @@ use crate::dtype::DType;
 /// Rows of one tile: large enough to amortise loading and rescaling the accumulators,
 /// small enough that a tile's decoded rows stay in L2.
 pub(super) const TILE_ROWS: usize = 64;
-/// Tiles are processed in steps of this many rows (the score micro-kernel's height).
-pub(super) const ROW_STEP: usize = 4;
+/// Tiles are processed in steps of this many rows (a multiple of every score
+/// micro-kernel's height).
+pub(super) const ROW_STEP: usize = 8;
 
 /// Shapes of one head group's tile work.
 #[derive(Clone, Copy, Debug)]

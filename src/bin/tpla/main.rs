@@ -2,6 +2,7 @@
 //!
 //! Each subcommand lives in its own module with an `Args` struct and a `run` function.
 
+mod bench;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time decode steps of an attention backend against this machine's ceilings.
+    Bench(bench::Args),
     /// Compare exact MLA with TPLA on a synthetic DeepSeek-V3-shaped layer.
     Demo(demo::Args),
 }
@@ -27,6 +30,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

@@ -1,0 +1,260 @@
+//! `tpla bench`: decode-step speed of an attention backend on synthetic caches, against
+//! the machine's own ceilings measured in the same run (DESIGN 4).
+
+use clap::Args as ClapArgs;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use std::time::{Duration, Instant};
+use tpla::attention::cpu::{CpuBackend, KernelChoice};
+use tpla::attention::{LatentAttention, LatentShape};
+use tpla::cache::{RankCache, ShardSpec, TransformId, DEFAULT_PAGE_SIZE};
+use tpla::{DType, Error, ModelDims, Result, ShardPlan};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Attention backend (this build has `cpu`).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Model presets (comma-separated): deepseek-v3, kimi-k2, deepseek-v2-lite.
+    #[arg(long, value_delimiter = ',', default_value = "deepseek-v3")]
+    model: Vec<String>,
+    /// Cached tokens per sequence (comma-separated list to sweep).
+    #[arg(long, value_delimiter = ',', default_value = "4096")]
+    context: Vec<usize>,
+    /// Sequences per step.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Latent groups g (1 = plain MLA); the bench runs rank 0's slice with all heads.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    groups: Vec<usize>,
+    /// Backend threads (default: every core).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// CPU kernels: auto, avx512-bf16, avx512f, avx2-fma, portable.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    kernel: Vec<String>,
+    /// Cache element type: bf16, f16, f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Tokens per cache page.
+    #[arg(long, default_value_t = DEFAULT_PAGE_SIZE)]
+    page_size: usize,
+    /// Timed steps per configuration (after two warm-up steps); the median is reported.
+    #[arg(long, default_value_t = 9)]
+    repeats: usize,
+    /// MiB streamed by the read-bandwidth measurement (many times the last-level cache).
+    #[arg(long, default_value_t = 1024)]
+    bandwidth_mib: usize,
+    /// Seed of the synthetic cache rows and queries.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// One JSON object per configuration instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Ceilings measured for one backend configuration.
+struct Ceilings {
+    read_bytes_per_s: f64,
+    peak_flops: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.backend != "cpu" {
+        return Err(Error::unsupported(format!(
+            "backend '{}' is not available in this build (cpu)",
+            args.backend
+        )));
+    }
+    if args.repeats == 0 || args.context.contains(&0) || args.batch.contains(&0) {
+        return Err(Error::invalid(
+            "repeats, context lengths and batch sizes must be positive",
+        ));
+    }
+    let dtype = DType::parse(&args.dtype)?;
+    let kernels = args
+        .kernel
+        .iter()
+        .map(|k| KernelChoice::parse(k))
+        .collect::<Result<Vec<_>>>()?;
+    let models = args
+        .model
+        .iter()
+        .map(|m| Ok((m.as_str(), ModelDims::preset(m)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let threads = if args.threads.is_empty() {
+        vec![std::thread::available_parallelism().map_or(1, |n| n.get())]
+    } else {
+        args.threads.clone()
+    };
+    let max_batch = *args.batch.iter().max().expect("clap gives at least one");
+
+    let mut backends = Vec::new();
+    for &t in &threads {
+        for &k in &kernels {
+            let backend = CpuBackend::with_kernel(t, k)?;
+            let ceilings = Ceilings {
+                read_bytes_per_s: backend.read_bandwidth(args.bandwidth_mib << 20, 3)?,
+                peak_flops: backend.peak_flops(dtype, Duration::from_millis(300)),
+            };
+            backends.push((backend, ceilings));
+        }
+    }
+
+    if !args.json {
+        println!(
+            "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
+            "model",
+            "heads",
+            "g",
+            "context",
+            "batch",
+            "thr",
+            "kernel",
+            "us/step",
+            "min us",
+            "GB/s",
+            "TFLOP/s",
+            "ceil GB/s",
+            "ceil TF/s",
+            "roofline"
+        );
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    for &(model, dims) in &models {
+        for &g in &args.groups {
+            for &context in &args.context {
+                let plan = ShardPlan::new(&dims, g, 0)?;
+                let cache = synthetic_cache(
+                    &mut rng,
+                    dims,
+                    &plan,
+                    dtype,
+                    args.page_size,
+                    context,
+                    max_batch,
+                )?;
+                let layer = cache.layer(0)?;
+                let shape = LatentShape {
+                    heads: plan.heads,
+                    slice_width: plan.slice_width,
+                    d_r: dims.d_r,
+                };
+                for &batch in &args.batch {
+                    let seqs: Vec<u32> = (0..batch as u32).collect();
+                    let sigma = 2.5 / (shape.row_width() as f64).sqrt();
+                    let q: Vec<f32> = (0..batch * shape.heads * shape.row_width())
+                        .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
+                        .collect();
+                    let mut out = vec![0.0; batch * shape.heads * shape.slice_width];
+                    let mut lse = vec![0.0; batch * shape.heads];
+                    for (backend, ceil) in backends.iter_mut() {
+                        let mut times = Vec::with_capacity(args.repeats);
+                        for step in 0..args.repeats + 2 {
+                            let start = Instant::now();
+                            backend.attend(&layer, shape, &seqs, &q, &mut out, &mut lse)?;
+                            if step >= 2 {
+                                times.push(start.elapsed().as_secs_f64());
+                            }
+                        }
+                        if out.iter().any(|v| !v.is_finite()) {
+                            return Err(Error::new(
+                                tpla::ErrorKind::Backend,
+                                format!("{} produced non-finite outputs", backend.name()),
+                            ));
+                        }
+                        times.sort_by(f64::total_cmp);
+                        let secs = times[times.len() / 2];
+                        let best = times[0];
+                        // DESIGN 4: bytes and flops per token of context, per query, per rank
+                        let tokens = (batch * context) as f64;
+                        let bytes = tokens * (shape.row_width() * dtype.size()) as f64;
+                        let flops = tokens
+                            * 2.0
+                            * (shape.heads * (2 * shape.slice_width + shape.d_r)) as f64;
+                        let roofline = (bytes / ceil.read_bytes_per_s).max(flops / ceil.peak_flops);
+                        let kernel = backend.kernel().name();
+                        if args.json {
+                            let record = serde_json::json!({
+                                "backend": "cpu",
+                                "kernel": kernel,
+                                "dtype": dtype.name(),
+                                "model": model,
+                                "heads": shape.heads,
+                                "groups": g,
+                                "slice_width": shape.slice_width,
+                                "context": context,
+                                "batch": batch,
+                                "threads": backend.threads(),
+                                "page_size": args.page_size,
+                                "us_per_step": secs * 1e6,
+                                "us_per_step_min": best * 1e6,
+                                "gbps": bytes / secs / 1e9,
+                                "tflops": flops / secs / 1e12,
+                                "read_gbps_ceiling": ceil.read_bytes_per_s / 1e9,
+                                "peak_tflops_ceiling": ceil.peak_flops / 1e12,
+                                "roofline_frac": roofline / secs,
+                                "bound": if bytes / ceil.read_bytes_per_s > flops / ceil.peak_flops { "bandwidth" } else { "compute" },
+                            });
+                            println!("{record}");
+                        } else {
+                            println!(
+                                "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
+                                model,
+                                shape.heads,
+                                g,
+                                context,
+                                batch,
+                                backend.threads(),
+                                kernel,
+                                secs * 1e6,
+                                best * 1e6,
+                                bytes / secs / 1e9,
+                                flops / secs / 1e12,
+                                ceil.read_bytes_per_s / 1e9,
+                                ceil.peak_flops / 1e12,
+                                roofline / secs
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A one-layer cache of rank `plan`'s slice holding `batch` sequences of `context`
+/// random rows (the content does not change the timing; random rows keep it honest).
+fn synthetic_cache(
+    rng: &mut ChaCha8Rng,
+    dims: ModelDims,
+    plan: &ShardPlan,
+    dtype: DType,
+    page_size: usize,
+    context: usize,
+    batch: usize,
+) -> Result<RankCache> {
+    let transform = TransformId {
+        code: 0,
+        fingerprint: 0,
+    };
+    let spec = ShardSpec::new(dims, plan, dtype, page_size, vec![transform])?;
+    let rw = spec.row_width();
+    let mut cache = RankCache::new(spec, batch * context.div_ceil(page_size))?;
+    const ROWS_PER_APPEND: usize = 4096;
+    let mut rows = Vec::with_capacity(ROWS_PER_APPEND * rw);
+    for seq in 0..batch as u32 {
+        cache.add_sequence(seq)?;
+        let mut left = context;
+        while left > 0 {
+            let n = left.min(ROWS_PER_APPEND);
+            rows.clear();
+            rows.extend((0..n * rw).map(|_| rng.sample::<f64, _>(StandardNormal)));
+            cache.append_rows(seq, 0, &rows)?;
+            left -= n;
+        }
+    }
+    Ok(cache)
+}
