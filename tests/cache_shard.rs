@@ -403,3 +403,51 @@ fn bad_exports_are_errors_with_a_reason() {
         assert!(err.message().contains(want), "'{err}' lacks '{want}'");
     }
 }
+
+/// Small shard images committed as the fuzzer's seed corpus double as golden files: a
+/// fresh export of the same rows must reproduce them byte for byte, so an accidental
+/// change of the format fails here. `TPLA_BLESS_SHARD_SEEDS=1` rewrites them after a
+/// deliberate change (which also needs a new format version).
+#[test]
+fn exports_reproduce_the_committed_golden_images() {
+    let dims = tpla::ModelDims::new(1, 8, 4, 4, 4, 0.25).unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/shard_parse");
+    let bless = std::env::var_os("TPLA_BLESS_SHARD_SEEDS").is_some();
+    // name, groups, element type, page size, sequences
+    type Case = (&'static str, usize, DType, usize, &'static [(u32, usize)]);
+    let cases: [Case; 5] = [
+        ("g1-f32", 1, DType::F32, 4, &[(1, 5), (2, 0), (3, 4)]),
+        ("g2-bf16", 2, DType::Bf16, 4, &[(1, 5), (2, 0), (3, 4)]),
+        ("g4-f16", 4, DType::F16, 3, &[(7, 2), (8, 7)]),
+        ("g8-bf16-page1", 8, DType::Bf16, 1, &[(9, 3)]),
+        ("g2-empty", 2, DType::Bf16, 4, &[]),
+    ];
+    for (name, groups, dtype, page_size, seqs) in cases {
+        let prefill = Prefill::random_with(dims, 31, 2, seqs);
+        let plan = ExportPlan::new(dims, groups, dtype, page_size, transforms(2), seqs).unwrap();
+        let mut images = vec![vec![0u8; plan.image_len()]; groups];
+        let mut w = ShardWriter::to_buffers(&plan, images.iter_mut().map(|b| &mut b[..]).collect())
+            .unwrap();
+        for (latent, rope) in prefill.blocks() {
+            w.push(latent, rope).unwrap();
+        }
+        w.finish().unwrap();
+        for (group, image) in images.iter().enumerate().take(2) {
+            let path = dir.join(format!("{name}-rank{group}.tpla"));
+            if bless {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, image).unwrap();
+            }
+            let golden = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                golden == *image,
+                "{} differs from a fresh export",
+                path.display()
+            );
+            ShardHeader::parse(&golden)
+                .unwrap()
+                .verify_data(&golden)
+                .unwrap();
+        }
+    }
+}

@@ -20,11 +20,13 @@
 //!   between steps every layer has the same length.
 
 mod export;
+mod file;
 pub mod format;
 mod pool;
 mod rank;
 
 pub use export::{ExportPlan, ShardFileWriter, ShardWriter};
+pub use file::ShardFile;
 pub use format::{SequenceEntry, ShardHeader};
 pub use pool::PAGE_ALIGN;
 pub use rank::{LayerView, RankCache};
@@ -32,6 +34,7 @@ pub use rank::{LayerView, RankCache};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::geometry::{ModelDims, ShardPlan};
+use crate::transform::Transform;
 use half::{bf16, f16};
 
 /// Tokens per page unless the caller chooses otherwise.
@@ -48,6 +51,16 @@ pub const MAX_LAYERS: usize = 1 << 12;
 pub struct TransformId {
     pub code: u32,
     pub fingerprint: u64,
+}
+
+impl TransformId {
+    /// The identity of `transform`: its kind code and fingerprint.
+    pub fn of(transform: &Transform) -> Self {
+        TransformId {
+            code: transform.kind().code(),
+            fingerprint: transform.fingerprint(),
+        }
+    }
 }
 
 /// Everything that fixes the bytes of one rank's cache: model dims, latent group, element

@@ -1,15 +1,14 @@
 //! [`RankCache`]: sequences, block tables and appends over the page pool, and the
 //! per-layer [`RowSource`] views the attention backends read.
 
+use super::file::ShardFile;
 use super::format::ShardHeader;
 use super::pool::PagePool;
 use super::{check_representable, ShardSpec};
 use crate::attention::RowSource;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use memmap2::Mmap;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::Path;
 
 /// Where one page of a sequence lives.
@@ -210,28 +209,17 @@ impl RankCache {
         Ok(())
     }
 
-    /// Registers the shard file at `path`: maps it read-only, validates its metadata
-    /// (see [`ShardHeader::parse`]) and checks that it belongs to this cache
+    /// Registers the shard file at `path`: maps it read-only ([`ShardFile`]), validates
+    /// its metadata (see [`ShardHeader::parse`]) and checks that it belongs to this cache
     /// ([`ShardHeader::check_matches`]). Its sequences join the cache with the ids of
     /// its sequence table, which are returned; their rows are read in place from the
     /// mapping (zero-copy), so registration costs time and memory in proportion to the
     /// metadata, not the file. Rows appended later go to pool pages.
-    ///
-    /// The file must not be truncated or rewritten in place while registered (shard
-    /// writers replace files by rename, which leaves a mapping intact).
     pub fn register_file(&mut self, path: impl AsRef<Path>) -> Result<Vec<u32>> {
         let path = path.as_ref();
-        let at = |e: Error| e.context(format!("shard file {}", path.display()));
-        let file = File::open(path).map_err(|e| at(e.into()))?;
-        if file.metadata().map_err(|e| at(e.into()))?.len() == 0 {
-            // Nothing to map; the parser gives the reason.
-            return self.register_buffer(Vec::new()).map_err(at);
-        }
-        // SAFETY: the mapping is read-only and only ever read through `&[u8]`. The one
-        // hazard, another process truncating or rewriting the file while it is mapped, is
-        // excluded by the contract above.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| at(e.into()))?;
-        self.register_buffer(map).map_err(at)
+        let file = ShardFile::open(path)?;
+        self.register_buffer(file)
+            .map_err(|e| e.context(format!("shard file {}", path.display())))
     }
 
     /// Registers a shard image held in memory (for example one filled by

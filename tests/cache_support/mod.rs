@@ -66,7 +66,15 @@ pub struct Prefill {
 
 impl Prefill {
     pub fn random(seed: u64, layers: usize, sequences: &[(u32, usize)]) -> Self {
-        let dims = small_dims();
+        Self::random_with(small_dims(), seed, layers, sequences)
+    }
+
+    pub fn random_with(
+        dims: ModelDims,
+        seed: u64,
+        layers: usize,
+        sequences: &[(u32, usize)],
+    ) -> Self {
         let mut rng = rng(seed);
         let rows = (0..layers)
             .map(|_| {
