@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod shard;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::Args),
     /// Compare exact MLA with TPLA on a synthetic DeepSeek-V3-shaped layer.
     Demo(demo::Args),
+    /// Export a prefill cache to shard files; inspect a shard file.
+    Shard(shard::Args),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Shard(args) => shard::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
