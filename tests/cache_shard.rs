@@ -3,6 +3,7 @@
 mod cache_support;
 
 use cache_support::*;
+use tpla::attention::cpu::{CpuBackend, KernelChoice};
 use tpla::attention::reference::Reference;
 use tpla::attention::{LatentAttention, LatentShape, RowSource};
 use tpla::cache::{ExportPlan, RankCache, ShardFileWriter, ShardHeader, ShardSpec, ShardWriter};
@@ -48,8 +49,14 @@ fn assert_same_pages(a: &RankCache, b: &RankCache, ids: &[u32]) {
     }
 }
 
-/// Reference decode of `ids` (non-empty sequences) on both caches, bit for bit.
-fn assert_same_decode(a: &RankCache, b: &RankCache, ids: &[u32], seed: u64) {
+/// Decode of `ids` (non-empty sequences) by `backend` on both caches, bit for bit.
+fn assert_same_decode(
+    backend: &mut dyn LatentAttention,
+    a: &RankCache,
+    b: &RankCache,
+    ids: &[u32],
+    seed: u64,
+) {
     let spec = a.spec();
     let shape = LatentShape {
         heads: spec.dims().heads,
@@ -65,7 +72,7 @@ fn assert_same_decode(a: &RankCache, b: &RankCache, ids: &[u32], seed: u64) {
         for cache in [a, b] {
             let mut out = vec![f32::NAN; ids.len() * shape.heads * shape.slice_width];
             let mut lse = vec![f32::NAN; ids.len() * shape.heads];
-            Reference
+            backend
                 .attend(
                     &cache.layer(layer).unwrap(),
                     shape,
@@ -129,7 +136,13 @@ fn registered_shards_hold_each_ranks_slice_of_the_prefill_cache() {
             }
             let in_memory = prefill.in_memory(spec, 16);
             assert_same_pages(&registered, &in_memory, &ids);
-            assert_same_decode(&registered, &in_memory, &nonempty, case as u64);
+            assert_same_decode(
+                &mut Reference,
+                &registered,
+                &in_memory,
+                &nonempty,
+                case as u64,
+            );
         }
     }
 }
@@ -183,7 +196,13 @@ fn decode_tokens_appended_after_registration_go_to_the_pool() {
     }
     let ids: Vec<u32> = SEQS.iter().map(|s| s.0).collect();
     assert_same_pages(&registered, &in_memory, &ids);
-    assert_same_decode(&registered, &in_memory, &[5, 2, 4, 70, 9], 3);
+    let ids = [5, 2, 4, 70, 9];
+    assert_same_decode(&mut Reference, &registered, &in_memory, &ids, 3);
+    // mapped pages (64-byte aligned) and pool pages mixed within a sequence
+    for kernel in KernelChoice::available() {
+        let mut cpu = CpuBackend::with_kernel(2, kernel).unwrap();
+        assert_same_decode(&mut cpu, &registered, &in_memory, &ids, 4);
+    }
     // the untouched sequences still read from the file
     assert_eq!(
         rows_of(&registered, 1, 70),
