@@ -106,8 +106,8 @@ impl ShardSpec {
                 transforms.len()
             )));
         }
-        // Widths are at most 2^16 each and the page size at most 2^16 tokens, so a page
-        // is below 2^36 bytes: no overflow on 64-bit targets, checked elsewhere.
+        // At most 2^16 tokens of 2^17 values of 4 bytes (2^35 bytes): checked anyway, for
+        // 32-bit targets.
         let row_width = checked.row_width(&dims);
         let page_bytes = page_size
             .checked_mul(row_width)
