@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 /// multiply-add, few enough to stay in registers. The portable loop is whatever the
 /// compiler makes of plain Rust (on x86-64 without FMA it vectorises it poorly), so
 /// on that path the kernel can beat its "peak".
-const CHAINS: usize = 12;
-const PORTABLE_CHAINS: usize = 4;
+const CHAINS_AVX512: usize = 24;
+const CHAINS_AVX2: usize = 12;
+const CHAINS_PORTABLE: usize = 4;
 
 impl CpuBackend {
     /// Read bandwidth in bytes per second: every thread of the pool streams its share of
@@ -80,8 +81,9 @@ impl CpuBackend {
 
 fn chains(path: Path) -> usize {
     match path {
-        Path::Portable => PORTABLE_CHAINS,
-        _ => CHAINS,
+        Path::Bf16Dot | Path::Avx512 => CHAINS_AVX512,
+        Path::Avx2 => CHAINS_AVX2,
+        Path::Portable => CHAINS_PORTABLE,
     }
 }
 
@@ -118,7 +120,7 @@ fn peak_loop(path: Path, iters: u64) -> f32 {
             Path::Avx512 => fma_loop_avx512(iters),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => fma_loop_avx2(iters),
-            _ => fma_loop::<Portable, PORTABLE_CHAINS>(iters),
+            _ => fma_loop::<Portable, CHAINS_PORTABLE>(iters),
         }
     }
 }
@@ -145,13 +147,13 @@ unsafe fn fma_loop<S: Simd, const C: usize>(iters: u64) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn fma_loop_avx512(iters: u64) -> f32 {
-    fma_loop::<super::simd::Avx512, CHAINS>(iters)
+    fma_loop::<super::simd::Avx512, CHAINS_AVX512>(iters)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fma_loop_avx2(iters: u64) -> f32 {
-    fma_loop::<super::simd::Avx2, CHAINS>(iters)
+    fma_loop::<super::simd::Avx2, CHAINS_AVX2>(iters)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -160,7 +162,7 @@ unsafe fn dpbf16_loop(iters: u64) -> f32 {
     use std::arch::x86_64::*;
     // small bf16 pairs (1e-3 each) so the sums stay finite for any duration
     let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(black_box(0x3a83_3a83)));
-    let mut acc = [_mm512_setzero_ps(); CHAINS];
+    let mut acc = [_mm512_setzero_ps(); CHAINS_AVX512];
     for _ in 0..iters {
         for x in acc.iter_mut() {
             *x = _mm512_dpbf16_ps(*x, pair, pair);

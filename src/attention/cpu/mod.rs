@@ -454,68 +454,111 @@ impl ItemJob<'_> {
         l.fill(0.0);
         let mut acc = Accum { o, m, l };
         let blk = item.batch * self.groups + item.group;
-        let seq = self.seqs[item.batch];
-        let len = self.lens[item.batch];
-        let ps = self.cache.page_size();
         let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
         let zero = self.zero_row.as_ptr();
-        let mut rows = [zero; TILE_ROWS];
         let mut page: (usize, &[u8]) = (usize::MAX, &[]);
+        // the next tile's rows are gathered (and prefetched) while this one computes
+        let (mut rows, mut next) = ([zero; TILE_ROWS], [zero; TILE_ROWS]);
+        let mut valid = self.gather(item, item.start, &mut rows, &mut page)?;
         for t0 in (item.start..item.end).step_by(TILE_ROWS) {
-            let valid = TILE_ROWS.min(item.end - t0);
+            let next_valid = match t0 + TILE_ROWS {
+                t1 if t1 < item.end => self.gather(item, t1, &mut next, &mut page)?,
+                _ => 0,
+            };
+            prefetch_rows(&next[..next_valid], row_bytes);
             let n = valid.next_multiple_of(ROW_STEP);
-            for (i, r) in rows[..n].iter_mut().enumerate() {
-                let t = t0 + i;
-                if i >= valid {
-                    *r = zero;
-                    continue;
-                }
-                if t / ps != page.0 {
-                    let p = t / ps;
-                    let bytes = self.cache.page(seq, p);
-                    let need = ps.min(len - p * ps) * row_bytes;
-                    if bytes.len() < need {
-                        return Err(Error::invalid(format!(
-                            "page {p} of sequence {seq} holds {} bytes, fewer than its {need} \
-                             bytes of cached rows",
-                            bytes.len()
-                        )));
-                    }
-                    page = (p, bytes);
-                }
-                // in bounds: checked against the page length above
-                *r = page.1[(t % ps) * row_bytes..].as_ptr();
+            for r in &mut rows[valid..n] {
+                *r = zero;
             }
-            let rows = &rows[..n];
+            let tile = &rows[..n];
             let scr = &mut *scratch;
             // SAFETY: the path was checked against this CPU at construction; every row
-            // pointer is valid for `row_bytes` (cache pages checked above, the zero row
-            // sized for a row); scratch, query and accumulators are sized for `geo`.
+            // pointer is valid for `row_bytes` (cache pages checked in `gather`, the zero
+            // row sized for a row); scratch, query and accumulators are sized for `geo`.
             unsafe {
                 match self.path {
                     #[cfg(target_arch = "x86_64")]
                     Path::Bf16Dot => {
                         let qp = &self.query_bf16[blk * self.q_block..][..self.q_block];
-                        bf16dot::tile_bf16(&geo, qp, rows, valid, scr, &mut acc)
+                        bf16dot::tile_bf16(&geo, qp, tile, valid, scr, &mut acc)
                     }
                     #[cfg(target_arch = "x86_64")]
                     Path::Avx512 => {
-                        tile::tile_avx512(&geo, self.query(blk), rows, valid, scr, &mut acc)
+                        tile::tile_avx512(&geo, self.query(blk), tile, valid, scr, &mut acc)
                     }
                     #[cfg(target_arch = "x86_64")]
                     Path::Avx2 => {
-                        tile::tile_avx2(&geo, self.query(blk), rows, valid, scr, &mut acc)
+                        tile::tile_avx2(&geo, self.query(blk), tile, valid, scr, &mut acc)
                     }
-                    _ => tile::tile_portable(&geo, self.query(blk), rows, valid, scr, &mut acc),
+                    _ => tile::tile_portable(&geo, self.query(blk), tile, valid, scr, &mut acc),
                 }
             }
+            std::mem::swap(&mut rows, &mut next);
+            valid = next_valid;
         }
         Ok(())
+    }
+
+    /// Fills `rows` with pointers to rows `t0..` of the item (at most a tile, up to the
+    /// item's end), checking each new page's length; returns how many it filled.
+    fn gather<'p>(
+        &'p self,
+        item: &WorkItem,
+        t0: usize,
+        rows: &mut [*const u8; TILE_ROWS],
+        page: &mut (usize, &'p [u8]),
+    ) -> Result<usize> {
+        let geo = self.geo;
+        let (seq, len, ps) = (
+            self.seqs[item.batch],
+            self.lens[item.batch],
+            self.cache.page_size(),
+        );
+        let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
+        let valid = TILE_ROWS.min(item.end - t0);
+        for (i, r) in rows[..valid].iter_mut().enumerate() {
+            let t = t0 + i;
+            if t / ps != page.0 {
+                let p = t / ps;
+                let bytes = self.cache.page(seq, p);
+                let need = ps.min(len - p * ps) * row_bytes;
+                if bytes.len() < need {
+                    return Err(Error::invalid(format!(
+                        "page {p} of sequence {seq} holds {} bytes, fewer than its {need} \
+                         bytes of cached rows",
+                        bytes.len()
+                    )));
+                }
+                *page = (p, bytes);
+            }
+            // in bounds: checked against the page length above
+            *r = page.1[(t % ps) * row_bytes..].as_ptr();
+        }
+        Ok(valid)
     }
 
     fn query(&self, blk: usize) -> &[f32] {
         &self.query_f32[blk * self.q_block..][..self.q_block]
     }
+}
+
+/// Asks for the cache lines of `rows` (each `row_bytes` long) to be brought towards
+/// the core: the bf16 kernel's first touch of a row is a 4-byte broadcast, which
+/// the hardware prefetchers do not anticipate across rows.
+fn prefetch_rows(rows: &[*const u8], row_bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for &r in rows {
+        for off in (0..row_bytes).step_by(64) {
+            // SAFETY: prefetching is a hint; `r + off` lies inside the row.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    r.add(off).cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (rows, row_bytes);
 }
 
 /// Merges the partial blocks of one (sequence, head group) into the output rows of its

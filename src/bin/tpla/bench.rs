@@ -40,7 +40,8 @@ pub struct Args {
     /// Tokens per cache page.
     #[arg(long, default_value_t = DEFAULT_PAGE_SIZE)]
     page_size: usize,
-    /// Timed steps per configuration (after two warm-up steps); the median is reported.
+    /// Timed steps per configuration, after two warm-up steps; the median is reported.
+    /// Configurations take turns, one step each per round.
     #[arg(long, default_value_t = 9)]
     repeats: usize,
     /// MiB streamed by the read-bandwidth measurement (many times the last-level cache).
@@ -102,6 +103,74 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
+    // Every configuration is set up first, then timed in rounds (one step of each per
+    // round): a change of machine load during the run hits all of them alike.
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let mut caches = Vec::new();
+    for &(model, dims) in &models {
+        for &g in &args.groups {
+            let plan = ShardPlan::new(&dims, g, 0)?;
+            for &context in &args.context {
+                let cache = synthetic_cache(
+                    &mut rng,
+                    dims,
+                    &plan,
+                    dtype,
+                    args.page_size,
+                    context,
+                    max_batch,
+                )?;
+                caches.push((model, g, plan, context, cache, dims.d_r));
+            }
+        }
+    }
+    let mut configs = Vec::new();
+    for (ci, (_, _, plan, _, _, d_r)) in caches.iter().enumerate() {
+        let shape = LatentShape {
+            heads: plan.heads,
+            slice_width: plan.slice_width,
+            d_r: *d_r,
+        };
+        for &batch in &args.batch {
+            let sigma = 2.5 / (shape.row_width() as f64).sqrt();
+            let q: Vec<f32> = (0..batch * shape.heads * shape.row_width())
+                .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
+                .collect();
+            for bi in 0..backends.len() {
+                configs.push(Config {
+                    cache: ci,
+                    backend: bi,
+                    shape,
+                    batch,
+                    q: q.clone(),
+                    times: Vec::with_capacity(args.repeats),
+                });
+            }
+        }
+    }
+    for round in 0..args.repeats + 2 {
+        for c in configs.iter_mut() {
+            let layer = caches[c.cache].4.layer(0)?;
+            let seqs: Vec<u32> = (0..c.batch as u32).collect();
+            let mut out = vec![0.0; c.batch * c.shape.heads * c.shape.slice_width];
+            let mut lse = vec![0.0; c.batch * c.shape.heads];
+            let backend = &mut backends[c.backend].0;
+            let start = Instant::now();
+            backend.attend(&layer, c.shape, &seqs, &c.q, &mut out, &mut lse)?;
+            let secs = start.elapsed().as_secs_f64();
+            // two warm-up rounds: thread start, page faults, scratch growth
+            if round >= 2 {
+                c.times.push(secs);
+            }
+            if out.iter().any(|v| !v.is_finite()) {
+                return Err(Error::new(
+                    tpla::ErrorKind::Backend,
+                    format!("{} produced non-finite outputs", backend.name()),
+                ));
+            }
+        }
+    }
+
     if !args.json {
         println!(
             "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
@@ -121,108 +190,74 @@ pub fn run(args: Args) -> Result<()> {
             "roofline"
         );
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    for &(model, dims) in &models {
-        for &g in &args.groups {
-            for &context in &args.context {
-                let plan = ShardPlan::new(&dims, g, 0)?;
-                let cache = synthetic_cache(
-                    &mut rng,
-                    dims,
-                    &plan,
-                    dtype,
-                    args.page_size,
-                    context,
-                    max_batch,
-                )?;
-                let layer = cache.layer(0)?;
-                let shape = LatentShape {
-                    heads: plan.heads,
-                    slice_width: plan.slice_width,
-                    d_r: dims.d_r,
-                };
-                for &batch in &args.batch {
-                    let seqs: Vec<u32> = (0..batch as u32).collect();
-                    let sigma = 2.5 / (shape.row_width() as f64).sqrt();
-                    let q: Vec<f32> = (0..batch * shape.heads * shape.row_width())
-                        .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
-                        .collect();
-                    let mut out = vec![0.0; batch * shape.heads * shape.slice_width];
-                    let mut lse = vec![0.0; batch * shape.heads];
-                    for (backend, ceil) in backends.iter_mut() {
-                        let mut times = Vec::with_capacity(args.repeats);
-                        for step in 0..args.repeats + 2 {
-                            let start = Instant::now();
-                            backend.attend(&layer, shape, &seqs, &q, &mut out, &mut lse)?;
-                            if step >= 2 {
-                                times.push(start.elapsed().as_secs_f64());
-                            }
-                        }
-                        if out.iter().any(|v| !v.is_finite()) {
-                            return Err(Error::new(
-                                tpla::ErrorKind::Backend,
-                                format!("{} produced non-finite outputs", backend.name()),
-                            ));
-                        }
-                        times.sort_by(f64::total_cmp);
-                        let secs = times[times.len() / 2];
-                        let best = times[0];
-                        // DESIGN 4: bytes and flops per token of context, per query, per rank
-                        let tokens = (batch * context) as f64;
-                        let bytes = tokens * (shape.row_width() * dtype.size()) as f64;
-                        let flops = tokens
-                            * 2.0
-                            * (shape.heads * (2 * shape.slice_width + shape.d_r)) as f64;
-                        let roofline = (bytes / ceil.read_bytes_per_s).max(flops / ceil.peak_flops);
-                        let kernel = backend.kernel().name();
-                        if args.json {
-                            let record = serde_json::json!({
-                                "backend": "cpu",
-                                "kernel": kernel,
-                                "dtype": dtype.name(),
-                                "model": model,
-                                "heads": shape.heads,
-                                "groups": g,
-                                "slice_width": shape.slice_width,
-                                "context": context,
-                                "batch": batch,
-                                "threads": backend.threads(),
-                                "page_size": args.page_size,
-                                "us_per_step": secs * 1e6,
-                                "us_per_step_min": best * 1e6,
-                                "gbps": bytes / secs / 1e9,
-                                "tflops": flops / secs / 1e12,
-                                "read_gbps_ceiling": ceil.read_bytes_per_s / 1e9,
-                                "peak_tflops_ceiling": ceil.peak_flops / 1e12,
-                                "roofline_frac": roofline / secs,
-                                "bound": if bytes / ceil.read_bytes_per_s > flops / ceil.peak_flops { "bandwidth" } else { "compute" },
-                            });
-                            println!("{record}");
-                        } else {
-                            println!(
-                                "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
-                                model,
-                                shape.heads,
-                                g,
-                                context,
-                                batch,
-                                backend.threads(),
-                                kernel,
-                                secs * 1e6,
-                                best * 1e6,
-                                bytes / secs / 1e9,
-                                flops / secs / 1e12,
-                                ceil.read_bytes_per_s / 1e9,
-                                ceil.peak_flops / 1e12,
-                                roofline / secs
-                            );
-                        }
-                    }
-                }
-            }
+    for c in configs.iter_mut() {
+        let (model, g, _, context, _, _) = &caches[c.cache];
+        let (backend, ceil) = &backends[c.backend];
+        let (shape, batch) = (c.shape, c.batch);
+        c.times.sort_by(f64::total_cmp);
+        let secs = c.times[c.times.len() / 2];
+        let best = c.times[0];
+        // DESIGN 4: bytes and flops per token of context, per query, per rank
+        let tokens = (batch * context) as f64;
+        let bytes = tokens * (shape.row_width() * dtype.size()) as f64;
+        let flops = tokens * 2.0 * (shape.heads * (2 * shape.slice_width + shape.d_r)) as f64;
+        let (t_bytes, t_flops) = (bytes / ceil.read_bytes_per_s, flops / ceil.peak_flops);
+        let roofline = t_bytes.max(t_flops);
+        let kernel = backend.kernel().name();
+        if args.json {
+            let record = serde_json::json!({
+                "backend": "cpu",
+                "kernel": kernel,
+                "dtype": dtype.name(),
+                "model": model,
+                "heads": shape.heads,
+                "groups": g,
+                "slice_width": shape.slice_width,
+                "context": context,
+                "batch": batch,
+                "threads": backend.threads(),
+                "page_size": args.page_size,
+                "us_per_step": secs * 1e6,
+                "us_per_step_min": best * 1e6,
+                "gbps": bytes / secs / 1e9,
+                "tflops": flops / secs / 1e12,
+                "read_gbps_ceiling": ceil.read_bytes_per_s / 1e9,
+                "peak_tflops_ceiling": ceil.peak_flops / 1e12,
+                "roofline_frac": roofline / secs,
+                "bound": if t_bytes > t_flops { "bandwidth" } else { "compute" },
+            });
+            println!("{record}");
+        } else {
+            println!(
+                "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
+                model,
+                shape.heads,
+                g,
+                context,
+                batch,
+                backend.threads(),
+                kernel,
+                secs * 1e6,
+                best * 1e6,
+                bytes / secs / 1e9,
+                flops / secs / 1e12,
+                ceil.read_bytes_per_s / 1e9,
+                ceil.peak_flops / 1e12,
+                roofline / secs
+            );
         }
     }
     Ok(())
+}
+
+/// One timed configuration: a cache, a backend, a batch, its queries and step times.
+struct Config {
+    cache: usize,
+    backend: usize,
+    shape: LatentShape,
+    batch: usize,
+    q: Vec<f32>,
+    times: Vec<f64>,
 }
 
 /// A one-layer cache of rank `plan`'s slice holding `batch` sequences of `context`
