@@ -33,13 +33,16 @@ pub struct RankLayer {
     pub transform: Transform,
     /// This rank's share of the latent energy, for sliced-RMS appends (DESIGN 3.4).
     pub slice_fraction: f64,
+    /// `transform`'s id, computed once: fingerprinting hashes the whole `U`.
+    transform_id: TransformId,
 }
 
 impl RankLayer {
     /// A layer from f64 folded weights (see [`crate::convert`]).
     pub fn new(weights: &RankWeights, transform: Transform, slice_fraction: f64) -> Result<Self> {
-        if transform.kind().code() != weights.transform_code
-            || transform.fingerprint() != weights.transform_fingerprint
+        let transform_id = TransformId::of(&transform);
+        if transform_id.code != weights.transform_code
+            || transform_id.fingerprint != weights.transform_fingerprint
         {
             return Err(Error::mismatch(
                 "the transform is not the one the weights were folded with",
@@ -56,14 +59,12 @@ impl RankLayer {
             mu: weights.mu,
             transform,
             slice_fraction,
+            transform_id,
         })
     }
 
     pub fn transform_id(&self) -> TransformId {
-        TransformId {
-            code: self.transform.kind().code(),
-            fingerprint: self.transform.fingerprint(),
-        }
+        self.transform_id
     }
 }
 
