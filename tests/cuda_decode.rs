@@ -406,3 +406,95 @@ fn compiled_kernels_are_cached_on_disk() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An engine's decode loop: append one row per sequence and decode, captured once in a
+/// CUDA graph and replayed; rows change between replays through the same buffer.
+#[test]
+fn appends_and_decode_replay_from_a_cuda_graph() {
+    use cudarc::driver::{result, sys};
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let shape = LatentShape {
+        heads: 32,
+        slice_width: 512,
+        d_r: 64,
+    };
+    let rw = shape.row_width();
+    let lens = [500usize, 77];
+    let b = lens.len();
+    let steps = 3;
+    let mut rows = HostRows::random(rw, 64, &lens, &mut rng);
+    let dev = backend.device().clone();
+    let mut cache = backend
+        .new_cache(DeviceCacheConfig {
+            slice_width: 512,
+            pages: 16,
+            slots: 2,
+            max_pages_per_slot: 8,
+        })
+        .unwrap();
+    for slot in 0..b {
+        cache.upload(slot, &rows, slot as u32).unwrap();
+        cache.reserve(slot, steps).unwrap();
+    }
+    let plan = backend.plan(shape, b, 512).unwrap();
+    let q = random_queries(b * shape.heads * rw, 0.08, &mut rng);
+    let q_dev = DeviceBuffer::from_host(&dev, &q).unwrap();
+    let slots_dev = DeviceBuffer::from_host(&dev, &[0i32, 1]).unwrap();
+    let mut new_rows = DeviceBuffer::<f32>::new(&dev, b * rw).unwrap();
+    let mut out = DeviceBuffer::<f32>::new(&dev, b * shape.heads * 512).unwrap();
+    let mut lse = DeviceBuffer::<f32>::new(&dev, b * shape.heads).unwrap();
+    let stream = backend.stream();
+    let exec = unsafe {
+        result::stream::begin_capture(
+            stream,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .unwrap();
+        cache
+            .append_raw(slots_dev.ptr(), new_rows.ptr(), b, stream)
+            .unwrap();
+        plan.launch(
+            &cache,
+            slots_dev.ptr(),
+            q_dev.ptr(),
+            out.ptr(),
+            lse.ptr(),
+            stream,
+        )
+        .unwrap();
+        let graph = result::stream::end_capture(stream).unwrap();
+        let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)).unwrap();
+        result::graph::destroy(graph).unwrap();
+        exec
+    };
+    for _ in 0..steps {
+        dev.synchronize().unwrap();
+        let fresh = random_queries(b * rw, 1.0, &mut rng);
+        new_rows.upload(&fresh).unwrap();
+        for (i, row) in fresh.chunks(rw).enumerate() {
+            rows.push_row(i, row);
+        }
+        out.fill_bytes(0xff).unwrap();
+        lse.fill_bytes(0xff).unwrap();
+        unsafe { result::graph::launch(exec, stream).unwrap() };
+    }
+    dev.synchronize().unwrap();
+    unsafe { result::graph::exec_destroy(exec).unwrap() };
+    cache.check_append_error().unwrap();
+    cache.refresh_lengths().unwrap();
+    for (slot, len) in lens.iter().enumerate() {
+        assert_eq!(cache.seq_len(slot).unwrap(), len + steps);
+    }
+    let (r_out, r_lse) = reference(&rows, shape, &q);
+    let (e, le) = errors(
+        shape,
+        b,
+        &out.to_vec().unwrap(),
+        &lse.to_vec().unwrap(),
+        &r_out,
+        &r_lse,
+    );
+    println!("graph replay x{steps}: rel L2 {e:.2e}, lse abs {le:.2e}");
+    assert!(e < 1e-2 && le < 1e-2, "{e} {le}");
+}

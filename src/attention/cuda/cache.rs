@@ -202,15 +202,20 @@ impl DeviceCache {
                 row,
             )
         }
-        .map_err(driver_err("updating a block table"))
+        .map_err(driver_err("updating a block table"))?;
+        // legacy-stream copy: finish it before kernels on other streams read the table
+        cudarc::driver::result::ctx::synchronize().map_err(driver_err("updating a block table"))
     }
 
     fn lens_upload(&mut self, slot: usize) -> Result<()> {
         let v = [self.host_lens[slot] as i32];
         self.device.bind()?;
         // SAFETY: slot < slots (checked by callers).
-        unsafe { cudarc::driver::result::memcpy_htod_sync(self.lens.ptr() + (slot * 4) as u64, &v) }
-            .map_err(driver_err("updating a sequence length"))
+        unsafe {
+            cudarc::driver::result::memcpy_htod_sync(self.lens.ptr() + (slot * 4) as u64, &v)
+        }
+        .map_err(driver_err("updating a sequence length"))?;
+        cudarc::driver::result::ctx::synchronize().map_err(driver_err("updating a sequence length"))
     }
 
     /// Replaces the contents of `slot` with sequence `seq` of `source` (bf16 rows of this

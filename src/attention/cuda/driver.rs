@@ -31,6 +31,7 @@ pub struct CudaDevice {
     compute_capability: (i32, i32),
     multiprocessors: usize,
     max_shared_per_block: usize,
+    max_shared_per_sm: usize,
     l2_bytes: usize,
 }
 
@@ -77,6 +78,8 @@ impl CudaDevice {
             multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize,
             max_shared_per_block: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
                 as usize,
+            max_shared_per_sm: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?
+                as usize,
             l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
             ctx,
             ordinal,
@@ -99,6 +102,9 @@ impl CudaDevice {
     }
     pub fn max_shared_per_block(&self) -> usize {
         self.max_shared_per_block
+    }
+    pub fn max_shared_per_sm(&self) -> usize {
+        self.max_shared_per_sm
     }
     pub fn l2_bytes(&self) -> usize {
         self.l2_bytes
@@ -184,13 +190,19 @@ impl<T: Pod> DeviceBuffer<T> {
         self.device.bind()?;
         // SAFETY: the destination holds at least data.len() elements (checked above).
         unsafe { result::memcpy_htod_sync(self.ptr, data) }
-            .map_err(driver_err("copying to the device"))
+            .map_err(driver_err("copying to the device"))?;
+        // The copy runs on the legacy stream, which work on non-blocking streams does not
+        // wait for: finish it before returning.
+        result::ctx::synchronize().map_err(driver_err("finishing a copy to the device"))
     }
 
-    /// Synchronous copy of the start of the buffer into `out`.
+    /// Copy of the start of the buffer into `out`, after all queued device work.
     pub fn download(&self, out: &mut [T]) -> Result<()> {
         self.check_fits(0, out.len())?;
         self.device.bind()?;
+        // Work on every stream (non-blocking ones included) finishes first, so what is
+        // read is what the kernels wrote.
+        result::ctx::synchronize().map_err(driver_err("waiting for the device"))?;
         // SAFETY: the source holds at least out.len() elements (checked above).
         unsafe { result::memcpy_dtoh_sync(out, self.ptr) }
             .map_err(driver_err("copying from the device"))
@@ -207,7 +219,9 @@ impl<T: Pod> DeviceBuffer<T> {
         self.device.bind()?;
         // SAFETY: writes exactly the buffer's bytes.
         unsafe { result::memset_d8_sync(self.ptr, value, self.bytes()) }
-            .map_err(driver_err("filling a device buffer"))
+            .map_err(driver_err("filling a device buffer"))?;
+        // cuMemsetD8 is asynchronous on the legacy stream: finish it (see upload).
+        result::ctx::synchronize().map_err(driver_err("finishing a device fill"))
     }
 
     fn check_fits(&self, offset: usize, count: usize) -> Result<()> {

@@ -31,6 +31,9 @@ pub struct KernelConfig {
     pub heads_tile: usize,
     /// cp.async pipeline depth (2 to [`MAX_STAGES`]), as deep as shared memory allows.
     pub stages: usize,
+    /// Blocks per multiprocessor the kernel is built for (registers and shared memory
+    /// budgeted so that they fit): 2 where the output accumulator is small.
+    pub blocks_per_sm: usize,
 }
 
 impl KernelConfig {
@@ -60,23 +63,42 @@ impl KernelConfig {
                 "the CUDA kernels need the rank's heads to be 16, 32, 64 or a multiple of 64, not {heads}"
             )));
         }
-        let fits =
-            |stages| shared_bytes(slice_width, heads_tile, stages) <= device.max_shared_per_block();
-        let stages = (2..=max_stages.clamp(2, MAX_STAGES))
-            .rev()
-            .find(|&s| fits(s))
-            .ok_or_else(|| {
-                Error::unsupported(format!(
-                    "{} allows {} bytes of shared memory per block; the decode kernel needs {}",
-                    device.name(),
-                    device.max_shared_per_block(),
-                    shared_bytes(slice_width, heads_tile, 2)
-                ))
-            })?;
+        // Two blocks per multiprocessor hide each other's barriers and softmax; they fit
+        // when the f32 output accumulator is at most 32 registers per thread.
+        let blocks_per_sm = if heads_tile * slice_width / DECODE_THREADS as usize <= 32 {
+            2
+        } else {
+            1
+        };
+        let budget = |blocks: usize| {
+            device
+                .max_shared_per_block()
+                .min(device.max_shared_per_sm() / blocks - 1024)
+        };
+        let choose_stages = |blocks| {
+            (2..=max_stages.clamp(2, MAX_STAGES))
+                .rev()
+                .find(|&s| shared_bytes(slice_width, heads_tile, s) <= budget(blocks))
+        };
+        let (stages, blocks_per_sm) = match choose_stages(blocks_per_sm) {
+            Some(s) => (s, blocks_per_sm),
+            None => (
+                choose_stages(1).ok_or_else(|| {
+                    Error::unsupported(format!(
+                        "{} allows {} bytes of shared memory per block; the decode kernel needs {}",
+                        device.name(),
+                        device.max_shared_per_block(),
+                        shared_bytes(slice_width, heads_tile, 2)
+                    ))
+                })?,
+                1,
+            ),
+        };
         Ok(KernelConfig {
             slice_width,
             heads_tile,
             stages,
+            blocks_per_sm,
         })
     }
 
@@ -87,6 +109,7 @@ impl KernelConfig {
             format!("-DHT={}", self.heads_tile),
             format!("-DPAGE={PAGE_SIZE}"),
             format!("-DSTAGES={}", self.stages),
+            format!("-DMINB={}", self.blocks_per_sm),
         ]
     }
 }
@@ -129,8 +152,8 @@ impl Kernels {
         let (cubin, origin) = compile_cubin(
             SOURCE,
             &format!(
-                "tpla_decode_w{}_h{}_s{}",
-                config.slice_width, config.heads_tile, config.stages
+                "tpla_decode_w{}_h{}_s{}_b{}",
+                config.slice_width, config.heads_tile, config.stages, config.blocks_per_sm
             ),
             &config.options(),
             device.compute_capability(),
@@ -199,15 +222,17 @@ mod tests {
             eprintln!("skipping: {e}");
             return;
         }
-        for (cc, w, ht, stages) in [
-            ((9, 0), 512, 64, 3),
-            ((9, 0), 64, 16, 6),
-            ((8, 0), 256, 32, 2),
+        for (cc, w, ht, stages, blocks_per_sm) in [
+            ((9, 0), 512, 64, 3, 1),
+            ((9, 0), 128, 64, 3, 2),
+            ((9, 0), 64, 16, 6, 2),
+            ((8, 0), 256, 32, 2, 1),
         ] {
             let config = KernelConfig {
                 slice_width: w,
                 heads_tile: ht,
                 stages,
+                blocks_per_sm,
             };
             let mut options = config.options();
             options.push(format!("--gpu-architecture=sm_{}{}", cc.0, cc.1));

@@ -13,7 +13,7 @@ use tpla::{DType, Error, ModelDims, Result, ShardPlan};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Attention backend (this build has `cpu`).
+    /// Attention backend: `cpu`, or `cuda` in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Model presets (comma-separated): deepseek-v3, kimi-k2, deepseek-v2-lite.
@@ -62,10 +62,19 @@ struct Ceilings {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if args.backend == "cuda" {
+        return run_cuda(&args);
+    }
     if args.backend != "cpu" {
         return Err(Error::unsupported(format!(
-            "backend '{}' is not available in this build (cpu)",
-            args.backend
+            "backend '{}' is not available in this build (cpu{})",
+            args.backend,
+            if cfg!(feature = "cuda") {
+                ", cuda"
+            } else {
+                "; cuda needs the `cuda` feature"
+            }
         )));
     }
     if args.repeats == 0 || args.context.contains(&0) || args.batch.contains(&0) {
@@ -292,4 +301,111 @@ fn synthetic_cache(
         }
     }
     Ok(cache)
+}
+
+/// `--backend cuda`: the GPU's decode step timed with CUDA events
+/// ([`tpla::attention::cuda::bench`]), bf16 cache in pages of 64, against the read
+/// bandwidth and cuBLAS bf16 rate measured at the start of the run.
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &Args) -> Result<()> {
+    use tpla::attention::cuda::bench::{measure, measure_ceilings, Case};
+    use tpla::attention::cuda::{CudaBackend, PAGE_SIZE};
+    if args.dtype != "bf16" || args.page_size != PAGE_SIZE {
+        return Err(Error::unsupported(format!(
+            "the CUDA backend caches bf16 rows in pages of {PAGE_SIZE} tokens"
+        )));
+    }
+    if args.repeats == 0 || args.context.contains(&0) || args.batch.contains(&0) {
+        return Err(Error::invalid(
+            "repeats, context lengths and batch sizes must be positive",
+        ));
+    }
+    let backend = CudaBackend::new(0)?;
+    let ceilings = measure_ceilings(&backend)?;
+    let peak_tflops = ceilings.bf16_tflops.unwrap_or(f64::NAN);
+    if !args.json {
+        println!(
+            "{} : read {:.0} GB/s, cuBLAS bf16 {:.0} TFLOP/s",
+            backend.device().name(),
+            ceilings.read_gbps,
+            peak_tflops
+        );
+        println!(
+            "{:<12} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6}",
+            "model",
+            "heads",
+            "g",
+            "context",
+            "batch",
+            "splits",
+            "us/step",
+            "min us",
+            "GB/s",
+            "%read",
+            "TFLOP/s",
+            "%mma"
+        );
+    }
+    for model in &args.model {
+        let dims = ModelDims::preset(model)?;
+        for &g in &args.groups {
+            let plan = ShardPlan::new(&dims, g, 0)?;
+            for &context in &args.context {
+                for &batch in &args.batch {
+                    let case = Case {
+                        heads: plan.heads,
+                        slice_width: plan.slice_width,
+                        context,
+                        batch,
+                    };
+                    let m = measure(&backend, case, args.repeats.max(20))?;
+                    let (gbps, tflops) = (m.gbps(), m.tflops());
+                    let roofline =
+                        (m.bytes / (ceilings.read_gbps * 1e3)).max(m.flops / (peak_tflops * 1e6));
+                    if args.json {
+                        let record = serde_json::json!({
+                            "backend": "cuda",
+                            "device": backend.device().name(),
+                            "kernel": m.kernel,
+                            "dtype": "bf16",
+                            "model": model,
+                            "heads": plan.heads,
+                            "groups": g,
+                            "slice_width": plan.slice_width,
+                            "context": context,
+                            "batch": batch,
+                            "splits": m.splits,
+                            "page_size": PAGE_SIZE,
+                            "us_per_step": m.median_us,
+                            "us_per_step_min": m.min_us,
+                            "gbps": gbps,
+                            "tflops": tflops,
+                            "read_gbps_ceiling": ceilings.read_gbps,
+                            "peak_tflops_ceiling": peak_tflops,
+                            "roofline_frac": roofline / m.median_us,
+                            "bound": if m.bytes / (ceilings.read_gbps * 1e3) > m.flops / (peak_tflops * 1e6) { "bandwidth" } else { "compute" },
+                        });
+                        println!("{record}");
+                    } else {
+                        println!(
+                            "{:<12} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9.1} {:>9.1} {:>7.0} {:>5.0}% {:>7.1} {:>5.0}%",
+                            model,
+                            plan.heads,
+                            g,
+                            context,
+                            batch,
+                            m.splits,
+                            m.median_us,
+                            m.min_us,
+                            gbps,
+                            100.0 * gbps / ceilings.read_gbps,
+                            tflops,
+                            100.0 * tflops / peak_tflops
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
