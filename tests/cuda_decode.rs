@@ -136,7 +136,8 @@ fn reference(rows: &HostRows, shape: LatentShape, q: &[f32]) -> (Vec<f64>, Vec<f
     (out, lse)
 }
 
-/// Worst per-sequence relative L2 error of `out` and worst absolute lse error.
+/// Worst per-sequence relative L2 error of `out`, and worst lse error relative to
+/// max(1, |lse|) (queries enter the kernels as bf16: scores carry ~2^-9 relative error).
 fn errors(
     shape: LatentShape,
     batch: usize,
@@ -168,7 +169,7 @@ fn errors(
         .zip(r_lse)
         .map(|(x, r)| {
             if x.is_finite() {
-                (*x as f64 - r).abs()
+                (*x as f64 - r).abs() / r.abs().max(1.0)
             } else {
                 f64::INFINITY
             }
@@ -202,7 +203,7 @@ fn check(
         .unwrap();
     let (r_out, r_lse) = reference(&rows, shape, &q);
     let (e, le) = errors(shape, b, &out, &lse, &r_out, &r_lse);
-    println!("H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse abs {le:.2e}");
+    println!("H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse rel {le:.2e}");
     assert!(e < 1e-2, "H={heads} W={width} lens={lens:?}: rel L2 {e}");
     assert!(
         le < 1e-2,
@@ -327,7 +328,7 @@ fn split_counts_agree_and_device_appends_extend_sequences() {
         dev.synchronize().unwrap();
         let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
         let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);
-        println!("{}: rel L2 {e:.2e}, lse abs {le:.2e}", plan.kernel_name());
+        println!("{}: rel L2 {e:.2e}, lse rel {le:.2e}", plan.kernel_name());
         assert!(e < 1e-2 && le < 1e-2, "{}: {e} {le}", plan.kernel_name());
         results.push(o);
     }
@@ -495,6 +496,6 @@ fn appends_and_decode_replay_from_a_cuda_graph() {
         &r_out,
         &r_lse,
     );
-    println!("graph replay x{steps}: rel L2 {e:.2e}, lse abs {le:.2e}");
+    println!("graph replay x{steps}: rel L2 {e:.2e}, lse rel {le:.2e}");
     assert!(e < 1e-2 && le < 1e-2, "{e} {le}");
 }
