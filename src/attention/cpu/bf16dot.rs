@@ -132,16 +132,43 @@ unsafe fn pack_probabilities(s: *const f32, pp: *mut u32, n: usize, hp: usize) {
 /// would share a few L1 sets and evict each other).
 #[inline(always)]
 unsafe fn pack_latents(rows: &[*const u8], vp: *mut u32, w: usize, wp: usize) {
+    // word k of the low (high) half: column k/2 (16 + k/2) of row 2i for even k, of
+    // row 2i+1 (indices 32..64) for odd k
+    let lo_index = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4,
+        35, 3, 34, 2, 33, 1, 32, 0,
+    );
+    let hi_index = _mm512_add_epi16(lo_index, _mm512_set1_epi16(16));
     let pairs = rows.len() / 2;
     for blk in VectorBlocks::new(wp / 16, JV) {
         let base = vp.add(blk.start * 16 * pairs);
         for (i, pair) in rows.chunks_exact(2).enumerate() {
-            for v in 0..blk.len {
+            let dst = base.add(i * blk.len * 16);
+            let mut v = 0;
+            // two vectors (32 columns) from one 64-byte load of each row
+            while v + 2 <= blk.len {
                 let j0 = (blk.start + v) * 16;
-                let mask: __mmask16 = if j0 + 16 <= w {
-                    0xffff
-                } else {
-                    ((1u32 << (w.saturating_sub(j0))) - 1) as u16
+                let mask: __mmask32 = match w.saturating_sub(j0) {
+                    n if n >= 32 => u32::MAX,
+                    n => (1u32 << n) - 1,
+                };
+                let a = _mm512_maskz_loadu_epi16(mask, pair[0].add(2 * j0).cast());
+                let b = _mm512_maskz_loadu_epi16(mask, pair[1].add(2 * j0).cast());
+                _mm512_storeu_si512(
+                    dst.add(v * 16).cast(),
+                    _mm512_permutex2var_epi16(a, lo_index, b),
+                );
+                _mm512_storeu_si512(
+                    dst.add((v + 1) * 16).cast(),
+                    _mm512_permutex2var_epi16(a, hi_index, b),
+                );
+                v += 2;
+            }
+            if v < blk.len {
+                let j0 = (blk.start + v) * 16;
+                let mask: __mmask16 = match w.saturating_sub(j0) {
+                    n if n >= 16 => u16::MAX,
+                    n => ((1u32 << n) - 1) as u16,
                 };
                 let a = _mm256_maskz_loadu_epi16(mask, pair[0].add(2 * j0).cast());
                 let b = _mm256_maskz_loadu_epi16(mask, pair[1].add(2 * j0).cast());
@@ -149,7 +176,7 @@ unsafe fn pack_latents(rows: &[*const u8], vp: *mut u32, w: usize, wp: usize) {
                     _mm512_cvtepu16_epi32(a),
                     _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
                 );
-                _mm512_storeu_si512(base.add((i * blk.len + v) * 16).cast(), x);
+                _mm512_storeu_si512(dst.add(v * 16).cast(), x);
             }
         }
     }
