@@ -179,6 +179,25 @@ impl RankContext {
                 "layer weights were folded for another geometry or rank",
             ));
         }
+        self.install(index, layer)
+    }
+
+    /// A context holding every layer of a converted weights file (see
+    /// [`crate::weights_file`]), which fixes the dims and the rank's plan.
+    pub fn from_weights_file(
+        path: impl AsRef<std::path::Path>,
+        backend: Box<dyn LatentAttention + Send>,
+    ) -> Result<Self> {
+        let file = crate::weights_file::read(path)?;
+        let mut ctx = Self::new(file.dims, file.plan, file.layers.len(), backend)?;
+        for (index, layer) in file.layers.into_iter().enumerate() {
+            ctx.install(index, layer)?;
+        }
+        Ok(ctx)
+    }
+
+    /// Installs a layer whose weights belong to this context's dims and plan.
+    fn install(&mut self, index: usize, layer: RankLayer) -> Result<()> {
         let w = self.plan.slice_width;
         check_len(
             "W_UK",

@@ -6,6 +6,8 @@
 
 pub mod attention;
 pub mod cache;
+pub mod calibration;
+pub mod checkpoint;
 pub mod combine;
 pub mod convert;
 pub mod decode;
@@ -15,6 +17,7 @@ pub mod fidelity;
 pub mod geometry;
 pub mod synthetic;
 pub mod transform;
+pub mod weights_file;
 
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};

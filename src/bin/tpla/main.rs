@@ -3,6 +3,8 @@
 //! Each subcommand lives in its own module with an `Args` struct and a `run` function.
 
 mod bench;
+mod calibrate;
+mod convert;
 mod demo;
 mod shard;
 
@@ -28,6 +30,10 @@ enum Command {
     Demo(demo::Args),
     /// Export a prefill cache to shard files; inspect a shard file.
     Shard(shard::Args),
+    /// Convert a Hugging Face MLA checkpoint into one TPLA weights file per rank.
+    Convert(convert::Args),
+    /// Write calibration files and fit each layer's transform and mu from one.
+    Calibrate(calibrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +42,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Shard(args) => shard::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
