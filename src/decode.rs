@@ -63,6 +63,35 @@ impl RankLayer {
         })
     }
 
+    /// A layer from f32 absorbed weights, as a converted weights file stores them
+    /// ([`crate::weights_file`]); the context checks their lengths when installing them.
+    pub fn from_f32(
+        w_uk: Vec<f32>,
+        w_uv: Vec<f32>,
+        mu: f64,
+        transform: Transform,
+        slice_fraction: f64,
+    ) -> Result<Self> {
+        if !(mu.is_finite() && mu > 0.0) {
+            return Err(Error::invalid(format!(
+                "mu must be finite and positive, got {mu}"
+            )));
+        }
+        if !(slice_fraction > 0.0 && slice_fraction <= 1.0) {
+            return Err(Error::invalid(format!(
+                "slice energy fraction must lie in (0, 1], got {slice_fraction}"
+            )));
+        }
+        Ok(RankLayer {
+            w_uk,
+            w_uv,
+            mu,
+            transform_id: TransformId::of(&transform),
+            transform,
+            slice_fraction,
+        })
+    }
+
     pub fn transform_id(&self) -> TransformId {
         self.transform_id
     }

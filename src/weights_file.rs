@@ -240,7 +240,7 @@ impl WeightsFileWriter {
         bytes.extend_from_slice(&kind.code().to_le_bytes());
         bytes.extend_from_slice(&0u32.to_le_bytes());
         bytes.extend_from_slice(&layer.transform.seed().unwrap_or(0).to_le_bytes());
-        bytes.extend_from_slice(&layer.transform.fingerprint().to_le_bytes());
+        bytes.extend_from_slice(&layer.transform_id().fingerprint.to_le_bytes());
         bytes.extend_from_slice(&layer.mu.to_le_bytes());
         bytes.extend_from_slice(&layer.slice_fraction.to_le_bytes());
         for v in layer.w_uk.iter().chain(&layer.w_uv) {
@@ -471,15 +471,7 @@ fn parse_layer(
         )));
     }
     let mu = f64_at(section, sec::MU);
-    if !(mu.is_finite() && mu > 0.0) {
-        return Err(corrupt(format!("mu must be finite and positive, got {mu}")));
-    }
     let slice_fraction = f64_at(section, sec::FRACTION);
-    if !(slice_fraction > 0.0 && slice_fraction <= 1.0) {
-        return Err(corrupt(format!(
-            "slice energy fraction must lie in (0, 1], got {slice_fraction}"
-        )));
-    }
     let mut pos = SECTION_HEADER_LEN;
     let mut take = |n: usize| {
         let part = &section[pos..pos + n];
@@ -516,16 +508,12 @@ fn parse_layer(
         TransformKind::Identity => Transform::from_parts(kind, dims.d_c, None, None, None),
     }
     .map_err(|e| corrupt(format!("transform: {}", e.message())))?;
-    if transform.fingerprint() != u64_at(section, sec::FINGERPRINT) {
+    let layer = RankLayer::from_f32(w_uk, w_uv, mu, transform, slice_fraction)
+        .map_err(|e| corrupt(e.message().to_string()))?;
+    if layer.transform_id().fingerprint != u64_at(section, sec::FINGERPRINT) {
         return Err(corrupt(
             "the stored fingerprint is not the fingerprint of the stored transform",
         ));
     }
-    Ok(RankLayer {
-        w_uk,
-        w_uv,
-        mu,
-        transform,
-        slice_fraction,
-    })
+    Ok(layer)
 }
