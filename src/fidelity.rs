@@ -8,7 +8,7 @@
 //! outputs and each slice's attention distribution with exact MLA.
 
 use crate::attention::reference::{
-    self, kl_divergence, rotated_latents, slice_rows, slice_token, AppendMode, MlaOutput,
+    self, kl_divergence, rotated_latents, slice_rows, slice_token, AppendMode, HeadOutputs,
 };
 use crate::convert::FoldedLayer;
 use crate::error::Result;
@@ -29,7 +29,7 @@ pub struct Scenario {
     /// Tokens written by the prefill; the rest of `seq` is appended at decode time.
     pub prefill: usize,
     /// Decode positions whose queries are evaluated, with their exact MLA outputs.
-    pub evaluated: Vec<(usize, Query, MlaOutput)>,
+    pub evaluated: Vec<(usize, Query, HeadOutputs)>,
     pub calibration: Sequence,
     /// Calibration queries (used by the `kl` policy).
     pub calibration_queries: Vec<Query>,

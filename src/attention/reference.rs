@@ -46,18 +46,29 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// Latent attention over contiguous rows (`[T][slice_width + d_r]`) for `[heads]` query
 /// rows: returns the latent outputs `[heads][slice_width]` and the log-sum-exps `[heads]`.
 pub fn latent_attention(rows: &[f64], q: &[f64], shape: LatentShape) -> (Vec<f64>, Vec<f64>) {
+    let (out, lse, _) = latent_attention_with_probs(rows, q, shape);
+    (out, lse)
+}
+
+/// [`latent_attention`] that also returns the attention weights `[heads][T]`.
+pub fn latent_attention_with_probs(
+    rows: &[f64],
+    q: &[f64],
+    shape: LatentShape,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let rw = shape.row_width();
     let w = shape.slice_width;
     let len = rows.len() / rw;
     let mut out = vec![0.0; shape.heads * w];
     let mut lse = vec![0.0; shape.heads];
-    let mut p = vec![0.0; len];
+    let mut probs = vec![0.0; shape.heads * len];
     for h in 0..shape.heads {
         let qh = &q[h * rw..(h + 1) * rw];
+        let p = &mut probs[h * len..(h + 1) * len];
         for (t, pt) in p.iter_mut().enumerate() {
             *pt = dot(qh, &rows[t * rw..(t + 1) * rw]);
         }
-        lse[h] = softmax_in_place(&mut p);
+        lse[h] = softmax_in_place(p);
         let o = &mut out[h * w..(h + 1) * w];
         for (t, pt) in p.iter().enumerate() {
             for (oj, rj) in o.iter_mut().zip(&rows[t * rw..t * rw + w]) {
@@ -65,7 +76,7 @@ pub fn latent_attention(rows: &[f64], q: &[f64], shape: LatentShape) -> (Vec<f64
             }
         }
     }
-    (out, lse)
+    (out, lse, probs)
 }
 
 /// Decodes every row of sequence `seq` of `cache` to f64, `[len][row_width]`.
@@ -247,9 +258,9 @@ pub fn slice_rows(rotated: &[f64], k_rope: &[f64], plan: &ShardPlan, d_c: usize)
     rows
 }
 
-/// Result of exact MLA decode for one query: per-head outputs and attention weights.
+/// Decode of one query: per-head outputs and attention weights.
 #[derive(Clone, Debug)]
-pub struct MlaOutput {
+pub struct HeadOutputs {
     /// `[heads][d_v]`
     pub out: Vec<f64>,
     /// `[heads][T]`
@@ -264,7 +275,7 @@ pub fn mla_decode_naive(
     k_rope: &[f64],
     q_nope: &[f64],
     q_rope: &[f64],
-) -> MlaOutput {
+) -> HeadOutputs {
     let d = &w.dims;
     let len = latents.len() / d.d_c;
     let c: Vec<Vec<f64>> = latents
@@ -303,7 +314,7 @@ pub fn mla_decode_naive(
             }
         }
     }
-    MlaOutput { out, probs }
+    HeadOutputs { out, probs }
 }
 
 /// `x W` for `W` stored `[k][n]` and `x` of width `k`: returns width `n`.
@@ -329,7 +340,7 @@ pub fn mla_decode(
     k_rope: &[f64],
     q_nope: &[f64],
     q_rope: &[f64],
-) -> MlaOutput {
+) -> HeadOutputs {
     let d = &w.dims;
     let len = latents.len() / d.d_c;
     let c: Vec<f64> = latents
@@ -362,7 +373,7 @@ pub fn mla_decode(
         }
         out[h * d.d_v..(h + 1) * d.d_v].copy_from_slice(&vec_mat(&o, w.w_uv_head(h), d.d_v));
     }
-    MlaOutput { out, probs }
+    HeadOutputs { out, probs }
 }
 
 /// Causal MLA prefill: token `t` attends to tokens `0..=t`. Returns `[T][heads][d_v]`.
@@ -414,44 +425,22 @@ pub fn project_latent(rw: &RankWeights, latent: &[f64]) -> Vec<f64> {
     out
 }
 
-/// One rank's TPLA decode of one query over its rows `[T][slice_width + d_r]`.
-#[derive(Clone, Debug)]
-pub struct RankOutput {
-    /// Partial head outputs `[heads][d_v]`.
-    pub out: Vec<f64>,
-    /// Attention weights `[heads][T]` of the rank's sliced softmax.
-    pub probs: Vec<f64>,
-}
-
+/// One rank's TPLA decode of one query over its rows `[T][slice_width + d_r]`: its
+/// partial head outputs and the attention weights of its sliced softmax.
 pub fn tpla_rank_decode(
     rw: &RankWeights,
     rows: &[f64],
     q_nope: &[f64],
     q_rope: &[f64],
-) -> RankOutput {
-    let w = rw.plan.slice_width;
-    let rwid = w + rw.dims.d_r;
-    let len = rows.len() / rwid;
+) -> HeadOutputs {
+    let shape = LatentShape {
+        heads: rw.plan.heads,
+        slice_width: rw.plan.slice_width,
+        d_r: rw.dims.d_r,
+    };
     let q = rank_query(rw, q_nope, q_rope);
-    let mut probs = vec![0.0; rw.plan.heads * len];
-    let mut latent = vec![0.0; rw.plan.heads * w];
-    for h in 0..rw.plan.heads {
-        let p = &mut probs[h * len..(h + 1) * len];
-        for (t, pt) in p.iter_mut().enumerate() {
-            *pt = dot(
-                &q[h * rwid..(h + 1) * rwid],
-                &rows[t * rwid..(t + 1) * rwid],
-            );
-        }
-        softmax_in_place(p);
-        let o = &mut latent[h * w..(h + 1) * w];
-        for (t, pt) in p.iter().enumerate() {
-            for (oj, rj) in o.iter_mut().zip(&rows[t * rwid..t * rwid + w]) {
-                *oj += pt * rj;
-            }
-        }
-    }
-    RankOutput {
+    let (latent, _, probs) = latent_attention_with_probs(rows, &q, shape);
+    HeadOutputs {
         out: project_latent(rw, &latent),
         probs,
     }
@@ -464,8 +453,8 @@ pub fn tpla_decode(
     rows: &[Vec<f64>],
     q_nope: &[f64],
     q_rope: &[f64],
-) -> (Vec<RankOutput>, Vec<f64>) {
-    let parts: Vec<RankOutput> = ranks
+) -> (Vec<HeadOutputs>, Vec<f64>) {
+    let parts: Vec<HeadOutputs> = ranks
         .iter()
         .zip(rows)
         .map(|(rw, r)| tpla_rank_decode(rw, r, q_nope, q_rope))
