@@ -593,6 +593,21 @@ pub struct LayerCalibration {
 }
 
 impl LayerCalibration {
+    /// From pre-norm latents `[T][d_c]` held in memory and an optional window.
+    pub fn from_latents(d_c: usize, latents: &[f64], window: Option<Window>) -> Result<Self> {
+        let mut moment = SecondMoment::new(d_c);
+        if d_c == 0 || latents.len() % d_c != 0 {
+            return Err(Error::invalid(format!(
+                "latents must be rows of d_c = {d_c} values, got {}",
+                latents.len()
+            )));
+        }
+        for a in latents.chunks_exact(d_c) {
+            moment.add(&normalise(a))?;
+        }
+        Ok(LayerCalibration { moment, window })
+    }
+
     /// `layer`'s second moment and first window (if any) from `file`.
     pub fn from_file(file: &CalibrationFile, layer: usize) -> Result<Self> {
         let window = match file.window_count(layer) {
@@ -698,15 +713,15 @@ pub fn fit_layer(
 }
 
 /// A window in the rotated basis: what [`KlCalibration`] borrows.
-struct KlInputs<'a> {
+pub(crate) struct KlInputs {
     q_lat: Vec<f64>,
-    q_rope: &'a [f64],
+    q_rope: Vec<f64>,
     keys_lat: Vec<f64>,
-    keys_rope: &'a [f64],
+    keys_rope: Vec<f64>,
 }
 
-impl<'a> KlInputs<'a> {
-    fn new(folded: &FoldedLayer, transform: &Transform, w: &'a Window) -> Result<Self> {
+impl KlInputs {
+    pub(crate) fn new(folded: &FoldedLayer, transform: &Transform, w: &Window) -> Result<Self> {
         let d = folded.dims;
         let queries = w.q_nope.len() / (d.heads * d.d_n);
         let tokens = w.latents.len() / d.d_c;
@@ -728,21 +743,21 @@ impl<'a> KlInputs<'a> {
         }
         Ok(KlInputs {
             q_lat,
-            q_rope: &w.q_rope,
+            q_rope: w.q_rope.clone(),
             keys_lat: reference::rotated_latents(&w.latents, transform),
-            keys_rope: &w.k_rope,
+            keys_rope: w.k_rope.clone(),
         })
     }
 
-    fn calibration(&self, d: &ModelDims) -> KlCalibration<'_> {
+    pub(crate) fn calibration(&self, d: &ModelDims) -> KlCalibration<'_> {
         KlCalibration {
             d_c: d.d_c,
             d_r: d.d_r,
             scale: d.softmax_scale,
             q_lat: &self.q_lat,
-            q_rope: self.q_rope,
+            q_rope: &self.q_rope,
             keys_lat: &self.keys_lat,
-            keys_rope: self.keys_rope,
+            keys_rope: &self.keys_rope,
         }
     }
 }

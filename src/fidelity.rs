@@ -1,115 +1,161 @@
-//! How close TPLA comes to exact MLA: the measurements behind `tpla demo` and the
-//! fidelity report.
+//! How close TPLA comes to exact MLA: the measurements behind `tpla demo` and
+//! `tpla fidelity`.
 //!
-//! A [`Scenario`] is a synthetic layer, a sequence (a prefill plus decode-time tokens),
-//! and a separate calibration sequence of the same layer. For a TPLA configuration
-//! (groups, transform, mu policy, append mode) [`evaluate`] builds every rank's slice
-//! cache, decodes the last queries through the f64 reference and compares the summed
-//! outputs and each slice's attention distribution with exact MLA.
+//! A [`Scenario`] is a layer's weights, a token sequence with decode queries at its end
+//! (and the exact MLA outputs for them), and the layer's calibration data. It comes from
+//! a synthetic layer ([`Scenario::new`]) or from a checkpoint's weights and a calibration
+//! file's window ([`Scenario::from_window`]). For a TPLA configuration (groups,
+//! transform, mu policy, append mode) [`evaluate`] builds every rank's slice cache — the
+//! sequence's first tokens as an exact prefill, the last `appended` tokens appended one
+//! by one as decode would — decodes the queries through the f64 reference and compares
+//! the summed outputs and each slice's attention distribution with exact MLA.
+//! [`report`] runs a grid of configurations, with a short and a long decode run.
 
 use crate::attention::reference::{
     self, kl_divergence, rotated_latents, slice_rows, slice_token, AppendMode, HeadOutputs,
 };
-use crate::convert::FoldedLayer;
-use crate::error::Result;
-use crate::geometry::{ModelDims, ShardPlan};
-use crate::synthetic::{Query, Sequence, SyntheticLayer};
-use crate::transform::{
-    choose_mu, slice_energy_fractions, KlCalibration, MuPolicy, SecondMoment, SliceLayout,
-    Transform, TransformKind,
+use crate::calibration::{
+    synthetic_layer_calibration, KlInputs, LayerCalibration, SyntheticCalibration, Window,
 };
+use crate::convert::{FoldedLayer, MlaWeights, RankWeights};
+use crate::error::{Error, Result};
+use crate::geometry::{ModelDims, ShardPlan};
+use crate::synthetic::{Query, SyntheticLayer, Tokens};
+use crate::transform::{
+    choose_mu, slice_energy_fractions, MuPolicy, SliceLayout, Transform, TransformKind,
+};
+use rayon::prelude::*;
 
 /// Seed of the randomised Hadamard transform in the demo and the fidelity report.
 pub const HADAMARD_SEED: u64 = 0x7a1a;
 
-/// A layer, a sequence to decode and a calibration sequence.
-pub struct Scenario {
-    pub layer: SyntheticLayer,
-    pub seq: Sequence,
-    /// Tokens written by the prefill; the rest of `seq` is appended at decode time.
-    pub prefill: usize,
-    /// Decode positions whose queries are evaluated, with their exact MLA outputs.
-    pub evaluated: Vec<(usize, Query, HeadOutputs)>,
-    pub calibration: Sequence,
-    /// Calibration queries (used by the `kl` policy).
-    pub calibration_queries: Vec<Query>,
+/// One decode query at the end of a scenario's sequence and its exact MLA output.
+#[derive(Clone, Debug)]
+pub struct Evaluated {
+    /// Position of the query: it attends over tokens `0..=position`.
+    pub position: usize,
+    pub query: Query,
+    pub exact: HeadOutputs,
 }
 
-/// Calibration sequence length and the number of its positions whose queries calibrate.
-const CALIBRATION_TOKENS: usize = 4096;
-const CALIBRATION_QUERIES: usize = 2;
+/// A layer, a sequence to decode and the layer's calibration data.
+pub struct Scenario {
+    pub weights: MlaWeights,
+    pub tokens: Tokens,
+    pub evaluated: Vec<Evaluated>,
+    pub calibration: LayerCalibration,
+}
+
+/// Synthetic calibration: a latent sequence for PCA and a window with two queries for kl.
+const CALIBRATION: SyntheticCalibration = SyntheticCalibration {
+    tokens: 4096,
+    window: 2048,
+    queries: 2,
+    seed: 0,
+};
+
+fn exact_output(w: &MlaWeights, tokens: &Tokens, position: usize, q: &Query) -> HeadOutputs {
+    let d = &w.dims;
+    reference::mla_decode(
+        w,
+        &tokens.latents[..(position + 1) * d.d_c],
+        &tokens.k_rope[..(position + 1) * d.d_r],
+        &q.q_nope,
+        &q.q_rope,
+    )
+}
 
 impl Scenario {
-    /// `prefill` prefill tokens, `decode` appended tokens, the last `queries` of which are
-    /// evaluated (`1 <= queries <= decode`).
-    pub fn new(
-        dims: &ModelDims,
-        seed: u64,
-        prefill: usize,
-        decode: usize,
-        queries: usize,
-    ) -> Result<Self> {
-        if prefill == 0 || queries == 0 || queries > decode {
-            return Err(crate::Error::invalid(format!(
-                "a scenario needs a prefill, and 1..={decode} evaluated queries (got prefill {prefill}, {queries} queries)"
+    /// A synthetic layer of shape `dims` (seed `seed`), a sequence of `tokens` tokens whose
+    /// last `queries` positions are evaluated, and a separate calibration sequence and
+    /// window of the same layer.
+    pub fn new(dims: &ModelDims, seed: u64, tokens: usize, queries: usize) -> Result<Self> {
+        if queries == 0 || queries > tokens {
+            return Err(Error::invalid(format!(
+                "a scenario needs 1..={tokens} evaluated queries, got {queries}"
             )));
         }
         let layer = SyntheticLayer::generate(dims, seed)?;
-        let len = prefill + decode;
-        let seq = layer.sequence(len, seed.wrapping_add(1));
-        let evaluated = (len - queries..len)
+        let seq = layer.sequence(tokens, seed.wrapping_add(1));
+        let evaluated = (tokens - queries..tokens)
             .map(|t| {
-                let q = layer.query_at(&seq, t);
-                let exact = reference::mla_decode(
-                    &layer.weights,
-                    &seq.tokens.latents[..(t + 1) * dims.d_c],
-                    &seq.tokens.k_rope[..(t + 1) * dims.d_r],
-                    &q.q_nope,
-                    &q.q_rope,
-                );
-                (t, q, exact)
+                let query = layer.query_at(&seq, t);
+                let exact = exact_output(&layer.weights, &seq.tokens, t, &query);
+                Evaluated {
+                    position: t,
+                    query,
+                    exact,
+                }
             })
             .collect();
-        let calibration = layer.sequence(CALIBRATION_TOKENS, seed.wrapping_add(2));
-        let calibration_queries = (CALIBRATION_TOKENS - CALIBRATION_QUERIES..CALIBRATION_TOKENS)
-            .map(|t| layer.query_at(&calibration, t))
-            .collect();
+        let spec = SyntheticCalibration {
+            seed: seed.wrapping_add(2),
+            ..CALIBRATION
+        };
+        let (latents, window) = synthetic_layer_calibration(&layer, &spec)?;
+        let calibration = LayerCalibration::from_latents(dims.d_c, &latents, Some(window))?;
         Ok(Scenario {
-            layer,
-            seq,
-            prefill,
+            weights: layer.weights,
+            tokens: seq.tokens,
             evaluated,
             calibration,
-            calibration_queries,
+        })
+    }
+
+    /// A checkpoint layer: its weights, its calibration data, and a window whose queries
+    /// (which attend over all the window's tokens) are evaluated.
+    pub fn from_window(
+        weights: MlaWeights,
+        calibration: LayerCalibration,
+        window: &Window,
+    ) -> Result<Self> {
+        let d = weights.dims;
+        let len = window.latents.len() / d.d_c;
+        let queries = window.q_nope.len() / (d.heads * d.d_n);
+        if len == 0
+            || queries == 0
+            || window.latents.len() != len * d.d_c
+            || window.k_rope.len() != len * d.d_r
+            || window.q_nope.len() != queries * d.heads * d.d_n
+            || window.q_rope.len() != queries * d.heads * d.d_r
+        {
+            return Err(Error::invalid(
+                "the evaluation window's shapes do not match the layer",
+            ));
+        }
+        let tokens = Tokens {
+            dims: d,
+            latents: window.latents.clone(),
+            k_rope: window.k_rope.clone(),
+        };
+        let evaluated = window
+            .q_nope
+            .chunks_exact(d.heads * d.d_n)
+            .zip(window.q_rope.chunks_exact(d.heads * d.d_r))
+            .map(|(qn, qr)| {
+                let query = Query {
+                    q_nope: qn.to_vec(),
+                    q_rope: qr.to_vec(),
+                };
+                let exact = exact_output(&weights, &tokens, len - 1, &query);
+                Evaluated {
+                    position: len - 1,
+                    query,
+                    exact,
+                }
+            })
+            .collect();
+        Ok(Scenario {
+            weights,
+            tokens,
+            evaluated,
+            calibration,
         })
     }
 
     pub fn dims(&self) -> &ModelDims {
-        &self.layer.dims
+        &self.weights.dims
     }
-
-    /// Second moment of the calibration sequence's normalised latents (input of PCA).
-    pub fn calibration_moment(&self) -> Result<SecondMoment> {
-        let d_c = self.dims().d_c;
-        let mut m = SecondMoment::new(d_c);
-        for a in self.calibration.tokens.latents.chunks_exact(d_c) {
-            m.add(&reference::normalise(a))?;
-        }
-        Ok(m)
-    }
-}
-
-/// A transform with everything derived from it that does not depend on the groups or mu.
-pub struct Prepared {
-    pub transform: Transform,
-    pub folded: FoldedLayer,
-    /// Rotated normalised latents of the scenario's sequence, `[T][d_c]`.
-    pub rotated: Vec<f64>,
-    moment: SecondMoment,
-    /// `kl` calibration data in the rotated basis.
-    cal_q_lat: Vec<f64>,
-    cal_q_rope: Vec<f64>,
-    cal_keys: Vec<f64>,
 }
 
 /// Which transform to build: `layout` and `groups` matter for PCA only.
@@ -123,55 +169,46 @@ pub fn build_transform(
     match kind {
         TransformKind::Identity => Transform::identity(d_c),
         TransformKind::Hadamard => Transform::hadamard(d_c, HADAMARD_SEED),
-        TransformKind::Pca => Transform::pca(&s.calibration_moment()?, layout, groups),
+        TransformKind::Pca => Transform::pca(&s.calibration.moment, layout, groups),
     }
+}
+
+/// A transform with everything derived from it that does not depend on the groups or mu.
+pub struct Prepared {
+    pub transform: Transform,
+    pub folded: FoldedLayer,
+    /// Rotated normalised latents of the scenario's sequence, `[T][d_c]`.
+    pub rotated: Vec<f64>,
+    /// The calibration window in the rotated basis, for the kl policy.
+    kl: Option<KlInputs>,
 }
 
 impl Prepared {
     pub fn new(s: &Scenario, transform: Transform) -> Result<Self> {
-        let d = *s.dims();
-        let folded = FoldedLayer::new(&s.layer.weights, &transform)?;
-        let rotated = rotated_latents(&s.seq.tokens.latents, &transform);
-        // Calibration queries of every head, absorbed and rotated: U^T diag(gamma) W_UK q.
-        let mut cal_q_lat = Vec::new();
-        let mut cal_q_rope = Vec::new();
-        for q in &s.calibration_queries {
-            for h in 0..d.heads {
-                let w = &folded.w_uk[h * d.d_c * d.d_n..(h + 1) * d.d_c * d.d_n];
-                let qn = &q.q_nope[h * d.d_n..(h + 1) * d.d_n];
-                cal_q_lat.extend(w.chunks_exact(d.d_n).map(|row| reference::dot(row, qn)));
-                cal_q_rope.extend_from_slice(&q.q_rope[h * d.d_r..(h + 1) * d.d_r]);
-            }
-        }
+        let folded = FoldedLayer::new(&s.weights, &transform)?;
+        let kl = s
+            .calibration
+            .window
+            .as_ref()
+            .map(|w| KlInputs::new(&folded, &transform, w))
+            .transpose()?;
         Ok(Prepared {
-            cal_keys: rotated_latents(&s.calibration.tokens.latents, &transform),
-            moment: s.calibration_moment()?,
+            rotated: rotated_latents(&s.tokens.latents, &transform),
             transform,
             folded,
-            rotated,
-            cal_q_lat,
-            cal_q_rope,
+            kl,
         })
     }
 
     /// Per-slice shares of the calibration latents' energy.
-    pub fn fractions(&self, groups: usize) -> Result<Vec<f64>> {
-        slice_energy_fractions(&self.transform, &self.moment, groups)
+    pub fn fractions(&self, s: &Scenario, groups: usize) -> Result<Vec<f64>> {
+        slice_energy_fractions(&self.transform, &s.calibration.moment, groups)
     }
 
     /// One mu per slice under `policy`.
     pub fn mus(&self, s: &Scenario, groups: usize, policy: MuPolicy) -> Result<Vec<f64>> {
-        let d = s.dims();
-        let cal = KlCalibration {
-            d_c: d.d_c,
-            d_r: d.d_r,
-            scale: d.softmax_scale,
-            q_lat: &self.cal_q_lat,
-            q_rope: &self.cal_q_rope,
-            keys_lat: &self.cal_keys,
-            keys_rope: &s.calibration.tokens.k_rope,
-        };
-        choose_mu(policy, groups, &self.fractions(groups)?, Some(&cal))
+        let kl = self.kl.as_ref().map(|k| k.calibration(s.dims()));
+        choose_mu(policy, groups, &self.fractions(s, groups)?, kl.as_ref())
     }
 }
 
@@ -182,8 +219,30 @@ pub enum AppendChoice {
     SlicedRms,
 }
 
+impl AppendChoice {
+    pub const ALL: [AppendChoice; 2] = [AppendChoice::Exact, AppendChoice::SlicedRms];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AppendChoice::Exact => "exact",
+            AppendChoice::SlicedRms => "sliced-rms",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown append mode '{name}'; expected one of: exact, sliced-rms"
+                ))
+            })
+    }
+}
+
 /// TPLA against exact MLA, averaged over the evaluated queries.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Metrics {
     /// Relative L2 error of the summed head outputs.
     pub rel_l2: f64,
@@ -192,66 +251,82 @@ pub struct Metrics {
     pub kl: f64,
 }
 
-/// Decodes the scenario's evaluated queries under TPLA with `groups` slices of
-/// `prepared`'s transform and logit scales `mus`, appending decode-time tokens per
-/// `append`.
-pub fn evaluate(
+/// Every rank's cache rows `[T][slice_width + d_r]`: the first `T - appended` tokens as
+/// an exact prefill, the last `appended` appended per `append`.
+fn rank_rows(
     s: &Scenario,
     prepared: &Prepared,
-    mus: &[f64],
+    groups: usize,
     append: AppendChoice,
-) -> Result<Metrics> {
+    appended: usize,
+) -> Result<Vec<Vec<f64>>> {
     let d = *s.dims();
-    let groups = mus.len();
-    let fractions = prepared.fractions(groups)?;
-    let mut ranks = Vec::with_capacity(groups);
-    let mut rows = Vec::with_capacity(groups);
-    for (i, &mu) in mus.iter().enumerate() {
-        let plan = ShardPlan::new(&d, groups, i)?;
-        let prefix = s.prefill * d.d_c;
-        let mut r = slice_rows(
-            &prepared.rotated[..prefix],
-            &s.seq.tokens.k_rope[..s.prefill * d.d_r],
-            &plan,
-            d.d_c,
-        );
-        for t in s.prefill..s.seq.tokens.len() {
+    let len = s.tokens.len();
+    if appended >= len {
+        return Err(Error::invalid(format!(
+            "{appended} appended tokens leave no prefill in a sequence of {len}"
+        )));
+    }
+    let prefill = len - appended;
+    let fractions = prepared.fractions(s, groups)?;
+    (0..groups)
+        .map(|i| {
+            let plan = ShardPlan::new(&d, groups, i)?;
+            let mut rows = slice_rows(
+                &prepared.rotated[..prefill * d.d_c],
+                &s.tokens.k_rope[..prefill * d.d_r],
+                &plan,
+                d.d_c,
+            );
             let mode = match append {
                 AppendChoice::Exact => AppendMode::Exact,
                 AppendChoice::SlicedRms => AppendMode::SlicedRms {
                     fraction: fractions[i],
                 },
             };
-            let tok = &s.seq.tokens;
-            r.extend(slice_token(
-                tok.latent(t),
-                tok.key_rope(t),
-                &prepared.transform,
-                &plan,
-                mode,
-            )?);
-        }
-        ranks.push(prepared.folded.rank(&plan, mu)?);
-        rows.push(r);
-    }
+            for t in prefill..len {
+                rows.extend(slice_token(
+                    s.tokens.latent(t),
+                    s.tokens.key_rope(t),
+                    &prepared.transform,
+                    &plan,
+                    mode,
+                )?);
+            }
+            Ok(rows)
+        })
+        .collect()
+}
+
+/// Decodes the evaluated queries over `rows` with slice logit scales `mus`.
+fn measure(s: &Scenario, prepared: &Prepared, mus: &[f64], rows: &[Vec<f64>]) -> Result<Metrics> {
+    let d = *s.dims();
+    let groups = mus.len();
+    let ranks = mus
+        .iter()
+        .enumerate()
+        .map(|(i, &mu)| prepared.folded.rank(&ShardPlan::new(&d, groups, i)?, mu))
+        .collect::<Result<Vec<RankWeights>>>()?;
     let mut m = Metrics {
         rel_l2: 0.0,
         cosine: 0.0,
         kl: 0.0,
     };
-    let row_width = |i: usize| ranks[i].plan.slice_width + d.d_r;
-    for (t, q, exact) in &s.evaluated {
-        let len = t + 1;
-        let prefix: Vec<Vec<f64>> = (0..groups)
-            .map(|i| rows[i][..len * row_width(i)].to_vec())
+    for e in &s.evaluated {
+        let len = e.position + 1;
+        let prefix: Vec<Vec<f64>> = rows
+            .iter()
+            .zip(&ranks)
+            .map(|(r, w)| r[..len * (w.plan.slice_width + d.d_r)].to_vec())
             .collect();
-        let (parts, sum) = reference::tpla_decode(&ranks, &prefix, &q.q_nope, &q.q_rope);
-        m.rel_l2 += reference::rel_l2(&sum, &exact.out);
-        m.cosine += reference::cosine(&sum, &exact.out);
+        let (parts, sum) =
+            reference::tpla_decode(&ranks, &prefix, &e.query.q_nope, &e.query.q_rope);
+        m.rel_l2 += reference::rel_l2(&sum, &e.exact.out);
+        m.cosine += reference::cosine(&sum, &e.exact.out);
         for part in &parts {
             for h in 0..d.heads {
                 let span = h * len..(h + 1) * len;
-                m.kl += kl_divergence(&exact.probs[span.clone()], &part.probs[span]);
+                m.kl += kl_divergence(&e.exact.probs[span.clone()], &part.probs[span]);
             }
         }
     }
@@ -260,4 +335,87 @@ pub fn evaluate(
     m.cosine /= n;
     m.kl /= n * (groups * d.heads) as f64;
     Ok(m)
+}
+
+/// Decodes the scenario's evaluated queries under TPLA with `mus.len()` slices of
+/// `prepared`'s transform and logit scales `mus`, the last `appended` tokens appended at
+/// decode time per `append`.
+pub fn evaluate(
+    s: &Scenario,
+    prepared: &Prepared,
+    mus: &[f64],
+    append: AppendChoice,
+    appended: usize,
+) -> Result<Metrics> {
+    let rows = rank_rows(s, prepared, mus.len(), append, appended)?;
+    measure(s, prepared, mus, &rows)
+}
+
+/// The grid of a fidelity report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReportOptions {
+    pub groups: Vec<usize>,
+    pub transforms: Vec<TransformKind>,
+    pub policies: Vec<MuPolicy>,
+    pub appends: Vec<AppendChoice>,
+    /// PCA slice layout.
+    pub layout: SliceLayout,
+    /// Tokens appended at decode time in the short and the long run.
+    pub short: usize,
+    pub long: usize,
+}
+
+/// One configuration of a report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReportRow {
+    pub groups: usize,
+    pub transform: TransformKind,
+    pub policy: MuPolicy,
+    pub mus: Vec<f64>,
+    pub append: AppendChoice,
+    /// After the short decode run (`ReportOptions::short` appended tokens).
+    pub short: Metrics,
+    /// After the long one.
+    pub long: Metrics,
+}
+
+/// Every configuration of `opts` on `s`, in the order groups, transform, append, mu
+/// policy. (g, transform) blocks run in parallel on the rayon pool; cache rows are built
+/// once per block and append mode and shared by the mu policies.
+pub fn report(s: &Scenario, opts: &ReportOptions) -> Result<Vec<ReportRow>> {
+    let blocks: Vec<(usize, TransformKind)> = opts
+        .groups
+        .iter()
+        .flat_map(|&g| opts.transforms.iter().map(move |&t| (g, t)))
+        .collect();
+    let rows: Vec<Vec<ReportRow>> = blocks
+        .par_iter()
+        .map(|&(g, kind)| -> Result<Vec<ReportRow>> {
+            let transform = build_transform(s, kind, opts.layout, g)?;
+            let prepared = Prepared::new(s, transform)?;
+            let mus: Vec<(MuPolicy, Vec<f64>)> = opts
+                .policies
+                .iter()
+                .map(|&p| Ok((p, prepared.mus(s, g, p)?)))
+                .collect::<Result<_>>()?;
+            let mut out = Vec::new();
+            for &append in &opts.appends {
+                let short = rank_rows(s, &prepared, g, append, opts.short)?;
+                let long = rank_rows(s, &prepared, g, append, opts.long)?;
+                for (policy, m) in &mus {
+                    out.push(ReportRow {
+                        groups: g,
+                        transform: kind,
+                        policy: *policy,
+                        mus: m.clone(),
+                        append,
+                        short: measure(s, &prepared, m, &short)?,
+                        long: measure(s, &prepared, m, &long)?,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    Ok(rows.into_iter().flatten().collect())
 }

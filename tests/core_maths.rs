@@ -200,12 +200,14 @@ fn causal_prefill_attends_to_the_past_only() {
 fn contiguous_pca_beats_identity_slicing() {
     let dims = ModelDims::preset("deepseek-v2-lite").unwrap();
     for seed in [21, 22] {
-        let s = Scenario::new(&dims, seed, 384, 8, 2).unwrap();
+        let s = Scenario::new(&dims, seed, 392, 2).unwrap();
         let err = |kind| {
             let t = build_transform(&s, kind, SliceLayout::Contiguous, 2).unwrap();
             let p = Prepared::new(&s, t).unwrap();
             let one = p.mus(&s, 2, MuPolicy::One).unwrap();
-            evaluate(&s, &p, &one, AppendChoice::Exact).unwrap().rel_l2
+            evaluate(&s, &p, &one, AppendChoice::Exact, 8)
+                .unwrap()
+                .rel_l2
         };
         let identity = err(TransformKind::Identity);
         let pca = err(TransformKind::Pca);

@@ -26,7 +26,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let dims = ModelDims::preset(&args.model)?;
-    let s = Scenario::new(&dims, args.seed, args.context, args.decode, args.queries)?;
+    let s = Scenario::new(&dims, args.seed, args.context + args.decode, args.queries)?;
     let bytes = |g: usize| (dims.d_c / g + dims.d_r) * DType::Bf16.size();
     println!(
         "TPLA vs exact MLA: {} layer (H={}, d_c={}, d_r={}), {} prefill + {} decode tokens, \
@@ -57,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
     let tables: Vec<Result<String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = blocks
             .iter()
-            .map(|&(g, kind)| scope.spawn(move || block(s, g, kind, bytes(g))))
+            .map(|&(g, kind)| scope.spawn(move || block(s, g, kind, bytes(g), args.decode)))
             .collect();
         handles
             .into_iter()
@@ -77,7 +77,13 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// The rows of one (g, transform) block of the table.
-fn block(s: &Scenario, g: usize, kind: TransformKind, bytes: usize) -> Result<String> {
+fn block(
+    s: &Scenario,
+    g: usize,
+    kind: TransformKind,
+    bytes: usize,
+    appended: usize,
+) -> Result<String> {
     let transform = build_transform(s, kind, SliceLayout::Contiguous, g)?;
     let prepared = Prepared::new(s, transform)?;
     let mut out = String::new();
@@ -88,7 +94,7 @@ fn block(s: &Scenario, g: usize, kind: TransformKind, bytes: usize) -> Result<St
         MuPolicy::Kl,
     ] {
         let mus = prepared.mus(s, g, policy)?;
-        let m = evaluate(s, &prepared, &mus, AppendChoice::Exact)?;
+        let m = evaluate(s, &prepared, &mus, AppendChoice::Exact, appended)?;
         let shown: Vec<String> = mus.iter().map(|m| format!("{m:.2}")).collect();
         out += &format!(
             "{:>2}  {:<9} {:<8} {:<17} {:>10.4} {:>9.5} {:>9.5} {:>8}\n",

@@ -6,6 +6,7 @@ mod bench;
 mod calibrate;
 mod convert;
 mod demo;
+mod fidelity;
 mod shard;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,9 @@ enum Command {
     Convert(convert::Args),
     /// Write calibration files and fit each layer's transform and mu from one.
     Calibrate(calibrate::Args),
+    /// TPLA against exact MLA over groups x transform x mu x append mode, on synthetic
+    /// layers of each preset or on a checkpoint with a calibration file.
+    Fidelity(fidelity::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Shard(args) => shard::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::Fidelity(args) => fidelity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
