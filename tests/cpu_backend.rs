@@ -419,3 +419,21 @@ fn a_row_source_with_short_pages_is_an_error_not_a_wild_read() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.message().contains("page 0"), "{err}");
 }
+
+#[test]
+fn ceilings_are_measured_for_every_kernel() {
+    let buffer: Vec<u64> = (0..1 << 17).collect();
+    for kernel in KernelChoice::available() {
+        let backend = CpuBackend::with_kernel(2, kernel).unwrap();
+        let bw = backend.read_bandwidth(&buffer);
+        assert!(bw.is_finite() && bw > 1e6, "{}: {bw} B/s", backend.name());
+        for dtype in [DType::Bf16, DType::F32] {
+            let peak = backend.peak_flops(dtype, std::time::Duration::from_millis(2));
+            assert!(
+                peak.is_finite() && peak > 1e6,
+                "{}: {peak} flop/s",
+                backend.name()
+            );
+        }
+    }
+}

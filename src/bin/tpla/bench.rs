@@ -44,8 +44,8 @@ pub struct Args {
     /// Configurations take turns, one step each per round.
     #[arg(long, default_value_t = 9)]
     repeats: usize,
-    /// MiB streamed by the read-bandwidth measurement (many times the last-level cache).
-    #[arg(long, default_value_t = 1024)]
+    /// MiB streamed by each read-bandwidth measurement (many times the last-level cache).
+    #[arg(long, default_value_t = 512)]
     bandwidth_mib: usize,
     /// Seed of the synthetic cache rows and queries.
     #[arg(long, default_value_t = 7)]
@@ -55,10 +55,17 @@ pub struct Args {
     json: bool,
 }
 
-/// Ceilings measured for one backend configuration.
+/// Ceilings measured on one backend's threads, once per round.
+#[derive(Default)]
 struct Ceilings {
-    read_bytes_per_s: f64,
-    peak_flops: f64,
+    read_bytes_per_s: Vec<f64>,
+    peak_flops: Vec<f64>,
+}
+
+/// Median of `v` (sorted in place); `v` is not empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -77,9 +84,13 @@ pub fn run(args: Args) -> Result<()> {
             }
         )));
     }
-    if args.repeats == 0 || args.context.contains(&0) || args.batch.contains(&0) {
+    if args.repeats == 0
+        || args.context.contains(&0)
+        || args.batch.contains(&0)
+        || args.bandwidth_mib == 0
+    {
         return Err(Error::invalid(
-            "repeats, context lengths and batch sizes must be positive",
+            "repeats, context lengths, batch sizes and the bandwidth buffer must be positive",
         ));
     }
     let dtype = DType::parse(&args.dtype)?;
@@ -103,12 +114,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut backends = Vec::new();
     for &t in &threads {
         for &k in &kernels {
-            let backend = CpuBackend::with_kernel(t, k)?;
-            let ceilings = Ceilings {
-                read_bytes_per_s: backend.read_bandwidth(args.bandwidth_mib << 20, 3)?,
-                peak_flops: backend.peak_flops(dtype, Duration::from_millis(300)),
-            };
-            backends.push((backend, ceilings));
+            backends.push((CpuBackend::with_kernel(t, k)?, Ceilings::default()));
         }
     }
 
@@ -157,7 +163,18 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
+    // the bandwidth buffer, written once so its pages exist before any timing
+    let stream: Vec<u64> = (0..(args.bandwidth_mib << 17) as u64).collect();
     for round in 0..args.repeats + 2 {
+        // ceilings in every round too, so they see the same machine load as the steps
+        for (backend, ceil) in backends.iter_mut() {
+            let bandwidth = backend.read_bandwidth(&stream);
+            let peak = backend.peak_flops(dtype, Duration::from_millis(20));
+            if round >= 2 {
+                ceil.read_bytes_per_s.push(bandwidth);
+                ceil.peak_flops.push(peak);
+            }
+        }
         for c in configs.iter_mut() {
             let layer = caches[c.cache].4.layer(0)?;
             let seqs: Vec<u32> = (0..c.batch as u32).collect();
@@ -180,6 +197,10 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
+    let ceilings: Vec<(f64, f64)> = backends
+        .iter_mut()
+        .map(|(_, c)| (median(&mut c.read_bytes_per_s), median(&mut c.peak_flops)))
+        .collect();
     if !args.json {
         println!(
             "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
@@ -201,7 +222,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     for c in configs.iter_mut() {
         let (model, g, _, context, _, _) = &caches[c.cache];
-        let (backend, ceil) = &backends[c.backend];
+        let backend = &backends[c.backend].0;
+        let (read_bw, peak) = ceilings[c.backend];
         let (shape, batch) = (c.shape, c.batch);
         c.times.sort_by(f64::total_cmp);
         let secs = c.times[c.times.len() / 2];
@@ -210,7 +232,7 @@ pub fn run(args: Args) -> Result<()> {
         let tokens = (batch * context) as f64;
         let bytes = tokens * (shape.row_width() * dtype.size()) as f64;
         let flops = tokens * 2.0 * (shape.heads * (2 * shape.slice_width + shape.d_r)) as f64;
-        let (t_bytes, t_flops) = (bytes / ceil.read_bytes_per_s, flops / ceil.peak_flops);
+        let (t_bytes, t_flops) = (bytes / read_bw, flops / peak);
         let roofline = t_bytes.max(t_flops);
         let kernel = backend.kernel().name();
         if args.json {
@@ -230,8 +252,8 @@ pub fn run(args: Args) -> Result<()> {
                 "us_per_step_min": best * 1e6,
                 "gbps": bytes / secs / 1e9,
                 "tflops": flops / secs / 1e12,
-                "read_gbps_ceiling": ceil.read_bytes_per_s / 1e9,
-                "peak_tflops_ceiling": ceil.peak_flops / 1e12,
+                "read_gbps_ceiling": read_bw / 1e9,
+                "peak_tflops_ceiling": peak / 1e12,
                 "roofline_frac": roofline / secs,
                 "bound": if t_bytes > t_flops { "bandwidth" } else { "compute" },
             });
@@ -250,8 +272,8 @@ pub fn run(args: Args) -> Result<()> {
                 best * 1e6,
                 bytes / secs / 1e9,
                 flops / secs / 1e12,
-                ceil.read_bytes_per_s / 1e9,
-                ceil.peak_flops / 1e12,
+                read_bw / 1e9,
+                peak / 1e12,
                 roofline / secs
             );
         }
