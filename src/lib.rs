@@ -13,6 +13,7 @@ pub mod convert;
 pub mod decode;
 pub mod dtype;
 pub mod error;
+pub mod ffi;
 pub mod fidelity;
 pub mod geometry;
 pub mod synthetic;
