@@ -139,6 +139,7 @@ int main(int argc, char **argv) {
   /* Decode side: one context and one cache per rank. */
   for (r = 0; r < RANKS; r++) {
     tpla_context_options o;
+    tpla_backend_options backend;
     tpla_context_info info;
     tpla_layer_weights lw;
     tpla_cache_options co;
@@ -152,9 +153,11 @@ int main(int argc, char **argv) {
     o.plan.groups = RANKS;
     o.plan.rank = (uint32_t)r;
     o.layers = 1;
-    o.backend = TPLA_BACKEND_CPU;
-    o.threads = 2;
-    TRY(tpla_context_create(&o, &ctx[r]));
+    memset(&backend, 0, sizeof backend);
+    backend.struct_size = sizeof backend;
+    backend.kind = TPLA_BACKEND_CPU;
+    backend.threads = 2;
+    TRY(tpla_context_create(&o, &backend, &ctx[r]));
     memset(&info, 0, sizeof info);
     info.struct_size = sizeof info;
     TRY(tpla_context_get_info(ctx[r], &info));

@@ -47,6 +47,15 @@ static inline tpla_dims test_dims(void) {
   return d;
 }
 
+static inline tpla_backend_options backend_options(uint32_t kind, uint32_t threads) {
+  tpla_backend_options b;
+  memset(&b, 0, sizeof b);
+  b.struct_size = sizeof b;
+  b.kind = kind;
+  b.threads = threads;
+  return b;
+}
+
 static inline void *xcalloc(size_t n, size_t size) {
   void *p = calloc(n, size);
   CHECK(p != NULL);

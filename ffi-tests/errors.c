@@ -37,7 +37,6 @@ static tpla_context_options context_options(uint32_t rank, uint32_t layers) {
   o.plan.groups = 2;
   o.plan.rank = rank;
   o.layers = layers;
-  o.backend = TPLA_BACKEND_REFERENCE;
   return o;
 }
 
@@ -101,6 +100,7 @@ int main(int argc, char **argv) {
   tpla_transform_desc td;
   tpla_transform *hadamard, *identity, *other_width, *t_out;
   tpla_context_options o;
+  tpla_backend_options reference = backend_options(TPLA_BACKEND_REFERENCE, 0), backend;
   tpla_context *ctx0, *ctx1, *ctx_one_layer, *ctx_unset, *c_out;
   tpla_cache_options co;
   tpla_cache *cache0, *cache1, *cache_one_layer, *small, *k_out;
@@ -214,51 +214,69 @@ int main(int argc, char **argv) {
 
   /* ---- contexts ---- */
   o = context_options(0, 2);
-  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "options is NULL", tpla_context_create(NULL, &c_out));
-  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "out is NULL", tpla_context_create(&o, NULL));
+  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "options is NULL", tpla_context_create(NULL, &reference, &c_out));
+  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "out is NULL", tpla_context_create(&o, &reference, NULL));
   o.struct_size = sizeof o + 8;
-  EXPECT(TPLA_STATUS_WRONG_STRUCT_SIZE, "tpla_context_options", tpla_context_create(&o, &c_out));
+  EXPECT(TPLA_STATUS_WRONG_STRUCT_SIZE, "tpla_context_options", tpla_context_create(&o, &reference, &c_out));
   o = context_options(0, 2);
   o.dims.heads = 0;
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "heads must be positive", tpla_context_create(&o, &c_out));
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "heads must be positive", tpla_context_create(&o, &reference, &c_out));
   o = context_options(0, 2);
   o.dims.softmax_scale = -1.0;
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "softmax scale", tpla_context_create(&o, &c_out));
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "softmax scale", tpla_context_create(&o, &reference, &c_out));
   o = context_options(2, 2);
-  EXPECT(TPLA_STATUS_OUT_OF_RANGE, "rank 2 is out of range", tpla_context_create(&o, &c_out));
+  EXPECT(TPLA_STATUS_OUT_OF_RANGE, "rank 2 is out of range", tpla_context_create(&o, &reference, &c_out));
   o = context_options(0, 2);
   o.plan.groups = 3;
   o.plan.ranks = 3;
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "one of 1, 2, 4, 8", tpla_context_create(&o, &c_out));
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "one of 1, 2, 4, 8", tpla_context_create(&o, &reference, &c_out));
   o = context_options(0, 2);
   o.plan.ranks = 16;
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "heads cannot be split", tpla_context_create(&o, &c_out));
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "heads cannot be split", tpla_context_create(&o, &reference, &c_out));
   o = context_options(0, 0);
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "layers", tpla_context_create(&o, &c_out));
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "layers", tpla_context_create(&o, &reference, &c_out));
   o = context_options(0, 2);
-  o.backend = 0;
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "unknown backend 0", tpla_context_create(&o, &c_out));
-  o.backend = TPLA_BACKEND_CPU;
-  o.threads = 0;
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "at least one thread", tpla_context_create(&o, &c_out));
-  o.backend = TPLA_BACKEND_CUDA;
+  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "backend is NULL", tpla_context_create(&o, NULL, &c_out));
+  backend = backend_options(0, 1);
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "unknown backend 0", tpla_context_create(&o, &backend, &c_out));
+  backend = backend_options(TPLA_BACKEND_CPU, 0);
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "at least one thread",
+         tpla_context_create(&o, &backend, &c_out));
+  backend.struct_size = 0;
+  EXPECT(TPLA_STATUS_WRONG_STRUCT_SIZE, "tpla_backend_options",
+         tpla_context_create(&o, &backend, &c_out));
+  backend = backend_options(TPLA_BACKEND_CUDA, 0);
   {
     /* CUDA: unsupported in a build without it or on a machine without a GPU. */
-    tpla_status s = tpla_context_create(&o, &c_out);
+    tpla_status s = tpla_context_create(&o, &backend, &c_out);
     if (s == TPLA_STATUS_OK) {
       tpla_context_destroy(c_out);
     } else {
       EXPECT(TPLA_STATUS_UNSUPPORTED, "", s);
     }
   }
+  /* converted weights files */
+  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "path is NULL",
+         tpla_context_create_from_weights_file(NULL, &reference, &c_out));
+  sprintf(path, "%s/errors-missing.weights", argv[1]);
+  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "backend is NULL",
+         tpla_context_create_from_weights_file(path, NULL, &c_out));
+  EXPECT(TPLA_STATUS_NULL_ARGUMENT, "out is NULL",
+         tpla_context_create_from_weights_file(path, &reference, NULL));
+  EXPECT(TPLA_STATUS_IO, "errors-missing.weights",
+         tpla_context_create_from_weights_file(path, &reference, &c_out));
+  sprintf(path, "%s/errors-corrupt.weights", argv[1]);
+  f = fopen(path, "wb");
+  CHECK(f != NULL && fwrite(junk, 1, sizeof junk, f) == sizeof junk && fclose(f) == 0);
+  EXPECT(TPLA_STATUS_CORRUPT_FILE, "", tpla_context_create_from_weights_file(path, &reference, &c_out));
   o = context_options(0, 2);
-  CHECK_OK(tpla_context_create(&o, &ctx0));
+  CHECK_OK(tpla_context_create(&o, &reference, &ctx0));
   o = context_options(1, 2);
-  CHECK_OK(tpla_context_create(&o, &ctx1));
+  CHECK_OK(tpla_context_create(&o, &reference, &ctx1));
   o = context_options(0, 1);
-  CHECK_OK(tpla_context_create(&o, &ctx_one_layer));
+  CHECK_OK(tpla_context_create(&o, &reference, &ctx_one_layer));
   o = context_options(0, 2);
-  CHECK_OK(tpla_context_create(&o, &ctx_unset));
+  CHECK_OK(tpla_context_create(&o, &reference, &ctx_unset));
   tpla_context_destroy(NULL);
   CHECK(strcmp(tpla_context_backend_name(NULL), "") == 0);
   CHECK(strcmp(tpla_context_backend_name(ctx0), "reference (f64)") == 0);

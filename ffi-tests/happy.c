@@ -6,7 +6,9 @@
  * head outputs (queries as q_nope, and again as absorbed latent queries on rank 1),
  * combines them in process and through a callback, and decodes layer 1 to latent
  * outputs. Every output goes to RECORD in order (raw float32); tests/c_abi.rs runs the
- * same flow through the Rust API and compares the two bit for bit.
+ * same flow through the Rust API and compares the two bit for bit. The same ranks loaded
+ * from the converted weights files WORK_DIR/rank{0,1}.weights (written by the Rust side
+ * from the same weights) must decode the same bits.
  *
  * Usage: happy RECORD WORK_DIR
  */
@@ -76,9 +78,10 @@ static unsigned char *read_file(const char *path, size_t *len) {
 
 int main(int argc, char **argv) {
   const tpla_dims d = test_dims();
+  const tpla_backend_options cpu2 = backend_options(TPLA_BACKEND_CPU, 2);
   struct layer_data layers[LAYERS];
   const tpla_transform *transforms[LAYERS];
-  tpla_context *ctx[RANKS];
+  tpla_context *ctx[RANKS], *file_ctx[RANKS];
   tpla_cache *cache[RANKS];
   tpla_context_info info;
   tpla_cache_info cinfo;
@@ -208,9 +211,18 @@ int main(int argc, char **argv) {
     o.plan.groups = RANKS;
     o.plan.rank = (uint32_t)r;
     o.layers = LAYERS;
-    o.backend = TPLA_BACKEND_CPU;
-    o.threads = 2;
-    CHECK_OK(tpla_context_create(&o, &ctx[r]));
+    CHECK_OK(tpla_context_create(&o, &cpu2, &ctx[r]));
+    {
+      char weights[4096 + 32];
+      tpla_context_info from_file;
+      sprintf(weights, "%s/rank%d.weights", argv[2], r);
+      CHECK_OK(tpla_context_create_from_weights_file(weights, &cpu2, &file_ctx[r]));
+      memset(&from_file, 0, sizeof from_file);
+      from_file.struct_size = sizeof from_file;
+      CHECK_OK(tpla_context_get_info(file_ctx[r], &from_file));
+      CHECK(from_file.plan.rank == (uint32_t)r && from_file.layers == LAYERS);
+      CHECK(from_file.dims.d_v == d.d_v && from_file.dims.softmax_scale == d.softmax_scale);
+    }
     CHECK(strncmp(tpla_context_backend_name(ctx[r]), "cpu", 3) == 0);
     memset(&info, 0, sizeof info);
     info.struct_size = sizeof info;
@@ -262,6 +274,7 @@ int main(int argc, char **argv) {
     float q_nope[NSEQ * H * TEST_DN], q_rope[NSEQ * H * TEST_DR], q_lat[NSEQ * H * W];
     float heads[RANKS][HEADS_OUT], via_callback[RANKS][HEADS_OUT], originals[RANKS][HEADS_OUT];
     float latent_heads[HEADS_OUT], latent[NSEQ * H * W], lse[NSEQ * H];
+    float again[HEADS_OUT], again_latent[NSEQ * H * W], again_lse[NSEQ * H];
     float *bufs[RANKS];
     struct communicator comm;
     tpla_decode_args a;
@@ -307,6 +320,9 @@ int main(int argc, char **argv) {
         for (r = 0; r < RANKS; r++) {
           a.out = heads[r];
           CHECK_OK(tpla_context_decode(ctx[r], cache[r], &a));
+          a.out = again;
+          CHECK_OK(tpla_context_decode(file_ctx[r], cache[r], &a));
+          CHECK(memcmp(again, heads[r], sizeof again) == 0);
           memcpy(originals[r], heads[r], sizeof heads[r]);
           memcpy(via_callback[r], heads[r], sizeof heads[r]);
           comm.originals[r] = originals[r];
@@ -347,7 +363,14 @@ int main(int argc, char **argv) {
         a.lse = lse;
         a.lse_count = NSEQ * H;
         for (r = 0; r < RANKS; r++) {
+          a.out = latent;
+          a.lse = lse;
           CHECK_OK(tpla_context_decode(ctx[r], cache[r], &a));
+          a.out = again_latent;
+          a.lse = again_lse;
+          CHECK_OK(tpla_context_decode(file_ctx[r], cache[r], &a));
+          CHECK(memcmp(again_latent, latent, sizeof latent) == 0);
+          CHECK(memcmp(again_lse, lse, sizeof lse) == 0);
           put(latent, NSEQ * H * W);
           put(lse, NSEQ * H);
         }
@@ -371,6 +394,7 @@ int main(int argc, char **argv) {
   for (r = 0; r < RANKS; r++) {
     tpla_cache_destroy(cache[r]);
     tpla_context_destroy(ctx[r]);
+    tpla_context_destroy(file_ctx[r]);
     free(images[r]);
     for (l = 0; l < LAYERS; l++) {
       free(slice_w_uk[l][r]);

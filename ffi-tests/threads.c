@@ -30,6 +30,7 @@ struct job {
 static void run(struct job *job, int concurrent) {
   const tpla_dims d = test_dims();
   tpla_context_options o;
+  tpla_backend_options b;
   tpla_cache_options co;
   tpla_layer_weights lw;
   tpla_mla_weights mw;
@@ -51,9 +52,8 @@ static void run(struct job *job, int concurrent) {
   o.plan.groups = 2;
   o.plan.rank = job->rank;
   o.layers = 1;
-  o.backend = TPLA_BACKEND_CPU;
-  o.threads = 1 + (uint32_t)(job->index % 2);
-  CHECK_OK(tpla_context_create(&o, &ctx));
+  b = backend_options(TPLA_BACKEND_CPU, 1 + (uint32_t)(job->index % 2));
+  CHECK_OK(tpla_context_create(&o, &b, &ctx));
   memset(&mw, 0, sizeof mw);
   mw.struct_size = sizeof mw;
   mw.w_uk = mla_uk;

@@ -143,7 +143,7 @@ typedef uint32_t tpla_status;
 #endif // __cplusplus
 
 /**
- * Decode backends (`tpla_context_options.backend`).
+ * Decode backends (`tpla_backend_options.kind`).
  */
 enum tpla_backend
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -540,7 +540,7 @@ typedef struct tpla_mla_weights {
 } tpla_mla_weights;
 
 /**
- * Options of `tpla_context_create`.
+ * The model and rank of a context (`tpla_context_create`).
  */
 typedef struct tpla_context_options {
   /**
@@ -553,10 +553,21 @@ typedef struct tpla_context_options {
    * Layers of the model (1 to 4096).
    */
   uint32_t layers;
+} tpla_context_options;
+
+/**
+ * The decode backend of a context (`tpla_context_create`,
+ * `tpla_context_create_from_weights_file`).
+ */
+typedef struct tpla_backend_options {
+  /**
+   * sizeof(tpla_backend_options).
+   */
+  size_t struct_size;
   /**
    * A `tpla_backend`.
    */
-  uint32_t backend;
+  uint32_t kind;
   /**
    * TPLA_BACKEND_CPU: worker threads (at least 1). Others: ignored.
    */
@@ -565,7 +576,7 @@ typedef struct tpla_context_options {
    * TPLA_BACKEND_CUDA: the GPU ordinal. Others: ignored.
    */
   uint32_t device;
-} tpla_context_options;
+} tpla_backend_options;
 
 /**
  * What a context is, for sizing buffers (`tpla_context_get_info`).
@@ -1038,8 +1049,9 @@ tpla_status tpla_fold_layer(struct tpla_dims dims,
                             size_t w_uv_count);
 
 /**
- * Creates a rank context. Its layers have no weights until `tpla_context_set_layer`
- * installs them. Destroy it with `tpla_context_destroy`.
+ * Creates a rank context for the model and rank of `options`, decoding with `backend`.
+ * Its layers have no weights until `tpla_context_set_layer` installs them. Destroy it
+ * with `tpla_context_destroy`.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
  * TPLA_STATUS_INVALID_ARGUMENT (bad dims, plan, layer count, backend or thread count),
@@ -1048,10 +1060,30 @@ tpla_status tpla_fold_layer(struct tpla_dims dims,
  * runtime failure). Thread-safe.
  *
  * # Safety
- * `options` is NULL or a valid `tpla_context_options`; `out` is NULL or writable.
+ * `options` and `backend` are NULL or valid structs of their types; `out` is NULL or
+ * writable.
  */
 tpla_status tpla_context_create(const struct tpla_context_options *options,
+                                const struct tpla_backend_options *backend,
                                 struct tpla_context **out);
+
+/**
+ * Creates a rank context holding every layer of a converted weights file (written by
+ * `tpla convert`: one file per rank), which fixes the model dims, the rank's plan and
+ * the layer count (read them with `tpla_context_get_info`). The file is read during the
+ * call only. Destroy the context with `tpla_context_destroy`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE, TPLA_STATUS_IO,
+ * TPLA_STATUS_CORRUPT_FILE (truncated, corrupted or hostile file), or as
+ * `tpla_context_create` for the backend. Thread-safe.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string; `backend` is NULL or a valid
+ * `tpla_backend_options`; `out` is NULL or writable.
+ */
+tpla_status tpla_context_create_from_weights_file(const char *path,
+                                                  const struct tpla_backend_options *backend,
+                                                  struct tpla_context **out);
 
 /**
  * Destroys a context; NULL is a no-op. Caches made from it stay valid.

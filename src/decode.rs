@@ -225,8 +225,17 @@ impl RankContext {
         Ok(ctx)
     }
 
-    /// Installs a layer whose weights belong to this context's dims and plan.
-    fn install(&mut self, index: usize, layer: RankLayer) -> Result<()> {
+    /// Installs layer `index` from absorbed weights that are this context's rank's
+    /// (for example [`RankLayer::from_f32`]): their lengths and the transform's width are
+    /// checked against the context.
+    pub fn install(&mut self, index: usize, layer: RankLayer) -> Result<()> {
+        if layer.transform.dim() != self.dims.d_c {
+            return Err(Error::mismatch(format!(
+                "the transform is {} wide, the latent width d_c is {}",
+                layer.transform.dim(),
+                self.dims.d_c
+            )));
+        }
         let w = self.plan.slice_width;
         check_len(
             "W_UK",

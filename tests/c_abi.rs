@@ -17,10 +17,11 @@ use tpla::attention::cpu::CpuBackend;
 use tpla::attention::reference::rotated_latents;
 use tpla::cache::{ExportPlan, RankCache, ShardSpec, ShardWriter};
 use tpla::combine::all_reduce_in_process;
-use tpla::convert::{FoldedLayer, MlaWeights, RankWeights};
+use tpla::convert::{FoldedLayer, MlaWeights};
 use tpla::decode::{Outputs, Queries, RankContext, RankLayer};
 use tpla::synthetic::SyntheticLayer;
 use tpla::transform::Transform;
+use tpla::weights_file::WeightsFileWriter;
 use tpla::{DType, ModelDims, ShardPlan};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -271,9 +272,15 @@ struct SeqData {
     q_rope: Vec<f32>,
 }
 
-/// The outputs happy.c records, computed through the Rust API from the same inputs and
-/// with the same f32 roundings the C side applies.
-fn happy_record_from_rust() -> Vec<f32> {
+/// happy.c's model: per layer its transform, MLA weights and sequences.
+struct Happy {
+    d: ModelDims,
+    transforms: Vec<Transform>,
+    mla: Vec<MlaWeights>,
+    data: Vec<Vec<SeqData>>,
+}
+
+fn happy_inputs() -> Happy {
     let d = ModelDims::new(4, 64, 16, 32, 24, 0.15).unwrap();
     let mut transforms = Vec::new();
     let mut mla = Vec::new();
@@ -310,6 +317,46 @@ fn happy_record_from_rust() -> Vec<f32> {
                 .collect(),
         );
     }
+    Happy {
+        d,
+        transforms,
+        mla,
+        data,
+    }
+}
+
+impl Happy {
+    /// Rank `r`'s layer `l`, as tpla_fold_layer hands it to C (f32) and
+    /// tpla_context_set_layer installs it.
+    fn rank_layer(&self, l: usize, r: usize) -> RankLayer {
+        let plan = ShardPlan::with_head_split(&self.d, RANKS, RANKS, r).unwrap();
+        let folded = FoldedLayer::new(&self.mla[l], &self.transforms[l])
+            .unwrap()
+            .rank(&plan, 1.0)
+            .unwrap();
+        let mu = 1.0 + 0.25 * r as f64;
+        let t = self.transforms[l].clone();
+        RankLayer::from_f32(f32s(&folded.w_uk), f32s(&folded.w_uv), mu, t, 0.5).unwrap()
+    }
+
+    /// The converted weights files happy.c loads: `dir/rank{r}.weights`.
+    fn write_weights_files(&self, dir: &Path) {
+        for r in 0..RANKS {
+            let plan = ShardPlan::with_head_split(&self.d, RANKS, RANKS, r).unwrap();
+            let path = dir.join(format!("rank{r}.weights"));
+            let mut w = WeightsFileWriter::create(path, self.d, plan, LAYERS).unwrap();
+            for l in 0..LAYERS {
+                w.write_layer(&self.rank_layer(l, r)).unwrap();
+            }
+            w.finish().unwrap();
+        }
+    }
+}
+
+/// The outputs happy.c records, computed through the Rust API from the same inputs and
+/// with the same f32 roundings the C side applies.
+fn happy_record_from_rust(happy: &Happy) -> Vec<f32> {
+    let (d, transforms, data) = (happy.d, &happy.transforms, &happy.data);
     let prefill: Vec<usize> = SEQ_LENS.iter().map(|n| n - STEPS).collect();
 
     // The prefill export, into buffers (happy.c checks its files hold the same bytes).
@@ -349,21 +396,9 @@ fn happy_record_from_rust() -> Vec<f32> {
             let mut ctx = RankContext::new(d, plan, LAYERS, backend).unwrap();
             let mut w_uk = Vec::new();
             for l in 0..LAYERS {
-                // tpla_fold_layer hands out f32; tpla_context_set_layer reads them back.
-                let folded = FoldedLayer::new(&mla[l], &transforms[l])
-                    .unwrap()
-                    .rank(&plan, 1.0)
-                    .unwrap();
-                let (uk, uv) = (f32s(&folded.w_uk), f32s(&folded.w_uv));
-                let weights = RankWeights {
-                    mu: 1.0 + 0.25 * r as f64,
-                    w_uk: f64s(&uk),
-                    w_uv: f64s(&uv),
-                    ..folded
-                };
-                let layer = RankLayer::new(&weights, transforms[l].clone(), 0.5).unwrap();
-                ctx.set_layer(l, &weights, layer).unwrap();
-                w_uk.push(uk);
+                let layer = happy.rank_layer(l, r);
+                w_uk.push(layer.w_uk.clone());
+                ctx.install(l, layer).unwrap();
             }
             let spec =
                 ShardSpec::new(d, &plan, DType::Bf16, 16, ctx.transform_ids().unwrap()).unwrap();
@@ -481,6 +516,8 @@ fn happy_record_from_rust() -> Vec<f32> {
 #[test]
 fn happy_path_is_bit_equal_to_the_rust_api() {
     let dir = work_dir("happy");
+    let happy = happy_inputs();
+    happy.write_weights_files(&dir);
     let record = dir.join("record.f32");
     run(
         &build("ffi-tests/happy.c", Build::Plain),
@@ -489,11 +526,8 @@ fn happy_path_is_bit_equal_to_the_rust_api() {
     );
     let from_c = read_f32s(&record);
     assert!(from_c.iter().all(|v| v.is_finite()), "non-finite outputs");
-    assert_same_bits(
-        &from_c,
-        &happy_record_from_rust(),
-        "happy.c against the Rust API",
-    );
+    let from_rust = happy_record_from_rust(&happy);
+    assert_same_bits(&from_c, &from_rust, "happy.c against the Rust API");
 }
 
 #[test]
@@ -516,6 +550,7 @@ fn memcheck_finds_no_memory_error_or_leak() {
         return;
     }
     let dir = work_dir("valgrind");
+    happy_inputs().write_weights_files(&dir);
     let record = dir.join("record.f32");
     memcheck(
         &build("ffi-tests/happy.c", Build::Plain),
@@ -533,12 +568,14 @@ fn address_and_undefined_behaviour_sanitizers_are_clean() {
         return;
     }
     let dir = work_dir("sanitizers");
+    let happy = happy_inputs();
+    happy.write_weights_files(&dir);
     let record = dir.join("record.f32");
-    let happy = build("ffi-tests/happy.c", Build::Sanitized);
-    run(&happy, &[&record, &dir], &SANITIZER_ENV);
+    let exe = build("ffi-tests/happy.c", Build::Sanitized);
+    run(&exe, &[&record, &dir], &SANITIZER_ENV);
     assert_same_bits(
         &read_f32s(&record),
-        &happy_record_from_rust(),
+        &happy_record_from_rust(&happy),
         "sanitized happy.c against the Rust API",
     );
     run(

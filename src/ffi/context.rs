@@ -9,12 +9,12 @@ use crate::attention::cpu::CpuBackend;
 use crate::attention::reference::normalise;
 use crate::attention::reference::Reference;
 use crate::attention::LatentAttention;
-use crate::convert::{FoldedLayer, MlaWeights, RankWeights};
+use crate::convert::{FoldedLayer, MlaWeights};
 use crate::decode::{Outputs, Queries, RankContext, RankLayer};
-use crate::error::Error;
 use crate::geometry::{ModelDims, ShardPlan};
 use crate::transform::{SecondMoment, SliceLayout, Transform, TransformKind};
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
 
 /// Shape of one MLA attention layer (DESIGN.md section 2). A plain value: its layout
 /// is fixed for this ABI version (a new field would be a new struct).
@@ -85,7 +85,7 @@ impl tpla_plan {
     }
 }
 
-/// Decode backends (`tpla_context_options.backend`).
+/// Decode backends (`tpla_backend_options.kind`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug)]
 pub enum tpla_backend {
@@ -488,7 +488,7 @@ pub struct tpla_context {
     backend_name: CString,
 }
 
-/// Options of `tpla_context_create`.
+/// The model and rank of a context (`tpla_context_create`).
 #[repr(C)]
 pub struct tpla_context_options {
     /// sizeof(tpla_context_options).
@@ -497,12 +497,6 @@ pub struct tpla_context_options {
     pub plan: tpla_plan,
     /// Layers of the model (1 to 4096).
     pub layers: u32,
-    /// A `tpla_backend`.
-    pub backend: u32,
-    /// TPLA_BACKEND_CPU: worker threads (at least 1). Others: ignored.
-    pub threads: u32,
-    /// TPLA_BACKEND_CUDA: the GPU ordinal. Others: ignored.
-    pub device: u32,
 }
 
 // SAFETY: repr(C), first field `struct_size: usize`.
@@ -510,8 +504,27 @@ unsafe impl Versioned for tpla_context_options {
     const NAME: &'static str = "tpla_context_options";
 }
 
-fn make_backend(o: &tpla_context_options) -> Outcome<Box<dyn LatentAttention + Send>> {
-    match o.backend {
+/// The decode backend of a context (`tpla_context_create`,
+/// `tpla_context_create_from_weights_file`).
+#[repr(C)]
+pub struct tpla_backend_options {
+    /// sizeof(tpla_backend_options).
+    pub struct_size: usize,
+    /// A `tpla_backend`.
+    pub kind: u32,
+    /// TPLA_BACKEND_CPU: worker threads (at least 1). Others: ignored.
+    pub threads: u32,
+    /// TPLA_BACKEND_CUDA: the GPU ordinal. Others: ignored.
+    pub device: u32,
+}
+
+// SAFETY: repr(C), first field `struct_size: usize`.
+unsafe impl Versioned for tpla_backend_options {
+    const NAME: &'static str = "tpla_backend_options";
+}
+
+fn make_backend(o: &tpla_backend_options) -> Outcome<Box<dyn LatentAttention + Send>> {
+    match o.kind {
         b if b == tpla_backend::Reference as u32 => Ok(Box::new(Reference)),
         b if b == tpla_backend::Cpu as u32 => Ok(Box::new(CpuBackend::new(to_usize(o.threads))?)),
         b if b == tpla_backend::Cuda as u32 => cuda_backend(o.device),
@@ -519,6 +532,12 @@ fn make_backend(o: &tpla_context_options) -> Outcome<Box<dyn LatentAttention + S
             "unknown backend {b} (1 = reference, 2 = cpu, 3 = cuda)"
         ))),
     }
+}
+
+fn wrap(ctx: RankContext) -> tpla_context {
+    let backend_name =
+        CString::new(ctx.backend_name().replace('\0', " ")).expect("NUL bytes were replaced");
+    tpla_context { ctx, backend_name }
 }
 
 #[cfg(feature = "cuda")]
@@ -553,14 +572,15 @@ fn cuda_backend(device: u32) -> Outcome<Box<dyn LatentAttention + Send>> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_backend(_device: u32) -> Outcome<Box<dyn LatentAttention + Send>> {
-    Err(
-        Error::unsupported("this libtpla was built without CUDA support (cargo feature `cuda`)")
-            .into(),
+    Err(crate::error::Error::unsupported(
+        "this libtpla was built without CUDA support (cargo feature `cuda`)",
     )
+    .into())
 }
 
-/// Creates a rank context. Its layers have no weights until `tpla_context_set_layer`
-/// installs them. Destroy it with `tpla_context_destroy`.
+/// Creates a rank context for the model and rank of `options`, decoding with `backend`.
+/// Its layers have no weights until `tpla_context_set_layer` installs them. Destroy it
+/// with `tpla_context_destroy`.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
 /// TPLA_STATUS_INVALID_ARGUMENT (bad dims, plan, layer count, backend or thread count),
@@ -569,24 +589,64 @@ fn cuda_backend(_device: u32) -> Outcome<Box<dyn LatentAttention + Send>> {
 /// runtime failure). Thread-safe.
 ///
 /// # Safety
-/// `options` is NULL or a valid `tpla_context_options`; `out` is NULL or writable.
+/// `options` and `backend` are NULL or valid structs of their types; `out` is NULL or
+/// writable.
 #[no_mangle]
 pub unsafe extern "C" fn tpla_context_create(
     options: *const tpla_context_options,
+    backend: *const tpla_backend_options,
     out: *mut *mut tpla_context,
 ) -> tpla_status {
     guard(|| {
         // SAFETY: caller contract.
         let o = unsafe { versioned(options, "options") }?;
+        // SAFETY: caller contract.
+        let b = unsafe { versioned(backend, "backend") }?;
         let dims = o.dims.to_rust()?;
         let plan = o.plan.to_rust(&dims)?;
         // SAFETY: caller contract.
         unsafe {
             hand_out(out, || {
-                let ctx = RankContext::new(dims, plan, to_usize(o.layers), make_backend(o)?)?;
-                let backend_name = CString::new(ctx.backend_name().replace('\0', " "))
-                    .expect("NUL bytes were replaced");
-                Ok(tpla_context { ctx, backend_name })
+                let backend = make_backend(b)?;
+                Ok(wrap(RankContext::new(
+                    dims,
+                    plan,
+                    to_usize(o.layers),
+                    backend,
+                )?))
+            })
+        }
+    })
+}
+
+/// Creates a rank context holding every layer of a converted weights file (written by
+/// `tpla convert`: one file per rank), which fixes the model dims, the rank's plan and
+/// the layer count (read them with `tpla_context_get_info`). The file is read during the
+/// call only. Destroy the context with `tpla_context_destroy`.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE, TPLA_STATUS_IO,
+/// TPLA_STATUS_CORRUPT_FILE (truncated, corrupted or hostile file), or as
+/// `tpla_context_create` for the backend. Thread-safe.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `backend` is NULL or a valid
+/// `tpla_backend_options`; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_context_create_from_weights_file(
+    path: *const c_char,
+    backend: *const tpla_backend_options,
+    out: *mut *mut tpla_context,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let path = OsStr::from_bytes(unsafe { super::c_string(path, "path") }?.to_bytes());
+        // SAFETY: caller contract.
+        let b = unsafe { versioned(backend, "backend") }?;
+        // SAFETY: caller contract.
+        unsafe {
+            hand_out(out, || {
+                let backend = make_backend(b)?;
+                Ok(wrap(RankContext::from_weights_file(path, backend)?))
             })
         }
     })
@@ -711,31 +771,9 @@ pub unsafe extern "C" fn tpla_context_set_layer(
                 input(w.w_uv, w.w_uv_count, "weights->w_uv")?,
             )
         };
-        if t.dim() != c.dims().d_c {
-            return Err(Error::mismatch(format!(
-                "the transform is {} wide, the context's latent width d_c is {}",
-                t.dim(),
-                c.dims().d_c
-            ))
-            .into());
-        }
-        if !(w.mu.is_finite() && w.mu > 0.0) {
-            return Err(Failure::invalid(format!(
-                "mu must be finite and positive, got {}",
-                w.mu
-            )));
-        }
-        let rank_weights = RankWeights {
-            dims: *c.dims(),
-            plan: *c.plan(),
-            mu: w.mu,
-            w_uk: to_f64(uk),
-            w_uv: to_f64(uv),
-            transform_code: t.kind().code(),
-            transform_fingerprint: t.fingerprint(),
-        };
-        let rank_layer = RankLayer::new(&rank_weights, t.clone(), w.slice_fraction)?;
-        Ok(c.set_layer(to_usize(layer), &rank_weights, rank_layer)?)
+        let rank_layer =
+            RankLayer::from_f32(uk.to_vec(), uv.to_vec(), w.mu, t.clone(), w.slice_fraction)?;
+        Ok(c.install(to_usize(layer), rank_layer)?)
     })
 }
 
