@@ -194,7 +194,7 @@ impl DecodePlan {
     pub fn kernel_name(&self) -> String {
         let c = self.kernels.config;
         format!(
-            "cuda mma.sync split-kv v2 (slice {}, {} heads/block, {} stages, {} blocks/SM, {} splits)",
+            "cuda mma.sync split-kv v3 (slice {}, {} heads/block, {} stages, {} blocks/SM, {} splits)",
             c.slice_width, c.heads_tile, c.stages, c.blocks_per_sm, self.splits
         )
     }

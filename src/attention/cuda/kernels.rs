@@ -21,7 +21,7 @@ pub const MAX_STAGES: usize = 6;
 /// Threads per decode block (8 warps).
 pub const DECODE_THREADS: u32 = 256;
 /// Tokens per tile of the decode kernel.
-pub const TILE_TOKENS: usize = 32;
+pub const TILE_TOKENS: usize = 64;
 
 /// What a module is specialised for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -117,12 +117,13 @@ impl KernelConfig {
 /// Bytes of the decode kernel's shared-memory layout (`struct Smem` in decode.cu; the
 /// loaded module's `tpla_decode_smem_bytes` is checked against it).
 pub fn shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -> usize {
-    let rowp = slice_width + ROPE_WIDTH + 8;
-    stages * TILE_TOKENS * rowp * 2
-        + heads_tile * rowp * 2
-        + 4 * heads_tile * (TILE_TOKENS + 4) * 4
-        + heads_tile * (TILE_TOKENS + 8) * 2
-        + 3 * heads_tile * 4
+    let row = slice_width + ROPE_WIDTH;
+    let token_groups = 8 / (heads_tile / 16);
+    stages * TILE_TOKENS * row * 2
+        + heads_tile * row * 2
+        + heads_tile * TILE_TOKENS * 2
+        + token_groups * heads_tile * 4
+        + 2 * heads_tile * 4
 }
 
 /// One loaded specialisation.
@@ -223,7 +224,9 @@ mod tests {
             return;
         }
         for (cc, w, ht, stages, blocks_per_sm) in [
-            ((9, 0), 512, 64, 3, 1),
+            ((9, 0), 512, 64, 2, 1),
+            ((9, 0), 256, 64, 4, 1),
+            ((9, 0), 512, 32, 2, 1),
             ((9, 0), 128, 64, 3, 2),
             ((9, 0), 64, 16, 6, 2),
             ((8, 0), 256, 32, 2, 1),
