@@ -11,6 +11,8 @@ pub mod checkpoint;
 pub mod combine;
 pub mod convert;
 pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod device_rank;
 pub mod dtype;
 pub mod error;
 pub mod ffi;

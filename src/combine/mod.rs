@@ -4,9 +4,12 @@
 //! - [`all_reduce_in_process`]: several ranks in one process.
 //! - An engine's own communicator: any `FnMut(&mut [f32]) -> Result<()>` (the C ABI
 //!   wraps a callback into one) given to [`all_reduce_with`].
-//! - NCCL on GPUs (feature `nccl`).
+//! - NCCL on GPUs (feature `nccl`): [`nccl`].
 
 use crate::error::{Error, Result};
+
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// Sums `buffers` element-wise, in rank order, and writes the sum into each of them, so
 /// every rank ends with bit-identical values.

@@ -1,0 +1,504 @@
+//! One tensor-parallel rank on a GPU (feature `cuda`): the rank's slice cache of every
+//! layer in device memory, the decode kernels, and the projection of the latent outputs
+//! through `W'_UV` into the rank's partial head outputs (f32, on the device), which the
+//! ranks then sum: [`crate::combine::nccl`] across GPUs, or
+//! [`crate::combine::all_reduce_in_process`] after [`DeviceRank::download_partial`].
+//!
+//! The queries are the kernel's rows `[batch][heads][slice_width + d_r]` (the absorbed,
+//! scaled latent query, then the scaled RoPE query), as
+//! [`reference::rank_query`](crate::attention::reference::rank_query) builds them.
+
+use crate::attention::cuda::{
+    CUstream, CudaBackend, DecodePlan, DeviceBuffer, DeviceCache, DeviceCacheConfig, PAGE_SIZE,
+};
+use crate::attention::LatentShape;
+use crate::cache::RankCache;
+use crate::convert::RankWeights;
+use crate::error::{Error, ErrorKind, Result};
+use crate::geometry::{ModelDims, ShardPlan};
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+fn blas_err(what: &str) -> impl FnOnce(blas::CublasError) -> Error + '_ {
+    move |e| Error::new(ErrorKind::Backend, format!("cuBLAS: {what} failed: {e}"))
+}
+
+/// A cuBLAS handle (the `W'_UV` projection is one strided batched product per step).
+struct Blas(blas_sys::cublasHandle_t);
+
+impl Blas {
+    fn new(backend: &CudaBackend) -> Result<Self> {
+        // SAFETY: only tries to dlopen libcublas.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err(Error::unsupported(
+                "the cuBLAS library (libcublas.so) was not found on the library path",
+            ));
+        }
+        backend.device().bind()?;
+        Ok(Blas(
+            blas::create_handle().map_err(blas_err("creating a handle"))?,
+        ))
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once.
+        let _ = unsafe { blas::destroy_handle(self.0) };
+    }
+}
+
+struct DeviceLayer {
+    cache: DeviceCache,
+    /// `[heads][slice_width][d_v]`
+    w_uv: DeviceBuffer<f32>,
+}
+
+/// One rank of a TPLA (or, with one group, MLA) layer stack on one GPU.
+pub struct DeviceRank {
+    backend: CudaBackend,
+    dims: ModelDims,
+    plan: ShardPlan,
+    layers: Vec<DeviceLayer>,
+    /// Sequence id -> device cache slot (the same in every layer).
+    slots: HashMap<u32, usize>,
+    max_len: usize,
+    max_batch: usize,
+    plans: HashMap<usize, DecodePlan>,
+    slot_ids: DeviceBuffer<i32>,
+    queries: DeviceBuffer<f32>,
+    latent: DeviceBuffer<f32>,
+    lse: DeviceBuffer<f32>,
+    /// Per layer `[max_batch][heads][d_v]`.
+    partials: Vec<DeviceBuffer<f32>>,
+    blas: Blas,
+}
+
+// SAFETY: the rank's raw handles (streams, cuBLAS, modules) are used from one thread at a
+// time (every method takes `&mut self` or only reads); CUDA and cuBLAS allow moving them
+// between threads.
+unsafe impl Send for DeviceRank {}
+
+impl std::fmt::Debug for DeviceRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRank")
+            .field("plan", &self.plan)
+            .field("layers", &self.layers.len())
+            .field("sequences", &self.slots.len())
+            .finish()
+    }
+}
+
+impl DeviceRank {
+    /// Uploads sequences `seqs` of every layer of `cache` (a registered shard file, or a
+    /// host cache) and the layers' `W'_UV` to the backend's GPU; steps then decode
+    /// batches of at most `max_batch` of those sequences.
+    pub fn upload(
+        backend: CudaBackend,
+        weights: &[RankWeights],
+        cache: &RankCache,
+        seqs: &[u32],
+        max_batch: usize,
+    ) -> Result<Self> {
+        let first = weights
+            .first()
+            .ok_or_else(|| Error::invalid("a device rank needs at least one layer"))?;
+        let (dims, plan) = (first.dims, first.plan);
+        let spec = cache.spec();
+        if spec.dims() != &dims || spec.groups() != plan.groups || spec.group() != plan.group {
+            return Err(Error::mismatch(format!(
+                "the cache holds latent group {} of {}, the weights are for group {} of {}",
+                spec.group(),
+                spec.groups(),
+                plan.group,
+                plan.groups
+            )));
+        }
+        if spec.layers() != weights.len() {
+            return Err(Error::mismatch(format!(
+                "the cache has {} layers, the weights {}",
+                spec.layers(),
+                weights.len()
+            )));
+        }
+        for (l, w) in weights.iter().enumerate() {
+            if w.dims != dims || w.plan != plan {
+                return Err(Error::mismatch(format!(
+                    "layer {l}'s weights belong to another geometry or rank"
+                )));
+            }
+            let t = spec.transforms()[l];
+            if (t.code, t.fingerprint) != (w.transform_code, w.transform_fingerprint) {
+                return Err(Error::mismatch(format!(
+                    "layer {l} of the cache was rotated by another transform than its weights"
+                )));
+            }
+        }
+        if seqs.is_empty() {
+            return Err(Error::invalid("a device rank needs at least one sequence"));
+        }
+        let mut max_len = 0;
+        let mut pages = vec![0; weights.len()];
+        for (l, layer_pages) in pages.iter_mut().enumerate() {
+            for &s in seqs {
+                let len = cache.seq_len(s, l)?;
+                if len == 0 {
+                    return Err(Error::invalid(format!(
+                        "sequence {s} has no tokens in layer {l}: decode needs at least one"
+                    )));
+                }
+                max_len = max_len.max(len);
+                *layer_pages += len.div_ceil(PAGE_SIZE);
+            }
+        }
+        let mut rank = Self::empty(backend, dims, plan, seqs, max_len, max_batch)?;
+        for (l, w) in weights.iter().enumerate() {
+            let mut dev = rank.new_layer_cache(pages[l])?;
+            let view = cache.layer(l)?;
+            for (slot, &s) in seqs.iter().enumerate() {
+                dev.upload(slot, &view, s)?;
+            }
+            let w_uv: Vec<f32> = w.w_uv.iter().map(|&v| v as f32).collect();
+            rank.layers.push(DeviceLayer {
+                cache: dev,
+                w_uv: DeviceBuffer::from_host(rank.backend.device(), &w_uv)?,
+            });
+        }
+        Ok(rank)
+    }
+
+    /// A rank of `layers` layers whose caches hold `seqs.len()` sequences of `context`
+    /// pseudo-random rows, generated on the device, and random `W'_UV`: benchmark inputs
+    /// of any size without a host cache.
+    pub fn synthetic(
+        backend: CudaBackend,
+        dims: ModelDims,
+        plan: ShardPlan,
+        layers: usize,
+        sequences: usize,
+        context: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if layers == 0 || sequences == 0 || context == 0 {
+            return Err(Error::invalid(
+                "a synthetic rank needs at least one layer, sequence and token",
+            ));
+        }
+        let checked = ShardPlan::with_head_split(&dims, plan.ranks, plan.groups, plan.rank)?;
+        if checked != plan {
+            return Err(Error::invalid("shard plan does not belong to these dims"));
+        }
+        let seqs: Vec<u32> = (0..sequences as u32).collect();
+        let mut rank = Self::empty(backend, dims, plan, &seqs, context, sequences)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let bound = (3.0 / plan.slice_width as f32).sqrt();
+        for l in 0..layers {
+            let mut dev = rank.new_layer_cache(sequences * context.div_ceil(PAGE_SIZE))?;
+            for slot in 0..sequences {
+                dev.fill_synthetic(slot, context, seed ^ (((l * sequences + slot) as u64) << 8))?;
+            }
+            let w_uv: Vec<f32> = (0..plan.heads * plan.slice_width * dims.d_v)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            rank.layers.push(DeviceLayer {
+                cache: dev,
+                w_uv: DeviceBuffer::from_host(rank.backend.device(), &w_uv)?,
+            });
+        }
+        Ok(rank)
+    }
+
+    fn empty(
+        backend: CudaBackend,
+        dims: ModelDims,
+        plan: ShardPlan,
+        seqs: &[u32],
+        max_len: usize,
+        max_batch: usize,
+    ) -> Result<Self> {
+        if max_batch == 0 || max_batch > 65535 {
+            return Err(Error::invalid(format!(
+                "decode batch must be 1 to 65535, got {max_batch}"
+            )));
+        }
+        let mut slots = HashMap::new();
+        for (slot, &s) in seqs.iter().enumerate() {
+            if slots.insert(s, slot).is_some() {
+                return Err(Error::invalid(format!("sequence {s} is listed twice")));
+            }
+        }
+        let shape = LatentShape {
+            heads: plan.heads,
+            slice_width: plan.slice_width,
+            d_r: dims.d_r,
+        };
+        // Checks the shape against the kernels before anything is allocated.
+        backend.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        let dev = backend.device().clone();
+        let (h, w) = (plan.heads, plan.slice_width);
+        Ok(DeviceRank {
+            blas: Blas::new(&backend)?,
+            slot_ids: DeviceBuffer::new(&dev, max_batch)?,
+            queries: DeviceBuffer::new(&dev, max_batch * h * shape.row_width())?,
+            latent: DeviceBuffer::new(&dev, max_batch * h * w)?,
+            lse: DeviceBuffer::new(&dev, max_batch * h)?,
+            partials: Vec::new(),
+            backend,
+            dims,
+            plan,
+            layers: Vec::new(),
+            slots,
+            max_len,
+            max_batch,
+            plans: HashMap::new(),
+        })
+    }
+
+    fn new_layer_cache(&mut self, pages: usize) -> Result<DeviceCache> {
+        let len = self.max_batch * self.plan.heads * self.dims.d_v;
+        self.partials
+            .push(DeviceBuffer::new(self.backend.device(), len)?);
+        self.backend.new_cache(DeviceCacheConfig {
+            slice_width: self.plan.slice_width,
+            pages,
+            slots: self.slots.len(),
+            max_pages_per_slot: self.max_len.div_ceil(PAGE_SIZE),
+        })
+    }
+
+    pub fn backend(&self) -> &CudaBackend {
+        &self.backend
+    }
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+    pub fn dims(&self) -> &ModelDims {
+        &self.dims
+    }
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+    /// The stream [`Self::decode`] runs on (the backend's).
+    pub fn stream(&self) -> CUstream {
+        self.backend.stream()
+    }
+    /// Values per query row: `slice_width + d_r`.
+    pub fn query_width(&self) -> usize {
+        self.plan.slice_width + self.dims.d_r
+    }
+    /// Values of a step's partial outputs for `batch` queries: `batch * heads * d_v`.
+    pub fn partial_len(&self, batch: usize) -> usize {
+        batch * self.plan.heads * self.dims.d_v
+    }
+
+    /// Layer `layer`'s partial head outputs `[max_batch][heads][d_v]` (f32, device); a
+    /// step of batch `b` writes the first `b * heads * d_v` values.
+    pub fn partial(&self, layer: usize) -> Result<&DeviceBuffer<f32>> {
+        let n = self.partials.len();
+        self.partials
+            .get(layer)
+            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+    }
+
+    /// Mutable access to layer `layer`'s partial outputs (to poison them in tests, or to
+    /// hand them to [`Communicator::all_reduce`](crate::combine::nccl::Communicator::all_reduce)).
+    pub fn partial_mut(&mut self, layer: usize) -> Result<&mut DeviceBuffer<f32>> {
+        let n = self.partials.len();
+        self.partials
+            .get_mut(layer)
+            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+    }
+
+    /// Waits for the rank's stream and copies the first `out.len()` partial outputs of
+    /// `layer` to the host.
+    pub fn download_partial(&self, layer: usize, out: &mut [f32]) -> Result<()> {
+        let buf = self.partial(layer)?;
+        self.backend.device().synchronize()?;
+        buf.download(out)
+    }
+
+    /// The device cache slots of `seqs`, checked.
+    fn slots_of(&self, seqs: &[u32]) -> Result<Vec<i32>> {
+        if seqs.is_empty() || seqs.len() > self.max_batch {
+            return Err(Error::invalid(format!(
+                "a step decodes 1 to {} sequences, got {}",
+                self.max_batch,
+                seqs.len()
+            )));
+        }
+        seqs.iter()
+            .map(|s| {
+                self.slots.get(s).map(|&v| v as i32).ok_or_else(|| {
+                    Error::out_of_range(format!("sequence {s} is not on this device rank"))
+                })
+            })
+            .collect()
+    }
+
+    /// Decodes `layer` for `seqs` with `queries` (`[batch][heads][slice_width + d_r]`):
+    /// waits for the previous step's use of the staging buffers, uploads, and enqueues the
+    /// attention and the projection on [`Self::stream`] (no wait for them).
+    pub fn decode(&mut self, layer: usize, seqs: &[u32], queries: &[f32]) -> Result<()> {
+        let slots = self.slots_of(seqs)?;
+        let want = seqs.len() * self.plan.heads * self.query_width();
+        if queries.len() != want {
+            return Err(Error::invalid(format!(
+                "queries hold {} values, expected {want} ({} sequences x {} heads x {})",
+                queries.len(),
+                seqs.len(),
+                self.plan.heads,
+                self.query_width()
+            )));
+        }
+        self.check_layer(layer)?;
+        self.backend.device().synchronize()?;
+        self.slot_ids.upload(&slots)?;
+        self.queries.upload(queries)?;
+        let (s, q, stream) = (self.slot_ids.ptr(), self.queries.ptr(), self.stream());
+        // SAFETY: the rank's own buffers, sized for max_batch >= batch, live as long as
+        // the rank (whose drop waits for the stream); slot ids were checked above.
+        unsafe { self.enqueue(layer, seqs.len(), s, q, stream) }
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.layers.len() {
+            return Err(Error::out_of_range(format!(
+                "layer {layer} is out of range for {} layers",
+                self.layers.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enqueues one step of `layer` on `stream` with no host synchronisation (graph
+    /// capturable once the batch's plan exists): attention of `batch` query rows at `q`
+    /// against the slots at `slots` (device `i32`), then the `W'_UV` projection into
+    /// [`Self::partial`]`(layer)`.
+    ///
+    /// # Safety
+    /// `slots` must hold `batch` valid slot ids and `q` `batch * heads * query_width` f32,
+    /// both on this rank's device and valid until the stream passes this point; `stream`
+    /// must be a live stream of this device, and no other step may be writing this rank's
+    /// intermediate buffers concurrently on another stream.
+    pub unsafe fn enqueue(
+        &mut self,
+        layer: usize,
+        batch: usize,
+        slots: u64,
+        q: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.check_layer(layer)?;
+        if batch == 0 || batch > self.max_batch {
+            return Err(Error::invalid(format!(
+                "a step decodes 1 to {} sequences, got {batch}",
+                self.max_batch
+            )));
+        }
+        if !self.plans.contains_key(&batch) {
+            let shape = LatentShape {
+                heads: self.plan.heads,
+                slice_width: self.plan.slice_width,
+                d_r: self.dims.d_r,
+            };
+            let plan = self.backend.plan(shape, batch, self.max_len)?;
+            self.plans.insert(batch, plan);
+        }
+        let plan = &self.plans[&batch];
+        let l = &self.layers[layer];
+        plan.launch(
+            &l.cache,
+            slots,
+            q,
+            self.latent.ptr(),
+            self.lse.ptr(),
+            stream,
+        )?;
+        self.project(layer, batch, stream)
+    }
+
+    /// `out[b][h][:] = W'_UV[h]^T latent[b][h][:]` for every head: one strided batched
+    /// product over heads. In cuBLAS's column-major terms, per head, `C (d_v x batch) =
+    /// A (d_v x w) * B (w x batch)` with `A` the row-major `W'_UV[h]` (`w x d_v`), `B` the
+    /// head's latents (leading dimension `heads * w`) and `C` its outputs (`heads * d_v`).
+    fn project(&self, layer: usize, batch: usize, stream: CUstream) -> Result<()> {
+        let (h, w, dv) = (self.plan.heads, self.plan.slice_width, self.dims.d_v);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let a = self.layers[layer].w_uv.ptr() as *const f32;
+        let b = self.latent.ptr() as *const f32;
+        let c = self.partials[layer].ptr() as *mut f32;
+        self.backend.device().bind()?;
+        // SAFETY: live handle and stream; the three operands are device buffers sized
+        // for heads x w x d_v, max_batch x heads x w and max_batch x heads x d_v.
+        unsafe {
+            blas::set_stream(self.blas.0, stream as _).map_err(blas_err("binding a stream"))?;
+            blas::sgemm_strided_batched(
+                self.blas.0,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                dv as i32,
+                batch as i32,
+                w as i32,
+                &alpha,
+                a,
+                dv as i32,
+                (w * dv) as i64,
+                b,
+                (h * w) as i32,
+                w as i64,
+                &beta,
+                c,
+                (h * dv) as i32,
+                dv as i64,
+                h as i32,
+            )
+        }
+        .map_err(blas_err("projecting latent outputs through W_UV"))
+    }
+}
+
+impl Drop for DeviceRank {
+    fn drop(&mut self) {
+        // Buffers are freed below; no kernel of this rank may still be using them.
+        let _ = self.backend.device().synchronize();
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl DeviceRank {
+    /// Sums the partial outputs of `layers` for a step of `batch` queries over the ranks
+    /// of `comm` (one NCCL group call), in place, on [`Self::stream`]: afterwards every
+    /// rank's [`Self::partial`] holds the layer's head outputs. Every rank must pass the
+    /// same layers and batch.
+    pub fn all_reduce(
+        &mut self,
+        comm: &crate::combine::nccl::Communicator,
+        layers: &[usize],
+        batch: usize,
+    ) -> Result<()> {
+        if comm.device().ordinal() != self.backend.device().ordinal() {
+            return Err(Error::mismatch(format!(
+                "rank {}'s communicator is on device {}, this rank on device {}",
+                comm.rank(),
+                comm.device().ordinal(),
+                self.backend.device().ordinal()
+            )));
+        }
+        if batch == 0 || batch > self.max_batch {
+            return Err(Error::invalid(format!(
+                "a step decodes 1 to {} sequences, got {batch}",
+                self.max_batch
+            )));
+        }
+        let count = self.partial_len(batch);
+        let spans = layers
+            .iter()
+            .map(|&l| Ok((self.partial(l)?.ptr(), count)))
+            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: each span is a prefix of a partial buffer of this rank's device, which
+        // lives as long as the rank (whose drop waits for the stream); the stream is the
+        // rank's own.
+        unsafe { comm.all_reduce_raw(&spans, self.stream()) }
+    }
+}
