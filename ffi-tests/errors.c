@@ -365,6 +365,8 @@ int main(int argc, char **argv) {
   co.dtype = 9;
   EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "element type code 9",
          tpla_cache_create(ctx0, &co, &k_out));
+  co = cache_options((size_t)-1);
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "supported maximum", tpla_cache_create(ctx0, &co, &k_out));
   co = cache_options(16);
   co.page_size = 0;
   EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "page size", tpla_cache_create(ctx0, &co, &k_out));

@@ -362,74 +362,6 @@ typedef struct tpla_synthetic tpla_synthetic;
 typedef struct tpla_transform tpla_transform;
 
 /**
- * Options of `tpla_cache_create`.
- */
-typedef struct tpla_cache_options {
-  /**
-   * sizeof(tpla_cache_options).
-   */
-  size_t struct_size;
-  /**
-   * A `tpla_dtype` for the cached rows.
-   */
-  uint32_t dtype;
-  /**
-   * Tokens per page (1 to 65536); TPLA_DEFAULT_PAGE_SIZE is the usual choice. Shard
-   * files registered later must have the same page size.
-   */
-  uint32_t page_size;
-  /**
-   * Pages of the pool, allocated now. One page holds `page_size` tokens of one
-   * sequence in every layer; registered shard images need no pool pages until their
-   * sequences grow past their last full page.
-   */
-  size_t capacity_pages;
-} tpla_cache_options;
-
-/**
- * The state of a cache (`tpla_cache_get_info`).
- */
-typedef struct tpla_cache_info {
-  /**
-   * Set by the caller to sizeof(tpla_cache_info) before the call.
-   */
-  size_t struct_size;
-  /**
-   * A `tpla_dtype`.
-   */
-  uint32_t dtype;
-  uint32_t page_size;
-  uint32_t layers;
-  uint32_t groups;
-  uint32_t group;
-  /**
-   * Values per cached token: d_c / groups + d_r.
-   */
-  uint32_t row_width;
-  size_t capacity_pages;
-  size_t free_pages;
-  size_t sequences;
-  /**
-   * Shard images (files or buffers) some sequence still reads from.
-   */
-  size_t registered_images;
-} tpla_cache_info;
-
-/**
- * Called once when a cache no longer reads a buffer given to
- * `tpla_cache_register_buffer`, with the `user` pointer given there. It may run on any
- * thread that frees the buffer's last sequence or destroys the cache.
- */
-typedef void (*tpla_release_fn)(void *user);
-
-/**
- * The engine's all-reduce, called by `tpla_all_reduce_with`: replace the `count`
- * floats at `buffer` in place by their sum over the ranks, and return 0 on success or
- * any other value on failure.
- */
-typedef int32_t (*tpla_all_reduce_fn)(float *buffer, size_t count, void *user);
-
-/**
  * Shape of one MLA attention layer (DESIGN.md section 2). A plain value: its layout
  * is fixed for this ABI version (a new field would be a new struct).
  */
@@ -696,6 +628,67 @@ typedef struct tpla_decode_args {
 } tpla_decode_args;
 
 /**
+ * Options of `tpla_cache_create`.
+ */
+typedef struct tpla_cache_options {
+  /**
+   * sizeof(tpla_cache_options).
+   */
+  size_t struct_size;
+  /**
+   * A `tpla_dtype` for the cached rows.
+   */
+  uint32_t dtype;
+  /**
+   * Tokens per page (1 to 65536); TPLA_DEFAULT_PAGE_SIZE is the usual choice. Shard
+   * files registered later must have the same page size.
+   */
+  uint32_t page_size;
+  /**
+   * Pages of the pool, allocated now. One page holds `page_size` tokens of one
+   * sequence in every layer; registered shard images need no pool pages until their
+   * sequences grow past their last full page.
+   */
+  size_t capacity_pages;
+} tpla_cache_options;
+
+/**
+ * The state of a cache (`tpla_cache_get_info`).
+ */
+typedef struct tpla_cache_info {
+  /**
+   * Set by the caller to sizeof(tpla_cache_info) before the call.
+   */
+  size_t struct_size;
+  /**
+   * A `tpla_dtype`.
+   */
+  uint32_t dtype;
+  uint32_t page_size;
+  uint32_t layers;
+  uint32_t groups;
+  uint32_t group;
+  /**
+   * Values per cached token: d_c / groups + d_r.
+   */
+  uint32_t row_width;
+  size_t capacity_pages;
+  size_t free_pages;
+  size_t sequences;
+  /**
+   * Shard images (files or buffers) some sequence still reads from.
+   */
+  size_t registered_images;
+} tpla_cache_info;
+
+/**
+ * Called once when a cache no longer reads a buffer given to
+ * `tpla_cache_register_buffer`, with the `user` pointer given there. It may run on any
+ * thread that frees the buffer's last sequence or destroys the cache.
+ */
+typedef void (*tpla_release_fn)(void *user);
+
+/**
  * Options of an export (`tpla_export_create`, `tpla_export_image_len`). The library
  * copies what it needs during the call.
  */
@@ -749,6 +742,13 @@ typedef struct tpla_export_options {
   size_t buffer_len;
 } tpla_export_options;
 
+/**
+ * The engine's all-reduce, called by `tpla_all_reduce_with`: replace the `count`
+ * floats at `buffer` in place by their sum over the ranks, and return 0 on success or
+ * any other value on failure.
+ */
+typedef int32_t (*tpla_all_reduce_fn)(float *buffer, size_t count, void *user);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -779,192 +779,6 @@ const char *tpla_status_str(uint32_t status);
  * keep it. Never NULL. Thread-safe (each thread has its own message).
  */
 const char *tpla_last_error_message(void);
-
-/**
- * Creates an empty cache for the rank of `ctx`: its geometry, latent group, layer count
- * and the transform of every layer come from the context, so every layer of `ctx` must
- * have weights. The cache does not refer to `ctx` afterwards; destroy it with
- * `tpla_cache_destroy`.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE or
- * TPLA_STATUS_INVALID_ARGUMENT (unknown dtype, page size, a layer without weights,
- * a pool too large to allocate). Reads `ctx` only.
- *
- * # Safety
- * `ctx` is NULL or a live context; `options` is NULL or a valid `tpla_cache_options`;
- * `out` is NULL or writable.
- */
-tpla_status tpla_cache_create(const struct tpla_context *ctx,
-                              const struct tpla_cache_options *options,
-                              struct tpla_cache **out);
-
-/**
- * Destroys a cache, releasing its pool, its file mappings and its registered buffers
- * (calling their release callbacks); NULL is a no-op.
- *
- * # Safety
- * `cache` is NULL or a cache not yet destroyed and not in use by another thread.
- */
-void tpla_cache_destroy(struct tpla_cache *cache);
-
-/**
- * Starts an empty sequence `seq`.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (the id is already
- * in the cache). Modifies `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache not used by another thread during the call.
- */
-tpla_status tpla_cache_add_sequence(struct tpla_cache *cache, uint32_t seq);
-
-/**
- * Drops sequence `seq`, returning its pool pages; a registered image is released when
- * its last sequence is freed.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_OUT_OF_RANGE (unknown id). Modifies
- * `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache not used by another thread during the call.
- */
-tpla_status tpla_cache_free_sequence(struct tpla_cache *cache, uint32_t seq);
-
-/**
- * Writes the number of cached tokens of `seq` in `layer` to `*len`.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_OUT_OF_RANGE (unknown seq, layer).
- * Reads `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache; `len` is NULL or writable.
- */
-tpla_status tpla_cache_seq_len(const struct tpla_cache *cache,
-                               uint32_t seq,
-                               uint32_t layer,
-                               size_t *len);
-
-/**
- * Writes the ids of the cached sequences, ascending, to `ids` (room for `capacity`
- * ids) and their number to `*count`. With `ids` NULL and `capacity` 0 it only counts.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_BUFFER_TOO_SMALL (then `*count` holds
- * the number needed and `ids` is untouched). Reads `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache; `ids` is NULL or writable for `capacity` ids;
- * `count` is NULL or writable.
- */
-tpla_status tpla_cache_sequence_ids(const struct tpla_cache *cache,
-                                    uint32_t *ids,
-                                    size_t capacity,
-                                    size_t *count);
-
-/**
- * Fills `*info` (whose struct_size the caller sets).
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_WRONG_STRUCT_SIZE. Reads `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache; `info` is NULL or a writable `tpla_cache_info`.
- */
-tpla_status tpla_cache_get_info(const struct tpla_cache *cache, struct tpla_cache_info *info);
-
-/**
- * Appends `rows_count / row_width` rows to `seq` in `layer`: rows already normalised,
- * rotated and cut to the rank's slice, [tokens][slice_width + d_r] (latent slice first,
- * then the RoPE key), rounded to the cache's dtype. For a prefill done on the decode
- * rank itself; decode-time tokens go through `tpla_context_append_token`. On error the
- * cache is unchanged.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (not whole rows,
- * values the dtype cannot hold), TPLA_STATUS_OUT_OF_RANGE (seq, layer) or
- * TPLA_STATUS_OUT_OF_CAPACITY. Modifies `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache not used by another thread during the call; `rows`
- * is NULL or readable for `rows_count` floats.
- */
-tpla_status tpla_cache_append_rows(struct tpla_cache *cache,
-                                   uint32_t seq,
-                                   uint32_t layer,
-                                   const float *rows,
-                                   size_t rows_count);
-
-/**
- * Registers the shard file at `path` (written by `tpla_export_*` or `tpla shard
- * export`): maps it read-only and validates it against the cache (geometry, group,
- * dtype, page size, transform of every layer). Its sequences join the cache with the
- * ids of the file; their number is written to `*sequences` when it is not NULL. Rows are
- * read in place from the mapping; the file must not be truncated or rewritten in place
- * while registered (replacing it by rename is fine).
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_IO, TPLA_STATUS_CORRUPT_FILE,
- * TPLA_STATUS_MISMATCH (another geometry, group, dtype, page size or transform) or
- * TPLA_STATUS_INVALID_ARGUMENT (one of its sequence ids is already cached). On error
- * the cache is unchanged. Modifies `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache not used by another thread during the call; `path`
- * is NULL or a NUL-terminated string; `sequences` is NULL or writable.
- */
-tpla_status tpla_cache_register_file(struct tpla_cache *cache, const char *path, size_t *sequences);
-
-/**
- * Registers a shard image held in memory (for example filled by an export into
- * buffers and moved by the engine), read in place (zero-copy) like a file. The image
- * must stay valid and unchanged until the cache calls `release(user)`, which it does
- * exactly once: when the image's last sequence is freed, when the cache is destroyed,
- * or before returning when registration fails or the image holds no sequence. With
- * `release` NULL the image must outlive the cache. The number of sequences is written
- * to `*sequences` when it is not NULL.
- *
- * Returns as `tpla_cache_register_file` (TPLA_STATUS_CORRUPT_FILE for a bad image).
- * Modifies `cache`.
- *
- * # Safety
- * `cache` is NULL or a live cache not used by another thread during the call; `image`
- * is NULL or readable for `image_len` bytes under the lifetime contract above;
- * `sequences` is NULL or writable.
- */
-tpla_status tpla_cache_register_buffer(struct tpla_cache *cache,
-                                       const uint8_t *image,
-                                       size_t image_len,
-                                       tpla_release_fn release,
-                                       void *user,
-                                       size_t *sequences);
-
-/**
- * Sums the partial outputs of `ranks` ranks living in one process: `buffers` holds
- * `ranks` pointers to `count` floats each; afterwards every buffer holds the
- * element-wise sum, in rank order, so all ranks get bit-identical values.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT (buffers or one of them NULL) or
- * TPLA_STATUS_INVALID_ARGUMENT (ranks 0, misaligned or overlapping buffers).
- * Thread-safe for disjoint buffers.
- *
- * # Safety
- * `buffers` is NULL or holds `ranks` pointers, each NULL or writable for `count`
- * floats and not used elsewhere during the call.
- */
-tpla_status tpla_all_reduce_in_process(float *const *buffers, size_t ranks, size_t count);
-
-/**
- * Hands this rank's partial outputs (`count` floats at `buffer`) to the engine's own
- * communicator `reduce`, called once with `user`, which must sum them over the ranks in
- * place.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (misaligned buffer)
- * or TPLA_STATUS_BACKEND (the callback returned nonzero; the buffer's contents are then
- * whatever the callback left). Thread-safety is the callback's.
- *
- * # Safety
- * `buffer` is NULL or writable for `count` floats; `reduce` is a valid function.
- */
-tpla_status tpla_all_reduce_with(float *buffer,
-                                 size_t count,
-                                 tpla_all_reduce_fn reduce,
-                                 void *user);
 
 /**
  * Fills `*out` with the shape of a published model: "deepseek-v3", "kimi-k2" or
@@ -1181,6 +995,160 @@ tpla_status tpla_context_decode(struct tpla_context *ctx,
                                 const struct tpla_decode_args *args);
 
 /**
+ * Creates an empty cache for the rank of `ctx`: its geometry, latent group, layer count
+ * and the transform of every layer come from the context, so every layer of `ctx` must
+ * have weights. The cache does not refer to `ctx` afterwards; destroy it with
+ * `tpla_cache_destroy`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE or
+ * TPLA_STATUS_INVALID_ARGUMENT (unknown dtype, page size, a layer without weights,
+ * a pool too large to allocate). Reads `ctx` only.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context; `options` is NULL or a valid `tpla_cache_options`;
+ * `out` is NULL or writable.
+ */
+tpla_status tpla_cache_create(const struct tpla_context *ctx,
+                              const struct tpla_cache_options *options,
+                              struct tpla_cache **out);
+
+/**
+ * Destroys a cache, releasing its pool, its file mappings and its registered buffers
+ * (calling their release callbacks); NULL is a no-op.
+ *
+ * # Safety
+ * `cache` is NULL or a cache not yet destroyed and not in use by another thread.
+ */
+void tpla_cache_destroy(struct tpla_cache *cache);
+
+/**
+ * Starts an empty sequence `seq`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (the id is already
+ * in the cache). Modifies `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache not used by another thread during the call.
+ */
+tpla_status tpla_cache_add_sequence(struct tpla_cache *cache, uint32_t seq);
+
+/**
+ * Drops sequence `seq`, returning its pool pages; a registered image is released when
+ * its last sequence is freed.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_OUT_OF_RANGE (unknown id). Modifies
+ * `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache not used by another thread during the call.
+ */
+tpla_status tpla_cache_free_sequence(struct tpla_cache *cache, uint32_t seq);
+
+/**
+ * Writes the number of cached tokens of `seq` in `layer` to `*len`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_OUT_OF_RANGE (unknown seq, layer).
+ * Reads `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache; `len` is NULL or writable.
+ */
+tpla_status tpla_cache_seq_len(const struct tpla_cache *cache,
+                               uint32_t seq,
+                               uint32_t layer,
+                               size_t *len);
+
+/**
+ * Writes the ids of the cached sequences, ascending, to `ids` (room for `capacity`
+ * ids) and their number to `*count`. With `ids` NULL and `capacity` 0 it only counts.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_BUFFER_TOO_SMALL (then `*count` holds
+ * the number needed and `ids` is untouched). Reads `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache; `ids` is NULL or writable for `capacity` ids;
+ * `count` is NULL or writable.
+ */
+tpla_status tpla_cache_sequence_ids(const struct tpla_cache *cache,
+                                    uint32_t *ids,
+                                    size_t capacity,
+                                    size_t *count);
+
+/**
+ * Fills `*info` (whose struct_size the caller sets).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_WRONG_STRUCT_SIZE. Reads `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache; `info` is NULL or a writable `tpla_cache_info`.
+ */
+tpla_status tpla_cache_get_info(const struct tpla_cache *cache, struct tpla_cache_info *info);
+
+/**
+ * Appends `rows_count / row_width` rows to `seq` in `layer`: rows already normalised,
+ * rotated and cut to the rank's slice, [tokens][slice_width + d_r] (latent slice first,
+ * then the RoPE key), rounded to the cache's dtype. For a prefill done on the decode
+ * rank itself; decode-time tokens go through `tpla_context_append_token`. On error the
+ * cache is unchanged.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (not whole rows,
+ * values the dtype cannot hold), TPLA_STATUS_OUT_OF_RANGE (seq, layer) or
+ * TPLA_STATUS_OUT_OF_CAPACITY. Modifies `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache not used by another thread during the call; `rows`
+ * is NULL or readable for `rows_count` floats.
+ */
+tpla_status tpla_cache_append_rows(struct tpla_cache *cache,
+                                   uint32_t seq,
+                                   uint32_t layer,
+                                   const float *rows,
+                                   size_t rows_count);
+
+/**
+ * Registers the shard file at `path` (written by `tpla_export_*` or `tpla shard
+ * export`): maps it read-only and validates it against the cache (geometry, group,
+ * dtype, page size, transform of every layer). Its sequences join the cache with the
+ * ids of the file; their number is written to `*sequences` when it is not NULL. Rows are
+ * read in place from the mapping; the file must not be truncated or rewritten in place
+ * while registered (replacing it by rename is fine).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_IO, TPLA_STATUS_CORRUPT_FILE,
+ * TPLA_STATUS_MISMATCH (another geometry, group, dtype, page size or transform) or
+ * TPLA_STATUS_INVALID_ARGUMENT (one of its sequence ids is already cached). On error
+ * the cache is unchanged. Modifies `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache not used by another thread during the call; `path`
+ * is NULL or a NUL-terminated string; `sequences` is NULL or writable.
+ */
+tpla_status tpla_cache_register_file(struct tpla_cache *cache, const char *path, size_t *sequences);
+
+/**
+ * Registers a shard image held in memory (for example filled by an export into
+ * buffers and moved by the engine), read in place (zero-copy) like a file. The image
+ * must stay valid and unchanged until the cache calls `release(user)`, which it does
+ * exactly once: when the image's last sequence is freed, when the cache is destroyed,
+ * or before returning when registration fails or the image holds no sequence. With
+ * `release` NULL the image must outlive the cache. The number of sequences is written
+ * to `*sequences` when it is not NULL.
+ *
+ * Returns as `tpla_cache_register_file` (TPLA_STATUS_CORRUPT_FILE for a bad image).
+ * Modifies `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or a live cache not used by another thread during the call; `image`
+ * is NULL or readable for `image_len` bytes under the lifetime contract above;
+ * `sequences` is NULL or writable.
+ */
+tpla_status tpla_cache_register_buffer(struct tpla_cache *cache,
+                                       const uint8_t *image,
+                                       size_t image_len,
+                                       tpla_release_fn release,
+                                       void *user,
+                                       size_t *sequences);
+
+/**
  * Writes the size in bytes of each shard image of the export `options` describes
  * (all groups have the same size) to `*len`; `paths` and `buffers` are ignored.
  *
@@ -1271,6 +1239,38 @@ tpla_status tpla_export_finish(struct tpla_export *export_);
  * `export_` is NULL or an export not yet destroyed and not in use by another thread.
  */
 void tpla_export_destroy(struct tpla_export *export_);
+
+/**
+ * Sums the partial outputs of `ranks` ranks living in one process: `buffers` holds
+ * `ranks` pointers to `count` floats each; afterwards every buffer holds the
+ * element-wise sum, in rank order, so all ranks get bit-identical values.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT (buffers or one of them NULL) or
+ * TPLA_STATUS_INVALID_ARGUMENT (ranks 0, misaligned or overlapping buffers).
+ * Thread-safe for disjoint buffers.
+ *
+ * # Safety
+ * `buffers` is NULL or holds `ranks` pointers, each NULL or writable for `count`
+ * floats and not used elsewhere during the call.
+ */
+tpla_status tpla_all_reduce_in_process(float *const *buffers, size_t ranks, size_t count);
+
+/**
+ * Hands this rank's partial outputs (`count` floats at `buffer`) to the engine's own
+ * communicator `reduce`, called once with `user`, which must sum them over the ranks in
+ * place.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (misaligned buffer)
+ * or TPLA_STATUS_BACKEND (the callback returned nonzero; the buffer's contents are then
+ * whatever the callback left). Thread-safety is the callback's.
+ *
+ * # Safety
+ * `buffer` is NULL or writable for `count` floats; `reduce` is a valid function.
+ */
+tpla_status tpla_all_reduce_with(float *buffer,
+                                 size_t count,
+                                 tpla_all_reduce_fn reduce,
+                                 void *user);
 
 /**
  * Generates the synthetic layer of shape `dims` and `seed` (same inputs, same layer;

@@ -591,6 +591,13 @@ fn address_and_undefined_behaviour_sanitizers_are_clean() {
 }
 
 #[test]
+fn cuda_backend_agrees_with_the_cpu_backend_or_says_unsupported() {
+    // Without the `cuda` feature or a GPU the program checks the UNSUPPORTED status.
+    let out = run(&build("ffi-tests/cuda.c", Build::Plain), &[], &[]);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
 fn example_runs_against_the_static_and_the_shared_library() {
     for kind in [Build::Plain, Build::Shared] {
         let dir = work_dir(&format!("example-{kind:?}").to_lowercase());

@@ -10,10 +10,16 @@
 
 #![allow(non_camel_case_types)]
 
-pub mod cache;
-pub mod combine;
+// The header follows the declaration order, the flow of DESIGN.md section 5 (blank lines
+// keep rustfmt from sorting them).
 pub mod context;
+
+pub mod cache;
+
 pub mod export;
+
+pub mod combine;
+
 pub mod synthetic;
 
 use crate::error::{Error, ErrorKind};
