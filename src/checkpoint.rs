@@ -418,6 +418,9 @@ impl Checkpoint {
                  matrices are supported"
             )));
         };
+        if rows == 0 || cols == 0 {
+            return Ok(Vec::new());
+        }
         let [b0, b1] = self.config.fp8_block;
         let scale_name = format!("{name}_scale_inv");
         let scale_shape = [rows.div_ceil(b0), cols.div_ceil(b1)];

@@ -511,6 +511,32 @@ fn malformed_checkpoints_give_named_errors() {
         "{e}"
     );
 
+    // Empty FP8 matrices read as empty (no block arithmetic on zero widths).
+    let dir = fresh(fp8, false);
+    let empty = |dtype, shape: Vec<usize>| checkpoint_support::Stored {
+        dtype,
+        shape,
+        bytes: Vec::new(),
+    };
+    checkpoint_support::write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &[
+            (
+                "e.weight".to_string(),
+                empty(safetensors::Dtype::F8_E4M3, vec![0, 4]),
+            ),
+            (
+                "e.weight_scale_inv".to_string(),
+                empty(safetensors::Dtype::F32, vec![0, 1]),
+            ),
+        ],
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(
+        ckpt.tensor("e.weight", &[0, 4], "empty").unwrap(),
+        Vec::<f64>::new()
+    );
+
     // Index naming a missing file, or a path outside the directory.
     let dir = fresh(Encoding::Bf16, true);
     std::fs::remove_file(shard(dir.path())).unwrap();
