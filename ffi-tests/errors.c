@@ -626,7 +626,8 @@ int main(int argc, char **argv) {
   eo.buffers = (uint8_t *const *)bufs;
   eo.buffer_count = 2;
   eo.buffer_len = 200;
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "overlaps another buffer", tpla_export_create(&eo, &e_out));
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "an export buffer overlaps an export buffer",
+         tpla_export_create(&eo, &e_out));
   eo.buffer_len = 16;
   EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "a shard image of this export is",
          tpla_export_create(&eo, &e_out));

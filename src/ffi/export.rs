@@ -2,8 +2,8 @@
 
 use super::context::{tpla_dims, tpla_transform};
 use super::{
-    c_string, guard, guard_value, hand_out, handle, handle_mut, input, to_f64, to_usize,
-    tpla_status, versioned, write_out, Failure, Outcome, Versioned,
+    c_string, check_disjoint, guard, guard_value, hand_out, handle, handle_mut, input, span,
+    to_f64, to_usize, tpla_status, versioned, write_out, Failure, Outcome, Versioned,
 };
 use crate::attention::reference::rotated_latents;
 use crate::cache::{ExportPlan, ShardFileWriter, ShardWriter, TransformId};
@@ -185,17 +185,11 @@ pub unsafe extern "C" fn tpla_export_create(
                 Sink::Files(ShardFileWriter::create(&plan, &paths)?)
             }
             (true, false) => {
-                let starts: Vec<usize> = buffers.iter().map(|&b| b as usize).collect();
-                for (i, &s) in starts.iter().enumerate() {
-                    let overlaps = starts[..i]
-                        .iter()
-                        .any(|&t| s < t + o.buffer_len && t < s + o.buffer_len);
-                    if overlaps && o.buffer_len > 0 {
-                        return Err(Failure::invalid(format!(
-                            "options->buffers[{i}] overlaps another buffer"
-                        )));
-                    }
-                }
+                let spans: Vec<_> = buffers
+                    .iter()
+                    .map(|&b| span(b, o.buffer_len, "an export buffer"))
+                    .collect();
+                check_disjoint(&spans, &[])?;
                 let views = buffers
                     .iter()
                     .enumerate()

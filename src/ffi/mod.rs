@@ -278,8 +278,10 @@ unsafe fn destroy<T>(ptr: *mut T) {
 type Span = (usize, usize, &'static str);
 
 fn span<T>(ptr: *const T, count: usize, what: &'static str) -> Span {
+    // Saturating: an absurd count is refused later by `input`/`output`.
     let start = ptr as usize;
-    (start, start + count * size_of::<T>(), what)
+    let end = start.saturating_add(count.saturating_mul(size_of::<T>()));
+    (start, end, what)
 }
 
 /// Refuses outputs that overlap each other or any input.
@@ -377,7 +379,7 @@ pub extern "C" fn tpla_version() -> *const c_char {
 /// refuse to run when the two differ. Thread-safe.
 #[no_mangle]
 pub extern "C" fn tpla_abi_version() -> u32 {
-    TPLA_ABI_VERSION
+    guard_value(TPLA_ABI_VERSION, || TPLA_ABI_VERSION)
 }
 
 /// A short static description of `status` (a `tpla_status` value), for example
@@ -385,7 +387,11 @@ pub extern "C" fn tpla_abi_version() -> u32 {
 /// NULL; never free it. Thread-safe.
 #[no_mangle]
 pub extern "C" fn tpla_status_str(status: u32) -> *const c_char {
-    let text: &'static CStr = match status {
+    guard_value(c"unknown status".as_ptr(), || status_text(status).as_ptr())
+}
+
+fn status_text(status: u32) -> &'static CStr {
+    match status {
         0 => c"ok",
         1 => c"invalid argument",
         2 => c"unsupported",
@@ -400,8 +406,7 @@ pub extern "C" fn tpla_status_str(status: u32) -> *const c_char {
         11 => c"buffer too small",
         12 => c"internal error (panic)",
         _ => c"unknown status",
-    };
-    text.as_ptr()
+    }
 }
 
 /// The sentence describing the last failed call made by the calling thread ("" if none
@@ -516,5 +521,7 @@ mod tests {
         assert!(check_disjoint(&[b, c], &[]).is_err());
         // empty buffers overlap nothing
         assert!(check_disjoint(&[span(p, 0, "e")], &[a]).is_ok());
+        // counts that overflow the address space saturate instead of wrapping
+        assert!(check_disjoint(&[span(p, usize::MAX, "huge")], &[a]).is_err());
     }
 }
