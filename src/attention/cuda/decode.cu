@@ -13,11 +13,11 @@
 // - S = Q K^T: warp (token group tg, head block hb) computes 16 heads x TW tokens over
 //   the full row width (no partial scores to reduce), mma.sync m16n8k16 with Q and K
 //   fragments by ldmatrix from XOR-swizzled rows (no padding, conflict-free).
-// - Online softmax on S in registers: per-row maxima of the token groups meet through
-//   a 128-float array; the reference maximum only moves when the tile's maximum exceeds
-//   it by more than RESCALE_LOG2 (in log2 units), so the output rescale (and its 128
-//   multiplies per thread) is skipped on nearly every tile; probabilities go to shared
-//   memory as bf16, row sums stay per thread until the end.
+// - Online softmax on S in registers against a reference maximum per row that only
+//   moves when a tile's maximum exceeds it by more than RESCALE_LOG2 (log2 units): the
+//   token groups exchange maxima and the output is rescaled only then (a block vote,
+//   on the first tiles), so a common tile has two barriers and no rescale; P goes to
+//   shared memory as bf16, row sums stay per thread until the end.
 // - O += P V: warp owns all HT heads x SLICE/8 latent columns, so every V element is
 //   read from shared memory once per tile.
 // With one split the block writes the final output; otherwise an f32 partial output
@@ -300,6 +300,10 @@ tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
         }
 
         // ---- online softmax ----
+        // Probabilities are first taken against the current reference maxima; only when
+        // some token group's maximum exceeds its reference by more than RESCALE_LOG2 (a
+        // block-wide vote, on the first tiles only) do the groups exchange maxima, move
+        // the references and redo P. The common tile thus needs two barriers.
         const int first = tile * NT;
         if (first + NT > len) {  // the sequence's last, partial tile
 #pragma unroll
@@ -318,47 +322,54 @@ tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
         for (int h = 0; h < 2; ++h) {
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+            mx[h] *= LOG2E;
         }
         const int row0 = hb * 16 + g;
-        if (t4 == 0) {
-            sm.red[tg][row0] = mx[0];
-            sm.red[tg][row0 + 8] = mx[1];
-        }
-        __syncthreads();
-        bool rescale = false;
-        float alpha[2];
+        unsigned char* p_bytes = reinterpret_cast<unsigned char*>(&sm.p[0][0]);
+        float l_tile[2];
+        // P against m_ref into shared memory; the tile's row sums into l_tile.
+        auto write_p = [&]() {
+            l_tile[0] = 0.f;
+            l_tile[1] = 0.f;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float m = sm.red[0][row0 + 8 * h];
-#pragma unroll
-            for (int t = 1; t < TG; ++t) m = fmaxf(m, sm.red[t][row0 + 8 * h]);
-            m *= LOG2E;  // finite: every tile holds at least one valid token
-            alpha[h] = 1.f;
-            if (m > m_ref[h] + RESCALE_LOG2) {
-                alpha[h] = fast_exp2(m_ref[h] - m);  // 0 on the first tile
-                m_ref[h] = m;
-                l_part[h] *= alpha[h];
-                rescale = true;
+            for (int n = 0; n < QK_NT; ++n) {
+                const float p0 = fast_exp2(fmaf(s[n][0], LOG2E, -m_ref[0]));
+                const float p1 = fast_exp2(fmaf(s[n][1], LOG2E, -m_ref[0]));
+                const float p2 = fast_exp2(fmaf(s[n][2], LOG2E, -m_ref[1]));
+                const float p3 = fast_exp2(fmaf(s[n][3], LOG2E, -m_ref[1]));
+                l_tile[0] += p0 + p1;
+                l_tile[1] += p2 + p3;
+                const u32 at = swz(row0, tg * QK_NT + n, NT / 8) + 4 * t4;
+                *reinterpret_cast<u32*>(p_bytes + at) = pack_bf16x2(p0, p1);
+                *reinterpret_cast<u32*>(p_bytes + at + 8 * NT * 2) = pack_bf16x2(p2, p3);
             }
-        }
+        };
+        write_p();
+        if (__syncthreads_or(mx[0] > m_ref[0] + RESCALE_LOG2 || mx[1] > m_ref[1] + RESCALE_LOG2)) {
+            if (t4 == 0) {
+                sm.red[tg][row0] = mx[0];
+                sm.red[tg][row0 + 8] = mx[1];
+            }
+            __syncthreads();
+            float alpha[2];
 #pragma unroll
-        for (int n = 0; n < QK_NT; ++n) {
-            const float p0 = fast_exp2(fmaf(s[n][0], LOG2E, -m_ref[0]));
-            const float p1 = fast_exp2(fmaf(s[n][1], LOG2E, -m_ref[0]));
-            const float p2 = fast_exp2(fmaf(s[n][2], LOG2E, -m_ref[1]));
-            const float p3 = fast_exp2(fmaf(s[n][3], LOG2E, -m_ref[1]));
-            l_part[0] += p0 + p1;
-            l_part[1] += p2 + p3;
-            const u32 at = swz(row0, tg * QK_NT + n, NT / 8) + 4 * t4;
-            *reinterpret_cast<u32*>(reinterpret_cast<unsigned char*>(&sm.p[0][0]) + at) = pack_bf16x2(p0, p1);
-            *reinterpret_cast<u32*>(reinterpret_cast<unsigned char*>(&sm.p[0][0]) + at + 8 * NT * 2) =
-                pack_bf16x2(p2, p3);
-        }
-        if (tg == 0 && t4 == 0) {
-            sm.alpha[row0] = alpha[0];
-            sm.alpha[row0 + 8] = alpha[1];
-        }
-        if (__syncthreads_or(rescale)) {
+            for (int h = 0; h < 2; ++h) {
+                float m = sm.red[0][row0 + 8 * h];
+#pragma unroll
+                for (int t = 1; t < TG; ++t) m = fmaxf(m, sm.red[t][row0 + 8 * h]);
+                alpha[h] = 1.f;
+                if (m > m_ref[h] + RESCALE_LOG2) {  // m is finite: a tile holds a valid token
+                    alpha[h] = fast_exp2(m_ref[h] - m);  // 0 on the first tile
+                    m_ref[h] = m;
+                    l_part[h] *= alpha[h];
+                }
+            }
+            write_p();
+            if (tg == 0 && t4 == 0) {
+                sm.alpha[row0] = alpha[0];
+                sm.alpha[row0 + 8] = alpha[1];
+            }
+            __syncthreads();
 #pragma unroll
             for (int m = 0; m < MB; ++m) {
                 const float a_lo = sm.alpha[m * 16 + g];
@@ -372,6 +383,8 @@ tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
                 }
             }
         }
+        l_part[0] += l_tile[0];
+        l_part[1] += l_tile[1];
 
         // ---- O += P V  (V = the latent part of the cached rows) ----
 #pragma unroll
@@ -405,7 +418,7 @@ tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
     cp_async_wait<0>();
 
     // ---- row sums over the quad and the token groups; reference maxima ----
-    // (sm.red is free: the last tile's barrier follows its last read)
+    // (sm.red is free: a barrier follows its last read)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         l_part[h] += __shfl_xor_sync(0xffffffffu, l_part[h], 1);

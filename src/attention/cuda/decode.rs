@@ -114,7 +114,7 @@ impl CudaBackend {
 }
 
 /// Splits per (sequence, head tile): the fewest that keep at least 90% of the GPU's
-/// resident-block slots busy across waves, with at least 4 tiles (128 tokens) per split;
+/// resident-block slots busy across waves, with at least 4 tiles (256 tokens) per split;
 /// failing that, the best-filling count.
 fn choose_splits(slots: usize, blocks_per_split: usize, tiles: usize) -> usize {
     let max_splits = (tiles / 4).clamp(1, 1024);
