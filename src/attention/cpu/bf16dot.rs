@@ -10,7 +10,7 @@
 //! are rounded to bf16 (relative 2^-9 each); everything accumulates in f32.
 
 use super::simd::{Avx512, Simd};
-use super::tile::{softmax_update, Accum, TileGeo, TileScratch, ROW_STEP, TILE_ROWS};
+use super::tile::{softmax_update, Accum, TileGeo, TileRows, TileScratch, ROW_STEP, TILE_ROWS};
 use half::bf16;
 use std::arch::x86_64::*;
 
@@ -259,8 +259,8 @@ pub(super) fn pack_query<'a>(
 
 /// The bf16 tile: scores with `vdpbf16ps`, softmax update, outputs with `vdpbf16ps`.
 ///
-/// `qp` is the group's query as bf16 pairs `[ceil(rw/2)][hp]` (zero in padding), `rows`
-/// holds `n` (a multiple of [`ROW_STEP`]) pointers to bf16 rows of `w + d_r` elements.
+/// `qp` is the group's query as bf16 pairs `[ceil(rw/2)][hp]` (zero in padding); the
+/// rows hold `w + d_r` bf16 values each.
 ///
 /// # Safety
 /// The CPU must have AVX-512F, BW, VL and BF16; buffers as documented.
@@ -268,11 +268,11 @@ pub(super) fn pack_query<'a>(
 pub(super) unsafe fn tile_bf16(
     geo: &TileGeo,
     qp: &[u32],
-    rows: &[*const u8],
-    valid: usize,
+    tile: &TileRows,
     scr: &mut TileScratch,
     acc: &mut Accum,
 ) {
+    let (rows, valid) = (tile.rows, tile.valid);
     let (n, hp, wp, rw) = (rows.len(), geo.hp, geo.wp, geo.w + geo.d_r);
     let rw2 = rw.div_ceil(2);
     debug_assert!(n % ROW_STEP == 0 && n <= TILE_ROWS && valid <= n && hp % 16 == 0);
@@ -283,13 +283,16 @@ pub(super) unsafe fn tile_bf16(
         let q = qp.as_ptr().add(blk.start * 16 * rw2);
         let st = s.add(blk.start * 16);
         // 16 accumulators for whole blocks; single vectors take more rows instead
-        if blk.len == HV {
-            for t0 in (0..n).step_by(4) {
-                score_block::<4, HV>(rows.as_ptr().add(t0), q, hp, st.add(t0 * hp), rw);
+        for t0 in (0..n).step_by(ROW_STEP) {
+            if blk.start == 0 {
+                tile.prefetch_next(t0, t0 + ROW_STEP);
             }
-        } else {
-            for t0 in (0..n).step_by(ROW_STEP) {
-                score_block::<ROW_STEP, 1>(rows.as_ptr().add(t0), q, hp, st.add(t0 * hp), rw);
+            let r = rows.as_ptr().add(t0);
+            if blk.len == HV {
+                score_block::<4, HV>(r, q, hp, st.add(t0 * hp), rw);
+                score_block::<4, HV>(r.add(4), q, hp, st.add((t0 + 4) * hp), rw);
+            } else {
+                score_block::<ROW_STEP, 1>(r, q, hp, st.add(t0 * hp), rw);
             }
         }
     }

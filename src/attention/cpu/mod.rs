@@ -29,7 +29,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::sync::Mutex;
-use tile::{grow, Accum, TileGeo, TileScratch, ROW_STEP, TILE_ROWS};
+use tile::{grow, Accum, TileGeo, TileRows, TileScratch, ROW_STEP, TILE_ROWS};
 
 /// Which vector kernel the backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -457,7 +457,7 @@ impl ItemJob<'_> {
         let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
         let zero = self.zero_row.as_ptr();
         let mut page: (usize, &[u8]) = (usize::MAX, &[]);
-        // the next tile's rows are gathered (and prefetched) while this one computes
+        // the next tile's rows are gathered now and prefetched while this one computes
         let (mut rows, mut next) = ([zero; TILE_ROWS], [zero; TILE_ROWS]);
         let mut valid = self.gather(item, item.start, &mut rows, &mut page)?;
         for t0 in (item.start..item.end).step_by(TILE_ROWS) {
@@ -465,12 +465,16 @@ impl ItemJob<'_> {
                 t1 if t1 < item.end => self.gather(item, t1, &mut next, &mut page)?,
                 _ => 0,
             };
-            prefetch_rows(&next[..next_valid], row_bytes);
             let n = valid.next_multiple_of(ROW_STEP);
             for r in &mut rows[valid..n] {
                 *r = zero;
             }
-            let tile = &rows[..n];
+            let tile = TileRows {
+                rows: &rows[..n],
+                valid,
+                next: &next[..next_valid],
+                row_bytes,
+            };
             let scr = &mut *scratch;
             // SAFETY: the path was checked against this CPU at construction; every row
             // pointer is valid for `row_bytes` (cache pages checked in `gather`, the zero
@@ -480,17 +484,13 @@ impl ItemJob<'_> {
                     #[cfg(target_arch = "x86_64")]
                     Path::Bf16Dot => {
                         let qp = &self.query_bf16[blk * self.q_block..][..self.q_block];
-                        bf16dot::tile_bf16(&geo, qp, tile, valid, scr, &mut acc)
+                        bf16dot::tile_bf16(&geo, qp, &tile, scr, &mut acc)
                     }
                     #[cfg(target_arch = "x86_64")]
-                    Path::Avx512 => {
-                        tile::tile_avx512(&geo, self.query(blk), tile, valid, scr, &mut acc)
-                    }
+                    Path::Avx512 => tile::tile_avx512(&geo, self.query(blk), &tile, scr, &mut acc),
                     #[cfg(target_arch = "x86_64")]
-                    Path::Avx2 => {
-                        tile::tile_avx2(&geo, self.query(blk), tile, valid, scr, &mut acc)
-                    }
-                    _ => tile::tile_portable(&geo, self.query(blk), tile, valid, scr, &mut acc),
+                    Path::Avx2 => tile::tile_avx2(&geo, self.query(blk), &tile, scr, &mut acc),
+                    _ => tile::tile_portable(&geo, self.query(blk), &tile, scr, &mut acc),
                 }
             }
             std::mem::swap(&mut rows, &mut next);
@@ -540,25 +540,6 @@ impl ItemJob<'_> {
     fn query(&self, blk: usize) -> &[f32] {
         &self.query_f32[blk * self.q_block..][..self.q_block]
     }
-}
-
-/// Asks for the cache lines of `rows` (each `row_bytes` long) to be brought towards
-/// the core: the bf16 kernel's first touch of a row is a 4-byte broadcast, which
-/// the hardware prefetchers do not anticipate across rows.
-fn prefetch_rows(rows: &[*const u8], row_bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for &r in rows {
-        for off in (0..row_bytes).step_by(64) {
-            // SAFETY: prefetching is a hint; `r + off` lies inside the row.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                    r.add(off).cast(),
-                )
-            };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (rows, row_bytes);
 }
 
 /// Merges the partial blocks of one (sequence, head group) into the output rows of its

@@ -73,6 +73,41 @@ pub(super) fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
     }
 }
 
+/// The rows of one tile: `rows.len()` pointers (a multiple of [`ROW_STEP`]), each valid
+/// for `row_bytes`, of which the first `valid` are real (the rest point at a zero row),
+/// and the next tile's rows, to prefetch while this one computes.
+pub(super) struct TileRows<'a> {
+    pub rows: &'a [*const u8],
+    pub valid: usize,
+    pub next: &'a [*const u8],
+    pub row_bytes: usize,
+}
+
+impl TileRows<'_> {
+    /// Prefetches the share of the next tile's rows that matches rows `t0..t1` of this
+    /// one, so the requests spread over the tile's work. A kernel's first touch of a row
+    /// is where the hardware prefetchers cannot help: a new page, or (bf16 kernel) 4-byte
+    /// broadcasts from 8 rows at once.
+    #[inline(always)]
+    pub fn prefetch_next(&self, t0: usize, t1: usize) {
+        let n = self.rows.len();
+        let part = &self.next[self.next.len() * t0 / n..self.next.len() * t1 / n];
+        #[cfg(target_arch = "x86_64")]
+        for &r in part {
+            for off in (0..self.row_bytes).step_by(64) {
+                // SAFETY: prefetching is a hint; `r + off` lies inside the row.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        r.add(off).cast(),
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = part;
+    }
+}
+
 /// Running state of one work item: unnormalised outputs `[heads][wp]`, running maximum
 /// and sum of exponentials per head `[hp]`.
 pub(super) struct Accum<'a> {
@@ -189,22 +224,23 @@ unsafe fn output_block<S: Simd, const HB: usize, const JV: usize>(
 
 /// The f32 tile: decode rows, scores, softmax update, output accumulation.
 ///
-/// `qt` is the group's query transposed, `[xs][hp]` (zero in padding), `rows` holds `n`
-/// row pointers each valid for `w + d_r` elements of `geo.dtype`.
+/// `qt` is the group's query transposed, `[xs][hp]` (zero in padding); the rows hold
+/// `w + d_r` elements of `geo.dtype` each.
 #[inline(always)]
 unsafe fn tile_f32<S: Simd, const R: usize, const HV: usize, const HB: usize, const JV: usize>(
     geo: &TileGeo,
     qt: &[f32],
-    rows: &[*const u8],
-    valid: usize,
+    tile: &TileRows,
     scr: &mut TileScratch,
     acc: &mut Accum,
 ) {
+    let (rows, valid) = (tile.rows, tile.valid);
     let (n, hp, wp, xs) = (rows.len(), geo.hp, geo.wp, geo.xs());
     debug_assert!(n % R == 0 && n <= TILE_ROWS && valid <= n && hp % S::LANES == 0);
     debug_assert!(qt.len() >= xs * hp && acc.o.len() >= geo.heads * wp);
     let x = scr.x.as_mut_ptr();
     for (t, &row) in rows.iter().enumerate() {
+        tile.prefetch_next(t, t + 1);
         let xt = x.add(t * xs);
         S::decode_row(geo.dtype, row, xt, geo.w);
         std::ptr::write_bytes(xt.add(geo.w), 0, wp - geo.w);
@@ -262,12 +298,11 @@ unsafe fn tile_f32<S: Simd, const R: usize, const HV: usize, const HB: usize, co
 pub(super) unsafe fn tile_avx512(
     geo: &TileGeo,
     qt: &[f32],
-    rows: &[*const u8],
-    valid: usize,
+    tile: &TileRows,
     scr: &mut TileScratch,
     acc: &mut Accum,
 ) {
-    tile_f32::<super::simd::Avx512, ROW_STEP, 4, 4, 4>(geo, qt, rows, valid, scr, acc)
+    tile_f32::<super::simd::Avx512, ROW_STEP, 4, 4, 4>(geo, qt, tile, scr, acc)
 }
 
 /// AVX2+FMA tile (8 lanes; 8 accumulators per micro-kernel of the 16 registers).
@@ -279,12 +314,11 @@ pub(super) unsafe fn tile_avx512(
 pub(super) unsafe fn tile_avx2(
     geo: &TileGeo,
     qt: &[f32],
-    rows: &[*const u8],
-    valid: usize,
+    tile: &TileRows,
     scr: &mut TileScratch,
     acc: &mut Accum,
 ) {
-    tile_f32::<super::simd::Avx2, ROW_STEP, 2, 4, 2>(geo, qt, rows, valid, scr, acc)
+    tile_f32::<super::simd::Avx2, ROW_STEP, 2, 4, 2>(geo, qt, tile, scr, acc)
 }
 
 /// Portable tile: plain Rust the compiler vectorises for the build target.
@@ -294,10 +328,9 @@ pub(super) unsafe fn tile_avx2(
 pub(super) unsafe fn tile_portable(
     geo: &TileGeo,
     qt: &[f32],
-    rows: &[*const u8],
-    valid: usize,
+    tile: &TileRows,
     scr: &mut TileScratch,
     acc: &mut Accum,
 ) {
-    tile_f32::<super::simd::Portable, ROW_STEP, 2, 4, 2>(geo, qt, rows, valid, scr, acc)
+    tile_f32::<super::simd::Portable, ROW_STEP, 2, 4, 2>(geo, qt, tile, scr, acc)
 }
