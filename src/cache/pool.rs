@@ -22,8 +22,13 @@ pub(crate) struct PagePool {
     capacity: usize,
     page_bytes: usize,
     page_stride: usize,
-    /// Free page indices; the last one is handed out next, so freed pages are reused first.
+    /// Released page indices; the last one is handed out next, so freed pages are
+    /// reused first.
     free: Vec<u32>,
+    /// Pages `fresh..capacity` were never handed out. Keeping them as a range rather than
+    /// in `free` makes a pool's bookkeeping proportional to the pages in use, not to its
+    /// capacity.
+    fresh: u32,
 }
 
 impl PagePool {
@@ -64,7 +69,8 @@ impl PagePool {
             capacity,
             page_bytes,
             page_stride,
-            free: (0..capacity as u32).rev().collect(),
+            free: Vec::new(),
+            fresh: 0,
         })
     }
 
@@ -73,13 +79,20 @@ impl PagePool {
     }
 
     pub(crate) fn free_count(&self) -> usize {
-        self.free.len()
+        self.free.len() + (self.capacity - self.fresh as usize)
     }
 
     /// Takes a free page and zeroes it in every layer, so that rows past a sequence's
     /// end read as zero, as they do in shard files.
     pub(crate) fn alloc(&mut self) -> Option<u32> {
-        let page = self.free.pop()?;
+        let page = match self.free.pop() {
+            Some(page) => page,
+            None if (self.fresh as usize) < self.capacity => {
+                self.fresh += 1;
+                self.fresh - 1
+            }
+            None => return None,
+        };
         for layer in 0..self.layers {
             self.page_mut(layer, page).fill(0);
         }
@@ -87,7 +100,10 @@ impl PagePool {
     }
 
     pub(crate) fn release(&mut self, page: u32) {
-        debug_assert!(!self.free.contains(&page), "page {page} released twice");
+        debug_assert!(
+            page < self.fresh && !self.free.contains(&page),
+            "page {page} released twice or never handed out"
+        );
         self.free.push(page);
     }
 
