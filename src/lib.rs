@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: [`geometry`] (dims and shard plan) -> [`transform`] and
 //! [`convert`] (per-rank folded weights) -> cache -> [`attention`] backends -> combine.
-//! DESIGN.md in the repository explains the maths.
+//! docs/DESIGN.md explains the maths.
 
 pub mod attention;
 pub mod cache;
