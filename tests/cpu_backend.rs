@@ -269,7 +269,7 @@ fn nan_in_the_cache_or_query_reaches_the_output_and_nothing_else() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0006);
     let s = shape(32, 64, 16);
     let lens = [300, 1000, 70];
-    for dtype in [DType::Bf16, DType::F32] {
+    for dtype in [DType::Bf16, DType::F16, DType::F32] {
         // a NaN in the latent part, in the RoPE part, and in the middle of a long chunk
         for col in [3, s.slice_width + 5] {
             let mut cache = PagedRows::random(&mut rng, dtype, s.row_width(), 16, &lens);
@@ -357,6 +357,14 @@ fn bad_arguments_are_errors() {
         call(&[0], wide, &q, &mut out, &mut lse),
         ErrorKind::Mismatch
     );
+    // no heads and no sequences are empty steps, not errors
+    let none = shape(0, 16, 8);
+    backend
+        .attend(&cache, none, &[0], &[], &mut [], &mut [])
+        .unwrap();
+    backend
+        .attend(&cache, s, &[], &[], &mut [], &mut [])
+        .unwrap();
 
     assert_eq!(
         CpuBackend::new(0).unwrap_err().kind(),

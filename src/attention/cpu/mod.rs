@@ -259,13 +259,15 @@ impl LatentAttention for CpuBackend {
         lse: &mut [f32],
     ) -> Result<()> {
         check_attend_args(cache, shape, seqs, q, out, lse)?;
-        if seqs.is_empty() {
+        if seqs.is_empty() || shape.heads == 0 {
+            // nothing to compute: the checked output buffers are empty
             return Ok(());
         }
         let path = self.kernel.path(cache.dtype());
         let lanes = path.lanes();
-        let groups = shape.heads.div_ceil(MAX_GROUP_HEADS);
-        let group_heads = shape.heads.div_ceil(groups);
+        // equal groups of at most MAX_GROUP_HEADS heads, none of them empty
+        let group_heads = shape.heads.div_ceil(shape.heads.div_ceil(MAX_GROUP_HEADS));
+        let groups = shape.heads.div_ceil(group_heads);
         let geo = TileGeo {
             heads: group_heads,
             hp: group_heads.next_multiple_of(lanes),
