@@ -381,6 +381,10 @@ fn bad_arguments_are_errors() {
         KernelChoice::parse("sse9").unwrap_err().kind(),
         ErrorKind::InvalidArgument
     );
+    if let Ok(b) = CpuBackend::with_kernel(1, KernelChoice::Avx512Bf16) {
+        assert_eq!(b.kernel_for(DType::Bf16), KernelChoice::Avx512Bf16);
+        assert_eq!(b.kernel_for(DType::F32), KernelChoice::Avx512F);
+    }
     let auto = CpuBackend::new(1).unwrap();
     assert_eq!(auto.kernel(), KernelChoice::available()[0]);
     assert!(auto.name().contains(auto.kernel().name()));

@@ -234,6 +234,17 @@ impl CpuBackend {
         self.kernel
     }
 
+    /// The kernel that runs caches of `dtype`: the chosen one, except that `Avx512Bf16`
+    /// runs f16 and f32 caches with `Avx512F`.
+    pub fn kernel_for(&self, dtype: DType) -> KernelChoice {
+        match self.kernel.path(dtype) {
+            Path::Bf16Dot => KernelChoice::Avx512Bf16,
+            Path::Avx512 => KernelChoice::Avx512F,
+            Path::Avx2 => KernelChoice::Avx2Fma,
+            Path::Portable => KernelChoice::Portable,
+        }
+    }
+
     pub fn threads(&self) -> usize {
         self.threads
     }

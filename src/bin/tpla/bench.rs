@@ -234,7 +234,7 @@ pub fn run(args: Args) -> Result<()> {
         let flops = tokens * 2.0 * (shape.heads * (2 * shape.slice_width + shape.d_r)) as f64;
         let (t_bytes, t_flops) = (bytes / read_bw, flops / peak);
         let roofline = t_bytes.max(t_flops);
-        let kernel = backend.kernel().name();
+        let kernel = backend.kernel_for(dtype).name();
         if args.json {
             let record = serde_json::json!({
                 "backend": "cpu",
