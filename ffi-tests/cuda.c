@@ -1,13 +1,95 @@
 /* cuda.c: a context with TPLA_BACKEND_CUDA decodes what the CPU backend decodes (same
  * cache, same weights; both read bf16 rows and accumulate in f32, so they agree to
- * rounding). Where the library was built without CUDA or no GPU is usable, context
- * creation must say TPLA_STATUS_UNSUPPORTED; the program then prints why and passes.
+ * rounding). So does a device rank, on host buffers, on device buffers and a stream of
+ * the test's own, and replayed from a CUDA graph that captured the step; a one-rank NCCL
+ * all-reduce leaves its buffer as it was. Where the library was built without CUDA or no
+ * GPU is usable, context and device-rank creation must say TPLA_STATUS_UNSUPPORTED; the
+ * program then prints why and passes, unless TPLA_TEST_REQUIRE_GPU is set (device runs
+ * set it, and TPLA_TEST_REQUIRE_NCCL for NCCL). The driver API is reached through dlopen
+ * with the few prototypes below, so the test needs no CUDA headers.
  */
+#define _POSIX_C_SOURCE 200809L
+#include <dlfcn.h>
+
 #include "check.h"
 
 #define PREFILL 300
 #define STEPS 2
 #define BATCH 2
+
+/* ---- the CUDA driver API, loaded at run time ---- */
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef void *CUhandle; /* CUcontext, CUstream, CUgraph, CUgraphExec */
+static struct {
+  CUresult (*init)(unsigned);
+  CUresult (*device_get)(int *, int);
+  CUresult (*primary_ctx_retain)(CUhandle *, int);
+  CUresult (*primary_ctx_release)(int);
+  CUresult (*ctx_set_current)(CUhandle);
+  CUresult (*ctx_sync)(void);
+  CUresult (*mem_alloc)(CUdeviceptr *, size_t);
+  CUresult (*mem_free)(CUdeviceptr);
+  CUresult (*htod)(CUdeviceptr, const void *, size_t);
+  CUresult (*dtoh)(void *, CUdeviceptr, size_t);
+  CUresult (*stream_create)(CUhandle *, unsigned);
+  CUresult (*stream_destroy)(CUhandle);
+  CUresult (*stream_sync)(CUhandle);
+  CUresult (*begin_capture)(CUhandle, int);
+  CUresult (*end_capture)(CUhandle, CUhandle *);
+  CUresult (*graph_instantiate)(CUhandle *, CUhandle, unsigned long long);
+  CUresult (*graph_launch)(CUhandle, CUhandle);
+  CUresult (*graph_exec_destroy)(CUhandle);
+  CUresult (*graph_destroy)(CUhandle);
+} cu;
+
+#define CU(call)                                                                        \
+  do {                                                                                  \
+    CUresult cu_result_ = (call);                                                       \
+    if (cu_result_ != 0) {                                                              \
+      fprintf(stderr, "%s:%d: %s failed: CUresult %d\n", __FILE__, __LINE__, #call,      \
+              cu_result_);                                                              \
+      exit(1);                                                                          \
+    }                                                                                   \
+  } while (0)
+
+static void load(void *lib, void *fn, const char *name) {
+  void *sym = dlsym(lib, name);
+  if (sym == NULL) {
+    fprintf(stderr, "libcuda lacks %s\n", name);
+    exit(1);
+  }
+  memcpy(fn, &sym, sizeof sym); /* ISO C has no object-to-function pointer cast */
+}
+
+static void load_driver(void) {
+  void *lib = dlopen("libcuda.so.1", RTLD_NOW);
+  CHECK(lib != NULL); /* the library opened a GPU through it already */
+  load(lib, &cu.init, "cuInit");
+  load(lib, &cu.device_get, "cuDeviceGet");
+  load(lib, &cu.primary_ctx_retain, "cuDevicePrimaryCtxRetain");
+  load(lib, &cu.primary_ctx_release, "cuDevicePrimaryCtxRelease_v2");
+  load(lib, &cu.ctx_set_current, "cuCtxSetCurrent");
+  load(lib, &cu.ctx_sync, "cuCtxSynchronize");
+  load(lib, &cu.mem_alloc, "cuMemAlloc_v2");
+  load(lib, &cu.mem_free, "cuMemFree_v2");
+  load(lib, &cu.htod, "cuMemcpyHtoD_v2");
+  load(lib, &cu.dtoh, "cuMemcpyDtoH_v2");
+  load(lib, &cu.stream_create, "cuStreamCreate");
+  load(lib, &cu.stream_destroy, "cuStreamDestroy_v2");
+  load(lib, &cu.stream_sync, "cuStreamSynchronize");
+  load(lib, &cu.begin_capture, "cuStreamBeginCapture_v2");
+  load(lib, &cu.end_capture, "cuStreamEndCapture");
+  load(lib, &cu.graph_instantiate, "cuGraphInstantiateWithFlags");
+  load(lib, &cu.graph_launch, "cuGraphLaunch");
+  load(lib, &cu.graph_exec_destroy, "cuGraphExecDestroy");
+  load(lib, &cu.graph_destroy, "cuGraphDestroy");
+}
+
+static int required(const char *var) {
+  const char *v = getenv(var);
+  return v != NULL && *v != '\0' && strcmp(v, "0") != 0;
+}
 
 static double rel_l2(const float *a, const float *b, size_t n) {
   double num = 0.0, den = 0.0;
@@ -18,6 +100,246 @@ static double rel_l2(const float *a, const float *b, size_t n) {
     den += (double)b[i] * (double)b[i];
   }
   return sqrt(num / den);
+}
+
+/* Without CUDA or a GPU: a device rank and an NCCL communicator are UNSUPPORTED. */
+static void unsupported_paths(const tpla_context_options *o) {
+  tpla_backend_options cpu = backend_options(TPLA_BACKEND_CPU, 1);
+  tpla_context *ctx;
+  tpla_context_info info;
+  tpla_transform_desc td;
+  tpla_transform *identity;
+  tpla_layer_weights lw;
+  tpla_cache_options co;
+  tpla_cache *cache;
+  tpla_device_rank *rank = NULL;
+  tpla_nccl_comm *comm = NULL;
+  uint8_t id[TPLA_NCCL_UNIQUE_ID_BYTES];
+  const uint32_t seq = 0;
+  tpla_status s;
+
+  CHECK_OK(tpla_context_create(o, &cpu, &ctx));
+  memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  CHECK_OK(tpla_context_get_info(ctx, &info));
+  memset(&td, 0, sizeof td);
+  td.struct_size = sizeof td;
+  td.kind = TPLA_TRANSFORM_KIND_IDENTITY;
+  td.d_c = o->dims.d_c;
+  CHECK_OK(tpla_transform_create(&td, &identity));
+  memset(&lw, 0, sizeof lw); /* zero weights: nothing is decoded */
+  lw.struct_size = sizeof lw;
+  lw.w_uk_count = (size_t)info.heads * info.slice_width * o->dims.d_n;
+  lw.w_uv_count = (size_t)info.heads * info.slice_width * o->dims.d_v;
+  lw.w_uk = (float *)xcalloc(lw.w_uk_count, sizeof(float));
+  lw.w_uv = (float *)xcalloc(lw.w_uv_count, sizeof(float));
+  lw.mu = 1.0;
+  lw.slice_fraction = 0.5;
+  lw.transform = identity;
+  CHECK_OK(tpla_context_set_layer(ctx, 0, &lw));
+  free((float *)lw.w_uk);
+  free((float *)lw.w_uv);
+  memset(&co, 0, sizeof co);
+  co.struct_size = sizeof co;
+  co.dtype = TPLA_DTYPE_BF16;
+  co.page_size = TPLA_DEFAULT_PAGE_SIZE;
+  co.capacity_pages = 1;
+  CHECK_OK(tpla_cache_create(ctx, &co, &cache));
+  CHECK_OK(tpla_cache_add_sequence(cache, seq));
+  s = tpla_device_rank_create(ctx, cache, &seq, 1, 0, 1, &rank);
+  printf("cuda: device rank: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
+  CHECK(s == TPLA_STATUS_UNSUPPORTED && rank == NULL);
+  /* a unique id needs only libnccl, no GPU */
+  s = tpla_nccl_unique_id(id, sizeof id);
+  printf("cuda: nccl unique id: %s: %s\n", tpla_status_str(s),
+         s == TPLA_STATUS_OK ? "" : tpla_last_error_message());
+  CHECK(s == TPLA_STATUS_OK || s == TPLA_STATUS_UNSUPPORTED);
+  CHECK(!(s == TPLA_STATUS_UNSUPPORTED && required("TPLA_TEST_REQUIRE_NCCL")));
+  memset(id, 0, sizeof id);
+  s = tpla_nccl_comm_create(id, sizeof id, 1, 0, 0, &comm);
+  printf("cuda: nccl communicator: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
+  CHECK(s == TPLA_STATUS_UNSUPPORTED && comm == NULL);
+  tpla_cache_destroy(cache);
+  tpla_context_destroy(ctx);
+  tpla_transform_destroy(identity);
+}
+
+/* A device rank decodes the last step as the CPU context does, from host buffers, from
+ * device buffers on a stream, and from a graph that captured the step; then NCCL. */
+static void device_rank_paths(tpla_context *cpu_ctx, const tpla_cache *cache,
+                              const uint32_t *seqs, const float *q_lat, const float *qr) {
+  tpla_device_rank *rank;
+  tpla_device_rank_info ri;
+  tpla_context_info info;
+  tpla_decode_args a;
+  tpla_nccl_comm *comm;
+  uint8_t id[TPLA_NCCL_UNIQUE_ID_BYTES];
+  const uint32_t unknown[1] = {77};
+  float lat_scale, rope_scale, *rows, *want, *got, *poison;
+  int32_t slots[BATCH], one_slot[1];
+  size_t H, W, DR, QW, n_out, b, h, j;
+  CUdeviceptr slots_dev, q_dev, out_dev, small_dev;
+  CUhandle ctx, stream, graph, exec;
+  int dev;
+  double e;
+  tpla_status s;
+
+  memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  CHECK_OK(tpla_context_get_info(cpu_ctx, &info));
+  CHECK_OK(tpla_device_rank_create(cpu_ctx, cache, seqs, BATCH, 0, BATCH, &rank));
+  memset(&ri, 0, sizeof ri);
+  ri.struct_size = sizeof ri;
+  CHECK_OK(tpla_device_rank_get_info(rank, &ri));
+  H = ri.heads;
+  W = info.slice_width;
+  DR = info.dims.d_r;
+  QW = ri.query_width;
+  CHECK(H == info.heads && QW == W + DR && ri.d_v == info.dims.d_v && ri.layers == 1 &&
+        ri.max_batch == BATCH && ri.sequences == BATCH && ri.device == 0);
+  CHECK_OK(tpla_device_rank_query_scales(rank, 0, &lat_scale, &rope_scale));
+  CHECK(rope_scale == (float)info.dims.softmax_scale && lat_scale > 0.0f);
+  n_out = BATCH * H * ri.d_v;
+
+  /* the CPU context's partial head outputs for the latent queries */
+  want = (float *)xcalloc(n_out, sizeof(float));
+  got = (float *)xcalloc(n_out, sizeof(float));
+  poison = (float *)xcalloc(n_out, sizeof(float));
+  for (j = 0; j < n_out; j++) poison[j] = NAN;
+  memset(&a, 0, sizeof a);
+  a.struct_size = sizeof a;
+  a.query_kind = TPLA_QUERY_KIND_LATENT;
+  a.output_kind = TPLA_OUTPUT_KIND_HEADS;
+  a.seq_ids = seqs;
+  a.batch = BATCH;
+  a.queries = q_lat;
+  a.queries_count = BATCH * H * W;
+  a.q_rope = qr;
+  a.q_rope_count = BATCH * H * DR;
+  a.out = want;
+  a.out_count = n_out;
+  CHECK_OK(tpla_context_decode(cpu_ctx, cache, &a));
+
+  /* the device rank's query rows: scaled latent query, then scaled q_rope */
+  rows = (float *)xcalloc(BATCH * H * QW, sizeof(float));
+  for (b = 0; b < BATCH; b++)
+    for (h = 0; h < H; h++) {
+      float *row = rows + (b * H + h) * QW;
+      for (j = 0; j < W; j++) row[j] = lat_scale * q_lat[(b * H + h) * W + j];
+      for (j = 0; j < DR; j++) row[W + j] = rope_scale * qr[(b * H + h) * DR + j];
+    }
+
+  memcpy(got, poison, n_out * sizeof(float));
+  CHECK_OK(tpla_device_rank_decode_host(rank, 0, seqs, BATCH, rows, BATCH * H * QW, got, n_out));
+  e = rel_l2(got, want, n_out);
+  printf("cuda: device rank, host buffers: rel. L2 vs CPU %.2e\n", e);
+  CHECK(e < 1e-2);
+
+  CHECK_OK(tpla_device_rank_slots(rank, seqs, BATCH, slots, BATCH));
+  CHECK(tpla_device_rank_slots(rank, unknown, 1, one_slot, 1) == TPLA_STATUS_OUT_OF_RANGE);
+  CHECK(tpla_device_rank_slots(rank, seqs, BATCH, one_slot, 1) == TPLA_STATUS_BUFFER_TOO_SMALL);
+
+  /* engine-owned device buffers and stream, in the library's (primary) context */
+  load_driver();
+  CU(cu.init(0));
+  CU(cu.device_get(&dev, 0));
+  CU(cu.primary_ctx_retain(&ctx, dev));
+  CU(cu.ctx_set_current(ctx));
+  CU(cu.stream_create(&stream, 1 /* CU_STREAM_NON_BLOCKING */));
+  CU(cu.mem_alloc(&slots_dev, sizeof slots));
+  CU(cu.mem_alloc(&q_dev, BATCH * H * QW * sizeof(float)));
+  CU(cu.mem_alloc(&out_dev, n_out * sizeof(float)));
+  CU(cu.mem_alloc(&small_dev, n_out * sizeof(float) / 2));
+  CU(cu.htod(slots_dev, slots, sizeof slots));
+  CU(cu.htod(q_dev, rows, BATCH * H * QW * sizeof(float)));
+  CU(cu.ctx_sync()); /* copies on the legacy stream end before the test's stream reads */
+
+  /* errors the library finds in device arguments */
+  s = tpla_device_rank_decode(rank, 0, (const int32_t *)slots_dev, BATCH, rows,
+                              (float *)out_dev, stream);
+  printf("cuda: host memory as q_dev: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
+  CHECK(s == TPLA_STATUS_INVALID_ARGUMENT || s == TPLA_STATUS_MISMATCH);
+  s = tpla_device_rank_decode(rank, 0, (const int32_t *)slots_dev, BATCH,
+                              (const float *)q_dev, (float *)small_dev, stream);
+  printf("cuda: short out_dev: %s\n", tpla_last_error_message());
+  CHECK(s == TPLA_STATUS_INVALID_ARGUMENT);
+  CHECK(tpla_device_rank_decode(rank, 0, (const int32_t *)slots_dev, BATCH + 1,
+                                (const float *)q_dev, (float *)out_dev,
+                                stream) == TPLA_STATUS_INVALID_ARGUMENT);
+  CHECK(tpla_device_rank_decode(rank, 1, (const int32_t *)slots_dev, BATCH,
+                                (const float *)q_dev, (float *)out_dev,
+                                stream) == TPLA_STATUS_OUT_OF_RANGE);
+  CHECK(tpla_device_rank_decode(rank, 0, (const int32_t *)slots_dev, BATCH,
+                                (const float *)q_dev, (float *)q_dev,
+                                stream) == TPLA_STATUS_INVALID_ARGUMENT);
+  CHECK(tpla_device_rank_decode(rank, 0, (const int32_t *)slots_dev, BATCH,
+                                (const float *)q_dev, NULL, stream) ==
+        TPLA_STATUS_NULL_ARGUMENT);
+
+  /* a step enqueued on the engine's stream (also the warm-up before capture) */
+  CU(cu.htod(out_dev, poison, n_out * sizeof(float)));
+  CU(cu.ctx_sync());
+  CHECK_OK(tpla_device_rank_decode(rank, 0, (const int32_t *)slots_dev, BATCH,
+                                   (const float *)q_dev, (float *)out_dev, stream));
+  CU(cu.stream_sync(stream));
+  CU(cu.dtoh(got, out_dev, n_out * sizeof(float)));
+  e = rel_l2(got, want, n_out);
+  printf("cuda: device rank, device buffers on a stream: rel. L2 vs CPU %.2e\n", e);
+  CHECK(e < 1e-2);
+
+  /* the same step captured in a CUDA graph (global capture mode) and replayed */
+  CU(cu.htod(out_dev, poison, n_out * sizeof(float)));
+  CU(cu.ctx_sync());
+  CU(cu.begin_capture(stream, 0 /* CU_STREAM_CAPTURE_MODE_GLOBAL */));
+  s = tpla_device_rank_decode(rank, 0, (const int32_t *)slots_dev, BATCH,
+                              (const float *)q_dev, (float *)out_dev, stream);
+  CU(cu.end_capture(stream, &graph));
+  CHECK_OK(s);
+  CU(cu.graph_instantiate(&exec, graph, 0));
+  CU(cu.graph_launch(exec, stream));
+  CU(cu.stream_sync(stream));
+  CU(cu.dtoh(got, out_dev, n_out * sizeof(float)));
+  e = rel_l2(got, want, n_out);
+  printf("cuda: device rank, replayed CUDA graph: rel. L2 vs CPU %.2e\n", e);
+  CHECK(e < 1e-2);
+  CU(cu.graph_exec_destroy(exec));
+  CU(cu.graph_destroy(graph));
+
+  /* NCCL: one rank, whose sum leaves the step's outputs as they are */
+  s = tpla_nccl_unique_id(id, sizeof id);
+  if (s == TPLA_STATUS_UNSUPPORTED) {
+    printf("cuda: nccl skipped: %s\n", tpla_last_error_message());
+    CHECK(!required("TPLA_TEST_REQUIRE_NCCL"));
+  } else {
+    float *summed = (float *)xcalloc(n_out, sizeof(float));
+    CHECK_OK(s);
+    CHECK_OK(tpla_nccl_comm_create(id, sizeof id, 1, 0, 0, &comm));
+    CHECK(tpla_nccl_all_reduce(comm, (float *)out_dev, 0, stream) ==
+          TPLA_STATUS_INVALID_ARGUMENT);
+    s = tpla_nccl_all_reduce(comm, got, n_out, stream);
+    CHECK(s == TPLA_STATUS_INVALID_ARGUMENT || s == TPLA_STATUS_MISMATCH);
+    CHECK(tpla_nccl_all_reduce(comm, (float *)small_dev, n_out, stream) ==
+          TPLA_STATUS_INVALID_ARGUMENT);
+    CHECK_OK(tpla_nccl_all_reduce(comm, (float *)out_dev, n_out, stream));
+    CU(cu.stream_sync(stream));
+    CU(cu.dtoh(summed, out_dev, n_out * sizeof(float)));
+    CHECK(memcmp(summed, got, n_out * sizeof(float)) == 0);
+    printf("cuda: nccl one-rank all-reduce of %zu values: unchanged\n", n_out);
+    tpla_nccl_comm_destroy(comm);
+    free(summed);
+  }
+
+  CU(cu.mem_free(slots_dev));
+  CU(cu.mem_free(q_dev));
+  CU(cu.mem_free(out_dev));
+  CU(cu.mem_free(small_dev));
+  tpla_device_rank_destroy(rank);
+  CU(cu.stream_destroy(stream));
+  CU(cu.primary_ctx_release(dev));
+  free(rows);
+  free(want);
+  free(got);
+  free(poison);
 }
 
 int main(void) {
@@ -53,6 +375,8 @@ int main(void) {
   s = tpla_context_create(&o, &cuda, &gpu_ctx);
   if (s == TPLA_STATUS_UNSUPPORTED) {
     printf("cuda: skipped: %s\n", tpla_last_error_message());
+    CHECK(!required("TPLA_TEST_REQUIRE_GPU"));
+    unsupported_paths(&o);
     return 0;
   }
   CHECK_OK(s);
@@ -174,6 +498,27 @@ int main(void) {
     free(heads_cpu);
     free(lat_gpu);
     free(lat_cpu);
+  }
+
+  {
+    /* the last step's queries, absorbed on the host (what an engine does on the GPU) */
+    float *q_lat = (float *)xcalloc(BATCH * H * W, sizeof(float));
+    float *qr = (float *)xcalloc(BATCH * H * d.d_r, sizeof(float));
+    size_t h, j, n;
+    for (b = 0; b < BATCH; b++) {
+      size_t t = tokens - b * 100 - 1;
+      for (h = 0; h < H; h++)
+        for (j = 0; j < W; j++) {
+          float acc = 0.0f;
+          for (n = 0; n < d.d_n; n++)
+            acc += w_uk[(h * W + j) * d.d_n + n] * q_nope[b][(t * H + h) * d.d_n + n];
+          q_lat[(b * H + h) * W + j] = acc;
+        }
+      memcpy(qr + b * H * d.d_r, q_rope[b] + t * H * d.d_r, H * d.d_r * sizeof(float));
+    }
+    device_rank_paths(cpu_ctx, cache, seqs, q_lat, qr);
+    free(q_lat);
+    free(qr);
   }
 
   for (b = 0; b < BATCH; b++) {

@@ -734,6 +734,60 @@ int main(int argc, char **argv) {
   tpla_synthetic_destroy(syn);
   tpla_synthetic_destroy(NULL);
 
+  /* ---- device ranks and NCCL: the checks that come before any GPU or NCCL (what a
+   * build or machine without them answers for valid arguments is in cuda.c) ---- */
+  {
+    tpla_device_rank *r_out = NULL;
+    tpla_nccl_comm *n_out = NULL;
+    tpla_device_rank_info ri;
+    uint8_t id[TPLA_NCCL_UNIQUE_ID_BYTES + 1];
+    int32_t slots[2];
+    float lat_scale, rope_scale;
+    memset(id, 0, sizeof id);
+    memset(&ri, 0, sizeof ri);
+    ri.struct_size = sizeof ri;
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "ctx is NULL",
+           tpla_device_rank_create(NULL, cache0, seq_ids, 2, 0, 2, &r_out));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "cache is NULL",
+           tpla_device_rank_create(ctx0, NULL, seq_ids, 2, 0, 2, &r_out));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "seq_ids is NULL",
+           tpla_device_rank_create(ctx0, cache0, NULL, 2, 0, 2, &r_out));
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "at least one sequence",
+           tpla_device_rank_create(ctx0, cache0, seq_ids, 0, 0, 2, &r_out));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "out is NULL",
+           tpla_device_rank_create(ctx0, cache0, seq_ids, 2, 0, 2, NULL));
+    CHECK(r_out == NULL);
+    tpla_device_rank_destroy(NULL);
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "rank is NULL", tpla_device_rank_get_info(NULL, &ri));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "rank is NULL",
+           tpla_device_rank_query_scales(NULL, 0, &lat_scale, &rope_scale));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "rank is NULL",
+           tpla_device_rank_slots(NULL, seq_ids, 2, slots, 2));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "rank is NULL",
+           tpla_device_rank_decode(NULL, 0, slots, 2, q_rope, out, NULL));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "rank is NULL",
+           tpla_device_rank_decode_host(NULL, 0, seq_ids, 2, q_rope, 4, out, 4));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "buf is NULL",
+           tpla_nccl_unique_id(NULL, TPLA_NCCL_UNIQUE_ID_BYTES));
+    EXPECT(TPLA_STATUS_BUFFER_TOO_SMALL, "is 128 bytes, buf holds 127",
+           tpla_nccl_unique_id(id, TPLA_NCCL_UNIQUE_ID_BYTES - 1));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "id is NULL",
+           tpla_nccl_comm_create(NULL, TPLA_NCCL_UNIQUE_ID_BYTES, 1, 0, 0, &n_out));
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "128 bytes, got 129",
+           tpla_nccl_comm_create(id, TPLA_NCCL_UNIQUE_ID_BYTES + 1, 1, 0, 0, &n_out));
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "rank 1 of 1 ranks",
+           tpla_nccl_comm_create(id, TPLA_NCCL_UNIQUE_ID_BYTES, 1, 1, 0, &n_out));
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "rank 0 of 0 ranks",
+           tpla_nccl_comm_create(id, TPLA_NCCL_UNIQUE_ID_BYTES, 0, 0, 0, &n_out));
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "on device -1",
+           tpla_nccl_comm_create(id, TPLA_NCCL_UNIQUE_ID_BYTES, 1, 0, -1, &n_out));
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "out is NULL",
+           tpla_nccl_comm_create(id, TPLA_NCCL_UNIQUE_ID_BYTES, 1, 0, 0, NULL));
+    CHECK(n_out == NULL);
+    EXPECT(TPLA_STATUS_NULL_ARGUMENT, "comm is NULL", tpla_nccl_all_reduce(NULL, out, 4, NULL));
+    tpla_nccl_comm_destroy(NULL);
+  }
+
   tpla_cache_destroy(cache0);
   tpla_cache_destroy(cache1);
   tpla_cache_destroy(cache_one_layer);

@@ -9,6 +9,11 @@
  * (tpla_export_*, tpla_cache_register_file) or in memory; per decode step and layer,
  * append the new token (tpla_context_append_token), decode (tpla_context_decode) and sum
  * the ranks' partial outputs (tpla_all_reduce_in_process or tpla_all_reduce_with).
+ * On GPUs (library built with the cargo features `cuda`, `nccl`), a device rank
+ * (tpla_device_rank_create) decodes on the engine's device buffers and stream
+ * (tpla_device_rank_decode, capturable in a CUDA graph) and tpla_nccl_all_reduce sums
+ * the ranks' outputs; every build declares these functions and, without the feature,
+ * they return TPLA_STATUS_UNSUPPORTED.
  *
  * Conventions:
  * - Errors: every fallible function returns a tpla_status; TPLA_STATUS_OK is 0. On
@@ -68,6 +73,11 @@
  * Tokens per cache page unless the caller chooses otherwise.
  */
 #define TPLA_DEFAULT_PAGE_SIZE 64
+
+/**
+ * Bytes of an NCCL unique id (`tpla_nccl_unique_id`, `tpla_nccl_comm_create`).
+ */
+#define TPLA_NCCL_UNIQUE_ID_BYTES 128
 
 /**
  * Outcome of a call. `TPLA_STATUS_OK` is zero; every other value comes with a sentence
@@ -344,10 +354,24 @@ typedef struct tpla_cache tpla_cache;
 typedef struct tpla_context tpla_context;
 
 /**
+ * One rank of a layer stack on one GPU: the rank's cache of every layer and its `W'_UV`
+ * in device memory, and the decode kernels. Made from a context (weights) and a cache
+ * (sequences) by `tpla_device_rank_create`; independent of both afterwards. Use it from
+ * one thread at a time; separate device ranks may be used from separate threads.
+ */
+typedef struct tpla_device_rank tpla_device_rank;
+
+/**
  * An export in progress: the prefill's rows streamed, layer by layer and sequence by
  * sequence, into the g shard images. Use it from one thread at a time.
  */
 typedef struct tpla_export tpla_export;
+
+/**
+ * One rank's NCCL communicator on one GPU (`tpla_nccl_comm_create`). Use it from one
+ * thread at a time.
+ */
+typedef struct tpla_nccl_comm tpla_nccl_comm;
 
 /**
  * A seeded synthetic MLA layer with anisotropic latents (as real checkpoints have),
@@ -749,6 +773,41 @@ typedef struct tpla_export_options {
  */
 typedef int32_t (*tpla_all_reduce_fn)(float *buffer, size_t count, void *user);
 
+/**
+ * What a device rank is, for sizing device buffers (`tpla_device_rank_get_info`).
+ */
+typedef struct tpla_device_rank_info {
+  /**
+   * Set by the caller to sizeof(tpla_device_rank_info) before the call.
+   */
+  size_t struct_size;
+  /**
+   * The GPU ordinal.
+   */
+  uint32_t device;
+  /**
+   * The rank's heads.
+   */
+  uint32_t heads;
+  /**
+   * Values per query row: slice_width + d_r.
+   */
+  uint32_t query_width;
+  /**
+   * Values per head output: d_v.
+   */
+  uint32_t d_v;
+  uint32_t layers;
+  /**
+   * The largest batch of one step.
+   */
+  uint32_t max_batch;
+  /**
+   * Sequences on the device (those given at creation).
+   */
+  uint32_t sequences;
+} tpla_device_rank_info;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -975,8 +1034,8 @@ tpla_status tpla_context_append_token(const struct tpla_context *ctx,
  * One decode step of one layer for a batch of sequences on this rank: absorbs the
  * queries, runs the backend over the rank's cache, and writes the partial head outputs
  * (sum them over ranks with `tpla_all_reduce_in_process` or `tpla_all_reduce_with`) or
- * the latent outputs and log-sum-exps. Host memory; a device-pointer/stream variant
- * will be a separate function.
+ * the latent outputs and log-sum-exps. Host memory; steps on engine-owned device memory
+ * and streams are `tpla_device_rank_decode`.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
  * TPLA_STATUS_INVALID_ARGUMENT (counts, unknown kinds, misaligned or overlapping
@@ -1271,6 +1330,221 @@ tpla_status tpla_all_reduce_with(float *buffer,
                                  size_t count,
                                  tpla_all_reduce_fn reduce,
                                  void *user);
+
+/**
+ * Uploads sequences `seq_ids` (`seq_count` of them, each holding at least one token in
+ * every layer) of every layer of `cache` (registered shard files or appended rows) and
+ * the `W'_UV` of every layer of `ctx` to GPU `device`; steps then decode batches of 1 to
+ * `max_batch` of those sequences. The device rank keeps no pointer to `ctx`, `cache` or
+ * `seq_ids`: later appends to `cache` do not reach it. Compiles (or loads from the disk
+ * cache) the decode kernels. Destroy it with `tpla_device_rank_destroy`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (no sequences, a
+ * sequence listed twice or without tokens, max_batch 0 or above 65535, a layer of `ctx`
+ * without weights), TPLA_STATUS_OUT_OF_RANGE (unknown sequence id), TPLA_STATUS_MISMATCH
+ * (cache of another geometry, group, layer count or transform), TPLA_STATUS_UNSUPPORTED
+ * (built without CUDA; no usable GPU, driver, libnvrtc or libcublas; a shape the kernels
+ * lack) or TPLA_STATUS_BACKEND. Reads `ctx` and `cache` (other read-only uses may run
+ * concurrently). Thread-safe otherwise.
+ *
+ * # Safety
+ * Handles are NULL or live; `seq_ids` holds `seq_count` ids; `out` is NULL or writable.
+ */
+tpla_status tpla_device_rank_create(const struct tpla_context *ctx,
+                                    const struct tpla_cache *cache,
+                                    const uint32_t *seq_ids,
+                                    size_t seq_count,
+                                    uint32_t device,
+                                    uint32_t max_batch,
+                                    struct tpla_device_rank **out);
+
+/**
+ * Destroys a device rank, after waiting for its work on the GPU; NULL is a no-op.
+ *
+ * # Safety
+ * `rank` is NULL or a device rank not yet destroyed and not in use by another thread;
+ * no captured CUDA graph that still runs may refer to it.
+ */
+void tpla_device_rank_destroy(struct tpla_device_rank *rank);
+
+/**
+ * Fills `*info` (whose struct_size the caller sets) with the rank's shapes.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_WRONG_STRUCT_SIZE. Safe to call
+ * concurrently with other read-only uses of the rank.
+ *
+ * # Safety
+ * `rank` is NULL or live; `info` is NULL or a writable `tpla_device_rank_info`.
+ */
+tpla_status tpla_device_rank_get_info(const struct tpla_device_rank *rank,
+                                      struct tpla_device_rank_info *info);
+
+/**
+ * The factors an engine applies when it builds the query rows of layer `layer` for
+ * `tpla_device_rank_decode`: a row is [heads][query_width] f32, per head the absorbed
+ * latent query (TPLA_QUERY_KIND_LATENT's values) times `*latent_scale`, then q_rope
+ * times `*rope_scale` (the softmax scale, times the layer's mu for the latent part).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_OUT_OF_RANGE (layer). Safe to call
+ * concurrently with other read-only uses of the rank.
+ *
+ * # Safety
+ * `rank` is NULL or live; the outputs are NULL or writable.
+ */
+tpla_status tpla_device_rank_query_scales(const struct tpla_device_rank *rank,
+                                          uint32_t layer,
+                                          float *latent_scale,
+                                          float *rope_scale);
+
+/**
+ * The device cache slots of sequences `seq_ids` (`count` of them, 1 to max_batch), in
+ * `slots` (`slots_count` >= count): what `tpla_device_rank_decode` reads from device
+ * memory. A sequence keeps its slot for the rank's life, so an engine can look its
+ * slots up once and keep them in its own device buffers.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (count 0 or above
+ * max_batch, overlapping buffers), TPLA_STATUS_BUFFER_TOO_SMALL or
+ * TPLA_STATUS_OUT_OF_RANGE (a sequence not on this rank). Safe to call concurrently with
+ * other read-only uses of the rank.
+ *
+ * # Safety
+ * `rank` is NULL or live; the arrays hold their counts.
+ */
+tpla_status tpla_device_rank_slots(const struct tpla_device_rank *rank,
+                                   const uint32_t *seq_ids,
+                                   size_t count,
+                                   int32_t *slots,
+                                   size_t slots_count);
+
+/**
+ * Enqueues one decode step of layer `layer` on `stream` and returns without waiting
+ * for the GPU, so a CUDA graph can capture it: attention of the `batch` query rows at
+ * `q_dev` ([batch][heads][query_width] f32, scaled as `tpla_device_rank_query_scales`
+ * says) against the sequences whose slots (`tpla_device_rank_slots`) are at `slots_dev`
+ * ([batch] int32), then the projection through `W'_UV` into the rank's partial head
+ * outputs at `out_dev` ([batch][heads][d_v] f32; sum them over ranks with
+ * `tpla_nccl_all_reduce`). All three are device memory of the rank's GPU owned by the
+ * engine, which must keep them alive, unchanged (inputs) and untouched (output) until
+ * the stream has passed this step; the library reads them only on the GPU. `stream` is
+ * a CUstream of the rank's GPU's primary context (NULL: the legacy default stream).
+ *
+ * The first step of each batch size allocates that size's workspace: run one step of
+ * each batch size to be captured before capturing. A step reads the rank's sequence
+ * lengths on the GPU, so a captured step stays valid. Steps on different streams must
+ * not overlap in time (they share the rank's intermediate buffers).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT (rank, or a NULL device pointer),
+ * TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above max_batch; an address that is not
+ * device memory, or whose allocation ends before the buffer does; out_dev overlapping an
+ * input; not a stream), TPLA_STATUS_OUT_OF_RANGE (layer), TPLA_STATUS_MISMATCH (memory
+ * or stream of another GPU or context), TPLA_STATUS_UNSUPPORTED (no CUDA in this build)
+ * or TPLA_STATUS_BACKEND. Uses `rank` exclusively (one thread at a time).
+ *
+ * # Safety
+ * `rank` is NULL or live; `slots_dev` holds `batch` slots from `tpla_device_rank_slots`
+ * (values the GPU reads unchecked); the device buffers stay valid as said above;
+ * `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_rank_decode(struct tpla_device_rank *rank,
+                                    uint32_t layer,
+                                    const int32_t *slots_dev,
+                                    size_t batch,
+                                    const float *q_dev,
+                                    float *out_dev,
+                                    void *stream);
+
+/**
+ * The synchronous form of `tpla_device_rank_decode` on host memory, on the rank's own
+ * stream: uploads the slots of `seq_ids` and the query rows `queries`
+ * ([batch][heads][query_width], scaled as `tpla_device_rank_query_scales` says), runs
+ * the step and waits for it, and copies the partial head outputs to `out`
+ * ([batch][heads][d_v]). For tests and tools; an engine's step uses device memory.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above
+ * max_batch, counts, overlapping buffers), TPLA_STATUS_OUT_OF_RANGE (layer, a sequence
+ * not on this rank), TPLA_STATUS_UNSUPPORTED (no CUDA in this build) or
+ * TPLA_STATUS_BACKEND. Uses `rank` exclusively (one thread at a time).
+ *
+ * # Safety
+ * `rank` is NULL or live; the arrays hold their counts.
+ */
+tpla_status tpla_device_rank_decode_host(struct tpla_device_rank *rank,
+                                         uint32_t layer,
+                                         const uint32_t *seq_ids,
+                                         size_t batch,
+                                         const float *queries,
+                                         size_t queries_count,
+                                         float *out,
+                                         size_t out_count);
+
+/**
+ * Makes a fresh NCCL unique id (rank 0 does this once) and writes its
+ * TPLA_NCCL_UNIQUE_ID_BYTES bytes to `buf` (`len` >= that); the engine hands the bytes
+ * to every rank's `tpla_nccl_comm_create` (through a file, a socket, its own launcher).
+ * The calling process must stay alive until every rank has joined (NCCL's bootstrap
+ * listener runs in it).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_BUFFER_TOO_SMALL,
+ * TPLA_STATUS_UNSUPPORTED (built without NCCL, or libnccl not found) or
+ * TPLA_STATUS_BACKEND. Thread-safe.
+ *
+ * # Safety
+ * `buf` is NULL or writable for `len` bytes.
+ */
+tpla_status tpla_nccl_unique_id(uint8_t *buf, size_t len);
+
+/**
+ * Joins the communicator of `nranks` ranks named by the unique id `id` (`len` ==
+ * TPLA_NCCL_UNIQUE_ID_BYTES bytes from rank 0's `tpla_nccl_unique_id`) as rank `rank`
+ * on GPU `device`. Blocks until every rank has joined. One rank per GPU. Destroy it with
+ * `tpla_nccl_comm_destroy`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (len, nranks < 1,
+ * rank outside 0 .. nranks - 1, device < 0), TPLA_STATUS_UNSUPPORTED (built without
+ * NCCL; libnccl, the driver or the GPU missing) or TPLA_STATUS_BACKEND (NCCL failed,
+ * for example a rank that never joined). Thread-safe (each rank usually calls it from
+ * its own process or thread).
+ *
+ * # Safety
+ * `id` is NULL or readable for `len` bytes; `out` is NULL or writable.
+ */
+tpla_status tpla_nccl_comm_create(const uint8_t *id,
+                                  size_t len,
+                                  int32_t nranks,
+                                  int32_t rank,
+                                  int32_t device,
+                                  struct tpla_nccl_comm **out);
+
+/**
+ * Destroys a communicator (NCCL lets its pending operations finish); NULL is a no-op.
+ *
+ * # Safety
+ * `comm` is NULL or a communicator not yet destroyed and not in use by another thread.
+ */
+void tpla_nccl_comm_destroy(struct tpla_nccl_comm *comm);
+
+/**
+ * Enqueues an in-place f32 sum of `count` values at `dev_buf` (device memory of the
+ * communicator's GPU, for example a step's `out_dev`) over every rank of `comm`, on
+ * `stream` (a CUstream of that GPU's primary context; NULL: the legacy default stream),
+ * and returns without waiting: a CUDA graph can capture it. Every rank must make the
+ * same calls with the same counts in the same order. The buffer must stay valid until
+ * the stream has passed the sum.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (count 0; an address
+ * that is not device memory, or whose allocation ends before count values; not a
+ * stream), TPLA_STATUS_MISMATCH (memory or stream of another GPU or context),
+ * TPLA_STATUS_UNSUPPORTED (no NCCL in this build) or TPLA_STATUS_BACKEND. Uses `comm`
+ * exclusively (one thread at a time).
+ *
+ * # Safety
+ * `comm` is NULL or live; `dev_buf` stays valid as said above; `stream` is NULL or a
+ * live CUstream.
+ */
+tpla_status tpla_nccl_all_reduce(struct tpla_nccl_comm *comm,
+                                 float *dev_buf,
+                                 size_t count,
+                                 void *stream);
 
 /**
  * Generates the synthetic layer of shape `dims` and `seed` (same inputs, same layer;

@@ -12,8 +12,9 @@ use crate::attention::cuda::{
     CUstream, CudaBackend, DecodePlan, DeviceBuffer, DeviceCache, DeviceCacheConfig, PAGE_SIZE,
 };
 use crate::attention::LatentShape;
-use crate::cache::RankCache;
+use crate::cache::{RankCache, TransformId};
 use crate::convert::RankWeights;
+use crate::decode::RankContext;
 use crate::error::{Error, ErrorKind, Result};
 use crate::geometry::{ModelDims, ShardPlan};
 use cudarc::cublas::{result as blas, sys as blas_sys};
@@ -47,6 +48,13 @@ impl Drop for Blas {
         // SAFETY: destroyed once.
         let _ = unsafe { blas::destroy_handle(self.0) };
     }
+}
+
+/// What a device rank needs of a layer's weights.
+struct LayerWeights {
+    /// `[heads][slice_width][d_v]`
+    w_uv: Vec<f32>,
+    transform: TransformId,
 }
 
 struct DeviceLayer {
@@ -104,7 +112,66 @@ impl DeviceRank {
         let first = weights
             .first()
             .ok_or_else(|| Error::invalid("a device rank needs at least one layer"))?;
-        let (dims, plan) = (first.dims, first.plan);
+        for (l, w) in weights.iter().enumerate() {
+            if w.dims != first.dims || w.plan != first.plan {
+                return Err(Error::mismatch(format!(
+                    "layer {l}'s weights belong to another geometry or rank"
+                )));
+            }
+        }
+        let layers: Vec<LayerWeights> = weights
+            .iter()
+            .map(|w| LayerWeights {
+                w_uv: w.w_uv.iter().map(|&v| v as f32).collect(),
+                transform: TransformId {
+                    code: w.transform_code,
+                    fingerprint: w.transform_fingerprint,
+                },
+            })
+            .collect();
+        Self::upload_layers(
+            backend, first.dims, first.plan, &layers, cache, seqs, max_batch,
+        )
+    }
+
+    /// As [`Self::upload`], with the weights a [`RankContext`] holds (every layer must
+    /// have them).
+    pub fn from_context(
+        backend: CudaBackend,
+        context: &RankContext,
+        cache: &RankCache,
+        seqs: &[u32],
+        max_batch: usize,
+    ) -> Result<Self> {
+        let layers = (0..context.layer_count())
+            .map(|l| {
+                let layer = context.layer(l)?;
+                Ok(LayerWeights {
+                    w_uv: layer.w_uv.clone(),
+                    transform: layer.transform_id(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::upload_layers(
+            backend,
+            *context.dims(),
+            *context.plan(),
+            &layers,
+            cache,
+            seqs,
+            max_batch,
+        )
+    }
+
+    fn upload_layers(
+        backend: CudaBackend,
+        dims: ModelDims,
+        plan: ShardPlan,
+        weights: &[LayerWeights],
+        cache: &RankCache,
+        seqs: &[u32],
+        max_batch: usize,
+    ) -> Result<Self> {
         let spec = cache.spec();
         if spec.dims() != &dims || spec.groups() != plan.groups || spec.group() != plan.group {
             return Err(Error::mismatch(format!(
@@ -123,13 +190,7 @@ impl DeviceRank {
             )));
         }
         for (l, w) in weights.iter().enumerate() {
-            if w.dims != dims || w.plan != plan {
-                return Err(Error::mismatch(format!(
-                    "layer {l}'s weights belong to another geometry or rank"
-                )));
-            }
-            let t = spec.transforms()[l];
-            if (t.code, t.fingerprint) != (w.transform_code, w.transform_fingerprint) {
+            if spec.transforms()[l] != w.transform {
                 return Err(Error::mismatch(format!(
                     "layer {l} of the cache was rotated by another transform than its weights"
                 )));
@@ -159,10 +220,9 @@ impl DeviceRank {
             for (slot, &s) in seqs.iter().enumerate() {
                 dev.upload(slot, &view, s)?;
             }
-            let w_uv: Vec<f32> = w.w_uv.iter().map(|&v| v as f32).collect();
             rank.layers.push(DeviceLayer {
                 cache: dev,
-                w_uv: DeviceBuffer::from_host(rank.backend.device(), &w_uv)?,
+                w_uv: DeviceBuffer::from_host(rank.backend.device(), &w.w_uv)?,
             });
         }
         Ok(rank)
@@ -283,6 +343,14 @@ impl DeviceRank {
     pub fn stream(&self) -> CUstream {
         self.backend.stream()
     }
+    /// The largest batch of one step.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+    /// Sequences on the device.
+    pub fn sequences(&self) -> usize {
+        self.slots.len()
+    }
     /// Values per query row: `slice_width + d_r`.
     pub fn query_width(&self) -> usize {
         self.plan.slice_width + self.dims.d_r
@@ -318,8 +386,9 @@ impl DeviceRank {
         buf.download(out)
     }
 
-    /// The device cache slots of `seqs`, checked.
-    fn slots_of(&self, seqs: &[u32]) -> Result<Vec<i32>> {
+    /// The device cache slots of `seqs` (what [`Self::enqueue`] reads on the device),
+    /// checked: 1 to `max_batch` sequences, each on this rank.
+    pub fn slots_of(&self, seqs: &[u32]) -> Result<Vec<i32>> {
         if seqs.is_empty() || seqs.len() > self.max_batch {
             return Err(Error::invalid(format!(
                 "a step decodes 1 to {} sequences, got {}",
@@ -356,9 +425,10 @@ impl DeviceRank {
         self.slot_ids.upload(&slots)?;
         self.queries.upload(queries)?;
         let (s, q, stream) = (self.slot_ids.ptr(), self.queries.ptr(), self.stream());
+        let out = self.partials[layer].ptr();
         // SAFETY: the rank's own buffers, sized for max_batch >= batch, live as long as
         // the rank (whose drop waits for the stream); slot ids were checked above.
-        unsafe { self.enqueue(layer, seqs.len(), s, q, stream) }
+        unsafe { self.enqueue(layer, seqs.len(), s, q, out, stream) }
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -372,21 +442,24 @@ impl DeviceRank {
     }
 
     /// Enqueues one step of `layer` on `stream` with no host synchronisation (graph
-    /// capturable once the batch's plan exists): attention of `batch` query rows at `q`
-    /// against the slots at `slots` (device `i32`), then the `W'_UV` projection into
-    /// [`Self::partial`]`(layer)`.
+    /// capturable once the batch's plan exists, made by the first step of each batch
+    /// size): attention of `batch` query rows at `q` against the slots at `slots` (device
+    /// `i32`, from [`Self::slots_of`]), then the `W'_UV` projection into the `batch *
+    /// heads * d_v` f32 at `out` (for example [`Self::partial`]`(layer)`).
     ///
     /// # Safety
-    /// `slots` must hold `batch` valid slot ids and `q` `batch * heads * query_width` f32,
-    /// both on this rank's device and valid until the stream passes this point; `stream`
-    /// must be a live stream of this device, and no other step may be writing this rank's
-    /// intermediate buffers concurrently on another stream.
+    /// `slots` must hold `batch` valid slot ids, `q` `batch * heads * query_width` f32 and
+    /// `out` [`Self::partial_len`]`(batch)` f32, all on this rank's device and valid until
+    /// the stream passes this point; `stream` must be a live stream of this device, and no
+    /// other step may be writing this rank's intermediate buffers concurrently on another
+    /// stream.
     pub unsafe fn enqueue(
         &mut self,
         layer: usize,
         batch: usize,
         slots: u64,
         q: u64,
+        out: u64,
         stream: CUstream,
     ) -> Result<()> {
         self.check_layer(layer)?;
@@ -415,22 +488,22 @@ impl DeviceRank {
             self.lse.ptr(),
             stream,
         )?;
-        self.project(layer, batch, stream)
+        self.project(layer, batch, out, stream)
     }
 
     /// `out[b][h][:] = W'_UV[h]^T latent[b][h][:]` for every head: one strided batched
     /// product over heads. In cuBLAS's column-major terms, per head, `C (d_v x batch) =
     /// A (d_v x w) * B (w x batch)` with `A` the row-major `W'_UV[h]` (`w x d_v`), `B` the
     /// head's latents (leading dimension `heads * w`) and `C` its outputs (`heads * d_v`).
-    fn project(&self, layer: usize, batch: usize, stream: CUstream) -> Result<()> {
+    fn project(&self, layer: usize, batch: usize, out: u64, stream: CUstream) -> Result<()> {
         let (h, w, dv) = (self.plan.heads, self.plan.slice_width, self.dims.d_v);
         let (alpha, beta) = (1.0f32, 0.0f32);
         let a = self.layers[layer].w_uv.ptr() as *const f32;
         let b = self.latent.ptr() as *const f32;
-        let c = self.partials[layer].ptr() as *mut f32;
+        let c = out as *mut f32;
         self.backend.device().bind()?;
         // SAFETY: live handle and stream; the three operands are device buffers sized
-        // for heads x w x d_v, max_batch x heads x w and max_batch x heads x d_v.
+        // for heads x w x d_v, max_batch x heads x w and (the caller's) batch x heads x d_v.
         unsafe {
             blas::set_stream(self.blas.0, stream as _).map_err(blas_err("binding a stream"))?;
             blas::sgemm_strided_batched(

@@ -12,9 +12,8 @@
 //! synchronisation (capturable in a CUDA graph); several buffers (layers) reduced together
 //! go out as one NCCL group call.
 
-use crate::attention::cuda::{CUstream, CudaDevice, DeviceBuffer, Stream};
+use crate::attention::cuda::{device_extent, CUstream, CudaDevice, DeviceBuffer, Stream};
 use crate::error::{Error, ErrorKind, Result};
-use cudarc::driver::sys as cu;
 use cudarc::nccl::sys;
 use std::ffi::{c_void, CStr};
 use std::path::Path;
@@ -258,7 +257,7 @@ impl Communicator {
     ) -> Result<()> {
         let spans: Vec<(u64, usize)> = buffers.iter().map(|b| (b.ptr(), b.len())).collect();
         for &(ptr, _) in &spans {
-            let ordinal = device_of(ptr)?;
+            let ordinal = device_extent(ptr)?.0;
             if ordinal != self.device.ordinal() {
                 return Err(Error::mismatch(format!(
                     "a buffer on device {ordinal} given to rank {}'s communicator on device {}",
@@ -282,23 +281,6 @@ impl Communicator {
         let calls: Vec<_> = spans.iter().map(|&(p, n)| (self, p, n, stream)).collect();
         all_reduce_across(&calls)
     }
-}
-
-/// The device ordinal of a device address, or an error for an address the driver does
-/// not know.
-fn device_of(ptr: u64) -> Result<usize> {
-    let mut ordinal: i32 = -1;
-    // SAFETY: writes one int; the driver checks the address.
-    unsafe {
-        cu::cuPointerGetAttribute(
-            &mut ordinal as *mut i32 as *mut c_void,
-            cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-            ptr,
-        )
-    }
-    .result()
-    .map_err(|e| Error::invalid(format!("{ptr:#x} is not a device address: {e}")))?;
-    Ok(ordinal as usize)
 }
 
 /// Enqueues in-place f32 sums `(communicator, address, count, stream)` as one NCCL

@@ -543,31 +543,7 @@ fn wrap(ctx: RankContext) -> tpla_context {
 #[cfg(feature = "cuda")]
 fn cuda_backend(device: u32) -> Outcome<Box<dyn LatentAttention + Send>> {
     use crate::attention::cuda::CudaBackend;
-    use crate::attention::{LatentShape, RowSource};
-
-    /// `CudaBackend` holds a raw stream handle, so it is not `Send`; but it binds its
-    /// device context before every driver call (`CudaDevice::bind`), which makes using
-    /// it from whichever thread holds the context sound.
-    struct Movable(CudaBackend);
-    // SAFETY: see above; a context is used by one thread at a time.
-    unsafe impl Send for Movable {}
-    impl LatentAttention for Movable {
-        fn name(&self) -> String {
-            self.0.name()
-        }
-        fn attend(
-            &mut self,
-            cache: &dyn RowSource,
-            shape: LatentShape,
-            seqs: &[u32],
-            q: &[f32],
-            out: &mut [f32],
-            lse: &mut [f32],
-        ) -> crate::error::Result<()> {
-            self.0.attend(cache, shape, seqs, q, out, lse)
-        }
-    }
-    Ok(Box::new(Movable(CudaBackend::new(to_usize(device))?)))
+    Ok(Box::new(CudaBackend::new(to_usize(device))?))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -869,8 +845,8 @@ unsafe impl Versioned for tpla_decode_args {
 /// One decode step of one layer for a batch of sequences on this rank: absorbs the
 /// queries, runs the backend over the rank's cache, and writes the partial head outputs
 /// (sum them over ranks with `tpla_all_reduce_in_process` or `tpla_all_reduce_with`) or
-/// the latent outputs and log-sum-exps. Host memory; a device-pointer/stream variant
-/// will be a separate function.
+/// the latent outputs and log-sum-exps. Host memory; steps on engine-owned device memory
+/// and streams are `tpla_device_rank_decode`.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
 /// TPLA_STATUS_INVALID_ARGUMENT (counts, unknown kinds, misaligned or overlapping

@@ -20,6 +20,8 @@ pub mod export;
 
 pub mod combine;
 
+pub mod device;
+
 pub mod synthetic;
 
 use crate::error::{Error, ErrorKind};

@@ -118,11 +118,64 @@ impl CudaDevice {
             .map_err(driver_err("binding the device context"))
     }
 
+    /// Checks that `stream` is a stream of this device's context (NULL, the legacy default
+    /// stream, is one). Binds the context.
+    ///
+    /// # Safety
+    /// `stream` is NULL or a stream handle not yet destroyed (the driver cannot tell a
+    /// destroyed handle from a live one).
+    pub unsafe fn check_stream(&self, stream: CUstream) -> Result<()> {
+        self.bind()?;
+        if stream.is_null() {
+            return Ok(());
+        }
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: writes one context handle; `stream` is live by contract.
+        unsafe { sys::cuStreamGetCtx(stream, &mut ctx) }
+            .result()
+            .map_err(|e| Error::invalid(format!("{stream:p} is not a CUDA stream: {e}")))?;
+        if ctx != self.ctx.cu_ctx() {
+            return Err(Error::mismatch(format!(
+                "the stream belongs to another CUDA context than device {}'s primary context",
+                self.ordinal
+            )));
+        }
+        Ok(())
+    }
+
     /// Waits for all work on the device.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
         result::ctx::synchronize().map_err(driver_err("synchronising the device"))
     }
+}
+
+/// Where device address `ptr` lies: the ordinal of its device and the bytes of its
+/// allocation from `ptr` to the allocation's end. An address the driver does not know
+/// (host memory, freed memory, 0) is an invalid-argument error.
+pub fn device_extent(ptr: u64) -> Result<(usize, usize)> {
+    let query = |attribute, value: *mut c_void| {
+        // SAFETY: writes one value of the attribute's type; the driver checks the address.
+        unsafe { sys::cuPointerGetAttribute(value, attribute, ptr) }
+            .result()
+            .map_err(|e| Error::invalid(format!("{ptr:#x} is not a device address: {e}")))
+    };
+    let (mut ordinal, mut start, mut size): (i32, sys::CUdeviceptr, usize) = (-1, 0, 0);
+    use sys::CUpointer_attribute as A;
+    query(
+        A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        &mut ordinal as *mut i32 as *mut c_void,
+    )?;
+    query(
+        A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        &mut start as *mut sys::CUdeviceptr as *mut c_void,
+    )?;
+    query(
+        A::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+        &mut size as *mut usize as *mut c_void,
+    )?;
+    let left = (start + size as u64).saturating_sub(ptr) as usize;
+    Ok((ordinal.max(0) as usize, left))
 }
 
 /// Plain-data element types that may live in device buffers.
@@ -305,6 +358,12 @@ pub struct Stream {
     device: Arc<CudaDevice>,
     raw: CUstream,
 }
+
+// SAFETY: a CUDA stream is not tied to the thread that made it, only to its context; every
+// driver call on `raw` (here and in the launches that take it) binds the device's context
+// to the calling thread first (`CudaDevice::bind`), so moving the owner to another thread
+// is sound. It is not `Sync`: concurrent use goes through one owner at a time.
+unsafe impl Send for Stream {}
 
 impl Stream {
     pub fn new(device: &Arc<CudaDevice>) -> Result<Self> {

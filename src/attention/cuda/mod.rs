@@ -26,5 +26,5 @@ mod kernels;
 pub use cache::{DeviceCache, DeviceCacheConfig};
 pub use compile::{default_cache_dir, nvrtc_version, Origin};
 pub use decode::{CudaBackend, DecodePlan};
-pub use driver::{CUstream, CudaDevice, DeviceBuffer, Event, Stream};
+pub use driver::{device_extent, CUstream, CudaDevice, DeviceBuffer, Event, Stream};
 pub use kernels::{KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS};
