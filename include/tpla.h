@@ -1431,7 +1431,9 @@ tpla_status tpla_device_rank_slots(const struct tpla_device_rank *rank,
  * The first step of each batch size allocates that size's workspace: run one step of
  * each batch size to be captured before capturing. A step reads the rank's sequence
  * lengths on the GPU, so a captured step stays valid. Steps on different streams must
- * not overlap in time (they share the rank's intermediate buffers).
+ * not overlap in time (they share the rank's intermediate buffers). The GPU checks each
+ * slot id: one out of range, or a slot holding no token, yields NaN outputs for its
+ * batch entry and reads nothing outside the rank's cache.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT (rank, or a NULL device pointer),
  * TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above max_batch; an address that is not
@@ -1441,8 +1443,8 @@ tpla_status tpla_device_rank_slots(const struct tpla_device_rank *rank,
  * or TPLA_STATUS_BACKEND. Uses `rank` exclusively (one thread at a time).
  *
  * # Safety
- * `rank` is NULL or live; `slots_dev` holds `batch` slots from `tpla_device_rank_slots`
- * (values the GPU reads unchecked); the device buffers stay valid as said above;
+ * `rank` is NULL or live; `slots_dev` holds `batch` slots (from
+ * `tpla_device_rank_slots`); the device buffers stay valid as said above;
  * `stream` is NULL or a live CUstream.
  */
 tpla_status tpla_device_rank_decode(struct tpla_device_rank *rank,

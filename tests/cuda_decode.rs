@@ -499,3 +499,74 @@ fn appends_and_decode_replay_from_a_cuda_graph() {
     println!("graph replay x{steps}: rel L2 {e:.2e}, lse rel {le:.2e}");
     assert!(e < 1e-2 && le < 1e-2, "{e} {le}");
 }
+
+#[test]
+fn bad_and_empty_slots_give_nan_never_stale_or_foreign_rows() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let shape = LatentShape {
+        heads: 64,
+        slice_width: 256,
+        d_r: 64,
+    };
+    let (h, w, rw) = (shape.heads, shape.slice_width, shape.row_width());
+    let rows = HostRows::random(rw, 64, &[100], &mut rng);
+    let dev = backend.device().clone();
+    let mut cache = backend
+        .new_cache(DeviceCacheConfig {
+            slice_width: w,
+            pages: 8,
+            slots: 3,
+            max_pages_per_slot: 4,
+        })
+        .unwrap();
+    cache.upload(0, &rows, 0).unwrap();
+    // slot 0 holds the sequence, slot 1 is empty, 7 and -1 are out of range
+    let slots = [0i32, 1, 7, -1];
+    let b = slots.len();
+    let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
+    let q = random_queries(b * h * rw, 0.08, &mut rng);
+    let q_dev = DeviceBuffer::from_host(&dev, &q).unwrap();
+    let (r_out, r_lse) = reference(&rows, shape, &q[..h * rw]);
+    for splits in [1, 4] {
+        let plan = backend.plan_with_splits(shape, b, splits).unwrap();
+        let mut out = DeviceBuffer::<f32>::new(&dev, b * h * w).unwrap();
+        let mut lse = DeviceBuffer::<f32>::new(&dev, b * h).unwrap();
+        // zeros, not NaN: a kernel that skipped the bad entries would leave finite values
+        out.fill_bytes(0).unwrap();
+        lse.fill_bytes(0).unwrap();
+        unsafe {
+            plan.launch(
+                &cache,
+                slots_dev.ptr(),
+                q_dev.ptr(),
+                out.ptr(),
+                lse.ptr(),
+                backend.stream(),
+            )
+            .unwrap()
+        };
+        dev.synchronize().unwrap();
+        let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
+        let (e, le) = errors(shape, 1, &o[..h * w], &l[..h], &r_out, &r_lse);
+        assert!(e < 1e-2 && le < 1e-2, "{splits} splits: {e} {le}");
+        assert!(o[h * w..].iter().all(|v| v.is_nan()), "{splits} splits");
+        assert!(l[h..].iter().all(|v| v.is_nan()), "{splits} splits");
+    }
+    // a device-side append to a slot out of range is reported and writes nothing
+    let bad = DeviceBuffer::from_host(&dev, &[9i32]).unwrap();
+    let row = DeviceBuffer::from_host(&dev, &q[..rw]).unwrap();
+    unsafe {
+        cache
+            .append_raw(bad.ptr(), row.ptr(), 1, backend.stream())
+            .unwrap()
+    };
+    dev.synchronize().unwrap();
+    assert_eq!(
+        cache.check_append_error().unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    cache.refresh_lengths().unwrap();
+    assert_eq!(cache.seq_len(0).unwrap(), 100);
+    assert_eq!(cache.seq_len(1).unwrap(), 0);
+}

@@ -375,11 +375,13 @@ impl DeviceCache {
         let (pool, table, lens) = self.device_ptrs();
         let count_i = count as i32;
         let max_pages = self.config.max_pages_per_slot as i32;
+        let num_slots = self.config.slots as i32;
         let err = self.append_error.ptr();
         let mut args = [
             arg(&rows),
             arg(&slots),
             arg(&count_i),
+            arg(&num_slots),
             arg(&pool),
             arg(&table),
             arg(&lens),
@@ -397,12 +399,18 @@ impl DeviceCache {
         let flag = self.append_error.to_vec()?[0];
         if flag != 0 {
             self.append_error.fill_bytes(0)?;
-            return Err(Error::new(
+        }
+        match flag {
+            0 => Ok(()),
+            2 => Err(Error::out_of_range(format!(
+                "a device-side append named a slot outside 0..{}: its row was dropped",
+                self.config.slots
+            ))),
+            _ => Err(Error::new(
                 ErrorKind::OutOfCapacity,
                 "a device-side append found no reserved page: call reserve before appending",
-            ));
+            )),
         }
-        Ok(())
     }
 
     /// Reads the device-side lengths back into the host's view (after device appends).

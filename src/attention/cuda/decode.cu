@@ -74,6 +74,7 @@ struct Smem {
 };
 
 #define NEG_INF __int_as_float(0xff800000)
+#define QNAN __int_as_float(0x7fc00000)
 
 // The layout the host sizes the dynamic shared memory from (read back through this symbol).
 extern "C" __constant__ int tpla_decode_smem_bytes = sizeof(Smem);
@@ -168,7 +169,7 @@ tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
             const int* __restrict__ block_table,  // [slots][max_pages]
             const int* __restrict__ seq_lens,     // [slots]
             const int* __restrict__ slots,        // [batch]
-            int heads, int max_pages, int num_splits,
+            int num_slots, int heads, int max_pages, int num_splits,
             float* __restrict__ out,              // [batch][heads][SLICE]  (one split)
             float* __restrict__ lse,              // [batch][heads]         (one split)
             float* __restrict__ part_out,         // [batch][splits][heads][SLICE]
@@ -186,16 +187,25 @@ tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
     const int g = lane / 4;   // mma row group
     const int t4 = lane % 4;  // mma thread in group
 
+    // Slot ids come from engine memory: one out of range reads nothing and, like an
+    // empty slot, yields NaN outputs below.
     const int slot = slots[b];
-    const int len = seq_lens[slot];
-    const int* pages = block_table + (u64)slot * max_pages;
+    const bool valid_slot = slot >= 0 && slot < num_slots;
+    const int len = valid_slot ? seq_lens[slot] : 0;
+    const int* pages = block_table + (u64)(valid_slot ? slot : 0) * max_pages;
     const int tiles = (len + NT - 1) / NT;
     const int per_split = (tiles + num_splits - 1) / num_splits;
     const int t_begin = split * per_split;
     const int t_end = min(tiles, t_begin + per_split);
 
-    if (t_begin >= t_end) {  // an empty split: contributes nothing to the merge
-        if (tid < HT) part_lse[((u64)b * num_splits + split) * heads + h0 + tid] = NEG_INF;
+    if (t_begin >= t_end) {
+        if (num_splits > 1) {  // an empty split: contributes nothing to the merge
+            if (tid < HT) part_lse[((u64)b * num_splits + split) * heads + h0 + tid] = NEG_INF;
+        } else {  // nothing to attend to: NaN, never a previous step's values
+            float* dst = out + ((u64)b * heads + h0) * SLICE;
+            for (int i = tid; i < HT * SLICE; i += THREADS) dst[i] = QNAN;
+            if (tid < HT) lse[(u64)b * heads + h0 + tid] = QNAN;
+        }
         return;
     }
 
@@ -526,16 +536,21 @@ tpla_combine(const float* __restrict__ part_out, const float* __restrict__ part_
 
 // Appends one decode row per entry: rows[i] (f32, RW wide) goes to position
 // seq_lens[slots[i]] of that slot, whose page the host reserved beforehand; the length
-// then grows by one. A row with no reserved page sets *error and is dropped. Slots
-// must be distinct within one call. One block per row.
+// then grows by one. A row with no reserved page sets *error to 1, a slot id out of
+// range sets it to 2; either row is dropped. Slots must be distinct within one call.
+// One block per row.
 extern "C" __global__ void __launch_bounds__(128)
 tpla_append(const float* __restrict__ rows, const int* __restrict__ slots, int count,
-            bf16_t* __restrict__ pool, const int* __restrict__ block_table,
+            int num_slots, bf16_t* __restrict__ pool, const int* __restrict__ block_table,
             int* __restrict__ seq_lens, int max_pages, int* __restrict__ error)
 {
     const int i = blockIdx.x;
     if (i >= count) return;
     const int slot = slots[i];
+    if (slot < 0 || slot >= num_slots) {
+        if (threadIdx.x == 0) atomicExch(error, 2);
+        return;
+    }
     const int pos = seq_lens[slot];
     const int page_idx = pos / PAGE;
     const int page = page_idx < max_pages ? block_table[(u64)slot * max_pages + page_idx] : -1;

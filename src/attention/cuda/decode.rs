@@ -202,12 +202,12 @@ impl DecodePlan {
     /// Enqueues one decode step on `stream`, with no host synchronisation (graph
     /// capturable): for each `b < batch`, query rows `q[b]` (f32, `[heads][row_width]`)
     /// against slot `slots[b]` of `cache`; writes `out[b]` (f32, `[heads][slice_width]`)
-    /// and `lse[b]` (f32, `[heads]`). Every slot must hold at least one token.
+    /// and `lse[b]` (f32, `[heads]`). A slot id out of range, or a slot holding no token,
+    /// reads nothing and yields NaN outputs for its sequence.
     ///
     /// # Safety
     /// `slots` (`batch` i32), `q`, `out` and `lse` must be device addresses of buffers of
-    /// those sizes, valid until the stream passes this point; slot ids must be below the
-    /// cache's slot count.
+    /// those sizes, valid until the stream passes this point.
     pub unsafe fn launch(
         &self,
         cache: &DeviceCache,
@@ -229,6 +229,7 @@ impl DecodePlan {
         let heads = self.shape.heads as i32;
         let max_pages = cache.config().max_pages_per_slot as i32;
         let splits = self.splits as i32;
+        let num_slots = cache.config().slots as i32;
         let (part_out, part_lse) = (self.part_out.ptr(), self.part_lse.ptr());
         let mut args = [
             arg(&q),
@@ -236,6 +237,7 @@ impl DecodePlan {
             arg(&table),
             arg(&lens),
             arg(&slots),
+            arg(&num_slots),
             arg(&heads),
             arg(&max_pages),
             arg(&splits),
