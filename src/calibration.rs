@@ -20,6 +20,7 @@ use crate::attention::reference::{self, normalise};
 use crate::convert::{FoldedLayer, MlaWeights};
 use crate::error::{Error, Result};
 use crate::geometry::ModelDims;
+use crate::le::{u32_at, u64_at};
 use crate::synthetic::SyntheticLayer;
 use crate::transform::{
     choose_mu, slice_energy_fractions, KlCalibration, MuPolicy, SecondMoment, SliceLayout,
@@ -54,18 +55,6 @@ impl RecordKind {
             .into_iter()
             .find(|k| *k as u32 == code)
     }
-}
-
-fn corrupt(message: impl Into<String>) -> Error {
-    Error::corrupt(message)
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
 /// The shapes a calibration file is written for.
@@ -359,12 +348,12 @@ impl CalibrationFile {
         let mut reader = BufReader::new(&mut file);
         let mut header = [0u8; HEADER_LEN];
         reader.read_exact(&mut header).map_err(|_| {
-            corrupt(format!(
+            Error::corrupt(format!(
                 "truncated: {len} bytes, the header is {HEADER_LEN}"
             ))
         })?;
         if header[..8] != MAGIC {
-            return Err(corrupt("not a TPLA calibration file (bad magic)"));
+            return Err(Error::corrupt("not a TPLA calibration file (bad magic)"));
         }
         let version = u32_at(&header, 8);
         if version != FORMAT_VERSION {
@@ -374,33 +363,36 @@ impl CalibrationFile {
             )));
         }
         if crc32c::crc32c(&header[16..]) != u32_at(&header, 12) {
-            return Err(corrupt("header checksum mismatch"));
+            return Err(Error::corrupt("header checksum mismatch"));
         }
         if header[40..].iter().any(|&b| b != 0) {
-            return Err(corrupt("header: reserved bytes are not zero"));
+            return Err(Error::corrupt("header: reserved bytes are not zero"));
         }
         let field = |i: usize| u32_at(&header, 16 + 4 * i) as usize;
         let dims = ModelDims::new(field(0), field(1), field(2), field(3), field(4), 1.0)
-            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+            .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
         let shape = CalibrationShape::new(&dims, field(5))
-            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+            .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
         let mut records = Vec::new();
         let mut pos = HEADER_LEN as u64;
         loop {
             let index = records.len();
             let mut h = [0u8; RECORD_HEADER_LEN];
             reader.read_exact(&mut h).map_err(|_| {
-                corrupt(format!(
+                Error::corrupt(format!(
                     "truncated: record {index} starts at byte {pos} but the file ends at {len} \
                      (no end record)"
                 ))
             })?;
             if crc32c::crc32c(&h[..28]) != u32_at(&h, 28) {
-                return Err(corrupt(format!("record {index}: header checksum mismatch")));
+                return Err(Error::corrupt(format!(
+                    "record {index}: header checksum mismatch"
+                )));
             }
             let code = u32_at(&h, 0);
-            let kind = RecordKind::from_code(code)
-                .ok_or_else(|| corrupt(format!("record {index}: unknown record kind {code}")))?;
+            let kind = RecordKind::from_code(code).ok_or_else(|| {
+                Error::corrupt(format!("record {index}: unknown record kind {code}"))
+            })?;
             let (layer, tokens, queries) = (
                 u32_at(&h, 4) as usize,
                 u32_at(&h, 8) as usize,
@@ -414,7 +406,7 @@ impl CalibrationFile {
                 RecordKind::End => layer == 0 && tokens == 0 && queries == 0,
             };
             if !shape_ok || layer >= shape.layers || want != Some(payload_len) {
-                return Err(corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "record {index}: inconsistent header (kind {code}, layer {layer}, {tokens} \
                      tokens, {queries} queries, {payload_len} payload bytes)"
                 )));
@@ -424,7 +416,7 @@ impl CalibrationFile {
                 .checked_add(payload_len)
                 .filter(|&e| e <= len)
                 .ok_or_else(|| {
-                    corrupt(format!(
+                    Error::corrupt(format!(
                         "truncated: record {index}'s payload runs past the end of the file"
                     ))
                 })?;
@@ -441,17 +433,17 @@ impl CalibrationFile {
                 let mut payload = [0u8; END_PAYLOAD_LEN as usize];
                 reader.read_exact(&mut payload)?;
                 if crc32c::crc32c(&payload) != entry.payload_crc {
-                    return Err(corrupt("end record: payload checksum mismatch"));
+                    return Err(Error::corrupt("end record: payload checksum mismatch"));
                 }
                 if u64_at(&payload, 0) != records.len() as u64 || u64_at(&payload, 8) != 0 {
-                    return Err(corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "end record counts {} records, the file holds {}",
                         u64_at(&payload, 0),
                         records.len()
                     )));
                 }
                 if end != len {
-                    return Err(corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{} bytes follow the end record",
                         len - end
                     )));
@@ -532,7 +524,7 @@ impl CalibrationFile {
                 left -= rows;
             }
             if crc != r.payload_crc {
-                return Err(at(corrupt("payload checksum mismatch")));
+                return Err(at(Error::corrupt("payload checksum mismatch")));
             }
         }
         Ok(moment)
@@ -561,7 +553,7 @@ impl CalibrationFile {
         let mut payload = vec![0u8; r.payload_len as usize];
         file.read_exact(&mut payload).map_err(|e| at(e.into()))?;
         if crc32c::crc32c(&payload) != r.payload_crc {
-            return Err(at(corrupt("payload checksum mismatch")));
+            return Err(at(Error::corrupt("payload checksum mismatch")));
         }
         let s = self.shape;
         let mut values = payload
@@ -570,7 +562,7 @@ impl CalibrationFile {
         let mut take = |n: usize| -> Result<Vec<f64>> {
             let v: Vec<f64> = values.by_ref().take(n).collect();
             match v.iter().position(|x| !x.is_finite()) {
-                Some(i) => Err(at(corrupt(format!("non-finite value at entry {i}")))),
+                Some(i) => Err(at(Error::corrupt(format!("non-finite value at entry {i}")))),
                 None => Ok(v),
             }
         };

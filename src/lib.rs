@@ -18,6 +18,7 @@ pub mod error;
 pub mod ffi;
 pub mod fidelity;
 pub mod geometry;
+mod le;
 pub mod synthetic;
 pub mod transform;
 pub mod weights_file;

@@ -27,6 +27,7 @@
 use crate::decode::RankLayer;
 use crate::error::{Error, Result};
 use crate::geometry::{ModelDims, ShardPlan};
+use crate::le::{f64_at, put_u32, put_u64, u32_at, u64_at};
 use crate::transform::{Transform, TransformKind};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -71,30 +72,6 @@ mod sec {
     pub const FINGERPRINT: usize = 16;
     pub const MU: usize = 24;
     pub const FRACTION: usize = 32;
-}
-
-fn corrupt(message: impl Into<String>) -> Error {
-    Error::corrupt(message)
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
-fn f64_at(b: &[u8], off: usize) -> f64 {
-    f64::from_bits(u64_at(b, off))
-}
-
-fn put32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 /// Byte sizes of a layer section's parts, fixed by the geometry, plan and transform kind.
@@ -277,15 +254,15 @@ impl WeightsFileWriter {
         for (entry, &(offset, len, crc, code)) in
             table.chunks_exact_mut(LAYER_ENTRY_LEN).zip(&self.table)
         {
-            put64(entry, 0, offset);
-            put64(entry, 8, len);
-            put32(entry, 16, crc);
-            put32(entry, 20, code);
+            put_u64(entry, 0, offset);
+            put_u64(entry, 8, len);
+            put_u32(entry, 16, crc);
+            put_u32(entry, 20, code);
         }
         let (d, p) = (self.dims, self.plan);
         let mut header = [0u8; HEADER_LEN];
         header[at::MAGIC..at::MAGIC + 8].copy_from_slice(&MAGIC);
-        put32(&mut header, at::VERSION, FORMAT_VERSION);
+        put_u32(&mut header, at::VERSION, FORMAT_VERSION);
         for (off, v) in [
             (at::HEADS, d.heads),
             (at::D_C, d.d_c),
@@ -297,13 +274,13 @@ impl WeightsFileWriter {
             (at::RANK, p.rank),
             (at::LAYERS, self.layers),
         ] {
-            put32(&mut header, off, v as u32);
+            put_u32(&mut header, off, v as u32);
         }
-        put64(&mut header, at::SOFTMAX_SCALE, d.softmax_scale.to_bits());
-        put32(&mut header, at::TABLE_CRC, crc32c::crc32c(&table));
-        put64(&mut header, at::FILE_LEN, self.offset);
+        put_u64(&mut header, at::SOFTMAX_SCALE, d.softmax_scale.to_bits());
+        put_u32(&mut header, at::TABLE_CRC, crc32c::crc32c(&table));
+        put_u64(&mut header, at::FILE_LEN, self.offset);
         let crc = crc32c::crc32c(&header[16..]);
-        put32(&mut header, at::HEADER_CRC, crc);
+        put_u32(&mut header, at::HEADER_CRC, crc);
         let mut file = self.temp.into_inner().map_err(|e| at(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(at)?;
         file.write_all(&header).map_err(at)?;
@@ -342,13 +319,13 @@ pub fn read(path: impl AsRef<Path>) -> Result<WeightsFile> {
 /// Parses a weights file image (the bytes of a file).
 pub fn parse(image: &[u8]) -> Result<WeightsFile> {
     let header = image.get(..HEADER_LEN).ok_or_else(|| {
-        corrupt(format!(
+        Error::corrupt(format!(
             "truncated: {} bytes, the header alone is {HEADER_LEN}",
             image.len()
         ))
     })?;
     if header[at::MAGIC..at::MAGIC + 8] != MAGIC {
-        return Err(corrupt("not a TPLA weights file (bad magic)"));
+        return Err(Error::corrupt("not a TPLA weights file (bad magic)"));
     }
     let version = u32_at(header, at::VERSION);
     if version != FORMAT_VERSION {
@@ -357,10 +334,10 @@ pub fn parse(image: &[u8]) -> Result<WeightsFile> {
         )));
     }
     if crc32c::crc32c(&header[16..]) != u32_at(header, at::HEADER_CRC) {
-        return Err(corrupt("header checksum mismatch"));
+        return Err(Error::corrupt("header checksum mismatch"));
     }
     if header[at::RESERVED..].iter().any(|&b| b != 0) {
-        return Err(corrupt("header: reserved bytes are not zero"));
+        return Err(Error::corrupt("header: reserved bytes are not zero"));
     }
     let field = |off| u32_at(header, off) as usize;
     let dims = ModelDims::new(
@@ -371,20 +348,20 @@ pub fn parse(image: &[u8]) -> Result<WeightsFile> {
         field(at::D_V),
         f64_at(header, at::SOFTMAX_SCALE),
     )
-    .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+    .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
     let plan =
         ShardPlan::with_head_split(&dims, field(at::RANKS), field(at::GROUPS), field(at::RANK))
-            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+            .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
     let layers = field(at::LAYERS);
     if layers == 0 || layers > crate::cache::MAX_LAYERS {
-        return Err(corrupt(format!(
+        return Err(Error::corrupt(format!(
             "header: {layers} layers, expected 1 to {}",
             crate::cache::MAX_LAYERS
         )));
     }
     let file_len = u64_at(header, at::FILE_LEN);
     if file_len != image.len() as u64 {
-        return Err(corrupt(format!(
+        return Err(Error::corrupt(format!(
             "the header says the file is {file_len} bytes, it is {}",
             image.len()
         )));
@@ -392,9 +369,9 @@ pub fn parse(image: &[u8]) -> Result<WeightsFile> {
     let table_end = HEADER_LEN + LAYER_ENTRY_LEN * layers;
     let table = image
         .get(HEADER_LEN..table_end)
-        .ok_or_else(|| corrupt("truncated inside the layer table"))?;
+        .ok_or_else(|| Error::corrupt("truncated inside the layer table"))?;
     if crc32c::crc32c(table) != u32_at(header, at::TABLE_CRC) {
-        return Err(corrupt("layer table checksum mismatch"));
+        return Err(Error::corrupt("layer table checksum mismatch"));
     }
     let mut offset = table_end as u64;
     let mut out = Vec::with_capacity(layers);
@@ -405,7 +382,7 @@ pub fn parse(image: &[u8]) -> Result<WeightsFile> {
         out.push(layer);
     }
     if offset != image.len() as u64 {
-        return Err(corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{} bytes follow the last layer section",
             image.len() as u64 - offset
         )));
@@ -431,16 +408,17 @@ fn parse_layer(
         u32_at(entry, 20),
     );
     if u64_at(entry, 24) != 0 {
-        return Err(corrupt("table entry: reserved bytes are not zero"));
+        return Err(Error::corrupt("table entry: reserved bytes are not zero"));
     }
-    let kind = TransformKind::from_code(code).map_err(|e| corrupt(e.message().to_string()))?;
-    let layout =
-        SectionLayout::new(dims, plan, kind).ok_or_else(|| corrupt("section size overflows"))?;
+    let kind =
+        TransformKind::from_code(code).map_err(|e| Error::corrupt(e.message().to_string()))?;
+    let layout = SectionLayout::new(dims, plan, kind)
+        .ok_or_else(|| Error::corrupt("section size overflows"))?;
     let want = layout
         .padded()
-        .ok_or_else(|| corrupt("section size overflows"))? as u64;
+        .ok_or_else(|| Error::corrupt("section size overflows"))? as u64;
     if offset != expected_offset || len != want {
-        return Err(corrupt(format!(
+        return Err(Error::corrupt(format!(
             "section at [{offset}, +{len}), expected [{expected_offset}, +{want}) for a {} \
              transform",
             kind.name()
@@ -450,22 +428,22 @@ fn parse_layer(
         .ok()
         .zip(usize::try_from(len).ok())
         .and_then(|(o, l)| image.get(o..o.checked_add(l)?))
-        .ok_or_else(|| corrupt("the section lies past the end of the file"))?;
+        .ok_or_else(|| Error::corrupt("the section lies past the end of the file"))?;
     if crc32c::crc32c(section) != crc {
-        return Err(corrupt("section checksum mismatch"));
+        return Err(Error::corrupt("section checksum mismatch"));
     }
     if u32_at(section, sec::CODE) != code || u32_at(section, sec::RESERVED) != 0 {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             "section header disagrees with the table or has non-zero reserved bytes",
         ));
     }
     let content = layout.content().expect("checked above");
     if section[content..].iter().any(|&b| b != 0) {
-        return Err(corrupt("section padding is not zero"));
+        return Err(Error::corrupt("section padding is not zero"));
     }
     let seed = u64_at(section, sec::SEED);
     if kind != TransformKind::Hadamard && seed != 0 {
-        return Err(corrupt(format!(
+        return Err(Error::corrupt(format!(
             "a {} transform has no seed, but the section stores {seed}",
             kind.name()
         )));
@@ -484,7 +462,7 @@ fn parse_layer(
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
         match v.iter().position(|x| !x.is_finite()) {
-            Some(i) => Err(corrupt(format!(
+            Some(i) => Err(Error::corrupt(format!(
                 "{what} holds a non-finite value at index {i}"
             ))),
             None => Ok(v),
@@ -507,11 +485,11 @@ fn parse_layer(
         TransformKind::Hadamard => Transform::from_parts(kind, dims.d_c, Some(seed), None, None),
         TransformKind::Identity => Transform::from_parts(kind, dims.d_c, None, None, None),
     }
-    .map_err(|e| corrupt(format!("transform: {}", e.message())))?;
+    .map_err(|e| Error::corrupt(format!("transform: {}", e.message())))?;
     let layer = RankLayer::from_f32(w_uk, w_uv, mu, transform, slice_fraction)
-        .map_err(|e| corrupt(e.message().to_string()))?;
+        .map_err(|e| Error::corrupt(e.message().to_string()))?;
     if layer.transform_id().fingerprint != u64_at(section, sec::FINGERPRINT) {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             "the stored fingerprint is not the fingerprint of the stored transform",
         ));
     }

@@ -28,6 +28,7 @@ use super::{ShardSpec, TransformId, MAX_LAYERS, MAX_PAGE_SIZE};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::geometry::{ModelDims, ShardPlan};
+use crate::le::{f64_at, put_u32, put_u64, u32_at, u64_at};
 use std::collections::HashSet;
 
 /// First eight bytes of every shard file.
@@ -95,34 +96,14 @@ pub struct ShardHeader {
     data_crc: u32,
 }
 
-fn corrupt(message: impl Into<String>) -> Error {
-    Error::corrupt(message)
-}
-
 fn overflow(what: &str) -> Error {
-    corrupt(format!("header: {what} overflows"))
-}
-
-fn put32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+    Error::corrupt(format!("header: {what} overflows"))
 }
 
 /// A u64 file field as usize, naming the field if it does not fit.
 fn usize_field(b: &[u8], off: usize, name: &str) -> Result<usize> {
     let v = u64_at(b, off);
-    usize::try_from(v).map_err(|_| corrupt(format!("{name} {v} does not fit in memory")))
+    usize::try_from(v).map_err(|_| Error::corrupt(format!("{name} {v} does not fit in memory")))
 }
 
 impl ShardHeader {
@@ -216,7 +197,7 @@ impl ShardHeader {
         let d = s.dims();
         let mut b = vec![0u8; self.data_offset];
         b[at::MAGIC..at::MAGIC + 8].copy_from_slice(&MAGIC);
-        put32(&mut b, at::VERSION, FORMAT_VERSION);
+        put_u32(&mut b, at::VERSION, FORMAT_VERSION);
         // Every width, count and code fits in u32: ShardSpec and for_sequences check.
         for (off, v) in [
             (at::HEADS, d.heads),
@@ -230,39 +211,39 @@ impl ShardHeader {
             (at::LAYERS, s.layers()),
             (at::SEQUENCES, self.sequences.len()),
         ] {
-            put32(&mut b, off, v as u32);
+            put_u32(&mut b, off, v as u32);
         }
-        put32(&mut b, at::DTYPE, s.dtype().code());
-        put32(&mut b, at::DATA_CRC, self.data_crc);
-        put64(&mut b, at::SOFTMAX_SCALE, d.softmax_scale.to_bits());
-        put64(&mut b, at::PAGES_PER_LAYER, self.pages_per_layer as u64);
-        put64(&mut b, at::PAGE_STRIDE, s.page_stride() as u64);
-        put64(&mut b, at::LAYER_TABLE, self.layer_table_offset as u64);
-        put64(
+        put_u32(&mut b, at::DTYPE, s.dtype().code());
+        put_u32(&mut b, at::DATA_CRC, self.data_crc);
+        put_u64(&mut b, at::SOFTMAX_SCALE, d.softmax_scale.to_bits());
+        put_u64(&mut b, at::PAGES_PER_LAYER, self.pages_per_layer as u64);
+        put_u64(&mut b, at::PAGE_STRIDE, s.page_stride() as u64);
+        put_u64(&mut b, at::LAYER_TABLE, self.layer_table_offset as u64);
+        put_u64(
             &mut b,
             at::SEQUENCE_TABLE,
             self.sequence_table_offset as u64,
         );
-        put64(&mut b, at::DATA_OFFSET, self.data_offset as u64);
-        put64(&mut b, at::DATA_LEN, self.data_len as u64);
+        put_u64(&mut b, at::DATA_OFFSET, self.data_offset as u64);
+        put_u64(&mut b, at::DATA_LEN, self.data_len as u64);
 
         let mut off = self.layer_table_offset;
         for t in s.transforms() {
-            put32(&mut b, off, t.code);
-            put64(&mut b, off + 8, t.fingerprint);
+            put_u32(&mut b, off, t.code);
+            put_u64(&mut b, off + 8, t.fingerprint);
             off += LAYER_ENTRY_LEN;
         }
         let mut off = self.sequence_table_offset;
         for e in &self.sequences {
-            put32(&mut b, off, e.id);
-            put64(&mut b, off + 8, e.len as u64);
-            put64(&mut b, off + 16, e.first_page as u64);
+            put_u32(&mut b, off, e.id);
+            put_u64(&mut b, off + 8, e.len as u64);
+            put_u64(&mut b, off + 16, e.first_page as u64);
             off += SEQUENCE_ENTRY_LEN;
         }
         let tables_crc = self.tables_crc(&b);
-        put32(&mut b, at::TABLES_CRC, tables_crc);
+        put_u32(&mut b, at::TABLES_CRC, tables_crc);
         let header_crc = crc32c::crc32c(&b[at::HEADS..HEADER_LEN]);
-        put32(&mut b, at::HEADER_CRC, header_crc);
+        put_u32(&mut b, at::HEADER_CRC, header_crc);
         b
     }
 
@@ -280,10 +261,12 @@ impl ShardHeader {
     pub fn parse(image: &[u8]) -> Result<Self> {
         let n = image.len();
         if n >= MAGIC.len() && image[..MAGIC.len()] != MAGIC {
-            return Err(corrupt("not a shard file: the magic bytes are wrong"));
+            return Err(Error::corrupt(
+                "not a shard file: the magic bytes are wrong",
+            ));
         }
         if n < HEADER_LEN {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "truncated: {n} bytes, shorter than the {HEADER_LEN}-byte header"
             )));
         }
@@ -298,7 +281,7 @@ impl ShardHeader {
         let stored = u32_at(b, at::HEADER_CRC);
         let computed = crc32c::crc32c(&b[at::HEADS..]);
         if stored != computed {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): \
                  the header is corrupted"
             )));
@@ -311,42 +294,42 @@ impl ShardHeader {
             field(at::D_R),
             field(at::D_N),
             field(at::D_V),
-            f64::from_bits(u64_at(b, at::SOFTMAX_SCALE)),
+            f64_at(b, at::SOFTMAX_SCALE),
         )
-        .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+        .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
         let (groups, group) = (field(at::GROUPS), field(at::GROUP));
         if group >= groups {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header: group index {group} is out of range for {groups} latent groups"
             )));
         }
         let plan = ShardPlan::new(&dims, groups, group)
-            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+            .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
         let dtype = DType::from_code(u32_at(b, at::DTYPE))
-            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+            .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
         let page_size = field(at::PAGE_SIZE);
         if page_size == 0 || page_size > MAX_PAGE_SIZE {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header: page size {page_size} is outside 1..={MAX_PAGE_SIZE} tokens"
             )));
         }
         let layers = field(at::LAYERS);
         if layers == 0 || layers > MAX_LAYERS {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header: layer count {layers} is outside 1..={MAX_LAYERS}"
             )));
         }
         let seq_count = field(at::SEQUENCES);
         let reserved = u32_at(b, at::RESERVED);
         if reserved != 0 {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header: reserved field is {reserved:#x}, must be zero"
             )));
         }
         let row_bytes = (plan.row_width(&dims) * dtype.size()) as u64;
         let page_stride = (page_size as u64 * row_bytes).next_multiple_of(64);
         if u64_at(b, at::PAGE_STRIDE) != page_stride {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header: page stride is {} bytes, expected {page_stride} for {page_size} rows \
                  of {row_bytes} bytes",
                 u64_at(b, at::PAGE_STRIDE)
@@ -374,12 +357,12 @@ impl ShardHeader {
             ("data offset", data_offset, aligned, "the sequence table"),
         ] {
             if got < want {
-                return Err(corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "header: {name} {got} overlaps {before} (expected {want})"
                 )));
             }
             if got > want {
-                return Err(corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "header: {name} is {got}, expected {want}: a gap after {before}"
                 )));
             }
@@ -389,7 +372,7 @@ impl ShardHeader {
             .and_then(|p| p.checked_mul(page_stride as usize))
             .ok_or_else(|| overflow("data length of pages per layer x layers x page stride"))?;
         if data_len != expected_len {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header: data length is {data_len} bytes, but {layers} layers of \
                  {pages_per_layer} pages of {page_stride} bytes make {expected_len}"
             )));
@@ -398,12 +381,12 @@ impl ShardHeader {
             .checked_add(data_len)
             .ok_or_else(|| overflow("data end"))?;
         if n < end {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "truncated: the file is {n} bytes but its header describes {end}"
             )));
         }
         if n > end {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{} unexpected bytes after the data region (file {n} bytes, data ends at {end})",
                 n - end
             )));
@@ -412,7 +395,7 @@ impl ShardHeader {
         // The tables and the padding lie inside [HEADER_LEN, data_offset) now, and
         // data_offset <= n. Zero padding leaves no metadata byte unchecked.
         if let Some(i) = image[st_end..data_offset].iter().position(|&x| x != 0) {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "padding byte at offset {} before the data is not zero",
                 st_end + i
             )));
@@ -421,7 +404,7 @@ impl ShardHeader {
         let computed =
             crc32c::crc32c_append(crc32c::crc32c(&image[lt..lt_end]), &image[st..st_end]);
         if stored != computed {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "table checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): \
                  the layer or sequence table is corrupted"
             )));
@@ -429,7 +412,7 @@ impl ShardHeader {
         let mut transforms = Vec::with_capacity(layers);
         for (layer, e) in image[lt..lt_end].chunks_exact(LAYER_ENTRY_LEN).enumerate() {
             if u32_at(e, 4) != 0 {
-                return Err(corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "layer table entry {layer}: reserved field must be zero"
                 )));
             }
@@ -448,15 +431,18 @@ impl ShardHeader {
             let id = u32_at(e, 0);
             let what = || format!("sequence table entry {k} (id {id})");
             if u32_at(e, 4) != 0 {
-                return Err(corrupt(format!("{}: reserved field must be zero", what())));
+                return Err(Error::corrupt(format!(
+                    "{}: reserved field must be zero",
+                    what()
+                )));
             }
             if !seen.insert(id) {
-                return Err(corrupt(format!("{}: the id appears twice", what())));
+                return Err(Error::corrupt(format!("{}: the id appears twice", what())));
             }
             let len = usize_field(e, 8, "sequence length")?;
             let first_page = usize_field(e, 16, "first page")?;
             if first_page != next_page {
-                return Err(corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: starts at page {first_page}, but the sequences before it end at \
                      page {next_page} (sequences must follow each other without gap or overlap)",
                     what()
@@ -466,7 +452,7 @@ impl ShardHeader {
                 .checked_add(len.div_ceil(page_size))
                 .filter(|&p| p <= pages_per_layer)
                 .ok_or_else(|| {
-                    corrupt(format!(
+                    Error::corrupt(format!(
                         "{}: {len} tokens run past the {pages_per_layer} pages of a layer",
                         what()
                     ))
@@ -478,13 +464,13 @@ impl ShardHeader {
             });
         }
         if next_page != pages_per_layer {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "header: the sequences fill {next_page} pages per layer, the header says \
                  {pages_per_layer}"
             )));
         }
         let spec = ShardSpec::new(dims, &plan, dtype, page_size, transforms)
-            .map_err(|e| corrupt(format!("header: {}", e.message())))?;
+            .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
         debug_assert_eq!(spec.page_stride() as u64, page_stride);
         Ok(ShardHeader {
             spec,
@@ -510,7 +496,7 @@ impl ShardHeader {
         }
         let computed = crc32c::crc32c(&image[self.data_offset..]);
         if computed != self.data_crc {
-            return Err(corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "data checksum mismatch (stored {:#010x}, computed {computed:#010x}): the \
                  cached rows are corrupted",
                 self.data_crc
