@@ -245,10 +245,7 @@ impl DeviceRank {
                 "a synthetic rank needs at least one layer, sequence and token",
             ));
         }
-        let checked = ShardPlan::with_head_split(&dims, plan.ranks, plan.groups, plan.rank)?;
-        if checked != plan {
-            return Err(Error::invalid("shard plan does not belong to these dims"));
-        }
+        plan.check_belongs_to(&dims)?;
         let seqs: Vec<u32> = (0..sequences as u32).collect();
         let mut rank = Self::empty(backend, dims, plan, &seqs, context, sequences)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -194,6 +194,15 @@ impl ShardPlan {
         })
     }
 
+    /// An error unless this plan is the one [`Self::with_head_split`] makes for `dims`
+    /// (a plan built by hand or read from a file).
+    pub fn check_belongs_to(&self, dims: &ModelDims) -> Result<()> {
+        if Self::with_head_split(dims, self.ranks, self.groups, self.rank)? != *self {
+            return Err(Error::invalid("shard plan does not belong to these dims"));
+        }
+        Ok(())
+    }
+
     /// Values per cached token on this rank: the latent slice then the RoPE key.
     pub fn row_width(&self, dims: &ModelDims) -> usize {
         self.slice_width + dims.d_r

@@ -143,10 +143,7 @@ impl WeightsFileWriter {
         plan: ShardPlan,
         layers: usize,
     ) -> Result<Self> {
-        let checked = ShardPlan::with_head_split(&dims, plan.ranks, plan.groups, plan.rank)?;
-        if checked != plan {
-            return Err(Error::invalid("shard plan does not belong to these dims"));
-        }
+        plan.check_belongs_to(&dims)?;
         if layers == 0 || layers > crate::cache::MAX_LAYERS {
             return Err(Error::invalid(format!(
                 "a weights file holds between 1 and {} layers, got {layers}",
