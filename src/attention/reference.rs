@@ -258,6 +258,14 @@ pub fn slice_rows(rotated: &[f64], k_rope: &[f64], plan: &ShardPlan, d_c: usize)
     rows
 }
 
+/// MLA's cached latents `c_t = gamma * a_t / rms(a_t)`, `[T][d_c]`.
+fn kv_latents(w: &MlaWeights, latents: &[f64]) -> Vec<f64> {
+    latents
+        .chunks_exact(w.dims.d_c)
+        .flat_map(|a| normalise(a).into_iter().zip(&w.gamma).map(|(n, g)| n * g))
+        .collect()
+}
+
 /// Decode of one query: per-head outputs and attention weights.
 #[derive(Clone, Debug)]
 pub struct HeadOutputs {
@@ -278,16 +286,7 @@ pub fn mla_decode_naive(
 ) -> HeadOutputs {
     let d = &w.dims;
     let len = latents.len() / d.d_c;
-    let c: Vec<Vec<f64>> = latents
-        .chunks_exact(d.d_c)
-        .map(|a| {
-            normalise(a)
-                .iter()
-                .zip(&w.gamma)
-                .map(|(n, g)| n * g)
-                .collect()
-        })
-        .collect();
+    let c = kv_latents(w, latents);
     let mut out = vec![0.0; d.heads * d.d_v];
     let mut probs = vec![0.0; d.heads * len];
     for h in 0..d.heads {
@@ -297,7 +296,10 @@ pub fn mla_decode_naive(
         let p = &mut probs[h * len..(h + 1) * len];
         for t in 0..len {
             let mut key = vec![0.0; d.d_n];
-            for (ci, row) in c[t].iter().zip(wk.chunks_exact(d.d_n)) {
+            for (ci, row) in c[t * d.d_c..(t + 1) * d.d_c]
+                .iter()
+                .zip(wk.chunks_exact(d.d_n))
+            {
                 for (kj, wj) in key.iter_mut().zip(row) {
                     *kj += ci * wj;
                 }
@@ -307,7 +309,10 @@ pub fn mla_decode_naive(
         softmax_in_place(p);
         let o = &mut out[h * d.d_v..(h + 1) * d.d_v];
         for t in 0..len {
-            for (ci, row) in c[t].iter().zip(wv.chunks_exact(d.d_v)) {
+            for (ci, row) in c[t * d.d_c..(t + 1) * d.d_c]
+                .iter()
+                .zip(wv.chunks_exact(d.d_v))
+            {
                 for (oj, wj) in o.iter_mut().zip(row) {
                     *oj += p[t] * ci * wj;
                 }
@@ -343,16 +348,7 @@ pub fn mla_decode(
 ) -> HeadOutputs {
     let d = &w.dims;
     let len = latents.len() / d.d_c;
-    let c: Vec<f64> = latents
-        .chunks_exact(d.d_c)
-        .flat_map(|a| {
-            normalise(a)
-                .into_iter()
-                .zip(&w.gamma)
-                .map(|(n, g)| n * g)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let c = kv_latents(w, latents);
     let mut out = vec![0.0; d.heads * d.d_v];
     let mut probs = vec![0.0; d.heads * len];
     for h in 0..d.heads {
