@@ -13,7 +13,7 @@
 //! Scratch buffers grow to the largest batch seen and are reused: a step allocates
 //! nothing proportional to the context length.
 
-use crate::attention::reference::{slice_token, AppendMode};
+use crate::attention::reference::{dot, slice_token, AppendMode};
 use crate::attention::{LatentAttention, LatentShape};
 use crate::cache::{RankCache, TransformId};
 use crate::convert::RankWeights;
@@ -422,22 +422,4 @@ fn installed(layers: &[Option<RankLayer>], index: usize) -> Result<&RankLayer> {
         Some(None) => Err(Error::invalid(format!("layer {index} has no weights yet"))),
         Some(Some(l)) => Ok(l),
     }
-}
-
-/// Dot product with eight partial sums, so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

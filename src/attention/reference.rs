@@ -25,22 +25,26 @@ pub fn softmax_in_place(scores: &mut [f64]) -> f64 {
     max + sum.ln()
 }
 
-/// Dot product with eight partial sums, so the compiler vectorises it.
-pub fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0; 8];
+/// Dot product with eight partial sums, so the compiler vectorises it (f64 here, f32 in
+/// the decode context's query absorption).
+pub fn dot<T>(a: &[T], b: &[T]) -> T
+where
+    T: Copy + Default + std::ops::Add<Output = T> + std::ops::Mul<Output = T> + std::iter::Sum,
+{
+    let mut acc = [T::default(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
+    let tail: T = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
-            acc[k] += x[k] * y[k];
+            acc[k] = acc[k] + x[k] * y[k];
         }
     }
-    acc.iter().sum::<f64>() + tail
+    acc.into_iter().sum::<T>() + tail
 }
 
 /// Latent attention over contiguous rows (`[T][slice_width + d_r]`) for `[heads]` query
