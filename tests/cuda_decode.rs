@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tpla::attention::cuda::{CudaBackend, DeviceBuffer, DeviceCacheConfig, Origin};
+use tpla::attention::cuda::{CudaBackend, DecodeKernel, DeviceBuffer, DeviceCacheConfig, Origin};
 use tpla::attention::reference::latent_attention;
 use tpla::attention::{LatentAttention, LatentShape, RowSource};
 use tpla::{DType, ErrorKind, Result};
@@ -203,7 +203,13 @@ fn check(
         .unwrap();
     let (r_out, r_lse) = reference(&rows, shape, &q);
     let (e, le) = errors(shape, b, &out, &lse, &r_out, &r_lse);
-    println!("H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse rel {le:.2e}");
+    let kernel = backend
+        .kernels(heads, width, 64)
+        .unwrap()
+        .config
+        .kernel
+        .name();
+    println!("{kernel}: H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse rel {le:.2e}");
     assert!(e < 1e-2, "H={heads} W={width} lens={lens:?}: rel L2 {e}");
     assert!(
         le < 1e-2,
@@ -211,22 +217,35 @@ fn check(
     );
 }
 
+/// Every shape on every decode kernel the device runs for it (on Hopper: wgmma where
+/// the shape allows, and v3 everywhere).
 #[test]
 fn every_shape_matches_the_reference_on_mixed_lengths() {
     let Some(mut backend) = gpu() else { return };
     let mut seed = fresh_seed();
     println!("seed {seed}");
-    for heads in [16, 32, 64, 128] {
-        for width in [512, 256, 128, 64] {
-            seed += 1;
-            check(
-                &mut backend,
-                heads,
-                width,
-                &[1, 63, 64, 65, 4096, 300],
-                64,
-                seed,
-            );
+    for kernel in [DecodeKernel::MmaSync, DecodeKernel::Wgmma] {
+        backend.set_decode_kernel(Some(kernel));
+        for heads in [16, 32, 64, 128, 192, 256] {
+            for width in [512, 256, 128, 64] {
+                let hopper = backend.device().compute_capability() == (9, 0);
+                if kernel == DecodeKernel::Wgmma && !(hopper && width <= 256 && heads % 64 == 0) {
+                    continue;
+                }
+                assert_eq!(
+                    backend.kernels(heads, width, 64).unwrap().config.kernel,
+                    kernel
+                );
+                seed += 1;
+                check(
+                    &mut backend,
+                    heads,
+                    width,
+                    &[1, 63, 64, 65, 4096, 300],
+                    64,
+                    seed,
+                );
+            }
         }
     }
 }
@@ -239,6 +258,8 @@ fn long_sequences_match_the_reference() {
     check(&mut backend, 128, 512, &[32768], 64, seed);
     check(&mut backend, 64, 256, &[32768, 7, 4096], 64, seed + 1);
     check(&mut backend, 16, 64, &[32768, 1], 64, seed + 2);
+    check(&mut backend, 128, 256, &[32768, 129, 4095], 64, seed + 3);
+    check(&mut backend, 64, 128, &[32768, 2], 64, seed + 4);
 }
 
 #[test]
