@@ -136,8 +136,14 @@ fn reference(rows: &HostRows, shape: LatentShape, q: &[f32]) -> (Vec<f64>, Vec<f
     (out, lse)
 }
 
+/// Bound on the log-sum-exp error: queries enter the kernels as bf16, so each score is
+/// off by about N(0, (2^-9 sigma_q)^2 |k|^2 / 3), a standard deviation of ~2.2e-3 for
+/// the test's sigma_q = 0.08 over 576-wide N(0, 1) rows; the worst of the ~10^3 heads
+/// of a batch lands near 3-5 of them (1.07e-2 was seen once at 192 heads).
+const LSE_BOUND: f64 = 2e-2;
+
 /// Worst per-sequence relative L2 error of `out`, and worst lse error relative to
-/// max(1, |lse|) (queries enter the kernels as bf16: scores carry ~2^-9 relative error).
+/// max(1, |lse|).
 fn errors(
     shape: LatentShape,
     batch: usize,
@@ -212,7 +218,7 @@ fn check(
     println!("{kernel}: H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse rel {le:.2e}");
     assert!(e < 1e-2, "H={heads} W={width} lens={lens:?}: rel L2 {e}");
     assert!(
-        le < 1e-2,
+        le < LSE_BOUND,
         "H={heads} W={width} lens={lens:?}: lse error {le}"
     );
 }
@@ -229,7 +235,7 @@ fn every_shape_matches_the_reference_on_mixed_lengths() {
         for heads in [16, 32, 64, 128, 192, 256] {
             for width in [512, 256, 128, 64] {
                 let hopper = backend.device().compute_capability() == (9, 0);
-                if kernel == DecodeKernel::Wgmma && !(hopper && width <= 256 && heads % 64 == 0) {
+                if kernel == DecodeKernel::Wgmma && !(hopper && heads % 64 == 0) {
                     continue;
                 }
                 assert_eq!(
@@ -350,7 +356,11 @@ fn split_counts_agree_and_device_appends_extend_sequences() {
         let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
         let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);
         println!("{}: rel L2 {e:.2e}, lse rel {le:.2e}", plan.kernel_name());
-        assert!(e < 1e-2 && le < 1e-2, "{}: {e} {le}", plan.kernel_name());
+        assert!(
+            e < 1e-2 && le < LSE_BOUND,
+            "{}: {e} {le}",
+            plan.kernel_name()
+        );
         results.push(o);
     }
     // different split points round different probabilities to bf16: agreement to a
@@ -518,7 +528,7 @@ fn appends_and_decode_replay_from_a_cuda_graph() {
         &r_lse,
     );
     println!("graph replay x{steps}: rel L2 {e:.2e}, lse rel {le:.2e}");
-    assert!(e < 1e-2 && le < 1e-2, "{e} {le}");
+    assert!(e < 1e-2 && le < LSE_BOUND, "{e} {le}");
 }
 
 #[test]
@@ -570,7 +580,7 @@ fn bad_and_empty_slots_give_nan_never_stale_or_foreign_rows() {
         dev.synchronize().unwrap();
         let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
         let (e, le) = errors(shape, 1, &o[..h * w], &l[..h], &r_out, &r_lse);
-        assert!(e < 1e-2 && le < 1e-2, "{splits} splits: {e} {le}");
+        assert!(e < 1e-2 && le < LSE_BOUND, "{splits} splits: {e} {le}");
         assert!(o[h * w..].iter().all(|v| v.is_nan()), "{splits} splits");
         assert!(l[h..].iter().all(|v| v.is_nan()), "{splits} splits");
     }

@@ -2,8 +2,8 @@
 //! block, pipeline depth) and the choice of that specialisation.
 //!
 //! Two decode kernels: `wgmma` (decode_sm90.cu) on Hopper (compute capability 9.0) for
-//! slices up to 256 and heads in multiples of 64, and `mma.sync` v3 (decode_v3.cu) on
-//! every other shape and on Ampere/Ada (8.x). Each module also carries the split merge,
+//! heads in multiples of 64, and `mma.sync` v3 (decode_v3.cu) on every other shape and
+//! on Ampere/Ada (8.x). Each module also carries the split merge,
 //! the device appends and the benchmark helpers (support.cu).
 
 use super::compile::{compile_cubin, Origin};
@@ -99,16 +99,15 @@ impl KernelConfig {
                 "the CUDA kernels need the rank's heads to be 16, 32, 64 or a multiple of 64, not {heads}"
             )));
         }
-        let wgmma_fits =
-            device.compute_capability() == (9, 0) && slice_width <= 256 && heads % 64 == 0;
+        let wgmma_fits = device.compute_capability() == (9, 0) && heads % 64 == 0;
         match kernel {
             Some(DecodeKernel::Wgmma) if !wgmma_fits => {
                 return Err(Error::unsupported(format!(
-                    "the wgmma decode kernel needs a Hopper GPU (compute capability 9.0), slices of at \
-                     most 256 and heads in multiples of 64; {} has {:?}, the shape {heads} heads x {slice_width}",
-                    device.name(),
-                    device.compute_capability()
-                )))
+                "the wgmma decode kernel needs a Hopper GPU (compute capability 9.0) and heads in \
+                     multiples of 64; {} has {:?}, the shape {heads} heads x {slice_width}",
+                device.name(),
+                device.compute_capability()
+            )))
             }
             Some(DecodeKernel::Wgmma) | None if wgmma_fits => {
                 return Self::choose_wgmma(device, heads, slice_width, max_stages)
@@ -156,17 +155,27 @@ impl KernelConfig {
         })
     }
 
-    /// The Hopper kernel: 128 heads per block where the rank's heads allow it (each K
-    /// tile read once for both warpgroups), else 64 with the warpgroups taking
-    /// alternate tiles (an even pipeline depth); as many stages as shared memory holds.
+    /// The Hopper kernel: slices up to 256 take 128 heads per block where the rank's
+    /// heads allow it (each K tile read once for both warpgroups), else 64 with the
+    /// warpgroups taking alternate tiles (an even pipeline depth); slices of 512 take 64
+    /// heads with the warpgroups splitting the output columns. As many stages as shared
+    /// memory holds.
     fn choose_wgmma(
         device: &CudaDevice,
         heads: usize,
         slice_width: usize,
         max_stages: usize,
     ) -> Result<Self> {
-        let heads_tile = if heads % 128 == 0 { 128 } else { 64 };
-        let step = if heads_tile == 64 { 2 } else { 1 };
+        let heads_tile = if heads % 128 == 0 && slice_width <= 256 {
+            128
+        } else {
+            64
+        };
+        let step = if Sm90Mode::of(slice_width, heads_tile) == Sm90Mode::Tokens {
+            2
+        } else {
+            1
+        };
         let stages = (2..=max_stages.clamp(2, MAX_STAGES))
             .rev()
             .filter(|s| s % step == 0)
@@ -226,18 +235,47 @@ impl KernelConfig {
                 o.push(format!("-DMINB={}", self.blocks_per_sm));
             }
             DecodeKernel::Wgmma => {
-                o.push(format!("-DHEAD_SPLIT={}", (self.heads_tile == 128) as u8));
+                o.push(format!(
+                    "-DMODE={}",
+                    Sm90Mode::of(self.slice_width, self.heads_tile) as u8
+                ));
             }
         }
         o
     }
 }
 
+/// How the Hopper kernel's two warpgroups share a block (`MODE_*` in decode_sm90.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sm90Mode {
+    /// 64 heads, alternate tiles, merged at the end.
+    Tokens = 0,
+    /// 128 heads, 64 each, every tile read by both.
+    Heads = 1,
+    /// 64 heads, half the output columns each, P passed between them (slice 512).
+    Columns = 2,
+}
+
+impl Sm90Mode {
+    fn of(slice_width: usize, heads_tile: usize) -> Self {
+        match (slice_width, heads_tile) {
+            (512, _) => Sm90Mode::Columns,
+            (_, 128) => Sm90Mode::Heads,
+            _ => Sm90Mode::Tokens,
+        }
+    }
+}
+
 /// Bytes of the Hopper kernel's shared-memory layout (`SM_*` in decode_sm90.cu: K
-/// stages, queries, mbarriers, and slack to align the swizzle atoms to 1024 bytes).
+/// stages, queries, the P exchange slot, mbarriers and stage counters, and slack to
+/// align the swizzle atoms to 1024 bytes).
 pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -> usize {
     let tile = (slice_width + ROPE_WIDTH) * TILE_TOKENS * 2;
-    stages * tile + heads_tile / 64 * tile + 16 * stages + 1024
+    let exchange = match Sm90Mode::of(slice_width, heads_tile) {
+        Sm90Mode::Columns => 18 * 128 * 4,
+        _ => 0,
+    };
+    stages * tile + heads_tile / 64 * tile + exchange + 16 * stages + 1024
 }
 
 /// Bytes of the v3 decode kernel's shared-memory layout (`struct Smem` in decode_v3.cu;
@@ -385,6 +423,7 @@ mod tests {
             ("sm_90a", sm90(128, 128, 7)),
             ("sm_90a", sm90(64, 64, 8)),
             ("sm_90a", sm90(64, 128, 8)),
+            ("sm_90a", sm90(512, 64, 2)),
         ] {
             let mut options = config.options();
             options.push(format!("--gpu-architecture={arch}"));

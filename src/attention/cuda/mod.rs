@@ -7,8 +7,8 @@
 //!   device's own architecture, specialised per (decode kernel, slice width, heads per
 //!   block, pipeline depth), and the cubins are cached on disk ([`default_cache_dir`]).
 //!   Two decode kernels ([`DecodeKernel`]): `wgmma` on Hopper (decode_sm90.cu: TMA
-//!   tiles, wgmma from shared memory, two warpgroups) for slices up to 256 and heads in
-//!   multiples of 64; `mma.sync` v3 (decode_v3.cu) elsewhere and on Ampere/Ada.
+//!   tiles, wgmma from shared memory, two warpgroups) for heads in multiples of 64;
+//!   `mma.sync` v3 (decode_v3.cu) elsewhere and on Ampere/Ada.
 //! - [`DeviceCache`] mirrors the CPU page layout (pages of 64 bf16 rows
 //!   `[slice_width + d_r]`) with device block tables; sequences are uploaded from any
 //!   [`RowSource`](crate::attention::RowSource), decode rows appended on the device.
