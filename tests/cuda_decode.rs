@@ -256,6 +256,29 @@ fn every_shape_matches_the_reference_on_mixed_lengths() {
     }
 }
 
+/// One small batch per way the Hopper kernel splits a block (tokens, heads, columns),
+/// with a partial last page and a split: small enough for compute-sanitizer's
+/// memcheck and racecheck (benches/gpu/session.sh runs them on it).
+#[test]
+fn small_batches_on_every_kernel_mode() {
+    let Some(mut backend) = gpu() else { return };
+    let seed = fresh_seed();
+    println!("seed {seed}");
+    for (i, (heads, width)) in [(64, 256), (128, 256), (64, 512), (32, 128)]
+        .into_iter()
+        .enumerate()
+    {
+        check(
+            &mut backend,
+            heads,
+            width,
+            &[1, 65, 300],
+            64,
+            seed + i as u64,
+        );
+    }
+}
+
 #[test]
 fn long_sequences_match_the_reference() {
     let Some(mut backend) = gpu() else { return };

@@ -32,13 +32,13 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   timeout 120 .devbin/tpla-lib decode_sources_compile >> $LOG 2>&1; echo "unit compile test rc=$?"
   timeout 400 .devbin/cuda_decode --nocapture --test-threads 1 > $OUT/cuda_decode.log 2>&1; rc=$?
   echo "cuda_decode rc=$rc"; grep -E "^test |panicked|test result" $OUT/cuda_decode.log | grep -v " ok$" | head -20
-  if [ -n "${SANITIZE:-}" ]; then
+  for t in ${SANITIZE:-}; do  # test names to run under compute-sanitizer
     for tool in memcheck racecheck; do
-      timeout 240 compute-sanitizer --tool $tool .devbin/cuda_decode $SANITIZE --test-threads 1 > /tmp/san.log 2>&1
-      echo "compute-sanitizer $tool ($SANITIZE) rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|hazard' /tmp/san.log | head -3 | tr '\n' ' ')"
+      timeout 240 compute-sanitizer --tool $tool .devbin/cuda_decode $t --test-threads 1 > /tmp/san.log 2>&1
+      echo "compute-sanitizer $tool ($t) rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|hazard' /tmp/san.log | head -3 | tr '\n' ' ')"
       cat /tmp/san.log >> $LOG
     done
-  fi
+  done
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   if [ -n "$fm_pid" ]; then
