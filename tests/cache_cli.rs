@@ -263,6 +263,19 @@ fn inspect_refuses_bad_files_with_the_reason() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
 
+    // an unknown transform code behind valid checksums: a corrupt file, exit status 1
+    let mut unknown = good.clone();
+    unknown[128] = 9;
+    reseal::reseal(&mut unknown);
+    std::fs::write(&bad, &unknown).unwrap();
+    let out = tpla(&["shard", "inspect", "--no-verify", str(&bad)]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("layer table entry 0: unknown transform code 9"),
+        "{}",
+        stderr(&out)
+    );
+
     let mut header = good.clone();
     header[20] ^= 4;
     std::fs::write(&bad, &header).unwrap();

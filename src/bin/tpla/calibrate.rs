@@ -140,8 +140,8 @@ fn fit(a: FitArgs) -> Result<()> {
             ));
         }
         let cal = LayerCalibration::from_file(&file, layer)?;
-        let fit =
-            fit_layer(&w, Some(&cal), &opts).map_err(|e| e.context(format!("layer {layer}")))?;
+        let fit = fit_layer(&w, Some(&cal), &opts, layer)
+            .map_err(|e| e.context(format!("layer {layer}")))?;
         let top: Vec<f64> = fit
             .transform
             .eigenvalues()
