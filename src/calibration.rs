@@ -849,7 +849,10 @@ fn check_every_slice_has_energy(
     d_c: usize,
     opts: &FitOptions,
 ) -> Result<()> {
-    let Some(slice) = fractions.iter().position(|&f| f.is_nan() || f <= EMPTY_SLICE_SHARE) else {
+    let Some(slice) = fractions
+        .iter()
+        .position(|&f| f.is_nan() || f <= EMPTY_SLICE_SHARE)
+    else {
         return Ok(());
     };
     let g = opts.groups;

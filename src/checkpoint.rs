@@ -537,9 +537,10 @@ pub struct ConvertOptions {
     pub ranks: usize,
 }
 
-/// File name of rank `rank` of `ranks` in an output directory.
+/// File name of rank `rank` of `ranks` in an output directory: `model.rank<r>-of-<k>
+/// .weights`, named like the shard files (`prefill.rank<i>-of-<g>.tpla`).
 pub fn rank_file_name(rank: usize, ranks: usize) -> String {
-    format!("tpla-rank{rank}-of{ranks}.weights")
+    format!("model.rank{rank}-of-{ranks}.weights")
 }
 
 /// Converts every layer of `checkpoint` into one weights file per rank in `out_dir`
