@@ -17,6 +17,7 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod fidelity;
+mod files;
 pub mod geometry;
 mod le;
 pub mod synthetic;

@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Model presets (comma-separated): deepseek-v3, kimi-k2, deepseek-v2-lite.
-    #[arg(long, value_delimiter = ',', default_value = "deepseek-v3")]
+    #[arg(long = "preset", value_delimiter = ',', default_value = "deepseek-v3")]
     model: Vec<String>,
     /// Cached tokens per sequence (comma-separated list to sweep).
     #[arg(long, value_delimiter = ',', default_value = "4096")]
