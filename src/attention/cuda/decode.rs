@@ -104,20 +104,26 @@ impl CudaBackend {
     }
 
     /// A decode plan for `batch` queries of `shape` over sequences of at most `max_len`
-    /// tokens: the split count is chosen to fill the GPU.
+    /// tokens, filling the GPU: the wgmma kernel gets one CTA per multiprocessor (over
+    /// the head tiles), each taking an equal share of the batch's tiles; v3 a split count
+    /// per sequence.
     pub fn plan(&self, shape: LatentShape, batch: usize, max_len: usize) -> Result<DecodePlan> {
         let kernels = self.kernels(shape.heads, shape.slice_width, shape.d_r)?;
         let slots = self.device.multiprocessors() * kernels.decode_blocks_per_sm;
         let head_tiles = shape.heads / kernels.config.heads_tile;
-        let splits = choose_splits(
-            slots,
-            batch * head_tiles,
-            max_len.max(1).div_ceil(TILE_TOKENS),
-        );
+        let splits = match kernels.config.kernel {
+            DecodeKernel::Wgmma => (slots / head_tiles).clamp(1, 1024),
+            DecodeKernel::MmaSync => choose_splits(
+                slots,
+                batch * head_tiles,
+                max_len.max(1).div_ceil(TILE_TOKENS),
+            ),
+        };
         DecodePlan::new(&self.device, kernels, shape, batch, splits)
     }
 
-    /// A decode plan with a fixed split count (1 to 1024).
+    /// A decode plan with a fixed split count (1 to 1024): for the wgmma kernel, the
+    /// number of CTAs per head tile sharing the batch's tiles.
     pub fn plan_with_splits(
         &self,
         shape: LatentShape,
@@ -161,6 +167,8 @@ pub struct DecodePlan {
     splits: usize,
     part_out: DeviceBuffer<f32>,
     part_lse: DeviceBuffer<f32>,
+    /// wgmma: the pieces and first partial slot of every batch entry (2 x batch).
+    schedule: DeviceBuffer<i32>,
 }
 
 impl DecodePlan {
@@ -181,14 +189,16 @@ impl DecodePlan {
                 "split count must be 1 to 1024, got {splits}"
             )));
         }
-        let partials = if splits > 1 {
-            batch * splits * shape.heads
-        } else {
-            0
+        // wgmma: each CTA boundary inside a sequence adds one piece to the batch's
+        let (partials, schedule) = match kernels.config.kernel {
+            DecodeKernel::Wgmma => ((batch + splits) * shape.heads, 2 * batch),
+            DecodeKernel::MmaSync if splits > 1 => (batch * splits * shape.heads, 0),
+            DecodeKernel::MmaSync => (0, 0),
         };
         Ok(DecodePlan {
             part_out: DeviceBuffer::new(device, partials * shape.slice_width)?,
             part_lse: DeviceBuffer::new(device, partials)?,
+            schedule: DeviceBuffer::new(device, schedule)?,
             device: device.clone(),
             kernels,
             shape,
@@ -262,12 +272,56 @@ impl DecodePlan {
             )?),
             DecodeKernel::MmaSync => None,
         };
-        let pool_arg = match &pool_map {
-            Some(map) => arg(map),
-            None => arg(&pool),
-        };
+        let head_tiles = (self.shape.heads / self.kernels.config.heads_tile) as u32;
+        let config = self.kernels.config;
+        if let Some(map) = &pool_map {
+            let (batch, sched) = (self.batch as i32, self.schedule.ptr());
+            let mut args = [
+                arg(map),
+                arg(&q),
+                arg(&table),
+                arg(&lens),
+                arg(&slots),
+                arg(&num_slots),
+                arg(&heads),
+                arg(&max_pages),
+                arg(&batch),
+                arg(&out),
+                arg(&lse),
+                arg(&part_out),
+                arg(&part_lse),
+                arg(&sched),
+            ];
+            self.kernels.decode.launch(
+                (head_tiles, self.splits as u32, 1),
+                config.decode_threads(),
+                self.kernels.decode_shared_bytes,
+                stream,
+                &mut args,
+            )?;
+            let combine = self
+                .kernels
+                .combine_pieces
+                .expect("wgmma modules carry tpla_combine_pieces");
+            let mut args = [
+                arg(&part_out),
+                arg(&part_lse),
+                arg(&sched),
+                arg(&heads),
+                arg(&batch),
+                arg(&out),
+                arg(&lse),
+            ];
+            return combine.launch(
+                (self.shape.heads as u32, self.batch as u32, 1),
+                128,
+                0,
+                stream,
+                &mut args,
+            );
+        }
         let mut args = [
-            pool_arg,
+            arg(&pool),
             arg(&q),
             arg(&table),
             arg(&lens),
@@ -281,10 +335,9 @@ impl DecodePlan {
             arg(&part_out),
             arg(&part_lse),
         ];
-        let head_tiles = (self.shape.heads / self.kernels.config.heads_tile) as u32;
         self.kernels.decode.launch(
             (head_tiles, self.splits as u32, self.batch as u32),
-            self.kernels.config.decode_threads(),
+            config.decode_threads(),
             self.kernels.decode_shared_bytes,
             stream,
             &mut args,

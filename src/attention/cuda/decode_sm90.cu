@@ -34,8 +34,18 @@
 // wgmma m64nNk16 with P from registers in the accumulator layout of S and V the
 // latent columns of the same K tile read transposed.
 // A tile past the sequence's end has its rows zeroed in shared memory before use (0 *
-// NaN would poison P V). With one split the block writes the final output; otherwise an
-// f32 partial output (normalised) and its log-sum-exp, merged by tpla_combine.
+// NaN would poison P V).
+//
+// Work schedule: the grid is (head tiles, CTAS). The batch's tiles, sequence after
+// sequence, are cut into CTAS equal ranges of `per` tiles (at least MIN_TILES), and CTA
+// c takes range c, whatever sequences it spans: every multiprocessor gets the same work
+// on mixed lengths as on equal ones. Each CTA finds its range from the lengths itself
+// (a block-wide sum and scans over the batch, no planning kernel, so a captured graph
+// needs nothing recomputed): a sequence inside one range gets its final output from that CTA;
+// one cut by range boundaries gets normalised f32 partials with log-sum-exps in slots
+// split_base[b] + k, which tpla_combine_pieces merges. CTA 0 writes split_base and the
+// piece counts for the merge (2 x batch words of `sched`). A sequence with no tokens (or
+// an invalid slot) is in no range: the merge writes NaN for it.
 
 #define MODE_TOKENS 0
 #define MODE_HEADS 1
@@ -77,7 +87,9 @@
 #define SM_X (SM_Q + (HQ / 64) * QWG_BYTES)
 #define SM_BAR (SM_X + (MODE == MODE_COLUMNS ? XCHG_WORDS * 128 * 4 : 0))
 #define SM_DONE (SM_BAR + STAGES * 8)
-#define SM_END (SM_DONE + STAGES * 8)
+#define SM_SCHED (SM_DONE + STAGES * 8)  // this CTA's schedule: 8 words, 8 of scan scratch
+#define SM_END (SM_SCHED + 64)
+#define MIN_TILES 4  // fewest tiles a CTA's range holds (shorter ones cost more merging)
 #define SM_ALIGN_SLACK 1024
 
 // Named barriers (0 is __syncthreads): 2 + w warpgroup w, 4 + w warpgroup w's turn at
@@ -140,7 +152,8 @@ __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-// Starts the copy of tile `j` of the split into its stage.
+// Starts the copy of the CTA's tile number `j` (counted over its whole range: it names
+// the stage) from cache page `page`.
 __device__ __forceinline__ void load_tile(const TensorMap* map, u32 k_base, u32 full_bar, int j, int page) {
     const int s = j % STAGES;
     mbar_expect_tx(full_bar + 8 * s, STAGE_BYTES);
@@ -239,17 +252,47 @@ __device__ __forceinline__ u32 scale_bf16x2(u32 v, float f) {
     return pack_bf16x2(lo, hi);
 }
 
+// Exclusive prefix sum of `v` over the block's threads in order; `total` gets the sum.
+// `warp_buf` holds one word per warp; every thread must call it.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* warp_buf, int lane, int warp, int& total) {
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += n;
+    }
+    if (lane == 31) warp_buf[warp] = incl;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) {
+        const int x = warp_buf[w];
+        before += w < warp ? x : 0;
+        total += x;
+    }
+    __syncthreads();  // warp_buf is free again
+    return before + incl - v;
+}
+
+// Tiles of batch entry `b`: 0 for an invalid slot (engine memory is never trusted).
+__device__ __forceinline__ int entry_tiles(const int* slots, const int* seq_lens, int num_slots, int b) {
+    const int slot = slots[b];
+    return slot >= 0 && slot < num_slots ? (max(seq_lens[slot], 0) + NT - 1) / NT : 0;
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * PAGE][RW] bf16
             const float* __restrict__ q,          // [batch][heads][RW]
             const int* __restrict__ block_table,  // [slots][max_pages]
             const int* __restrict__ seq_lens,     // [slots]
             const int* __restrict__ slots,        // [batch]
-            int num_slots, int heads, int max_pages, int num_splits,
-            float* __restrict__ out,              // [batch][heads][SLICE]  (one split)
-            float* __restrict__ lse,              // [batch][heads]         (one split)
-            float* __restrict__ part_out,         // [batch][splits][heads][SLICE]
-            float* __restrict__ part_lse)         // [batch][splits][heads]
+            int num_slots, int heads, int max_pages, int batch,
+            float* __restrict__ out,              // [batch][heads][SLICE]
+            float* __restrict__ lse,              // [batch][heads]
+            float* __restrict__ part_out,         // [batch + CTAS][heads][SLICE]
+            float* __restrict__ part_lse,         // [batch + CTAS][heads]
+            int* __restrict__ sched)              // [2][batch]: pieces, split_base
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const u32 raw_base = smem_addr(smem_raw);
@@ -259,46 +302,57 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     const u32 k_base = base + SM_K;
     const u32 q_base = base + SM_Q;
     const u32 full_bar = base + SM_BAR;  // full_bar + 8 * stage
+    int* my_sched = reinterpret_cast<int*>(smem + SM_SCHED);
 
     const int h0 = blockIdx.x * HQ;
-    const int split = blockIdx.y;
-    const int b = blockIdx.z;
+    const int cta = blockIdx.y;
+    const int ctas = gridDim.y;
     const int tid = threadIdx.x;
     const int warp = tid / 32;
     const int lane = tid % 32;
 
-    // Slot ids come from engine memory: one out of range reads nothing and, like an
-    // empty slot, yields NaN outputs below.
-    const int slot = slots[b];
-    const bool valid_slot = slot >= 0 && slot < num_slots;
-    const int len = valid_slot ? seq_lens[slot] : 0;
-    const int* pages = block_table + (u64)(valid_slot ? slot : 0) * max_pages;
-    const int tiles = (len + NT - 1) / NT;
-    const int per_split = (tiles + num_splits - 1) / num_splits;
-    const int t_begin = split * per_split;
-    const int n_tiles = min(tiles, t_begin + per_split) - t_begin;
-
-    if (n_tiles <= 0) {
-        if (num_splits > 1) {  // an empty split: contributes nothing to the merge
-            if (tid < HQ) part_lse[((u64)b * num_splits + split) * heads + h0 + tid] = NEG_INF;
-        } else {  // nothing to attend to: NaN, never a previous step's values
-            float* dst = out + ((u64)b * heads + h0) * SLICE;
-            for (int i = tid; i < HQ * SLICE; i += THREADS) dst[i] = QNAN;
-            if (tid < HQ) lse[(u64)b * heads + h0 + tid] = QNAN;
+    // ---- this CTA's range: all threads read the batch's lengths at once (entry tid +
+    // 256 k), a block-wide sum gives the range, block-wide scans find the first sequence
+    // it touches (and, in CTA 0, write the merge's table) ----
+    {
+        int* warp_buf = my_sched + 8;
+        const int t_own = tid < batch ? entry_tiles(slots, seq_lens, num_slots, tid) : 0;
+        int t_sum = t_own;
+        for (int e = tid + THREADS; e < batch; e += THREADS) t_sum += entry_tiles(slots, seq_lens, num_slots, e);
+        int total;
+        block_exclusive_scan(t_sum, warp_buf, lane, warp, total);
+        const int per = max(MIN_TILES, (total + ctas - 1) / ctas);
+        const int begin = min(total, cta * per);
+        const int end = min(total, begin + per);
+        const bool writer = blockIdx.x == 0 && cta == 0;
+        if (tid == 0) {
+            my_sched[0] = per;
+            my_sched[1] = begin;
+            my_sched[2] = end;
+            my_sched[3] = batch;  // no sequence, until one is found below
         }
-        return;
+        int start = 0, split_base = 0;  // running over the chunks of the batch
+        for (int c0 = 0; c0 < batch; c0 += THREADS) {
+            const int e = c0 + tid;
+            const int t = e < batch ? (c0 == 0 ? t_own : entry_tiles(slots, seq_lens, num_slots, e)) : 0;
+            int chunk_tiles, chunk_pieces;
+            const int my_start = start + block_exclusive_scan(t, warp_buf, lane, warp, chunk_tiles);
+            const int pieces = t > 0 ? (my_start + t - 1) / per - my_start / per + 1 : 0;
+            const int my_base = split_base + block_exclusive_scan(pieces, warp_buf, lane, warp, chunk_pieces);
+            if (writer && e < batch) {
+                sched[e] = pieces;
+                sched[batch + e] = my_base;
+            }
+            if (t > 0 && my_start <= begin && begin < my_start + t) {  // one entry at most
+                my_sched[3] = e;
+                my_sched[4] = my_start;
+                my_sched[5] = my_base;
+            }
+            start += chunk_tiles;
+            split_base += chunk_pieces;
+            if (!writer && start > begin) break;  // uniform: the range's start is found
+        }
     }
-
-    const int wg = warp / 4;
-    const int tw = tid % 128;  // thread in its warpgroup
-    const int g = lane / 4;    // accumulator row group
-    const int t4 = lane % 4;   // thread in the row's quad
-    const int row0 = (warp % 4) * 16 + g;  // this thread's rows in its warpgroup: row0, row0 + 8
-    const int j_first = MODE == MODE_TOKENS ? wg : 0;
-    const int j_step = MODE == MODE_TOKENS ? 2 : 1;
-    // The thread that starts this warpgroup's copies (SHARED_TILES: either warpgroup's).
-    const bool loader = tw == 0;
-
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full_bar + 8 * s, 1);
@@ -307,10 +361,42 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+    const int per = my_sched[0];
+    const int range_begin = my_sched[1];
+    const int range_end = my_sched[2];
+
+    const int wg = warp / 4;
+    const int tw = tid % 128;  // thread in its warpgroup
+    const int g = lane / 4;    // accumulator row group
+    const int t4 = lane % 4;   // thread in the row's quad
+    const int row0 = (warp % 4) * 16 + g;  // this thread's rows in its warpgroup: row0, row0 + 8
+    // The thread that starts this warpgroup's copies (SHARED_TILES: either warpgroup's).
+    const bool loader = tw == 0;
+    if (loader && wg == 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)&pool_map) : "memory");
+
+    // ---- the pieces of sequences in this CTA's range, in batch order ----
+    int b = my_sched[3];
+    int seq_start = my_sched[4];   // the sequence's first tile in the batch's order
+    int split_base = my_sched[5];  // its first partial slot
+    int done_tiles = 0;            // tiles this CTA consumed before the piece (stage names)
+    for (; b < batch && seq_start < range_end; ++b) {
+    const int seq_tiles = entry_tiles(slots, seq_lens, num_slots, b);
+    const int t_begin = max(range_begin, seq_start) - seq_start;
+    const int n_tiles = min(range_end, seq_start + seq_tiles) - seq_start - t_begin;
+    const int pieces = seq_tiles > 0 ? (seq_start + seq_tiles - 1) / per - seq_start / per + 1 : 0;
+    const int piece = cta - seq_start / per;
+    seq_start += seq_tiles;
+    split_base += pieces;
+    if (n_tiles <= 0) continue;
+    const int len = seq_lens[slots[b]];  // a valid slot: it has tiles
+    const int* pages = block_table + (u64)slots[b] * max_pages;
+    // TOKENS: WG w takes the tiles whose stage has its parity
+    const int j_first = MODE == MODE_TOKENS ? (wg + done_tiles) & 1 : 0;
+    const int j_step = MODE == MODE_TOKENS ? 2 : 1;
+    __syncthreads();  // the previous piece is done with every stage, Q and the merge buffer
     if (loader && (!SHARED_TILES || wg == 0)) {
-        asm volatile("prefetch.tensormap [%0];" ::"l"((u64)&pool_map) : "memory");
         for (int j = j_first; j < min(STAGES, n_tiles); j += j_step)
-            load_tile(&pool_map, k_base, full_bar, j, pages[t_begin + j]);
+            load_tile(&pool_map, k_base, full_bar, done_tiles + j, pages[t_begin + j]);
     }
 
     // Queries f32 -> bf16 into the swizzled atoms: element (r, c) of warpgroup block
@@ -348,12 +434,12 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     float l_part[2] = {0.f, 0.f};
 
     for (int j = j_first; j < n_tiles; j += j_step) {
-        const int s = j % STAGES;
+        const int s = (done_tiles + j) % STAGES;
         const u32 kst = k_base + s * STAGE_BYTES;
         // the page of the tile this stage takes next, read early to hide the latency
         const int refill = j + STAGES;
         const int refill_page = loader && refill < n_tiles ? pages[t_begin + refill] : 0;
-        mbar_wait(full_bar + 8 * s, (j / STAGES) & 1);
+        mbar_wait(full_bar + 8 * s, ((done_tiles + j) / STAGES) & 1);
         const int first = (t_begin + j) * NT;
         const int valid = min(NT, len - first);
         if (valid < NT) {
@@ -435,7 +521,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
                 if (last) *done = 0u;
                 __threadfence_block();
             }
-            if (last) load_tile(&pool_map, k_base, full_bar, refill, refill_page);
+            if (last) load_tile(&pool_map, k_base, full_bar, done_tiles + refill, refill_page);
         }
     }
 
@@ -460,13 +546,13 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
             buf[(ON + 3) * 128 + tw] = l_part[1];
         }
         __syncthreads();
-        if (wg == 1) return;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+            if (wg == 1) break;  // WG0 writes the merged result
             const float m1 = buf[(ON + h) * 128 + tw];
-            const float m = fmaxf(m_ref[h], m1);  // m_ref is finite: WG0 had a tile
-            const float a0 = fast_exp2(m_ref[h] - m);
-            const float a1 = fast_exp2(m1 - m);  // 0 when WG1 had no tile
+            const float m = fmaxf(m_ref[h], m1);  // finite: the piece has a tile
+            const float a0 = fast_exp2(m_ref[h] - m);  // 0 when WG0 had no tile
+            const float a1 = fast_exp2(m1 - m);        // 0 when WG1 had none
             l_part[h] = l_part[h] * a0 + buf[(ON + 2 + h) * 128 + tw] * a1;
             m_ref[h] = m;
 #pragma unroll
@@ -497,26 +583,66 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     }
 #endif
 
-    // ---- write the (partial) output, normalised, and its log-sum-exp ----
-    const int head = h0 + (MODE == MODE_HEADS ? wg * 64 : 0) + row0;
-    float* dst = (num_splits == 1 ? out + ((u64)b * heads + head) * SLICE
-                                  : part_out + (((u64)b * num_splits + split) * heads + head) * SLICE) +
-                 col_chunk * 64;
-    const float inv0 = 1.f / l_part[0];
-    const float inv1 = 1.f / l_part[1];
+    // ---- write the final or partial output, normalised, and its log-sum-exp ----
+    if (MODE != MODE_TOKENS || wg == 0) {
+        const int head = h0 + (MODE == MODE_HEADS ? wg * 64 : 0) + row0;
+        const u64 row = pieces == 1 ? (u64)b * heads + head : (u64)(split_base - pieces + piece) * heads + head;
+        float* dst = (pieces == 1 ? out : part_out) + row * SLICE + col_chunk * 64;
+        const float inv0 = 1.f / l_part[0];
+        const float inv1 = 1.f / l_part[1];
 #pragma unroll
-    for (int n = 0; n < ON / 4; ++n) {
-        const int c = 8 * n + 2 * t4;
-        *reinterpret_cast<float2*>(dst + c) = make_float2(o[4 * n] * inv0, o[4 * n + 1] * inv0);
-        *reinterpret_cast<float2*>(dst + 8 * SLICE + c) = make_float2(o[4 * n + 2] * inv1, o[4 * n + 3] * inv1);
+        for (int n = 0; n < ON / 4; ++n) {
+            const int c = 8 * n + 2 * t4;
+            *reinterpret_cast<float2*>(dst + c) = make_float2(o[4 * n] * inv0, o[4 * n + 1] * inv0);
+            *reinterpret_cast<float2*>(dst + 8 * SLICE + c) = make_float2(o[4 * n + 2] * inv1, o[4 * n + 3] * inv1);
+        }
+        if (t4 == 0 && (MODE != MODE_COLUMNS || wg == 0)) {
+            // natural-log units: m_ref is max * log2(e)
+            float* l = (pieces == 1 ? lse : part_lse) + row;
+            l[0] = (m_ref[0] + __log2f(l_part[0])) * 0.6931471805599453f;
+            l[8] = (m_ref[1] + __log2f(l_part[1])) * 0.6931471805599453f;
+        }
     }
-    if (t4 == 0 && (MODE != MODE_COLUMNS || wg == 0)) {
-        // natural-log units: m_ref is max * log2(e)
-        const float v0 = (m_ref[0] + __log2f(l_part[0])) * 0.6931471805599453f;
-        const float v1 = (m_ref[1] + __log2f(l_part[1])) * 0.6931471805599453f;
-        float* l = num_splits == 1 ? lse + (u64)b * heads + head
-                                   : part_lse + ((u64)b * num_splits + split) * heads + head;
-        l[0] = v0;
-        l[8] = v1;
+    done_tiles += n_tiles;
     }
+}
+
+// Merges the pieces of the sequences tpla_decode cut (sched: [pieces][split_base] per
+// batch entry, written by its CTA 0): lse = log sum_k exp(lse_k), out = sum_k exp(lse_k -
+// lse) out_k. One block per (head, batch entry); a sequence in one piece has its output
+// already, one in none (no tokens, or an invalid slot) gets NaN, never stale values.
+extern "C" __global__ void __launch_bounds__(128)
+tpla_combine_pieces(const float* __restrict__ part_out, const float* __restrict__ part_lse,
+                    const int* __restrict__ sched, int heads, int batch,
+                    float* __restrict__ out, float* __restrict__ lse)
+{
+    const int h = blockIdx.x;
+    const int b = blockIdx.y;
+    const int pieces = sched[b];
+    const int first = sched[batch + b];
+    float* dst = out + ((u64)b * heads + h) * SLICE;
+    if (pieces == 1) return;
+    if (pieces == 0) {
+        for (int c = threadIdx.x; c < SLICE; c += blockDim.x) dst[c] = QNAN;
+        if (threadIdx.x == 0) lse[(u64)b * heads + h] = QNAN;
+        return;
+    }
+    float mx = NEG_INF;
+    for (int k = 0; k < pieces; ++k) mx = fmaxf(mx, part_lse[(u64)(first + k) * heads + h]);
+    float sum = 0.f;
+    for (int k = 0; k < pieces; ++k) sum += __expf(part_lse[(u64)(first + k) * heads + h] - mx);
+    const float inv = 1.f / sum;
+    for (int c = threadIdx.x * 4; c < SLICE; c += blockDim.x * 4) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int k = 0; k < pieces; ++k) {
+            const float w = __expf(part_lse[(u64)(first + k) * heads + h] - mx);
+            const float4 v = *reinterpret_cast<const float4*>(part_out + ((u64)(first + k) * heads + h) * SLICE + c);
+            acc.x += w * v.x;
+            acc.y += w * v.y;
+            acc.z += w * v.z;
+            acc.w += w * v.w;
+        }
+        *reinterpret_cast<float4*>(dst + c) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+    }
+    if (threadIdx.x == 0) lse[(u64)b * heads + h] = mx + __logf(sum);
 }

@@ -267,15 +267,16 @@ impl Sm90Mode {
 }
 
 /// Bytes of the Hopper kernel's shared-memory layout (`SM_*` in decode_sm90.cu: K
-/// stages, queries, the P exchange slot, mbarriers and stage counters, and slack to
-/// align the swizzle atoms to 1024 bytes).
+/// stages, queries, the P exchange slot, mbarriers and stage counters, the CTA's
+/// schedule, and slack to align the swizzle atoms to 1024 bytes).
 pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -> usize {
     let tile = (slice_width + ROPE_WIDTH) * TILE_TOKENS * 2;
     let exchange = match Sm90Mode::of(slice_width, heads_tile) {
         Sm90Mode::Columns => 18 * 128 * 4,
         _ => 0,
     };
-    stages * tile + heads_tile / 64 * tile + exchange + 16 * stages + 1024
+    // + 16 bytes of mbarrier and counter per stage, 64 of the CTA's schedule
+    stages * tile + heads_tile / 64 * tile + exchange + 16 * stages + 64 + 1024
 }
 
 /// Bytes of the v3 decode kernel's shared-memory layout (`struct Smem` in decode_v3.cu;
@@ -297,6 +298,8 @@ pub struct Kernels {
     pub origin: Origin,
     pub decode: Function,
     pub combine: Function,
+    /// The merge of the wgmma kernel's sequence pieces (wgmma modules only).
+    pub combine_pieces: Option<Function>,
     pub append: Function,
     pub fill_bf16: Function,
     pub fill_f32: Function,
@@ -371,6 +374,10 @@ impl Kernels {
             origin,
             decode,
             combine: module.function("tpla_combine")?,
+            combine_pieces: match config.kernel {
+                DecodeKernel::Wgmma => Some(module.function("tpla_combine_pieces")?),
+                DecodeKernel::MmaSync => None,
+            },
             append: module.function("tpla_append")?,
             fill_bf16: module.function("tpla_fill_bf16")?,
             fill_f32: module.function("tpla_fill_f32")?,
