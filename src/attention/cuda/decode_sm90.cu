@@ -87,8 +87,8 @@
 #define SM_X (SM_Q + (HQ / 64) * QWG_BYTES)
 #define SM_BAR (SM_X + (MODE == MODE_COLUMNS ? XCHG_WORDS * 128 * 4 : 0))
 #define SM_DONE (SM_BAR + STAGES * 8)
-#define SM_SCHED (SM_DONE + STAGES * 8)  // this CTA's schedule: 8 words, 8 of scan scratch
-#define SM_END (SM_SCHED + 64)
+#define SM_SCHED (SM_DONE + STAGES * 8)  // this CTA's schedule: 8 words, 16 of scan scratch
+#define SM_END (SM_SCHED + 96)
 #define MIN_TILES 4  // fewest tiles a CTA's range holds (shorter ones cost more merging)
 #define SM_ALIGN_SLACK 1024
 
@@ -317,11 +317,35 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     {
         int* warp_buf = my_sched + 8;
         const int t_own = tid < batch ? entry_tiles(slots, seq_lens, num_slots, tid) : 0;
-        int t_sum = t_own;
-        for (int e = tid + THREADS; e < batch; e += THREADS) t_sum += entry_tiles(slots, seq_lens, num_slots, e);
+        int t_sum = t_own, t_min = tid < batch ? t_own : 0x7fffffff, t_max = t_own;
+        for (int e = tid + THREADS; e < batch; e += THREADS) {
+            const int t = entry_tiles(slots, seq_lens, num_slots, e);
+            t_sum += t;
+            t_min = min(t_min, t);
+            t_max = max(t_max, t);
+        }
         int total;
         block_exclusive_scan(t_sum, warp_buf, lane, warp, total);
-        const int per = max(MIN_TILES, (total + ctas - 1) / ctas);
+        int per = max(MIN_TILES, (total + ctas - 1) / ctas);
+#if MODE == MODE_TOKENS
+        // Equal lengths of T tiles: ranges of T / k tiles keep every CTA inside one
+        // sequence (measured faster where the tiles are memory-bound: a piece boundary
+        // drains the pipeline and reloads Q, which costs more than the idle SMs).
+        t_min = __reduce_min_sync(0xffffffffu, t_min);
+        t_max = __reduce_max_sync(0xffffffffu, t_max);
+        if (lane == 0) {
+            warp_buf[warp] = t_min;
+            warp_buf[8 + warp] = t_max;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int w = 0; w < THREADS / 32; ++w) {
+            t_min = min(t_min, warp_buf[w]);
+            t_max = max(t_max, warp_buf[8 + w]);
+        }
+        __syncthreads();
+        if (t_min == t_max && t_max >= per) per = (t_max + t_max / per - 1) / (t_max / per);
+#endif
         const int begin = min(total, cta * per);
         const int end = min(total, begin + per);
         const bool writer = blockIdx.x == 0 && cta == 0;

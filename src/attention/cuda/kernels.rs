@@ -275,8 +275,8 @@ pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -
         Sm90Mode::Columns => 18 * 128 * 4,
         _ => 0,
     };
-    // + 16 bytes of mbarrier and counter per stage, 64 of the CTA's schedule
-    stages * tile + heads_tile / 64 * tile + exchange + 16 * stages + 64 + 1024
+    // + 16 bytes of mbarrier and counter per stage, 96 of the CTA's schedule
+    stages * tile + heads_tile / 64 * tile + exchange + 16 * stages + 96 + 1024
 }
 
 /// Bytes of the v3 decode kernel's shared-memory layout (`struct Smem` in decode_v3.cu;
