@@ -14,12 +14,13 @@
 //! nothing proportional to the context length.
 
 use crate::attention::reference::{dot, slice_token, AppendMode};
-use crate::attention::{LatentAttention, LatentShape};
+use crate::attention::{LatentAttention, LatentShape, RowSource};
 use crate::cache::{RankCache, TransformId};
 use crate::convert::RankWeights;
 use crate::error::{Error, Result};
 use crate::geometry::{ModelDims, ShardPlan};
 use crate::transform::Transform;
+use half::bf16;
 
 /// One layer of a rank: absorbed weights in f32 plus what appends need.
 #[derive(Clone, Debug)]
@@ -109,6 +110,9 @@ pub enum Queries<'a> {
     /// Absorbed latent queries in the rotated basis, already cut to this rank's slice,
     /// `[batch][heads][slice_width]`, and `q_rope` as above.
     Latent { q_lat: &'a [f32], q_rope: &'a [f32] },
+    /// Absorbed latent query then RoPE query in one row per head,
+    /// `[batch][heads][slice_width + d_r]` (FlashMLA's `q` layout, cut to this rank).
+    Joined(&'a [f32]),
 }
 
 /// Where a step writes.
@@ -122,7 +126,69 @@ pub enum Outputs<'a> {
         out: &'a mut [f32],
         lse: &'a mut [f32],
     },
+    /// As `Heads`, rounded to bf16.
+    HeadsBf16(&'a mut [bf16]),
+    /// As `Latent`, the latent outputs rounded to bf16 (the log-sum-exps stay f32).
+    LatentBf16 {
+        out: &'a mut [bf16],
+        lse: &'a mut [f32],
+    },
 }
+
+/// The two factors of a step's query rows: `scale * mu` on the latent part, `scale` on
+/// the RoPE part.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct QueryScales {
+    pub latent: f32,
+    pub rope: f32,
+}
+
+impl QueryScales {
+    pub(crate) fn new(softmax_scale: f64, mu: f64) -> Self {
+        QueryScales {
+            latent: (softmax_scale * mu) as f32,
+            rope: softmax_scale as f32,
+        }
+    }
+}
+
+/// Buffers of a step, grown to the largest batch seen (or reserved) and reused.
+#[derive(Default)]
+pub(crate) struct StepScratch {
+    /// The backend's query rows `[batch][heads][slice_width + d_r]`.
+    q: Vec<f32>,
+    /// Latent outputs and log-sum-exps when the caller wants something else.
+    latent: Vec<f32>,
+    lse: Vec<f32>,
+    /// One head's output before rounding to bf16, `[d_v]`.
+    head_row: Vec<f32>,
+}
+
+impl StepScratch {
+    fn reserve(&mut self, dims: &ModelDims, plan: &ShardPlan, batch: usize) {
+        let rows = batch * plan.heads;
+        let grow = |v: &mut Vec<f32>, n: usize| v.reserve(n.saturating_sub(v.len()));
+        grow(&mut self.q, rows * plan.row_width(dims));
+        grow(&mut self.latent, rows * plan.slice_width);
+        grow(&mut self.lse, rows);
+        grow(&mut self.head_row, dims.d_v);
+    }
+}
+
+/// A step's rows and how to follow them: the cache view and batch entries the backend
+/// reads, the schedule (engine steps) or none (the backend plans), and a correction of
+/// the latent outputs and log-sum-exps before they are projected or rounded (engine
+/// steps: empty sequences and bad pages).
+pub(crate) struct StepRows<'a> {
+    pub rows: &'a dyn RowSource,
+    pub seqs: &'a [u32],
+    pub schedule: Option<&'a [i32]>,
+    pub patch: Option<&'a OutputPatch<'a>>,
+}
+
+/// Rewrites a step's latent outputs and log-sum-exps (`[batch][heads][slice_width]`,
+/// `[batch][heads]`) in place after the backend wrote them.
+pub(crate) type OutputPatch<'a> = dyn Fn(&mut [f32], &mut [f32]) + 'a;
 
 /// One rank of a TPLA layer stack.
 pub struct RankContext {
@@ -130,9 +196,8 @@ pub struct RankContext {
     plan: ShardPlan,
     layers: Vec<Option<RankLayer>>,
     backend: Box<dyn LatentAttention + Send>,
-    q: Vec<f32>,
-    latent: Vec<f32>,
-    lse: Vec<f32>,
+    scratch: StepScratch,
+    pub(crate) paged: crate::engine::PagedScratch,
 }
 
 impl std::fmt::Debug for RankContext {
@@ -174,9 +239,8 @@ impl RankContext {
             plan,
             layers: vec![None; layers],
             backend,
-            q: Vec::new(),
-            latent: Vec::new(),
-            lse: Vec::new(),
+            scratch: StepScratch::default(),
+            paged: crate::engine::PagedScratch::new(plan.row_width(&dims)),
         })
     }
 
@@ -268,7 +332,7 @@ impl RankContext {
             .collect()
     }
 
-    fn check_cache(&self, cache: &RankCache) -> Result<()> {
+    pub(crate) fn check_cache(&self, cache: &RankCache) -> Result<()> {
         let spec = cache.spec();
         if spec.dims() != &self.dims
             || spec.groups() != self.plan.groups
@@ -335,23 +399,66 @@ impl RankContext {
         outputs: Outputs,
     ) -> Result<()> {
         self.check_cache(cache)?;
-        let (d, p) = (self.dims, self.plan);
-        let (b, h, w) = (seqs.len(), p.heads, p.slice_width);
         let l = installed(&self.layers, layer)?;
         if cache.spec().transforms()[layer] != l.transform_id() {
             return Err(Error::mismatch(format!(
                 "layer {layer} of the cache was rotated by another transform"
             )));
         }
-        let shape = LatentShape {
-            heads: h,
-            slice_width: w,
-            d_r: d.d_r,
+        let scales = QueryScales::new(self.dims.softmax_scale, l.mu);
+        let view = cache.layer(layer)?;
+        let rows = StepRows {
+            rows: &view,
+            seqs,
+            schedule: None,
+            patch: None,
         };
+        self.decode_rows(layer, rows, scales, queries, outputs)
+    }
+
+    /// Makes every later step of up to `batch` sequences allocation-free (the query
+    /// rows, outputs and the backend's work buffers are sized now).
+    pub fn reserve(&mut self, batch: usize) {
+        let shape = self.shape();
+        self.scratch.reserve(&self.dims, &self.plan, batch);
+        self.paged.reserve(batch);
+        self.backend.reserve(shape, batch);
+    }
+
+    /// The backend's shape of this rank's steps.
+    pub(crate) fn shape(&self) -> LatentShape {
+        LatentShape {
+            heads: self.plan.heads,
+            slice_width: self.plan.slice_width,
+            d_r: self.dims.d_r,
+        }
+    }
+
+    pub(crate) fn backend(&self) -> &dyn LatentAttention {
+        self.backend.as_ref()
+    }
+
+    /// The one decode path of both cache kinds: builds the query rows, runs the backend
+    /// over `step`'s rows, and writes `outputs`.
+    pub(crate) fn decode_rows(
+        &mut self,
+        layer: usize,
+        step: StepRows,
+        scales: QueryScales,
+        queries: Queries,
+        outputs: Outputs,
+    ) -> Result<()> {
+        let (d, p) = (self.dims, self.plan);
+        let (b, h, w) = (step.seqs.len(), p.heads, p.slice_width);
+        let l = installed(&self.layers, layer)?;
+        let shape = self.shape();
         let rw = shape.row_width();
-        let (q, latent, lse_buf) = (&mut self.q, &mut self.latent, &mut self.lse);
-        let scale = d.softmax_scale as f32;
-        let lat_scale = (d.softmax_scale * l.mu) as f32;
+        let StepScratch {
+            q,
+            latent,
+            lse: lse_buf,
+            head_row,
+        } = &mut self.scratch;
         q.resize(b * h * rw, 0.0);
         let q_rope = match queries {
             Queries::Nope { q_nope, q_rope } => {
@@ -360,55 +467,112 @@ impl RankContext {
                     let wk = &l.w_uk[(i % h) * w * d.d_n..(i % h + 1) * w * d.d_n];
                     let qn = &q_nope[i * d.d_n..(i + 1) * d.d_n];
                     for (qj, wrow) in qrow[..w].iter_mut().zip(wk.chunks_exact(d.d_n)) {
-                        *qj = lat_scale * dot(wrow, qn);
+                        *qj = scales.latent * dot(wrow, qn);
                     }
                 }
-                q_rope
+                Some(q_rope)
             }
             Queries::Latent { q_lat, q_rope } => {
                 check_len("latent queries", q_lat.len(), b * h * w)?;
                 for (qrow, src) in q.chunks_exact_mut(rw).zip(q_lat.chunks_exact(w)) {
                     for (qj, s) in qrow[..w].iter_mut().zip(src) {
-                        *qj = lat_scale * s;
+                        *qj = scales.latent * s;
                     }
                 }
-                q_rope
+                Some(q_rope)
+            }
+            Queries::Joined(rows) => {
+                check_len("query rows", rows.len(), b * h * rw)?;
+                for (qrow, src) in q.chunks_exact_mut(rw).zip(rows.chunks_exact(rw)) {
+                    let (lat, rope) = qrow.split_at_mut(w);
+                    for (qj, s) in lat.iter_mut().zip(&src[..w]) {
+                        *qj = scales.latent * s;
+                    }
+                    for (qj, s) in rope.iter_mut().zip(&src[w..]) {
+                        *qj = scales.rope * s;
+                    }
+                }
+                None
             }
         };
-        check_len("q_rope", q_rope.len(), b * h * d.d_r)?;
-        for (qrow, src) in q.chunks_exact_mut(rw).zip(q_rope.chunks_exact(d.d_r)) {
-            for (qj, s) in qrow[w..].iter_mut().zip(src) {
-                *qj = scale * s;
+        if let Some(q_rope) = q_rope {
+            check_len("q_rope", q_rope.len(), b * h * d.d_r)?;
+            for (qrow, src) in q.chunks_exact_mut(rw).zip(q_rope.chunks_exact(d.d_r)) {
+                for (qj, s) in qrow[w..].iter_mut().zip(src) {
+                    *qj = scales.rope * s;
+                }
             }
         }
-        let view = cache.layer(layer)?;
-        match outputs {
+        let (want_out, want_lse) = match &outputs {
+            Outputs::Heads(out) => (("head outputs", out.len(), b * h * d.d_v), None),
+            Outputs::HeadsBf16(out) => (("head outputs", out.len(), b * h * d.d_v), None),
             Outputs::Latent { out, lse } => {
-                check_len("latent outputs", out.len(), b * h * w)?;
-                check_len("log-sum-exp outputs", lse.len(), b * h)?;
-                self.backend.attend(&view, shape, seqs, q, out, lse)
+                (("latent outputs", out.len(), b * h * w), Some(lse.len()))
+            }
+            Outputs::LatentBf16 { out, lse } => {
+                (("latent outputs", out.len(), b * h * w), Some(lse.len()))
+            }
+        };
+        check_len(want_out.0, want_out.1, want_out.2)?;
+        if let Some(n) = want_lse {
+            check_len("log-sum-exp outputs", n, b * h)?;
+        }
+        let backend = &mut self.backend;
+        let mut attend = |out: &mut [f32], lse: &mut [f32]| -> Result<()> {
+            match step.schedule {
+                Some(s) => backend.attend_scheduled(step.rows, shape, step.seqs, s, q, out, lse)?,
+                None => backend.attend(step.rows, shape, step.seqs, q, out, lse)?,
+            }
+            if let Some(patch) = step.patch {
+                patch(out, lse);
+            }
+            Ok(())
+        };
+        match outputs {
+            Outputs::Latent { out, lse } => attend(out, lse),
+            Outputs::LatentBf16 { out, lse } => {
+                latent.resize(b * h * w, 0.0);
+                attend(latent, lse)?;
+                for (o, v) in out.iter_mut().zip(latent.iter()) {
+                    *o = bf16::from_f32(*v);
+                }
+                Ok(())
             }
             Outputs::Heads(out) => {
-                check_len("head outputs", out.len(), b * h * d.d_v)?;
                 latent.resize(b * h * w, 0.0);
                 lse_buf.resize(b * h, 0.0);
-                self.backend
-                    .attend(&view, shape, seqs, q, latent, lse_buf)?;
-                for (i, (o, lat)) in out
-                    .chunks_exact_mut(d.d_v)
-                    .zip(latent.chunks_exact(w))
-                    .enumerate()
-                {
-                    let wv = &l.w_uv[(i % h) * w * d.d_v..(i % h + 1) * w * d.d_v];
-                    o.fill(0.0);
-                    for (x, wrow) in lat.iter().zip(wv.chunks_exact(d.d_v)) {
-                        for (oj, wj) in o.iter_mut().zip(wrow) {
-                            *oj += x * wj;
-                        }
+                attend(latent, lse_buf)?;
+                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
+                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], o);
+                }
+                Ok(())
+            }
+            Outputs::HeadsBf16(out) => {
+                latent.resize(b * h * w, 0.0);
+                lse_buf.resize(b * h, 0.0);
+                head_row.resize(d.d_v, 0.0);
+                attend(latent, lse_buf)?;
+                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
+                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], head_row);
+                    for (x, v) in o.iter_mut().zip(head_row.iter()) {
+                        *x = bf16::from_f32(*v);
                     }
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// Head `head`'s output `out` (`d_v`) of its latent output `lat` (`slice_width`) through
+/// `W'_UV` `[heads][slice_width][d_v]`.
+fn project(w_uv: &[f32], head: usize, lat: &[f32], out: &mut [f32]) {
+    let (w, dv) = (lat.len(), out.len());
+    let wv = &w_uv[head * w * dv..(head + 1) * w * dv];
+    out.fill(0.0);
+    for (x, wrow) in lat.iter().zip(wv.chunks_exact(dv)) {
+        for (oj, wj) in out.iter_mut().zip(wrow) {
+            *oj += x * wj;
         }
     }
 }
