@@ -538,6 +538,12 @@ fn every_error_path_returns_its_status_and_sentence() {
 }
 
 #[test]
+fn engine_paged_memory_decodes_bit_equal_to_the_owned_cache() {
+    let out = run(&build("ffi-tests/paged.c", Build::Plain), &[], &[]);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
 fn separate_contexts_run_concurrently_from_several_threads() {
     let out = run(&build("ffi-tests/threads.c", Build::Plain), &[], &[]);
     print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -559,6 +565,7 @@ fn memcheck_finds_no_memory_error_or_leak() {
     );
     memcheck(&build("ffi-tests/errors.c", Build::Plain), &[&dir], &dir);
     memcheck(&build("ffi-tests/threads.c", Build::Plain), &[], &dir);
+    memcheck(&build("ffi-tests/paged.c", Build::Plain), &[], &dir);
 }
 
 #[test]
@@ -585,6 +592,11 @@ fn address_and_undefined_behaviour_sanitizers_are_clean() {
     );
     run(
         &build("ffi-tests/threads.c", Build::Sanitized),
+        &[],
+        &SANITIZER_ENV,
+    );
+    run(
+        &build("ffi-tests/paged.c", Build::Sanitized),
         &[],
         &SANITIZER_ENV,
     );

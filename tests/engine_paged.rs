@@ -228,9 +228,15 @@ impl Engine {
         self.live.get_mut(&seq).unwrap().len += n;
     }
 
-    /// The batch of a step: sequence ids in order, their block table and lengths.
-    fn batch(&self) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
-        let ids: Vec<u32> = self.live.keys().copied().collect();
+    /// The batch of a step: sequence ids in order, their block table and lengths; empty
+    /// sequences only with `padding`.
+    fn batch(&self, padding: bool) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
+        let ids: Vec<u32> = self
+            .live
+            .iter()
+            .filter(|(_, s)| padding || s.len > 0)
+            .map(|(&id, _)| id)
+            .collect();
         let mut table = vec![-1; ids.len() * TABLE_WIDTH];
         let mut lens = Vec::new();
         for (b, id) in ids.iter().enumerate() {
@@ -255,98 +261,103 @@ impl Engine {
         (q_nope, q_rope)
     }
 
-    /// One engine step: plan once, decode every layer to head outputs and latent
-    /// outputs, each checked bit-equal to the owned path and close to the reference.
+    fn plan(&self, lens: &[i32]) -> Vec<i32> {
+        let mut plan = vec![0i32; self.ctx.decode_plan_len(lens.len())];
+        self.ctx.decode_plan(lens, &mut plan).unwrap();
+        plan
+    }
+
+    /// Decodes `layer` for the batch on the engine's pages (queries of each entry's last
+    /// token); no faults allowed.
+    fn paged(
+        &mut self,
+        layer: usize,
+        batch: &(Vec<u32>, Vec<i32>, Vec<i32>),
+        plan: &[i32],
+        outputs: Outputs,
+    ) {
+        let (ids, table, lens) = batch;
+        let (q_nope, q_rope) = self.queries(ids, layer);
+        let step = PagedStep {
+            cache: self.pools[layer].cache(),
+            block_table: BlockTable::new(table, ids.len(), TABLE_WIDTH).unwrap(),
+            seq_lens: lens,
+            plan,
+            softmax_scale: None,
+            mu: None,
+        };
+        let q = Queries::Nope {
+            q_nope: &q_nope,
+            q_rope: &q_rope,
+        };
+        let faults = self.ctx.decode_paged(layer, &step, q, outputs).unwrap();
+        assert_eq!(faults, Faults::NONE);
+    }
+
+    /// One engine step: plan once per batch, decode every layer. Over the non-empty
+    /// sequences the head outputs must be bit-equal to the owned path's; with the padding
+    /// entries added, the latent outputs must be close to the f64 reference and the
+    /// padding entries zero (log-sum-exp minus infinity). Returns the worst error.
     fn step_and_check(&mut self) -> f64 {
         let d = dims();
-        let (ids, table, lens) = self.batch();
-        let b = ids.len();
-        let h = d.heads;
-        let w = d.d_c / GROUPS;
-        let mut plan = vec![0i32; self.ctx.decode_plan_len(b)];
-        self.ctx.decode_plan(&lens, &mut plan).unwrap();
+        let (h, w) = (d.heads, d.d_c / GROUPS);
+        let full = self.batch(false);
+        let padded = self.batch(true);
+        let (full_plan, padded_plan) = (self.plan(&full.2), self.plan(&padded.2));
+        let (n, b) = (full.0.len(), padded.0.len());
         let mut worst: f64 = 0.0;
         for l in 0..LAYERS {
-            let (q_nope, q_rope) = self.queries(&ids, l);
+            let mut heads = vec![f32::NAN; n * h * d.d_v];
+            self.paged(l, &full, &full_plan, Outputs::Heads(&mut heads));
+            let (q_nope, q_rope) = self.queries(&full.0, l);
             let q = || Queries::Nope {
                 q_nope: &q_nope,
                 q_rope: &q_rope,
             };
-            let step = PagedStep {
-                cache: self.pools[l].cache(),
-                block_table: BlockTable::new(&table, b, TABLE_WIDTH).unwrap(),
-                seq_lens: &lens,
-                plan: &plan,
-                softmax_scale: None,
-                mu: None,
-            };
-            let mut heads = vec![f32::NAN; b * h * d.d_v];
-            let faults = self
-                .ctx
-                .decode_paged(l, &step, q(), Outputs::Heads(&mut heads))
+            let mut owned_heads = vec![f32::NAN; n * h * d.d_v];
+            let owned = Outputs::Heads(&mut owned_heads);
+            self.ctx
+                .decode(&self.owned, l, &full.0, q(), owned)
                 .unwrap();
-            assert_eq!(faults, Faults::NONE);
+            assert!(
+                heads
+                    .iter()
+                    .zip(&owned_heads)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "layer {l}: paged and owned head outputs differ"
+            );
+
             let (mut out, mut lse) = (vec![f32::NAN; b * h * w], vec![f32::NAN; b * h]);
             let latent = Outputs::Latent {
                 out: &mut out,
                 lse: &mut lse,
             };
-            self.ctx.decode_paged(l, &step, q(), latent).unwrap();
-
-            // the owned path and the reference, over the non-empty sequences
-            let full: Vec<usize> = (0..b).filter(|&i| lens[i] > 0).collect();
-            let full_ids: Vec<u32> = full.iter().map(|&i| ids[i]).collect();
-            let (fq_nope, fq_rope) = self.queries(&full_ids, l);
-            let fq = || Queries::Nope {
-                q_nope: &fq_nope,
-                q_rope: &fq_rope,
-            };
-            let mut owned_heads = vec![f32::NAN; full.len() * h * d.d_v];
-            self.ctx
-                .decode(
-                    &self.owned,
-                    l,
-                    &full_ids,
-                    fq(),
-                    Outputs::Heads(&mut owned_heads),
-                )
-                .unwrap();
-            let (mut ref_out, mut ref_lse) =
-                (vec![0.0; full.len() * h * w], vec![0.0; full.len() * h]);
+            self.paged(l, &padded, &padded_plan, latent);
+            let (mut ref_out, mut ref_lse) = (vec![0.0; n * h * w], vec![0.0; n * h]);
             let ref_latent = Outputs::Latent {
                 out: &mut ref_out,
                 lse: &mut ref_lse,
             };
             self.reference
-                .decode(&self.owned, l, &full_ids, fq(), ref_latent)
+                .decode(&self.owned, l, &full.0, q(), ref_latent)
                 .unwrap();
-            for (k, &i) in full.iter().enumerate() {
-                let hv = h * d.d_v;
-                let (got, want) = (&heads[i * hv..(i + 1) * hv], &owned_heads[k * hv..][..hv]);
-                assert!(
-                    got.iter()
-                        .zip(want)
-                        .all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "layer {l}, batch entry {i}: paged and owned head outputs differ"
-                );
+            let mut k = 0;
+            for (i, id) in padded.0.iter().enumerate() {
+                let (o, e) = (&out[i * h * w..(i + 1) * h * w], &lse[i * h..(i + 1) * h]);
+                if self.live[id].len == 0 {
+                    assert!(o.iter().all(|&v| v == 0.0));
+                    assert!(e.iter().all(|&v| v == f32::NEG_INFINITY));
+                    continue;
+                }
                 let as64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-                let e = rel_l2(
-                    &as64(&out[i * h * w..(i + 1) * h * w]),
+                worst = worst.max(rel_l2(
+                    &as64(o),
                     &as64(&ref_out[k * h * w..(k + 1) * h * w]),
-                );
-                worst = worst.max(e);
-                for (x, y) in lse[i * h..(i + 1) * h].iter().zip(&ref_lse[k * h..]) {
+                ));
+                for (x, y) in e.iter().zip(&ref_lse[k * h..(k + 1) * h]) {
                     assert!((x - y).abs() < 1e-2 * y.abs().max(1.0), "lse {x} vs {y}");
                 }
-            }
-            for i in (0..b).filter(|&i| lens[i] == 0) {
-                assert!(heads[i * h * d.d_v..(i + 1) * h * d.d_v]
-                    .iter()
-                    .all(|&v| v == 0.0));
-                assert!(out[i * h * w..(i + 1) * h * w].iter().all(|&v| v == 0.0));
-                assert!(lse[i * h..(i + 1) * h]
-                    .iter()
-                    .all(|&v| v == f32::NEG_INFINITY));
+                k += 1;
             }
         }
         worst
@@ -403,7 +414,7 @@ fn small_engine() -> (Engine, Vec<u32>, Vec<i32>, Vec<i32>, Vec<i32>) {
     e.add(1, 40);
     e.add(2, 100);
     e.add(3, 7);
-    let (ids, table, lens) = e.batch();
+    let (ids, table, lens) = e.batch(false);
     let mut plan = vec![0; e.ctx.decode_plan_len(ids.len())];
     e.ctx.decode_plan(&lens, &mut plan).unwrap();
     (e, ids, table, lens, plan)

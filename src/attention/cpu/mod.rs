@@ -441,7 +441,8 @@ fn load_items(
 ) -> Result<()> {
     let stale = |why: &str| {
         Error::invalid(format!(
-            "the decode plan does not fit this step: {why} (plan again when the batch or its              lengths change)"
+            "the decode plan does not fit this step: {why} (plan again when the batch or its \
+             lengths change)"
         ))
     };
     let batch = work.lens.len();
