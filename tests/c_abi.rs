@@ -628,6 +628,27 @@ fn example_runs_against_the_static_and_the_shared_library() {
 }
 
 #[test]
+fn engine_example_decodes_on_its_own_pages_and_cleans_up() {
+    for kind in [Build::Plain, Build::Shared] {
+        let dir = work_dir(&format!("engine-example-{kind:?}").to_lowercase());
+        let exe = build("examples-c/tpla_engine_example.c", kind);
+        let out = run(&exe, &[&dir], &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        print!("{text}");
+        let errors: Vec<f64> = text
+            .lines()
+            .filter(|l| l.contains("|TPLA - MLA| / |MLA| ="))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        // 3 steps x 2 sequences; g = 2 with contiguous PCA: about 0.1, as tpla_example
+        assert_eq!(errors.len(), 6, "{text}");
+        assert!(errors.iter().all(|e| *e < 0.2), "{errors:?}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(left.is_empty(), "the example left {left:?} behind");
+    }
+}
+
+#[test]
 fn header_is_usable_from_cpp() {
     let out = run(&build("ffi-tests/cpp_include.cpp", Build::Plain), &[], &[]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("cpp: libtpla "));
