@@ -211,7 +211,7 @@ int main(int argc, char **argv) {
     TRY(tpla_context_set_layer(ctx[r], 0, &lw));
     free(w_uk);
     free(w_uv);
-    TRY(tpla_context_reserve(ctx[r], BATCH)); /* decode steps allocate nothing from now */
+    TRY(tpla_context_reserve(ctx[r], BATCH)); /* steps after the first allocate nothing */
 
     memset(&pool[r], 0, sizeof pool[r]);
     pool[r].struct_size = sizeof pool[r];

@@ -1372,9 +1372,11 @@ tpla_status tpla_cache_register_buffer(struct tpla_cache *cache,
                                        size_t *sequences);
 
 /**
- * Makes every later tpla_context_decode_paged (and tpla_context_decode) of up to
- * `max_batch` sequences allocation-free: the query rows, outputs and the backend's work
- * buffers are sized now. Optional; without it they grow on first use.
+ * Sizes the query rows, outputs and the backend's work buffers for steps of up to
+ * `max_batch` sequences now, so that tpla_context_decode_paged (and
+ * tpla_context_decode) allocates nothing from the second step on (on the first, the
+ * backend's worker threads finish starting). Optional; without it the buffers grow on
+ * first use.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT. Not thread-safe for `ctx`.
  *
@@ -1420,8 +1422,8 @@ tpla_status tpla_context_decode_plan(const struct tpla_context *ctx,
  * One decode step of one layer on the engine's paged cache (host memory): as
  * `tpla_context_decode`, with the rows of batch entry b found through block table row b.
  * Page indices and lengths are checked as rows are read (see `tpla_fault`); everything
- * else at the call. Allocates nothing once the context has decoded (or reserved) a
- * batch this large.
+ * else at the call. Allocates nothing once the context has reserved (or decoded) a batch
+ * this large and run a first step.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
  * TPLA_STATUS_INVALID_ARGUMENT (counts, unknown kinds, a bad cache layout, misaligned

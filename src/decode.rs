@@ -416,8 +416,9 @@ impl RankContext {
         self.decode_rows(layer, rows, scales, queries, outputs)
     }
 
-    /// Makes every later step of up to `batch` sequences allocation-free (the query
-    /// rows, outputs and the backend's work buffers are sized now).
+    /// Sizes the query rows, outputs and the backend's work buffers for steps of up to
+    /// `batch` sequences now, so that those steps allocate nothing (after the first step,
+    /// on which the backend's worker threads finish starting).
     pub fn reserve(&mut self, batch: usize) {
         let shape = self.shape();
         self.scratch.reserve(&self.dims, &self.plan, batch);

@@ -26,8 +26,8 @@
 //!    ranks' partial outputs are summed ([`crate::combine`]).
 //!
 //! [`RankContext::import_sequence`] copies a prefill's rows (a registered shard file or
-//! buffer) into the engine's pages. [`RankContext::reserve`] makes every later decode of
-//! up to that batch allocation-free.
+//! buffer) into the engine's pages. After [`RankContext::reserve`] and a first step, a
+//! decode of up to that batch allocates nothing.
 //!
 //! # Checks
 //! Shapes, the layout, buffer lengths, element alignment, scales and the plan are checked

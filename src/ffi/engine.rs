@@ -98,9 +98,11 @@ unsafe fn report(out: *mut u32, faults: Faults) -> Outcome {
     Ok(())
 }
 
-/// Makes every later tpla_context_decode_paged (and tpla_context_decode) of up to
-/// `max_batch` sequences allocation-free: the query rows, outputs and the backend's work
-/// buffers are sized now. Optional; without it they grow on first use.
+/// Sizes the query rows, outputs and the backend's work buffers for steps of up to
+/// `max_batch` sequences now, so that tpla_context_decode_paged (and
+/// tpla_context_decode) allocates nothing from the second step on (on the first, the
+/// backend's worker threads finish starting). Optional; without it the buffers grow on
+/// first use.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT. Not thread-safe for `ctx`.
 ///
@@ -241,8 +243,8 @@ fn optional(value: f64) -> Option<f64> {
 /// One decode step of one layer on the engine's paged cache (host memory): as
 /// `tpla_context_decode`, with the rows of batch entry b found through block table row b.
 /// Page indices and lengths are checked as rows are read (see `tpla_fault`); everything
-/// else at the call. Allocates nothing once the context has decoded (or reserved) a
-/// batch this large.
+/// else at the call. Allocates nothing once the context has reserved (or decoded) a batch
+/// this large and run a first step.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
 /// TPLA_STATUS_INVALID_ARGUMENT (counts, unknown kinds, a bad cache layout, misaligned
