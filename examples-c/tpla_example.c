@@ -4,19 +4,23 @@
  * seeded generator stand in for a checkpoint and a real prefill) is split into g = 2
  * latent groups after a PCA rotation of the latent. The "prefill" exports each rank's
  * slice of its cache to a shard file;
- * each rank registers its file (memory-mapped), then every decode step appends the new
- * token on both ranks, decodes, sums the two partial outputs (the all-reduce) and
- * compares the result with exact MLA.
+ * each rank registers its file (the cache reads it into memory of its own, so the files
+ * are removed right after), then every decode step appends the new token on both ranks,
+ * decodes, sums the two partial outputs (the all-reduce) and compares the result with
+ * exact MLA.
  *
  * Build (after `cargo build --release`):
  *   cc -std=c99 -O2 examples-c/tpla_example.c -Iinclude -Ltarget/release -ltpla \
  *      -lm -lpthread -ldl -o tpla_example
- * Run: ./tpla_example [DIR]   (shard files go to DIR, default ".")
+ * Run: ./tpla_example [DIR]   (shard files go to DIR, default a new directory under
+ *                              $TMPDIR or /tmp; either way they are removed)
  */
+#define _POSIX_C_SOURCE 200809L /* mkdtemp */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "tpla.h"
 
@@ -46,7 +50,8 @@ static float *floats(size_t n) {
 }
 
 int main(int argc, char **argv) {
-  const char *dir = argc > 1 ? argv[1] : ".";
+  char own_dir[4096] = "";
+  const char *dir = argc > 1 ? argv[1] : own_dir;
   const size_t tokens = PREFILL + STEPS;
   tpla_dims d;
   tpla_synthetic *model;
@@ -57,6 +62,15 @@ int main(int argc, char **argv) {
   tpla_context *ctx[RANKS];
   tpla_cache *cache[RANKS];
   size_t H, dv, r, step;
+
+  if (argc <= 1) {
+    const char *tmp = getenv("TMPDIR");
+    sprintf(own_dir, "%.4000s/tpla_example.XXXXXX", tmp != NULL && *tmp ? tmp : "/tmp");
+    if (mkdtemp(own_dir) == NULL) {
+      perror("mkdtemp");
+      return 1;
+    }
+  }
 
   if (tpla_abi_version() != TPLA_ABI_VERSION) {
     fprintf(stderr, "tpla.h and libtpla disagree on the ABI version\n");
@@ -188,6 +202,11 @@ int main(int argc, char **argv) {
     co.capacity_pages = 16; /* for the tokens decode appends */
     TRY(tpla_cache_create(ctx[r], &co, &cache[r]));
     TRY(tpla_cache_register_file(cache[r], paths[r], &registered));
+    /* The cache holds its own copy: the prefill's file is no longer needed. */
+    if (remove(paths[r]) != 0) {
+      perror(paths[r]);
+      return 1;
+    }
     printf("rank %u: %s, latent columns [%u, %u), %u values per cached token (MLA: %u)\n",
            (unsigned)r, tpla_context_backend_name(ctx[r]), info.slice_start,
            info.slice_start + info.slice_width, info.row_width, d.d_c + d.d_r);
@@ -248,6 +267,10 @@ int main(int argc, char **argv) {
   for (r = 0; r < RANKS; r++) {
     tpla_cache_destroy(cache[r]);
     tpla_context_destroy(ctx[r]);
+  }
+  if (own_dir[0] != '\0' && rmdir(own_dir) != 0) {
+    perror(own_dir);
+    return 1;
   }
   tpla_transform_destroy(pca);
   tpla_synthetic_destroy(model);

@@ -240,7 +240,7 @@ int main(int argc, char **argv) {
   backend = backend_options(0, 1);
   EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "unknown backend 0", tpla_context_create(&o, &backend, &c_out));
   backend = backend_options(TPLA_BACKEND_CPU, 0);
-  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "at least one thread",
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "between 1 and 1024 threads, got 0",
          tpla_context_create(&o, &backend, &c_out));
   backend.struct_size = 0;
   EXPECT(TPLA_STATUS_WRONG_STRUCT_SIZE, "tpla_backend_options",
@@ -395,7 +395,7 @@ int main(int argc, char **argv) {
   EXPECT(TPLA_STATUS_NULL_ARGUMENT, "count is NULL", tpla_cache_sequence_ids(cache0, ids, 1, NULL));
   EXPECT(TPLA_STATUS_NULL_ARGUMENT, "ids is NULL", tpla_cache_sequence_ids(cache0, NULL, 3, &n));
   n = 0;
-  CHECK(tpla_cache_sequence_ids(cache0, NULL, 0, &n) == TPLA_STATUS_BUFFER_TOO_SMALL && n == 2);
+  CHECK(tpla_cache_sequence_ids(cache0, NULL, 0, &n) == TPLA_STATUS_OK && n == 2);
   CHECK_OK(tpla_cache_free_sequence(cache0, 2));
   memset(&cinfo, 0, sizeof cinfo);
   EXPECT(TPLA_STATUS_WRONG_STRUCT_SIZE, "tpla_cache_info", tpla_cache_get_info(cache0, &cinfo));

@@ -465,7 +465,7 @@ int main(void) {
     CHECK(faults == TPLA_FAULT_BAD_SLOT);
     slots[1] = 3;
     a[5] = NAN;
-    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "not a finite",
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "latents[5] is NaN",
            tpla_context_append_paged(ctx, 0, &pools[0], slots, 2, a, 2 * TEST_DC, kr,
                                      2 * TEST_DR, TPLA_RMS_MODE_EXACT, NULL));
     EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "unknown rms_mode",

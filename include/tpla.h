@@ -74,6 +74,11 @@
 #define TPLA_ABI_VERSION 1
 
 /**
+ * Most worker threads of a CPU backend or a `tpla_thread_pool`.
+ */
+#define TPLA_MAX_THREADS 1024
+
+/**
  * Tokens per cache page unless the caller chooses otherwise.
  */
 #define TPLA_DEFAULT_PAGE_SIZE 64
@@ -418,6 +423,15 @@ typedef struct tpla_nccl_comm tpla_nccl_comm;
 typedef struct tpla_synthetic tpla_synthetic;
 
 /**
+ * A pool of CPU worker threads that the contexts given it share
+ * (`tpla_backend_options.pool`): their decode steps take turns on its threads, so an
+ * engine with many contexts decides once how many cores decode uses. Contexts keep the
+ * pool alive: it may be destroyed while they live, and its threads end with the last
+ * of them. Thread-safe.
+ */
+typedef struct tpla_thread_pool tpla_thread_pool;
+
+/**
  * An orthogonal latent transform U (d_c x d_c). Immutable once made: it may be used
  * from several threads at once, and by several contexts and exports.
  */
@@ -555,7 +569,8 @@ typedef struct tpla_context_options {
  */
 typedef struct tpla_backend_options {
   /**
-   * sizeof(tpla_backend_options).
+   * sizeof(tpla_backend_options). The size of the first version, without `pool`, is
+   * accepted too (then `pool` is NULL).
    */
   size_t struct_size;
   /**
@@ -563,13 +578,20 @@ typedef struct tpla_backend_options {
    */
   uint32_t kind;
   /**
-   * TPLA_BACKEND_CPU: worker threads (at least 1). Others: ignored.
+   * TPLA_BACKEND_CPU without `pool`: worker threads of the context's own pool, 1 to
+   * TPLA_MAX_THREADS. Ignored with a pool, and by other backends.
    */
   uint32_t threads;
   /**
    * TPLA_BACKEND_CUDA: the GPU ordinal. Others: ignored.
    */
   uint32_t device;
+  /**
+   * TPLA_BACKEND_CPU: NULL for a pool of the context's own, or a pool shared with
+   * other contexts (`tpla_thread_pool_create`), which the context keeps alive.
+   * Others: ignored.
+   */
+  const struct tpla_thread_pool *pool;
 } tpla_backend_options;
 
 /**
@@ -1021,8 +1043,9 @@ tpla_status tpla_dims_preset(const char *name, struct tpla_dims *out);
  * made with it live: they keep their own copy).
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
- * TPLA_STATUS_INVALID_ARGUMENT (unknown kind, d_c not a power of two for Hadamard, a
- * matrix that is not orthogonal, wrong counts, a seed for a kind without one) or
+ * TPLA_STATUS_INVALID_ARGUMENT (unknown kind, d_c 0 or above 65536, d_c not a power of
+ * two for Hadamard, negative PCA eigenvalues, a matrix that is not orthogonal, wrong
+ * counts, a seed for a kind without one) or
  * TPLA_STATUS_MISMATCH (a matrix that is not the one the kind and seed generate).
  * Thread-safe.
  *
@@ -1039,8 +1062,9 @@ tpla_status tpla_transform_create(const struct tpla_transform_desc *desc,
  * `layout` (a `tpla_slice_layout`). `latents` are pre-norm latents a_t, [tokens][d_c],
  * read during the call. Destroy the result with `tpla_transform_destroy`.
  *
- * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (d_c 0, no whole
- * latent, non-finite values, groups not dividing d_c, unknown layout). Thread-safe.
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (d_c 0 or above
+ * 65536, no whole latent, non-finite values (named by their index in `latents`), groups
+ * not dividing d_c, unknown layout). Thread-safe.
  *
  * # Safety
  * `latents` is NULL or readable for `latents_count` floats; `out` is NULL or writable.
@@ -1086,12 +1110,34 @@ tpla_status tpla_fold_layer(struct tpla_dims dims,
                             size_t w_uv_count);
 
 /**
+ * Starts a pool of `threads` worker threads (1 to TPLA_MAX_THREADS). Destroy it with
+ * `tpla_thread_pool_destroy`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (thread count).
+ * Thread-safe.
+ *
+ * # Safety
+ * `out` is NULL or writable.
+ */
+tpla_status tpla_thread_pool_create(uint32_t threads, struct tpla_thread_pool **out);
+
+/**
+ * Gives up the caller's reference to a pool; contexts using it keep it running. NULL
+ * is a no-op.
+ *
+ * # Safety
+ * `pool` is NULL or a pool not yet destroyed, not in use by another thread's call.
+ */
+void tpla_thread_pool_destroy(struct tpla_thread_pool *pool);
+
+/**
  * Creates a rank context for the model and rank of `options`, decoding with `backend`.
  * Its layers have no weights until `tpla_context_set_layer` installs them. Destroy it
  * with `tpla_context_destroy`.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
- * TPLA_STATUS_INVALID_ARGUMENT (bad dims, plan, layer count, backend or thread count),
+ * TPLA_STATUS_INVALID_ARGUMENT (bad dims, plan, layer count, backend, or a thread
+ * count outside 1..TPLA_MAX_THREADS),
  * TPLA_STATUS_OUT_OF_RANGE (rank not below ranks), TPLA_STATUS_UNSUPPORTED (CUDA not
  * built in, no GPU; a CPU kernel this machine lacks) or TPLA_STATUS_BACKEND (GPU
  * runtime failure). Thread-safe.
@@ -1156,7 +1202,8 @@ const char *tpla_context_backend_name(const struct tpla_context *ctx);
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
  * TPLA_STATUS_OUT_OF_RANGE (layer), TPLA_STATUS_INVALID_ARGUMENT (counts that do not
- * match [rank heads][slice_width][d_n or d_v], mu or slice_fraction out of range) or
+ * match [rank heads][slice_width][d_n or d_v], NaN or infinite weights, mu or
+ * slice_fraction out of range; the layer keeps its earlier weights) or
  * TPLA_STATUS_MISMATCH (transform width is not d_c). Not thread-safe for `ctx`.
  *
  * # Safety
@@ -1202,8 +1249,9 @@ tpla_status tpla_context_append_token(const struct tpla_context *ctx,
  * and streams are `tpla_device_rank_decode`.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
- * TPLA_STATUS_INVALID_ARGUMENT (counts, unknown kinds, misaligned or overlapping
- * buffers, empty sequence, layer without weights), TPLA_STATUS_OUT_OF_RANGE (layer,
+ * TPLA_STATUS_INVALID_ARGUMENT (counts, checked against `batch` with overflow-checked
+ * products before anything else; unknown kinds, misaligned or overlapping buffers,
+ * empty sequence, layer without weights), TPLA_STATUS_OUT_OF_RANGE (layer,
  * unknown sequence id), TPLA_STATUS_MISMATCH (cache of another geometry, group, layer
  * count or transform) or TPLA_STATUS_BACKEND. On error the output contents are
  * unspecified. Uses `ctx` exclusively (one thread at a time); reads `cache`, which may
@@ -1330,16 +1378,20 @@ tpla_status tpla_cache_append_rows(struct tpla_cache *cache,
 
 /**
  * Registers the shard file at `path` (written by `tpla_export_*` or `tpla shard
- * export`): maps it read-only and validates it against the cache (geometry, group,
- * dtype, page size, transform of every layer). Its sequences join the cache with the
- * ids of the file; their number is written to `*sequences` when it is not NULL. Rows are
- * read in place from the mapping; the file must not be truncated or rewritten in place
- * while registered (replacing it by rename is fine).
+ * export`): reads it into memory the cache owns, checks its data checksum and validates
+ * it against the cache (geometry, group, dtype, page size, transform of every layer).
+ * Its sequences join the cache with the ids of the file; their number is written to
+ * `*sequences` when it is not NULL. Once this returns, nothing done to the file
+ * (truncation, rewriting, removal) affects the cache; a change while it is being read is
+ * reported as TPLA_STATUS_CORRUPT_FILE. The copy costs a read of the file and memory of
+ * its size; `tpla_cache_register_file_mapped` is the zero-copy alternative for files
+ * nothing else can truncate. Only regular files are read (a FIFO, directory or device is
+ * TPLA_STATUS_IO, without blocking).
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_IO, TPLA_STATUS_CORRUPT_FILE,
  * TPLA_STATUS_MISMATCH (another geometry, group, dtype, page size or transform) or
- * TPLA_STATUS_INVALID_ARGUMENT (one of its sequence ids is already cached). On error
- * the cache is unchanged. Modifies `cache`.
+ * TPLA_STATUS_INVALID_ARGUMENT (one of its sequence ids is already cached, a file too
+ * large to copy). On error the cache is unchanged. Modifies `cache`.
  *
  * # Safety
  * `cache` is NULL or a live cache not used by another thread during the call; `path`
@@ -1348,8 +1400,26 @@ tpla_status tpla_cache_append_rows(struct tpla_cache *cache,
 tpla_status tpla_cache_register_file(struct tpla_cache *cache, const char *path, size_t *sequences);
 
 /**
+ * As `tpla_cache_register_file`, but zero-copy: maps the file read-only and reads its
+ * rows in place, so registration costs time and memory in proportion to the metadata,
+ * not the file (and the data checksum is not checked; `tpla shard inspect` does).
+ * The file must not be truncated while any of its sequences is in the cache: a decode
+ * step reading a page past the new end gets SIGBUS from the kernel, which kills the
+ * process. Nor should it be rewritten in place (replacing it by rename is fine: the
+ * mapping keeps the old file). Use it for files nothing but the engine writes.
+ *
+ * Returns as `tpla_cache_register_file`. Modifies `cache`.
+ *
+ * # Safety
+ * As `tpla_cache_register_file`, and the file is kept as said above.
+ */
+tpla_status tpla_cache_register_file_mapped(struct tpla_cache *cache,
+                                            const char *path,
+                                            size_t *sequences);
+
+/**
  * Registers a shard image held in memory (for example filled by an export into
- * buffers and moved by the engine), read in place (zero-copy) like a file. The image
+ * buffers and moved by the engine), read in place (zero-copy) like a mapped file. The image
  * must stay valid and unchanged until the cache calls `release(user)`, which it does
  * exactly once: when the image's last sequence is freed, when the cache is destroyed,
  * or before returning when registration fails or the image holds no sequence. With
@@ -1500,9 +1570,10 @@ tpla_status tpla_context_import_sequence(const struct tpla_context *ctx,
  * Writes the size in bytes of each shard image of the export `options` describes
  * (all groups have the same size) to `*len`; `paths` and `buffers` are ignored.
  *
- * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE or
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
  * TPLA_STATUS_INVALID_ARGUMENT (dims, groups, dtype, page size, layer count, duplicate
- * or empty sequences). Thread-safe.
+ * or empty sequences) or TPLA_STATUS_MISMATCH (a transform whose width is not d_c).
+ * Thread-safe.
  *
  * # Safety
  * `options` is NULL or a valid `tpla_export_options` whose arrays hold their counts;
@@ -1519,7 +1590,8 @@ tpla_status tpla_export_image_len(const struct tpla_export_options *options, siz
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
  * TPLA_STATUS_INVALID_ARGUMENT (as `tpla_export_image_len`; neither or both of paths
- * and buffers; path or buffer count not equal to groups; wrong buffer_len) or
+ * and buffers; path or buffer count not equal to groups; two paths naming one file;
+ * wrong buffer_len), TPLA_STATUS_MISMATCH (as `tpla_export_image_len`) or
  * TPLA_STATUS_IO. Thread-safe.
  *
  * # Safety
@@ -1551,7 +1623,8 @@ tpla_status tpla_export_next_block(const struct tpla_export *export_,
  * row into the g slices.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (counts that do not
- * match the sequence's length, values the dtype cannot hold, every block already
+ * match the sequence's length, non-finite values or values the dtype cannot hold, named
+ * by their index in `latents` or `k_rope`, every block already
  * written, finished export, an earlier failed write) or TPLA_STATUS_IO. Modifies
  * `export_`.
  *

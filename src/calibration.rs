@@ -168,10 +168,7 @@ impl CalibrationWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let temp = tempfile::Builder::new()
-            .prefix(".tpla-calibration-")
-            .tempfile_in(dir)
-            .map_err(at)?;
+        let temp = crate::files::temp_file_in(&dir, ".tpla-calibration-").map_err(at)?;
         let mut header = [0u8; HEADER_LEN];
         header[..8].copy_from_slice(&MAGIC);
         header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -343,7 +340,7 @@ impl CalibrationFile {
     }
 
     fn index(path: &Path) -> Result<Self> {
-        let mut file = File::open(path)?;
+        let mut file = crate::files::open_regular(path)?;
         let len = file.metadata()?.len();
         let mut reader = BufReader::new(&mut file);
         let mut header = [0u8; HEADER_LEN];
@@ -621,7 +618,8 @@ pub struct FitOptions {
     pub layout: SliceLayout,
     pub groups: usize,
     pub policy: MuPolicy,
-    /// Seed of the randomised Hadamard transform.
+    /// Seed of the model's randomised Hadamard transforms: layer `l` uses
+    /// [`Transform::hadamard_for_layer`]`(d_c, hadamard_seed, l)`.
     pub hadamard_seed: u64,
 }
 
@@ -636,12 +634,13 @@ pub struct LayerFit {
     pub fractions: Vec<f64>,
 }
 
-/// Builds `U` (PCA needs calibration latents), folds the layer, and chooses mu (the
-/// `variance` policy needs latents, `kl` a window).
+/// Builds layer `layer`'s `U` (PCA needs calibration latents), folds the layer, and
+/// chooses mu (the `variance` policy needs latents, `kl` a window).
 pub fn fit_layer(
     weights: &MlaWeights,
     calibration: Option<&LayerCalibration>,
     opts: &FitOptions,
+    layer: usize,
 ) -> Result<LayerFit> {
     let d = weights.dims;
     let g = opts.groups;
@@ -653,7 +652,7 @@ pub fn fit_layer(
     };
     let transform = match opts.transform {
         TransformKind::Identity => Transform::identity(d.d_c)?,
-        TransformKind::Hadamard => Transform::hadamard(d.d_c, opts.hadamard_seed)?,
+        TransformKind::Hadamard => Transform::hadamard_for_layer(d.d_c, opts.hadamard_seed, layer)?,
         TransformKind::Pca => Transform::pca(
             moment.ok_or_else(|| needs_latents("the PCA transform"))?,
             opts.layout,
@@ -680,6 +679,9 @@ pub fn fit_layer(
             )))
         }
     };
+    if let Some(m) = moment {
+        check_every_slice_has_energy(&fractions, m.count(), d.d_c, opts)?;
+    }
     let folded = FoldedLayer::new(weights, &transform)?;
     let window = calibration.and_then(|c| c.window.as_ref());
     let mus =
@@ -833,6 +835,46 @@ pub fn write_synthetic(
 
 /// The synthetic layers the generator and the fidelity report use: layer `l` is
 /// `SyntheticLayer::generate(dims, seed + l)`.
+/// A slice's energy share below this is the round-off of zero (it can come out as
+/// -1.8e-16): the slice holds no direction the calibration latents span.
+const EMPTY_SLICE_SHARE: f64 = 1e-12;
+
+/// Refuses a fit whose calibration latents leave a slice without energy, saying how many
+/// latents the transform needs: `T` latents span at most `T` directions, and PCA puts
+/// the weakest components in the last contiguous slice (from column `(g - 1) d_c / g`)
+/// or, interleaved, one in every slice per `g` components.
+fn check_every_slice_has_energy(
+    fractions: &[f64],
+    latents: u64,
+    d_c: usize,
+    opts: &FitOptions,
+) -> Result<()> {
+    let Some(slice) = fractions
+        .iter()
+        .position(|&f| f.is_nan() || f <= EMPTY_SLICE_SHARE)
+    else {
+        return Ok(());
+    };
+    let g = opts.groups;
+    let needed = match (opts.transform, opts.layout) {
+        (TransformKind::Pca, SliceLayout::Contiguous) => {
+            format!(
+                "; contiguous PCA slices need more than (g - 1) d_c / g = {} latents per layer",
+                (g - 1) * (d_c / g)
+            )
+        }
+        (TransformKind::Pca, SliceLayout::Interleaved) => {
+            format!("; interleaved PCA slices need at least g = {g} latents per layer")
+        }
+        _ => String::new(),
+    };
+    Err(Error::invalid(format!(
+        "slice {slice} of {g} gets none of the energy of this layer's {latents} calibration \
+         latents (share {:.1e}){needed}, and thousands for a good fit",
+        fractions[slice].max(0.0)
+    )))
+}
+
 pub fn synthetic_layers(dims: &ModelDims, layers: usize, seed: u64) -> Result<Vec<SyntheticLayer>> {
     (0..layers)
         .map(|l| SyntheticLayer::generate(dims, seed.wrapping_add(l as u64)))

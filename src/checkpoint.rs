@@ -31,7 +31,6 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -201,7 +200,8 @@ struct Shard {
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
         let at = |e: std::io::Error| Error::from(e).context(format!("opening {}", path.display()));
-        let file = File::open(path).map_err(at)?;
+        let file = crate::files::open_regular(path)
+            .map_err(|e| e.context(format!("opening {}", path.display())))?;
         // SAFETY: the map is read-only and private to this process; like every reader of
         // memory-mapped checkpoints, we rely on nobody truncating the file while it is open.
         let map = unsafe { Mmap::map(&file) }.map_err(at)?;
@@ -537,9 +537,10 @@ pub struct ConvertOptions {
     pub ranks: usize,
 }
 
-/// File name of rank `rank` of `ranks` in an output directory.
+/// File name of rank `rank` of `ranks` in an output directory: `model.rank<r>-of-<k>
+/// .weights`, named like the shard files (`prefill.rank<i>-of-<g>.tpla`).
 pub fn rank_file_name(rank: usize, ranks: usize) -> String {
-    format!("tpla-rank{rank}-of{ranks}.weights")
+    format!("model.rank{rank}-of-{ranks}.weights")
 }
 
 /// Converts every layer of `checkpoint` into one weights file per rank in `out_dir`
@@ -596,7 +597,7 @@ pub fn convert(
         let cal = calibration
             .map(|c| LayerCalibration::from_file(c, layer))
             .transpose()?;
-        let fit = fit_layer(&weights, cal.as_ref(), &opts.fit)
+        let fit = fit_layer(&weights, cal.as_ref(), &opts.fit, layer)
             .map_err(|e| e.context(format!("layer {layer}")))?;
         for (plan, writer) in plans.iter().zip(&mut writers) {
             let rank = fit.folded.rank(plan, fit.mus[plan.group])?;

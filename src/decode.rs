@@ -83,6 +83,10 @@ impl RankLayer {
                 "slice energy fraction must lie in (0, 1], got {slice_fraction}"
             )));
         }
+        // A NaN or infinite weight would turn every later decode of the layer into NaN
+        // outputs with an OK status; fold and the weights loader refuse them too.
+        check_finite("W'_UK", &w_uk)?;
+        check_finite("W'_UV", &w_uv)?;
         Ok(RankLayer {
             w_uk,
             w_uv,
@@ -210,6 +214,33 @@ impl std::fmt::Debug for RankContext {
     }
 }
 
+/// Refuses NaN and infinities, naming the first one's index.
+pub(crate) fn check_finite(what: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(format!(
+            "{what}[{i}] is {}: values must be finite",
+            values[i]
+        ))),
+    }
+}
+
+/// The element count of a `[batch][heads][width]`-like shape, or an error when the
+/// product does not fit in memory (a count taken from the caller must never wrap).
+pub(crate) fn shape_count(what: &str, factors: &[usize]) -> Result<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |n, &f| n.checked_mul(f))
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or_else(|| {
+            let shape: Vec<String> = factors.iter().map(|f| f.to_string()).collect();
+            Error::invalid(format!(
+                "{what}: a [{}] array is too large to address",
+                shape.join("][")
+            ))
+        })
+}
+
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(Error::invalid(format!(
@@ -334,10 +365,27 @@ impl RankContext {
 
     pub(crate) fn check_cache(&self, cache: &RankCache) -> Result<()> {
         let spec = cache.spec();
-        if spec.dims() != &self.dims
-            || spec.groups() != self.plan.groups
-            || spec.group() != self.plan.group
-        {
+        let (c, d) = (spec.dims(), &self.dims);
+        for (name, cached, here) in [
+            ("heads", c.heads, d.heads),
+            ("latent width d_c", c.d_c, d.d_c),
+            ("RoPE width d_r", c.d_r, d.d_r),
+            ("no-RoPE width d_n", c.d_n, d.d_n),
+            ("value width d_v", c.d_v, d.d_v),
+        ] {
+            if cached != here {
+                return Err(Error::mismatch(format!(
+                    "the cache has {name} {cached}, this context {here}"
+                )));
+            }
+        }
+        if c.softmax_scale.to_bits() != d.softmax_scale.to_bits() {
+            return Err(Error::mismatch(format!(
+                "the cache has softmax scale {}, this context {}",
+                c.softmax_scale, d.softmax_scale
+            )));
+        }
+        if spec.groups() != self.plan.groups || spec.group() != self.plan.group {
             return Err(Error::mismatch(format!(
                 "the cache holds latent group {} of {}, this context is group {} of {}",
                 spec.group(),
@@ -371,6 +419,9 @@ impl RankContext {
         let l = self.layer(layer)?;
         check_len("latent", latent.len(), self.dims.d_c)?;
         check_len("RoPE key", k_rope.len(), self.dims.d_r)?;
+        // checked before the rotation, which would spread a NaN over every column
+        check_finite("latent", latent)?;
+        check_finite("k_rope", k_rope)?;
         if cache.spec().transforms()[layer] != l.transform_id() {
             return Err(Error::mismatch(format!(
                 "layer {layer} of the cache was rotated by another transform"
@@ -454,6 +505,35 @@ impl RankContext {
         let l = installed(&self.layers, layer)?;
         let shape = self.shape();
         let rw = shape.row_width();
+        // Every count is checked, with checked products, before anything is allocated:
+        // the scratch buffers below are then no larger than the caller's own arrays.
+        let (q_name, q_in, q_width, q_rope) = match queries {
+            Queries::Nope { q_nope, q_rope } => ("q_nope", q_nope, d.d_n, Some(q_rope)),
+            Queries::Latent { q_lat, q_rope } => ("latent queries", q_lat, w, Some(q_rope)),
+            Queries::Joined(rows) => ("query rows", rows, rw, None),
+        };
+        check_len(q_name, q_in.len(), shape_count(q_name, &[b, h, q_width])?)?;
+        if let Some(q_rope) = q_rope {
+            let want = shape_count("q_rope", &[b, h, d.d_r])?;
+            check_len("q_rope", q_rope.len(), want)?;
+        }
+        let (out_len, lse_len) = match &outputs {
+            Outputs::Heads(out) => (out.len(), None),
+            Outputs::HeadsBf16(out) => (out.len(), None),
+            Outputs::Latent { out, lse } => (out.len(), Some(lse.len())),
+            Outputs::LatentBf16 { out, lse } => (out.len(), Some(lse.len())),
+        };
+        match lse_len {
+            None => {
+                let want = shape_count("head outputs", &[b, h, d.d_v])?;
+                check_len("head outputs", out_len, want)?;
+            }
+            Some(n) => {
+                let want = shape_count("latent outputs", &[b, h, w])?;
+                check_len("latent outputs", out_len, want)?;
+                check_len("log-sum-exp outputs", n, b * h)?;
+            }
+        }
         let StepScratch {
             q,
             latent,
@@ -461,9 +541,8 @@ impl RankContext {
             head_row,
         } = &mut self.scratch;
         q.resize(b * h * rw, 0.0);
-        let q_rope = match queries {
-            Queries::Nope { q_nope, q_rope } => {
-                check_len("q_nope", q_nope.len(), b * h * d.d_n)?;
+        match queries {
+            Queries::Nope { q_nope, .. } => {
                 for (i, qrow) in q.chunks_exact_mut(rw).enumerate() {
                     let wk = &l.w_uk[(i % h) * w * d.d_n..(i % h + 1) * w * d.d_n];
                     let qn = &q_nope[i * d.d_n..(i + 1) * d.d_n];
@@ -471,19 +550,15 @@ impl RankContext {
                         *qj = scales.latent * dot(wrow, qn);
                     }
                 }
-                Some(q_rope)
             }
-            Queries::Latent { q_lat, q_rope } => {
-                check_len("latent queries", q_lat.len(), b * h * w)?;
+            Queries::Latent { q_lat, .. } => {
                 for (qrow, src) in q.chunks_exact_mut(rw).zip(q_lat.chunks_exact(w)) {
                     for (qj, s) in qrow[..w].iter_mut().zip(src) {
                         *qj = scales.latent * s;
                     }
                 }
-                Some(q_rope)
             }
             Queries::Joined(rows) => {
-                check_len("query rows", rows.len(), b * h * rw)?;
                 for (qrow, src) in q.chunks_exact_mut(rw).zip(rows.chunks_exact(rw)) {
                     let (lat, rope) = qrow.split_at_mut(w);
                     for (qj, s) in lat.iter_mut().zip(&src[..w]) {
@@ -493,30 +568,14 @@ impl RankContext {
                         *qj = scales.rope * s;
                     }
                 }
-                None
             }
-        };
+        }
         if let Some(q_rope) = q_rope {
-            check_len("q_rope", q_rope.len(), b * h * d.d_r)?;
             for (qrow, src) in q.chunks_exact_mut(rw).zip(q_rope.chunks_exact(d.d_r)) {
                 for (qj, s) in qrow[w..].iter_mut().zip(src) {
                     *qj = scales.rope * s;
                 }
             }
-        }
-        let (want_out, want_lse) = match &outputs {
-            Outputs::Heads(out) => (("head outputs", out.len(), b * h * d.d_v), None),
-            Outputs::HeadsBf16(out) => (("head outputs", out.len(), b * h * d.d_v), None),
-            Outputs::Latent { out, lse } => {
-                (("latent outputs", out.len(), b * h * w), Some(lse.len()))
-            }
-            Outputs::LatentBf16 { out, lse } => {
-                (("latent outputs", out.len(), b * h * w), Some(lse.len()))
-            }
-        };
-        check_len(want_out.0, want_out.1, want_out.2)?;
-        if let Some(n) = want_lse {
-            check_len("log-sum-exp outputs", n, b * h)?;
         }
         let backend = &mut self.backend;
         let mut attend = |out: &mut [f32], lse: &mut [f32]| -> Result<()> {

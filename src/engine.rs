@@ -545,6 +545,9 @@ impl RankContext {
                 )));
             }
         }
+        // checked before the rotation, which would spread a NaN over every column
+        crate::decode::check_finite("latents", latents)?;
+        crate::decode::check_finite("RoPE keys", k_rope)?;
         let mode = match mode {
             RmsMode::Exact => AppendMode::Exact,
             RmsMode::Sliced => AppendMode::SlicedRms {

@@ -41,6 +41,9 @@ pub struct ModelDims {
     pub softmax_scale: f64,
 }
 
+/// Largest supported width or head count (every field of [`ModelDims`]).
+pub const MAX_DIM: usize = 1 << 16;
+
 /// Names accepted by [`ModelDims::preset`].
 pub const PRESETS: [&str; 3] = ["deepseek-v3", "kimi-k2", "deepseek-v2-lite"];
 
@@ -78,7 +81,8 @@ impl ModelDims {
             "deepseek-v2-lite" => (16, 40.0, 0.707),
             _ => {
                 return Err(Error::invalid(format!(
-                    "unknown model preset '{name}'; known presets: {}",
+                    "unknown model preset '{}'; known presets: {}",
+                    abbreviated(name),
                     PRESETS.join(", ")
                 )))
             }
@@ -101,9 +105,9 @@ impl ModelDims {
             if v == 0 {
                 return Err(Error::invalid(format!("{name} must be positive, got 0")));
             }
-            if v > 1 << 16 {
+            if v > MAX_DIM {
                 return Err(Error::invalid(format!(
-                    "{name} = {v} is larger than the supported maximum 65536"
+                    "{name} = {v} is larger than the supported maximum {MAX_DIM}"
                 )));
             }
         }
@@ -206,6 +210,16 @@ impl ShardPlan {
     /// Values per cached token on this rank: the latent slice then the RoPE key.
     pub fn row_width(&self, dims: &ModelDims) -> usize {
         self.slice_width + dims.d_r
+    }
+}
+
+/// A caller's name as an error message quotes it: at most 64 characters, so that a
+/// megabyte of garbage is not echoed back whole.
+fn abbreviated(name: &str) -> String {
+    const SHOWN: usize = 64;
+    match name.char_indices().nth(SHOWN) {
+        None => name.to_string(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &name[..cut], name.len()),
     }
 }
 

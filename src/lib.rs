@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod fidelity;
+mod files;
 pub mod geometry;
 mod le;
 pub mod synthetic;

@@ -206,6 +206,15 @@ impl Transform {
         })
     }
 
+    /// Layer `layer`'s randomised Hadamard transform in a model whose transforms are
+    /// drawn from `seed`: the seed of layer `l` is `seed + l` (wrapping). The one rule
+    /// every producer follows (`tpla convert`, `tpla shard export`, calibration fits), so
+    /// that a converted weights file and an exported shard made with one seed match layer
+    /// by layer.
+    pub fn hadamard_for_layer(d_c: usize, seed: u64, layer: usize) -> Result<Self> {
+        Self::hadamard(d_c, seed.wrapping_add(layer as u64))
+    }
+
     /// PCA of the calibration latents: the eigenvectors of their second moment, sorted by
     /// eigenvalue (largest first). With [`SliceLayout::Contiguous`] column `j` is the
     /// `j`-th component; with [`SliceLayout::Interleaved`] slice `i` (columns
@@ -231,7 +240,11 @@ impl Transform {
                 matrix[row * d + col] = vectors[row * d + component_of_column(col)];
             }
         }
-        let eigenvalues = (0..d).map(|col| values[component_of_column(col)]).collect();
+        // The second moment is positive semi-definite: a negative eigenvalue is round-off
+        // of a zero one (fewer calibration latents than d_c leave some directions empty).
+        let eigenvalues = (0..d)
+            .map(|col| values[component_of_column(col)].max(0.0))
+            .collect();
         Ok(Transform {
             dim: d,
             basis: Basis::Pca {
@@ -289,6 +302,15 @@ impl Transform {
                     )));
                 }
                 check_finite(&eigenvalues, "PCA eigenvalues")?;
+                // eigenvalues of a second moment: a negative one is not round-off (PCA
+                // clamps those to zero) but a damaged or hand-made file
+                if let Some(i) = eigenvalues.iter().position(|&v| v < 0.0) {
+                    return Err(Error::invalid(format!(
+                        "PCA eigenvalues are the variances of the components and cannot be \
+                         negative, but entry {i} is {}",
+                        eigenvalues[i]
+                    )));
+                }
                 return Ok(Transform {
                     dim: d_c,
                     basis: Basis::Pca {
@@ -453,11 +475,21 @@ fn fwht(v: &mut [f64]) {
     }
 }
 
-fn check_dim(d_c: usize) -> Result<()> {
+/// Refuses a latent width outside `1..=65536`, the bound [`ModelDims`] puts on every
+/// dimension (a PCA matrix of that width is already 32 GiB).
+///
+/// [`ModelDims`]: crate::ModelDims
+pub(crate) fn check_dim(d_c: usize) -> Result<()> {
     if d_c == 0 {
         return Err(Error::invalid(
             "the latent width d_c must be positive, got 0",
         ));
+    }
+    if d_c > crate::geometry::MAX_DIM {
+        return Err(Error::invalid(format!(
+            "the latent width d_c = {d_c} is larger than the supported maximum {}",
+            crate::geometry::MAX_DIM
+        )));
     }
     Ok(())
 }
@@ -1474,6 +1506,27 @@ mod tests {
             symmetric_eigen(&[1.0, 0.0, 0.0, 0.0, -2.0, 0.0, 0.0, 0.0, 5.0], 3).unwrap();
         assert_eq!(values, vec![5.0, 1.0, -2.0]);
         assert_eq!(vectors, vec![0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn negative_pca_eigenvalues_are_refused_and_pca_never_makes_one() {
+        let d = 8;
+        let mut m = vec![0.0; d * d];
+        (0..d).for_each(|i| m[i * d + i] = 1.0);
+        let mut ev = vec![1.0; d];
+        ev[5] = -1e-3;
+        let e = Transform::from_parts(TransformKind::Pca, d, None, Some(m), Some(ev)).unwrap_err();
+        assert!(e.message().contains("entry 5 is -0.001"), "{e}");
+        // two latents for eight components: six eigenvalues are zero up to round-off
+        let mut moment = SecondMoment::new(d);
+        moment
+            .add(&[1.0, 2.0, 0.5, -1.0, 0.25, 3.0, -2.0, 1.5])
+            .unwrap();
+        moment
+            .add(&[0.3, -1.0, 2.0, 0.1, -0.7, 0.2, 1.1, -0.4])
+            .unwrap();
+        let t = Transform::pca(&moment, SliceLayout::Contiguous, 2).unwrap();
+        assert!(t.eigenvalues().unwrap().iter().all(|&v| v >= 0.0));
     }
 
     #[test]

@@ -156,10 +156,7 @@ impl WeightsFileWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let file = tempfile::Builder::new()
-            .prefix(".tpla-weights-")
-            .tempfile_in(&dir)
-            .map_err(at)?;
+        let file = crate::files::temp_file_in(&dir, ".tpla-weights-").map_err(at)?;
         let mut temp = std::io::BufWriter::new(file);
         let start = HEADER_LEN + LAYER_ENTRY_LEN * layers;
         temp.write_all(&vec![0u8; start]).map_err(at)?;
@@ -306,7 +303,8 @@ pub struct WeightsFile {
 pub fn read(path: impl AsRef<Path>) -> Result<WeightsFile> {
     let path = path.as_ref();
     let at = |e: std::io::Error| Error::from(e).context(format!("reading {}", path.display()));
-    let file = std::fs::File::open(path).map_err(at)?;
+    let file = crate::files::open_regular(path)
+        .map_err(|e| e.context(format!("reading {}", path.display())))?;
     // SAFETY: read-only private map; the file is not expected to change while loading
     // (writers replace files by rename, never in place).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(at)?;

@@ -4,7 +4,8 @@
 //! `staticlib` and `cdylib` crate types land in `target/<profile>/deps`, next to this test
 //! executable), and run: natively, under valgrind memcheck, and built with
 //! AddressSanitizer + UndefinedBehaviorSanitizer. A missing valgrind or sanitizer runtime
-//! skips those runs with a printed reason. `CC` and `CXX` choose the compilers.
+//! skips those runs with a reason printed in every run's output ("SKIPPED ..."). `CC`
+//! and `CXX` choose the compilers.
 //!
 //! `happy.c` records every output it computes; the test runs the same flow through the
 //! Rust API and requires the same bits.
@@ -170,6 +171,14 @@ fn tool_missing(name: &str, probe: &mut Command) -> Option<String> {
     }
 }
 
+/// Reports a check that could not run. The harness captures `println!` and shows it
+/// only for failing tests, which would hide the skip; a write to the process's stderr
+/// handle is not captured, so the reason shows in every `cargo test` run.
+fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 fn valgrind_missing() -> Option<String> {
     tool_missing("valgrind", Command::new("valgrind").arg("--version"))
 }
@@ -189,9 +198,11 @@ fn sanitizers_missing() -> Option<String> {
 }
 
 const SANITIZER_ENV: [(&str, &str); 2] = [
+    // allocator_may_return_null: hardening.c asks for a pool too large to allocate, which
+    // libtpla must refuse with a status, as it does under the system allocator
     (
         "ASAN_OPTIONS",
-        "detect_leaks=1:abort_on_error=0:exitcode=97",
+        "detect_leaks=1:abort_on_error=0:exitcode=97:allocator_may_return_null=1",
     ),
     (
         "UBSAN_OPTIONS",
@@ -538,6 +549,13 @@ fn every_error_path_returns_its_status_and_sentence() {
 }
 
 #[test]
+fn hostile_use_found_by_issue_17_is_survived_and_named() {
+    let dir = work_dir("hardening");
+    let out = run(&build("ffi-tests/hardening.c", Build::Plain), &[&dir], &[]);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
 fn engine_paged_memory_decodes_bit_equal_to_the_owned_cache() {
     let out = run(&build("ffi-tests/paged.c", Build::Plain), &[], &[]);
     print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -552,8 +570,7 @@ fn separate_contexts_run_concurrently_from_several_threads() {
 #[test]
 fn memcheck_finds_no_memory_error_or_leak() {
     if let Some(reason) = valgrind_missing() {
-        println!("skipped: {reason}");
-        return;
+        return skip("memcheck_finds_no_memory_error_or_leak", &reason);
     }
     let dir = work_dir("valgrind");
     happy_inputs().write_weights_files(&dir);
@@ -564,6 +581,7 @@ fn memcheck_finds_no_memory_error_or_leak() {
         &dir,
     );
     memcheck(&build("ffi-tests/errors.c", Build::Plain), &[&dir], &dir);
+    memcheck(&build("ffi-tests/hardening.c", Build::Plain), &[&dir], &dir);
     memcheck(&build("ffi-tests/threads.c", Build::Plain), &[], &dir);
     memcheck(&build("ffi-tests/paged.c", Build::Plain), &[], &dir);
 }
@@ -571,8 +589,10 @@ fn memcheck_finds_no_memory_error_or_leak() {
 #[test]
 fn address_and_undefined_behaviour_sanitizers_are_clean() {
     if let Some(reason) = sanitizers_missing() {
-        println!("skipped: {reason}");
-        return;
+        return skip(
+            "address_and_undefined_behaviour_sanitizers_are_clean",
+            &reason,
+        );
     }
     let dir = work_dir("sanitizers");
     let happy = happy_inputs();
@@ -596,6 +616,11 @@ fn address_and_undefined_behaviour_sanitizers_are_clean() {
         &SANITIZER_ENV,
     );
     run(
+        &build("ffi-tests/hardening.c", Build::Sanitized),
+        &[&dir],
+        &SANITIZER_ENV,
+    );
+    run(
         &build("ffi-tests/paged.c", Build::Sanitized),
         &[],
         &SANITIZER_ENV,
@@ -609,11 +634,24 @@ fn cuda_backend_agrees_with_the_cpu_backend_or_says_unsupported() {
     print!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// Names of what `dir` holds.
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 #[test]
 fn example_runs_against_the_static_and_the_shared_library() {
     for kind in [Build::Plain, Build::Shared] {
         let dir = work_dir(&format!("example-{kind:?}").to_lowercase());
         let out = run(&build("examples-c/tpla_example.c", kind), &[&dir], &[]);
+        assert_eq!(
+            entries(&dir),
+            Vec::<String>::new(),
+            "the example left files behind"
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         print!("{text}");
         // g = 2 with a contiguous PCA split on this layer: about 0.1 (tpla demo agrees)
@@ -625,6 +663,19 @@ fn example_runs_against_the_static_and_the_shared_library() {
         assert_eq!(errors.len(), 4, "{text}");
         assert!(errors.iter().all(|e| *e < 0.2), "{errors:?}");
     }
+    // Without a directory it makes a temporary one and removes it: neither the current
+    // directory nor $TMPDIR keeps anything.
+    let cwd = work_dir("example-cwd");
+    let tmp = work_dir("example-tmp");
+    let out = Command::new(build("examples-c/tpla_example.c", Build::Plain))
+        .current_dir(&cwd)
+        .env("TMPDIR", &tmp)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(entries(&cwd), Vec::<String>::new());
+    assert_eq!(entries(&tmp), Vec::<String>::new());
 }
 
 #[test]
@@ -652,4 +703,25 @@ fn engine_example_decodes_on_its_own_pages_and_cleans_up() {
 fn header_is_usable_from_cpp() {
     let out = run(&build("ffi-tests/cpp_include.cpp", Build::Plain), &[], &[]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("cpp: libtpla "));
+}
+
+#[test]
+fn a_skipped_check_is_visible_without_nocapture() {
+    // the memcheck test, run by the harness as `cargo test` runs it, with no valgrind
+    // on its PATH
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "memcheck_finds_no_memory_error_or_leak"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shown.contains("SKIPPED memcheck_finds_no_memory_error_or_leak: valgrind is not installed"),
+        "{shown}"
+    );
 }

@@ -65,7 +65,7 @@ fn exported_synthetic_shards_inspect_and_register() {
         "export",
         "--out",
         str(dir.path()),
-        "--model",
+        "--preset",
         "deepseek-v2-lite",
         "--layers",
         "2",
@@ -74,6 +74,10 @@ fn exported_synthetic_shards_inspect_and_register() {
         "--sequences",
         "4:70,9:3",
         "--seed",
+        "5",
+        "--transform",
+        "hadamard",
+        "--hadamard-seed",
         "5",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -152,7 +156,7 @@ fn a_prefill_cache_file_is_normalised_rotated_and_sliced() {
         str(dir.path()),
         "--name",
         "kimi",
-        "--model",
+        "--preset",
         "kimi-k2",
         "--layers",
         "2",
@@ -204,7 +208,7 @@ fn a_prefill_cache_file_is_normalised_rotated_and_sliced() {
         "export",
         "--out",
         str(&dir.path().join("none")),
-        "--model",
+        "--preset",
         "kimi-k2",
         "--sequences",
         "1:5",
@@ -228,7 +232,7 @@ fn inspect_refuses_bad_files_with_the_reason() {
         "export",
         "--out",
         str(dir.path()),
-        "--model",
+        "--preset",
         "deepseek-v2-lite",
         "--layers",
         "1",
@@ -263,6 +267,19 @@ fn inspect_refuses_bad_files_with_the_reason() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
 
+    // an unknown transform code behind valid checksums: a corrupt file, exit status 1
+    let mut unknown = good.clone();
+    unknown[128] = 9;
+    reseal::reseal(&mut unknown);
+    std::fs::write(&bad, &unknown).unwrap();
+    let out = tpla(&["shard", "inspect", "--no-verify", str(&bad)]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("layer table entry 0: unknown transform code 9"),
+        "{}",
+        stderr(&out)
+    );
+
     let mut header = good.clone();
     header[20] ^= 4;
     std::fs::write(&bad, &header).unwrap();
@@ -273,4 +290,79 @@ fn inspect_refuses_bad_files_with_the_reason() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Runs `tpla args` on a pseudo-terminal (util-linux `script`), returning what the
+/// terminal showed, or None where `script` is missing.
+fn on_a_terminal(args: &[&str]) -> Option<String> {
+    let command = std::iter::once(env!("CARGO_BIN_EXE_tpla"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .ok()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    Some(stdout(&out))
+}
+
+#[test]
+fn export_defaults_to_identity_refuses_empty_sequences_and_shows_progress_on_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let args = [
+        "shard",
+        "export",
+        "--out",
+        out_dir,
+        "--preset",
+        "deepseek-v2-lite",
+        "--layers",
+        "3",
+        "--sequences",
+        "1:40,2:8",
+    ];
+    // not a terminal: the results alone, the default transform is identity
+    let out = tpla(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("identity transform"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stderr(&out).contains("exporting"), "{}", stderr(&out));
+
+    let mut empty = args;
+    empty[9] = "1:40,2:0";
+    let out = tpla(&empty);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("'2:0' has no tokens"),
+        "{}",
+        stderr(&out)
+    );
+
+    let Some(shown) = on_a_terminal(&args) else {
+        // not captured by the harness, so the skip shows in every run (issue 17)
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the terminal half of the export progress test: util-linux `script` \
+             is not installed"
+        );
+        return;
+    };
+    assert!(
+        shown.contains("exporting"),
+        "no progress on a terminal:\n{shown}"
+    );
+    let quiet: Vec<&str> = args.iter().copied().chain(["--quiet"]).collect();
+    let shown = on_a_terminal(&quiet).unwrap();
+    assert!(
+        !shown.contains("exporting"),
+        "progress despite --quiet:\n{shown}"
+    );
+    assert!(shown.contains("identity transform"), "{shown}");
 }

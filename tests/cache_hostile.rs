@@ -355,6 +355,13 @@ fn hostile_fields_behind_valid_checksums_are_refused_by_name() {
             "layer table entry 1",
         ),
         (
+            // a corrupted file, not a shard of another transform (issue 17)
+            "unknown transform code",
+            Box::new(move |i| put32(i, lt + 16, 9)),
+            ErrorKind::CorruptFile,
+            "layer table entry 1: unknown transform code 9",
+        ),
+        (
             "seq reserved",
             Box::new(move |i| put32(i, seq(2) + 4, 7)),
             ErrorKind::CorruptFile,

@@ -121,6 +121,7 @@ fn fit_uses_the_file_and_kl_beats_one_on_its_window() {
         &layers[0].weights,
         Some(&cal),
         &opts(TransformKind::Pca, MuPolicy::Variance),
+        0,
     )
     .unwrap();
     // Contiguous PCA slices are ordered by energy; variance mu is total over slice.
@@ -137,12 +138,14 @@ fn fit_uses_the_file_and_kl_beats_one_on_its_window() {
         &layers[0].weights,
         Some(&cal),
         &opts(TransformKind::Pca, MuPolicy::One),
+        0,
     )
     .unwrap();
     let kl = fit_layer(
         &layers[0].weights,
         Some(&cal),
         &opts(TransformKind::Pca, MuPolicy::Kl),
+        0,
     )
     .unwrap();
     assert_eq!(one.mus, vec![1.0; 4]);
@@ -157,6 +160,7 @@ fn fit_uses_the_file_and_kl_beats_one_on_its_window() {
         &layers[0].weights,
         Some(&no_window),
         &opts(TransformKind::Pca, MuPolicy::Kl),
+        0,
     )
     .unwrap_err();
     assert!(e.message().contains("window"), "{e}");
@@ -168,6 +172,7 @@ fn fit_uses_the_file_and_kl_beats_one_on_its_window() {
         &layers[0].weights,
         Some(&empty),
         &opts(TransformKind::Pca, MuPolicy::Kl),
+        0,
     )
     .unwrap_err();
     assert!(
@@ -180,6 +185,7 @@ fn fit_uses_the_file_and_kl_beats_one_on_its_window() {
         &layers[0].weights,
         Some(&cal),
         &opts(TransformKind::Hadamard, MuPolicy::Kl),
+        0,
     )
     .unwrap();
     assert!((h.fractions.iter().sum::<f64>() - 1.0).abs() < 1e-12);
@@ -276,4 +282,52 @@ fn corrupted_calibration_files_are_errors() {
         CalibrationFile::open(&bad_path).unwrap_err().kind(),
         ErrorKind::Unsupported
     );
+}
+
+#[test]
+fn too_few_calibration_latents_say_how_many_are_needed() {
+    // d_c = 64 in g = 2 contiguous PCA slices: slice 1 holds components 32..64, which 32
+    // latents leave empty (their eigenvalues come out as round-off around zero)
+    let d = dims();
+    let layer = &synthetic_layers(&d, 1, 3).unwrap()[0];
+    let opts = |layout| FitOptions {
+        transform: TransformKind::Pca,
+        layout,
+        groups: 2,
+        policy: MuPolicy::One,
+        hadamard_seed: 1,
+    };
+    let latents = |tokens| layer.sequence(tokens, 9).tokens.latents;
+    let few = LayerCalibration::from_latents(d.d_c, &latents(32), None).unwrap();
+    let e = fit_layer(
+        &layer.weights,
+        Some(&few),
+        &opts(SliceLayout::Contiguous),
+        0,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(
+        e.message().contains("slice 1 of 2 gets none of the energy")
+            && e.message().contains("32 calibration latents")
+            && e.message()
+                .contains("more than (g - 1) d_c / g = 32 latents"),
+        "{e}"
+    );
+    // interleaved slices share the components, and one more latent is enough for both
+    fit_layer(
+        &layer.weights,
+        Some(&few),
+        &opts(SliceLayout::Interleaved),
+        0,
+    )
+    .unwrap();
+    let enough = LayerCalibration::from_latents(d.d_c, &latents(33), None).unwrap();
+    fit_layer(
+        &layer.weights,
+        Some(&enough),
+        &opts(SliceLayout::Contiguous),
+        0,
+    )
+    .unwrap();
 }

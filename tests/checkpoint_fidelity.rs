@@ -5,16 +5,19 @@ mod checkpoint_support;
 
 use checkpoint_support::{write_checkpoint, Encoding};
 use std::process::Command;
+use tpla::attention::reference::Reference;
+use tpla::cache::{RankCache, ShardSpec};
 use tpla::calibration::{
     synthetic_layers, write_synthetic, CalibrationFile, LayerCalibration, SyntheticCalibration,
 };
 use tpla::checkpoint::{rank_file_name, Checkpoint};
+use tpla::decode::RankContext;
 use tpla::fidelity::{
     build_transform, evaluate, report, AppendChoice, Prepared, ReportOptions, Scenario,
 };
 use tpla::transform::{MuPolicy, SliceLayout, TransformKind};
 use tpla::weights_file;
-use tpla::ModelDims;
+use tpla::{DType, ModelDims};
 
 fn dims() -> ModelDims {
     ModelDims::new(4, 64, 16, 32, 32, 0.15).unwrap()
@@ -206,4 +209,56 @@ fn command_line_converts_fits_and_reports_on_a_checkpoint() {
         err.contains("PCA transform needs calibration latents"),
         "{err}"
     );
+}
+
+#[test]
+fn converted_weights_and_exported_shards_follow_one_hadamard_rule() {
+    // Two layers: layer 1's seed is where the tools used to disagree (issue 17).
+    let d = ModelDims::preset("deepseek-v2-lite").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    write_checkpoint(
+        &ckpt,
+        &synthetic_layers(&d, 2, 3).unwrap(),
+        Encoding::Bf16,
+        false,
+    );
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    tpla(&[
+        "convert",
+        "--model",
+        &p("ckpt"),
+        "--groups",
+        "2",
+        "--transform",
+        "hadamard",
+        "--mu",
+        "one",
+        "--out",
+        &p("weights"),
+    ]);
+    tpla(&[
+        "shard",
+        "export",
+        "--out",
+        &p("shards"),
+        "--preset",
+        "deepseek-v2-lite",
+        "--layers",
+        "2",
+        "--sequences",
+        "0:20",
+        "--transform",
+        "hadamard",
+    ]);
+    for r in 0..2 {
+        let weights = dir.path().join("weights").join(rank_file_name(r, 2));
+        let ctx = RankContext::from_weights_file(weights, Box::new(Reference)).unwrap();
+        let ids = ctx.transform_ids().unwrap();
+        let spec = ShardSpec::new(*ctx.dims(), ctx.plan(), DType::Bf16, 64, ids).unwrap();
+        let mut cache = RankCache::new(spec, 1).unwrap();
+        let shard = dir.path().join(format!("shards/prefill.rank{r}-of-2.tpla"));
+        assert_eq!(cache.register_file(&shard).unwrap(), [0]);
+    }
 }

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tpla::attention::cuda::{CudaBackend, DeviceBuffer, DeviceCacheConfig, Origin};
+use tpla::attention::cuda::{CudaBackend, DecodeKernel, DeviceBuffer, DeviceCacheConfig, Origin};
 use tpla::attention::reference::latent_attention;
 use tpla::attention::{LatentAttention, LatentShape, RowSource};
 use tpla::{DType, ErrorKind, Result};
@@ -136,8 +136,14 @@ fn reference(rows: &HostRows, shape: LatentShape, q: &[f32]) -> (Vec<f64>, Vec<f
     (out, lse)
 }
 
+/// Bound on the log-sum-exp error: queries enter the kernels as bf16, so each score is
+/// off by about N(0, (2^-9 sigma_q)^2 |k|^2 / 3), a standard deviation of ~2.2e-3 for
+/// the test's sigma_q = 0.08 over 576-wide N(0, 1) rows; the worst of the ~10^3 heads
+/// of a batch lands near 3-5 of them (1.07e-2 was seen once at 192 heads).
+const LSE_BOUND: f64 = 2e-2;
+
 /// Worst per-sequence relative L2 error of `out`, and worst lse error relative to
-/// max(1, |lse|) (queries enter the kernels as bf16: scores carry ~2^-9 relative error).
+/// max(1, |lse|).
 fn errors(
     shape: LatentShape,
     batch: usize,
@@ -203,31 +209,73 @@ fn check(
         .unwrap();
     let (r_out, r_lse) = reference(&rows, shape, &q);
     let (e, le) = errors(shape, b, &out, &lse, &r_out, &r_lse);
-    println!("H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse rel {le:.2e}");
+    let kernel = backend
+        .kernels(heads, width, 64)
+        .unwrap()
+        .config
+        .kernel
+        .name();
+    println!("{kernel}: H={heads:3} W={width:3} lens={lens:?}: rel L2 {e:.2e}, lse rel {le:.2e}");
     assert!(e < 1e-2, "H={heads} W={width} lens={lens:?}: rel L2 {e}");
     assert!(
-        le < 1e-2,
+        le < LSE_BOUND,
         "H={heads} W={width} lens={lens:?}: lse error {le}"
     );
 }
 
+/// Every shape on every decode kernel the device runs for it (on Hopper: wgmma where
+/// the shape allows, and v3 everywhere).
 #[test]
 fn every_shape_matches_the_reference_on_mixed_lengths() {
     let Some(mut backend) = gpu() else { return };
     let mut seed = fresh_seed();
     println!("seed {seed}");
-    for heads in [16, 32, 64, 128] {
-        for width in [512, 256, 128, 64] {
-            seed += 1;
-            check(
-                &mut backend,
-                heads,
-                width,
-                &[1, 63, 64, 65, 4096, 300],
-                64,
-                seed,
-            );
+    for kernel in [DecodeKernel::MmaSync, DecodeKernel::Wgmma] {
+        backend.set_decode_kernel(Some(kernel));
+        for heads in [16, 32, 64, 128, 192, 256] {
+            for width in [512, 256, 128, 64] {
+                let hopper = backend.device().compute_capability() == (9, 0);
+                if kernel == DecodeKernel::Wgmma && !(hopper && heads % 64 == 0) {
+                    continue;
+                }
+                assert_eq!(
+                    backend.kernels(heads, width, 64).unwrap().config.kernel,
+                    kernel
+                );
+                seed += 1;
+                check(
+                    &mut backend,
+                    heads,
+                    width,
+                    &[1, 63, 64, 65, 4096, 300],
+                    64,
+                    seed,
+                );
+            }
         }
+    }
+}
+
+/// One small batch per way the Hopper kernel splits a block (tokens, heads, columns),
+/// with a partial last page and a split: small enough for compute-sanitizer's
+/// memcheck and racecheck (benches/gpu/session.sh runs them on it).
+#[test]
+fn small_batches_on_every_kernel_mode() {
+    let Some(mut backend) = gpu() else { return };
+    let seed = fresh_seed();
+    println!("seed {seed}");
+    for (i, (heads, width)) in [(64, 256), (128, 256), (64, 512), (32, 128)]
+        .into_iter()
+        .enumerate()
+    {
+        check(
+            &mut backend,
+            heads,
+            width,
+            &[1, 65, 300],
+            64,
+            seed + i as u64,
+        );
     }
 }
 
@@ -239,6 +287,8 @@ fn long_sequences_match_the_reference() {
     check(&mut backend, 128, 512, &[32768], 64, seed);
     check(&mut backend, 64, 256, &[32768, 7, 4096], 64, seed + 1);
     check(&mut backend, 16, 64, &[32768, 1], 64, seed + 2);
+    check(&mut backend, 128, 256, &[32768, 129, 4095], 64, seed + 3);
+    check(&mut backend, 64, 128, &[32768, 2], 64, seed + 4);
 }
 
 #[test]
@@ -329,7 +379,11 @@ fn split_counts_agree_and_device_appends_extend_sequences() {
         let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
         let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);
         println!("{}: rel L2 {e:.2e}, lse rel {le:.2e}", plan.kernel_name());
-        assert!(e < 1e-2 && le < 1e-2, "{}: {e} {le}", plan.kernel_name());
+        assert!(
+            e < 1e-2 && le < LSE_BOUND,
+            "{}: {e} {le}",
+            plan.kernel_name()
+        );
         results.push(o);
     }
     // different split points round different probabilities to bf16: agreement to a
@@ -497,7 +551,7 @@ fn appends_and_decode_replay_from_a_cuda_graph() {
         &r_lse,
     );
     println!("graph replay x{steps}: rel L2 {e:.2e}, lse rel {le:.2e}");
-    assert!(e < 1e-2 && le < 1e-2, "{e} {le}");
+    assert!(e < 1e-2 && le < LSE_BOUND, "{e} {le}");
 }
 
 #[test]
@@ -549,7 +603,7 @@ fn bad_and_empty_slots_give_nan_never_stale_or_foreign_rows() {
         dev.synchronize().unwrap();
         let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
         let (e, le) = errors(shape, 1, &o[..h * w], &l[..h], &r_out, &r_lse);
-        assert!(e < 1e-2 && le < 1e-2, "{splits} splits: {e} {le}");
+        assert!(e < 1e-2 && le < LSE_BOUND, "{splits} splits: {e} {le}");
         assert!(o[h * w..].iter().all(|v| v.is_nan()), "{splits} splits");
         assert!(l[h..].iter().all(|v| v.is_nan()), "{splits} splits");
     }

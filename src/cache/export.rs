@@ -120,7 +120,8 @@ impl<W: Write + Seek> ShardWriter<W> {
         let spec = h.spec();
         let len = h.sequences()[self.next % h.sequences().len()].len;
         let (d_c, d_r) = (spec.dims().d_c, spec.dims().d_r);
-        if latent.len() != len * d_c || rope.len() != len * d_r {
+        // no overflow: the plan checked that len tokens of every layer fit in memory
+        if Some(latent.len()) != len.checked_mul(d_c) || Some(rope.len()) != len.checked_mul(d_r) {
             return Err(Error::invalid(format!(
                 "layer {layer}, sequence {id}: expected {len} tokens ({} latent and {} RoPE \
                  values), got {} and {}",
@@ -222,16 +223,15 @@ pub struct ShardFileWriter {
 }
 
 impl ShardFileWriter {
-    /// `paths[i]` receives group `i`'s shard.
+    /// `paths[i]` receives group `i`'s shard; they must name distinct files.
     pub fn create(plan: &ExportPlan, paths: &[impl AsRef<Path>]) -> Result<Self> {
         let paths: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
+        check_distinct(&paths)?;
         let temps = paths
             .iter()
             .map(|p| {
-                let temp = tempfile::Builder::new()
-                    .prefix(".tpla-shard-")
-                    .tempfile_in(parent_dir(p))
-                    .map_err(|e| {
+                let temp =
+                    crate::files::temp_file_in(parent_dir(p), ".tpla-shard-").map_err(|e| {
                         Error::from(e).context(format!("creating a file next to {}", p.display()))
                     })?;
                 Ok(BufWriter::with_capacity(1 << 20, temp))
@@ -268,6 +268,28 @@ impl ShardFileWriter {
         }
         Ok(())
     }
+}
+
+/// Refuses two groups aimed at one file: the second rename would silently replace the
+/// first shard. Paths are compared by their directory's canonical form and their file
+/// name, so `d/x` and `d/./x` (or a symlinked directory) are the same file.
+fn check_distinct(paths: &[PathBuf]) -> Result<()> {
+    let mut seen = std::collections::HashMap::new();
+    for (group, path) in paths.iter().enumerate() {
+        let dir = std::fs::canonicalize(parent_dir(path))
+            .map_err(|e| Error::from(e).context(format!("the directory of {}", path.display())))?;
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("{} does not name a file", path.display())))?;
+        if let Some(first) = seen.insert(dir.join(name), group) {
+            return Err(Error::invalid(format!(
+                "groups {first} and {group} would both be written to {}: every group needs \
+                 its own shard file",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn parent_dir(path: &Path) -> &Path {

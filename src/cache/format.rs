@@ -29,6 +29,7 @@ use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::geometry::{ModelDims, ShardPlan};
 use crate::le::{f64_at, put_u32, put_u64, u32_at, u64_at};
+use crate::transform::TransformKind;
 use std::collections::HashSet;
 
 /// First eight bytes of every shard file.
@@ -416,8 +417,15 @@ impl ShardHeader {
                     "layer table entry {layer}: reserved field must be zero"
                 )));
             }
+            let code = u32_at(e, 0);
+            if TransformKind::from_code(code).is_err() {
+                return Err(Error::corrupt(format!(
+                    "layer table entry {layer}: unknown transform code {code} (0 identity, \
+                     1 hadamard, 2 pca)"
+                )));
+            }
             transforms.push(TransformId {
-                code: u32_at(e, 0),
+                code,
                 fingerprint: u64_at(e, 8),
             });
         }

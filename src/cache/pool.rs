@@ -1,7 +1,7 @@
 //! The fixed-capacity page pool of one rank: one allocation, laid out
 //! `[layer][page][page_stride bytes]`, every page 64-byte aligned.
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use bytemuck::{Pod, Zeroable};
 
 /// Alignment of every page, in the pool and in shard files: one cache line, enough for
@@ -47,13 +47,10 @@ impl PagePool {
             )));
         }
         let too_big = || {
-            Error::new(
-                ErrorKind::OutOfCapacity,
-                format!(
-                    "cannot allocate a pool of {capacity} pages of {layers} layers x \
-                     {page_stride} bytes"
-                ),
-            )
+            Error::invalid(format!(
+                "cannot allocate a pool of {capacity} pages of {layers} layers x \
+                 {page_stride} bytes"
+            ))
         };
         let lines = capacity
             .checked_mul(layers)

@@ -209,15 +209,31 @@ impl RankCache {
         Ok(())
     }
 
-    /// Registers the shard file at `path`: maps it read-only ([`ShardFile`]), validates
-    /// its metadata (see [`ShardHeader::parse`]) and checks that it belongs to this cache
-    /// ([`ShardHeader::check_matches`]). Its sequences join the cache with the ids of
-    /// its sequence table, which are returned; their rows are read in place from the
-    /// mapping (zero-copy), so registration costs time and memory in proportion to the
-    /// metadata, not the file. Rows appended later go to pool pages.
+    /// Registers the shard file at `path`: reads it into memory ([`ShardFile::read`]),
+    /// checks its data checksum, validates its metadata (see [`ShardHeader::parse`]) and
+    /// checks that it belongs to this cache ([`ShardHeader::check_matches`]). Its
+    /// sequences join the cache with the ids of its sequence table, which are returned.
+    /// The copy costs a read of the file and memory of its size, and makes the cache
+    /// immune to what happens to the file afterwards (truncation included). Rows appended
+    /// later go to pool pages.
     pub fn register_file(&mut self, path: impl AsRef<Path>) -> Result<Vec<u32>> {
         let path = path.as_ref();
-        let file = ShardFile::open(path)?;
+        let file = ShardFile::read(path)?;
+        self.register_buffer(file)
+            .map_err(|e| e.context(format!("shard file {}", path.display())))
+    }
+
+    /// As [`register_file`](Self::register_file), but zero-copy: the file is mapped
+    /// read-only and its rows are read in place, so registration costs time and memory
+    /// in proportion to the metadata, not the file, and the data checksum is not checked.
+    ///
+    /// # Safety
+    /// As [`ShardFile::map`]: the file must not be truncated (nor rewritten in place)
+    /// while any of its sequences is in the cache, or a decode step dies of SIGBUS.
+    pub unsafe fn register_file_mapped(&mut self, path: impl AsRef<Path>) -> Result<Vec<u32>> {
+        let path = path.as_ref();
+        // SAFETY: forwarded contract.
+        let file = unsafe { ShardFile::map(path) }?;
         self.register_buffer(file)
             .map_err(|e| e.context(format!("shard file {}", path.display())))
     }

@@ -3,7 +3,7 @@
 use super::context::tpla_context;
 use super::{
     guard, guard_value, hand_out, handle, handle_mut, input, to_f64, to_usize, tpla_status,
-    versioned, versioned_out, write_out, Failure, Versioned,
+    versioned, versioned_out, write_out, Failure, Outcome, Versioned,
 };
 use crate::cache::{RankCache, ShardSpec};
 use crate::dtype::DType;
@@ -168,6 +168,10 @@ pub unsafe extern "C" fn tpla_cache_sequence_ids(
         // SAFETY: caller contract.
         let c = unsafe { handle(cache, "cache") }?;
         let mut all: Vec<u32> = c.cache.sequence_ids().collect();
+        if ids.is_null() && capacity == 0 {
+            // SAFETY: caller contract.
+            return unsafe { write_out(count, all.len(), "count") };
+        }
         all.sort_unstable();
         // SAFETY: caller contract.
         let room = unsafe { super::output(ids, capacity, "ids") }?;
@@ -279,16 +283,20 @@ pub unsafe extern "C" fn tpla_cache_append_rows(
 }
 
 /// Registers the shard file at `path` (written by `tpla_export_*` or `tpla shard
-/// export`): maps it read-only and validates it against the cache (geometry, group,
-/// dtype, page size, transform of every layer). Its sequences join the cache with the
-/// ids of the file; their number is written to `*sequences` when it is not NULL. Rows are
-/// read in place from the mapping; the file must not be truncated or rewritten in place
-/// while registered (replacing it by rename is fine).
+/// export`): reads it into memory the cache owns, checks its data checksum and validates
+/// it against the cache (geometry, group, dtype, page size, transform of every layer).
+/// Its sequences join the cache with the ids of the file; their number is written to
+/// `*sequences` when it is not NULL. Once this returns, nothing done to the file
+/// (truncation, rewriting, removal) affects the cache; a change while it is being read is
+/// reported as TPLA_STATUS_CORRUPT_FILE. The copy costs a read of the file and memory of
+/// its size; `tpla_cache_register_file_mapped` is the zero-copy alternative for files
+/// nothing else can truncate. Only regular files are read (a FIFO, directory or device is
+/// TPLA_STATUS_IO, without blocking).
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_IO, TPLA_STATUS_CORRUPT_FILE,
 /// TPLA_STATUS_MISMATCH (another geometry, group, dtype, page size or transform) or
-/// TPLA_STATUS_INVALID_ARGUMENT (one of its sequence ids is already cached). On error
-/// the cache is unchanged. Modifies `cache`.
+/// TPLA_STATUS_INVALID_ARGUMENT (one of its sequence ids is already cached, a file too
+/// large to copy). On error the cache is unchanged. Modifies `cache`.
 ///
 /// # Safety
 /// `cache` is NULL or a live cache not used by another thread during the call; `path`
@@ -305,12 +313,51 @@ pub unsafe extern "C" fn tpla_cache_register_file(
         // SAFETY: caller contract.
         let path = OsStr::from_bytes(unsafe { super::c_string(path, "path") }?.to_bytes());
         let ids = c.cache.register_file(path)?;
-        if !sequences.is_null() {
-            // SAFETY: caller contract.
-            unsafe { write_out(sequences, ids.len(), "sequences") }?;
-        }
-        Ok(())
+        // SAFETY: caller contract.
+        unsafe { write_count(sequences, ids.len()) }
     })
+}
+
+/// As `tpla_cache_register_file`, but zero-copy: maps the file read-only and reads its
+/// rows in place, so registration costs time and memory in proportion to the metadata,
+/// not the file (and the data checksum is not checked; `tpla shard inspect` does).
+/// The file must not be truncated while any of its sequences is in the cache: a decode
+/// step reading a page past the new end gets SIGBUS from the kernel, which kills the
+/// process. Nor should it be rewritten in place (replacing it by rename is fine: the
+/// mapping keeps the old file). Use it for files nothing but the engine writes.
+///
+/// Returns as `tpla_cache_register_file`. Modifies `cache`.
+///
+/// # Safety
+/// As `tpla_cache_register_file`, and the file is kept as said above.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_cache_register_file_mapped(
+    cache: *mut tpla_cache,
+    path: *const c_char,
+    sequences: *mut usize,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let c = unsafe { handle_mut(cache, "cache") }?;
+        // SAFETY: caller contract.
+        let path = OsStr::from_bytes(unsafe { super::c_string(path, "path") }?.to_bytes());
+        // SAFETY: the caller keeps the file as the contract above says.
+        let ids = unsafe { c.cache.register_file_mapped(path) }?;
+        // SAFETY: caller contract.
+        unsafe { write_count(sequences, ids.len()) }
+    })
+}
+
+/// Writes a registration's sequence count through `sequences` unless it is NULL.
+///
+/// # Safety
+/// `sequences` is NULL or writable.
+unsafe fn write_count(sequences: *mut usize, count: usize) -> Outcome {
+    if sequences.is_null() {
+        return Ok(());
+    }
+    // SAFETY: caller contract.
+    unsafe { write_out(sequences, count, "sequences") }
 }
 
 /// Called once when a cache no longer reads a buffer given to
@@ -352,7 +399,7 @@ impl Drop for BorrowedImage {
 }
 
 /// Registers a shard image held in memory (for example filled by an export into
-/// buffers and moved by the engine), read in place (zero-copy) like a file. The image
+/// buffers and moved by the engine), read in place (zero-copy) like a mapped file. The image
 /// must stay valid and unchanged until the cache calls `release(user)`, which it does
 /// exactly once: when the image's last sequence is freed, when the cache is destroyed,
 /// or before returning when registration fails or the image holds no sequence. With
@@ -388,11 +435,8 @@ pub unsafe extern "C" fn tpla_cache_register_buffer(
         // SAFETY: caller contract; checks NULL with a nonzero length and the size.
         unsafe { input(image, image_len, "image") }?;
         let ids = c.cache.register_buffer(borrowed)?;
-        if !sequences.is_null() {
-            // SAFETY: caller contract.
-            unsafe { write_out(sequences, ids.len(), "sequences") }?;
-        }
-        Ok(())
+        // SAFETY: caller contract.
+        unsafe { write_count(sequences, ids.len()) }
     })
 }
 
@@ -405,6 +449,14 @@ mod tests {
         assert_eq!(
             TPLA_DEFAULT_PAGE_SIZE as usize,
             crate::cache::DEFAULT_PAGE_SIZE
+        );
+    }
+
+    #[test]
+    fn thread_bound_is_the_cpu_backends() {
+        assert_eq!(
+            super::super::context::TPLA_MAX_THREADS as usize,
+            crate::attention::cpu::MAX_THREADS
         );
     }
 

@@ -5,16 +5,17 @@ use super::{
     check_disjoint, guard, guard_value, hand_out, handle, handle_mut, input, output, span, to_f64,
     to_usize, tpla_status, versioned, versioned_out, write_out, Failure, Outcome, Versioned,
 };
-use crate::attention::cpu::CpuBackend;
+use crate::attention::cpu::{CpuBackend, KernelChoice};
 use crate::attention::reference::normalise;
 use crate::attention::reference::Reference;
 use crate::attention::LatentAttention;
 use crate::convert::{FoldedLayer, MlaWeights};
-use crate::decode::{Outputs, Queries, RankContext, RankLayer};
+use crate::decode::{shape_count, Outputs, Queries, RankContext, RankLayer};
 use crate::geometry::{ModelDims, ShardPlan};
 use crate::transform::{SecondMoment, SliceLayout, Transform, TransformKind};
 use std::ffi::{c_char, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 /// Shape of one MLA attention layer (DESIGN.md section 2). A plain value: its layout
 /// is fixed for this ABI version (a new field would be a new struct).
@@ -226,8 +227,9 @@ unsafe impl Versioned for tpla_transform_desc {
 /// made with it live: they keep their own copy).
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
-/// TPLA_STATUS_INVALID_ARGUMENT (unknown kind, d_c not a power of two for Hadamard, a
-/// matrix that is not orthogonal, wrong counts, a seed for a kind without one) or
+/// TPLA_STATUS_INVALID_ARGUMENT (unknown kind, d_c 0 or above 65536, d_c not a power of
+/// two for Hadamard, negative PCA eigenvalues, a matrix that is not orthogonal, wrong
+/// counts, a seed for a kind without one) or
 /// TPLA_STATUS_MISMATCH (a matrix that is not the one the kind and seed generate).
 /// Thread-safe.
 ///
@@ -283,8 +285,9 @@ pub enum tpla_slice_layout {
 /// `layout` (a `tpla_slice_layout`). `latents` are pre-norm latents a_t, [tokens][d_c],
 /// read during the call. Destroy the result with `tpla_transform_destroy`.
 ///
-/// Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (d_c 0, no whole
-/// latent, non-finite values, groups not dividing d_c, unknown layout). Thread-safe.
+/// Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (d_c 0 or above
+/// 65536, no whole latent, non-finite values (named by their index in `latents`), groups
+/// not dividing d_c, unknown layout). Thread-safe.
 ///
 /// # Safety
 /// `latents` is NULL or readable for `latents_count` floats; `out` is NULL or writable.
@@ -301,7 +304,8 @@ pub unsafe extern "C" fn tpla_transform_pca(
         // SAFETY: caller contract.
         let a = unsafe { input(latents, latents_count, "latents") }?;
         let d = to_usize(d_c);
-        if d == 0 || a.is_empty() || a.len() % d != 0 {
+        crate::transform::check_dim(d)?;
+        if a.is_empty() || a.len() % d != 0 {
             return Err(Failure::invalid(format!(
                 "latents must hold a positive whole number of {d_c}-wide latents, got {} values",
                 a.len()
@@ -316,6 +320,8 @@ pub unsafe extern "C" fn tpla_transform_pca(
                 )))
             }
         };
+        // checked here: normalising spreads a non-finite value over its whole latent
+        crate::decode::check_finite("latents", a)?;
         let mut moment = SecondMoment::new(d);
         for latent in a.chunks_exact(d) {
             moment.add(&normalise(&to_f64(latent)))?;
@@ -423,21 +429,26 @@ pub unsafe extern "C" fn tpla_fold_layer(
         let mla = unsafe { mla_weights(weights, d) }?;
         // SAFETY: caller contract.
         let t = unsafe { handle(transform, "transform") }?;
-        // SAFETY: caller contract; the inputs were copied by `mla_weights`, so only the
-        // two outputs can collide.
+        // SAFETY: checked by `mla_weights` above.
+        let inputs = unsafe { &*weights };
+        check_disjoint(
+            &[
+                span(w_uk, w_uk_count, "w_uk"),
+                span(w_uv, w_uv_count, "w_uv"),
+            ],
+            &[
+                span(inputs.w_uk, inputs.w_uk_count, "weights->w_uk"),
+                span(inputs.w_uv, inputs.w_uv_count, "weights->w_uv"),
+                span(inputs.gamma, inputs.gamma_count, "weights->gamma"),
+            ],
+        )?;
+        // SAFETY: caller contract; disjoint from each other and from the inputs (above).
         let (out_uk, out_uv) = unsafe {
             (
                 output(w_uk, w_uk_count, "w_uk")?,
                 output(w_uv, w_uv_count, "w_uv")?,
             )
         };
-        check_disjoint(
-            &[
-                span(w_uk, w_uk_count, "w_uk"),
-                span(w_uv, w_uv_count, "w_uv"),
-            ],
-            &[],
-        )?;
         let rw = FoldedLayer::new(&mla, &t.transform)?.rank(&p, 1.0)?;
         for (what, out, folded) in [("w_uk", out_uk, &rw.w_uk), ("w_uv", out_uv, &rw.w_uv)] {
             if out.len() != folded.len() {
@@ -508,18 +519,72 @@ unsafe impl Versioned for tpla_context_options {
     const NAME: &'static str = "tpla_context_options";
 }
 
+/// Most worker threads of a CPU backend or a `tpla_thread_pool`.
+pub const TPLA_MAX_THREADS: u32 = 1024;
+
+/// A pool of CPU worker threads that the contexts given it share
+/// (`tpla_backend_options.pool`): their decode steps take turns on its threads, so an
+/// engine with many contexts decides once how many cores decode uses. Contexts keep the
+/// pool alive: it may be destroyed while they live, and its threads end with the last
+/// of them. Thread-safe.
+pub struct tpla_thread_pool {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+/// Starts a pool of `threads` worker threads (1 to TPLA_MAX_THREADS). Destroy it with
+/// `tpla_thread_pool_destroy`.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (thread count).
+/// Thread-safe.
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_thread_pool_create(
+    threads: u32,
+    out: *mut *mut tpla_thread_pool,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        unsafe {
+            hand_out(out, || {
+                let pool = CpuBackend::thread_pool(to_usize(threads))?;
+                Ok(tpla_thread_pool { pool })
+            })
+        }
+    })
+}
+
+/// Gives up the caller's reference to a pool; contexts using it keep it running. NULL
+/// is a no-op.
+///
+/// # Safety
+/// `pool` is NULL or a pool not yet destroyed, not in use by another thread's call.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_thread_pool_destroy(pool: *mut tpla_thread_pool) {
+    // SAFETY: caller contract.
+    guard_value((), || unsafe { super::destroy(pool) })
+}
+
 /// The decode backend of a context (`tpla_context_create`,
 /// `tpla_context_create_from_weights_file`).
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct tpla_backend_options {
-    /// sizeof(tpla_backend_options).
+    /// sizeof(tpla_backend_options). The size of the first version, without `pool`, is
+    /// accepted too (then `pool` is NULL).
     pub struct_size: usize,
     /// A `tpla_backend`.
     pub kind: u32,
-    /// TPLA_BACKEND_CPU: worker threads (at least 1). Others: ignored.
+    /// TPLA_BACKEND_CPU without `pool`: worker threads of the context's own pool, 1 to
+    /// TPLA_MAX_THREADS. Ignored with a pool, and by other backends.
     pub threads: u32,
     /// TPLA_BACKEND_CUDA: the GPU ordinal. Others: ignored.
     pub device: u32,
+    /// TPLA_BACKEND_CPU: NULL for a pool of the context's own, or a pool shared with
+    /// other contexts (`tpla_thread_pool_create`), which the context keeps alive.
+    /// Others: ignored.
+    pub pool: *const tpla_thread_pool,
 }
 
 // SAFETY: repr(C), first field `struct_size: usize`.
@@ -527,10 +592,47 @@ unsafe impl Versioned for tpla_backend_options {
     const NAME: &'static str = "tpla_backend_options";
 }
 
-fn make_backend(o: &tpla_backend_options) -> Outcome<Box<dyn LatentAttention + Send>> {
+/// sizeof(tpla_backend_options) before `pool` was appended: programs built against that
+/// header keep working, with a private pool.
+const BACKEND_OPTIONS_WITHOUT_POOL: usize = std::mem::offset_of!(tpla_backend_options, pool);
+
+/// Reads backend options of either size.
+///
+/// # Safety
+/// `ptr` is NULL or points to a `tpla_backend_options` of its `struct_size`.
+unsafe fn backend_options(ptr: *const tpla_backend_options) -> Outcome<tpla_backend_options> {
+    if !ptr.is_null() && ptr.is_aligned() {
+        // SAFETY: non-NULL and aligned; every version starts with `size_t struct_size`.
+        if unsafe { ptr.cast::<usize>().read() } == BACKEND_OPTIONS_WITHOUT_POOL {
+            // SAFETY: the caller's struct holds every field before `pool`, at the same
+            // offsets (repr(C), fields only appended).
+            let (kind, threads, device) = unsafe { ((*ptr).kind, (*ptr).threads, (*ptr).device) };
+            return Ok(tpla_backend_options {
+                struct_size: BACKEND_OPTIONS_WITHOUT_POOL,
+                kind,
+                threads,
+                device,
+                pool: std::ptr::null(),
+            });
+        }
+    }
+    // SAFETY: caller contract.
+    Ok(*unsafe { versioned(ptr, "backend") }?)
+}
+
+/// # Safety
+/// `o.pool` is NULL or a live pool.
+unsafe fn make_backend(o: &tpla_backend_options) -> Outcome<Box<dyn LatentAttention + Send>> {
     match o.kind {
         b if b == tpla_backend::Reference as u32 => Ok(Box::new(Reference)),
-        b if b == tpla_backend::Cpu as u32 => Ok(Box::new(CpuBackend::new(to_usize(o.threads))?)),
+        b if b == tpla_backend::Cpu as u32 => {
+            // SAFETY: caller contract.
+            let backend = match unsafe { o.pool.as_ref() } {
+                Some(shared) => CpuBackend::on_pool(shared.pool.clone(), KernelChoice::Auto)?,
+                None => CpuBackend::new(to_usize(o.threads))?,
+            };
+            Ok(Box::new(backend))
+        }
         b if b == tpla_backend::Cuda as u32 => cuda_backend(o.device),
         b => Err(Failure::invalid(format!(
             "unknown backend {b} (1 = reference, 2 = cpu, 3 = cuda)"
@@ -563,7 +665,8 @@ fn cuda_backend(_device: u32) -> Outcome<Box<dyn LatentAttention + Send>> {
 /// with `tpla_context_destroy`.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
-/// TPLA_STATUS_INVALID_ARGUMENT (bad dims, plan, layer count, backend or thread count),
+/// TPLA_STATUS_INVALID_ARGUMENT (bad dims, plan, layer count, backend, or a thread
+/// count outside 1..TPLA_MAX_THREADS),
 /// TPLA_STATUS_OUT_OF_RANGE (rank not below ranks), TPLA_STATUS_UNSUPPORTED (CUDA not
 /// built in, no GPU; a CPU kernel this machine lacks) or TPLA_STATUS_BACKEND (GPU
 /// runtime failure). Thread-safe.
@@ -581,13 +684,14 @@ pub unsafe extern "C" fn tpla_context_create(
         // SAFETY: caller contract.
         let o = unsafe { versioned(options, "options") }?;
         // SAFETY: caller contract.
-        let b = unsafe { versioned(backend, "backend") }?;
+        let b = unsafe { backend_options(backend) }?;
         let dims = o.dims.to_rust()?;
         let plan = o.plan.to_rust(&dims)?;
         // SAFETY: caller contract.
         unsafe {
             hand_out(out, || {
-                let backend = make_backend(b)?;
+                // the pool, if any, is live by the caller contract
+                let backend = make_backend(&b)?;
                 Ok(wrap(RankContext::new(
                     dims,
                     plan,
@@ -621,11 +725,12 @@ pub unsafe extern "C" fn tpla_context_create_from_weights_file(
         // SAFETY: caller contract.
         let path = OsStr::from_bytes(unsafe { super::c_string(path, "path") }?.to_bytes());
         // SAFETY: caller contract.
-        let b = unsafe { versioned(backend, "backend") }?;
+        let b = unsafe { backend_options(backend) }?;
         // SAFETY: caller contract.
         unsafe {
             hand_out(out, || {
-                let backend = make_backend(b)?;
+                // the pool, if any, is live by the caller contract
+                let backend = make_backend(&b)?;
                 Ok(wrap(RankContext::from_weights_file(path, backend)?))
             })
         }
@@ -725,7 +830,8 @@ pub unsafe extern "C" fn tpla_context_backend_name(ctx: *const tpla_context) -> 
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
 /// TPLA_STATUS_OUT_OF_RANGE (layer), TPLA_STATUS_INVALID_ARGUMENT (counts that do not
-/// match [rank heads][slice_width][d_n or d_v], mu or slice_fraction out of range) or
+/// match [rank heads][slice_width][d_n or d_v], NaN or infinite weights, mu or
+/// slice_fraction out of range; the layer keeps its earlier weights) or
 /// TPLA_STATUS_MISMATCH (transform width is not d_c). Not thread-safe for `ctx`.
 ///
 /// # Safety
@@ -853,8 +959,9 @@ unsafe impl Versioned for tpla_decode_args {
 /// and streams are `tpla_device_rank_decode`.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
-/// TPLA_STATUS_INVALID_ARGUMENT (counts, unknown kinds, misaligned or overlapping
-/// buffers, empty sequence, layer without weights), TPLA_STATUS_OUT_OF_RANGE (layer,
+/// TPLA_STATUS_INVALID_ARGUMENT (counts, checked against `batch` with overflow-checked
+/// products before anything else; unknown kinds, misaligned or overlapping buffers,
+/// empty sequence, layer without weights), TPLA_STATUS_OUT_OF_RANGE (layer,
 /// unknown sequence id), TPLA_STATUS_MISMATCH (cache of another geometry, group, layer
 /// count or transform) or TPLA_STATUS_BACKEND. On error the output contents are
 /// unspecified. Uses `ctx` exclusively (one thread at a time); reads `cache`, which may
@@ -876,6 +983,18 @@ pub unsafe extern "C" fn tpla_context_decode(
         let rc = &unsafe { handle(cache, "cache") }?.cache;
         // SAFETY: caller contract.
         let a = unsafe { versioned(args, "args") }?;
+        // The batch size first, with checked arithmetic: every other count is a multiple
+        // of it, and q_rope's is the same for both query kinds. A batch inconsistent with
+        // q_rope_count is refused before any span or slice is made from it.
+        let (p, d) = (c.plan(), c.dims());
+        let rope_count = shape_count("args->q_rope", &[a.batch, p.heads, d.d_r])?;
+        if a.q_rope_count != rope_count {
+            return Err(Failure::invalid(format!(
+                "args->q_rope holds {} values, a batch of {} sequences of {} heads needs \
+                 {rope_count} ([batch][heads][d_r])",
+                a.q_rope_count, a.batch, p.heads
+            )));
+        }
         check_disjoint(
             &[
                 span(a.out, a.out_count, "args->out"),

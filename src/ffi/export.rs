@@ -80,17 +80,35 @@ unsafe fn plan(o: &tpla_export_options) -> Outcome<(ExportPlan, Vec<Transform>)>
             input(o.seq_lens, o.sequences, "options->seq_lens")?,
         )
     };
+    let dims = o.dims.to_rust()?;
     let transforms = handles
         .iter()
         .enumerate()
-        // SAFETY: caller contract.
-        .map(|(i, &t)| unsafe { handle(t, &format!("options->transforms[{i}]")) })
-        .map(|t| t.map(|t| t.transform.clone()))
+        .map(|(i, &t)| {
+            let what = format!("options->transforms[{i}]");
+            // SAFETY: caller contract.
+            let t = &unsafe { handle(t, &what) }?.transform;
+            if t.dim() != dims.d_c {
+                return Err(Failure::from(crate::Error::mismatch(format!(
+                    "{what} is {} wide, the latent width d_c is {}",
+                    t.dim(),
+                    dims.d_c
+                ))));
+            }
+            Ok(t.clone())
+        })
         .collect::<Outcome<Vec<_>>>()?;
     let sequences = ids
         .iter()
         .zip(lens)
         .map(|(&id, &len)| {
+            // The format can hold an empty sequence, but the C contract (and the CLI)
+            // refuses it: an export of nothing is a caller's mistake.
+            if len == 0 {
+                return Err(Failure::invalid(format!(
+                    "sequence {id} has no tokens: an export holds prefilled sequences only"
+                )));
+            }
             usize::try_from(len)
                 .map(|len| (id, len))
                 .map_err(|_| Failure::invalid(format!("sequence {id}: {len} tokens is too many")))
@@ -104,7 +122,7 @@ unsafe fn plan(o: &tpla_export_options) -> Outcome<(ExportPlan, Vec<Transform>)>
         })
         .collect();
     let plan = ExportPlan::new(
-        o.dims.to_rust()?,
+        dims,
         to_usize(o.groups),
         DType::from_code(o.dtype)?,
         to_usize(o.page_size),
@@ -117,9 +135,10 @@ unsafe fn plan(o: &tpla_export_options) -> Outcome<(ExportPlan, Vec<Transform>)>
 /// Writes the size in bytes of each shard image of the export `options` describes
 /// (all groups have the same size) to `*len`; `paths` and `buffers` are ignored.
 ///
-/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE or
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
 /// TPLA_STATUS_INVALID_ARGUMENT (dims, groups, dtype, page size, layer count, duplicate
-/// or empty sequences). Thread-safe.
+/// or empty sequences) or TPLA_STATUS_MISMATCH (a transform whose width is not d_c).
+/// Thread-safe.
 ///
 /// # Safety
 /// `options` is NULL or a valid `tpla_export_options` whose arrays hold their counts;
@@ -147,7 +166,8 @@ pub unsafe extern "C" fn tpla_export_image_len(
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
 /// TPLA_STATUS_INVALID_ARGUMENT (as `tpla_export_image_len`; neither or both of paths
-/// and buffers; path or buffer count not equal to groups; wrong buffer_len) or
+/// and buffers; path or buffer count not equal to groups; two paths naming one file;
+/// wrong buffer_len), TPLA_STATUS_MISMATCH (as `tpla_export_image_len`) or
 /// TPLA_STATUS_IO. Thread-safe.
 ///
 /// # Safety
@@ -271,7 +291,8 @@ pub unsafe extern "C" fn tpla_export_next_block(
 /// row into the g slices.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (counts that do not
-/// match the sequence's length, values the dtype cannot hold, every block already
+/// match the sequence's length, non-finite values or values the dtype cannot hold, named
+/// by their index in `latents` or `k_rope`, every block already
 /// written, finished export, an earlier failed write) or TPLA_STATUS_IO. Modifies
 /// `export_`.
 ///
@@ -302,6 +323,9 @@ pub unsafe extern "C" fn tpla_export_push(
             ));
         };
         let t = &e.transforms[layer];
+        // checked here: the rotation would spread a non-finite value over its row
+        crate::decode::check_finite("latents", a)?;
+        crate::decode::check_finite("k_rope", kr)?;
         if a.len() % t.dim() != 0 {
             return Err(Failure::invalid(format!(
                 "latents holds {} values, not a whole number of {}-wide rows",

@@ -27,9 +27,10 @@ pub mod device;
 pub mod synthetic;
 
 use crate::error::{Error, ErrorKind};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{self, catch_unwind, AssertUnwindSafe};
+use std::sync::Once;
 
 /// Major version of libtpla (semantic versioning).
 pub const TPLA_VERSION_MAJOR: u32 = 0;
@@ -132,10 +133,43 @@ fn record(message: &str) {
     LAST_ERROR.with(|last| *last.borrow_mut() = text);
 }
 
+thread_local! {
+    /// Set while this thread runs the body of an exported function.
+    static IN_GUARD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Prefix of the names of libtpla's worker threads (the CPU backend's pool), whose
+/// panics are caught and turned into a status by the exported function that waits on
+/// them.
+pub(crate) const WORKER_THREAD_PREFIX: &str = "tpla-";
+
+/// Keeps panics that the C boundary catches off the engine's stderr: the default hook
+/// prints the message (and a backtrace under RUST_BACKTRACE) before `catch_unwind` sees
+/// it, yet the message belongs in `tpla_last_error_message`. The hook wraps the one the
+/// process had, which still reports every other panic (a Rust host's own, for one).
+fn silence_caught_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            let on_worker = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with(WORKER_THREAD_PREFIX));
+            if !(IN_GUARD.get() || on_worker) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs an exported function's body: a failure or a caught panic becomes a status and
 /// the sentence `tpla_last_error_message` returns.
 fn guard(body: impl FnOnce() -> Outcome) -> tpla_status {
-    match catch_unwind(AssertUnwindSafe(body)) {
+    silence_caught_panics();
+    let outer = IN_GUARD.replace(true);
+    let outcome = catch_unwind(AssertUnwindSafe(body));
+    IN_GUARD.set(outer);
+    match outcome {
         Ok(Ok(())) => tpla_status::Ok,
         Ok(Err(failure)) => {
             record(&failure.message);
@@ -156,7 +190,11 @@ fn guard(body: impl FnOnce() -> Outcome) -> tpla_status {
 /// For the functions without a status (destroy, queries returning a value): runs `body`,
 /// returning `fallback` if it panics.
 fn guard_value<T>(fallback: T, body: impl FnOnce() -> T) -> T {
-    catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
+    silence_caught_panics();
+    let outer = IN_GUARD.replace(true);
+    let outcome = catch_unwind(AssertUnwindSafe(body));
+    IN_GUARD.set(outer);
+    outcome.unwrap_or(fallback)
 }
 
 // ---- argument checks shared by the submodules -------------------------------------------
@@ -495,6 +533,46 @@ mod tests {
             "success keeps it"
         );
         assert_eq!(guard_value(5, || panic!("x")), 5);
+    }
+
+    /// Run by `caught_panics_print_nothing` in a child process, whose stderr it reads.
+    #[test]
+    fn panicking_child() {
+        if std::env::var_os("TPLA_PANIC_CHILD").is_none() {
+            return;
+        }
+        assert_eq!(guard(|| panic!("boom in the child")), tpla_status::Panic);
+        assert_eq!(guard_value(3, || panic!("boom again")), 3);
+        // a panic on a libtpla worker thread, caught where the call waits for it
+        let worker = std::thread::Builder::new()
+            .name(format!("{WORKER_THREAD_PREFIX}test"))
+            .spawn(|| panic!("boom on a worker"))
+            .unwrap();
+        assert!(
+            guard(|| {
+                worker.join().map_err(|_| Failure::invalid("joined"))?;
+                Ok(())
+            }) == tpla_status::InvalidArgument
+        );
+        eprintln!("child done");
+    }
+
+    #[test]
+    fn caught_panics_print_nothing() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "ffi::tests::panicking_child", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env("TPLA_PANIC_CHILD", "1")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("child done"), "{stderr}");
+        assert!(
+            !stderr.contains("boom"),
+            "a caught panic reached stderr:\n{stderr}"
+        );
     }
 
     #[test]

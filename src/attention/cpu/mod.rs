@@ -28,7 +28,7 @@ use super::{schedule, LatentAttention, LatentShape, RowSource};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tile::{grow, Accum, TileGeo, TileRows, TileScratch, ROW_STEP, TILE_ROWS};
 
 /// Which vector kernel the backend runs.
@@ -142,9 +142,15 @@ const ITEMS_PER_THREAD: usize = 4;
 /// A chunk shorter than this costs more in merging than it gains in parallelism.
 const MIN_CHUNK_ROWS: usize = 512;
 
+/// Most threads one pool may have: more than any machine's cores today (a two-socket
+/// server has a few hundred), and a bound on the time and memory a pool costs to start
+/// (each thread has its own stack; 1024 threads start in about a second on 2 cores).
+pub const MAX_THREADS: usize = 1024;
+
 /// The fast CPU decode backend. See the module documentation.
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    /// Shared by every backend made with [`CpuBackend::on_pool`] from the same pool.
+    pool: Arc<rayon::ThreadPool>,
     threads: usize,
     kernel: KernelChoice,
     work: Workspace,
@@ -191,12 +197,34 @@ impl CpuBackend {
         Self::with_kernel(threads, KernelChoice::Auto)
     }
 
-    /// A backend with `threads` threads and the given kernel; an `Unsupported` error
-    /// when this CPU cannot run it.
+    /// A backend with its own pool of `threads` threads and the given kernel; an
+    /// `Unsupported` error when this CPU cannot run it.
     pub fn with_kernel(threads: usize, kernel: KernelChoice) -> Result<Self> {
-        if threads == 0 {
-            return Err(Error::invalid("the CPU backend needs at least one thread"));
+        Self::on_pool(Self::thread_pool(threads)?, kernel)
+    }
+
+    /// A pool of `threads` (1 to [`MAX_THREADS`]) worker threads for
+    /// [`on_pool`](Self::on_pool): backends sharing one pool take turns on its threads
+    /// (their steps queue), so an engine with many contexts decides once how many cores
+    /// decode takes.
+    pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+        if threads == 0 || threads > MAX_THREADS {
+            return Err(Error::invalid(format!(
+                "the CPU backend needs between 1 and {MAX_THREADS} threads, got {threads}"
+            )));
         }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tpla-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::new(crate::ErrorKind::Backend, e.to_string()))?;
+        Ok(Arc::new(pool))
+    }
+
+    /// A backend running on `pool` (from [`thread_pool`](Self::thread_pool)) with the
+    /// given kernel.
+    pub fn on_pool(pool: Arc<rayon::ThreadPool>, kernel: KernelChoice) -> Result<Self> {
+        let threads = pool.current_num_threads();
         let kernel = match kernel {
             KernelChoice::Auto => KernelChoice::available()[0],
             k if k.is_available() => k,
@@ -212,11 +240,6 @@ impl CpuBackend {
                 )))
             }
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("tpla-cpu-{i}"))
-            .build()
-            .map_err(|e| Error::new(crate::ErrorKind::Backend, e.to_string()))?;
         let work = Workspace {
             tiles: (0..threads).map(|_| Mutex::default()).collect(),
             ..Workspace::default()

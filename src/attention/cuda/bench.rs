@@ -34,7 +34,10 @@ pub struct Case {
 #[derive(Clone, Debug)]
 pub struct Measurement {
     pub case: Case,
+    /// The plan's description of its kernel (kind, specialisation, splits).
     pub kernel: String,
+    /// The decode kernel's short name.
+    pub kernel_kind: &'static str,
     pub splits: usize,
     pub median_us: f64,
     pub min_us: f64,
@@ -244,17 +247,25 @@ pub fn measure(backend: &CudaBackend, case: Case, runs: usize) -> Result<Measure
     for i in 0..copies.max(5) {
         step(i)?;
     }
-    let (start, end) = (Event::new(&dev)?, Event::new(&dev)?);
-    let mut times = Vec::with_capacity(runs);
-    for i in 0..runs {
+    // Back-to-back steps, each between its own pair of events, read after the last:
+    // the protocol of the FlashMLA anchor (../shared/anchors/gpu_common.py), so both
+    // are timed under the same clocks (the H200 here slows down after 40-90 ms of
+    // back-to-back steps).
+    let events = (0..runs)
+        .map(|_| Ok((Event::new(&dev)?, Event::new(&dev)?)))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, (start, end)) in events.iter().enumerate() {
         // SAFETY: the backend's own live stream.
         unsafe { start.record(stream)? };
         step(i)?;
         // SAFETY: the backend's own live stream.
         unsafe { end.record(stream)? };
-        times.push(start.elapsed_ms(&end)? as f64 * 1e3);
     }
     dev.synchronize()?;
+    let times = events
+        .iter()
+        .map(|(start, end)| Ok(start.elapsed_ms(end)? as f64 * 1e3))
+        .collect::<Result<Vec<_>>>()?;
     let lse_host = lse.to_vec()?;
     if lse_host.iter().any(|v| !v.is_finite()) {
         return Err(Error::new(
@@ -267,6 +278,7 @@ pub fn measure(backend: &CudaBackend, case: Case, runs: usize) -> Result<Measure
     Ok(Measurement {
         case,
         kernel: plan.kernel_name(),
+        kernel_kind: k.config.kernel.name(),
         splits: plan.splits(),
         median_us: median(times),
         min_us,

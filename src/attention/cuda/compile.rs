@@ -52,17 +52,25 @@ pub enum Origin {
     DiskCache,
 }
 
-/// Compiles `source` for `sm_{cc}` with `options` (the architecture option is added
-/// here) and returns the cubin, through the disk cache in `cache_dir` when given.
+/// Compiles `source` for `sm_{cc}` (`sm_{cc}a` with `arch_specific`: the instructions
+/// of that one architecture, such as Hopper's wgmma) with `options` (the architecture
+/// option is added here) and returns the cubin, through the disk cache in `cache_dir`
+/// when given.
 pub fn compile_cubin(
     source: &str,
     name: &str,
     options: &[String],
     cc: (i32, i32),
+    arch_specific: bool,
     cache_dir: Option<&Path>,
 ) -> Result<(Vec<u8>, Origin)> {
     let version = nvrtc_version()?;
-    let arch = format!("--gpu-architecture=sm_{}{}", cc.0, cc.1);
+    let arch = format!(
+        "--gpu-architecture=sm_{}{}{}",
+        cc.0,
+        cc.1,
+        if arch_specific { "a" } else { "" }
+    );
     let mut all = vec![arch];
     all.extend(options.iter().cloned());
     let key = format!(

@@ -3,8 +3,8 @@
 
 use super::cache::{DeviceCache, DeviceCacheConfig};
 use super::compile::default_cache_dir;
-use super::driver::{arg, CUstream, CudaDevice, DeviceBuffer, Stream};
-use super::kernels::{KernelConfig, Kernels, DECODE_THREADS, MAX_STAGES, PAGE_SIZE, TILE_TOKENS};
+use super::driver::{arg, bf16_rows_tensor_map, CUstream, CudaDevice, DeviceBuffer, Stream};
+use super::kernels::{DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, TILE_TOKENS};
 use crate::attention::reference::check_attend_args;
 use crate::attention::{LatentAttention, LatentShape, RowSource};
 use crate::error::{Error, Result};
@@ -20,6 +20,7 @@ pub struct CudaBackend {
     cache_dir: Option<PathBuf>,
     kernels: Mutex<HashMap<KernelConfig, Arc<Kernels>>>,
     max_stages: usize,
+    decode_kernel: Option<DecodeKernel>,
     stream: Stream,
 }
 
@@ -40,6 +41,7 @@ impl CudaBackend {
             cache_dir,
             kernels: Mutex::new(HashMap::new()),
             max_stages: MAX_STAGES,
+            decode_kernel: None,
         })
     }
 
@@ -55,6 +57,13 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Forces a decode kernel for plans made afterwards (`None`, the default: the
+    /// fastest the device and shape allow; an `Unsupported` error at planning where the
+    /// forced one cannot run). For A/B measurements and tests of both kernels.
+    pub fn set_decode_kernel(&mut self, kernel: Option<DecodeKernel>) {
+        self.decode_kernel = kernel;
+    }
+
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
     }
@@ -67,7 +76,14 @@ impl CudaBackend {
     /// The kernels for `heads` heads over slices of `slice_width` (compiled or loaded on
     /// first use).
     pub fn kernels(&self, heads: usize, slice_width: usize, d_r: usize) -> Result<Arc<Kernels>> {
-        let config = KernelConfig::choose(&self.device, heads, slice_width, d_r, self.max_stages)?;
+        let config = KernelConfig::choose(
+            &self.device,
+            heads,
+            slice_width,
+            d_r,
+            self.max_stages,
+            self.decode_kernel,
+        )?;
         let mut map = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = map.get(&config) {
             return Ok(k.clone());
@@ -194,8 +210,13 @@ impl DecodePlan {
     pub fn kernel_name(&self) -> String {
         let c = self.kernels.config;
         format!(
-            "cuda mma.sync split-kv v3 (slice {}, {} heads/block, {} stages, {} blocks/SM, {} splits)",
-            c.slice_width, c.heads_tile, c.stages, c.blocks_per_sm, self.splits
+            "cuda {} split-kv (slice {}, {} heads/block, {} stages, {} blocks/SM, {} splits)",
+            c.kernel.name(),
+            c.slice_width,
+            c.heads_tile,
+            c.stages,
+            c.blocks_per_sm,
+            self.splits
         )
     }
 
@@ -231,9 +252,23 @@ impl DecodePlan {
         let splits = self.splits as i32;
         let num_slots = cache.config().slots as i32;
         let (part_out, part_lse) = (self.part_out.ptr(), self.part_lse.ptr());
+        // The Hopper kernel reads the pool through a tensor map (by value, so a captured
+        // graph keeps its own copy); v3 through its address.
+        let pool_map = match self.kernels.config.kernel {
+            DecodeKernel::Wgmma => Some(bf16_rows_tensor_map(
+                pool,
+                self.shape.row_width(),
+                cache.config().pages * PAGE_SIZE,
+            )?),
+            DecodeKernel::MmaSync => None,
+        };
+        let pool_arg = match &pool_map {
+            Some(map) => arg(map),
+            None => arg(&pool),
+        };
         let mut args = [
+            pool_arg,
             arg(&q),
-            arg(&pool),
             arg(&table),
             arg(&lens),
             arg(&slots),
@@ -249,7 +284,7 @@ impl DecodePlan {
         let head_tiles = (self.shape.heads / self.kernels.config.heads_tile) as u32;
         self.kernels.decode.launch(
             (head_tiles, self.splits as u32, self.batch as u32),
-            DECODE_THREADS,
+            self.kernels.config.decode_threads(),
             self.kernels.decode_shared_bytes,
             stream,
             &mut args,

@@ -560,6 +560,48 @@ impl Function {
     }
 }
 
+/// The tensor map of a pool of `rows` bf16 rows of `row_width` values at device address
+/// `ptr`, read by the Hopper kernel in boxes of 64 rows x 64 columns with the 128-byte
+/// swizzle (the shared-memory layout wgmma reads); reads outside the pool give zeros.
+pub(crate) fn bf16_rows_tensor_map(
+    ptr: u64,
+    row_width: usize,
+    rows: usize,
+) -> Result<sys::CUtensorMap> {
+    if ptr % 16 != 0 || row_width % 64 != 0 || rows == 0 || rows > u32::MAX as usize {
+        return Err(Error::invalid(format!(
+            "a tensor map needs a 16-byte aligned pool of 1 to 2^32 rows whose width is a multiple \
+             of 64; got address {ptr:#x}, {rows} rows of {row_width}"
+        )));
+    }
+    let dims = [row_width as u64, rows as u64];
+    let strides = [row_width as u64 * 2];
+    let boxes = [64u32, 64];
+    let element_strides = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every pointer refers to a live local of the rank (2) given; the driver
+    // only encodes (no device access).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(driver_err("encoding the cache pool's tensor map"))?;
+        Ok(map.assume_init())
+    }
+}
+
 /// Pointer to a kernel argument, as `cuLaunchKernel` takes them.
 pub(crate) fn arg<T>(v: &T) -> *mut c_void {
     v as *const T as *mut c_void

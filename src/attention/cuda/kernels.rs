@@ -1,5 +1,10 @@
-//! The compiled kernels of one (slice width, heads tile) specialisation and the choice
-//! of that specialisation.
+//! The compiled kernels of one specialisation (decode kernel, slice width, heads per
+//! block, pipeline depth) and the choice of that specialisation.
+//!
+//! Two decode kernels: `wgmma` (decode_sm90.cu) on Hopper (compute capability 9.0) for
+//! heads in multiples of 64, and `mma.sync` v3 (decode_v3.cu) on every other shape and
+//! on Ampere/Ada (8.x). Each module also carries the split merge,
+//! the device appends and the benchmark helpers (support.cu).
 
 use super::compile::{compile_cubin, Origin};
 use super::driver::{CudaDevice, Function, Module};
@@ -8,7 +13,11 @@ use cudarc::driver::sys;
 use std::path::Path;
 use std::sync::Arc;
 
-const SOURCE: &str = include_str!("decode.cu");
+const COMMON: &str = include_str!("common.cuh");
+const SUPPORT: &str = include_str!("support.cu");
+const DECODE_V3: &str = include_str!("decode_v3.cu");
+const WGMMA: &str = include_str!("wgmma.cuh");
+const DECODE_SM90: &str = include_str!("decode_sm90.cu");
 
 /// Rows per cache page on the device (the CPU cache's default too).
 pub const PAGE_SIZE: usize = 64;
@@ -16,20 +25,45 @@ pub const PAGE_SIZE: usize = 64;
 pub const ROPE_WIDTH: usize = 64;
 /// Latent slice widths the kernels are built for (d_c / g with d_c = 512).
 pub const SLICE_WIDTHS: [usize; 4] = [64, 128, 256, 512];
-/// Deepest cp.async pipeline (token tiles in flight per block, plus the one in use).
-pub const MAX_STAGES: usize = 6;
-/// Threads per decode block (8 warps).
-pub const DECODE_THREADS: u32 = 256;
+/// Deepest pipeline (token tiles in shared memory per block).
+pub const MAX_STAGES: usize = 8;
+/// Threads per block of the v3 decode kernel (8 warps).
+const V3_THREADS: u32 = 256;
+/// Threads per block of the Hopper decode kernel (two warpgroups).
+const SM90_THREADS: u32 = 256;
+/// The v3 kernel's deepest cp.async pipeline (deeper measured no faster).
+const V3_MAX_STAGES: usize = 6;
 /// Tokens per tile of the decode kernel.
 pub const TILE_TOKENS: usize = 64;
+
+/// Which decode kernel a module carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodeKernel {
+    /// v3: mma.sync with ldmatrix operands, cp.async tiles (sm_80 and newer).
+    MmaSync,
+    /// Hopper: wgmma from shared memory, TMA tiles on an mbarrier pipeline, a producer
+    /// warp and two consumer warpgroups (sm_90a).
+    Wgmma,
+}
+
+impl DecodeKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeKernel::MmaSync => "mma.sync v3",
+            DecodeKernel::Wgmma => "wgmma sm90",
+        }
+    }
+}
 
 /// What a module is specialised for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelConfig {
+    pub kernel: DecodeKernel,
     pub slice_width: usize,
-    /// Heads per block (16, 32 or 64); a rank's heads are a multiple of it.
+    /// Heads per block (v3: 16, 32 or 64; wgmma: 64, or 128 when both warpgroups share
+    /// each K tile); a rank's heads are a multiple of it.
     pub heads_tile: usize,
-    /// cp.async pipeline depth (2 to [`MAX_STAGES`]), as deep as shared memory allows.
+    /// Pipeline depth (2 to [`MAX_STAGES`]), as deep as shared memory allows.
     pub stages: usize,
     /// Blocks per multiprocessor the kernel is built for (registers and shared memory
     /// budgeted so that they fit): 2 where the output accumulator is small.
@@ -39,13 +73,15 @@ pub struct KernelConfig {
 impl KernelConfig {
     /// The specialisation for `heads` query heads over slices of `slice_width`, or an
     /// `Unsupported` error naming what is supported.
-    /// `max_stages` caps the pipeline depth (2 to [`MAX_STAGES`]).
+    /// `max_stages` caps the pipeline depth (2 to [`MAX_STAGES`]); `kernel` forces a
+    /// decode kernel (`None`: the fastest one the device and shape allow).
     pub fn choose(
         device: &CudaDevice,
         heads: usize,
         slice_width: usize,
         d_r: usize,
         max_stages: usize,
+        kernel: Option<DecodeKernel>,
     ) -> Result<Self> {
         if d_r != ROPE_WIDTH {
             return Err(Error::unsupported(format!(
@@ -63,9 +99,25 @@ impl KernelConfig {
                 "the CUDA kernels need the rank's heads to be 16, 32, 64 or a multiple of 64, not {heads}"
             )));
         }
+        let wgmma_fits = device.compute_capability() == (9, 0) && heads % 64 == 0;
+        match kernel {
+            Some(DecodeKernel::Wgmma) if !wgmma_fits => {
+                return Err(Error::unsupported(format!(
+                "the wgmma decode kernel needs a Hopper GPU (compute capability 9.0) and heads in \
+                     multiples of 64; {} has {:?}, the shape {heads} heads x {slice_width}",
+                device.name(),
+                device.compute_capability()
+            )))
+            }
+            Some(DecodeKernel::Wgmma) | None if wgmma_fits => {
+                return Self::choose_wgmma(device, heads, slice_width, max_stages)
+            }
+            _ => {}
+        }
+        let max_stages = max_stages.min(V3_MAX_STAGES);
         // Two blocks per multiprocessor hide each other's barriers and softmax; they fit
         // when the f32 output accumulator is at most 32 registers per thread.
-        let blocks_per_sm = if heads_tile * slice_width / DECODE_THREADS as usize <= 32 {
+        let blocks_per_sm = if heads_tile * slice_width / V3_THREADS as usize <= 32 {
             2
         } else {
             1
@@ -95,6 +147,7 @@ impl KernelConfig {
             ),
         };
         Ok(KernelConfig {
+            kernel: DecodeKernel::MmaSync,
             slice_width,
             heads_tile,
             stages,
@@ -102,20 +155,131 @@ impl KernelConfig {
         })
     }
 
+    /// The Hopper kernel: slices up to 256 take 128 heads per block where the rank's
+    /// heads allow it (each K tile read once for both warpgroups), else 64 with the
+    /// warpgroups taking alternate tiles (an even pipeline depth); slices of 512 take 64
+    /// heads with the warpgroups splitting the output columns. As many stages as shared
+    /// memory holds.
+    fn choose_wgmma(
+        device: &CudaDevice,
+        heads: usize,
+        slice_width: usize,
+        max_stages: usize,
+    ) -> Result<Self> {
+        let heads_tile = if heads % 128 == 0 && slice_width <= 256 {
+            128
+        } else {
+            64
+        };
+        let step = if Sm90Mode::of(slice_width, heads_tile) == Sm90Mode::Tokens {
+            2
+        } else {
+            1
+        };
+        let stages = (2..=max_stages.clamp(2, MAX_STAGES))
+            .rev()
+            .filter(|s| s % step == 0)
+            .find(|&s| sm90_shared_bytes(slice_width, heads_tile, s) <= device.max_shared_per_block())
+            .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "{} allows {} bytes of shared memory per block; the wgmma decode kernel needs {}",
+                    device.name(),
+                    device.max_shared_per_block(),
+                    sm90_shared_bytes(slice_width, heads_tile, 2)
+                ))
+            })?;
+        Ok(KernelConfig {
+            kernel: DecodeKernel::Wgmma,
+            slice_width,
+            heads_tile,
+            stages,
+            blocks_per_sm: 1,
+        })
+    }
+
+    /// Threads per decode block.
+    pub fn decode_threads(&self) -> u32 {
+        match self.kernel {
+            DecodeKernel::MmaSync => V3_THREADS,
+            DecodeKernel::Wgmma => SM90_THREADS,
+        }
+    }
+
+    fn decode_shared_bytes(&self) -> usize {
+        match self.kernel {
+            DecodeKernel::MmaSync => shared_bytes(self.slice_width, self.heads_tile, self.stages),
+            DecodeKernel::Wgmma => {
+                sm90_shared_bytes(self.slice_width, self.heads_tile, self.stages)
+            }
+        }
+    }
+
+    /// The module's source text: the shared part, then the decode kernel.
+    fn source(&self) -> String {
+        match self.kernel {
+            DecodeKernel::MmaSync => [COMMON, SUPPORT, DECODE_V3].concat(),
+            DecodeKernel::Wgmma => [COMMON, SUPPORT, WGMMA, DECODE_SM90].concat(),
+        }
+    }
+
     fn options(&self) -> Vec<String> {
-        vec![
+        let mut o = vec![
             "-std=c++17".into(),
             format!("-DSLICE={}", self.slice_width),
-            format!("-DHT={}", self.heads_tile),
             format!("-DPAGE={PAGE_SIZE}"),
             format!("-DSTAGES={}", self.stages),
-            format!("-DMINB={}", self.blocks_per_sm),
-        ]
+        ];
+        match self.kernel {
+            DecodeKernel::MmaSync => {
+                o.push(format!("-DHT={}", self.heads_tile));
+                o.push(format!("-DMINB={}", self.blocks_per_sm));
+            }
+            DecodeKernel::Wgmma => {
+                o.push(format!(
+                    "-DMODE={}",
+                    Sm90Mode::of(self.slice_width, self.heads_tile) as u8
+                ));
+            }
+        }
+        o
     }
 }
 
-/// Bytes of the decode kernel's shared-memory layout (`struct Smem` in decode.cu; the
-/// loaded module's `tpla_decode_smem_bytes` is checked against it).
+/// How the Hopper kernel's two warpgroups share a block (`MODE_*` in decode_sm90.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sm90Mode {
+    /// 64 heads, alternate tiles, merged at the end.
+    Tokens = 0,
+    /// 128 heads, 64 each, every tile read by both.
+    Heads = 1,
+    /// 64 heads, half the output columns each, P passed between them (slice 512).
+    Columns = 2,
+}
+
+impl Sm90Mode {
+    fn of(slice_width: usize, heads_tile: usize) -> Self {
+        match (slice_width, heads_tile) {
+            (512, _) => Sm90Mode::Columns,
+            (_, 128) => Sm90Mode::Heads,
+            _ => Sm90Mode::Tokens,
+        }
+    }
+}
+
+/// Bytes of the Hopper kernel's shared-memory layout (`SM_*` in decode_sm90.cu: K
+/// stages, queries, the P exchange slot, mbarriers and stage counters, and slack to
+/// align the swizzle atoms to 1024 bytes).
+pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -> usize {
+    let tile = (slice_width + ROPE_WIDTH) * TILE_TOKENS * 2;
+    let exchange = match Sm90Mode::of(slice_width, heads_tile) {
+        Sm90Mode::Columns => 18 * 128 * 4,
+        _ => 0,
+    };
+    stages * tile + heads_tile / 64 * tile + exchange + 16 * stages + 1024
+}
+
+/// Bytes of the v3 decode kernel's shared-memory layout (`struct Smem` in decode_v3.cu;
+/// the loaded module's `tpla_decode_smem_bytes` is checked against it).
 pub fn shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -> usize {
     let row = slice_width + ROPE_WIDTH;
     let token_groups = 8 / (heads_tile / 16);
@@ -151,18 +315,26 @@ impl Kernels {
         cache_dir: Option<&Path>,
     ) -> Result<Self> {
         let (cubin, origin) = compile_cubin(
-            SOURCE,
+            &config.source(),
             &format!(
-                "tpla_decode_w{}_h{}_s{}_b{}",
-                config.slice_width, config.heads_tile, config.stages, config.blocks_per_sm
+                "tpla_decode_{}_w{}_h{}_s{}_b{}",
+                match config.kernel {
+                    DecodeKernel::MmaSync => "v3",
+                    DecodeKernel::Wgmma => "sm90",
+                },
+                config.slice_width,
+                config.heads_tile,
+                config.stages,
+                config.blocks_per_sm
             ),
             &config.options(),
             device.compute_capability(),
+            config.kernel == DecodeKernel::Wgmma,
             cache_dir,
         )?;
         let module = Module::load(device, &cubin)?;
         let decode = module.function("tpla_decode")?;
-        let expected = shared_bytes(config.slice_width, config.heads_tile, config.stages);
+        let expected = config.decode_shared_bytes();
         let actual = module.global_i32("tpla_decode_smem_bytes")? as usize;
         if actual != expected {
             return Err(Error::new(
@@ -179,7 +351,7 @@ impl Kernels {
             sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
                 &mut blocks,
                 decode.raw(),
-                DECODE_THREADS as i32,
+                config.decode_threads() as i32,
                 actual,
             )
         }
@@ -189,8 +361,8 @@ impl Kernels {
         ))?;
         if blocks < 1 {
             return Err(Error::unsupported(format!(
-                "the decode kernel ({actual} bytes of shared memory, {DECODE_THREADS} threads) \
-                 cannot run on {}",
+                "the decode kernel ({actual} bytes of shared memory, {} threads) cannot run on {}",
+                config.decode_threads(),
                 device.name()
             )));
         }
@@ -216,39 +388,56 @@ mod tests {
     use crate::attention::cuda::compile::{compile, nvrtc_version};
 
     /// Every specialisation compiles for Hopper and Ampere where libnvrtc is present
-    /// (no GPU needed); ptxas must not spill registers to local memory.
+    /// (no GPU needed); ptxas must not spill registers to local memory, and must not
+    /// serialise the asynchronous wgmma instructions.
     #[test]
-    fn decode_source_compiles_without_spills() {
+    fn decode_sources_compile_without_spills() {
         if let Err(e) = nvrtc_version() {
             eprintln!("skipping: {e}");
             return;
         }
-        for (cc, w, ht, stages, blocks_per_sm) in [
-            ((9, 0), 512, 64, 2, 1),
-            ((9, 0), 256, 64, 4, 1),
-            ((9, 0), 512, 32, 2, 1),
-            ((9, 0), 128, 64, 3, 2),
-            ((9, 0), 64, 16, 6, 2),
-            ((8, 0), 256, 32, 2, 1),
+        let v3 = |w, ht, stages, blocks_per_sm| KernelConfig {
+            kernel: DecodeKernel::MmaSync,
+            slice_width: w,
+            heads_tile: ht,
+            stages,
+            blocks_per_sm,
+        };
+        let sm90 = |w, ht, stages| KernelConfig {
+            kernel: DecodeKernel::Wgmma,
+            slice_width: w,
+            heads_tile: ht,
+            stages,
+            blocks_per_sm: 1,
+        };
+        for (arch, config) in [
+            ("sm_90", v3(512, 64, 2, 1)),
+            ("sm_90", v3(256, 64, 4, 1)),
+            ("sm_90", v3(512, 32, 2, 1)),
+            ("sm_90", v3(128, 64, 3, 2)),
+            ("sm_90", v3(64, 16, 6, 2)),
+            ("sm_80", v3(256, 32, 2, 1)),
+            ("sm_90a", sm90(256, 64, 4)),
+            ("sm_90a", sm90(256, 128, 3)),
+            ("sm_90a", sm90(128, 64, 8)),
+            ("sm_90a", sm90(128, 128, 7)),
+            ("sm_90a", sm90(64, 64, 8)),
+            ("sm_90a", sm90(64, 128, 8)),
+            ("sm_90a", sm90(512, 64, 2)),
         ] {
-            let config = KernelConfig {
-                slice_width: w,
-                heads_tile: ht,
-                stages,
-                blocks_per_sm,
-            };
             let mut options = config.options();
-            options.push(format!("--gpu-architecture=sm_{}{}", cc.0, cc.1));
+            options.push(format!("--gpu-architecture={arch}"));
             options.push("--ptxas-options=-v".into());
-            let (cubin, log) = compile(SOURCE, "test", &options).unwrap();
+            let (cubin, log) = compile(&config.source(), "test", &options).unwrap();
             assert!(cubin.starts_with(b"\x7fELF"), "not a cubin");
-            println!("{config:?} sm_{}{}:\n{log}", cc.0, cc.1);
+            println!("{config:?} {arch}:\n{log}");
             for line in log.lines().filter(|l| l.contains("spill")) {
                 assert!(
                     line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
                     "{config:?}: {line}"
                 );
             }
+            assert!(!log.contains("serialized"), "{config:?}: {log}");
         }
     }
 }

@@ -3,9 +3,12 @@
 //! - [`CudaDevice`] opens a GPU through the driver API, loaded at run time: a machine
 //!   without the driver, without libnvrtc, or with a GPU older than compute capability
 //!   8.0 gets an error, never a panic.
-//! - Kernels (`decode.cu`, embedded) are compiled by NVRTC for the device's own
-//!   architecture, specialised per (slice width, heads per block, pipeline depth), and
-//!   the cubins are cached on disk ([`default_cache_dir`]).
+//! - Kernels (the `.cu`/`.cuh` files here, embedded) are compiled by NVRTC for the
+//!   device's own architecture, specialised per (decode kernel, slice width, heads per
+//!   block, pipeline depth), and the cubins are cached on disk ([`default_cache_dir`]).
+//!   Two decode kernels ([`DecodeKernel`]): `wgmma` on Hopper (decode_sm90.cu: TMA
+//!   tiles, wgmma from shared memory, two warpgroups) for heads in multiples of 64;
+//!   `mma.sync` v3 (decode_v3.cu) elsewhere and on Ampere/Ada.
 //! - [`DeviceCache`] mirrors the CPU page layout (pages of 64 bf16 rows
 //!   `[slice_width + d_r]`) with device block tables; sequences are uploaded from any
 //!   [`RowSource`](crate::attention::RowSource), decode rows appended on the device.
@@ -27,4 +30,6 @@ pub use cache::{DeviceCache, DeviceCacheConfig};
 pub use compile::{default_cache_dir, nvrtc_version, Origin};
 pub use decode::{CudaBackend, DecodePlan};
 pub use driver::{device_extent, CUstream, CudaDevice, DeviceBuffer, Event, Stream};
-pub use kernels::{KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS};
+pub use kernels::{
+    DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS,
+};

@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Model presets (comma-separated): deepseek-v3, kimi-k2, deepseek-v2-lite.
-    #[arg(long, value_delimiter = ',', default_value = "deepseek-v3")]
+    #[arg(long = "preset", value_delimiter = ',', default_value = "deepseek-v3")]
     model: Vec<String>,
     /// Cached tokens per sequence (comma-separated list to sweep).
     #[arg(long, value_delimiter = ',', default_value = "4096")]
@@ -36,7 +36,8 @@ pub struct Args {
     /// Backend threads (default: every core).
     #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
-    /// CPU kernels: auto, avx512-bf16, avx512f, avx2-fma, portable.
+    /// Kernels: on the CPU auto, avx512-bf16, avx512f, avx2-fma, portable; on CUDA
+    /// auto, wgmma (Hopper), mma-sync (v3). Each shape runs on each kernel in turn.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<String>,
     /// Cache element type: bf16, f16, f32.
@@ -465,7 +466,7 @@ fn synthetic_cache(
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> Result<()> {
     use tpla::attention::cuda::bench::{measure, measure_ceilings, Case};
-    use tpla::attention::cuda::{CudaBackend, PAGE_SIZE};
+    use tpla::attention::cuda::{CudaBackend, DecodeKernel, PAGE_SIZE};
     if args.dtype != "bf16" || args.page_size != PAGE_SIZE {
         return Err(Error::unsupported(format!(
             "the CUDA backend caches bf16 rows in pages of {PAGE_SIZE} tokens"
@@ -476,7 +477,19 @@ fn run_cuda(args: &Args) -> Result<()> {
             "repeats, context lengths and batch sizes must be positive",
         ));
     }
-    let backend = CudaBackend::new(0)?;
+    let kernels = args
+        .kernel
+        .iter()
+        .map(|k| match k.as_str() {
+            "auto" => Ok(None),
+            "wgmma" => Ok(Some(DecodeKernel::Wgmma)),
+            "mma-sync" => Ok(Some(DecodeKernel::MmaSync)),
+            other => Err(Error::invalid(format!(
+                "unknown CUDA kernel {other:?} (auto, wgmma, mma-sync)"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut backend = CudaBackend::new(0)?;
     let ceilings = measure_ceilings(&backend)?;
     let peak_tflops = ceilings.bf16_tflops.unwrap_or(f64::NAN);
     if !args.json {
@@ -487,8 +500,9 @@ fn run_cuda(args: &Args) -> Result<()> {
             peak_tflops
         );
         println!(
-            "{:<12} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6}",
+            "{:<12} {:<11} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6}",
             "model",
+            "kernel",
             "heads",
             "g",
             "context",
@@ -507,13 +521,18 @@ fn run_cuda(args: &Args) -> Result<()> {
         for &g in &args.groups {
             let plan = ShardPlan::new(&dims, g, 0)?;
             for &context in &args.context {
-                for &batch in &args.batch {
+                for (&batch, &kernel) in args
+                    .batch
+                    .iter()
+                    .flat_map(|b| kernels.iter().map(move |k| (b, k)))
+                {
                     let case = Case {
                         heads: plan.heads,
                         slice_width: plan.slice_width,
                         context,
                         batch,
                     };
+                    backend.set_decode_kernel(kernel);
                     let m = measure(&backend, case, args.repeats.max(20))?;
                     let (gbps, tflops) = (m.gbps(), m.tflops());
                     let roofline =
@@ -544,8 +563,9 @@ fn run_cuda(args: &Args) -> Result<()> {
                         println!("{record}");
                     } else {
                         println!(
-                            "{:<12} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9.1} {:>9.1} {:>7.0} {:>5.0}% {:>7.1} {:>5.0}%",
+                            "{:<12} {:<11} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9.1} {:>9.1} {:>7.0} {:>5.0}% {:>7.1} {:>5.0}%",
                             model,
+                            m.kernel_kind,
                             plan.heads,
                             g,
                             context,

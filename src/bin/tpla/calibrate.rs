@@ -34,6 +34,7 @@ struct SyntheticArgs {
     /// Model preset whose layer shape is used.
     #[arg(long, default_value = "deepseek-v2-lite")]
     preset: String,
+    /// Layers of the file (synthetic layers 0..layers).
     #[arg(long, default_value_t = 2)]
     layers: usize,
     /// Latent tokens per layer (they feed PCA).
@@ -45,14 +46,17 @@ struct SyntheticArgs {
     /// Queries of each window (its last positions).
     #[arg(long, default_value_t = 2)]
     queries: usize,
+    /// Seed of the synthetic layers (layer l uses seed + l) and of their sequences.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Calibration file to write.
     #[arg(long)]
     out: PathBuf,
 }
 
 #[derive(clap::Args)]
 struct FitArgs {
+    /// Calibration file to fit on (see `tpla calibrate synthetic`).
     #[arg(long)]
     calibration: PathBuf,
     /// Checkpoint whose weights the kl policy absorbs the queries with.
@@ -64,14 +68,21 @@ struct FitArgs {
     /// Seed of the synthetic layers (with --preset).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Latent groups g (1, 2, 4 or 8).
     #[arg(long)]
     groups: usize,
+    /// identity, hadamard or pca.
     #[arg(long, default_value = "pca")]
     transform: String,
+    /// Per-slice logit scale: one, groups, variance or kl.
     #[arg(long, default_value = "kl")]
     mu: String,
+    /// PCA slice layout: contiguous or interleaved.
     #[arg(long, default_value = "contiguous")]
     layout: String,
+    /// Seed of the randomised Hadamard transforms (layer l uses --hadamard-seed + l).
+    #[arg(long, default_value_t = HADAMARD_SEED)]
+    hadamard_seed: u64,
     /// One JSON object per layer instead of text.
     #[arg(long)]
     json: bool,
@@ -130,7 +141,7 @@ fn fit(a: FitArgs) -> Result<()> {
         layout: SliceLayout::parse(&a.layout)?,
         groups: a.groups,
         policy: MuPolicy::parse(&a.mu)?,
-        hadamard_seed: HADAMARD_SEED,
+        hadamard_seed: a.hadamard_seed,
     };
     for layer in 0..shape.layers {
         let w = weights(layer)?;
@@ -140,8 +151,8 @@ fn fit(a: FitArgs) -> Result<()> {
             ));
         }
         let cal = LayerCalibration::from_file(&file, layer)?;
-        let fit =
-            fit_layer(&w, Some(&cal), &opts).map_err(|e| e.context(format!("layer {layer}")))?;
+        let fit = fit_layer(&w, Some(&cal), &opts, layer)
+            .map_err(|e| e.context(format!("layer {layer}")))?;
         let top: Vec<f64> = fit
             .transform
             .eigenvalues()

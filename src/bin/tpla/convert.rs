@@ -33,9 +33,10 @@ pub struct Args {
     /// Calibration file (see `tpla calibrate`).
     #[arg(long)]
     calibration: Option<PathBuf>,
-    /// Seed of the randomised Hadamard transform.
+    /// Seed of the randomised Hadamard transforms: layer l uses --hadamard-seed + l,
+    /// like `tpla shard export` (whose default is the same).
     #[arg(long, default_value_t = HADAMARD_SEED)]
-    seed: u64,
+    hadamard_seed: u64,
     /// Output directory (created if missing).
     #[arg(long)]
     out: PathBuf,
@@ -54,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
             layout: SliceLayout::parse(&args.layout)?,
             groups: args.groups,
             policy: MuPolicy::parse(&args.mu)?,
-            hadamard_seed: args.seed,
+            hadamard_seed: args.hadamard_seed,
         },
         ranks: args.ranks.unwrap_or(args.groups),
     };

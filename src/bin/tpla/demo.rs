@@ -1,5 +1,6 @@
 //! `tpla demo`: exact MLA against TPLA on a synthetic layer, one table.
 
+use indicatif::ProgressBar;
 use std::time::Instant;
 use tpla::fidelity::{build_transform, evaluate, AppendChoice, Prepared, Scenario};
 use tpla::transform::{MuPolicy, SliceLayout, TransformKind};
@@ -7,8 +8,8 @@ use tpla::{DType, ModelDims, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model preset whose layer shape is used.
-    #[arg(long, default_value = "deepseek-v3")]
+    /// Model preset whose layer shape is used: deepseek-v3, kimi-k2, deepseek-v2-lite.
+    #[arg(long = "preset", default_value = "deepseek-v3")]
     model: String,
     /// Prefill tokens written to the cache before decoding.
     #[arg(long, default_value_t = 4096)]
@@ -19,6 +20,7 @@ pub struct Args {
     /// Decode queries compared with exact MLA (the last ones).
     #[arg(long, default_value_t = 2)]
     queries: usize,
+    /// Seed of the synthetic layer and sequence.
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -54,16 +56,21 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect();
     let s = &s;
+    let progress = crate::progress::bar((blocks.len() * POLICIES.len()) as u64, "measuring");
+    let progress = &progress;
     let tables: Vec<Result<String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = blocks
             .iter()
-            .map(|&(g, kind)| scope.spawn(move || block(s, g, kind, bytes(g), args.decode)))
+            .map(|&(g, kind)| {
+                scope.spawn(move || block(s, g, kind, bytes(g), args.decode, progress))
+            })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("demo worker panicked"))
             .collect()
     });
+    progress.finish_and_clear();
     for t in tables {
         print!("{}", t?);
     }
@@ -76,23 +83,27 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The rows of one (g, transform) block of the table.
+/// The mu policies of every block, in table order.
+const POLICIES: [MuPolicy; 4] = [
+    MuPolicy::One,
+    MuPolicy::Groups,
+    MuPolicy::Variance,
+    MuPolicy::Kl,
+];
+
+/// The rows of one (g, transform) block of the table; `progress` counts its policies.
 fn block(
     s: &Scenario,
     g: usize,
     kind: TransformKind,
     bytes: usize,
     appended: usize,
+    progress: &ProgressBar,
 ) -> Result<String> {
     let transform = build_transform(s, kind, SliceLayout::Contiguous, g)?;
     let prepared = Prepared::new(s, transform)?;
     let mut out = String::new();
-    for policy in [
-        MuPolicy::One,
-        MuPolicy::Groups,
-        MuPolicy::Variance,
-        MuPolicy::Kl,
-    ] {
+    for policy in POLICIES {
         let mus = prepared.mus(s, g, policy)?;
         let m = evaluate(s, &prepared, &mus, AppendChoice::Exact, appended)?;
         let shown: Vec<String> = mus.iter().map(|m| format!("{m:.2}")).collect();
@@ -107,6 +118,7 @@ fn block(
             m.kl,
             bytes
         );
+        progress.inc(1);
     }
     Ok(out)
 }

@@ -14,7 +14,7 @@ use tpla::{Error, ModelDims, Result};
 #[derive(clap::Args)]
 pub struct Args {
     /// Presets whose synthetic layers are measured (ignored with --model).
-    #[arg(long, value_delimiter = ',', default_values_t = PRESETS.map(String::from))]
+    #[arg(long = "preset", value_delimiter = ',', default_values_t = PRESETS.map(String::from))]
     presets: Vec<String>,
     /// Tokens of each synthetic sequence; the queries sit at its end.
     #[arg(long, default_value_t = 4096)]
@@ -28,12 +28,17 @@ pub struct Args {
     /// Decode queries per synthetic sequence (its last positions).
     #[arg(long, default_value_t = 2)]
     queries: usize,
+    /// Latent group counts g to measure (1, 2, 4, 8).
     #[arg(long, value_delimiter = ',', default_values_t = [2, 4, 8])]
     groups: Vec<usize>,
-    #[arg(long, value_delimiter = ',', default_values_t = ["identity".to_string(), "hadamard".to_string(), "pca".to_string()])]
+    /// Transforms to measure: identity, hadamard, pca.
+    #[arg(long = "transform", value_delimiter = ',', default_values_t = ["identity".to_string(), "hadamard".to_string(), "pca".to_string()])]
     transforms: Vec<String>,
+    /// Per-slice logit scale policies to measure: one, groups, variance, kl.
     #[arg(long, value_delimiter = ',', default_values_t = ["one".to_string(), "groups".to_string(), "variance".to_string(), "kl".to_string()])]
     mu: Vec<String>,
+    /// How decode-time tokens are normalised: exact (the full latent's RMS) or
+    /// sliced-rms (estimated from the rank's slice).
     #[arg(long, value_delimiter = ',', default_values_t = ["exact".to_string(), "sliced-rms".to_string()])]
     append: Vec<String>,
     /// PCA slice layout: contiguous or interleaved.
@@ -46,6 +51,8 @@ pub struct Args {
     /// --calibration; each layer's last window is evaluated, its first fits kl).
     #[arg(long, requires = "calibration")]
     model: Option<PathBuf>,
+    /// Calibration file of the checkpoint (see `tpla calibrate`): latents for PCA and
+    /// windows to evaluate on.
     #[arg(long, requires = "model")]
     calibration: Option<PathBuf>,
     /// Checkpoint layers to measure (default: all).
@@ -86,7 +93,9 @@ pub fn run(args: Args) -> Result<()> {
             } else {
                 args.layers.clone()
             };
+            let progress = crate::progress::bar(layers.len() as u64, "measuring");
             for layer in layers {
+                progress.set_message(format!("layer {layer}"));
                 let weights = ckpt.mla_weights(layer)?;
                 let windows = file.window_count(layer);
                 if windows == 0 {
@@ -107,16 +116,24 @@ pub fn run(args: Args) -> Result<()> {
                         "one window: kl is fitted on the evaluated window"
                     }
                 );
-                emit(&args, &source, &s, &opts)?;
+                let rows = report(&s, &opts)?;
+                progress.suspend(|| emit(&args, &source, &s, &opts, &rows));
+                progress.inc(1);
             }
+            progress.finish_and_clear();
         }
         _ => {
+            let progress = crate::progress::bar(args.presets.len() as u64, "measuring");
             for preset in &args.presets {
+                progress.set_message(preset.clone());
                 let dims = ModelDims::preset(preset)?;
                 let s = Scenario::new(&dims, args.seed, args.context, args.queries)?;
                 let source = format!("{preset} synthetic layer ({} tokens)", args.context);
-                emit(&args, &source, &s, &opts)?;
+                let rows = report(&s, &opts)?;
+                progress.suspend(|| emit(&args, &source, &s, &opts, &rows));
+                progress.inc(1);
             }
+            progress.finish_and_clear();
         }
     }
     if !args.json {
@@ -132,10 +149,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions) -> Result<()> {
-    let rows = report(s, opts)?;
+fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[ReportRow]) {
     if args.json {
-        for r in &rows {
+        for r in rows {
             let m = |m: &tpla::fidelity::Metrics, appended: usize| json!({"appended": appended, "rel_l2": m.rel_l2, "cosine": m.cosine, "kl": m.kl});
             println!(
                 "{}",
@@ -153,7 +169,7 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions) -> Result
                 })
             );
         }
-        return Ok(());
+        return;
     }
     println!("{source}");
     println!(
@@ -176,11 +192,10 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions) -> Result
         format!("short ({} appended)", opts.short),
         format!("long ({} appended)", opts.long)
     );
-    for r in &rows {
+    for r in rows {
         println!("{}", line(r));
     }
     println!();
-    Ok(())
 }
 
 fn line(r: &ReportRow) -> String {

@@ -7,6 +7,7 @@ mod calibrate;
 mod convert;
 mod demo;
 mod fidelity;
+mod progress;
 mod shard;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,9 @@ use std::process::ExitCode;
     about = "Tensor-Parallel Latent Attention for MLA models"
 )]
 struct Cli {
+    /// Show no progress bars (they are only drawn when stderr is a terminal anyway).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +46,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    progress::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
@@ -56,5 +61,54 @@ fn main() -> ExitCode {
             eprintln!("tpla: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "tpla", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    /// One vocabulary: a preset shape is `--preset` and a checkpoint `--model` in every
+    /// subcommand, and list-valued flags are named in the singular like their one-valued
+    /// twins (`--transform`, `--preset`).
+    #[test]
+    fn flag_names_mean_the_same_everywhere() {
+        fn walk(cmd: &clap::Command, path: &str, bad: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                let plural = ["presets", "transforms", "models", "seeds"].contains(&long);
+                let preset_named_model = long == "model" && help.contains("preset");
+                if plural || preset_named_model {
+                    bad.push(format!("{path} --{long}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk(&Cli::command(), "tpla", &mut bad);
+        assert!(bad.is_empty(), "flags outside the vocabulary: {bad:?}");
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tpla::attention::reference::rotated_latents;
 use tpla::cache::{ExportPlan, ShardFile, ShardFileWriter, TransformId, DEFAULT_PAGE_SIZE};
+use tpla::fidelity::HADAMARD_SEED;
 use tpla::synthetic::SyntheticLayer;
 use tpla::transform::{Transform, TransformKind};
 use tpla::{DType, Error, ModelDims, Result};
@@ -35,12 +36,13 @@ struct ExportArgs {
     /// File name stem: files are `<name>.rank<i>-of-<g>.tpla`.
     #[arg(long, default_value = "prefill")]
     name: String,
-    /// Model preset whose layer shape is used.
+    /// Model preset whose layer shape is used: deepseek-v3, kimi-k2, deepseek-v2-lite.
     #[arg(long, default_value = "deepseek-v3")]
-    model: String,
+    preset: String,
     /// Latent groups g (decode ranks).
     #[arg(long, default_value_t = 2)]
     groups: usize,
+    /// Layers of the exported cache (synthetic layers 0..layers, or the --input file's).
     #[arg(long, default_value_t = 2)]
     layers: usize,
     /// Cache element type: bf16, f16, f32.
@@ -49,9 +51,11 @@ struct ExportArgs {
     /// Tokens per page.
     #[arg(long, default_value_t = DEFAULT_PAGE_SIZE)]
     page_size: usize,
-    /// Rotation of every layer: identity, or hadamard (seeded with --seed + layer).
-    /// PCA rotations come from calibration and are not built here.
-    #[arg(long, default_value = "hadamard")]
+    /// Rotation of every layer: identity, or hadamard (layer l seeded with
+    /// --hadamard-seed + l, as `tpla convert` does). PCA, the measured default of
+    /// `tpla convert`, needs calibration and is not built here; identity is what a
+    /// conversion without calibration uses.
+    #[arg(long, default_value = "identity")]
     transform: String,
     /// Sequences as id:tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0:1024")]
@@ -62,13 +66,18 @@ struct ExportArgs {
     /// rotated before slicing.
     #[arg(long)]
     input: Option<PathBuf>,
-    /// Seed of the synthetic layers and of the Hadamard signs.
+    /// Seed of the synthetic layers and sequences.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Seed of the randomised Hadamard transforms; the same default as `tpla convert`,
+    /// so that the shards match a converted weights file.
+    #[arg(long, default_value_t = HADAMARD_SEED)]
+    hadamard_seed: u64,
 }
 
 #[derive(ClapArgs)]
 struct InspectArgs {
+    /// The shard file.
     file: PathBuf,
     /// Skip reading the data region for its checksum.
     #[arg(long)]
@@ -90,18 +99,21 @@ fn parse_sequences(list: &[String]) -> Result<Vec<(u32, usize)>> {
         .map(|s| {
             let bad = || Error::invalid(format!("sequence '{s}' is not id:tokens"));
             let (id, len) = s.split_once(':').ok_or_else(bad)?;
-            Ok((
-                id.trim().parse().map_err(|_| bad())?,
-                len.trim().parse().map_err(|_| bad())?,
-            ))
+            let len: usize = len.trim().parse().map_err(|_| bad())?;
+            if len == 0 {
+                return Err(Error::invalid(format!(
+                    "sequence '{s}' has no tokens: an export holds prefilled sequences only"
+                )));
+            }
+            Ok((id.trim().parse().map_err(|_| bad())?, len))
         })
         .collect()
 }
 
-fn layer_transform(kind: TransformKind, d_c: usize, seed: u64) -> Result<Transform> {
+fn layer_transform(kind: TransformKind, d_c: usize, seed: u64, layer: usize) -> Result<Transform> {
     match kind {
         TransformKind::Identity => Transform::identity(d_c),
-        TransformKind::Hadamard => Transform::hadamard(d_c, seed),
+        TransformKind::Hadamard => Transform::hadamard_for_layer(d_c, seed, layer),
         TransformKind::Pca => Err(Error::unsupported(
             "PCA rotations come from calibration data; export with identity or hadamard",
         )),
@@ -157,12 +169,12 @@ impl Source {
 
 fn export(a: ExportArgs) -> Result<()> {
     let started = Instant::now();
-    let dims = ModelDims::preset(&a.model)?;
+    let dims = ModelDims::preset(&a.preset)?;
     let dtype = DType::parse(&a.dtype)?;
     let kind = TransformKind::parse(&a.transform)?;
     let sequences = parse_sequences(&a.sequences)?;
     let transforms = (0..a.layers)
-        .map(|l| layer_transform(kind, dims.d_c, a.seed + l as u64))
+        .map(|l| layer_transform(kind, dims.d_c, a.hadamard_seed, l))
         .collect::<Result<Vec<_>>>()?;
     let ids = transforms.iter().map(TransformId::of).collect();
     let plan = ExportPlan::new(dims, a.groups, dtype, a.page_size, ids, &sequences)?;
@@ -193,6 +205,7 @@ fn export(a: ExportArgs) -> Result<()> {
         })
         .collect();
     let mut writer = ShardFileWriter::create(&plan, &paths)?;
+    let progress = crate::progress::bar((a.layers * sequences.len()) as u64, "exporting");
     for (l, transform) in transforms.iter().enumerate() {
         let layer = match source {
             Source::Synthetic { seed } => Some(SyntheticLayer::generate(&dims, seed + l as u64)?),
@@ -203,11 +216,15 @@ fn export(a: ExportArgs) -> Result<()> {
                 .rows(layer.as_ref(), &dims, id, len)
                 .map_err(|e| e.context(format!("layer {l}, sequence {id}")))?;
             writer.push(&rotated_latents(&latents, transform), &rope)?;
+            progress.set_message(format!("layer {l}, sequence {id}"));
+            progress.inc(1);
         }
     }
+    progress.set_message("syncing the files");
     writer.commit()?;
+    progress.finish_and_clear();
     let what = match &a.input {
-        None => format!("synthetic {} layers (seed {})", a.model, a.seed),
+        None => format!("synthetic {} layers (seed {})", a.preset, a.seed),
         Some(p) => p.display().to_string(),
     };
     println!(
@@ -232,15 +249,22 @@ fn transform_name(code: u32) -> String {
 
 fn inspect(a: InspectArgs) -> Result<()> {
     let t = Instant::now();
-    let file = ShardFile::open(&a.file)?;
-    let open_us = t.elapsed().as_secs_f64() * 1e6;
+    let file = if a.no_verify {
+        // SAFETY: only the metadata is read, right away; a file truncated meanwhile can
+        // only end this inspection, nothing else lives in this process.
+        unsafe { ShardFile::map(&a.file) }?
+    } else {
+        // reads the whole file and checks the data checksum
+        ShardFile::read(&a.file)?
+    };
+    let open_s = t.elapsed().as_secs_f64();
     let h = file.header();
     let s = h.spec();
     let d = s.dims();
     let tokens: usize = h.sequences().iter().map(|e| e.len).sum();
     println!("file        {} ({} bytes)", a.file.display(), h.image_len());
     println!(
-        "format      version {}, header and table checksums ok, validated in {open_us:.0} us",
+        "format      version {}, header and table checksums ok",
         tpla::cache::format::FORMAT_VERSION
     );
     println!(
@@ -298,10 +322,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let verified = if a.no_verify {
         "not verified".to_string()
     } else {
-        let t = Instant::now();
-        file.verify_data()
-            .map_err(|e| e.context(format!("shard file {}", a.file.display())))?;
-        format!("verified in {:.3} s", t.elapsed().as_secs_f64())
+        format!("read and verified in {open_s:.3} s")
     };
     println!(
         "data        offset {}, {} bytes, crc32c {:#010x}, {verified}",

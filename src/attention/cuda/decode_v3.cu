@@ -1,11 +1,8 @@
-// Latent-attention decode over a paged bf16 slice cache (libtpla, DESIGN.md 2-4).
+// Latent-attention decode kernel v3 (mma.sync, sm_80 or newer) over a paged bf16 slice
+// cache; compiled after common.cuh.
 //
-// Compiled at run time by NVRTC with no CUDA headers: bf16 is a 16-bit integer, the
-// tensor-core and async-copy instructions are inline PTX (sm_80 or newer).
-//
-// Specialisation (-D): SLICE (latent slice width W), HT (heads per block: 16, 32 or 64),
-// PAGE (rows per cache page, a multiple of NT), STAGES (cp.async pipeline depth), MINB
-// (blocks per multiprocessor the registers are budgeted for).
+// Specialisation (-D): HT (heads per block: 16, 32 or 64), STAGES (cp.async pipeline
+// depth), MINB (blocks per multiprocessor the registers are budgeted for).
 //
 // tpla_decode (kernel v3): one block of 8 warps per (head tile, split, sequence). It
 // streams the split's tokens in tiles of NT = 64 rows through shared memory (cp.async,
@@ -23,14 +20,8 @@
 // With one split the block writes the final output; otherwise an f32 partial output
 // (normalised) and its log-sum-exp, merged by tpla_combine.
 
-#ifndef SLICE
-#error "SLICE must be defined"
-#endif
 #ifndef HT
 #error "HT must be defined"
-#endif
-#ifndef PAGE
-#define PAGE 64
 #endif
 #ifndef STAGES
 #define STAGES 2
@@ -39,10 +30,7 @@
 #define MINB 1
 #endif
 
-#define DR 64
-#define RW (SLICE + DR)        // cached row width (latent slice then RoPE key)
 #define CPR (RW / 8)           // 16-byte chunks per cached row
-#define NT 64                  // tokens per tile
 #define NWARPS 8
 #define THREADS (NWARPS * 32)
 #define MB (HT / 16)           // 16-row blocks of heads
@@ -51,16 +39,11 @@
 #define QK_NT (TW / 8)         // n8 tiles of tokens per QK warp
 #define KSTEPS (RW / 16)
 #define PV_NT (SLICE / 64)     // n8 tiles of output columns per warp (SLICE / 8 columns)
-#define RESCALE_LOG2 8.0f      // probabilities stay below 2^8 between rescales
-#define LOG2E 1.4426950408889634f
 
-#if (PAGE % NT) != 0 || (SLICE % 64) != 0 || (CPR % 8) != 0 || (HT % 16) != 0 || HT > 64
+#if (CPR % 8) != 0 || (HT % 16) != 0 || HT > 64
 #error "unsupported shape"
 #endif
 
-typedef unsigned short bf16_t;
-typedef unsigned int u32;
-typedef unsigned long long u64;
 
 // Rows of K, Q and P are stored without padding, their 16-byte chunk c at position
 // c ^ (row & 7): the 8 rows an ldmatrix reads hit 8 different bank groups.
@@ -73,29 +56,8 @@ struct Smem {
     float row_max[HT];   // final reference maximum (log2 units)
 };
 
-#define NEG_INF __int_as_float(0xff800000)
-#define QNAN __int_as_float(0x7fc00000)
-
 // The layout the host sizes the dynamic shared memory from (read back through this symbol).
 extern "C" __constant__ int tpla_decode_smem_bytes = sizeof(Smem);
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
@@ -164,8 +126,8 @@ __device__ __forceinline__ void load_tile(u32 stage_base, const bf16_t* __restri
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB)
-tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
-            const bf16_t* __restrict__ pool,      // [pages][PAGE][RW]
+tpla_decode(const bf16_t* __restrict__ pool,      // [pages][PAGE][RW]
+            const float* __restrict__ q,          // [batch][heads][RW]
             const int* __restrict__ block_table,  // [slots][max_pages]
             const int* __restrict__ seq_lens,     // [slots]
             const int* __restrict__ slots,        // [batch]
@@ -484,133 +446,4 @@ tpla_decode(const float* __restrict__ q,          // [batch][heads][RW]
         if (num_splits == 1) lse[(u64)b * heads + h0 + tid] = v;
         else part_lse[((u64)b * num_splits + split) * heads + h0 + tid] = v;
     }
-}
-
-// Merges the splits of tpla_decode: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s -
-// lse) out_s. One block per (head, sequence); empty splits (lse_s = -inf) are skipped,
-// so their unwritten partial outputs are never read.
-extern "C" __global__ void __launch_bounds__(128)
-tpla_combine(const float* __restrict__ part_out, const float* __restrict__ part_lse,
-             int heads, int num_splits, float* __restrict__ out, float* __restrict__ lse)
-{
-    extern __shared__ float weight[];  // [num_splits]
-    const int h = blockIdx.x;
-    const int b = blockIdx.y;
-    const float* pl = part_lse + (u64)b * num_splits * heads + h;
-    __shared__ float red[2];
-    if (threadIdx.x < 32) {
-        float mx = NEG_INF;
-        for (int s = threadIdx.x; s < num_splits; s += 32) mx = fmaxf(mx, pl[(u64)s * heads]);
-        for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        float sum = 0.f;
-        for (int s = threadIdx.x; s < num_splits; s += 32) {
-            const float w = __expf(pl[(u64)s * heads] - mx);
-            weight[s] = w;
-            sum += w;
-        }
-        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (threadIdx.x == 0) {
-            red[0] = mx;
-            red[1] = sum;
-        }
-    }
-    __syncthreads();
-    const float inv = 1.f / red[1];
-    for (int c = threadIdx.x * 4; c < SLICE; c += blockDim.x * 4) {
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s = 0; s < num_splits; ++s) {
-            const float w = weight[s];
-            if (w == 0.f) continue;
-            const float4 v = *reinterpret_cast<const float4*>(
-                part_out + (((u64)b * num_splits + s) * heads + h) * SLICE + c);
-            acc.x += w * v.x;
-            acc.y += w * v.y;
-            acc.z += w * v.z;
-            acc.w += w * v.w;
-        }
-        *reinterpret_cast<float4*>(out + ((u64)b * heads + h) * SLICE + c) =
-            make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-    }
-    if (threadIdx.x == 0) lse[(u64)b * heads + h] = red[0] + __logf(red[1]);
-}
-
-// Appends one decode row per entry: rows[i] (f32, RW wide) goes to position
-// seq_lens[slots[i]] of that slot, whose page the host reserved beforehand; the length
-// then grows by one. A row with no reserved page sets *error to 1, a slot id out of
-// range sets it to 2; either row is dropped. Slots must be distinct within one call.
-// One block per row.
-extern "C" __global__ void __launch_bounds__(128)
-tpla_append(const float* __restrict__ rows, const int* __restrict__ slots, int count,
-            int num_slots, bf16_t* __restrict__ pool, const int* __restrict__ block_table,
-            int* __restrict__ seq_lens, int max_pages, int* __restrict__ error)
-{
-    const int i = blockIdx.x;
-    if (i >= count) return;
-    const int slot = slots[i];
-    if (slot < 0 || slot >= num_slots) {
-        if (threadIdx.x == 0) atomicExch(error, 2);
-        return;
-    }
-    const int pos = seq_lens[slot];
-    const int page_idx = pos / PAGE;
-    const int page = page_idx < max_pages ? block_table[(u64)slot * max_pages + page_idx] : -1;
-    if (page < 0) {
-        if (threadIdx.x == 0) atomicExch(error, 1);
-        return;
-    }
-    bf16_t* dst = pool + ((u64)page * PAGE + pos % PAGE) * RW;
-    const float* src = rows + (u64)i * RW;
-    for (int c = threadIdx.x * 2; c < RW; c += blockDim.x * 2)
-        *reinterpret_cast<u32*>(dst + c) = pack_bf16x2(src[c], src[c + 1]);
-    __syncthreads();
-    if (threadIdx.x == 0) seq_lens[slot] = pos + 1;
-}
-
-// Pseudo-random fill for benchmarks: element i of `data` becomes a value in [-scale,
-// scale) from a 64-bit mix of (seed, i). Synthetic caches are filled on the device so
-// gigabytes of input need no host round trip.
-__device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned long long i) {
-    unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)(z >> 40) * (1.0f / 8388608.0f) - 1.0f;  // 24 bits -> [-1, 1)
-}
-
-extern "C" __global__ void tpla_fill_bf16(bf16_t* data, unsigned long long count,
-                                          unsigned long long seed, float scale)
-{
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < count;
-         i += (unsigned long long)gridDim.x * blockDim.x)
-        data[i] = (bf16_t)(pack_bf16x2(scale * hash_unit(seed, i), 0.f) & 0xffffu);
-}
-
-extern "C" __global__ void tpla_fill_f32(float* data, unsigned long long count,
-                                         unsigned long long seed, float scale)
-{
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < count;
-         i += (unsigned long long)gridDim.x * blockDim.x)
-        data[i] = scale * hash_unit(seed, i);
-}
-
-// Read-bandwidth probe for benchmark ceilings: every 16-byte word of `data` is loaded
-// once (coalesced, several loads in flight per thread); the xor of everything is
-// stored only when it equals `never`, which the host makes impossible in practice, so
-// the loads cannot be removed and nothing is written.
-extern "C" __global__ void __launch_bounds__(256)
-tpla_read_probe(const uint4* __restrict__ data, unsigned long long words, unsigned int never,
-                unsigned int* __restrict__ sink)
-{
-    unsigned int acc = 0;
-    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < words; i += 4 * stride) {
-        const uint4 a = data[i], b = data[i + stride], c = data[i + 2 * stride], d = data[i + 3 * stride];
-        acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
-    }
-    for (; i < words; i += stride) {
-        const uint4 a = data[i];
-        acc ^= a.x ^ a.y ^ a.z ^ a.w;
-    }
-    if (acc == never) sink[0] = acc;
 }
