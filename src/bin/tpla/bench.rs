@@ -351,6 +351,9 @@ pub fn run(args: Args) -> Result<()> {
         let backend = &backends[c.backend].0;
         let (read_bw, peak) = ceilings[c.backend];
         let (shape, batch) = (c.shape, c.batch);
+        // in round order: configurations timed in the same round saw the same load, so
+        // their step-by-step ratios compare them more robustly than their medians
+        let rounds_us: Vec<f64> = c.times.iter().map(|t| t * 1e6).collect();
         c.times.sort_by(f64::total_cmp);
         let secs = c.times[c.times.len() / 2];
         let best = c.times[0];
@@ -382,6 +385,7 @@ pub fn run(args: Args) -> Result<()> {
                 "page_size": args.page_size,
                 "us_per_step": secs * 1e6,
                 "us_per_step_min": best * 1e6,
+                "us_per_round": rounds_us,
                 "gbps": bytes / secs / 1e9,
                 "tflops": flops / secs / 1e12,
                 "read_gbps_ceiling": read_bw / 1e9,
