@@ -348,6 +348,7 @@ int main(void) {
   co.page_size = 16;
   co.capacity_pages = 256;
   CHECK_OK(tpla_cache_create(ctx, &co, &owned));
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "too large", tpla_context_reserve(ctx, (size_t)-1));
   CHECK_OK(tpla_context_reserve(ctx, MAX_SEQ + 1));
   for (i = 0; i < POOL_PAGES; i++) free_pages[i] = (int32_t)i;
   free_count = POOL_PAGES;

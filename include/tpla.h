@@ -1448,7 +1448,9 @@ tpla_status tpla_cache_register_buffer(struct tpla_cache *cache,
  * backend's worker threads finish starting). Optional; without it the buffers grow on
  * first use.
  *
- * Returns TPLA_STATUS_NULL_ARGUMENT. Not thread-safe for `ctx`.
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a batch too large
+ * to address) or TPLA_STATUS_OUT_OF_CAPACITY (the memory cannot be had). Not
+ * thread-safe for `ctx`.
  *
  * # Safety
  * `ctx` is NULL or a live context not used by another thread during the call.

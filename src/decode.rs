@@ -169,13 +169,17 @@ pub(crate) struct StepScratch {
 }
 
 impl StepScratch {
-    fn reserve(&mut self, dims: &ModelDims, plan: &ShardPlan, batch: usize) {
-        let rows = batch * plan.heads;
-        let grow = |v: &mut Vec<f32>, n: usize| v.reserve(n.saturating_sub(v.len()));
-        grow(&mut self.q, rows * plan.row_width(dims));
-        grow(&mut self.latent, rows * plan.slice_width);
-        grow(&mut self.lse, rows);
-        grow(&mut self.head_row, dims.d_v);
+    fn reserve(&mut self, dims: &ModelDims, plan: &ShardPlan, batch: usize) -> Result<()> {
+        let rw = plan.row_width(dims);
+        let q = shape_count("reserved query rows", &[batch, plan.heads, rw])?;
+        try_capacity(&mut self.q, q, "query rows")?;
+        try_capacity(
+            &mut self.latent,
+            q / rw * plan.slice_width,
+            "latent outputs",
+        )?;
+        try_capacity(&mut self.lse, q / rw, "log-sum-exps")?;
+        try_capacity(&mut self.head_row, dims.d_v, "a head output")
     }
 }
 
@@ -212,6 +216,17 @@ impl std::fmt::Debug for RankContext {
             .field("backend", &self.backend.name())
             .finish()
     }
+}
+
+/// Grows `v`'s capacity to `len` elements, or an `OutOfCapacity` error where the memory
+/// cannot be had (never an abort).
+pub(crate) fn try_capacity<T>(v: &mut Vec<T>, len: usize, what: &str) -> Result<()> {
+    v.try_reserve(len.saturating_sub(v.len())).map_err(|_| {
+        Error::new(
+            crate::ErrorKind::OutOfCapacity,
+            format!("cannot allocate {what} for {len} elements"),
+        )
+    })
 }
 
 /// Refuses NaN and infinities, naming the first one's index.
@@ -470,11 +485,13 @@ impl RankContext {
     /// Sizes the query rows, outputs and the backend's work buffers for steps of up to
     /// `batch` sequences now, so that those steps allocate nothing (after the first step,
     /// on which the backend's worker threads finish starting).
-    pub fn reserve(&mut self, batch: usize) {
+    /// A batch too large to address is an `InvalidArgument` error, memory that cannot be
+    /// had an `OutOfCapacity` one.
+    pub fn reserve(&mut self, batch: usize) -> Result<()> {
         let shape = self.shape();
-        self.scratch.reserve(&self.dims, &self.plan, batch);
-        self.paged.reserve(batch);
-        self.backend.reserve(shape, batch);
+        self.scratch.reserve(&self.dims, &self.plan, batch)?;
+        self.paged.reserve(batch)?;
+        self.backend.reserve(shape, batch)
     }
 
     /// The backend's shape of this rank's steps.

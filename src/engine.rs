@@ -53,7 +53,7 @@
 use crate::attention::reference::{slice_token, AppendMode};
 use crate::attention::RowSource;
 use crate::cache::{RankCache, MAX_PAGE_SIZE};
-use crate::decode::{Outputs, Queries, QueryScales, RankContext, StepRows};
+use crate::decode::{try_capacity, Outputs, Queries, QueryScales, RankContext, StepRows};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -329,11 +329,9 @@ impl PagedScratch {
         }
     }
 
-    pub(crate) fn reserve(&mut self, batch: usize) {
-        self.faulted
-            .reserve(batch.saturating_sub(self.faulted.len()));
-        self.entries
-            .reserve(batch.saturating_sub(self.entries.len()));
+    pub(crate) fn reserve(&mut self, batch: usize) -> Result<()> {
+        try_capacity(&mut self.faulted, batch, "fault flags")?;
+        try_capacity(&mut self.entries, batch, "batch entries")
     }
 
     /// Sized for `batch` entries, none faulted.

@@ -62,7 +62,16 @@ fn a_reserved_engine_decode_step_allocates_nothing() {
     let mut ctx = RankContext::new(d, plan, 1, Box::new(CpuBackend::new(2).unwrap())).unwrap();
     ctx.install(0, layer).unwrap();
     let max_batch = 6;
-    ctx.reserve(max_batch);
+    // a batch too large to address, or to allocate, is an error, not an abort
+    assert_eq!(
+        ctx.reserve(usize::MAX).unwrap_err().kind(),
+        tpla::ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        ctx.reserve(1 << 40).unwrap_err().kind(),
+        tpla::ErrorKind::OutOfCapacity
+    );
+    ctx.reserve(max_batch).unwrap();
 
     let (page, width) = (16, 80);
     let mut first_step = true;

@@ -106,6 +106,9 @@ pub trait LatentAttention {
     }
 
     /// Allocates what steps of up to `batch` sequences of `shape` need, so that those
-    /// steps allocate nothing. Backends without reusable buffers ignore it.
-    fn reserve(&mut self, _shape: LatentShape, _batch: usize) {}
+    /// steps allocate nothing; memory that cannot be had is an `OutOfCapacity` error.
+    /// Backends without reusable buffers ignore it.
+    fn reserve(&mut self, _shape: LatentShape, _batch: usize) -> Result<()> {
+        Ok(())
+    }
 }

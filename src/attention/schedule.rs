@@ -109,7 +109,7 @@ pub fn read_header(
 
 /// Words of the default schedule.
 pub fn lengths_len(_shape: LatentShape, batch: usize) -> usize {
-    HEADER_WORDS + batch
+    HEADER_WORDS.saturating_add(batch)
 }
 
 /// The default schedule: the header and the lengths.

@@ -104,7 +104,9 @@ unsafe fn report(out: *mut u32, faults: Faults) -> Outcome {
 /// backend's worker threads finish starting). Optional; without it the buffers grow on
 /// first use.
 ///
-/// Returns TPLA_STATUS_NULL_ARGUMENT. Not thread-safe for `ctx`.
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a batch too large
+/// to address) or TPLA_STATUS_OUT_OF_CAPACITY (the memory cannot be had). Not
+/// thread-safe for `ctx`.
 ///
 /// # Safety
 /// `ctx` is NULL or a live context not used by another thread during the call.
@@ -116,8 +118,7 @@ pub unsafe extern "C" fn tpla_context_reserve(
     guard(|| {
         // SAFETY: caller contract.
         let c = &mut unsafe { handle_mut(ctx, "ctx") }?.ctx;
-        c.reserve(max_batch);
-        Ok(())
+        Ok(c.reserve(max_batch)?)
     })
 }
 

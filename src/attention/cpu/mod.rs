@@ -25,6 +25,7 @@ mod tile;
 
 use super::reference::check_attend_args;
 use super::{schedule, LatentAttention, LatentShape, RowSource};
+use crate::decode::try_capacity;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -309,9 +310,11 @@ impl LatentAttention for CpuBackend {
 
     fn schedule_len(&self, shape: LatentShape, batch: usize) -> usize {
         let groups = head_groups(shape.heads).1;
-        schedule::HEADER_WORDS
-            + SPAN_WORDS * batch * groups
-            + ITEM_WORDS * max_items(batch, groups, self.threads)
+        // saturating: a batch size from a caller must not wrap
+        (SPAN_WORDS * groups)
+            .saturating_mul(batch)
+            .saturating_add(ITEM_WORDS.saturating_mul(max_items(batch, groups, self.threads)))
+            .saturating_add(schedule::HEADER_WORDS)
     }
 
     fn schedule(&self, shape: LatentShape, lens: &[usize], out: &mut [i32]) -> Result<()> {
@@ -384,34 +387,36 @@ impl LatentAttention for CpuBackend {
         self.run_items(cache, shape, seqs, path, geo, groups, q, out, lse)
     }
 
-    fn reserve(&mut self, shape: LatentShape, batch: usize) {
+    fn reserve(&mut self, shape: LatentShape, batch: usize) -> Result<()> {
         let groups = head_groups(shape.heads).1;
         let items = max_items(batch, groups, self.threads);
+        let blocks = batch.saturating_mul(groups);
         let work = &mut self.work;
-        work.lens.reserve(batch);
-        work.items.reserve(items);
-        work.spans.reserve(batch * groups);
+        try_capacity(&mut work.lens, batch, "sequence lengths")?;
+        try_capacity(&mut work.items, items, "work items")?;
+        try_capacity(&mut work.spans, blocks, "work spans")?;
         for dtype in [DType::Bf16, DType::F16, DType::F32] {
             let (path, geo, _) = self.layout(shape, dtype);
             let work = &mut self.work;
-            let blocks = batch * groups;
             if path == Path::Bf16Dot {
-                grow(
-                    &mut work.query_bf16,
-                    blocks * shape.row_width().div_ceil(2) * geo.hp,
-                );
+                let len = shape.row_width().div_ceil(2) * geo.hp;
+                try_capacity(&mut work.query_bf16, blocks.saturating_mul(len), "queries")?;
             } else {
-                grow(&mut work.query_f32, blocks * geo.xs() * geo.hp);
+                let len = geo.xs() * geo.hp;
+                try_capacity(&mut work.query_f32, blocks.saturating_mul(len), "queries")?;
             }
-            grow(
+            let part_len = geo.heads * geo.wp + 2 * geo.hp;
+            try_capacity(
                 &mut work.partials,
-                items * (geo.heads * geo.wp + 2 * geo.hp),
-            );
+                items.saturating_mul(part_len),
+                "partials",
+            )?;
             grow(&mut work.zero_row, shape.row_width() * dtype.size());
             for t in &work.tiles {
                 t.lock().expect("tile scratch lock").reserve(&geo);
             }
         }
+        Ok(())
     }
 }
 
@@ -437,7 +442,8 @@ fn head_groups(heads: usize) -> (usize, usize) {
 /// The most work items [`plan_items`] makes for `batch` sequences: each sequence gets at
 /// most one item per group beyond its share of `item_target` (see `plan_items`).
 fn max_items(batch: usize, groups: usize, threads: usize) -> usize {
-    groups * (item_target(groups, threads) + batch)
+    // saturating: a batch size from a caller must not wrap
+    groups.saturating_mul(item_target(groups, threads).saturating_add(batch))
 }
 
 /// Work items aimed for per (sequence set, head group).

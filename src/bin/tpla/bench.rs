@@ -119,7 +119,7 @@ impl EngineStep {
         )?;
         let mut ctx = RankContext::new(dims, plan, 1, Box::new(backend))?;
         ctx.install(0, layer)?;
-        ctx.reserve(batch);
+        ctx.reserve(batch)?;
         let lens = vec![view.seq_len(0)? as i32; batch];
         let plan = vec![0; ctx.decode_plan_len(batch)];
         Ok(EngineStep {
