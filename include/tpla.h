@@ -9,6 +9,10 @@
  * (tpla_export_*, tpla_cache_register_file) or in memory; per decode step and layer,
  * append the new token (tpla_context_append_token), decode (tpla_context_decode) and sum
  * the ranks' partial outputs (tpla_all_reduce_in_process or tpla_all_reduce_with).
+ * An engine that owns its paged KV cache skips tpla_cache: per step it plans once
+ * (tpla_context_decode_plan), then per layer writes the new tokens into its pages
+ * (tpla_context_append_paged) and decodes them in place (tpla_context_decode_paged), with
+ * its block table and lengths (tpla_paged_cache describes the memory).
  * On GPUs (library built with the cargo features `cuda`, `nccl`), a device rank
  * (tpla_device_rank_create) decodes on the engine's device buffers and stream
  * (tpla_device_rank_decode, capturable in a CUDA graph) and tpla_nccl_all_reduce sums
@@ -257,6 +261,12 @@ enum tpla_query_kind
    * slice, [batch][rank heads][slice_width] (W'_UK q_nope, without scale or mu).
    */
   TPLA_QUERY_KIND_LATENT = 2,
+  /**
+   * `queries` holds each head's absorbed latent query then its RoPE query in one row,
+   * [batch][rank heads][slice_width + d_r] (FlashMLA's q layout, cut to the rank's
+   * slice; without scale or mu); `q_rope` is NULL with count 0.
+   */
+  TPLA_QUERY_KIND_JOINED = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -341,6 +351,34 @@ enum tpla_slice_layout
 typedef enum tpla_slice_layout tpla_slice_layout;
 #else
 typedef uint32_t tpla_slice_layout;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Bits of the fault word the paged calls OR into `*faults`: problems met while reading
+ * or writing engine memory. The call still returns TPLA_STATUS_OK; the entries
+ * concerned hold NaN (decode) or were not written (append).
+ */
+enum tpla_fault
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * A block table entry outside 0..pages, or a length needing more pages than the
+   * table's width: that batch entry's outputs (and log-sum-exps) are NaN.
+   */
+  TPLA_FAULT_BAD_PAGE = 1,
+  /**
+   * A slot at or past pages * page_size: that token was skipped.
+   */
+  TPLA_FAULT_BAD_SLOT = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum tpla_fault tpla_fault;
+#else
+typedef uint32_t tpla_fault;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -733,6 +771,132 @@ typedef struct tpla_cache_info {
  * thread that frees the buffer's last sequence or destroys the cache.
  */
 typedef void (*tpla_release_fn)(void *user);
+
+/**
+ * The engine's paged cache of one layer. Page p starts at base + p * page_stride bytes
+ * and holds page_size rows back to back; a row is row_width elements of dtype
+ * (little-endian): the rank's latent slice (slice_width values, rotated and
+ * normalised), then the RoPE key (d_r values). Token t of a sequence is row
+ * t % page_size of the page its block table names at t / page_size; slot s is row
+ * s % page_size of page s / page_size. With tpla_context_* calls base is host memory;
+ * a GPU rank takes the same description with a device address.
+ */
+typedef struct tpla_paged_cache {
+  /**
+   * sizeof(tpla_paged_cache).
+   */
+  size_t struct_size;
+  /**
+   * A `tpla_dtype`.
+   */
+  uint32_t dtype;
+  /**
+   * Elements per row: slice_width + d_r of the rank (tpla_context_info.row_width).
+   */
+  uint32_t row_width;
+  /**
+   * Rows per page (1 to 65536).
+   */
+  uint32_t page_size;
+  /**
+   * Bytes from one page to the next: at least page_size * row_width * sizeof(element),
+   * a multiple of the element size.
+   */
+  size_t page_stride;
+  /**
+   * Pages of the pool (1 to INT32_MAX); block table entries and slots index them.
+   */
+  size_t pages;
+  /**
+   * Page 0, aligned to the element size; (pages - 1) * page_stride + page_size *
+   * row_width * sizeof(element) bytes must be readable (and writable for appends).
+   */
+  void *base;
+} tpla_paged_cache;
+
+/**
+ * Arguments of `tpla_context_decode_paged`. Shapes use the rank's heads and slice width
+ * (tpla_context_info).
+ */
+typedef struct tpla_paged_decode_args {
+  /**
+   * sizeof(tpla_paged_decode_args).
+   */
+  size_t struct_size;
+  /**
+   * The layer to decode.
+   */
+  uint32_t layer;
+  /**
+   * A `tpla_query_kind`.
+   */
+  uint32_t query_kind;
+  /**
+   * A `tpla_output_kind`.
+   */
+  uint32_t output_kind;
+  /**
+   * The element type of `out`: TPLA_DTYPE_F32 or TPLA_DTYPE_BF16 (log-sum-exps are
+   * always float).
+   */
+  uint32_t output_dtype;
+  /**
+   * The layer's cache.
+   */
+  const struct tpla_paged_cache *cache;
+  /**
+   * Page indices, [batch][block_table_width] int32: row b names the pages of batch
+   * entry b in token order. Entries past a sequence's pages are not read.
+   */
+  const int32_t *block_table;
+  size_t batch;
+  size_t block_table_width;
+  /**
+   * Tokens of each batch entry, [batch], at least 0 (0: the entry's outputs are zero
+   * and its log-sum-exps -infinity, as for padding).
+   */
+  const int32_t *seq_lens;
+  /**
+   * The plan tpla_context_decode_plan wrote for these lengths.
+   */
+  const int32_t *plan;
+  size_t plan_count;
+  /**
+   * As `tpla_decode_args.queries`; TPLA_QUERY_KIND_JOINED: [batch][heads][row_width].
+   */
+  const float *queries;
+  size_t queries_count;
+  /**
+   * RoPE-rotated queries [batch][heads][d_r]; NULL with count 0 for
+   * TPLA_QUERY_KIND_JOINED.
+   */
+  const float *q_rope;
+  size_t q_rope_count;
+  /**
+   * TPLA_OUTPUT_KIND_HEADS: [batch][heads][d_v]; TPLA_OUTPUT_KIND_LATENT:
+   * [batch][heads][slice_width]; elements of `output_dtype` (bf16 as uint16_t bits).
+   */
+  void *out;
+  size_t out_count;
+  /**
+   * TPLA_OUTPUT_KIND_LATENT: [batch][heads]; TPLA_OUTPUT_KIND_HEADS: NULL with count 0.
+   */
+  float *lse;
+  size_t lse_count;
+  /**
+   * The softmax scale; 0: the model's (tpla_dims.softmax_scale).
+   */
+  double softmax_scale;
+  /**
+   * The slice's logit scale mu; 0: the layer's.
+   */
+  double mu;
+  /**
+   * NULL, or a word the call ORs `tpla_fault` bits into (never clears it: check it
+   * once per step).
+   */
+  uint32_t *faults;
+} tpla_paged_decode_args;
 
 /**
  * Options of an export (`tpla_export_create`, `tpla_export_image_len`). The library
@@ -1276,6 +1440,133 @@ tpla_status tpla_cache_register_buffer(struct tpla_cache *cache,
                                        tpla_release_fn release,
                                        void *user,
                                        size_t *sequences);
+
+/**
+ * Sizes the query rows, outputs and the backend's work buffers for steps of up to
+ * `max_batch` sequences now, so that tpla_context_decode_paged (and
+ * tpla_context_decode) allocates nothing from the second step on (on the first, the
+ * backend's worker threads finish starting). Optional; without it the buffers grow on
+ * first use.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a batch too large
+ * to address) or TPLA_STATUS_OUT_OF_CAPACITY (the memory cannot be had). Not
+ * thread-safe for `ctx`.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context not used by another thread during the call.
+ */
+tpla_status tpla_context_reserve(struct tpla_context *ctx, size_t max_batch);
+
+/**
+ * Writes to `*words` the int32 words of the decode plan of a step of `batch` sequences
+ * (fixed by the batch size and the context's backend, not by the lengths: allocate the
+ * plan once for the largest batch).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT. Reads `ctx` only.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context; `words` is NULL or writable.
+ */
+tpla_status tpla_context_decode_plan_size(const struct tpla_context *ctx,
+                                          size_t batch,
+                                          size_t *words);
+
+/**
+ * Computes the split-KV schedule of one step over `batch` sequences of `seq_lens`
+ * tokens (each at least 0) into the caller's `plan` (plan_count int32 words, at least
+ * tpla_context_decode_plan_size): the work of mixed lengths balanced over the backend's
+ * threads. Plan once per step; every layer's tpla_context_decode_paged of the step
+ * reuses it. A decode with other lengths refuses the plan.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (negative length,
+ * plan too small, overlapping buffers). Reads `ctx` only.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context; arrays hold their counts.
+ */
+tpla_status tpla_context_decode_plan(const struct tpla_context *ctx,
+                                     const int32_t *seq_lens,
+                                     size_t batch,
+                                     int32_t *plan,
+                                     size_t plan_count);
+
+/**
+ * One decode step of one layer on the engine's paged cache (host memory): as
+ * `tpla_context_decode`, with the rows of batch entry b found through block table row b.
+ * Page indices and lengths are checked as rows are read (see `tpla_fault`); everything
+ * else at the call. Allocates nothing once the context has reserved (or decoded) a batch
+ * this large and run a first step.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (counts, unknown kinds, a bad cache layout, misaligned
+ * or overlapping buffers, negative lengths, a plan made for other lengths, a scale that
+ * is not finite and positive, layer without weights), TPLA_STATUS_OUT_OF_RANGE (layer)
+ * or TPLA_STATUS_MISMATCH (cache rows of another width than the rank's). On error the
+ * output contents are unspecified. Uses `ctx` exclusively.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context; `args` is NULL or a valid `tpla_paged_decode_args`
+ * whose arrays hold their counts and whose cache memory spans its layout.
+ */
+tpla_status tpla_context_decode_paged(struct tpla_context *ctx,
+                                      const struct tpla_paged_decode_args *args);
+
+/**
+ * Writes `count` new tokens into the engine's paged cache of `layer`: token i has the
+ * full pre-norm latent latents[i] ([count][d_c]) and the RoPE-rotated key k_rope[i]
+ * ([count][d_r]); it is normalised (`rms_mode`, a `tpla_rms_mode`), rotated by the
+ * layer's transform, cut to the rank's slice, rounded to the cache's dtype and stored at
+ * slot slots[i] (page * page_size + offset). Decode-time tokens and whole prompts alike.
+ * Negative slots are padding and skipped; slots past the pool are skipped and set
+ * TPLA_FAULT_BAD_SLOT in `*faults` (when not NULL). Every row is checked before any is
+ * written: on error the cache is unchanged.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (counts, a bad cache layout, unknown rms_mode, layer
+ * without weights, non-finite or unrepresentable values, overlapping buffers),
+ * TPLA_STATUS_OUT_OF_RANGE (layer) or TPLA_STATUS_MISMATCH (row width). Reads `ctx`
+ * only; writes the cache memory, which no other call may use meanwhile.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context; `cache` is NULL or a valid `tpla_paged_cache` whose
+ * memory spans its layout; arrays hold their counts.
+ */
+tpla_status tpla_context_append_paged(const struct tpla_context *ctx,
+                                      uint32_t layer,
+                                      const struct tpla_paged_cache *cache,
+                                      const int32_t *slots,
+                                      size_t count,
+                                      const float *latents,
+                                      size_t latents_count,
+                                      const float *k_rope,
+                                      size_t k_rope_count,
+                                      uint32_t rms_mode_value,
+                                      uint32_t *faults);
+
+/**
+ * Copies the cached rows of sequence `seq` in `layer` of `source` (for example a
+ * prefill's shard file registered with tpla_cache_register_file, read in place) into
+ * the engine's paged cache: row t to slot slots[t], `count` equal to the sequence's
+ * length in that layer, byte for byte (both caches hold the same dtype). Negative slots
+ * are skipped; slots past the pool set TPLA_FAULT_BAD_SLOT in `*faults`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (count, a bad cache layout, overlapping buffers),
+ * TPLA_STATUS_OUT_OF_RANGE (unknown seq, layer) or TPLA_STATUS_MISMATCH (the source of
+ * another geometry, group, transform or dtype; row width). Reads `ctx` and `source`.
+ *
+ * # Safety
+ * Handles are NULL or live; `cache` is NULL or a valid `tpla_paged_cache` whose memory
+ * spans its layout; `slots` holds `count` values.
+ */
+tpla_status tpla_context_import_sequence(const struct tpla_context *ctx,
+                                         const struct tpla_cache *source,
+                                         uint32_t seq,
+                                         uint32_t layer,
+                                         const struct tpla_paged_cache *cache,
+                                         const int32_t *slots,
+                                         size_t count,
+                                         uint32_t *faults);
 
 /**
  * Writes the size in bytes of each shard image of the export `options` describes

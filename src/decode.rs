@@ -14,12 +14,13 @@
 //! nothing proportional to the context length.
 
 use crate::attention::reference::{dot, slice_token, AppendMode};
-use crate::attention::{LatentAttention, LatentShape};
+use crate::attention::{LatentAttention, LatentShape, RowSource};
 use crate::cache::{RankCache, TransformId};
 use crate::convert::RankWeights;
 use crate::error::{Error, Result};
 use crate::geometry::{ModelDims, ShardPlan};
 use crate::transform::Transform;
+use half::bf16;
 
 /// One layer of a rank: absorbed weights in f32 plus what appends need.
 #[derive(Clone, Debug)]
@@ -113,6 +114,9 @@ pub enum Queries<'a> {
     /// Absorbed latent queries in the rotated basis, already cut to this rank's slice,
     /// `[batch][heads][slice_width]`, and `q_rope` as above.
     Latent { q_lat: &'a [f32], q_rope: &'a [f32] },
+    /// Absorbed latent query then RoPE query in one row per head,
+    /// `[batch][heads][slice_width + d_r]` (FlashMLA's `q` layout, cut to this rank).
+    Joined(&'a [f32]),
 }
 
 /// Where a step writes.
@@ -126,7 +130,73 @@ pub enum Outputs<'a> {
         out: &'a mut [f32],
         lse: &'a mut [f32],
     },
+    /// As `Heads`, rounded to bf16.
+    HeadsBf16(&'a mut [bf16]),
+    /// As `Latent`, the latent outputs rounded to bf16 (the log-sum-exps stay f32).
+    LatentBf16 {
+        out: &'a mut [bf16],
+        lse: &'a mut [f32],
+    },
 }
+
+/// The two factors of a step's query rows: `scale * mu` on the latent part, `scale` on
+/// the RoPE part.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct QueryScales {
+    pub latent: f32,
+    pub rope: f32,
+}
+
+impl QueryScales {
+    pub(crate) fn new(softmax_scale: f64, mu: f64) -> Self {
+        QueryScales {
+            latent: (softmax_scale * mu) as f32,
+            rope: softmax_scale as f32,
+        }
+    }
+}
+
+/// Buffers of a step, grown to the largest batch seen (or reserved) and reused.
+#[derive(Default)]
+pub(crate) struct StepScratch {
+    /// The backend's query rows `[batch][heads][slice_width + d_r]`.
+    q: Vec<f32>,
+    /// Latent outputs and log-sum-exps when the caller wants something else.
+    latent: Vec<f32>,
+    lse: Vec<f32>,
+    /// One head's output before rounding to bf16, `[d_v]`.
+    head_row: Vec<f32>,
+}
+
+impl StepScratch {
+    fn reserve(&mut self, dims: &ModelDims, plan: &ShardPlan, batch: usize) -> Result<()> {
+        let rw = plan.row_width(dims);
+        let q = shape_count("reserved query rows", &[batch, plan.heads, rw])?;
+        try_capacity(&mut self.q, q, "query rows")?;
+        try_capacity(
+            &mut self.latent,
+            q / rw * plan.slice_width,
+            "latent outputs",
+        )?;
+        try_capacity(&mut self.lse, q / rw, "log-sum-exps")?;
+        try_capacity(&mut self.head_row, dims.d_v, "a head output")
+    }
+}
+
+/// A step's rows and how to follow them: the cache view and batch entries the backend
+/// reads, the schedule (engine steps) or none (the backend plans), and a correction of
+/// the latent outputs and log-sum-exps before they are projected or rounded (engine
+/// steps: empty sequences and bad pages).
+pub(crate) struct StepRows<'a> {
+    pub rows: &'a dyn RowSource,
+    pub seqs: &'a [u32],
+    pub schedule: Option<&'a [i32]>,
+    pub patch: Option<&'a OutputPatch<'a>>,
+}
+
+/// Rewrites a step's latent outputs and log-sum-exps (`[batch][heads][slice_width]`,
+/// `[batch][heads]`) in place after the backend wrote them.
+pub(crate) type OutputPatch<'a> = dyn Fn(&mut [f32], &mut [f32]) + 'a;
 
 /// One rank of a TPLA layer stack.
 pub struct RankContext {
@@ -134,9 +204,8 @@ pub struct RankContext {
     plan: ShardPlan,
     layers: Vec<Option<RankLayer>>,
     backend: Box<dyn LatentAttention + Send>,
-    q: Vec<f32>,
-    latent: Vec<f32>,
-    lse: Vec<f32>,
+    scratch: StepScratch,
+    pub(crate) paged: crate::engine::PagedScratch,
 }
 
 impl std::fmt::Debug for RankContext {
@@ -147,6 +216,17 @@ impl std::fmt::Debug for RankContext {
             .field("backend", &self.backend.name())
             .finish()
     }
+}
+
+/// Grows `v`'s capacity to `len` elements, or an `OutOfCapacity` error where the memory
+/// cannot be had (never an abort).
+pub(crate) fn try_capacity<T>(v: &mut Vec<T>, len: usize, what: &str) -> Result<()> {
+    v.try_reserve(len.saturating_sub(v.len())).map_err(|_| {
+        Error::new(
+            crate::ErrorKind::OutOfCapacity,
+            format!("cannot allocate {what} for {len} elements"),
+        )
+    })
 }
 
 /// Refuses NaN and infinities, naming the first one's index.
@@ -205,9 +285,8 @@ impl RankContext {
             plan,
             layers: vec![None; layers],
             backend,
-            q: Vec::new(),
-            latent: Vec::new(),
-            lse: Vec::new(),
+            scratch: StepScratch::default(),
+            paged: crate::engine::PagedScratch::new(plan.row_width(&dims)),
         })
     }
 
@@ -299,7 +378,7 @@ impl RankContext {
             .collect()
     }
 
-    fn check_cache(&self, cache: &RankCache) -> Result<()> {
+    pub(crate) fn check_cache(&self, cache: &RankCache) -> Result<()> {
         let spec = cache.spec();
         let (c, d) = (spec.dims(), &self.dims);
         for (name, cached, here) in [
@@ -386,46 +465,98 @@ impl RankContext {
         outputs: Outputs,
     ) -> Result<()> {
         self.check_cache(cache)?;
-        let (d, p) = (self.dims, self.plan);
-        let (b, h, w) = (seqs.len(), p.heads, p.slice_width);
         let l = installed(&self.layers, layer)?;
         if cache.spec().transforms()[layer] != l.transform_id() {
             return Err(Error::mismatch(format!(
                 "layer {layer} of the cache was rotated by another transform"
             )));
         }
-        let shape = LatentShape {
-            heads: h,
-            slice_width: w,
-            d_r: d.d_r,
+        let scales = QueryScales::new(self.dims.softmax_scale, l.mu);
+        let view = cache.layer(layer)?;
+        let rows = StepRows {
+            rows: &view,
+            seqs,
+            schedule: None,
+            patch: None,
         };
+        self.decode_rows(layer, rows, scales, queries, outputs)
+    }
+
+    /// Sizes the query rows, outputs and the backend's work buffers for steps of up to
+    /// `batch` sequences now, so that those steps allocate nothing (after the first step,
+    /// on which the backend's worker threads finish starting).
+    /// A batch too large to address is an `InvalidArgument` error, memory that cannot be
+    /// had an `OutOfCapacity` one.
+    pub fn reserve(&mut self, batch: usize) -> Result<()> {
+        let shape = self.shape();
+        self.scratch.reserve(&self.dims, &self.plan, batch)?;
+        self.paged.reserve(batch)?;
+        self.backend.reserve(shape, batch)
+    }
+
+    /// The backend's shape of this rank's steps.
+    pub(crate) fn shape(&self) -> LatentShape {
+        LatentShape {
+            heads: self.plan.heads,
+            slice_width: self.plan.slice_width,
+            d_r: self.dims.d_r,
+        }
+    }
+
+    pub(crate) fn backend(&self) -> &dyn LatentAttention {
+        self.backend.as_ref()
+    }
+
+    /// The one decode path of both cache kinds: builds the query rows, runs the backend
+    /// over `step`'s rows, and writes `outputs`.
+    pub(crate) fn decode_rows(
+        &mut self,
+        layer: usize,
+        step: StepRows,
+        scales: QueryScales,
+        queries: Queries,
+        outputs: Outputs,
+    ) -> Result<()> {
+        let (d, p) = (self.dims, self.plan);
+        let (b, h, w) = (step.seqs.len(), p.heads, p.slice_width);
+        let l = installed(&self.layers, layer)?;
+        let shape = self.shape();
         let rw = shape.row_width();
         // Every count is checked, with checked products, before anything is allocated:
         // the scratch buffers below are then no larger than the caller's own arrays.
         let (q_name, q_in, q_width, q_rope) = match queries {
-            Queries::Nope { q_nope, q_rope } => ("q_nope", q_nope, d.d_n, q_rope),
-            Queries::Latent { q_lat, q_rope } => ("latent queries", q_lat, w, q_rope),
+            Queries::Nope { q_nope, q_rope } => ("q_nope", q_nope, d.d_n, Some(q_rope)),
+            Queries::Latent { q_lat, q_rope } => ("latent queries", q_lat, w, Some(q_rope)),
+            Queries::Joined(rows) => ("query rows", rows, rw, None),
         };
         check_len(q_name, q_in.len(), shape_count(q_name, &[b, h, q_width])?)?;
-        check_len(
-            "q_rope",
-            q_rope.len(),
-            shape_count("q_rope", &[b, h, d.d_r])?,
-        )?;
-        match &outputs {
-            Outputs::Heads(out) => {
+        if let Some(q_rope) = q_rope {
+            let want = shape_count("q_rope", &[b, h, d.d_r])?;
+            check_len("q_rope", q_rope.len(), want)?;
+        }
+        let (out_len, lse_len) = match &outputs {
+            Outputs::Heads(out) => (out.len(), None),
+            Outputs::HeadsBf16(out) => (out.len(), None),
+            Outputs::Latent { out, lse } => (out.len(), Some(lse.len())),
+            Outputs::LatentBf16 { out, lse } => (out.len(), Some(lse.len())),
+        };
+        match lse_len {
+            None => {
                 let want = shape_count("head outputs", &[b, h, d.d_v])?;
-                check_len("head outputs", out.len(), want)?;
+                check_len("head outputs", out_len, want)?;
             }
-            Outputs::Latent { out, lse } => {
+            Some(n) => {
                 let want = shape_count("latent outputs", &[b, h, w])?;
-                check_len("latent outputs", out.len(), want)?;
-                check_len("log-sum-exp outputs", lse.len(), b * h)?;
+                check_len("latent outputs", out_len, want)?;
+                check_len("log-sum-exp outputs", n, b * h)?;
             }
         }
-        let (q, latent, lse_buf) = (&mut self.q, &mut self.latent, &mut self.lse);
-        let scale = d.softmax_scale as f32;
-        let lat_scale = (d.softmax_scale * l.mu) as f32;
+        let StepScratch {
+            q,
+            latent,
+            lse: lse_buf,
+            head_row,
+        } = &mut self.scratch;
         q.resize(b * h * rw, 0.0);
         match queries {
             Queries::Nope { q_nope, .. } => {
@@ -433,46 +564,92 @@ impl RankContext {
                     let wk = &l.w_uk[(i % h) * w * d.d_n..(i % h + 1) * w * d.d_n];
                     let qn = &q_nope[i * d.d_n..(i + 1) * d.d_n];
                     for (qj, wrow) in qrow[..w].iter_mut().zip(wk.chunks_exact(d.d_n)) {
-                        *qj = lat_scale * dot(wrow, qn);
+                        *qj = scales.latent * dot(wrow, qn);
                     }
                 }
             }
             Queries::Latent { q_lat, .. } => {
                 for (qrow, src) in q.chunks_exact_mut(rw).zip(q_lat.chunks_exact(w)) {
                     for (qj, s) in qrow[..w].iter_mut().zip(src) {
-                        *qj = lat_scale * s;
+                        *qj = scales.latent * s;
+                    }
+                }
+            }
+            Queries::Joined(rows) => {
+                for (qrow, src) in q.chunks_exact_mut(rw).zip(rows.chunks_exact(rw)) {
+                    let (lat, rope) = qrow.split_at_mut(w);
+                    for (qj, s) in lat.iter_mut().zip(&src[..w]) {
+                        *qj = scales.latent * s;
+                    }
+                    for (qj, s) in rope.iter_mut().zip(&src[w..]) {
+                        *qj = scales.rope * s;
                     }
                 }
             }
         }
-        for (qrow, src) in q.chunks_exact_mut(rw).zip(q_rope.chunks_exact(d.d_r)) {
-            for (qj, s) in qrow[w..].iter_mut().zip(src) {
-                *qj = scale * s;
+        if let Some(q_rope) = q_rope {
+            for (qrow, src) in q.chunks_exact_mut(rw).zip(q_rope.chunks_exact(d.d_r)) {
+                for (qj, s) in qrow[w..].iter_mut().zip(src) {
+                    *qj = scales.rope * s;
+                }
             }
         }
-        let view = cache.layer(layer)?;
+        let backend = &mut self.backend;
+        let mut attend = |out: &mut [f32], lse: &mut [f32]| -> Result<()> {
+            match step.schedule {
+                Some(s) => backend.attend_scheduled(step.rows, shape, step.seqs, s, q, out, lse)?,
+                None => backend.attend(step.rows, shape, step.seqs, q, out, lse)?,
+            }
+            if let Some(patch) = step.patch {
+                patch(out, lse);
+            }
+            Ok(())
+        };
         match outputs {
-            Outputs::Latent { out, lse } => self.backend.attend(&view, shape, seqs, q, out, lse),
+            Outputs::Latent { out, lse } => attend(out, lse),
+            Outputs::LatentBf16 { out, lse } => {
+                latent.resize(b * h * w, 0.0);
+                attend(latent, lse)?;
+                for (o, v) in out.iter_mut().zip(latent.iter()) {
+                    *o = bf16::from_f32(*v);
+                }
+                Ok(())
+            }
             Outputs::Heads(out) => {
                 latent.resize(b * h * w, 0.0);
                 lse_buf.resize(b * h, 0.0);
-                self.backend
-                    .attend(&view, shape, seqs, q, latent, lse_buf)?;
-                for (i, (o, lat)) in out
-                    .chunks_exact_mut(d.d_v)
-                    .zip(latent.chunks_exact(w))
-                    .enumerate()
-                {
-                    let wv = &l.w_uv[(i % h) * w * d.d_v..(i % h + 1) * w * d.d_v];
-                    o.fill(0.0);
-                    for (x, wrow) in lat.iter().zip(wv.chunks_exact(d.d_v)) {
-                        for (oj, wj) in o.iter_mut().zip(wrow) {
-                            *oj += x * wj;
-                        }
+                attend(latent, lse_buf)?;
+                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
+                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], o);
+                }
+                Ok(())
+            }
+            Outputs::HeadsBf16(out) => {
+                latent.resize(b * h * w, 0.0);
+                lse_buf.resize(b * h, 0.0);
+                head_row.resize(d.d_v, 0.0);
+                attend(latent, lse_buf)?;
+                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
+                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], head_row);
+                    for (x, v) in o.iter_mut().zip(head_row.iter()) {
+                        *x = bf16::from_f32(*v);
                     }
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// Head `head`'s output `out` (`d_v`) of its latent output `lat` (`slice_width`) through
+/// `W'_UV` `[heads][slice_width][d_v]`.
+fn project(w_uv: &[f32], head: usize, lat: &[f32], out: &mut [f32]) {
+    let (w, dv) = (lat.len(), out.len());
+    let wv = &w_uv[head * w * dv..(head + 1) * w * dv];
+    out.fill(0.0);
+    for (x, wrow) in lat.iter().zip(wv.chunks_exact(dv)) {
+        for (oj, wj) in out.iter_mut().zip(wrow) {
+            *oj += x * wj;
         }
     }
 }

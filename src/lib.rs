@@ -14,6 +14,7 @@ pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod device_rank;
 pub mod dtype;
+pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod fidelity;

@@ -556,6 +556,12 @@ fn hostile_use_found_by_issue_17_is_survived_and_named() {
 }
 
 #[test]
+fn engine_paged_memory_decodes_bit_equal_to_the_owned_cache() {
+    let out = run(&build("ffi-tests/paged.c", Build::Plain), &[], &[]);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
 fn separate_contexts_run_concurrently_from_several_threads() {
     let out = run(&build("ffi-tests/threads.c", Build::Plain), &[], &[]);
     print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -577,6 +583,7 @@ fn memcheck_finds_no_memory_error_or_leak() {
     memcheck(&build("ffi-tests/errors.c", Build::Plain), &[&dir], &dir);
     memcheck(&build("ffi-tests/hardening.c", Build::Plain), &[&dir], &dir);
     memcheck(&build("ffi-tests/threads.c", Build::Plain), &[], &dir);
+    memcheck(&build("ffi-tests/paged.c", Build::Plain), &[], &dir);
 }
 
 #[test]
@@ -611,6 +618,11 @@ fn address_and_undefined_behaviour_sanitizers_are_clean() {
     run(
         &build("ffi-tests/hardening.c", Build::Sanitized),
         &[&dir],
+        &SANITIZER_ENV,
+    );
+    run(
+        &build("ffi-tests/paged.c", Build::Sanitized),
+        &[],
         &SANITIZER_ENV,
     );
 }
@@ -664,6 +676,27 @@ fn example_runs_against_the_static_and_the_shared_library() {
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(entries(&cwd), Vec::<String>::new());
     assert_eq!(entries(&tmp), Vec::<String>::new());
+}
+
+#[test]
+fn engine_example_decodes_on_its_own_pages_and_cleans_up() {
+    for kind in [Build::Plain, Build::Shared] {
+        let dir = work_dir(&format!("engine-example-{kind:?}").to_lowercase());
+        let exe = build("examples-c/tpla_engine_example.c", kind);
+        let out = run(&exe, &[&dir], &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        print!("{text}");
+        let errors: Vec<f64> = text
+            .lines()
+            .filter(|l| l.contains("|TPLA - MLA| / |MLA| ="))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        // 3 steps x 2 sequences; g = 2 with contiguous PCA: about 0.1, as tpla_example
+        assert_eq!(errors.len(), 6, "{text}");
+        assert!(errors.iter().all(|e| *e < 0.2), "{errors:?}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(left.is_empty(), "the example left {left:?} behind");
+    }
 }
 
 #[test]

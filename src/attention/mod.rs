@@ -14,6 +14,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod reference;
+pub mod schedule;
 
 use crate::dtype::DType;
 use crate::error::Result;
@@ -70,4 +71,44 @@ pub trait LatentAttention {
         out: &mut [f32],
         lse: &mut [f32],
     ) -> Result<()>;
+
+    /// `i32` words of the schedule of a step of `batch` sequences (an upper bound, fixed
+    /// by the batch size and the backend, not by the lengths): what a caller allocates
+    /// for [`Self::schedule`].
+    fn schedule_len(&self, shape: LatentShape, batch: usize) -> usize {
+        schedule::lengths_len(shape, batch)
+    }
+
+    /// Computes the split-KV schedule of one step over sequences of lengths `lens` (each
+    /// at least 1) into the caller's `out` (at least [`Self::schedule_len`] words). The
+    /// schedule is plain data: every layer of the step reuses it. This default records
+    /// the lengths only; backends that split the work override it.
+    fn schedule(&self, shape: LatentShape, lens: &[usize], out: &mut [i32]) -> Result<()> {
+        schedule::write_lengths(shape, lens, out)
+    }
+
+    /// [`Self::attend`] following a schedule made by [`Self::schedule`] of this backend
+    /// for the sequences' current lengths; a schedule of another backend, shape, batch or
+    /// other lengths is an `InvalidArgument` error.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_scheduled(
+        &mut self,
+        cache: &dyn RowSource,
+        shape: LatentShape,
+        seqs: &[u32],
+        schedule: &[i32],
+        q: &[f32],
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        schedule::check_lengths(cache, shape, seqs, schedule)?;
+        self.attend(cache, shape, seqs, q, out, lse)
+    }
+
+    /// Allocates what steps of up to `batch` sequences of `shape` need, so that those
+    /// steps allocate nothing; memory that cannot be had is an `OutOfCapacity` error.
+    /// Backends without reusable buffers ignore it.
+    fn reserve(&mut self, _shape: LatentShape, _batch: usize) -> Result<()> {
+        Ok(())
+    }
 }

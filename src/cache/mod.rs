@@ -186,7 +186,7 @@ impl ShardSpec {
 /// Refuses values the element type cannot hold: NaN, infinities, and magnitudes that
 /// would round to infinity (above 65504 in f16). A cached NaN would poison every later
 /// decode of its sequence, so it is stopped at the door.
-fn check_representable(dtype: DType, values: &[f64], what: &str) -> Result<()> {
+pub(crate) fn check_representable(dtype: DType, values: &[f64], what: &str) -> Result<()> {
     let max = match dtype {
         DType::Bf16 => bf16::MAX.to_f64(),
         DType::F16 => f16::MAX.to_f64(),

@@ -133,6 +133,10 @@ pub enum tpla_query_kind {
     /// `queries` holds absorbed latent queries in the rotated basis, cut to the rank's
     /// slice, [batch][rank heads][slice_width] (W'_UK q_nope, without scale or mu).
     Latent = 2,
+    /// `queries` holds each head's absorbed latent query then its RoPE query in one row,
+    /// [batch][rank heads][slice_width + d_r] (FlashMLA's q layout, cut to the rank's
+    /// slice; without scale or mu); `q_rope` is NULL with count 0.
+    Joined = 3,
 }
 
 /// What a decode step writes (`tpla_decode_args.output_kind`).
@@ -1015,9 +1019,15 @@ pub unsafe extern "C" fn tpla_context_decode(
         let queries = match a.query_kind {
             k if k == tpla_query_kind::Nope as u32 => Queries::Nope { q_nope: q, q_rope },
             k if k == tpla_query_kind::Latent as u32 => Queries::Latent { q_lat: q, q_rope },
+            k if k == tpla_query_kind::Joined as u32 && q_rope.is_empty() => Queries::Joined(q),
+            k if k == tpla_query_kind::Joined as u32 => {
+                return Err(Failure::invalid(
+                    "q_rope must be NULL with q_rope_count 0 for TPLA_QUERY_KIND_JOINED",
+                ))
+            }
             k => {
                 return Err(Failure::invalid(format!(
-                    "unknown query_kind {k} (1 = nope, 2 = latent)"
+                    "unknown query_kind {k} (1 = nope, 2 = latent, 3 = joined)"
                 )))
             }
         };

@@ -16,6 +16,8 @@ pub mod context;
 
 pub mod cache;
 
+pub mod engine;
+
 pub mod export;
 
 pub mod combine;

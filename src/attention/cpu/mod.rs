@@ -24,7 +24,8 @@ mod simd;
 mod tile;
 
 use super::reference::check_attend_args;
-use super::{LatentAttention, LatentShape, RowSource};
+use super::{schedule, LatentAttention, LatentShape, RowSource};
+use crate::decode::try_capacity;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -297,25 +298,266 @@ impl LatentAttention for CpuBackend {
             // nothing to compute: the checked output buffers are empty
             return Ok(());
         }
-        let path = self.kernel.path(cache.dtype());
-        let lanes = path.lanes();
-        // equal groups of at most MAX_GROUP_HEADS heads, none of them empty
-        let group_heads = shape.heads.div_ceil(shape.heads.div_ceil(MAX_GROUP_HEADS));
-        let groups = shape.heads.div_ceil(group_heads);
-        let geo = TileGeo {
-            heads: group_heads,
-            hp: group_heads.next_multiple_of(lanes),
-            w: shape.slice_width,
-            wp: shape.slice_width.next_multiple_of(lanes),
-            d_r: shape.d_r,
-            dtype: cache.dtype(),
-        };
+        let (path, geo, groups) = self.layout(shape, cache.dtype());
         let work = &mut self.work;
         work.lens.clear();
         for &s in seqs {
             work.lens.push(cache.seq_len(s)?);
         }
         plan_items(work, groups, self.threads);
+        self.run_items(cache, shape, seqs, path, geo, groups, q, out, lse)
+    }
+
+    fn schedule_len(&self, shape: LatentShape, batch: usize) -> usize {
+        let groups = head_groups(shape.heads).1;
+        // saturating: a batch size from a caller must not wrap
+        (SPAN_WORDS * groups)
+            .saturating_mul(batch)
+            .saturating_add(ITEM_WORDS.saturating_mul(max_items(batch, groups, self.threads)))
+            .saturating_add(schedule::HEADER_WORDS)
+    }
+
+    fn schedule(&self, shape: LatentShape, lens: &[usize], out: &mut [i32]) -> Result<()> {
+        if lens.contains(&0) {
+            return Err(Error::invalid(
+                "a decode schedule needs lengths of at least 1",
+            ));
+        }
+        let groups = head_groups(shape.heads).1;
+        let words = self.schedule_len(shape, lens.len());
+        if out.len() < words {
+            return Err(Error::invalid(format!(
+                "the decode plan of {} sequences needs {words} words, the buffer holds {}",
+                lens.len(),
+                out.len()
+            )));
+        }
+        let total: usize = lens.iter().sum();
+        let target = item_target(groups, self.threads);
+        let (spans, items) =
+            out[schedule::HEADER_WORDS..].split_at_mut(SPAN_WORDS * lens.len() * groups);
+        let (mut span, mut n) = (0, 0);
+        for (b, &len) in lens.iter().enumerate() {
+            let chunk = chunk_rows(len, total, target);
+            for group in 0..groups {
+                let first = n;
+                for start in (0..len).step_by(chunk) {
+                    let end = (start + chunk).min(len);
+                    items[n * ITEM_WORDS..(n + 1) * ITEM_WORDS]
+                        .copy_from_slice(&[b, group, start, end].map(word));
+                    n += 1;
+                }
+                spans[span * SPAN_WORDS..(span + 1) * SPAN_WORDS]
+                    .copy_from_slice(&[first, n - first].map(word));
+                span += 1;
+            }
+        }
+        let header = schedule::Header {
+            kind: schedule::KIND_CPU,
+            batch: lens.len(),
+            heads: shape.heads,
+            words: schedule::HEADER_WORDS + SPAN_WORDS * span + ITEM_WORDS * n,
+            extra: [word(groups), word(n), 0],
+        };
+        schedule::write_header(&header, out)
+    }
+
+    fn attend_scheduled(
+        &mut self,
+        cache: &dyn RowSource,
+        shape: LatentShape,
+        seqs: &[u32],
+        schedule: &[i32],
+        q: &[f32],
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        check_attend_args(cache, shape, seqs, q, out, lse)?;
+        let header = schedule::read_header(schedule, schedule::KIND_CPU, seqs.len(), shape)?;
+        if seqs.is_empty() || shape.heads == 0 {
+            return Ok(());
+        }
+        let (path, geo, groups) = self.layout(shape, cache.dtype());
+        let work = &mut self.work;
+        work.lens.clear();
+        for &s in seqs {
+            work.lens.push(cache.seq_len(s)?);
+        }
+        load_items(work, &header, groups, &schedule[..header.words])?;
+        self.run_items(cache, shape, seqs, path, geo, groups, q, out, lse)
+    }
+
+    fn reserve(&mut self, shape: LatentShape, batch: usize) -> Result<()> {
+        let groups = head_groups(shape.heads).1;
+        let items = max_items(batch, groups, self.threads);
+        let blocks = batch.saturating_mul(groups);
+        let work = &mut self.work;
+        try_capacity(&mut work.lens, batch, "sequence lengths")?;
+        try_capacity(&mut work.items, items, "work items")?;
+        try_capacity(&mut work.spans, blocks, "work spans")?;
+        for dtype in [DType::Bf16, DType::F16, DType::F32] {
+            let (path, geo, _) = self.layout(shape, dtype);
+            let work = &mut self.work;
+            if path == Path::Bf16Dot {
+                let len = shape.row_width().div_ceil(2) * geo.hp;
+                try_capacity(&mut work.query_bf16, blocks.saturating_mul(len), "queries")?;
+            } else {
+                let len = geo.xs() * geo.hp;
+                try_capacity(&mut work.query_f32, blocks.saturating_mul(len), "queries")?;
+            }
+            let part_len = geo.heads * geo.wp + 2 * geo.hp;
+            try_capacity(
+                &mut work.partials,
+                items.saturating_mul(part_len),
+                "partials",
+            )?;
+            grow(&mut work.zero_row, shape.row_width() * dtype.size());
+            for t in &work.tiles {
+                t.lock().expect("tile scratch lock").reserve(&geo);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `i32` words of one (sequence, head group) span and of one work item in a schedule.
+const SPAN_WORDS: usize = 2;
+const ITEM_WORDS: usize = 4;
+
+/// A schedule word; every value written is below `i32::MAX` (lengths come from `i32`
+/// sequence lengths, counts are bounded by the batch).
+fn word(value: usize) -> i32 {
+    i32::try_from(value).expect("schedule values fit in i32")
+}
+
+/// Equal groups of at most `MAX_GROUP_HEADS` heads, none of them empty: `(heads per
+/// group, groups)`.
+fn head_groups(heads: usize) -> (usize, usize) {
+    let group_heads = heads
+        .div_ceil(heads.div_ceil(MAX_GROUP_HEADS).max(1))
+        .max(1);
+    (group_heads, heads.div_ceil(group_heads))
+}
+
+/// The most work items [`plan_items`] makes for `batch` sequences: each sequence gets at
+/// most one item per group beyond its share of `item_target` (see `plan_items`).
+fn max_items(batch: usize, groups: usize, threads: usize) -> usize {
+    // saturating: a batch size from a caller must not wrap
+    groups.saturating_mul(item_target(groups, threads).saturating_add(batch))
+}
+
+/// Work items aimed for per (sequence set, head group).
+fn item_target(groups: usize, threads: usize) -> usize {
+    (ITEMS_PER_THREAD * threads).div_ceil(groups).max(1)
+}
+
+/// Rows per chunk of a sequence of `len` rows in a batch of `total` rows: a share of
+/// `target` items proportional to its length, whole tiles, at least `MIN_CHUNK_ROWS`.
+fn chunk_rows(len: usize, total: usize, target: usize) -> usize {
+    let by_share = (target * len).div_ceil(total);
+    let splits = by_share.min(len.div_ceil(MIN_CHUNK_ROWS)).max(1);
+    len.div_ceil(splits).next_multiple_of(TILE_ROWS)
+}
+
+/// Reads a CPU schedule's items into `work`, checking that for every (sequence, head
+/// group) they tile its rows `0..len` in order: a schedule made for other lengths, or
+/// damaged, is refused before any row is read.
+fn load_items(
+    work: &mut Workspace,
+    header: &schedule::Header,
+    groups: usize,
+    words: &[i32],
+) -> Result<()> {
+    let stale = |why: &str| {
+        Error::invalid(format!(
+            "the decode plan does not fit this step: {why} (plan again when the batch or its \
+             lengths change)"
+        ))
+    };
+    let batch = work.lens.len();
+    let items = usize::try_from(header.extra[1]).map_err(|_| stale("negative item count"))?;
+    if header.extra[0] != word(groups) {
+        return Err(stale("it was made for another head grouping"));
+    }
+    let spans_end = schedule::HEADER_WORDS + SPAN_WORDS * batch * groups;
+    if words.len() != spans_end + ITEM_WORDS * items {
+        return Err(stale("its length is not that of its items"));
+    }
+    let (spans, item_words) = words[schedule::HEADER_WORDS..].split_at(SPAN_WORDS * batch * groups);
+    let at = |w: i32| usize::try_from(w).unwrap_or(usize::MAX);
+    work.items.clear();
+    work.spans.clear();
+    for (k, span) in spans.chunks_exact(SPAN_WORDS).enumerate() {
+        let (b, group) = (k / groups, k % groups);
+        let (first, count) = (at(span[0]), at(span[1]));
+        if first != work.items.len() || count == 0 || count > items - first {
+            return Err(stale("its spans do not follow each other"));
+        }
+        let mut next = 0;
+        for it in
+            item_words[first * ITEM_WORDS..(first + count) * ITEM_WORDS].chunks_exact(ITEM_WORDS)
+        {
+            let item = WorkItem {
+                batch: at(it[0]),
+                group: at(it[1]),
+                start: at(it[2]),
+                end: at(it[3]),
+            };
+            if item.batch != b
+                || item.group != group
+                || item.start != next
+                || item.end <= item.start
+            {
+                return Err(stale("its work items do not tile the sequences"));
+            }
+            next = item.end;
+            work.items.push(item);
+        }
+        if next != work.lens[b] {
+            return Err(stale(&format!(
+                "it covers {next} rows of batch entry {b}, which holds {}",
+                work.lens[b]
+            )));
+        }
+        work.spans.push((first, count));
+    }
+    Ok(())
+}
+
+impl CpuBackend {
+    /// The kernel path, tile shapes and head-group count of a step of `shape` over a
+    /// cache of `dtype`.
+    fn layout(&self, shape: LatentShape, dtype: DType) -> (Path, TileGeo, usize) {
+        let path = self.kernel.path(dtype);
+        let lanes = path.lanes();
+        let (group_heads, groups) = head_groups(shape.heads);
+        let geo = TileGeo {
+            heads: group_heads,
+            hp: group_heads.next_multiple_of(lanes),
+            w: shape.slice_width,
+            wp: shape.slice_width.next_multiple_of(lanes),
+            d_r: shape.d_r,
+            dtype,
+        };
+        (path, geo, groups)
+    }
+
+    /// Runs the work items planned in `self.work` and merges their partial outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn run_items(
+        &mut self,
+        cache: &dyn RowSource,
+        shape: LatentShape,
+        seqs: &[u32],
+        path: Path,
+        geo: TileGeo,
+        groups: usize,
+        q: &[f32],
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        let group_heads = geo.heads;
+        let work = &mut self.work;
         let q_block = pack_queries(work, path, &geo, shape, groups, q);
         let part_len = geo.heads * geo.wp + 2 * geo.hp;
         grow(&mut work.partials, work.items.len() * part_len);
@@ -380,13 +622,11 @@ impl LatentAttention for CpuBackend {
 /// buffers) depend on the batch shape and thread count, not on the context length.
 fn plan_items(work: &mut Workspace, groups: usize, threads: usize) {
     let total: usize = work.lens.iter().sum();
-    let target = (ITEMS_PER_THREAD * threads).div_ceil(groups).max(1);
+    let target = item_target(groups, threads);
     work.items.clear();
     work.spans.clear();
     for (b, &len) in work.lens.iter().enumerate() {
-        let by_share = (target * len).div_ceil(total);
-        let splits = by_share.min(len.div_ceil(MIN_CHUNK_ROWS)).max(1);
-        let chunk = len.div_ceil(splits).next_multiple_of(TILE_ROWS);
+        let chunk = chunk_rows(len, total, target);
         for group in 0..groups {
             let first = work.items.len();
             for start in (0..len).step_by(chunk) {

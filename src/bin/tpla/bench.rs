@@ -2,13 +2,18 @@
 //! the machine's own ceilings measured in the same run (DESIGN 4).
 
 use clap::Args as ClapArgs;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use std::time::{Duration, Instant};
 use tpla::attention::cpu::{CpuBackend, KernelChoice};
+use tpla::attention::RowSource;
 use tpla::attention::{LatentAttention, LatentShape};
 use tpla::cache::{RankCache, ShardSpec, TransformId, DEFAULT_PAGE_SIZE};
+use tpla::decode::{Outputs, Queries, RankContext, RankLayer};
+use tpla::engine::{BlockTable, PagedCache, PagedLayout, PagedStep};
+use tpla::transform::Transform;
 use tpla::{DType, Error, ModelDims, Result, ShardPlan};
 
 #[derive(ClapArgs, Debug)]
@@ -51,9 +56,105 @@ pub struct Args {
     /// Seed of the synthetic cache rows and queries.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// How each step is called (comma-separated): `kernel` (the backend alone over a
+    /// library-owned cache) or `engine` (plan + paged decode through `tpla::engine` over
+    /// an engine-owned pool with shuffled pages: the API's own cost is the difference).
+    #[arg(long, value_delimiter = ',', default_value = "kernel")]
+    api: Vec<String>,
     /// One JSON object per configuration instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A step through the engine API: a rank context with its own backend, the engine's
+/// pool holding the same rows as the owned cache on shuffled pages, and a plan buffer.
+struct EngineStep {
+    ctx: RankContext,
+    pool: Vec<u32>,
+    layout: PagedLayout,
+    table: Vec<i32>,
+    width: usize,
+    lens: Vec<i32>,
+    plan: Vec<i32>,
+}
+
+impl EngineStep {
+    fn new(
+        cache: &RankCache,
+        dims: ModelDims,
+        plan: ShardPlan,
+        backend: CpuBackend,
+        batch: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let spec = cache.spec();
+        let view = cache.layer(0)?;
+        let (ps, rw) = (spec.page_size(), spec.row_width());
+        let width = view.seq_len(0)?.div_ceil(ps);
+        let layout = PagedLayout {
+            dtype: spec.dtype(),
+            row_width: rw,
+            page_size: ps,
+            page_stride: spec.page_stride(),
+            pages: batch * width,
+        };
+        let mut pool = vec![0u32; layout.extent()?.div_ceil(4)];
+        let mut table: Vec<i32> = (0..(batch * width) as i32).collect();
+        table.shuffle(rng);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut pool);
+        for b in 0..batch {
+            for k in 0..width {
+                let src = view.page(b as u32, k);
+                let start = table[b * width + k] as usize * layout.page_stride;
+                bytes[start..start + src.len()].copy_from_slice(src);
+            }
+        }
+        let (w, heads) = (plan.slice_width, plan.heads);
+        let layer = RankLayer::from_f32(
+            vec![0.0; heads * w * dims.d_n],
+            vec![0.0; heads * w * dims.d_v],
+            1.0,
+            Transform::identity(dims.d_c)?,
+            1.0,
+        )?;
+        let mut ctx = RankContext::new(dims, plan, 1, Box::new(backend))?;
+        ctx.install(0, layer)?;
+        ctx.reserve(batch)?;
+        let lens = vec![view.seq_len(0)? as i32; batch];
+        let plan = vec![0; ctx.decode_plan_len(batch)];
+        Ok(EngineStep {
+            ctx,
+            pool,
+            layout,
+            table,
+            width,
+            lens,
+            plan,
+        })
+    }
+
+    /// Plans and decodes one step; the queries are the kernel's rows (scale and mu 1).
+    fn run(&mut self, q: &[f32], out: &mut [f32], lse: &mut [f32]) -> Result<()> {
+        self.ctx.decode_plan(&self.lens, &mut self.plan)?;
+        let step = PagedStep {
+            cache: PagedCache::new(self.layout, bytemuck::cast_slice(&self.pool))?,
+            block_table: BlockTable::new(&self.table, self.lens.len(), self.width)?,
+            seq_lens: &self.lens,
+            plan: &self.plan,
+            softmax_scale: Some(1.0),
+            mu: Some(1.0),
+        };
+        let faults =
+            self.ctx
+                .decode_paged(0, &step, Queries::Joined(q), Outputs::Latent { out, lse })?;
+        if !faults.is_empty() {
+            return Err(Error::new(
+                tpla::ErrorKind::Backend,
+                "the engine step faulted",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Ceilings measured on one backend's threads, once per round.
@@ -111,6 +212,13 @@ pub fn run(args: Args) -> Result<()> {
         args.threads.clone()
     };
     let max_batch = *args.batch.iter().max().expect("clap gives at least one");
+    for api in &args.api {
+        if api != "kernel" && api != "engine" {
+            return Err(Error::invalid(format!(
+                "unknown --api '{api}' (kernel, engine)"
+            )));
+        }
+    }
 
     let mut backends = Vec::new();
     for &t in &threads {
@@ -136,31 +244,44 @@ pub fn run(args: Args) -> Result<()> {
                     context,
                     max_batch,
                 )?;
-                caches.push((model, g, plan, context, cache, dims.d_r));
+                caches.push((model, g, plan, context, cache, dims));
             }
         }
     }
     let mut configs = Vec::new();
-    for (ci, (_, _, plan, _, _, d_r)) in caches.iter().enumerate() {
+    for (ci, (_, _, plan, _, cache, dims)) in caches.iter().enumerate() {
         let shape = LatentShape {
             heads: plan.heads,
             slice_width: plan.slice_width,
-            d_r: *d_r,
+            d_r: dims.d_r,
         };
         for &batch in &args.batch {
             let sigma = 2.5 / (shape.row_width() as f64).sqrt();
             let q: Vec<f32> = (0..batch * shape.heads * shape.row_width())
                 .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
                 .collect();
-            for bi in 0..backends.len() {
-                configs.push(Config {
-                    cache: ci,
-                    backend: bi,
-                    shape,
-                    batch,
-                    q: q.clone(),
-                    times: Vec::with_capacity(args.repeats),
-                });
+            for (bi, (kernel_backend, _)) in backends.iter().enumerate() {
+                for api in &args.api {
+                    let engine = match api.as_str() {
+                        "engine" => {
+                            let (t, k) = (kernel_backend.threads(), kernel_backend.kernel());
+                            let backend = CpuBackend::with_kernel(t, k)?;
+                            Some(EngineStep::new(
+                                cache, *dims, *plan, backend, batch, &mut rng,
+                            )?)
+                        }
+                        _ => None,
+                    };
+                    configs.push(Config {
+                        cache: ci,
+                        backend: bi,
+                        shape,
+                        batch,
+                        q: q.clone(),
+                        times: Vec::with_capacity(args.repeats),
+                        engine,
+                    });
+                }
             }
         }
     }
@@ -183,7 +304,10 @@ pub fn run(args: Args) -> Result<()> {
             let mut lse = vec![0.0; c.batch * c.shape.heads];
             let backend = &mut backends[c.backend].0;
             let start = Instant::now();
-            backend.attend(&layer, c.shape, &seqs, &c.q, &mut out, &mut lse)?;
+            match &mut c.engine {
+                Some(engine) => engine.run(&c.q, &mut out, &mut lse)?,
+                None => backend.attend(&layer, c.shape, &seqs, &c.q, &mut out, &mut lse)?,
+            }
             let secs = start.elapsed().as_secs_f64();
             // two warm-up rounds: thread start, page faults, scratch growth
             if round >= 2 {
@@ -204,8 +328,9 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     if !args.json {
         println!(
-            "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
+            "{:<16} {:>6} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
             "model",
+            "api",
             "heads",
             "g",
             "context",
@@ -226,6 +351,9 @@ pub fn run(args: Args) -> Result<()> {
         let backend = &backends[c.backend].0;
         let (read_bw, peak) = ceilings[c.backend];
         let (shape, batch) = (c.shape, c.batch);
+        // in round order: configurations timed in the same round saw the same load, so
+        // their step-by-step ratios compare them more robustly than their medians
+        let rounds_us: Vec<f64> = c.times.iter().map(|t| t * 1e6).collect();
         c.times.sort_by(f64::total_cmp);
         let secs = c.times[c.times.len() / 2];
         let best = c.times[0];
@@ -236,9 +364,15 @@ pub fn run(args: Args) -> Result<()> {
         let (t_bytes, t_flops) = (bytes / read_bw, flops / peak);
         let roofline = t_bytes.max(t_flops);
         let kernel = backend.kernel_for(dtype).name();
+        let api = if c.engine.is_some() {
+            "engine"
+        } else {
+            "kernel"
+        };
         if args.json {
             let record = serde_json::json!({
                 "backend": "cpu",
+                "api": api,
                 "kernel": kernel,
                 "dtype": dtype.name(),
                 "model": model,
@@ -251,6 +385,7 @@ pub fn run(args: Args) -> Result<()> {
                 "page_size": args.page_size,
                 "us_per_step": secs * 1e6,
                 "us_per_step_min": best * 1e6,
+                "us_per_round": rounds_us,
                 "gbps": bytes / secs / 1e9,
                 "tflops": flops / secs / 1e12,
                 "read_gbps_ceiling": read_bw / 1e9,
@@ -261,8 +396,9 @@ pub fn run(args: Args) -> Result<()> {
             println!("{record}");
         } else {
             println!(
-                "{:<16} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
+                "{:<16} {:>6} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
                 model,
+                api,
                 shape.heads,
                 g,
                 context,
@@ -290,6 +426,8 @@ struct Config {
     batch: usize,
     q: Vec<f32>,
     times: Vec<f64>,
+    /// `--api engine`: the step goes through the engine API.
+    engine: Option<EngineStep>,
 }
 
 /// A one-layer cache of rank `plan`'s slice holding `batch` sequences of `context`
