@@ -800,6 +800,17 @@ unsafe fn kv_bytes_mut<'a>(kv: &'a Tensor, layout: &PagedLayout) -> PyResult<&'a
     Ok(unsafe { std::slice::from_raw_parts_mut(kv.ptr, extent) })
 }
 
+/// An element type by its NumPy/torch name ("bfloat16", "float16", "float32") or
+/// libtpla's ("bf16", "f16", "f32").
+fn parse_dtype(name: &str) -> PyResult<DType> {
+    match name {
+        "bfloat16" => Ok(DType::Bf16),
+        "float16" => Ok(DType::F16),
+        "float32" => Ok(DType::F32),
+        other => DType::parse(other).py(),
+    }
+}
+
 /// NumPy's `empty`, looked up once.
 static NP_EMPTY: GILOnceCell<PyObject> = GILOnceCell::new();
 
@@ -1103,7 +1114,7 @@ impl PyShardCache {
         let spec = ShardSpec::new(
             *c.dims(),
             c.plan(),
-            DType::parse(dtype).py()?,
+            parse_dtype(dtype)?,
             page_size,
             c.transform_ids().py()?,
         )
@@ -1163,15 +1174,7 @@ fn export_shards(
         .map(|t| tpla::cache::TransformId::of(&t.0))
         .collect();
     let table: Vec<(u32, usize)> = seqs.iter().map(|s| (s.0, s.3)).collect();
-    let plan = ExportPlan::new(
-        d,
-        paths.len(),
-        DType::parse(dtype).py()?,
-        page_size,
-        ids,
-        &table,
-    )
-    .py()?;
+    let plan = ExportPlan::new(d, paths.len(), parse_dtype(dtype)?, page_size, ids, &table).py()?;
     let mut w = ShardFileWriter::create(&plan, &paths).py()?;
     while let Some((layer, id)) = w.next_block() {
         let s = seqs
@@ -1212,7 +1215,7 @@ fn all_reduce_in_process(buffers: &Bound<'_, PyList>) -> PyResult<()> {
     tpla::combine::all_reduce_in_process(&mut slices).py()
 }
 
-/// The CPU kernels this machine can run ("auto" first).
+/// The CPU kernels this machine can run, fastest first ("auto" picks the first).
 #[pyfunction]
 fn cpu_kernels() -> Vec<&'static str> {
     KernelChoice::available()
