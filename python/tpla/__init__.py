@@ -1,0 +1,147 @@
+"""libtpla from Python: MLA decode attention under Tensor-Parallel Latent Attention.
+
+A serving engine owns its KV cache (pages from its block allocator); libtpla keeps no
+cache state. Per rank, a :class:`RankContext` holds the absorbed weights of every layer
+(``W'_UK``, ``W'_UV``, mu, the transform ``U``). Per step, as with FlashMLA::
+
+    plan = tpla.decode_plan(cache_seqlens, ctx)           # once per step (get_mla_metadata)
+    for layer in range(ctx.layers):
+        tpla.append(kv_c, k_pe, kv_cache[layer], slot_mapping, context=ctx, layer=layer)
+        out, lse = tpla.decode(q, kv_cache[layer], block_table, cache_seqlens, plan,
+                               layer=layer)               # flash_mla_with_kvcache
+        # combine the ranks: tpla.all_reduce(out_heads, group) (project=True outputs)
+
+Tensor shapes follow ``flash_mla_with_kvcache``:
+
+* ``q`` ``[batch, 1, heads, slice_width + d_r]`` float32 or bfloat16: per head, the
+  absorbed latent query (this rank's slice, rotated basis) then the RoPE query. With
+  ``q_rope=`` given, ``q`` is the latent part alone, or with ``absorb=True`` ``q_nope``
+  ``[batch, 1, heads, d_n]`` that the context multiplies by ``W'_UK``.
+* ``kv_cache`` ``[num_pages, page_size, 1, slice_width + d_r]`` bfloat16, float16 or
+  float32 (NumPy users pass bfloat16 bits as uint16 with ``kv_dtype="bfloat16"``); pages
+  may be padded (any page stride of at least a page), rows must be contiguous.
+* ``block_table`` ``[batch, max_pages]`` int32, ``cache_seqlens`` ``[batch]`` int32.
+* returns ``out`` ``[batch, 1, heads, slice_width]`` (``project=True``: the rank's partial
+  head outputs ``[batch, 1, heads, d_v]``, to be summed over ranks) and ``lse``
+  ``[batch, heads, 1]`` float32 (``None`` with ``project=True``). Pass ``out=``/``lse=``
+  to write into your own buffers (float32, or bfloat16 ``out``) without allocating.
+
+Arrays are read in place, never copied (bfloat16 queries are widened to float32 in a
+reused buffer): NumPy arrays and anything with the buffer protocol, CPU torch tensors
+and other DLPack producers, objects with ``__array_interface__``. Wrong dtypes, shapes,
+strides or devices raise :class:`InvalidArgumentError` (or :class:`UnsupportedError` for
+GPU tensors: this package decodes on the CPU); every libtpla error is a
+:class:`TplaError` with the ``tpla_status`` name. Bad page indices or slots found while
+reading are not errors: the entries concerned hold NaN (or are skipped) and
+``ctx.last_faults`` has :class:`Faults` bits.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Optional
+
+from . import errors
+from ._tpla import (
+    DecodePlan,
+    ModelDims,
+    RankContext,
+    ShardCache,
+    ShardPlan,
+    Transform,
+    __version__,
+    all_reduce_in_process,
+    append,
+    cpu_kernels,
+    decode,
+    decode_plan,
+    export_shards,
+    presets,
+)
+from .errors import (
+    BackendError,
+    CorruptFileError,
+    InvalidArgumentError,
+    MismatchError,
+    OutOfCapacityError,
+    OutOfRangeError,
+    TplaError,
+    TplaIOError,
+    UnsupportedError,
+)
+
+__all__ = [
+    "BackendError",
+    "CorruptFileError",
+    "DecodePlan",
+    "Faults",
+    "InvalidArgumentError",
+    "MismatchError",
+    "ModelDims",
+    "OutOfCapacityError",
+    "OutOfRangeError",
+    "RankContext",
+    "ShardCache",
+    "ShardPlan",
+    "TplaError",
+    "TplaIOError",
+    "Transform",
+    "UnsupportedError",
+    "__version__",
+    "all_reduce",
+    "all_reduce_in_process",
+    "append",
+    "cpu_kernels",
+    "decode",
+    "decode_plan",
+    "errors",
+    "export_shards",
+    "presets",
+]
+
+
+class Faults(enum.IntFlag):
+    """Bits of ``RankContext.last_faults`` (the C ABI's ``tpla_fault``)."""
+
+    NONE = 0
+    #: A block table entry outside ``0..num_pages``, or a length needing more pages than
+    #: the table's width: that batch entry's outputs and lse are NaN.
+    BAD_PAGE = 1
+    #: A slot at or past ``num_pages * page_size``: that token was not written.
+    BAD_SLOT = 2
+
+
+def all_reduce(
+    tensor: Any,
+    group: Any = None,
+    communicator: Optional[Callable[[Any], Any]] = None,
+) -> Any:
+    """Sums this rank's partial outputs over the ranks, in place, and returns the tensor.
+
+    The ranks' partial head outputs (``decode(..., project=True)``) add up to the layer's
+    attention output: the TPLA all-reduce. With a torch tensor this is
+    ``torch.distributed.all_reduce(tensor, group=group)`` on the process group ``group``
+    (``None``: the default group), the communicator a torch engine already has. Any
+    other array is handed to ``communicator(tensor)``, which must replace it in place by
+    the sum over ranks (e.g. an MPI ``Allreduce`` with ``MPI.IN_PLACE``). Several ranks in
+    one process: :func:`all_reduce_in_process`.
+    """
+    if communicator is not None:
+        communicator(tensor)
+        return tensor
+    if type(tensor).__module__.startswith("torch"):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise InvalidArgumentError(
+                "torch.distributed is not initialised: call "
+                "torch.distributed.init_process_group first, or pass communicator=",
+                "TPLA_STATUS_INVALID_ARGUMENT",
+            )
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+    raise InvalidArgumentError(
+        f"all_reduce of a {type(tensor).__name__} needs communicator= (a torch tensor "
+        "uses torch.distributed)",
+        "TPLA_STATUS_INVALID_ARGUMENT",
+    )
