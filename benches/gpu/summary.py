@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Prints libtpla's CUDA bench beside FlashMLA's, from the JSON lines of one device call:
-summary.py TPLA_JSONL FLASHMLA_JSONL. Ratios are FlashMLA time / libtpla time for the
-per-rank comparisons of the anchors README (TPLA g over H heads against FlashMLA with
-H/g heads... precisely: kimi-k2 g>=2 against 32 heads, deepseek-v3 g>=2 against 64
-heads, g=1 against the same heads)."""
+summary.py TPLA_JSONL FLASHMLA_JSONL. The ratio is FlashMLA's time over libtpla's, for
+the per-rank comparisons of the anchors README: a TPLA rank (g >= 2) of Kimi-K2 against
+FlashMLA with 32 heads and of DeepSeek-V3 against 64 heads (MLA under TP=2); g = 1
+against FlashMLA with the same heads."""
 import json
 import sys
 
