@@ -499,8 +499,8 @@ impl PyRankContext {
     }
 
     /// Makes later steps of up to `max_batch` sequences allocation-free.
-    fn reserve(&mut self, max_batch: usize) {
-        self.c().reserve(max_batch);
+    fn reserve(&mut self, max_batch: usize) -> PyResult<()> {
+        self.c().reserve(max_batch).py()
     }
 
     /// `tpla.decode_plan(cache_seqlens, self)`.
