@@ -18,6 +18,7 @@
 //! the sequence's outputs and log-sum-exps, so a damaged cache never yields a plausible
 //! number. An infinite value gives NaN or infinite outputs the same way.
 
+mod avx2;
 mod bf16dot;
 mod ceilings;
 mod simd;
@@ -402,6 +403,17 @@ fn pack_queries(
             bf16dot::pack_query(qb, rows, geo.heads, hp, rw);
         }
         len
+    } else if path == Path::Avx2 {
+        let len = geo.xs() * hp;
+        grow(&mut work.query_f32, blocks * len);
+        for (blk, qb) in work.query_f32[..blocks * len]
+            .chunks_exact_mut(len)
+            .enumerate()
+        {
+            let rows = |h| query_row(q, blk, groups, geo.heads, shape.heads, h, rw);
+            avx2::pack_query(qb, rows, geo);
+        }
+        len
     } else {
         let xs = geo.xs();
         let len = xs * hp;
@@ -502,7 +514,7 @@ impl ItemJob<'_> {
                     #[cfg(target_arch = "x86_64")]
                     Path::Avx512 => tile::tile_avx512(&geo, self.query(blk), &tile, scr, &mut acc),
                     #[cfg(target_arch = "x86_64")]
-                    Path::Avx2 => tile::tile_avx2(&geo, self.query(blk), &tile, scr, &mut acc),
+                    Path::Avx2 => avx2::tile_avx2(&geo, self.query(blk), &tile, scr, &mut acc),
                     _ => tile::tile_portable(&geo, self.query(blk), &tile, scr, &mut acc),
                 }
             }

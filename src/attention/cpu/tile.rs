@@ -1,5 +1,5 @@
-//! One tile of the flash-decoding loop in f32 (AVX-512F, AVX2+FMA, portable), and the
-//! online-softmax update every kernel shares.
+//! One tile of the flash-decoding loop in f32 (AVX-512F, portable), and what every
+//! kernel shares: the f32 row panel, the online-softmax update, the output micro-kernel.
 //!
 //! A tile is `n` cached rows (a multiple of [`ROW_STEP`], at most [`TILE_ROWS`]) of one
 //! sequence, of which the first `valid` are real (the rest point at a zero row). Heads
@@ -70,6 +70,50 @@ impl TileScratch {
 pub(super) fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
+    }
+}
+
+/// Consecutive blocks of `step` vectors, then single vectors for the rest: the
+/// micro-kernels' work units, and the order packed operands are laid out in.
+#[derive(Clone, Copy)]
+pub(super) struct VectorBlocks {
+    next: usize,
+    total: usize,
+    whole: usize,
+    step: usize,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct VectorBlock {
+    pub start: usize,
+    pub len: usize,
+}
+
+impl VectorBlocks {
+    pub fn new(total: usize, step: usize) -> Self {
+        VectorBlocks {
+            next: 0,
+            total,
+            whole: total / step * step,
+            step,
+        }
+    }
+}
+
+impl Iterator for VectorBlocks {
+    type Item = VectorBlock;
+    #[inline(always)]
+    fn next(&mut self) -> Option<VectorBlock> {
+        if self.next >= self.total {
+            return None;
+        }
+        let len = if self.next < self.whole { self.step } else { 1 };
+        let blk = VectorBlock {
+            start: self.next,
+            len,
+        };
+        self.next += len;
+        Some(blk)
     }
 }
 
@@ -153,6 +197,21 @@ pub(super) unsafe fn softmax_update<S: Simd>(
     }
 }
 
+/// Decodes the tile's rows into the f32 panel `x` (`[n][xs]`: latent, zeros up to `wp`,
+/// RoPE key), once for all heads, prefetching the next tile's rows as it goes.
+#[inline(always)]
+pub(super) unsafe fn decode_tile<S: Simd>(geo: &TileGeo, tile: &TileRows, x: *mut f32) {
+    let (xs, wp) = (geo.xs(), geo.wp);
+    for (t, &row) in tile.rows.iter().enumerate() {
+        tile.prefetch_next(t, t + 1);
+        let xt = x.add(t * xs);
+        S::decode_row(geo.dtype, row, xt, geo.w);
+        std::ptr::write_bytes(xt.add(geo.w), 0, wp - geo.w);
+        let rope = row.add(geo.w * geo.dtype.size());
+        S::decode_row(geo.dtype, rope, xt.add(wp), geo.d_r);
+    }
+}
+
 /// Scores of rows `R` x head vectors `HV`: `s[t][h] = sum_k x[t][k] * qt[k][h]`.
 #[inline(always)]
 unsafe fn score_block<S: Simd, const R: usize, const HV: usize>(
@@ -186,7 +245,7 @@ unsafe fn score_block<S: Simd, const R: usize, const HV: usize>(
 /// `o[h][j] = corr[h] * o[h][j] + sum_t p[t][h] * x[t][j]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn output_block<S: Simd, const HB: usize, const JV: usize>(
+pub(super) unsafe fn output_block<S: Simd, const HB: usize, const JV: usize>(
     p: *const f32,
     hp: usize,
     x: *const f32,
@@ -239,14 +298,7 @@ unsafe fn tile_f32<S: Simd, const R: usize, const HV: usize, const HB: usize, co
     debug_assert!(n % R == 0 && n <= TILE_ROWS && valid <= n && hp % S::LANES == 0);
     debug_assert!(qt.len() >= xs * hp && acc.o.len() >= geo.heads * wp);
     let x = scr.x.as_mut_ptr();
-    for (t, &row) in rows.iter().enumerate() {
-        tile.prefetch_next(t, t + 1);
-        let xt = x.add(t * xs);
-        S::decode_row(geo.dtype, row, xt, geo.w);
-        std::ptr::write_bytes(xt.add(geo.w), 0, wp - geo.w);
-        let rope = row.add(geo.w * geo.dtype.size());
-        S::decode_row(geo.dtype, rope, xt.add(wp), geo.d_r);
-    }
+    decode_tile::<S>(geo, tile, x);
 
     let s = scr.s.as_mut_ptr();
     let vectors = hp / S::LANES;
@@ -303,22 +355,6 @@ pub(super) unsafe fn tile_avx512(
     acc: &mut Accum,
 ) {
     tile_f32::<super::simd::Avx512, ROW_STEP, 4, 4, 4>(geo, qt, tile, scr, acc)
-}
-
-/// AVX2+FMA tile (8 lanes; 8 accumulators per micro-kernel of the 16 registers).
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C; buffers as documented on [`tile_f32`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_avx2(
-    geo: &TileGeo,
-    qt: &[f32],
-    tile: &TileRows,
-    scr: &mut TileScratch,
-    acc: &mut Accum,
-) {
-    tile_f32::<super::simd::Avx2, ROW_STEP, 2, 4, 2>(geo, qt, tile, scr, acc)
 }
 
 /// Portable tile: plain Rust the compiler vectorises for the build target.

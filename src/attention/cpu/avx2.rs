@@ -1,0 +1,173 @@
+//! The AVX2+FMA tile: the step's two products as small register-blocked GEMMs on the 16
+//! ymm registers, for machines without AVX-512.
+//!
+//! The tile's rows are decoded to f32 once, into a panel `[n][xs]` every head reads (F16C
+//! for f16 caches). Scores `S[t][h] = x_t . q_h` keep heads in lanes: a micro-kernel holds
+//! [`SCORE_ROWS`] rows x [`SCORE_HV`] head vectors of accumulators (12 of 16 registers),
+//! and per column loads two query vectors and broadcasts one value of each row. The
+//! query is packed per block of head vectors, `[xs][block width]` contiguous, so a block
+//! walks one dense stream. Outputs `O[h][j] += P[t][h] x_t[j]` keep latent columns in
+//! lanes, [`OUT_HEADS`] heads x [`OUT_JV`] latent vectors per micro-kernel, and the
+//! online-softmax rescale is folded into loading those accumulators once per tile.
+
+use super::simd::{Avx2, Simd};
+use super::tile::{
+    decode_tile, output_block, softmax_update, Accum, TileGeo, TileRows, TileScratch, VectorBlocks,
+};
+use std::arch::x86_64::*;
+
+/// Rows x head vectors of the score micro-kernel: 12 accumulators, 2 query vectors and a
+/// broadcast fill 15 of the 16 registers.
+const SCORE_ROWS: usize = 6;
+const SCORE_HV: usize = 2;
+/// Heads x latent vectors of the output micro-kernel (the same 12 + 2 + 1 registers).
+const OUT_HEADS: usize = 6;
+const OUT_JV: usize = 2;
+const LANES: usize = <Avx2 as Simd>::LANES;
+
+/// Packs one group's query rows (`rows(h)` for `h < heads`, `None` past the last) for
+/// [`tile_avx2`]: block `b` of [`SCORE_HV`] head vectors holds `[xs][b.len * 8]` at
+/// `b.start * 8 * xs`, latent column `k` at `k`, RoPE column `k` at `wp + k - w`; zero
+/// in the padding. `dst` (`xs * hp` values) is overwritten.
+pub(super) fn pack_query<'a>(
+    dst: &mut [f32],
+    rows: impl Fn(usize) -> Option<&'a [f32]>,
+    geo: &TileGeo,
+) {
+    let xs = geo.xs();
+    dst.fill(0.0);
+    for blk in VectorBlocks::new(geo.hp / LANES, SCORE_HV) {
+        let width = blk.len * LANES;
+        let block = &mut dst[blk.start * LANES * xs..][..width * xs];
+        for i in 0..width {
+            let h = blk.start * LANES + i;
+            let Some(q) = rows(h).filter(|_| h < geo.heads) else {
+                break;
+            };
+            for (k, &v) in q.iter().enumerate() {
+                let col = if k < geo.w { k } else { k - geo.w + geo.wp };
+                block[col * width + i] = v;
+            }
+        }
+    }
+}
+
+/// Scores of rows `R` x head vectors `HV`: `s[r][h] = sum_k x[r][k] * q[k][h]`, with `q`
+/// one packed block `[xs][HV * 8]` and `s` rows of stride `hp`.
+#[inline(always)]
+unsafe fn score_block<const R: usize, const HV: usize>(
+    x: *const f32,
+    xs: usize,
+    q: *const f32,
+    s: *mut f32,
+    hp: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); HV]; R];
+    for k in 0..xs {
+        let mut qv = [_mm256_setzero_ps(); HV];
+        for (j, v) in qv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(q.add((k * HV + j) * LANES));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xb = _mm256_broadcast_ss(&*x.add(r * xs + k));
+            for (a, v) in row.iter_mut().zip(qv) {
+                *a = _mm256_fmadd_ps(v, xb, *a);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            _mm256_storeu_ps(s.add(r * hp + j * LANES), *a);
+        }
+    }
+}
+
+/// Scores of all `n` rows (a multiple of 8) for one block of `HV` head vectors.
+#[inline(always)]
+unsafe fn score_rows<const HV: usize>(
+    x: *const f32,
+    xs: usize,
+    q: *const f32,
+    s: *mut f32,
+    hp: usize,
+    n: usize,
+) {
+    let whole = n / SCORE_ROWS * SCORE_ROWS;
+    let mut t = 0;
+    while t < whole {
+        score_block::<SCORE_ROWS, HV>(x.add(t * xs), xs, q, s.add(t * hp), hp);
+        t += SCORE_ROWS;
+    }
+    // n is even, so the rest is 0, 2 or 4 rows
+    match n - whole {
+        4 => score_block::<4, HV>(x.add(t * xs), xs, q, s.add(t * hp), hp),
+        2 => score_block::<2, HV>(x.add(t * xs), xs, q, s.add(t * hp), hp),
+        rest => debug_assert_eq!(rest, 0),
+    }
+}
+
+/// The AVX2+FMA tile: decode rows to the f32 panel, scores, softmax update, outputs.
+///
+/// `qp` is the group's query packed by [`pack_query`]; the rows hold `w + d_r` elements
+/// of `geo.dtype` each.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `scr` reserved for `geo`, `acc` sized for it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_avx2(
+    geo: &TileGeo,
+    qp: &[f32],
+    tile: &TileRows,
+    scr: &mut TileScratch,
+    acc: &mut Accum,
+) {
+    let (n, hp, wp, xs) = (tile.rows.len(), geo.hp, geo.wp, geo.xs());
+    debug_assert!(n % 2 == 0 && tile.valid <= n && hp % LANES == 0);
+    debug_assert!(qp.len() >= xs * hp && acc.o.len() >= geo.heads * wp);
+    let x = scr.x.as_mut_ptr();
+    decode_tile::<Avx2>(geo, tile, x);
+
+    let s = scr.s.as_mut_ptr();
+    for blk in VectorBlocks::new(hp / LANES, SCORE_HV) {
+        let q = qp.as_ptr().add(blk.start * LANES * xs);
+        let st = s.add(blk.start * LANES);
+        if blk.len == SCORE_HV {
+            score_rows::<SCORE_HV>(x, xs, q, st, hp, n);
+        } else {
+            score_rows::<1>(x, xs, q, st, hp, n);
+        }
+    }
+
+    softmax_update::<Avx2>(&mut scr.s, n, tile.valid, hp, acc, &mut scr.corr);
+
+    let (p, o, corr) = (scr.s.as_ptr(), acc.o.as_mut_ptr(), scr.corr.as_ptr());
+    for jb in VectorBlocks::new(wp / LANES, OUT_JV) {
+        let (xj, oj) = (x.add(jb.start * LANES), o.add(jb.start * LANES));
+        let mut h = 0;
+        // plain loops rather than closures: closures do not inherit the target features
+        while h < geo.heads {
+            let (ph, oh, c) = (p.add(h), oj.add(h * wp), corr.add(h));
+            let heads = match geo.heads - h {
+                left if left >= OUT_HEADS => OUT_HEADS,
+                left if left >= 4 => 4,
+                left if left >= 2 => 2,
+                _ => 1,
+            };
+            match (heads, jb.len == OUT_JV) {
+                (OUT_HEADS, true) => {
+                    output_block::<Avx2, OUT_HEADS, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n)
+                }
+                (OUT_HEADS, false) => {
+                    output_block::<Avx2, OUT_HEADS, 1>(ph, hp, xj, xs, oh, wp, c, n)
+                }
+                (4, true) => output_block::<Avx2, 4, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n),
+                (4, false) => output_block::<Avx2, 4, 1>(ph, hp, xj, xs, oh, wp, c, n),
+                (2, true) => output_block::<Avx2, 2, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n),
+                (2, false) => output_block::<Avx2, 2, 1>(ph, hp, xj, xs, oh, wp, c, n),
+                (_, true) => output_block::<Avx2, 1, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n),
+                (_, false) => output_block::<Avx2, 1, 1>(ph, hp, xj, xs, oh, wp, c, n),
+            }
+            h += heads;
+        }
+    }
+}
