@@ -1,5 +1,5 @@
 //! One tile of the flash-decoding loop in f32 (AVX-512F, portable), and what every
-//! kernel shares: the f32 row panel, the online-softmax update, the output micro-kernel.
+//! kernel shares: the f32 row panel, the online-softmax update, work blocks.
 //!
 //! A tile is `n` cached rows (a multiple of [`ROW_STEP`], at most [`TILE_ROWS`]) of one
 //! sequence, of which the first `valid` are real (the rest point at a zero row). Heads
@@ -245,7 +245,7 @@ unsafe fn score_block<S: Simd, const R: usize, const HV: usize>(
 /// `o[h][j] = corr[h] * o[h][j] + sum_t p[t][h] * x[t][j]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(super) unsafe fn output_block<S: Simd, const HB: usize, const JV: usize>(
+unsafe fn output_block<S: Simd, const HB: usize, const JV: usize>(
     p: *const f32,
     hp: usize,
     x: *const f32,
