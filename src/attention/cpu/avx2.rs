@@ -219,32 +219,71 @@ pub(super) unsafe fn tile_avx2(
 
     softmax_update::<Avx2>(&mut scr.s, n, tile.valid, hp, acc, &mut scr.corr);
 
-    let (p, o, corr) = (scr.s.as_ptr(), acc.o.as_mut_ptr(), scr.corr.as_ptr());
+    let p = scr.p_blocks.as_mut_ptr();
+    regroup_probabilities(scr.s.as_ptr(), hp, p, geo.heads, n);
+    let (o, corr) = (acc.o.as_mut_ptr(), scr.corr.as_ptr());
     for jb in VectorBlocks::new(wp / LANES, OUT_JV) {
         let (xj, oj) = (x.add(jb.start * LANES), o.add(jb.start * LANES));
         let mut h = 0;
         // plain loops rather than closures: closures do not inherit the target features
         while h < geo.heads {
-            let (ph, oh, c) = (p.add(h), oj.add(h * wp), corr.add(h));
-            let heads = match geo.heads - h {
-                left if left >= OUT_HEADS => OUT_HEADS,
-                left if left >= 4 => 4,
-                left if left >= 2 => 2,
-                _ => 1,
-            };
+            let heads = out_block_heads(geo.heads - h);
+            let (ph, oh, c) = (p.add(h * n), oj.add(h * wp), corr.add(h));
             match (heads, jb.len == OUT_JV) {
                 (OUT_HEADS, true) => {
-                    output_block::<OUT_HEADS, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n)
+                    output_block::<OUT_HEADS, OUT_JV>(ph, heads, xj, xs, oh, wp, c, n)
                 }
-                (OUT_HEADS, false) => output_block::<OUT_HEADS, 1>(ph, hp, xj, xs, oh, wp, c, n),
-                (4, true) => output_block::<4, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n),
-                (4, false) => output_block::<4, 1>(ph, hp, xj, xs, oh, wp, c, n),
-                (2, true) => output_block::<2, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n),
-                (2, false) => output_block::<2, 1>(ph, hp, xj, xs, oh, wp, c, n),
-                (_, true) => output_block::<1, OUT_JV>(ph, hp, xj, xs, oh, wp, c, n),
-                (_, false) => output_block::<1, 1>(ph, hp, xj, xs, oh, wp, c, n),
+                (OUT_HEADS, false) => output_block::<OUT_HEADS, 1>(ph, heads, xj, xs, oh, wp, c, n),
+                (4, true) => output_block::<4, OUT_JV>(ph, heads, xj, xs, oh, wp, c, n),
+                (4, false) => output_block::<4, 1>(ph, heads, xj, xs, oh, wp, c, n),
+                (2, true) => output_block::<2, OUT_JV>(ph, heads, xj, xs, oh, wp, c, n),
+                (2, false) => output_block::<2, 1>(ph, heads, xj, xs, oh, wp, c, n),
+                (_, true) => output_block::<1, OUT_JV>(ph, heads, xj, xs, oh, wp, c, n),
+                (_, false) => output_block::<1, 1>(ph, heads, xj, xs, oh, wp, c, n),
             }
             h += heads;
         }
+    }
+}
+
+/// Heads of the output block that starts with `left` heads to go: whole blocks of
+/// [`OUT_HEADS`], then 4, 2 and 1.
+#[inline(always)]
+fn out_block_heads(left: usize) -> usize {
+    match left {
+        l if l >= OUT_HEADS => OUT_HEADS,
+        l if l >= 4 => 4,
+        l if l >= 2 => 2,
+        _ => 1,
+    }
+}
+
+/// Copies the probabilities `s[t][h]` (rows of stride `hp`) into one contiguous
+/// `[n][len]` slab per output head block, at `dst + start * n`: an output micro-kernel
+/// then reads 24 bytes per row from one dense stream, where rows of a power-of-two
+/// stride (512 bytes for 128 heads) put all 64 of its row lines in 8 of L1's 64 sets.
+#[inline(always)]
+unsafe fn regroup_probabilities(s: *const f32, hp: usize, dst: *mut f32, heads: usize, n: usize) {
+    let mut h = 0;
+    while h < heads {
+        let len = out_block_heads(heads - h);
+        let (src, slab) = (s.add(h), dst.add(h * n));
+        match len {
+            OUT_HEADS => regroup_block::<OUT_HEADS>(src, hp, slab, n),
+            4 => regroup_block::<4>(src, hp, slab, n),
+            2 => regroup_block::<2>(src, hp, slab, n),
+            _ => regroup_block::<1>(src, hp, slab, n),
+        }
+        h += len;
+    }
+}
+
+/// One head block of [`regroup_probabilities`], `L` heads wide.
+#[inline(always)]
+unsafe fn regroup_block<const L: usize>(src: *const f32, hp: usize, slab: *mut f32, n: usize) {
+    for t in 0..n {
+        slab.add(t * L)
+            .cast::<[f32; L]>()
+            .write_unaligned(src.add(t * hp).cast::<[f32; L]>().read_unaligned());
     }
 }

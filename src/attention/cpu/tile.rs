@@ -48,6 +48,9 @@ pub(super) struct TileScratch {
     pub x: Vec<f32>,
     /// Scores, then probabilities, `[TILE_ROWS][hp]`.
     pub s: Vec<f32>,
+    /// Probabilities regrouped per output head block, `[block][TILE_ROWS][block heads]`
+    /// (AVX2 kernel).
+    pub p_blocks: Vec<f32>,
     /// Probabilities of row pairs as bf16 pairs `[TILE_ROWS/2][hp]` (bf16 kernel).
     pub pp: Vec<u32>,
     /// Latent parts of row pairs as bf16 pairs `[TILE_ROWS/2][wp]` (bf16 kernel).
@@ -60,6 +63,7 @@ impl TileScratch {
     pub fn reserve(&mut self, geo: &TileGeo) {
         grow(&mut self.x, TILE_ROWS * geo.xs());
         grow(&mut self.s, TILE_ROWS * geo.hp);
+        grow(&mut self.p_blocks, TILE_ROWS * geo.hp);
         grow(&mut self.pp, TILE_ROWS / 2 * geo.hp);
         grow(&mut self.vp, TILE_ROWS / 2 * geo.wp);
         grow(&mut self.corr, geo.hp);
