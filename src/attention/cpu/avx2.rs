@@ -7,8 +7,11 @@
 //! and per column loads two query vectors and broadcasts one value of each row. The
 //! query is packed per block of head vectors, `[xs][block width]` contiguous, so a block
 //! walks one dense stream. Outputs `O[h][j] += P[t][h] x_t[j]` keep latent columns in
-//! lanes, [`OUT_HEADS`] heads x [`OUT_JV`] latent vectors per micro-kernel, and the
-//! online-softmax rescale is folded into loading those accumulators once per tile.
+//! lanes, [`OUT_HEADS`] heads x [`OUT_JV`] latent vectors per micro-kernel, reading the
+//! probabilities from a dense slab per head block, and the online-softmax rescale is
+//! folded into loading those accumulators once per tile. Both micro-kernels take two
+//! columns (rows) per loop trip: 1.92 instructions per FMA. benches/RESULTS.md (issue
+//! 16) has the measurements behind each choice.
 
 use super::simd::{Avx2, Simd};
 use super::tile::{

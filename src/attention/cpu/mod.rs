@@ -9,9 +9,10 @@
 //! takes.
 //!
 //! Kernels are picked at run time: AVX-512 BF16 (`vdpbf16ps`, bf16 caches), AVX-512F,
-//! AVX2+FMA, and a portable one. The AVX-512 BF16 choice handles f16 and f32 caches
-//! with the AVX-512F kernel: `vdpbf16ps` needs bf16 operands, and rounding an f32 cache
-//! to bf16 would lose the precision it was stored with.
+//! AVX2+FMA (a register-blocked tile of its own, `avx2.rs`), and a portable one. The
+//! AVX-512 BF16 choice handles f16 and f32 caches with the AVX-512F kernel: `vdpbf16ps`
+//! needs bf16 operands, and rounding an f32 cache to bf16 would lose the precision it
+//! was stored with.
 //!
 //! Non-finite cached values are not searched for (that would cost a second read of the
 //! cache): a NaN in a row makes that row's scores NaN for every head, which propagates to
@@ -177,7 +178,8 @@ struct Workspace {
     /// `(first item, item count)` per (batch entry, head group).
     spans: Vec<(usize, usize)>,
     lens: Vec<usize>,
-    /// Packed queries per (batch entry, head group): f32 `[xs][hp]` or bf16 pairs.
+    /// Packed queries per (batch entry, head group): f32 `[xs][hp]`, f32 per block of
+    /// head vectors (AVX2), or bf16 pairs.
     query_f32: Vec<f32>,
     query_bf16: Vec<u32>,
     /// Per item: outputs `[group heads][wp]`, running maximum `[hp]`, sum `[hp]`.
