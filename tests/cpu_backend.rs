@@ -229,6 +229,23 @@ fn odd_widths_head_counts_and_page_sizes_match_the_reference() {
 }
 
 #[test]
+fn every_micro_kernel_edge_matches_the_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0009);
+    // head counts 1..=17 leave every remainder of the 6-head output blocks and of the
+    // 16-head score blocks (and of the AVX-512 ones); lengths 8, 16, 24, 64 + 40 give
+    // last tiles of every row count modulo 6; widths 8 and 24 + 4 end on one latent
+    // vector (AVX2) and on a part of one (AVX-512)
+    let lens = [8, 16, 24, 104];
+    for heads in 1..=17 {
+        for (d_c, d_r) in [(8, 3), (24, 4)] {
+            let (cache, s) = rank_cache(&mut rng, DType::F16, heads, d_c, d_r, 1, 16, &lens);
+            let q = random_queries(&mut rng, lens.len(), s);
+            check_all_kernels(&cache.layer(0).unwrap(), s, &q, 1);
+        }
+    }
+}
+
+#[test]
 fn a_32k_token_sequence_matches_the_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0004);
     let lens = [32768, 3000];

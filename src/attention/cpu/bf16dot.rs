@@ -10,7 +10,9 @@
 //! are rounded to bf16 (relative 2^-9 each); everything accumulates in f32.
 
 use super::simd::{Avx512, Simd};
-use super::tile::{softmax_update, Accum, TileGeo, TileRows, TileScratch, ROW_STEP, TILE_ROWS};
+use super::tile::{
+    softmax_update, Accum, TileGeo, TileRows, TileScratch, VectorBlocks, ROW_STEP, TILE_ROWS,
+};
 use half::bf16;
 use std::arch::x86_64::*;
 
@@ -179,50 +181,6 @@ unsafe fn pack_latents(rows: &[*const u8], vp: *mut u32, w: usize, wp: usize) {
                 _mm512_storeu_si512(dst.add(v * 16).cast(), x);
             }
         }
-    }
-}
-
-/// Consecutive blocks of `step` vectors, then single vectors for the rest: the
-/// micro-kernels' work units, and the order packed operands are laid out in.
-#[derive(Clone, Copy)]
-pub(super) struct VectorBlocks {
-    next: usize,
-    total: usize,
-    whole: usize,
-    step: usize,
-}
-
-#[derive(Clone, Copy)]
-pub(super) struct VectorBlock {
-    pub start: usize,
-    pub len: usize,
-}
-
-impl VectorBlocks {
-    pub fn new(total: usize, step: usize) -> Self {
-        VectorBlocks {
-            next: 0,
-            total,
-            whole: total / step * step,
-            step,
-        }
-    }
-}
-
-impl Iterator for VectorBlocks {
-    type Item = VectorBlock;
-    #[inline(always)]
-    fn next(&mut self) -> Option<VectorBlock> {
-        if self.next >= self.total {
-            return None;
-        }
-        let len = if self.next < self.whole { self.step } else { 1 };
-        let blk = VectorBlock {
-            start: self.next,
-            len,
-        };
-        self.next += len;
-        Some(blk)
     }
 }
 

@@ -9,15 +9,17 @@
 //! takes.
 //!
 //! Kernels are picked at run time: AVX-512 BF16 (`vdpbf16ps`, bf16 caches), AVX-512F,
-//! AVX2+FMA, and a portable one. The AVX-512 BF16 choice handles f16 and f32 caches
-//! with the AVX-512F kernel: `vdpbf16ps` needs bf16 operands, and rounding an f32 cache
-//! to bf16 would lose the precision it was stored with.
+//! AVX2+FMA (a register-blocked tile of its own, `avx2.rs`), and a portable one. The
+//! AVX-512 BF16 choice handles f16 and f32 caches with the AVX-512F kernel: `vdpbf16ps`
+//! needs bf16 operands, and rounding an f32 cache to bf16 would lose the precision it
+//! was stored with.
 //!
 //! Non-finite cached values are not searched for (that would cost a second read of the
 //! cache): a NaN in a row makes that row's scores NaN for every head, which propagates to
 //! the sequence's outputs and log-sum-exps, so a damaged cache never yields a plausible
 //! number. An infinite value gives NaN or infinite outputs the same way.
 
+mod avx2;
 mod bf16dot;
 mod ceilings;
 mod simd;
@@ -183,7 +185,8 @@ struct Workspace {
     /// `(first item, item count)` per (batch entry, head group).
     spans: Vec<(usize, usize)>,
     lens: Vec<usize>,
-    /// Packed queries per (batch entry, head group): f32 `[xs][hp]` or bf16 pairs.
+    /// Packed queries per (batch entry, head group): f32 `[xs][hp]`, f32 per block of
+    /// head vectors (AVX2), or bf16 pairs.
     query_f32: Vec<f32>,
     query_bf16: Vec<u32>,
     /// Per item: outputs `[group heads][wp]`, running maximum `[hp]`, sum `[hp]`.
@@ -665,6 +668,17 @@ fn pack_queries(
             bf16dot::pack_query(qb, rows, geo.heads, hp, rw);
         }
         len
+    } else if path == Path::Avx2 {
+        let len = geo.xs() * hp;
+        grow(&mut work.query_f32, blocks * len);
+        for (blk, qb) in work.query_f32[..blocks * len]
+            .chunks_exact_mut(len)
+            .enumerate()
+        {
+            let rows = |h| query_row(q, blk, groups, geo.heads, shape.heads, h, rw);
+            avx2::pack_query(qb, rows, geo);
+        }
+        len
     } else {
         let xs = geo.xs();
         let len = xs * hp;
@@ -765,7 +779,7 @@ impl ItemJob<'_> {
                     #[cfg(target_arch = "x86_64")]
                     Path::Avx512 => tile::tile_avx512(&geo, self.query(blk), &tile, scr, &mut acc),
                     #[cfg(target_arch = "x86_64")]
-                    Path::Avx2 => tile::tile_avx2(&geo, self.query(blk), &tile, scr, &mut acc),
+                    Path::Avx2 => avx2::tile_avx2(&geo, self.query(blk), &tile, scr, &mut acc),
                     _ => tile::tile_portable(&geo, self.query(blk), &tile, scr, &mut acc),
                 }
             }

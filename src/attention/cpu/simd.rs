@@ -210,18 +210,27 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn decode_row(dtype: DType, src: *const u8, dst: *mut f32, n: usize) {
         let full = n / 8 * 8;
-        let mut i = 0;
-        while i < full {
-            let v = match dtype {
-                DType::Bf16 => {
+        // one loop per element type: with the match inside, the loop paid a dispatch
+        // and its own counter for every 8 values (half the decode's instructions)
+        match dtype {
+            DType::Bf16 => {
+                for i in (0..full).step_by(8) {
                     let h = _mm_loadu_si128(src.add(2 * i).cast());
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                    let v = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                    _mm256_storeu_ps(dst.add(i), _mm256_castsi256_ps(v));
                 }
-                DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(src.add(2 * i).cast())),
-                DType::F32 => _mm256_loadu_ps(src.add(4 * i).cast()),
-            };
-            _mm256_storeu_ps(dst.add(i), v);
-            i += 8;
+            }
+            DType::F16 => {
+                for i in (0..full).step_by(8) {
+                    let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(2 * i).cast()));
+                    _mm256_storeu_ps(dst.add(i), v);
+                }
+            }
+            DType::F32 => {
+                for i in (0..full).step_by(8) {
+                    _mm256_storeu_ps(dst.add(i), _mm256_loadu_ps(src.add(4 * i).cast()));
+                }
+            }
         }
         for j in full..n {
             *dst.add(j) = decode_one(dtype, src, j);

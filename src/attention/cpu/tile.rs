@@ -1,5 +1,5 @@
-//! One tile of the flash-decoding loop in f32 (AVX-512F, AVX2+FMA, portable), and the
-//! online-softmax update every kernel shares.
+//! One tile of the flash-decoding loop in f32 (AVX-512F, portable), and what every
+//! kernel shares: the f32 row panel, the online-softmax update, work blocks.
 //!
 //! A tile is `n` cached rows (a multiple of [`ROW_STEP`], at most [`TILE_ROWS`]) of one
 //! sequence, of which the first `valid` are real (the rest point at a zero row). Heads
@@ -48,6 +48,9 @@ pub(super) struct TileScratch {
     pub x: Vec<f32>,
     /// Scores, then probabilities, `[TILE_ROWS][hp]`.
     pub s: Vec<f32>,
+    /// Probabilities regrouped per output head block, `[block][TILE_ROWS][block heads]`
+    /// (AVX2 kernel).
+    pub p_blocks: Vec<f32>,
     /// Probabilities of row pairs as bf16 pairs `[TILE_ROWS/2][hp]` (bf16 kernel).
     pub pp: Vec<u32>,
     /// Latent parts of row pairs as bf16 pairs `[TILE_ROWS/2][wp]` (bf16 kernel).
@@ -60,6 +63,7 @@ impl TileScratch {
     pub fn reserve(&mut self, geo: &TileGeo) {
         grow(&mut self.x, TILE_ROWS * geo.xs());
         grow(&mut self.s, TILE_ROWS * geo.hp);
+        grow(&mut self.p_blocks, TILE_ROWS * geo.hp);
         grow(&mut self.pp, TILE_ROWS / 2 * geo.hp);
         grow(&mut self.vp, TILE_ROWS / 2 * geo.wp);
         grow(&mut self.corr, geo.hp);
@@ -70,6 +74,50 @@ impl TileScratch {
 pub(super) fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
+    }
+}
+
+/// Consecutive blocks of `step` vectors, then single vectors for the rest: the
+/// micro-kernels' work units, and the order packed operands are laid out in.
+#[derive(Clone, Copy)]
+pub(super) struct VectorBlocks {
+    next: usize,
+    total: usize,
+    whole: usize,
+    step: usize,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct VectorBlock {
+    pub start: usize,
+    pub len: usize,
+}
+
+impl VectorBlocks {
+    pub fn new(total: usize, step: usize) -> Self {
+        VectorBlocks {
+            next: 0,
+            total,
+            whole: total / step * step,
+            step,
+        }
+    }
+}
+
+impl Iterator for VectorBlocks {
+    type Item = VectorBlock;
+    #[inline(always)]
+    fn next(&mut self) -> Option<VectorBlock> {
+        if self.next >= self.total {
+            return None;
+        }
+        let len = if self.next < self.whole { self.step } else { 1 };
+        let blk = VectorBlock {
+            start: self.next,
+            len,
+        };
+        self.next += len;
+        Some(blk)
     }
 }
 
@@ -150,6 +198,21 @@ pub(super) unsafe fn softmax_update<S: Simd>(
         S::store(acc.l.as_mut_ptr().add(h0), S::fmadd(l, c, sum));
         S::store(acc.m.as_mut_ptr().add(h0), m_new);
         S::store(corr.as_mut_ptr().add(h0), c);
+    }
+}
+
+/// Decodes the tile's rows into the f32 panel `x` (`[n][xs]`: latent, zeros up to `wp`,
+/// RoPE key), once for all heads, prefetching the next tile's rows as it goes.
+#[inline(always)]
+pub(super) unsafe fn decode_tile<S: Simd>(geo: &TileGeo, tile: &TileRows, x: *mut f32) {
+    let (xs, wp) = (geo.xs(), geo.wp);
+    for (t, &row) in tile.rows.iter().enumerate() {
+        tile.prefetch_next(t, t + 1);
+        let xt = x.add(t * xs);
+        S::decode_row(geo.dtype, row, xt, geo.w);
+        std::ptr::write_bytes(xt.add(geo.w), 0, wp - geo.w);
+        let rope = row.add(geo.w * geo.dtype.size());
+        S::decode_row(geo.dtype, rope, xt.add(wp), geo.d_r);
     }
 }
 
@@ -239,14 +302,7 @@ unsafe fn tile_f32<S: Simd, const R: usize, const HV: usize, const HB: usize, co
     debug_assert!(n % R == 0 && n <= TILE_ROWS && valid <= n && hp % S::LANES == 0);
     debug_assert!(qt.len() >= xs * hp && acc.o.len() >= geo.heads * wp);
     let x = scr.x.as_mut_ptr();
-    for (t, &row) in rows.iter().enumerate() {
-        tile.prefetch_next(t, t + 1);
-        let xt = x.add(t * xs);
-        S::decode_row(geo.dtype, row, xt, geo.w);
-        std::ptr::write_bytes(xt.add(geo.w), 0, wp - geo.w);
-        let rope = row.add(geo.w * geo.dtype.size());
-        S::decode_row(geo.dtype, rope, xt.add(wp), geo.d_r);
-    }
+    decode_tile::<S>(geo, tile, x);
 
     let s = scr.s.as_mut_ptr();
     let vectors = hp / S::LANES;
@@ -303,22 +359,6 @@ pub(super) unsafe fn tile_avx512(
     acc: &mut Accum,
 ) {
     tile_f32::<super::simd::Avx512, ROW_STEP, 4, 4, 4>(geo, qt, tile, scr, acc)
-}
-
-/// AVX2+FMA tile (8 lanes; 8 accumulators per micro-kernel of the 16 registers).
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C; buffers as documented on [`tile_f32`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_avx2(
-    geo: &TileGeo,
-    qt: &[f32],
-    tile: &TileRows,
-    scr: &mut TileScratch,
-    acc: &mut Accum,
-) {
-    tile_f32::<super::simd::Avx2, ROW_STEP, 2, 4, 2>(geo, qt, tile, scr, acc)
 }
 
 /// Portable tile: plain Rust the compiler vectorises for the build target.
