@@ -137,6 +137,23 @@ pub enum Outputs<'a> {
         out: &'a mut [bf16],
         lse: &'a mut [f32],
     },
+    /// As `Heads`, with the log-sum-exp of each head's scores `[batch][heads]`: what a
+    /// sequence shard's merge needs ([`crate::combine::sequence`]).
+    HeadsAndLse {
+        out: &'a mut [f32],
+        lse: &'a mut [f32],
+    },
+}
+
+/// Logit bounds a sequence shard computes alongside its outputs for merge (b) of
+/// [`crate::combine::sequence`]: every shard of a latent group computes the same ones.
+#[derive(Debug)]
+pub struct LogitBounds<'a> {
+    /// A bound of `|k_rope|` over every token of the batch's sequences, equal on every
+    /// rank (RoPE keeps a key's norm; the engine sees every key it appends).
+    pub rope_key_norm: f64,
+    /// `[batch][heads]`
+    pub out: &'a mut [f64],
 }
 
 /// The two factors of a step's query rows: `scale * mu` on the latent part, `scale` on
@@ -482,6 +499,84 @@ impl RankContext {
         self.decode_rows(layer, rows, scales, queries, outputs)
     }
 
+    /// One decode step of `layer` on a sequence shard ([`crate::geometry::HybridPlan`]):
+    /// `cache` holds this rank's tokens of each sequence only, which may be none (a
+    /// sequence shorter than the shards, or than the interleave); such an entry gets zero
+    /// outputs and a log-sum-exp of -inf, which the merge weighs zero. `outputs` must be
+    /// [`Outputs::HeadsAndLse`] or [`Outputs::Latent`] (the merge needs the log-sum-exps).
+    /// With `bounds`, also writes the shared logit bounds of merge (b).
+    pub fn decode_sequence_shard(
+        &mut self,
+        cache: &RankCache,
+        layer: usize,
+        seqs: &[u32],
+        queries: Queries,
+        outputs: Outputs,
+        bounds: Option<LogitBounds>,
+    ) -> Result<()> {
+        if !matches!(
+            outputs,
+            Outputs::HeadsAndLse { .. } | Outputs::Latent { .. }
+        ) {
+            return Err(Error::invalid(
+                "a sequence shard's decode needs outputs with log-sum-exps (HeadsAndLse or Latent)",
+            ));
+        }
+        if let Some(b) = &bounds {
+            if !(b.rope_key_norm.is_finite() && b.rope_key_norm >= 0.0) {
+                return Err(Error::invalid(format!(
+                    "the RoPE key norm bound must be finite and not negative, got {}",
+                    b.rope_key_norm
+                )));
+            }
+            check_len("logit bounds", b.out.len(), seqs.len() * self.plan.heads)?;
+        }
+        self.check_cache(cache)?;
+        let l = installed(&self.layers, layer)?;
+        if cache.spec().transforms()[layer] != l.transform_id() {
+            return Err(Error::mismatch(format!(
+                "layer {layer} of the cache was rotated by another transform"
+            )));
+        }
+        let scales = QueryScales::new(self.dims.softmax_scale, l.mu);
+        let view = cache.layer(layer)?;
+        let empty = seqs
+            .iter()
+            .map(|&s| Ok(view.seq_len(s)? == 0))
+            .collect::<Result<Vec<bool>>>()?;
+        // Moved out for the call so that the view can borrow the zero row while the
+        // context decodes; taking the default allocates nothing.
+        let paged = std::mem::take(&mut self.paged);
+        let rows = EmptyAsZeroRow {
+            rows: &view,
+            zero_row: paged.zero_row(),
+        };
+        let (h, w) = (self.plan.heads, self.plan.slice_width);
+        let patch = |out: &mut [f32], lse: &mut [f32]| {
+            for (b, _) in empty.iter().enumerate().filter(|(_, &e)| e) {
+                out[b * h * w..(b + 1) * h * w].fill(0.0);
+                lse[b * h..(b + 1) * h].fill(f32::NEG_INFINITY);
+            }
+        };
+        let step = StepRows {
+            rows: &rows,
+            seqs,
+            schedule: None,
+            patch: Some(&patch),
+        };
+        let result = self.decode_rows(layer, step, scales, queries, outputs);
+        self.paged = paged;
+        result?;
+        if let Some(b) = bounds {
+            let rw = self.plan.row_width(&self.dims);
+            let latent_norm = crate::combine::sequence::latent_row_norm_bound(self.dims.d_c);
+            for (m, q) in b.out.iter_mut().zip(self.scratch.q.chunks_exact(rw)) {
+                *m = crate::combine::sequence::logit_bound(q, w, latent_norm, b.rope_key_norm);
+            }
+        }
+        Ok(())
+    }
+
     /// Sizes the query rows, outputs and the backend's work buffers for steps of up to
     /// `batch` sequences now, so that those steps allocate nothing (after the first step,
     /// on which the backend's worker threads finish starting).
@@ -539,6 +634,10 @@ impl RankContext {
             Outputs::HeadsBf16(out) => (out.len(), None),
             Outputs::Latent { out, lse } => (out.len(), Some(lse.len())),
             Outputs::LatentBf16 { out, lse } => (out.len(), Some(lse.len())),
+            Outputs::HeadsAndLse { out, lse } => {
+                check_len("log-sum-exp outputs", lse.len(), b * h)?;
+                (out.len(), None)
+            }
         };
         match lse_len {
             None => {
@@ -624,6 +723,14 @@ impl RankContext {
                 }
                 Ok(())
             }
+            Outputs::HeadsAndLse { out, lse } => {
+                latent.resize(b * h * w, 0.0);
+                attend(latent, lse)?;
+                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
+                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], o);
+                }
+                Ok(())
+            }
             Outputs::HeadsBf16(out) => {
                 latent.resize(b * h * w, 0.0);
                 lse_buf.resize(b * h, 0.0);
@@ -637,6 +744,36 @@ impl RankContext {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// A cache layer whose empty sequences read as one zero row, so that the backends,
+/// which refuse empty sequences, run over a sequence shard holding none of a sequence's
+/// tokens (the step's patch then overwrites that entry's outputs).
+struct EmptyAsZeroRow<'a> {
+    rows: &'a dyn RowSource,
+    /// At least one row of any element type.
+    zero_row: &'a [u8],
+}
+
+impl RowSource for EmptyAsZeroRow<'_> {
+    fn dtype(&self) -> crate::DType {
+        self.rows.dtype()
+    }
+    fn row_width(&self) -> usize {
+        self.rows.row_width()
+    }
+    fn page_size(&self) -> usize {
+        self.rows.page_size()
+    }
+    fn seq_len(&self, seq: u32) -> Result<usize> {
+        Ok(self.rows.seq_len(seq)?.max(1))
+    }
+    fn page(&self, seq: u32, page: usize) -> &[u8] {
+        match self.rows.seq_len(seq) {
+            Ok(0) => &self.zero_row[..self.row_width() * self.dtype().size()],
+            _ => self.rows.page(seq, page),
         }
     }
 }

@@ -329,6 +329,11 @@ impl PagedScratch {
         }
     }
 
+    /// One zero row of any element type.
+    pub(crate) fn zero_row(&self) -> &[u8] {
+        &self.zero_row
+    }
+
     pub(crate) fn reserve(&mut self, batch: usize) -> Result<()> {
         try_capacity(&mut self.faulted, batch, "fault flags")?;
         try_capacity(&mut self.entries, batch, "batch entries")

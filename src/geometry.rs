@@ -213,6 +213,147 @@ impl ShardPlan {
     }
 }
 
+/// Largest sequence-shard count and interleave a [`SequenceSharding`] accepts.
+pub const MAX_SEQUENCE_SHARDS: usize = 64;
+pub const MAX_INTERLEAVE: usize = 1 << 20;
+
+/// How a sequence's tokens are spread over `shards` sequence shards: positions are cut
+/// into blocks of `interleave` tokens and block `k` lives on shard `k % shards`
+/// (`interleave = 1` is vLLM's token `t` on rank `t mod s`). Every shard attends over its
+/// own tokens only, and the shards' partial outputs are merged with their log-sum-exps
+/// ([`crate::combine::sequence`]), which is exact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SequenceSharding {
+    pub shards: usize,
+    pub interleave: usize,
+}
+
+impl SequenceSharding {
+    /// One shard holding every token: TPLA (or MLA) as without sequence sharding.
+    pub const NONE: SequenceSharding = SequenceSharding {
+        shards: 1,
+        interleave: 1,
+    };
+
+    pub fn new(shards: usize, interleave: usize) -> Result<Self> {
+        if shards == 0 || shards > MAX_SEQUENCE_SHARDS {
+            return Err(Error::invalid(format!(
+                "sequence shards must lie in 1..={MAX_SEQUENCE_SHARDS}, got {shards}"
+            )));
+        }
+        if interleave == 0 || interleave > MAX_INTERLEAVE {
+            return Err(Error::invalid(format!(
+                "the interleave must lie in 1..={MAX_INTERLEAVE} tokens, got {interleave}"
+            )));
+        }
+        Ok(SequenceSharding { shards, interleave })
+    }
+
+    /// The shard that holds the token at `position` (what an engine asks before it
+    /// appends a decode-time token).
+    pub fn owner(&self, position: u64) -> usize {
+        // the remainder is below `shards`, which fits a usize
+        ((position / self.interleave as u64) % self.shards as u64) as usize
+    }
+
+    /// How many of the first `len` tokens of a sequence shard `shard` holds (zero when
+    /// the sequence is shorter than the blocks before the shard's first one).
+    pub fn tokens_on(&self, shard: usize, len: u64) -> Result<u64> {
+        self.check_shard(shard)?;
+        let (s, b) = (self.shards as u64, self.interleave as u64);
+        let cycle = s * b;
+        let full_cycles = len / cycle;
+        let rest = len % cycle;
+        let in_last = rest.saturating_sub(shard as u64 * b).min(b);
+        Ok(full_cycles * b + in_last)
+    }
+
+    /// Position in its shard of the token at `position`: the row it takes there.
+    pub fn local_index(&self, position: u64) -> u64 {
+        let (s, b) = (self.shards as u64, self.interleave as u64);
+        position / (s * b) * b + position % b
+    }
+
+    fn check_shard(&self, shard: usize) -> Result<()> {
+        if shard >= self.shards {
+            return Err(Error::out_of_range(format!(
+                "sequence shard {shard} is out of range for {} shards",
+                self.shards
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One rank of a hybrid deployment of `groups` latent groups times `shards` sequence
+/// shards: rank `(i, j)`, numbered `i * shards + j`, holds latent slice `i` (with every
+/// head) of the tokens whose block falls on sequence shard `j`. `groups = 1` is exact
+/// sequence-sharded MLA; `shards = 1` is TPLA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HybridPlan {
+    /// The latent slice and heads this rank holds, as a TPLA rank of `groups` ranks.
+    pub latent: ShardPlan,
+    pub sharding: SequenceSharding,
+    /// This rank's sequence shard `j`.
+    pub shard: usize,
+}
+
+impl HybridPlan {
+    pub fn new(
+        dims: &ModelDims,
+        groups: usize,
+        sharding: SequenceSharding,
+        rank: usize,
+    ) -> Result<Self> {
+        // groups is checked first so that the rank count below is meaningful
+        ShardPlan::new(dims, groups, 0)?;
+        let ranks = groups * sharding.shards;
+        if rank >= ranks {
+            return Err(Error::out_of_range(format!(
+                "rank {rank} is out of range for {groups} latent groups x {} sequence shards",
+                sharding.shards
+            )));
+        }
+        Ok(HybridPlan {
+            latent: ShardPlan::new(dims, groups, rank / sharding.shards)?,
+            sharding,
+            shard: rank % sharding.shards,
+        })
+    }
+
+    /// Ranks of the deployment: `groups * shards`.
+    pub fn ranks(&self) -> usize {
+        self.latent.groups * self.sharding.shards
+    }
+
+    /// This rank's number, `group * shards + shard`.
+    pub fn rank(&self) -> usize {
+        self.latent.group * self.sharding.shards + self.shard
+    }
+
+    /// The rank that holds latent group `group` of the token at `position`.
+    pub fn owner_rank(&self, group: usize, position: u64) -> Result<usize> {
+        if group >= self.latent.groups {
+            return Err(Error::out_of_range(format!(
+                "latent group {group} is out of range for {} groups",
+                self.latent.groups
+            )));
+        }
+        Ok(group * self.sharding.shards + self.sharding.owner(position))
+    }
+
+    /// Whether this rank holds the token at `position`.
+    pub fn holds(&self, position: u64) -> bool {
+        self.sharding.owner(position) == self.shard
+    }
+
+    /// Cached bytes per token of context on this rank (`(d_c/g + d_r) * elem / s` on
+    /// average over a long sequence).
+    pub fn bytes_per_token(&self, dims: &ModelDims, elem_bytes: usize) -> f64 {
+        (self.latent.row_width(dims) * elem_bytes) as f64 / self.sharding.shards as f64
+    }
+}
+
 /// A caller's name as an error message quotes it: at most 64 characters, so that a
 /// megabyte of garbage is not echoed back whole.
 fn abbreviated(name: &str) -> String {
@@ -258,6 +399,82 @@ mod tests {
         );
         let mla = ShardPlan::new(&dims, 1, 0).unwrap();
         assert_eq!((mla.slice_width, mla.row_width(&dims)), (512, 576));
+    }
+
+    #[test]
+    fn the_owner_rule_places_every_token_once_and_counts_agree() {
+        for (shards, interleave) in [(1, 1), (2, 1), (3, 1), (2, 4), (4, 3), (8, 64)] {
+            let sh = SequenceSharding::new(shards, interleave).unwrap();
+            for len in [0u64, 1, 2, 5, 7, 64, 129, 1000] {
+                let mut held = vec![0u64; shards];
+                for t in 0..len {
+                    let j = sh.owner(t);
+                    // the local index is the count of earlier tokens on the same shard
+                    assert_eq!(sh.local_index(t), held[j], "{shards} {interleave} {t}");
+                    held[j] += 1;
+                    assert_eq!(j, (t as usize / interleave) % shards);
+                }
+                for (j, &n) in held.iter().enumerate() {
+                    assert_eq!(
+                        sh.tokens_on(j, len).unwrap(),
+                        n,
+                        "{shards} {interleave} {len}"
+                    );
+                }
+            }
+            assert!(sh.tokens_on(shards, 10).is_err());
+        }
+        // a sequence shorter than the shards leaves the last shards empty
+        let sh = SequenceSharding::new(4, 2).unwrap();
+        let counts: Vec<u64> = (0..4).map(|j| sh.tokens_on(j, 3).unwrap()).collect();
+        assert_eq!(counts, vec![2, 1, 0, 0]);
+    }
+
+    #[test]
+    fn hybrid_plans_number_ranks_group_major_and_validate_every_combination() {
+        let dims = ModelDims::preset("deepseek-v3").unwrap();
+        for groups in [1, 2, 4, 8] {
+            for shards in [1, 2, 4, 8] {
+                let sh = SequenceSharding::new(shards, 16).unwrap();
+                for rank in 0..groups * shards {
+                    let p = HybridPlan::new(&dims, groups, sh, rank).unwrap();
+                    assert_eq!((p.latent.group, p.shard), (rank / shards, rank % shards));
+                    assert_eq!((p.rank(), p.ranks()), (rank, groups * shards));
+                    assert_eq!(
+                        p.latent,
+                        ShardPlan::new(&dims, groups, p.latent.group).unwrap()
+                    );
+                    let t = 16 * p.shard as u64 + 3;
+                    assert!(p.holds(t));
+                    assert_eq!(p.owner_rank(p.latent.group, t).unwrap(), rank);
+                    assert_eq!(
+                        p.bytes_per_token(&dims, 2),
+                        ((512 / groups + 64) * 2) as f64 / shards as f64
+                    );
+                }
+                let e = HybridPlan::new(&dims, groups, sh, groups * shards).unwrap_err();
+                assert!(e.message().contains("out of range"), "{e}");
+            }
+        }
+        let sh = SequenceSharding::new(2, 1).unwrap();
+        let e = HybridPlan::new(&dims, 3, sh, 0).unwrap_err();
+        assert!(e.message().contains("one of 1, 2, 4, 8"), "{e}");
+        let p = HybridPlan::new(&dims, 2, sh, 1).unwrap();
+        assert!(p
+            .owner_rank(2, 0)
+            .unwrap_err()
+            .message()
+            .contains("group 2"));
+        for (shards, interleave, want) in [
+            (0, 1, "sequence shards"),
+            (MAX_SEQUENCE_SHARDS + 1, 1, "sequence shards"),
+            (2, 0, "interleave"),
+            (2, MAX_INTERLEAVE + 1, "interleave"),
+        ] {
+            let e = SequenceSharding::new(shards, interleave).unwrap_err();
+            assert!(e.message().contains(want), "{shards} {interleave}: {e}");
+        }
+        assert_eq!(SequenceSharding::NONE, SequenceSharding::new(1, 1).unwrap());
     }
 
     #[test]

@@ -27,4 +27,4 @@ pub mod weights_file;
 
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
-pub use geometry::{ModelDims, ShardPlan};
+pub use geometry::{HybridPlan, ModelDims, SequenceSharding, ShardPlan};

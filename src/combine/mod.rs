@@ -5,11 +5,15 @@
 //! - An engine's own communicator: any `FnMut(&mut [f32]) -> Result<()>` (the C ABI
 //!   wraps a callback into one) given to [`all_reduce_with`].
 //! - NCCL on GPUs (feature `nccl`): [`nccl`].
+//!
+//! Sequence shards merge their partial outputs by their log-sum-exps first:
+//! [`sequence`].
 
 use crate::error::{Error, Result};
 
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod sequence;
 
 /// Sums `buffers` element-wise, in rank order, and writes the sum into each of them, so
 /// every rank ends with bit-identical values.
