@@ -960,6 +960,122 @@ typedef struct tpla_export_options {
 typedef int32_t (*tpla_all_reduce_fn)(float *buffer, size_t count, void *user);
 
 /**
+ * How a sequence's tokens are spread over sequence shards: positions are cut into
+ * blocks of `interleave` tokens and block k lives on shard `k % shards` (`interleave` 1
+ * is token t on shard `t mod shards`). `shards` 1 is no sequence sharding. Shards lie in
+ * 1..=64, the interleave in 1..=2^20. A plain value, fixed for this ABI version.
+ */
+typedef struct tpla_sequence_sharding {
+  uint32_t shards;
+  uint32_t interleave;
+} tpla_sequence_sharding;
+
+/**
+ * One rank of a hybrid deployment of `groups` latent groups (1, 2, 4, 8) times
+ * `sharding.shards` sequence shards: rank `(i, j)`, numbered `rank = i * shards + j`,
+ * holds latent slice i (with every head) of the tokens whose block falls on sequence
+ * shard j. `groups` 1 is exact sequence-sharded MLA; `shards` 1 is TPLA. A plain value,
+ * fixed for this ABI version.
+ */
+typedef struct tpla_hybrid_plan {
+  uint32_t groups;
+  struct tpla_sequence_sharding sharding;
+  uint32_t rank;
+} tpla_hybrid_plan;
+
+/**
+ * What a hybrid plan makes of a rank (`tpla_hybrid_plan_info`).
+ */
+typedef struct tpla_hybrid_info {
+  /**
+   * sizeof(tpla_hybrid_info).
+   */
+  size_t struct_size;
+  /**
+   * Ranks of the deployment: groups * shards.
+   */
+  uint32_t ranks;
+  /**
+   * The rank's latent group i and sequence shard j.
+   */
+  uint32_t group;
+  uint32_t shard;
+  /**
+   * Latent columns the rank caches per token (d_c / groups).
+   */
+  uint32_t slice_width;
+  /**
+   * The plan to create this rank's context with (`tpla_context_options.plan`): rank
+   * `group` of `groups` latent groups, every head.
+   */
+  struct tpla_plan context_plan;
+} tpla_hybrid_info;
+
+/**
+ * Arguments of one decode step of a sequence shard (`tpla_context_decode_sequence_shard`).
+ * As `tpla_decode_args`, with the log-sum-exps always written and the logit bounds of
+ * merge (b) optionally.
+ */
+typedef struct tpla_shard_decode_args {
+  /**
+   * sizeof(tpla_shard_decode_args).
+   */
+  size_t struct_size;
+  uint32_t layer;
+  /**
+   * A `tpla_query_kind`.
+   */
+  uint32_t query_kind;
+  /**
+   * TPLA_OUTPUT_KIND_HEADS: head outputs [batch][heads][d_v], normalised over this
+   * shard's tokens; TPLA_OUTPUT_KIND_LATENT: latent outputs [batch][heads][slice_width].
+   */
+  uint32_t output_kind;
+  /**
+   * The sequences of the batch, [batch]; a sequence may hold no token on this shard
+   * (its outputs are then zeros and its log-sum-exps -inf).
+   */
+  const uint32_t *seq_ids;
+  size_t batch;
+  /**
+   * As in `tpla_decode_args`.
+   */
+  const float *queries;
+  size_t queries_count;
+  /**
+   * [batch][heads][d_r]; NULL with count 0 for TPLA_QUERY_KIND_JOINED.
+   */
+  const float *q_rope;
+  size_t q_rope_count;
+  float *out;
+  size_t out_count;
+  /**
+   * Log-sum-exp of each head's scores over this shard's tokens, [batch][heads].
+   */
+  float *lse;
+  size_t lse_count;
+  /**
+   * Logit bounds for merge (b), [batch][heads] (equal on every shard of a latent
+   * group), or NULL with count 0 when not wanted.
+   */
+  double *bounds;
+  size_t bounds_count;
+  /**
+   * With `bounds`: a bound of |k_rope| over every token of the batch's sequences, the
+   * same on every rank (finite, not negative).
+   */
+  double rope_key_norm;
+} tpla_shard_decode_args;
+
+/**
+ * The engine's all-gather, called by `tpla_sequence_merge_lse_with`: over the ranks of
+ * the calling rank's latent group, in shard order, gather each rank's `count` floats at
+ * `send` into `recv` (`shards * count` floats, shard j's at `recv + j * count`); return
+ * 0 on success or any other value on failure.
+ */
+typedef int32_t (*tpla_all_gather_fn)(const float *send, size_t count, float *recv, void *user);
+
+/**
  * What a device rank is, for sizing device buffers (`tpla_device_rank_get_info`).
  */
 typedef struct tpla_device_rank_info {
@@ -1694,6 +1810,226 @@ tpla_status tpla_all_reduce_with(float *buffer,
                                  size_t count,
                                  tpla_all_reduce_fn reduce,
                                  void *user);
+
+/**
+ * Checks a sequence sharding: TPLA_STATUS_OK, or TPLA_STATUS_INVALID_ARGUMENT with the
+ * reason. Thread-safe.
+ */
+tpla_status tpla_sequence_sharding_validate(struct tpla_sequence_sharding sharding);
+
+/**
+ * Writes to `*shard` the sequence shard that holds the token at `position` (the shard
+ * whose rank appends a decode-time token).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (sharding).
+ * Thread-safe.
+ *
+ * # Safety
+ * `shard` is NULL or writable.
+ */
+tpla_status tpla_sequence_owner(struct tpla_sequence_sharding sharding,
+                                uint64_t position,
+                                uint32_t *shard);
+
+/**
+ * Writes to `*tokens` how many of the first `len` tokens of a sequence shard `shard`
+ * holds, and to `*local` (may be NULL) the row the token at `position` takes on its
+ * own shard.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (sharding) or
+ * TPLA_STATUS_OUT_OF_RANGE (shard). Thread-safe.
+ *
+ * # Safety
+ * `tokens` is NULL or writable; `local` is NULL or writable.
+ */
+tpla_status tpla_sequence_tokens_on(struct tpla_sequence_sharding sharding,
+                                    uint32_t shard,
+                                    uint64_t len,
+                                    uint64_t position,
+                                    uint64_t *tokens,
+                                    uint64_t *local);
+
+/**
+ * Checks a hybrid plan against `dims` and fills `*info` (whose `struct_size` the caller
+ * sets).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (dims, groups, sharding) or TPLA_STATUS_OUT_OF_RANGE
+ * (rank). Thread-safe.
+ *
+ * # Safety
+ * `info` is NULL or a writable `tpla_hybrid_info`.
+ */
+tpla_status tpla_hybrid_plan_info(struct tpla_dims dims,
+                                  struct tpla_hybrid_plan plan,
+                                  struct tpla_hybrid_info *info);
+
+/**
+ * Writes to `*rank` the rank of a deployment (described by `plan`, any of its ranks)
+ * that holds latent group `group` of the token at `position`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (dims, plan) or
+ * TPLA_STATUS_OUT_OF_RANGE (rank of the plan, group). Thread-safe.
+ *
+ * # Safety
+ * `rank` is NULL or writable.
+ */
+tpla_status tpla_hybrid_owner_rank(struct tpla_dims dims,
+                                   struct tpla_hybrid_plan plan,
+                                   uint32_t group,
+                                   uint64_t position,
+                                   uint32_t *rank);
+
+/**
+ * Writes to `*bytes` the cached bytes per token of context on a rank of `plan` with
+ * elements of `dtype` (a `tpla_dtype`): `(d_c / groups + d_r) * sizeof(dtype) / shards`,
+ * averaged over a long sequence.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (dims, plan, dtype) or
+ * TPLA_STATUS_OUT_OF_RANGE (rank). Thread-safe.
+ *
+ * # Safety
+ * `bytes` is NULL or writable.
+ */
+tpla_status tpla_hybrid_bytes_per_token(struct tpla_dims dims,
+                                        struct tpla_hybrid_plan plan,
+                                        uint32_t dtype,
+                                        double *bytes);
+
+/**
+ * One decode step of one layer on a sequence shard: `cache` holds this rank's tokens
+ * of each sequence only (the owner rule of its `tpla_hybrid_plan`); writes the partial
+ * outputs, their log-sum-exps and optionally the logit bounds, for
+ * `tpla_sequence_merge_*`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (counts, kinds, buffers, bound), TPLA_STATUS_OUT_OF_RANGE
+ * (layer, unknown sequence id), TPLA_STATUS_MISMATCH or TPLA_STATUS_BACKEND. Uses `ctx`
+ * exclusively; reads `cache`.
+ *
+ * # Safety
+ * Handles are NULL or live; `args` is NULL or a valid `tpla_shard_decode_args` whose
+ * arrays hold their counts.
+ */
+tpla_status tpla_context_decode_sequence_shard(struct tpla_context *ctx,
+                                               const struct tpla_cache *cache,
+                                               const struct tpla_shard_decode_args *args);
+
+/**
+ * Merge (a) over every rank of a deployment living in one process: `outs[r]` holds rank
+ * r's outputs [rows][width] (rows = batch * heads; width d_v for head outputs),
+ * `lses[r]` its log-sum-exps [rows], ranks numbered `group * shards + shard`. Afterwards
+ * every `outs[r]` holds the exact merge over the shards, summed over the latent groups
+ * (bit-identical on every rank).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (ranks not a
+ * multiple of shards, counts, overlapping buffers). Thread-safe for disjoint buffers.
+ *
+ * # Safety
+ * `outs` is NULL or holds `ranks` pointers writable for `rows * width` floats; `lses`
+ * is NULL or holds `ranks` pointers readable for `rows` floats.
+ */
+tpla_status tpla_sequence_merge_lse_in_process(size_t shards,
+                                               size_t ranks,
+                                               size_t rows,
+                                               size_t width,
+                                               float *const *outs,
+                                               const float *const *lses);
+
+/**
+ * Merge (b) over every rank of a deployment living in one process: as
+ * `tpla_sequence_merge_lse_in_process`, with `bounds[r]` the logit bounds [rows] rank r's
+ * decode wrote (equal within a latent group): the shards' numerators and denominators
+ * are packed in f64 against the bounds and summed, then the latent groups are summed.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (as above, or a
+ * bound that is not finite or not an upper bound of the log-sum-exps). Thread-safe for
+ * disjoint buffers.
+ *
+ * # Safety
+ * As `tpla_sequence_merge_lse_in_process`; `bounds` is NULL or holds `ranks` pointers
+ * readable for `rows` doubles.
+ */
+tpla_status tpla_sequence_merge_packed_in_process(size_t shards,
+                                                  size_t ranks,
+                                                  size_t rows,
+                                                  size_t width,
+                                                  float *const *outs,
+                                                  const float *const *lses,
+                                                  const double *const *bounds);
+
+/**
+ * Merge (a) on one rank through the engine's communicators: gathers the log-sum-exps
+ * `lse` [rows] of the rank's latent group with `gather` (into `gathered`, a caller
+ * buffer of `shards * rows` floats), rescales this rank's outputs `out` [rows][width]
+ * by `e^(lse - L)`, then hands them to `reduce` (the all-reduce of
+ * `tpla_all_reduce_with`, over every rank of the deployment), each called once with
+ * `user`. Afterwards `out` holds the merged, group-summed output.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (counts, overlapping
+ * buffers), TPLA_STATUS_OUT_OF_RANGE (shard not below shards) or TPLA_STATUS_BACKEND (a
+ * callback returned nonzero; `out` is then unspecified). Thread-safety is the
+ * callbacks'.
+ *
+ * # Safety
+ * `out` is NULL or writable for `rows * width` floats, `lse` readable for `rows`,
+ * `gathered` writable for `shards * rows`; the callbacks are valid functions.
+ */
+tpla_status tpla_sequence_merge_lse_with(size_t shard,
+                                         size_t shards,
+                                         size_t rows,
+                                         size_t width,
+                                         float *out,
+                                         const float *lse,
+                                         float *gathered,
+                                         tpla_all_gather_fn gather,
+                                         tpla_all_reduce_fn reduce,
+                                         void *user);
+
+/**
+ * Doubles per row of merge (b)'s packed buffer for outputs of `width` floats: the
+ * numerators, the denominator and a count of the shards holding a token. Thread-safe.
+ */
+size_t tpla_sequence_packed_row_len(size_t width);
+
+/**
+ * Merge (b) on one rank, first half: packs this rank's outputs `out` [rows][width] and
+ * log-sum-exps `lse` [rows] against its logit bounds `bounds` [rows] into `packed`
+ * [rows][tpla_sequence_packed_row_len(width)] doubles, which the engine sums over the
+ * shards of the rank's latent group (one f64 all-reduce) before
+ * `tpla_sequence_unpack`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (counts,
+ * overlapping buffers, a bound not finite or not an upper bound). Thread-safe.
+ *
+ * # Safety
+ * The arrays are NULL or valid for their counts.
+ */
+tpla_status tpla_sequence_pack(size_t rows,
+                               size_t width,
+                               const float *out,
+                               const float *lse,
+                               const double *bounds,
+                               double *packed,
+                               size_t packed_count);
+
+/**
+ * Merge (b) on one rank, second half: divides the summed numerators of `packed`
+ * [rows][tpla_sequence_packed_row_len(width)] by their denominators into `out`
+ * [rows][width]. The latent groups' TPLA sum follows (`tpla_all_reduce_with` over the
+ * ranks of one shard index).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (counts, overlap, a
+ * row whose every shard lay far below the bound). Thread-safe.
+ *
+ * # Safety
+ * The arrays are NULL or valid for their counts.
+ */
+tpla_status tpla_sequence_unpack(size_t rows,
+                                 size_t width,
+                                 const double *packed,
+                                 size_t packed_count,
+                                 float *out);
 
 /**
  * Uploads sequences `seq_ids` (`seq_count` of them, each holding at least one token in

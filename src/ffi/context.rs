@@ -1016,21 +1016,7 @@ pub unsafe extern "C" fn tpla_context_decode(
                 output(a.lse, a.lse_count, "args->lse")?,
             )
         };
-        let queries = match a.query_kind {
-            k if k == tpla_query_kind::Nope as u32 => Queries::Nope { q_nope: q, q_rope },
-            k if k == tpla_query_kind::Latent as u32 => Queries::Latent { q_lat: q, q_rope },
-            k if k == tpla_query_kind::Joined as u32 && q_rope.is_empty() => Queries::Joined(q),
-            k if k == tpla_query_kind::Joined as u32 => {
-                return Err(Failure::invalid(
-                    "q_rope must be NULL with q_rope_count 0 for TPLA_QUERY_KIND_JOINED",
-                ))
-            }
-            k => {
-                return Err(Failure::invalid(format!(
-                    "unknown query_kind {k} (1 = nope, 2 = latent, 3 = joined)"
-                )))
-            }
-        };
+        let queries = queries_of(a.query_kind, q, q_rope)?;
         let outputs = match a.output_kind {
             k if k == tpla_output_kind::Heads as u32 => {
                 if !lse.is_empty() {
@@ -1048,5 +1034,24 @@ pub unsafe extern "C" fn tpla_context_decode(
             }
         };
         Ok(c.decode(rc, to_usize(a.layer), seqs, queries, outputs)?)
+    })
+}
+
+/// The queries of a step from a `tpla_query_kind` and its two arrays.
+pub(super) fn queries_of<'a>(kind: u32, q: &'a [f32], q_rope: &'a [f32]) -> Outcome<Queries<'a>> {
+    Ok(match kind {
+        k if k == tpla_query_kind::Nope as u32 => Queries::Nope { q_nope: q, q_rope },
+        k if k == tpla_query_kind::Latent as u32 => Queries::Latent { q_lat: q, q_rope },
+        k if k == tpla_query_kind::Joined as u32 && q_rope.is_empty() => Queries::Joined(q),
+        k if k == tpla_query_kind::Joined as u32 => {
+            return Err(Failure::invalid(
+                "q_rope must be NULL with q_rope_count 0 for TPLA_QUERY_KIND_JOINED",
+            ))
+        }
+        k => {
+            return Err(Failure::invalid(format!(
+                "unknown query_kind {k} (1 = nope, 2 = latent, 3 = joined)"
+            )))
+        }
     })
 }

@@ -22,6 +22,8 @@ pub mod export;
 
 pub mod combine;
 
+pub mod sequence;
+
 pub mod device;
 
 pub mod synthetic;
