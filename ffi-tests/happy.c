@@ -343,6 +343,30 @@ int main(int argc, char **argv) {
         a.out = latent_heads;
         CHECK_OK(tpla_context_decode(ctx[1], cache[1], &a));
         put(latent_heads, HEADS_OUT);
+        /* The same queries joined FlashMLA-style, [latent | rope] per head: the same bits. */
+        {
+          static float joined[NSEQ * H * (W + TEST_DR)];
+          float joined_heads[HEADS_OUT];
+          for (s = 0; s < NSEQ; s++)
+            for (h = 0; h < H; h++) {
+              memcpy(joined + (s * H + h) * (W + TEST_DR), q_lat + (s * H + h) * W, W * sizeof(float));
+              memcpy(joined + (s * H + h) * (W + TEST_DR) + W, q_rope + (s * H + h) * TEST_DR,
+                     TEST_DR * sizeof(float));
+            }
+          a.query_kind = TPLA_QUERY_KIND_JOINED;
+          a.queries = joined;
+          a.queries_count = NSEQ * H * (W + TEST_DR);
+          a.q_rope = NULL;
+          a.q_rope_count = 0;
+          a.out = joined_heads;
+          CHECK_OK(tpla_context_decode(ctx[1], cache[1], &a));
+          CHECK(memcmp(joined_heads, latent_heads, sizeof joined_heads) == 0);
+          a.queries_count--;
+          CHECK(tpla_context_decode(ctx[1], cache[1], &a) == TPLA_STATUS_INVALID_ARGUMENT);
+          a.queries_count++;
+          a.q_rope = q_rope;
+          a.q_rope_count = NSEQ * H * TEST_DR;
+        }
 
         /* Combine in process, and through the callback: the same bits on every rank. */
         for (r = 0; r < RANKS; r++) bufs[r] = heads[r];

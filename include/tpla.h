@@ -688,12 +688,14 @@ typedef struct tpla_decode_args {
   size_t batch;
   /**
    * TPLA_QUERY_KIND_NOPE: q_nope [batch][heads][d_n]; TPLA_QUERY_KIND_LATENT: absorbed latent
-   * queries [batch][heads][slice_width].
+   * queries [batch][heads][slice_width]; TPLA_QUERY_KIND_JOINED: both parts of each head's
+   * row, [batch][heads][slice_width + d_r] (latent then RoPE, FlashMLA's layout).
    */
   const float *queries;
   size_t queries_count;
   /**
-   * RoPE-rotated queries, [batch][heads][d_r].
+   * RoPE-rotated queries, [batch][heads][d_r]; NULL with count 0 for
+   * TPLA_QUERY_KIND_JOINED.
    */
   const float *q_rope;
   size_t q_rope_count;

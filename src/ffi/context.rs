@@ -931,10 +931,12 @@ pub struct tpla_decode_args {
     pub seq_ids: *const u32,
     pub batch: usize,
     /// TPLA_QUERY_KIND_NOPE: q_nope [batch][heads][d_n]; TPLA_QUERY_KIND_LATENT: absorbed latent
-    /// queries [batch][heads][slice_width].
+    /// queries [batch][heads][slice_width]; TPLA_QUERY_KIND_JOINED: both parts of each head's
+    /// row, [batch][heads][slice_width + d_r] (latent then RoPE, FlashMLA's layout).
     pub queries: *const f32,
     pub queries_count: usize,
-    /// RoPE-rotated queries, [batch][heads][d_r].
+    /// RoPE-rotated queries, [batch][heads][d_r]; NULL with count 0 for
+    /// TPLA_QUERY_KIND_JOINED.
     pub q_rope: *const f32,
     pub q_rope_count: usize,
     /// TPLA_OUTPUT_KIND_HEADS: [batch][heads][d_v]; TPLA_OUTPUT_KIND_LATENT:
@@ -984,16 +986,28 @@ pub unsafe extern "C" fn tpla_context_decode(
         // SAFETY: caller contract.
         let a = unsafe { versioned(args, "args") }?;
         // The batch size first, with checked arithmetic: every other count is a multiple
-        // of it, and q_rope's is the same for both query kinds. A batch inconsistent with
-        // q_rope_count is refused before any span or slice is made from it.
+        // of it. A batch inconsistent with q_rope_count (or, for joined queries, which
+        // carry their RoPE part, with queries_count) is refused before any span or slice
+        // is made from it.
         let (p, d) = (c.plan(), c.dims());
-        let rope_count = shape_count("args->q_rope", &[a.batch, p.heads, d.d_r])?;
-        if a.q_rope_count != rope_count {
-            return Err(Failure::invalid(format!(
-                "args->q_rope holds {} values, a batch of {} sequences of {} heads needs \
-                 {rope_count} ([batch][heads][d_r])",
-                a.q_rope_count, a.batch, p.heads
-            )));
+        if a.query_kind == tpla_query_kind::Joined as u32 {
+            let count = shape_count("args->queries", &[a.batch, p.heads, p.slice_width + d.d_r])?;
+            if a.queries_count != count {
+                return Err(Failure::invalid(format!(
+                    "args->queries holds {} values, a batch of {} sequences of {} joined \
+                     heads needs {count} ([batch][heads][slice_width + d_r])",
+                    a.queries_count, a.batch, p.heads
+                )));
+            }
+        } else {
+            let rope_count = shape_count("args->q_rope", &[a.batch, p.heads, d.d_r])?;
+            if a.q_rope_count != rope_count {
+                return Err(Failure::invalid(format!(
+                    "args->q_rope holds {} values, a batch of {} sequences of {} heads needs \
+                     {rope_count} ([batch][heads][d_r])",
+                    a.q_rope_count, a.batch, p.heads
+                )));
+            }
         }
         check_disjoint(
             &[
