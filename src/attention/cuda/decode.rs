@@ -262,66 +262,24 @@ impl DecodePlan {
         let splits = self.splits as i32;
         let num_slots = cache.config().slots as i32;
         let (part_out, part_lse) = (self.part_out.ptr(), self.part_lse.ptr());
+        let (batch, sched) = (self.batch as i32, self.schedule.ptr());
+        let config = self.kernels.config;
+        let wgmma = config.kernel == DecodeKernel::Wgmma;
         // The Hopper kernel reads the pool through a tensor map (by value, so a captured
-        // graph keeps its own copy); v3 through its address.
-        let pool_map = match self.kernels.config.kernel {
-            DecodeKernel::Wgmma => Some(bf16_rows_tensor_map(
+        // graph keeps its own copy) and schedules the whole batch over a grid of CTAs
+        // (it takes the batch size and writes the merge's table); v3 reads the pool
+        // through its address and has a block per (split, sequence).
+        let pool_map = if wgmma {
+            Some(bf16_rows_tensor_map(
                 pool,
                 self.shape.row_width(),
                 cache.config().pages * PAGE_SIZE,
-            )?),
-            DecodeKernel::MmaSync => None,
+            )?)
+        } else {
+            None
         };
-        let head_tiles = (self.shape.heads / self.kernels.config.heads_tile) as u32;
-        let config = self.kernels.config;
-        if let Some(map) = &pool_map {
-            let (batch, sched) = (self.batch as i32, self.schedule.ptr());
-            let mut args = [
-                arg(map),
-                arg(&q),
-                arg(&table),
-                arg(&lens),
-                arg(&slots),
-                arg(&num_slots),
-                arg(&heads),
-                arg(&max_pages),
-                arg(&batch),
-                arg(&out),
-                arg(&lse),
-                arg(&part_out),
-                arg(&part_lse),
-                arg(&sched),
-            ];
-            self.kernels.decode.launch(
-                (head_tiles, self.splits as u32, 1),
-                config.decode_threads(),
-                self.kernels.decode_shared_bytes,
-                stream,
-                &mut args,
-            )?;
-            let combine = self
-                .kernels
-                .combine_pieces
-                .expect("wgmma modules carry tpla_combine_pieces");
-            let mut args = [
-                arg(&part_out),
-                arg(&part_lse),
-                arg(&sched),
-                arg(&heads),
-                arg(&batch),
-                arg(&out),
-                arg(&lse),
-            ];
-            return combine.launch(
-                (self.shape.heads as u32, self.batch as u32, 1),
-                128,
-                0,
-                stream,
-                &mut args,
-            );
-        }
         let mut args = [
-            arg(&pool),
+            pool_map.as_ref().map_or(arg(&pool), arg),
             arg(&q),
             arg(&table),
             arg(&lens),
@@ -329,35 +287,54 @@ impl DecodePlan {
             arg(&num_slots),
             arg(&heads),
             arg(&max_pages),
-            arg(&splits),
+            if wgmma { arg(&batch) } else { arg(&splits) },
             arg(&out),
             arg(&lse),
             arg(&part_out),
             arg(&part_lse),
+            arg(&sched),
         ];
+        let (arg_count, grid_z) = if wgmma {
+            (14, 1)
+        } else {
+            (13, self.batch as u32)
+        };
+        let head_tiles = (self.shape.heads / config.heads_tile) as u32;
         self.kernels.decode.launch(
-            (head_tiles, self.splits as u32, self.batch as u32),
+            (head_tiles, self.splits as u32, grid_z),
             config.decode_threads(),
             self.kernels.decode_shared_bytes,
             stream,
-            &mut args,
+            &mut args[..arg_count],
         )?;
-        if self.splits > 1 {
-            let mut args = [
-                arg(&part_out),
-                arg(&part_lse),
-                arg(&heads),
-                arg(&splits),
-                arg(&out),
-                arg(&lse),
-            ];
-            self.kernels.combine.launch(
-                (self.shape.heads as u32, self.batch as u32, 1),
-                128,
-                self.splits * 4,
-                stream,
-                &mut args,
-            )?;
+        let merge_grid = (self.shape.heads as u32, self.batch as u32, 1);
+        match self.kernels.combine_pieces {
+            Some(combine_pieces) => {
+                let mut args = [
+                    arg(&part_out),
+                    arg(&part_lse),
+                    arg(&sched),
+                    arg(&heads),
+                    arg(&batch),
+                    arg(&out),
+                    arg(&lse),
+                ];
+                combine_pieces.launch(merge_grid, 128, 0, stream, &mut args)?;
+            }
+            None if self.splits > 1 => {
+                let mut args = [
+                    arg(&part_out),
+                    arg(&part_lse),
+                    arg(&heads),
+                    arg(&splits),
+                    arg(&out),
+                    arg(&lse),
+                ];
+                self.kernels
+                    .combine
+                    .launch(merge_grid, 128, self.splits * 4, stream, &mut args)?;
+            }
+            None => {}
         }
         Ok(())
     }
