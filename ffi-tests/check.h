@@ -29,6 +29,25 @@
     }                                                                                   \
   } while (0)
 
+/* A call that must return `want` with a last error message containing `needle`; a
+ * miss is reported and counted, and the program goes on. It counts into the program's
+ * own `static int checked, failures;`, which it reports at the end. */
+#define EXPECT(want, needle, call)                                                        \
+  do {                                                                                    \
+    tpla_status expect_status_ = (call);                                                  \
+    checked++;                                                                            \
+    if (expect_status_ != (want)) {                                                       \
+      fprintf(stderr, "%s:%d: %s returned %s (%s), expected %s\n", __FILE__, __LINE__,    \
+              #call, tpla_status_str(expect_status_), tpla_last_error_message(),          \
+              tpla_status_str(want));                                                     \
+      failures++;                                                                         \
+    } else if (strstr(tpla_last_error_message(), (needle)) == NULL) {                     \
+      fprintf(stderr, "%s:%d: %s: message \"%s\" lacks \"%s\"\n", __FILE__, __LINE__,     \
+              #call, tpla_last_error_message(), (needle));                                \
+      failures++;                                                                         \
+    }                                                                                     \
+  } while (0)
+
 /* Small shape used by the tests: every width distinct, so a mixed-up shape shows. */
 #define TEST_HEADS 4
 #define TEST_DC 64

@@ -17,24 +17,6 @@
 static int failures = 0;
 static int checked = 0;
 
-/* `call` must return `want`, and the thread's last error message must contain
- * `needle`. */
-#define EXPECT(want, needle, call)                                                        \
-  do {                                                                                    \
-    tpla_status expect_status_ = (call);                                                  \
-    checked++;                                                                            \
-    if (expect_status_ != (want)) {                                                       \
-      fprintf(stderr, "%s:%d: %s returned %s (%s), expected %s\n", __FILE__, __LINE__,    \
-              #call, tpla_status_str(expect_status_), tpla_last_error_message(),          \
-              tpla_status_str(want));                                                     \
-      failures++;                                                                         \
-    } else if (strstr(tpla_last_error_message(), (needle)) == NULL) {                     \
-      fprintf(stderr, "%s:%d: %s: message \"%s\" lacks \"%s\"\n", __FILE__, __LINE__,     \
-              #call, tpla_last_error_message(), (needle));                                \
-      failures++;                                                                         \
-    }                                                                                     \
-  } while (0)
-
 enum { H = TEST_HEADS, W = TEST_DC / 2, LEN = 300, BATCH = 1 };
 
 static float w_uk[H * W * TEST_DN], w_uv[H * W * TEST_DV];
