@@ -13,12 +13,17 @@
 // - MODE_HEADS (128 heads, SLICE <= 256): WG w holds heads 64w..64w+63 and both read
 //   every tile, so each K tile is loaded once for 128 heads. Their matrix products
 //   alternate (two named barriers): one's softmax runs under the other's products.
-// - MODE_COLUMNS (64 heads, SLICE = 512): WG w holds output columns 256w..256w+255 of
-//   the same 64 heads; tile j's scores and softmax are computed by WG j % 2, which
-//   passes P (bf16, in its register layout) and its reference maxima to the other
-//   through shared memory (one slot, strictly alternating, named-barrier arrive/sync).
-//   The receiver adopts a larger reference (rescaling its output rows) or scales the
-//   received P down to its own; row sums are merged at the end.
+// - MODE_COLUMNS (64 heads, SLICE = 512; FlashMLA's "seesaw"): WG w holds output
+//   columns 256w..256w+255 of the same 64 heads, and the tiles go in pairs: WG0 scores
+//   the pair's first tile (stage 0), WG1 the second (stage 1), and each adds both
+//   tiles' P V products over its columns. The pair shares one reference maximum per
+//   row: WG0 moves it for tile a and publishes it (BAR_M0); WG1 adopts it, moves it for
+//   tile b, publishes it and P_b (BAR_M1); WG0 adopts it, takes P_b and leaves P_a
+//   (brought to the pair's reference) in the same slot (BAR_P). One warpgroup's softmax
+//   thus runs under the other's products. Each stage has one mbarrier per 64-column
+//   chunk: the scoring warpgroup waits chunk by chunk, and each warpgroup refills the
+//   chunks it alone still reads (WG0 the V columns 0-255, WG1 256-511 and the RoPE
+//   chunk) as soon as its own products on them are done, mid-pair.
 // Tiles are cache pages (NT = 64 rows): RW/64 tensor copies of 64 rows x 64 columns
 // (128-byte swizzle, the layout wgmma reads) completing on the stage's `full` mbarrier.
 // Pages are tensor coordinates, so a page index outside the pool reads zeros, never
@@ -73,29 +78,35 @@
 #if MODE == MODE_TOKENS && (STAGES % 2) != 0
 #error "with two warpgroups taking alternate tiles, STAGES must be even"
 #endif
+#if MODE == MODE_COLUMNS && STAGES != 2
+#error "the seesaw keeps one pair of tiles: STAGES must be 2"
+#endif
 #if NT != PAGE
 #error "one tensor copy per page: the tile is the page"
 #endif
 
 // Byte layout of the dynamic shared memory, from a 1024-byte aligned base (the
-// swizzle atoms must be): K stages, queries, the P exchange slot (MODE_COLUMNS: 16
-// words of P and 2 maxima per thread), the stages' mbarriers, then per stage a count
-// of the warpgroups done with it (SHARED_TILES).
-#define XCHG_WORDS 18
+// swizzle atoms must be): K stages, queries, the exchange (MODE_COLUMNS: one P slot of
+// 16 words per thread, then each warpgroup's published maxima, 64 rows each), the
+// stages' mbarriers (MODE_COLUMNS: one per chunk), then per stage a count of the
+// warpgroups done with it (MODE_HEADS).
+#define XCHG_BYTES (MODE == MODE_COLUMNS ? 16 * 128 * 4 + 2 * 64 * 4 : 0)
+#define STAGE_BARS (MODE == MODE_COLUMNS ? CHUNKS : 1)
 #define SM_K 0
 #define SM_Q (STAGES * STAGE_BYTES)
 #define SM_X (SM_Q + (HQ / 64) * QWG_BYTES)
-#define SM_BAR (SM_X + (MODE == MODE_COLUMNS ? XCHG_WORDS * 128 * 4 : 0))
-#define SM_DONE (SM_BAR + STAGES * 8)
+#define SM_BAR (SM_X + XCHG_BYTES)
+#define SM_DONE (SM_BAR + STAGES * STAGE_BARS * 8)
 #define SM_SCHED (SM_DONE + STAGES * 8)  // this CTA's schedule: 8 words, 16 of scan scratch
 #define SM_END (SM_SCHED + 96)
 #define MIN_TILES 4  // fewest tiles a CTA's range holds (shorter ones cost more merging)
 #define SM_ALIGN_SLACK 1024
 
 // Named barriers (0 is __syncthreads): 2 + w warpgroup w, 4 + w warpgroup w's turn at
-// the tensor cores (MODE_HEADS), 6 + w P from warpgroup w (MODE_COLUMNS).
+// the tensor cores (MODE_HEADS); MODE_COLUMNS: 4 + w maxima from warpgroup w, 6 P_a.
 #define BAR_WG 2
 #define BAR_TURN 4
+#define BAR_M 4
 #define BAR_P 6
 
 // The layout the host sizes the dynamic shared memory from (read back through this symbol).
@@ -138,6 +149,8 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Waits for all but the last committed group.
+__device__ __forceinline__ void wgmma_wait_but_last() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
 // Keeps the compiler from moving accesses of accumulator registers across the
 // asynchronous matrix instructions that write them.
 template <int N>
@@ -162,13 +175,58 @@ __device__ __forceinline__ void load_tile(const TensorMap* map, u32 k_base, u32 
         tma_load_tile(k_base + s * STAGE_BYTES + c * ATOM_BYTES, map, full_bar + 8 * s, c * 64, page * PAGE);
 }
 
-// S = Q K^T for 64 query rows x the 64 tokens of the tile at `kst`, over the full row.
-__device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst) {
+// Clears rows valid..NT-1 of chunks [c_begin, c_end) of stage `s` (a sequence's last
+// page, whatever the engine left past its end: 0 * NaN would poison P V), split over
+// `readers` threads (`me` among them), ordered before the tensor cores' reads.
+__device__ __forceinline__ void zero_tail(unsigned char* smem, int s, int valid, int c_begin, int c_end,
+                                          int me, int readers) {
+    const int per_chunk = (NT - valid) * 8;  // 16-byte units
+    for (int u = me; u < (c_end - c_begin) * per_chunk; u += readers) {
+        const int c = c_begin + u / per_chunk;
+        const int rest = u % per_chunk;
+        const int r = valid + rest / 8;
+        *reinterpret_cast<uint4*>(smem + SM_K + s * STAGE_BYTES + c * ATOM_BYTES + r * 128 + (rest % 8) * 16) =
+            make_uint4(0u, 0u, 0u, 0u);
+    }
+    fence_async_shared();
+}
+
+#if MODE == MODE_COLUMNS
+// The chunks of a stage that warpgroup w alone reads last, and so refills: WG0 the V
+// columns 0-255 (chunks 0-3), WG1 the columns 256-511 and the RoPE chunk.
+#define PART_BEGIN(w) ((w) * 4)
+#define PART_END(w) ((w) == 0 ? 4 : CHUNKS)
+
+// Starts the copy of warpgroup w's chunks of stage `s` from cache page `page`, each
+// completing on its own mbarrier (`bars` + 8 (s CHUNKS + c)).
+__device__ __forceinline__ void load_part(const TensorMap* map, u32 k_base, u32 bars, int s, int w, int page) {
+#pragma unroll
+    for (int c = PART_BEGIN(w); c < PART_END(w); ++c) {
+        const u32 bar = bars + 8 * (s * CHUNKS + c);
+        mbar_expect_tx(bar, ATOM_BYTES);
+        tma_load_tile(k_base + s * STAGE_BYTES + c * ATOM_BYTES, map, bar, c * 64, page * PAGE);
+    }
+}
+#endif
+
+// S = Q K^T for 64 query rows x the 64 tokens of the tile at `kst`, over the row's
+// chunks from chunk FIRST on (modulo the row). MODE_COLUMNS: `chunk_bars` are the
+// stage's chunk mbarriers, each waited for (phase `parity`) before the products over
+// its chunk are issued, so they start on the chunks that came first; the other modes
+// have waited for the whole tile.
+template <int FIRST>
+__device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst, u32 chunk_bars = 0, u32 parity = 0) {
     fence_regs(sc);
+    if (MODE == MODE_COLUMNS) mbar_wait(chunk_bars + 8 * FIRST, parity);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < RW / 16; ++ks) {
-        const u32 off = (ks / 4) * ATOM_BYTES + (ks % 4) * 32;
+        const int c = (FIRST + ks / 4) % CHUNKS;
+        if (MODE == MODE_COLUMNS && ks % 4 == 0 && ks > 0) {
+            mbar_wait(chunk_bars + 8 * c, parity);
+            wgmma_fence();  // the wait loop is a branch: fence here, not ptxas (serialising)
+        }
+        const u32 off = c * ATOM_BYTES + (ks % 4) * 32;
         wgmma_qk_n64(sc, smem_desc(q_rows + off, 16, 1024), smem_desc(kst + off, 16, 1024), ks > 0);
     }
     wgmma_commit();
@@ -251,6 +309,159 @@ __device__ __forceinline__ u32 scale_bf16x2(u32 v, float f) {
     const float hi = __uint_as_float(v & 0xffff0000u) * f;
     return pack_bf16x2(lo, hi);
 }
+
+#if MODE == MODE_COLUMNS
+// Moves the reference maxima up to `m` (another warpgroup's), rescaling the output rows
+// and row sums.
+__device__ __forceinline__ void adopt_reference(float (&m_ref)[2], const float (&m)[2], float (&l_part)[2],
+                                                float (&o)[ON]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (m[h] > m_ref[h]) {
+            const float alpha = fast_exp2(m_ref[h] - m[h]);  // 0 while m_ref is -inf
+            m_ref[h] = m[h];
+            l_part[h] *= alpha;
+            scale_row(o, h, alpha);
+        }
+    }
+}
+
+// One piece's n_tiles tiles (from tile t_begin of the sequence of `len` tokens), in the
+// seesaw order of the top of the file: tile j is in stage j % 2 and scored by WG j % 2.
+// `phase`: the mbarrier phase of this warpgroup's stage at its next use (carried from
+// piece to piece); o, m_ref, l_part start empty and end relative to the same maxima in
+// both warpgroups.
+__device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char* smem, u32 k_base, u32 bars,
+                                             u32 q_rows, const int* pages, int t_begin, int n_tiles, int len,
+                                             int wg, int tw, int row0, int t4, bool loader, u32& phase,
+                                             float (&o)[ON], float (&m_ref)[2], float (&l_part)[2]) {
+    u32* slot = reinterpret_cast<u32*>(smem + SM_X);  // word i of thread tw at slot[i * 128 + tw]
+    float* maxima = reinterpret_cast<float*>(smem + SM_X + 16 * 128 * 4);  // [warpgroup][row]
+    const u32 mine = k_base + wg * STAGE_BYTES;  // the stage this warpgroup scores
+    const u32 other = k_base + (1 - wg) * STAGE_BYTES;
+    const u32 my_bars = bars + 8 * wg * CHUNKS;
+    const int my_cols = wg * (PV_N / 64);  // this warpgroup's output columns, in chunks
+    if (loader) {
+        for (int j = 0; j < min(2, n_tiles); ++j) load_part(map, k_base, bars, j, wg, pages[t_begin + j]);
+    }
+    float sc[32];
+    // (the first pair's tiles are both there before anything else: the chunk order
+    // does not matter; one call site here keeps ptxas from spilling)
+    if (wg < n_tiles) scores<0>(sc, q_rows, mine, my_bars, phase);
+    for (int j0 = 0; j0 < n_tiles; j0 += 2) {
+        const bool has_b = j0 + 1 < n_tiles;
+        const bool next_a = j0 + 2 < n_tiles;
+        const bool next_b = j0 + 3 < n_tiles;
+        const int valid_a = min(NT, len - (t_begin + j0) * NT);
+        const int valid_b = min(NT, len - (t_begin + j0 + 1) * NT);  // with has_b
+        // the pages the stages take next, read early to hide the latency
+        const int page_a = loader && next_a ? pages[t_begin + j0 + 2] : 0;
+        const int page_b = loader && next_b ? pages[t_begin + j0 + 3] : 0;
+        u32 pa[16], pb[16];  // P of tiles a and b as bf16 pairs
+        if (wg == 0) {
+            wgmma_wait_all();
+            fence_regs(sc);
+            phase ^= 1;
+            softmax_tile(sc, valid_a, t4, m_ref, l_part, o, pa);
+            if (t4 == 0) {
+                maxima[row0] = m_ref[0];
+                maxima[row0 + 8] = m_ref[1];
+            }
+            named_arrive(BAR_M + 0, THREADS);
+            if (valid_a < NT) {
+                zero_tail(smem, 0, valid_a, 0, 4, tw, 128);
+                named_barrier(BAR_WG + 0, 128);
+            }
+            attend_values(o, pa, mine, my_cols);
+            wgmma_wait_all();
+            fence_regs(o);
+            named_barrier(BAR_WG + 0, 128);  // every warp is done with stage 0's columns 0-255
+            if (loader && next_a) load_part(map, k_base, bars, 0, 0, page_a);
+            named_barrier(BAR_M + 1, THREADS);  // WG1's maxima, and P_b when it has tile b
+            const float m1[2] = {maxima[64 + row0], maxima[64 + row0 + 8]};
+            if (has_b) {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) pb[i] = slot[i * 128 + tw];
+            }
+            // leave P_a in the slot, relative to the pair's final maxima
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                if (m1[h] > m_ref[h]) {
+                    const float f = fast_exp2(m_ref[h] - m1[h]);
+#pragma unroll
+                    for (int n = 0; n < 8; ++n) pa[2 * n + h] = scale_bf16x2(pa[2 * n + h], f);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 16; ++i) slot[i * 128 + tw] = pa[i];
+            named_arrive(BAR_P, THREADS);
+            adopt_reference(m_ref, m1, l_part, o);
+            if (has_b) {
+                if (valid_b < NT) {
+                    zero_tail(smem, 1, valid_b, 0, 4, tw, 128);
+                    named_barrier(BAR_WG + 0, 128);
+                }
+                attend_values(o, pb, other, my_cols);
+            }
+            // (the waits are unconditional: ptxas serialises the products around waits
+            // on paths it cannot tell apart)
+            // Stage 1's columns 0-255 are refilled as soon as P_b V is done (WG1 scores
+            // its next tile over them last), then come the next tile's scores (WG1's
+            // products keep the tensor cores busy meanwhile).
+            wgmma_wait_all();
+            fence_regs(o);
+            named_barrier(BAR_WG + 0, 128);
+            if (loader && next_b) load_part(map, k_base, bars, 1, 0, page_b);
+            if (next_a) scores<0>(sc, q_rows, mine, my_bars, phase);
+        } else {
+            wgmma_wait_all();
+            fence_regs(sc);
+            if (has_b) phase ^= 1;
+            named_barrier(BAR_M + 0, THREADS);  // WG0's maxima after tile a
+            const float m0[2] = {maxima[row0], maxima[row0 + 8]};
+            adopt_reference(m_ref, m0, l_part, o);
+            if (has_b) softmax_tile(sc, valid_b, t4, m_ref, l_part, o, pb);
+            if (t4 == 0) {
+                maxima[64 + row0] = m_ref[0];
+                maxima[64 + row0 + 8] = m_ref[1];
+            }
+            if (has_b) {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) slot[i * 128 + tw] = pb[i];
+            }
+            named_arrive(BAR_M + 1, THREADS);
+            if (has_b) {
+                if (valid_b < NT) {
+                    zero_tail(smem, 1, valid_b, 4, 8, tw, 128);
+                    named_barrier(BAR_WG + 1, 128);
+                }
+                attend_values(o, pb, mine, my_cols);
+            }
+            named_barrier(BAR_P, THREADS);  // P_a
+#pragma unroll
+            for (int i = 0; i < 16; ++i) pa[i] = slot[i * 128 + tw];
+            if (valid_a < NT) {
+                zero_tail(smem, 0, valid_a, 4, 8, tw, 128);
+                named_barrier(BAR_WG + 1, 128);
+            }
+            attend_values(o, pa, other, my_cols);
+            wgmma_wait_but_last();  // P_b V done (with tile b)
+            named_barrier(BAR_WG + 1, 128);
+            if (loader && next_b) load_part(map, k_base, bars, 1, 1, page_b);
+            wgmma_wait_all();
+            fence_regs(o);
+            named_barrier(BAR_WG + 1, 128);
+            if (loader && next_a) load_part(map, k_base, bars, 0, 1, page_a);
+            // WG1's own chunks first: WG0 refills columns 0-255 of stage 1 last
+            if (next_b) scores<4>(sc, q_rows, mine, my_bars, phase);
+        }
+    }
+    // Nothing is in flight here (the last pair issues no scores), but ptxas cannot tell
+    // and would otherwise wait, serialising the products, on the paths it suspects.
+    wgmma_wait_all();
+    fence_regs(sc);
+}
+#endif
 
 // Exclusive prefix sum of `v` over the block's threads in order; `total` gets the sum.
 // `warp_buf` holds one word per warp; every thread must call it.
@@ -378,10 +589,8 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
         }
     }
     if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full_bar + 8 * s, 1);
-            *reinterpret_cast<u32*>(smem + SM_DONE + 8 * s) = 0u;
-        }
+        for (int i = 0; i < STAGES * STAGE_BARS; ++i) mbar_init(full_bar + 8 * i, 1);
+        for (int s = 0; s < STAGES; ++s) *reinterpret_cast<u32*>(smem + SM_DONE + 8 * s) = 0u;
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -403,6 +612,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     int seq_start = my_sched[4];   // the sequence's first tile in the batch's order
     int split_base = my_sched[5];  // its first partial slot
     int done_tiles = 0;            // tiles this CTA consumed before the piece (stage names)
+    u32 phase = 0;                 // MODE_COLUMNS: the phase of this warpgroup's stage
     for (; b < batch && seq_start < range_end; ++b) {
     const int seq_tiles = entry_tiles(slots, seq_lens, num_slots, b);
     const int t_begin = max(range_begin, seq_start) - seq_start;
@@ -418,7 +628,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     const int j_first = MODE == MODE_TOKENS ? (wg + done_tiles) & 1 : 0;
     const int j_step = MODE == MODE_TOKENS ? 2 : 1;
     __syncthreads();  // the previous piece is done with every stage, Q and the merge buffer
-    if (loader && (!SHARED_TILES || wg == 0)) {
+    if (MODE != MODE_COLUMNS && loader && (!SHARED_TILES || wg == 0)) {
         for (int j = j_first; j < min(STAGES, n_tiles); j += j_step)
             load_tile(&pool_map, k_base, full_bar, done_tiles + j, pages[t_begin + j]);
     }
@@ -443,10 +653,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     const u32 q_wg = q_base + (MODE == MODE_HEADS ? wg * QWG_BYTES : 0);
     // this warpgroup's output columns, in 64-column chunks
     const int col_chunk = MODE == MODE_COLUMNS ? wg * (PV_N / 64) : 0;
-#if MODE == MODE_COLUMNS
-    // the exchange slot, word i of thread tw at xchg[i * 128 + tw] (conflict-free)
-    u32* xchg = reinterpret_cast<u32*>(smem + SM_X);
-#elif MODE == MODE_HEADS
+#if MODE == MODE_HEADS
     if (wg == 1) named_arrive(BAR_TURN + 0, THREADS);  // WG0 takes the first turn
 #endif
 
@@ -457,6 +664,10 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
     float m_ref[2] = {NEG_INF, NEG_INF};
     float l_part[2] = {0.f, 0.f};
 
+#if MODE == MODE_COLUMNS
+    seesaw_piece(&pool_map, smem, k_base, full_bar, q_wg, pages, t_begin, n_tiles, len, wg, tw, row0, t4, loader,
+                 phase, o, m_ref, l_part);
+#else
     for (int j = j_first; j < n_tiles; j += j_step) {
         const int s = (done_tiles + j) % STAGES;
         const u32 kst = k_base + s * STAGE_BYTES;
@@ -467,68 +678,30 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
         const int first = (t_begin + j) * NT;
         const int valid = min(NT, len - first);
         if (valid < NT) {
-            // The sequence's last page: zero its rows past the end (whatever the engine
-            // left there) before the tensor cores read them; the readers of this stage
-            // split the work and meet at a barrier.
-            const int readers = SHARED_TILES ? THREADS : 128;
-            const int me = SHARED_TILES ? tid : tw;
-            const int units = CHUNKS * (NT - valid) * 8;  // 16-byte units to clear
-            for (int u = me; u < units; u += readers) {
-                const int c = u / ((NT - valid) * 8);
-                const int rest = u % ((NT - valid) * 8);
-                const int r = valid + rest / 8;
-                *reinterpret_cast<uint4*>(smem + SM_K + s * STAGE_BYTES + c * ATOM_BYTES + r * 128 +
-                                          (rest % 8) * 16) = make_uint4(0u, 0u, 0u, 0u);
+            // the readers of this stage split the clearing and meet at a barrier
+            if (SHARED_TILES) {
+                zero_tail(smem, s, valid, 0, CHUNKS, tid, THREADS);
+                __syncthreads();
+            } else {
+                zero_tail(smem, s, valid, 0, CHUNKS, tw, 128);
+                named_barrier(BAR_WG + wg, 128);
             }
-            fence_async_shared();
-            if (SHARED_TILES) __syncthreads();
-            else named_barrier(BAR_WG + wg, 128);
         }
 
         u32 pa[16];  // P of this tile as bf16 pairs
-        if (MODE != MODE_COLUMNS || j % 2 == wg) {
+        {
             float sc[32];
 #if MODE == MODE_HEADS
             named_barrier(BAR_TURN + wg, THREADS);  // wait for this warpgroup's turn
-            scores(sc, q_wg, kst);
+            scores<0>(sc, q_wg, kst);
             if (wg == 0 || j + 1 < n_tiles) named_arrive(BAR_TURN + (1 - wg), THREADS);
 #else
-            scores(sc, q_wg, kst);
+            scores<0>(sc, q_wg, kst);
 #endif
             wgmma_wait_all();
             fence_regs(sc);
             softmax_tile(sc, valid, t4, m_ref, l_part, o, pa);
-#if MODE == MODE_COLUMNS
-            // Publish P and the maxima it is relative to. The slot held the other's
-            // previous P, which this thread read (its own words) one tile ago.
-#pragma unroll
-            for (int i = 0; i < 16; ++i) xchg[i * 128 + tw] = pa[i];
-            xchg[16 * 128 + tw] = __float_as_uint(m_ref[0]);
-            xchg[17 * 128 + tw] = __float_as_uint(m_ref[1]);
-            named_arrive(BAR_P + wg, THREADS);
-#endif
         }
-#if MODE == MODE_COLUMNS
-        else {
-            named_barrier(BAR_P + (1 - wg), THREADS);
-#pragma unroll
-            for (int i = 0; i < 16; ++i) pa[i] = xchg[i * 128 + tw];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float m = __uint_as_float(xchg[(16 + h) * 128 + tw]);
-                if (m > m_ref[h]) {  // adopt the larger reference
-                    const float alpha = fast_exp2(m_ref[h] - m);
-                    m_ref[h] = m;
-                    l_part[h] *= alpha;
-                    scale_row(o, h, alpha);
-                } else if (m < m_ref[h]) {  // bring P down to this reference
-                    const float f = fast_exp2(m - m_ref[h]);
-#pragma unroll
-                    for (int n = 0; n < 8; ++n) pa[2 * n + h] = scale_bf16x2(pa[2 * n + h], f);
-                }
-            }
-        }
-#endif
 
         attend_values(o, pa, kst, col_chunk);
         wgmma_wait_all();
@@ -548,6 +721,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * P
             if (last) load_tile(&pool_map, k_base, full_bar, done_tiles + refill, refill_page);
         }
     }
+#endif
 
     // ---- row sums over the quad ----
 #pragma unroll

@@ -158,8 +158,8 @@ impl KernelConfig {
     /// The Hopper kernel: slices up to 256 take 128 heads per block where the rank's
     /// heads allow it (each K tile read once for both warpgroups), else 64 with the
     /// warpgroups taking alternate tiles (an even pipeline depth); slices of 512 take 64
-    /// heads with the warpgroups splitting the output columns. As many stages as shared
-    /// memory holds.
+    /// heads with the warpgroups splitting the output columns over a pair of tiles (two
+    /// stages, the seesaw). Otherwise as many stages as shared memory holds.
     fn choose_wgmma(
         device: &CudaDevice,
         heads: usize,
@@ -176,7 +176,11 @@ impl KernelConfig {
         } else {
             1
         };
-        let stages = (2..=max_stages.clamp(2, MAX_STAGES))
+        let deepest = match Sm90Mode::of(slice_width, heads_tile) {
+            Sm90Mode::Columns => 2,
+            _ => max_stages.clamp(2, MAX_STAGES),
+        };
+        let stages = (2..=deepest)
             .rev()
             .filter(|s| s % step == 0)
             .find(|&s| sm90_shared_bytes(slice_width, heads_tile, s) <= device.max_shared_per_block())
@@ -267,16 +271,24 @@ impl Sm90Mode {
 }
 
 /// Bytes of the Hopper kernel's shared-memory layout (`SM_*` in decode_sm90.cu: K
-/// stages, queries, the P exchange slot, mbarriers and stage counters, the CTA's
-/// schedule, and slack to align the swizzle atoms to 1024 bytes).
+/// stages, queries, the exchange of P and maxima, mbarriers and stage counters, the
+/// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes).
 pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -> usize {
-    let tile = (slice_width + ROPE_WIDTH) * TILE_TOKENS * 2;
-    let exchange = match Sm90Mode::of(slice_width, heads_tile) {
-        Sm90Mode::Columns => 18 * 128 * 4,
-        _ => 0,
+    let row = slice_width + ROPE_WIDTH;
+    let tile = row * TILE_TOKENS * 2;
+    let (exchange, barriers_per_stage) = match Sm90Mode::of(slice_width, heads_tile) {
+        // P as 16 words per thread of a warpgroup, 64 maxima per warpgroup; one
+        // mbarrier per 64-column chunk
+        Sm90Mode::Columns => (16 * 128 * 4 + 2 * 64 * 4, row / 64),
+        _ => (0, 1),
     };
-    // + 16 bytes of mbarrier and counter per stage, 96 of the CTA's schedule
-    stages * tile + heads_tile / 64 * tile + exchange + 16 * stages + 96 + 1024
+    // 8 bytes per mbarrier, 8 of counter per stage, 96 of the CTA's schedule
+    stages * tile
+        + heads_tile / 64 * tile
+        + exchange
+        + 8 * stages * (barriers_per_stage + 1)
+        + 96
+        + 1024
 }
 
 /// Bytes of the v3 decode kernel's shared-memory layout (`struct Smem` in decode_v3.cu;
