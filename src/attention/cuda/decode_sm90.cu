@@ -103,11 +103,13 @@
 #define SM_ALIGN_SLACK 1024
 
 // Named barriers (0 is __syncthreads): 2 + w warpgroup w, 4 + w warpgroup w's turn at
-// the tensor cores (MODE_HEADS); MODE_COLUMNS: 4 + w maxima from warpgroup w, 6 P_a.
+// the tensor cores (MODE_HEADS); MODE_COLUMNS: 4 + w maxima from warpgroup w, 6 P_a,
+// 7 WG1's P_a V issued.
 #define BAR_WG 2
 #define BAR_TURN 4
 #define BAR_M 4
 #define BAR_P 6
+#define BAR_ISSUED 7
 
 // The layout the host sizes the dynamic shared memory from (read back through this symbol).
 extern "C" __constant__ int tpla_decode_smem_bytes = SM_END + SM_ALIGN_SLACK;
@@ -131,7 +133,9 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 }
 __device__ __forceinline__ void tma_load_tile(u32 dst, const TensorMap* map, u32 bar, int col, int row) {
     asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+        "{\n.reg .b64 policy;\n"
+        "createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, %4}], [%2], policy;\n}"
         ::"r"(dst), "l"((u64)map), "r"(bar), "r"(col), "r"(row) : "memory");
 }
 // Orders this thread's ordinary shared-memory stores before later reads by the tensor
@@ -214,20 +218,20 @@ __device__ __forceinline__ void load_part(const TensorMap* map, u32 k_base, u32 
 // stage's chunk mbarriers, each waited for (phase `parity`) before the products over
 // its chunk are issued, so they start on the chunks that came first; the other modes
 // have waited for the whole tile.
-template <int FIRST>
+template <int FIRST, int COUNT = CHUNKS, bool ACCUMULATE = false>
 __device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst, u32 chunk_bars = 0, u32 parity = 0) {
     fence_regs(sc);
     if (MODE == MODE_COLUMNS) mbar_wait(chunk_bars + 8 * FIRST, parity);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < RW / 16; ++ks) {
+    for (int ks = 0; ks < COUNT * 4; ++ks) {
         const int c = (FIRST + ks / 4) % CHUNKS;
         if (MODE == MODE_COLUMNS && ks % 4 == 0 && ks > 0) {
             mbar_wait(chunk_bars + 8 * c, parity);
             wgmma_fence();  // the wait loop is a branch: fence here, not ptxas (serialising)
         }
         const u32 off = c * ATOM_BYTES + (ks % 4) * 32;
-        wgmma_qk_n64(sc, smem_desc(q_rows + off, 16, 1024), smem_desc(kst + off, 16, 1024), ks > 0);
+        wgmma_qk_n64(sc, smem_desc(q_rows + off, 16, 1024), smem_desc(kst + off, 16, 1024), ACCUMULATE || ks > 0);
     }
     wgmma_commit();
 }
@@ -396,6 +400,9 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
             for (int i = 0; i < 16; ++i) slot[i * 128 + tw] = pa[i];
             named_arrive(BAR_P, THREADS);
             adopt_reference(m_ref, m1, l_part, o);
+            // WG1's P_a V goes to the tensor cores first: it frees stage 0's columns
+            // 256-511 for the refill this warpgroup's next scores wait for.
+            named_barrier(BAR_ISSUED, THREADS);
             if (has_b) {
                 if (valid_b < NT) {
                     zero_tail(smem, 1, valid_b, 0, 4, tw, 128);
@@ -403,16 +410,20 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
                 }
                 attend_values(o, pb, other, my_cols);
             }
-            // (the waits are unconditional: ptxas serialises the products around waits
-            // on paths it cannot tell apart)
-            // Stage 1's columns 0-255 are refilled as soon as P_b V is done (WG1 scores
-            // its next tile over them last), then come the next tile's scores (WG1's
-            // products keep the tensor cores busy meanwhile).
-            wgmma_wait_all();
+            // The next tile's scores over the chunks WG0 refilled (there by now) queue
+            // behind P_b V; stage 1's columns 0-255 are refilled as soon as P_b V is
+            // done (WG1 scores its next tile over them last); then the scores over the
+            // chunks WG1 refilled.
+            if (next_a) {
+                scores<0, 4>(sc, q_rows, mine, my_bars, phase);
+                wgmma_wait_but_last();
+            } else {
+                wgmma_wait_all();
+            }
             fence_regs(o);
             named_barrier(BAR_WG + 0, 128);
             if (loader && next_b) load_part(map, k_base, bars, 1, 0, page_b);
-            if (next_a) scores<0>(sc, q_rows, mine, my_bars, phase);
+            if (next_a) scores<4, CHUNKS - 4, true>(sc, q_rows, mine, my_bars, phase);
         } else {
             wgmma_wait_all();
             fence_regs(sc);
@@ -445,6 +456,9 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
                 named_barrier(BAR_WG + 1, 128);
             }
             attend_values(o, pa, other, my_cols);
+            named_arrive(BAR_ISSUED, THREADS);
+            // (the waits are unconditional: ptxas serialises the products around waits
+            // on paths it cannot tell apart)
             wgmma_wait_but_last();  // P_b V done (with tile b)
             named_barrier(BAR_WG + 1, 128);
             if (loader && next_b) load_part(map, k_base, bars, 1, 1, page_b);
