@@ -266,6 +266,18 @@ impl Faults {
     pub const BAD_PAGE: Faults = Faults(1);
     /// A slot at or past `pages * page_size`: that token was not written.
     pub const BAD_SLOT: Faults = Faults(2);
+    /// GPU appends: a non-finite input, or a value beyond the cache's element type (which
+    /// the CPU refuses at the call): that token was not written.
+    pub const BAD_VALUE: Faults = Faults(4);
+    /// GPU decodes: the plan in the workspace was not made for this launch (batch,
+    /// shape, block table width) or is not a plan: every entry's outputs are NaN (the CPU
+    /// refuses such a plan at the call).
+    pub const BAD_PLAN: Faults = Faults(8);
+
+    /// The faults of bits `bits` (a device fault word).
+    pub fn from_bits(bits: u32) -> Faults {
+        Faults(bits)
+    }
 
     pub fn bits(self) -> u32 {
         self.0

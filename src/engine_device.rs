@@ -1,0 +1,561 @@
+//! The engine API on the GPU (feature `cuda`): stateless decode and append on the
+//! engine's own device memory, the contract of [`crate::engine`] with device addresses
+//! and the engine's `CUstream`. Nothing here synchronises with the host or allocates
+//! after creation, so a step (plan, then per layer append and decode) can be captured in
+//! a CUDA graph and replayed with new tokens.
+//!
+//! - The cache of a layer is the engine's pool ([`DevicePagedCache`]): bf16 rows of the
+//!   rank's `slice_width + d_r` (latent slice, then RoPE key), pages of
+//!   [`PAGE_SIZE`] rows at `base + page * page_stride`.
+//! - [`DeviceEngine::plan`] writes the plan header into a caller-owned device workspace
+//!   ([`DeviceEngine::workspace_bytes`] bytes for a batch and a block table width), which
+//!   every layer's decode of the step reuses (it also holds the partial outputs of the
+//!   split-KV merge). The schedule itself is computed by the decode kernels from the device
+//!   lengths, so the plan fixes only the launch geometry.
+//! - [`DeviceEngine::decode`]: per batch entry `b`, block table row `b` and length `b`;
+//!   the query rows are the kernel's (`[batch][heads][slice_width + d_r]` f32, the latent
+//!   part scaled by `softmax_scale * mu`, the RoPE part by `softmax_scale`: see
+//!   [`DeviceEngine::query_scales`]); writes latent outputs `[batch][heads][slice_width]`
+//!   and log-sum-exps `[batch][heads]` (f32, engine-owned). Before the kernels, a check
+//!   kernel reads the lengths and the page indices each entry will use: an entry with a
+//!   page index outside the pool, or a length needing more pages than the table's width,
+//!   reads nothing, gets NaN outputs and sets [`Faults::BAD_PAGE`] in the device fault
+//!   word; an empty entry gets zeros and a log-sum-exp of minus infinity; a workspace
+//!   whose plan was made for another launch sets [`Faults::BAD_PLAN`] and NaN everywhere.
+//! - [`DeviceEngine::append`] writes new tokens from their full pre-norm latents (f32 or
+//!   bf16) and RoPE keys at a slot mapping, normalised, rotated and sliced as
+//!   [`RankContext::append_paged`] does (in f64, rounded to bf16 as the host rounds).
+//!
+//! Everything that can be checked without reading device memory is checked at the call
+//! (null and misaligned addresses, sizes, the layout, the workspace's size).
+
+use crate::attention::cuda::{
+    arg, CUstream, CudaBackend, DecodePlan, DeviceBuffer, EngineKernels, Kernels, PoolRef,
+    WorkspaceLayout, APPEND_THREADS, ENTRY_THREADS, PAGE_SIZE,
+};
+use crate::attention::LatentShape;
+use crate::decode::RankContext;
+use crate::dtype::DType;
+use crate::engine::{Faults, PagedLayout, RmsMode};
+use crate::error::{Error, Result};
+use crate::geometry::{ModelDims, ShardPlan};
+use crate::transform::TransformKind;
+use std::sync::Arc;
+
+pub use crate::attention::schedule::{HEADER_WORDS, MAGIC};
+
+/// The plan kind of CUDA workspaces (the header's second word).
+pub const KIND_CUDA: i32 = 3;
+
+/// Largest latent width a device append takes (its shared memory holds the latent).
+pub const MAX_APPEND_LATENT: usize = 4096;
+
+/// The engine's cache of one layer in device memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevicePagedCache {
+    /// Device address of page 0.
+    pub base: u64,
+    pub layout: PagedLayout,
+}
+
+/// One layer's decode over the engine's device memory.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceStep {
+    pub cache: DevicePagedCache,
+    /// `[batch][block_table_width]` int32 page indices.
+    pub block_table: u64,
+    pub batch: usize,
+    pub block_table_width: usize,
+    /// `[batch]` int32 lengths.
+    pub seq_lens: u64,
+    /// The workspace [`DeviceEngine::plan`] filled for this batch and width.
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+    /// 0, or a device `u32` the kernels OR [`Faults`] bits into.
+    pub faults: u64,
+}
+
+/// How a device append reads its inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceAppend {
+    /// `[count]` int32 slots (`page * page_size + offset`; negative: skipped).
+    pub slots: u64,
+    pub count: usize,
+    /// `[count][d_c]` full pre-norm latents.
+    pub latents: u64,
+    /// `[count][d_r]` RoPE-rotated keys.
+    pub k_rope: u64,
+    /// Element type of both inputs: f32 or bf16.
+    pub input: DType,
+    pub mode: RmsMode,
+    /// 0, or a device `u32` the kernel ORs [`Faults`] bits into.
+    pub faults: u64,
+}
+
+/// `transform` argument of `tpla_engine_append`.
+const TRANSFORM_IDENTITY: i32 = 0;
+const TRANSFORM_HADAMARD: i32 = 1;
+const TRANSFORM_DENSE: i32 = 2;
+
+/// What a device append needs of a layer.
+struct AppendLayer {
+    transform: i32,
+    /// Hadamard: the signs `[d_c]`; dense: `U`'s slice columns `[d_c][slice_width]` (f64).
+    data: Option<DeviceBuffer<u8>>,
+    fraction: f64,
+    mu: f64,
+}
+
+/// One rank's engine-facing GPU object: the decode and engine kernels of its shape and,
+/// per layer, what appends need (the transform on the device, the energy fraction) and
+/// the query scales. Holds no cache state.
+pub struct DeviceEngine {
+    backend: CudaBackend,
+    kernels: Arc<Kernels>,
+    engine: Arc<EngineKernels>,
+    dims: ModelDims,
+    plan: ShardPlan,
+    layers: Vec<AppendLayer>,
+}
+
+// SAFETY: the raw handles inside (modules, the backend's stream) are used from one
+// thread at a time through `&self`/`&mut self`; CUDA allows moving them between threads.
+unsafe impl Send for DeviceEngine {}
+
+impl std::fmt::Debug for DeviceEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceEngine")
+            .field("plan", &self.plan)
+            .field("layers", &self.layers.len())
+            .field("kernel", &self.kernels.config)
+            .finish()
+    }
+}
+
+fn check_address(ptr: u64, align: u64, what: &str) -> Result<()> {
+    if ptr == 0 {
+        return Err(Error::invalid(format!("{what} is a null device address")));
+    }
+    if ptr % align != 0 {
+        return Err(Error::invalid(format!(
+            "{what} ({ptr:#x}) is not aligned to {align} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn word(value: usize, what: &str) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::invalid(format!("{what} {value} exceeds int32")))
+}
+
+impl DeviceEngine {
+    /// The engine object of `context`'s rank on `backend`'s GPU: compiles (or loads) the
+    /// kernels of its shape and uploads every layer's transform. Every layer of the
+    /// context must have its weights.
+    pub fn from_context(backend: CudaBackend, context: &RankContext) -> Result<Self> {
+        let (dims, plan) = (*context.dims(), *context.plan());
+        let kernels = backend.kernels(plan.heads, plan.slice_width, dims.d_r)?;
+        let engine = backend.engine_kernels(plan.slice_width)?;
+        if dims.d_c > MAX_APPEND_LATENT {
+            return Err(Error::unsupported(format!(
+                "device appends take latents of at most {MAX_APPEND_LATENT} values, not {}",
+                dims.d_c
+            )));
+        }
+        let (d, w, start) = (dims.d_c, plan.slice_width, plan.slice_start);
+        let device = backend.device().clone();
+        let upload = |values: &[f64]| -> Result<DeviceBuffer<u8>> {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            DeviceBuffer::from_host(&device, &bytes)
+        };
+        let mut layers = Vec::with_capacity(context.layer_count());
+        for l in 0..context.layer_count() {
+            let layer = context.layer(l)?;
+            let t = &layer.transform;
+            if t.dim() != d {
+                return Err(Error::mismatch(format!(
+                    "layer {l}'s transform is {} wide, the latent {d}",
+                    t.dim()
+                )));
+            }
+            let (transform, data) = match t.kind() {
+                TransformKind::Identity => (TRANSFORM_IDENTITY, None),
+                TransformKind::Hadamard => {
+                    let signs = t.hadamard_signs().expect("a Hadamard transform has signs");
+                    (TRANSFORM_HADAMARD, Some(upload(signs)?))
+                }
+                TransformKind::Pca => {
+                    let m = t.matrix();
+                    let cols: Vec<f64> = (0..d)
+                        .flat_map(|r| m[r * d + start..r * d + start + w].iter().copied())
+                        .collect();
+                    (TRANSFORM_DENSE, Some(upload(&cols)?))
+                }
+            };
+            layers.push(AppendLayer {
+                transform,
+                data,
+                fraction: layer.slice_fraction,
+                mu: layer.mu,
+            });
+        }
+        Ok(DeviceEngine {
+            backend,
+            kernels,
+            engine,
+            dims,
+            plan,
+            layers,
+        })
+    }
+
+    pub fn backend(&self) -> &CudaBackend {
+        &self.backend
+    }
+    pub fn dims(&self) -> &ModelDims {
+        &self.dims
+    }
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+    /// The decode kernel's shape.
+    pub fn shape(&self) -> LatentShape {
+        LatentShape {
+            heads: self.plan.heads,
+            slice_width: self.plan.slice_width,
+            d_r: self.dims.d_r,
+        }
+    }
+    /// Elements per cache row and query row: `slice_width + d_r`.
+    pub fn row_width(&self) -> usize {
+        self.shape().row_width()
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<&AppendLayer> {
+        self.layers.get(layer).ok_or_else(|| {
+            Error::out_of_range(format!(
+                "layer {layer} is out of range for {} layers",
+                self.layers.len()
+            ))
+        })
+    }
+
+    /// The factors of the latent and the RoPE parts of a query row of `layer`:
+    /// `softmax_scale * mu` and `softmax_scale`.
+    pub fn query_scales(&self, layer: usize) -> Result<(f32, f32)> {
+        let l = self.check_layer(layer)?;
+        let s = self.dims.softmax_scale;
+        Ok(((s * l.mu) as f32, s as f32))
+    }
+
+    /// The split count of a step of `batch` entries over a block table `width` pages
+    /// wide (the wgmma kernel's CTAs per head tile; v3's splits per sequence, chosen for
+    /// sequences of `width` pages).
+    pub fn splits(&self, batch: usize, width: usize) -> Result<usize> {
+        self.geometry(batch, width).map(|(_, s)| s)
+    }
+
+    fn geometry(&self, batch: usize, width: usize) -> Result<(WorkspaceLayout, usize)> {
+        if batch == 0 || batch > 65535 {
+            return Err(Error::invalid(format!(
+                "decode batch must be 1 to 65535, got {batch}"
+            )));
+        }
+        if width == 0 || width > i32::MAX as usize / PAGE_SIZE {
+            return Err(Error::invalid(format!(
+                "the block table must be 1 to {} pages wide, got {width}",
+                i32::MAX as usize / PAGE_SIZE
+            )));
+        }
+        let shape = self.shape();
+        let splits = self
+            .backend
+            .splits_for(&self.kernels, shape, batch, width * PAGE_SIZE);
+        let layout = WorkspaceLayout::new(self.kernels.config.kernel, shape, batch, splits)?;
+        if layout.bytes / 4 > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "the workspace of a batch of {batch} would be {} bytes, beyond int32 words",
+                layout.bytes
+            )));
+        }
+        Ok((layout, splits))
+    }
+
+    /// Bytes of the device workspace of a step of `batch` entries over a block table
+    /// `width` pages wide (allocate it once for the largest batch and width).
+    pub fn workspace_bytes(&self, batch: usize, width: usize) -> Result<usize> {
+        self.geometry(batch, width).map(|(l, _)| l.bytes)
+    }
+
+    /// The header words of a plan: `[.., words, splits, kernel tag, width]`.
+    fn header(&self, layout: &WorkspaceLayout, splits: usize, width: usize) -> [i32; 4] {
+        let c = self.kernels.config;
+        let tag = ((c.kernel == crate::attention::cuda::DecodeKernel::Wgmma) as i32) << 28
+            | (c.heads_tile as i32) << 16
+            | (c.slice_width as i32) << 4
+            | c.stages as i32;
+        [(layout.bytes / 4) as i32, splits as i32, tag, width as i32]
+    }
+
+    fn check_workspace(&self, ptr: u64, bytes: usize, layout: &WorkspaceLayout) -> Result<()> {
+        check_address(ptr, 16, "the workspace")?;
+        if bytes < layout.bytes {
+            return Err(Error::invalid(format!(
+                "the workspace holds {bytes} bytes, the plan needs {}",
+                layout.bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Plans a step of `batch` entries over a block table `width` pages wide into the
+    /// device workspace at `workspace` (`workspace_bytes` bytes, 16-byte aligned): one
+    /// kernel on `stream`, no host synchronisation. `seq_lens` (device, `[batch]` int32) is
+    /// checked but not read: the decode kernels schedule from the lengths themselves.
+    ///
+    /// # Safety
+    /// `workspace` is device memory of this GPU holding `workspace_bytes`, not in use by
+    /// another stream; `stream` is a live stream of this device's context (or NULL).
+    pub unsafe fn plan_step(
+        &self,
+        seq_lens: u64,
+        batch: usize,
+        width: usize,
+        workspace: u64,
+        workspace_bytes: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        let (layout, splits) = self.geometry(batch, width)?;
+        check_address(seq_lens, 4, "seq_lens")?;
+        self.check_workspace(workspace, workspace_bytes, &layout)?;
+        let [words, splits, tag, width] = self.header(&layout, splits, width);
+        let (b, h) = (batch as i32, self.plan.heads as i32);
+        let mut args = [
+            arg(&workspace),
+            arg(&b),
+            arg(&h),
+            arg(&words),
+            arg(&splits),
+            arg(&tag),
+            arg(&width),
+        ];
+        self.backend.device().bind()?;
+        // SAFETY: writes the header words of the workspace (checked large enough).
+        unsafe { self.engine.plan.launch((1, 1, 1), 32, 0, stream, &mut args) }
+    }
+
+    fn check_cache(&self, cache: &DevicePagedCache) -> Result<PagedLayout> {
+        let l = cache.layout;
+        l.extent()?;
+        if l.dtype != DType::Bf16 {
+            return Err(Error::unsupported(format!(
+                "the CUDA kernels read bf16 caches, not {}",
+                l.dtype.name()
+            )));
+        }
+        if l.page_size != PAGE_SIZE {
+            return Err(Error::unsupported(format!(
+                "the CUDA kernels read pages of {PAGE_SIZE} rows, not {}",
+                l.page_size
+            )));
+        }
+        if l.row_width != self.row_width() {
+            return Err(Error::mismatch(format!(
+                "the paged cache's rows are {} elements, this rank's are {} ({} latent + {} \
+                 RoPE)",
+                l.row_width,
+                self.row_width(),
+                self.plan.slice_width,
+                self.dims.d_r
+            )));
+        }
+        if l.page_stride % 16 != 0 {
+            return Err(Error::invalid(format!(
+                "the page stride {} is not a multiple of 16 bytes",
+                l.page_stride
+            )));
+        }
+        check_address(cache.base, 16, "the cache base")?;
+        Ok(l)
+    }
+
+    /// One decode step of `layer` over the engine's device memory, enqueued on `stream`
+    /// with no host synchronisation: queries `q` (`[batch][heads][row_width]` f32, scaled
+    /// as [`Self::query_scales`] says), latent outputs `out` (`[batch][heads][slice_width]`
+    /// f32) and log-sum-exps `lse` (`[batch][heads]` f32), all device addresses. Three
+    /// launches: the check of the lengths and page indices, the decode (and its merge),
+    /// the fix-up of empty and faulted entries.
+    ///
+    /// # Safety
+    /// Every address is device memory of this GPU holding what its description says,
+    /// valid until the stream passes this point; `out` and `lse` overlap nothing else;
+    /// no other stream uses the workspace meanwhile; `stream` is live (or NULL).
+    pub unsafe fn decode(
+        &self,
+        layer: usize,
+        step: &DeviceStep,
+        q: u64,
+        out: u64,
+        lse: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.check_layer(layer)?;
+        let l = self.check_cache(&step.cache)?;
+        let (batch, width) = (step.batch, step.block_table_width);
+        let (layout, splits) = self.geometry(batch, width)?;
+        check_address(step.block_table, 4, "the block table")?;
+        check_address(step.seq_lens, 4, "seq_lens")?;
+        for (p, what) in [(q, "the queries"), (out, "the outputs"), (lse, "the lse")] {
+            check_address(p, 16, what)?;
+        }
+        if step.faults != 0 {
+            check_address(step.faults, 4, "the fault word")?;
+        }
+        self.check_workspace(step.workspace, step.workspace_bytes, &layout)?;
+        let pool = PoolRef {
+            pool: step.cache.base,
+            row_width: l.row_width,
+            page_stride: l.page_stride,
+            pages: l.pages,
+            table: step.block_table,
+            lens: step.seq_lens,
+            num_slots: batch,
+            max_pages: width,
+        };
+        pool.check_supported()?;
+        let plan = DecodePlan::borrowed(
+            self.backend.device(),
+            self.kernels.clone(),
+            self.shape(),
+            batch,
+            splits,
+            step.workspace,
+        )?;
+        let [words, splits_w, tag, width_w] = self.header(&layout, splits, width);
+        let (b, h) = (batch as i32, self.plan.heads as i32);
+        let pages = l.pages as i64;
+        let (ws, table, lens, faults) =
+            (step.workspace, step.block_table, step.seq_lens, step.faults);
+        let mut check_args = [
+            arg(&ws),
+            arg(&table),
+            arg(&lens),
+            arg(&b),
+            arg(&h),
+            arg(&words),
+            arg(&splits_w),
+            arg(&tag),
+            arg(&width_w),
+            arg(&pages),
+            arg(&faults),
+        ];
+        let grid = (batch as u32, 1, 1);
+        self.backend.device().bind()?;
+        // SAFETY: the kernel reads `width` table entries of rows with at most that many
+        // pages and `batch` lengths, and writes the workspace's slots and statuses; all
+        // within the sizes the caller vouches for (the workspace's was checked).
+        unsafe {
+            self.engine
+                .check
+                .launch(grid, ENTRY_THREADS, 0, stream, &mut check_args)?;
+            plan.launch_pool(&pool, ws + layout.slots as u64, q, out, lse, stream)?;
+        }
+        let mut finish_args = [arg(&ws), arg(&b), arg(&h), arg(&out), arg(&lse)];
+        // SAFETY: writes the outputs of non-OK entries, within `out` and `lse`.
+        unsafe {
+            self.engine
+                .finish
+                .launch(grid, ENTRY_THREADS, 0, stream, &mut finish_args)
+        }
+    }
+
+    /// Appends `a.count` tokens to the engine's device cache of `layer` (see
+    /// [`DeviceAppend`]): one block per token on `stream`, no host synchronisation.
+    /// Negative slots are skipped; a slot past the pool sets [`Faults::BAD_SLOT`], a
+    /// non-finite input or a value beyond bf16 [`Faults::BAD_VALUE`]; those tokens are not
+    /// written.
+    ///
+    /// # Safety
+    /// Every address is device memory of this GPU holding what its description says,
+    /// valid until the stream passes this point; the cache memory spans its layout and
+    /// no other stream reads or writes the rows appended meanwhile; `stream` is live.
+    pub unsafe fn append(
+        &self,
+        layer: usize,
+        cache: &DevicePagedCache,
+        a: &DeviceAppend,
+        stream: CUstream,
+    ) -> Result<()> {
+        let layer = self.check_layer(layer)?;
+        let l = self.check_cache(cache)?;
+        let bf16_in = match a.input {
+            DType::F32 => 0i32,
+            DType::Bf16 => 1,
+            DType::F16 => {
+                return Err(Error::unsupported(
+                    "device appends take f32 or bf16 latents and keys, not f16",
+                ))
+            }
+        };
+        let count = word(a.count, "the token count")?;
+        if count == 0 {
+            return Ok(());
+        }
+        check_address(a.slots, 4, "the slots")?;
+        let size = a.input.size() as u64;
+        check_address(a.latents, size, "the latents")?;
+        check_address(a.k_rope, size, "the RoPE keys")?;
+        if a.faults != 0 {
+            check_address(a.faults, 4, "the fault word")?;
+        }
+        let dc = self.dims.d_c as i32;
+        let start = self.plan.slice_start as i32;
+        let sliced = (a.mode == RmsMode::Sliced) as i32;
+        if sliced != 0 && !(layer.fraction > 0.0 && layer.fraction <= 1.0) {
+            return Err(Error::invalid(format!(
+                "slice energy fraction must lie in (0, 1], got {}",
+                layer.fraction
+            )));
+        }
+        let tdata = layer.data.as_ref().map_or(0, |d| d.ptr());
+        let (page_stride, pages) = (l.page_stride as u64, l.pages as i64);
+        let mut args = [
+            arg(&a.latents),
+            arg(&a.k_rope),
+            arg(&bf16_in),
+            arg(&a.slots),
+            arg(&count),
+            arg(&dc),
+            arg(&start),
+            arg(&layer.transform),
+            arg(&tdata),
+            arg(&sliced),
+            arg(&layer.fraction),
+            arg(&cache.base),
+            arg(&page_stride),
+            arg(&pages),
+            arg(&a.faults),
+        ];
+        let shared = (self.dims.d_c + self.plan.slice_width) * 8;
+        self.backend.device().bind()?;
+        // SAFETY: the kernel reads `count` slots, latents and keys, and writes rows of
+        // pages below `pages` only (slots are checked on the device).
+        unsafe {
+            self.engine.append.launch(
+                (a.count as u32, 1, 1),
+                APPEND_THREADS,
+                shared,
+                stream,
+                &mut args,
+            )
+        }
+    }
+}
+
+/// Reads a device fault word (after the stream's work): for tests and tools.
+pub fn read_faults(word: &DeviceBuffer<u32>) -> Result<Faults> {
+    Ok(Faults::from_bits(word.to_vec()?[0]))
+}
