@@ -555,6 +555,13 @@ impl DeviceEngine {
     }
 }
 
+impl Drop for DeviceEngine {
+    fn drop(&mut self) {
+        // The transforms and kernels are freed next; no launch may still be using them.
+        let _ = self.backend.device().synchronize();
+    }
+}
+
 /// Reads a device fault word (after the stream's work): for tests and tools.
 pub fn read_faults(word: &DeviceBuffer<u32>) -> Result<Faults> {
     Ok(Faults::from_bits(word.to_vec()?[0]))

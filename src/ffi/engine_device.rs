@@ -85,14 +85,6 @@ pub unsafe extern "C" fn tpla_device_engine_destroy(engine: *mut tpla_device_eng
     guard_value((), || unsafe { super::destroy(engine) })
 }
 
-#[cfg(feature = "cuda")]
-impl Drop for tpla_device_engine {
-    fn drop(&mut self) {
-        // The kernels and transforms are freed next; no launch may still use them.
-        let _ = self.engine.backend().device().synchronize();
-    }
-}
-
 /// The factors an engine applies when it builds the query rows of layer `layer` for
 /// `tpla_device_engine_decode`: a row is [heads][row_width] f32, per head the absorbed
 /// latent query (TPLA_QUERY_KIND_LATENT's values) times `*latent_scale`, then q_rope
