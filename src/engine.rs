@@ -40,7 +40,8 @@
 //! sets [`Faults::BAD_SLOT`].
 //!
 //! # The GPU contract
-//! A CUDA implementation serves the same calls with device addresses in place of the
+//! `tpla::engine_device` (feature `cuda`) implements it. A CUDA implementation serves the
+//! same calls with device addresses in place of the
 //! slices (cache base, block table, lengths, plan, queries, outputs, slots, a device
 //! `u32` fault word that kernels OR bits into) plus the engine's `CUstream`: the layout,
 //! shapes, plan header ([`crate::attention::schedule`]), zero-length and fault semantics
