@@ -31,7 +31,7 @@
 
 use crate::attention::cuda::{
     arg, CUstream, CudaBackend, DecodePlan, DeviceBuffer, EngineKernels, Kernels, PoolRef,
-    WorkspaceLayout, APPEND_THREADS, ENTRY_THREADS, PAGE_SIZE,
+    WorkspaceLayout, APPEND_THREADS, PAGE_SIZE,
 };
 use crate::attention::LatentShape;
 use crate::decode::RankContext;
@@ -290,16 +290,6 @@ impl DeviceEngine {
         self.geometry(batch, width).map(|(l, _)| l.bytes)
     }
 
-    /// The header words of a plan: `[.., words, splits, kernel tag, width]`.
-    fn header(&self, layout: &WorkspaceLayout, splits: usize, width: usize) -> [i32; 4] {
-        let c = self.kernels.config;
-        let tag = ((c.kernel == crate::attention::cuda::DecodeKernel::Wgmma) as i32) << 28
-            | (c.heads_tile as i32) << 16
-            | (c.slice_width as i32) << 4
-            | c.stages as i32;
-        [(layout.bytes / 4) as i32, splits as i32, tag, width as i32]
-    }
-
     fn check_workspace(&self, ptr: u64, bytes: usize, layout: &WorkspaceLayout) -> Result<()> {
         check_address(ptr, 16, "the workspace")?;
         if bytes < layout.bytes {
@@ -331,20 +321,21 @@ impl DeviceEngine {
         let (layout, splits) = self.geometry(batch, width)?;
         check_address(seq_lens, 4, "seq_lens")?;
         self.check_workspace(workspace, workspace_bytes, &layout)?;
-        let [words, splits, tag, width] = self.header(&layout, splits, width);
-        let (b, h) = (batch as i32, self.plan.heads as i32);
-        let mut args = [
-            arg(&workspace),
-            arg(&b),
-            arg(&h),
-            arg(&words),
-            arg(&splits),
-            arg(&tag),
-            arg(&width),
-        ];
+        let plan = self.borrowed_plan(batch, splits, workspace)?;
         self.backend.device().bind()?;
-        // SAFETY: writes the header words of the workspace (checked large enough).
-        unsafe { self.engine.plan.launch((1, 1, 1), 32, 0, stream, &mut args) }
+        // SAFETY: the workspace holds the layout's bytes (checked), caller contract.
+        unsafe { self.engine.launch_plan(&plan, width, stream) }
+    }
+
+    fn borrowed_plan(&self, batch: usize, splits: usize, workspace: u64) -> Result<DecodePlan> {
+        DecodePlan::borrowed(
+            self.backend.device(),
+            self.kernels.clone(),
+            self.shape(),
+            batch,
+            splits,
+            workspace,
+        )
     }
 
     fn check_cache(&self, cache: &DevicePagedCache) -> Result<PagedLayout> {
@@ -425,50 +416,12 @@ impl DeviceEngine {
             num_slots: batch,
             max_pages: width,
         };
-        pool.check_supported()?;
-        let plan = DecodePlan::borrowed(
-            self.backend.device(),
-            self.kernels.clone(),
-            self.shape(),
-            batch,
-            splits,
-            step.workspace,
-        )?;
-        let [words, splits_w, tag, width_w] = self.header(&layout, splits, width);
-        let (b, h) = (batch as i32, self.plan.heads as i32);
-        let pages = l.pages as i64;
-        let (ws, table, lens, faults) =
-            (step.workspace, step.block_table, step.seq_lens, step.faults);
-        let mut check_args = [
-            arg(&ws),
-            arg(&table),
-            arg(&lens),
-            arg(&b),
-            arg(&h),
-            arg(&words),
-            arg(&splits_w),
-            arg(&tag),
-            arg(&width_w),
-            arg(&pages),
-            arg(&faults),
-        ];
-        let grid = (batch as u32, 1, 1);
+        let plan = self.borrowed_plan(batch, splits, step.workspace)?;
         self.backend.device().bind()?;
-        // SAFETY: the kernel reads `width` table entries of rows with at most that many
-        // pages and `batch` lengths, and writes the workspace's slots and statuses; all
-        // within the sizes the caller vouches for (the workspace's was checked).
+        // SAFETY: checked sizes and alignment; validity is the caller's contract.
         unsafe {
             self.engine
-                .check
-                .launch(grid, ENTRY_THREADS, 0, stream, &mut check_args)?;
-            plan.launch_pool(&pool, ws + layout.slots as u64, q, out, lse, stream)?;
-        }
-        let mut finish_args = [arg(&ws), arg(&b), arg(&h), arg(&out), arg(&lse)];
-        // SAFETY: writes the outputs of non-OK entries, within `out` and `lse`.
-        unsafe {
-            self.engine
-                .finish
-                .launch(grid, ENTRY_THREADS, 0, stream, &mut finish_args)
+                .launch_decode(&plan, &pool, step.faults, q, out, lse, stream)
         }
     }
 

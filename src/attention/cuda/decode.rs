@@ -372,6 +372,15 @@ impl DecodePlan {
         }
     }
 
+    pub(crate) fn layout(&self) -> &WorkspaceLayout {
+        &self.layout
+    }
+
+    /// The specialisation of the plan's kernels.
+    pub fn config(&self) -> KernelConfig {
+        self.kernels.config
+    }
+
     pub fn splits(&self) -> usize {
         self.splits
     }

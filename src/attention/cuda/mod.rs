@@ -34,7 +34,7 @@ pub(crate) use decode::{PoolRef, WorkspaceLayout};
 pub(crate) use driver::arg;
 pub use driver::{device_extent, CUstream, CudaDevice, DeviceBuffer, Event, Stream};
 pub use engine::EngineKernels;
-pub(crate) use engine::{APPEND_THREADS, ENTRY_THREADS};
+pub(crate) use engine::APPEND_THREADS;
 pub use kernels::{
     DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS,
 };
