@@ -2482,6 +2482,37 @@ tpla_status tpla_device_engine_append(const struct tpla_device_engine *engine,
                                       void *stream);
 
 /**
+ * Copies `count` rows between two device caches of the engine's rank (the bulk hand-off
+ * of a prefill's rows into decode pages, device to device), on `stream` with no host
+ * synchronisation: row src_slots_dev[i] of `src` to row dst_slots_dev[i] of `dst`
+ * (device int32 [count] each; slot = page * 64 + offset), bytes unchanged; both caches
+ * described as for tpla_device_engine_decode. A prefill held on the host is copied to the
+ * device first (as one packed source pool). Negative destination slots are skipped; a
+ * slot past its pool, or a negative source slot, sets TPLA_FAULT_BAD_SLOT in
+ * `*faults_dev` (a device uint32, or NULL) and copies nothing for that row.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (a bad cache layout, misaligned addresses, count above
+ * INT32_MAX, overlapping caches, an address that is not device memory of the engine's
+ * GPU or whose allocation is too short, not a stream), TPLA_STATUS_MISMATCH (rows of
+ * another width; memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA; a
+ * dtype or page size the kernels do not read) or TPLA_STATUS_BACKEND.
+ *
+ * # Safety
+ * `engine` is NULL or live; the caches are NULL or valid `tpla_paged_cache`s over device
+ * memory; the device arrays hold `count` values and stay valid until the stream passes
+ * the call; `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_engine_copy_rows(const struct tpla_device_engine *engine,
+                                         const struct tpla_paged_cache *dst,
+                                         const int32_t *dst_slots_dev,
+                                         const struct tpla_paged_cache *src,
+                                         const int32_t *src_slots_dev,
+                                         size_t count,
+                                         uint32_t *faults_dev,
+                                         void *stream);
+
+/**
  * Generates the synthetic layer of shape `dims` and `seed` (same inputs, same layer;
  * d_r must be even). Destroy it with `tpla_synthetic_destroy`.
  *

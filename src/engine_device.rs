@@ -508,6 +508,71 @@ impl DeviceEngine {
     }
 }
 
+impl DeviceEngine {
+    /// Copies `count` rows between two device caches of this rank's rows, on `stream`
+    /// with no host synchronisation: row `src_slots[i]` of `src` to row `dst_slots[i]` of
+    /// `dst` (both device `[count]` int32; slot = page * 64 + offset), bytes unchanged. The
+    /// hand-off of a prefill's cache into the engine's decode pages, device to device (a
+    /// host prefill: copy its rows to the device first, as one packed source "pool").
+    /// Negative destination slots are skipped; a slot past its pool (or a negative source
+    /// slot) sets [`Faults::BAD_SLOT`] in `faults` (0 or a device `u32`) and copies
+    /// nothing for that row.
+    ///
+    /// # Safety
+    /// Every address is device memory of this GPU holding what its description says,
+    /// valid until the stream passes this point; the destination rows are not read or
+    /// written by other work meanwhile and do not overlap the source rows; `stream` is
+    /// live.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn copy_rows(
+        &self,
+        dst: &DevicePagedCache,
+        dst_slots: u64,
+        src: &DevicePagedCache,
+        src_slots: u64,
+        count: usize,
+        faults: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let (d, s) = (self.check_cache(dst)?, self.check_cache(src)?);
+        let n = word(count, "the row count")?;
+        if n == 0 {
+            return Ok(());
+        }
+        check_address(dst_slots, 4, "the destination slots")?;
+        check_address(src_slots, 4, "the source slots")?;
+        if faults != 0 {
+            check_address(faults, 4, "the fault word")?;
+        }
+        let (ds, dp) = (d.page_stride as u64, d.pages as i64);
+        let (ss, sp) = (s.page_stride as u64, s.pages as i64);
+        let mut args = [
+            arg(&src.base),
+            arg(&ss),
+            arg(&sp),
+            arg(&src_slots),
+            arg(&dst.base),
+            arg(&ds),
+            arg(&dp),
+            arg(&dst_slots),
+            arg(&n),
+            arg(&faults),
+        ];
+        self.backend.device().bind()?;
+        // SAFETY: the kernel reads and writes rows of pages below each pool's page count
+        // only (slots are checked on the device); caller contract for the rest.
+        unsafe {
+            self.engine.copy_rows.launch(
+                (count.div_ceil(4) as u32, 1, 1),
+                128,
+                0,
+                stream,
+                &mut args,
+            )
+        }
+    }
+}
+
 impl Drop for DeviceEngine {
     fn drop(&mut self) {
         // The transforms and kernels are freed next; no launch may still be using them.

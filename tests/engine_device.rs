@@ -695,6 +695,62 @@ fn device_appends_equal_the_cpu_appends() {
     );
 }
 
+/// The hand-off of a prefill's rows into the engine's pages, device to device: rows land
+/// byte for byte at their destination slots (a packed source, shuffled destinations);
+/// padding is skipped, slots past either pool are flagged and copy nothing.
+#[test]
+fn prefill_rows_are_copied_into_engine_pages_on_the_device() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let (src_pages, dst_pages, n) = (3, 7, 150);
+    let mut src = Pool::new(engine.backend(), src_pages);
+    for slot in 0..n {
+        src.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+    }
+    src.upload();
+    let dst = Pool::new(engine.backend(), dst_pages);
+    let mut dst_slots: Vec<i32> = (0..(dst_pages * PAGE) as i32).collect();
+    dst_slots.shuffle(&mut rng);
+    dst_slots.truncate(n);
+    let mut src_slots: Vec<i32> = (0..n as i32).collect();
+    dst_slots[5] = -1; // padding: skipped
+    dst_slots[9] = (dst_pages * PAGE) as i32; // past the destination: flagged
+    src_slots[11] = (src_pages * PAGE + 1) as i32; // past the source: flagged
+    src_slots[12] = -3; // negative source: flagged
+    let dst_dev = DeviceBuffer::from_host(&dev, &dst_slots).unwrap();
+    let src_dev = DeviceBuffer::from_host(&dev, &src_slots).unwrap();
+    let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+    faults.fill_bytes(0).unwrap();
+    unsafe {
+        engine
+            .copy_rows(
+                &dst.cache(),
+                dst_dev.ptr(),
+                &src.cache(),
+                src_dev.ptr(),
+                n,
+                faults.ptr(),
+                engine.backend().stream(),
+            )
+            .unwrap()
+    };
+    dev.synchronize().unwrap();
+    assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_SLOT.bits());
+    let got = dst.dev.to_vec().unwrap();
+    let mut want = vec![0u16; dst_pages * PAGE * RW];
+    for (i, (&d, &s)) in dst_slots.iter().zip(&src_slots).enumerate() {
+        if [5, 9, 11, 12].contains(&i) {
+            continue;
+        }
+        let (d, s) = (d as usize, s as usize);
+        want[d * RW..(d + 1) * RW].copy_from_slice(&src.host[s * RW..(s + 1) * RW]);
+    }
+    assert!(got == want, "the copied rows differ");
+}
+
 /// An engine's decode loop in a CUDA graph: plan, then per layer append one token per
 /// sequence and decode, captured once and replayed with new tokens (new latents, slots
 /// and lengths written into the same device buffers between replays). The pools equal

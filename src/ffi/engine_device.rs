@@ -594,3 +594,131 @@ unsafe fn append(e: &tpla_device_engine, a: &Append, stream: *mut c_void) -> Out
 unsafe fn append(e: &tpla_device_engine, _a: &Append, _stream: *mut c_void) -> Outcome {
     match e.never {}
 }
+
+/// Copies `count` rows between two device caches of the engine's rank (the bulk hand-off
+/// of a prefill's rows into decode pages, device to device), on `stream` with no host
+/// synchronisation: row src_slots_dev[i] of `src` to row dst_slots_dev[i] of `dst`
+/// (device int32 [count] each; slot = page * 64 + offset), bytes unchanged; both caches
+/// described as for tpla_device_engine_decode. A prefill held on the host is copied to the
+/// device first (as one packed source pool). Negative destination slots are skipped; a
+/// slot past its pool, or a negative source slot, sets TPLA_FAULT_BAD_SLOT in
+/// `*faults_dev` (a device uint32, or NULL) and copies nothing for that row.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+/// TPLA_STATUS_INVALID_ARGUMENT (a bad cache layout, misaligned addresses, count above
+/// INT32_MAX, overlapping caches, an address that is not device memory of the engine's
+/// GPU or whose allocation is too short, not a stream), TPLA_STATUS_MISMATCH (rows of
+/// another width; memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA; a
+/// dtype or page size the kernels do not read) or TPLA_STATUS_BACKEND.
+///
+/// # Safety
+/// `engine` is NULL or live; the caches are NULL or valid `tpla_paged_cache`s over device
+/// memory; the device arrays hold `count` values and stay valid until the stream passes
+/// the call; `stream` is NULL or a live CUstream.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_engine_copy_rows(
+    engine: *const tpla_device_engine,
+    dst: *const tpla_paged_cache,
+    dst_slots_dev: *const i32,
+    src: *const tpla_paged_cache,
+    src_slots_dev: *const i32,
+    count: usize,
+    faults_dev: *mut u32,
+    stream: *mut c_void,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let e = unsafe { handle(engine, "engine") }?;
+        // SAFETY: caller contract.
+        let (dst_layout, dst_desc, _) = unsafe { layout(dst) }?;
+        // SAFETY: caller contract.
+        let (src_layout, src_desc, _) = unsafe { layout(src) }?;
+        if count > 0 {
+            if dst_slots_dev.is_null() {
+                return Err(Failure::null("dst_slots_dev"));
+            }
+            if src_slots_dev.is_null() {
+                return Err(Failure::null("src_slots_dev"));
+            }
+        }
+        let c = RowCopy {
+            dst: (dst_desc.base as u64, dst_layout),
+            dst_slots: dst_slots_dev as u64,
+            src: (src_desc.base as u64, src_layout),
+            src_slots: src_slots_dev as u64,
+            count,
+            faults: faults_dev as u64,
+        };
+        // SAFETY: forwarded caller contract.
+        unsafe { copy_rows(e, &c, stream) }
+    })
+}
+
+/// The arguments of one `tpla_device_engine_copy_rows`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RowCopy {
+    dst: (u64, PagedLayout),
+    dst_slots: u64,
+    src: (u64, PagedLayout),
+    src_slots: u64,
+    count: usize,
+    faults: u64,
+}
+
+/// # Safety
+/// As `tpla_device_engine_copy_rows`.
+#[cfg(feature = "cuda")]
+unsafe fn copy_rows(e: &tpla_device_engine, c: &RowCopy, stream: *mut c_void) -> Outcome {
+    use crate::engine_device::DevicePagedCache;
+    let engine = &e.engine;
+    let device = engine.backend().device().clone();
+    let stream = stream as crate::attention::cuda::CUstream;
+    // SAFETY: NULL or a live stream, by the caller's contract.
+    unsafe { device.check_stream(stream) }?;
+    let mut outputs = vec![(c.dst.0, c.dst.1.extent()?, "dst->base")];
+    if c.faults != 0 {
+        outputs.push((c.faults, 4, "faults_dev"));
+    }
+    let mut inputs = vec![(c.src.0, c.src.1.extent()?, "src->base")];
+    if c.count > 0 {
+        inputs.push((c.dst_slots, c.count * 4, "dst_slots_dev"));
+        inputs.push((c.src_slots, c.count * 4, "src_slots_dev"));
+    }
+    for &(p, bytes, what) in outputs.iter().chain(&inputs) {
+        check_device(&device, p, bytes, what)?;
+    }
+    let spans = |v: &[(u64, usize, &'static str)]| -> Vec<super::Span> {
+        v.iter()
+            .map(|&(p, n, w)| (p as usize, p as usize + n, w))
+            .collect()
+    };
+    super::check_disjoint(&spans(&outputs), &spans(&inputs))?;
+    let dst = DevicePagedCache {
+        base: c.dst.0,
+        layout: c.dst.1,
+    };
+    let src = DevicePagedCache {
+        base: c.src.0,
+        layout: c.src.1,
+    };
+    // SAFETY: checked device memory of this GPU, disjoint caches; validity is the
+    // caller's contract.
+    Ok(unsafe {
+        engine.copy_rows(
+            &dst,
+            c.dst_slots,
+            &src,
+            c.src_slots,
+            c.count,
+            c.faults,
+            stream,
+        )
+    }?)
+}
+
+/// # Safety
+/// As `tpla_device_engine_copy_rows`.
+#[cfg(not(feature = "cuda"))]
+unsafe fn copy_rows(e: &tpla_device_engine, _c: &RowCopy, _stream: *mut c_void) -> Outcome {
+    match e.never {}
+}

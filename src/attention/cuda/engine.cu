@@ -265,3 +265,32 @@ tpla_engine_append(const void* __restrict__ latents, const void* __restrict__ k_
     for (int c = tid; c < RW; c += APPEND_THREADS)
         dst[c] = f64_to_bf16_host(c < SLICE ? s[c] : load_in(k_rope, (u64)i * DR + (c - SLICE), bf16_in));
 }
+
+// ---- row copies (the hand-off of a prefill's rows into decode pages) ----------------------
+
+// Copies row src_slots[i] of the source pool to row dst_slots[i] of the destination pool
+// (both pages of PAGE rows of RW bf16 values at their page strides), one warp per row in
+// 16-byte words. A negative destination slot is skipped; a source or destination slot past
+// its pool (or a negative source slot) sets FAULT_BAD_SLOT and copies nothing.
+extern "C" __global__ void __launch_bounds__(128)
+tpla_engine_copy_rows(const unsigned char* __restrict__ src, unsigned long long src_stride,
+                      long long src_pages, const int* __restrict__ src_slots,
+                      unsigned char* __restrict__ dst, unsigned long long dst_stride,
+                      long long dst_pages, const int* __restrict__ dst_slots, int count,
+                      unsigned int* __restrict__ faults)
+{
+    const int lane = threadIdx.x % 32;
+    const int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (i >= count) return;
+    const int d = dst_slots[i];
+    if (d < 0) return;
+    const int s = src_slots[i];
+    if (s < 0 || (long long)s >= src_pages * PAGE || (long long)d >= dst_pages * PAGE) {
+        if (lane == 0 && faults) atomicOr(faults, FAULT_BAD_SLOT);
+        return;
+    }
+    const uint4* from = reinterpret_cast<const uint4*>(src + (u64)(s / PAGE) * src_stride +
+                                                       (u64)(s % PAGE) * RW * 2);
+    uint4* to = reinterpret_cast<uint4*>(dst + (u64)(d / PAGE) * dst_stride + (u64)(d % PAGE) * RW * 2);
+    for (int w = lane; w < RW * 2 / 16; w += 32) to[w] = from[w];
+}

@@ -41,6 +41,7 @@ pub struct EngineKernels {
     pub(crate) check: Function,
     pub(crate) finish: Function,
     pub(crate) append: Function,
+    pub(crate) copy_rows: Function,
     // Keeps the functions above valid; dropped last.
     _module: Module,
 }
@@ -68,6 +69,7 @@ impl EngineKernels {
             check: module.function("tpla_engine_check")?,
             finish: module.function("tpla_engine_finish")?,
             append: module.function("tpla_engine_append")?,
+            copy_rows: module.function("tpla_engine_copy_rows")?,
             _module: module,
         })
     }
