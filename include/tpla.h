@@ -2513,6 +2513,51 @@ tpla_status tpla_device_engine_copy_rows(const struct tpla_device_engine *engine
                                          void *stream);
 
 /**
+ * The query rows of tpla_device_engine_decode from what an engine has, on `stream` with
+ * no host synchronisation: rows_dev[b][h] ([batch][heads][row_width] f32) becomes
+ * W'_UK[h] q_nope_dev[b][h] ([batch][heads][d_n] f32) times the latent scale, then
+ * q_rope_dev[b][h] ([batch][heads][d_r] f32) times the RoPE scale
+ * (tpla_device_engine_query_scales): a batched cuBLAS product over the heads and one
+ * small kernel, with the layer's W'_UK held on the GPU.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above
+ * 65535, misaligned or overlapping buffers, an address that is not device memory of the
+ * engine's GPU or whose allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE
+ * (layer), TPLA_STATUS_MISMATCH (memory or stream of another GPU),
+ * TPLA_STATUS_UNSUPPORTED (no CUDA, no libcublas) or TPLA_STATUS_BACKEND.
+ *
+ * # Safety
+ * `engine` is NULL or live; the device buffers hold their sizes and stay valid until the
+ * stream passes the call; `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_engine_absorb_queries(const struct tpla_device_engine *engine,
+                                              uint32_t layer,
+                                              size_t batch,
+                                              const float *q_nope_dev,
+                                              const float *q_rope_dev,
+                                              float *rows_dev,
+                                              void *stream);
+
+/**
+ * The rank's partial head outputs from tpla_device_engine_decode's latent outputs, on
+ * `stream` with no host synchronisation: heads_dev[b][h] ([batch][heads][d_v] f32) =
+ * W'_UV[h]^T latent_dev[b][h] ([batch][heads][slice_width] f32), a batched cuBLAS product
+ * with the layer's W'_UV held on the GPU; sum them over the ranks with
+ * tpla_nccl_all_reduce. NaN latent rows (faulted entries) give NaN head rows.
+ *
+ * Returns as tpla_device_engine_absorb_queries.
+ *
+ * # Safety
+ * As tpla_device_engine_absorb_queries.
+ */
+tpla_status tpla_device_engine_project(const struct tpla_device_engine *engine,
+                                       uint32_t layer,
+                                       size_t batch,
+                                       const float *latent_dev,
+                                       float *heads_dev,
+                                       void *stream);
+
+/**
  * Generates the synthetic layer of shape `dims` and `seed` (same inputs, same layer;
  * d_r must be even). Destroy it with `tpla_synthetic_destroy`.
  *

@@ -35,11 +35,13 @@ use crate::attention::cuda::{
 };
 use crate::attention::LatentShape;
 use crate::decode::RankContext;
+use crate::device_rank::{blas_err, Blas};
 use crate::dtype::DType;
 use crate::engine::{Faults, PagedLayout, RmsMode};
 use crate::error::{Error, Result};
 use crate::geometry::{ModelDims, ShardPlan};
 use crate::transform::TransformKind;
+use cudarc::cublas::{result as blas, sys as blas_sys};
 use std::sync::Arc;
 
 pub use crate::attention::schedule::{HEADER_WORDS, MAGIC};
@@ -97,13 +99,16 @@ const TRANSFORM_IDENTITY: i32 = 0;
 const TRANSFORM_HADAMARD: i32 = 1;
 const TRANSFORM_DENSE: i32 = 2;
 
-/// What a device append needs of a layer.
-struct AppendLayer {
+/// What the device engine holds of a layer.
+struct EngineLayer {
     transform: i32,
     /// Hadamard: the signs `[d_c]`; dense: `U`'s slice columns `[d_c][slice_width]` (f64).
     data: Option<DeviceBuffer<u8>>,
     fraction: f64,
     mu: f64,
+    /// `W'_UK` `[heads][slice_width][d_n]` and `W'_UV` `[heads][slice_width][d_v]` (f32).
+    w_uk: DeviceBuffer<f32>,
+    w_uv: DeviceBuffer<f32>,
 }
 
 /// One rank's engine-facing GPU object: the decode and engine kernels of its shape and,
@@ -115,7 +120,9 @@ pub struct DeviceEngine {
     engine: Arc<EngineKernels>,
     dims: ModelDims,
     plan: ShardPlan,
-    layers: Vec<AppendLayer>,
+    layers: Vec<EngineLayer>,
+    /// Made on the first absorption or projection (decode and append need no cuBLAS).
+    blas: std::cell::OnceCell<Blas>,
 }
 
 // SAFETY: the raw handles inside (modules, the backend's stream) are used from one
@@ -192,14 +199,17 @@ impl DeviceEngine {
                     (TRANSFORM_DENSE, Some(upload(&cols)?))
                 }
             };
-            layers.push(AppendLayer {
+            layers.push(EngineLayer {
                 transform,
                 data,
                 fraction: layer.slice_fraction,
                 mu: layer.mu,
+                w_uk: DeviceBuffer::from_host(&device, &layer.w_uk)?,
+                w_uv: DeviceBuffer::from_host(&device, &layer.w_uv)?,
             });
         }
         Ok(DeviceEngine {
+            blas: std::cell::OnceCell::new(),
             backend,
             kernels,
             engine,
@@ -234,7 +244,7 @@ impl DeviceEngine {
         self.shape().row_width()
     }
 
-    fn check_layer(&self, layer: usize) -> Result<&AppendLayer> {
+    fn check_layer(&self, layer: usize) -> Result<&EngineLayer> {
         self.layers.get(layer).ok_or_else(|| {
             Error::out_of_range(format!(
                 "layer {layer} is out of range for {} layers",
@@ -570,6 +580,156 @@ impl DeviceEngine {
                 &mut args,
             )
         }
+    }
+}
+
+impl DeviceEngine {
+    fn blas(&self) -> Result<&Blas> {
+        if self.blas.get().is_none() {
+            let _ = self.blas.set(Blas::new(&self.backend)?);
+        }
+        Ok(self.blas.get().expect("set above"))
+    }
+
+    fn check_batch(batch: usize) -> Result<i32> {
+        if batch == 0 || batch > 65535 {
+            return Err(Error::invalid(format!(
+                "a step has 1 to 65535 entries, got {batch}"
+            )));
+        }
+        Ok(batch as i32)
+    }
+
+    /// The query rows of a decode from what an engine has, on `stream`: `rows[b][h]` (f32
+    /// `[batch][heads][row_width]`, the layout [`Self::decode`] reads) is `W'_UK[h]`
+    /// `q_nope[b][h]` (`[batch][heads][d_n]` f32) times `softmax_scale * mu`, then
+    /// `q_rope[b][h]` (`[batch][heads][d_r]` f32) times `softmax_scale`: one strided
+    /// batched cuBLAS product over the heads and one small kernel.
+    ///
+    /// # Safety
+    /// The addresses are device memory of this GPU holding those sizes, valid until the
+    /// stream passes this point; `rows` overlaps neither input; `stream` is live.
+    pub unsafe fn absorb_queries(
+        &self,
+        layer: usize,
+        batch: usize,
+        q_nope: u64,
+        q_rope: u64,
+        rows: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = Self::check_batch(batch)?;
+        for (p, what) in [
+            (q_nope, "q_nope"),
+            (q_rope, "q_rope"),
+            (rows, "the query rows"),
+        ] {
+            check_address(p, 4, what)?;
+        }
+        let (lat_scale, rope_scale) = self.query_scales(layer)?;
+        let (h, w, dn, rw) = (
+            self.plan.heads,
+            self.plan.slice_width,
+            self.dims.d_n,
+            self.row_width(),
+        );
+        let blas = self.blas()?;
+        let beta = 0.0f32;
+        self.backend.device().bind()?;
+        // Per head, in cuBLAS's column-major terms: C (w x batch) = A^T B with A the
+        // row-major W'_UK[h] (w x d_n, so column-major d_n x w), B the head's q_nope
+        // (d_n x batch, leading dimension heads * d_n) and C the rows' latent parts
+        // (leading dimension heads * row_width).
+        // SAFETY: live handle and stream; operands sized as documented (caller contract).
+        unsafe {
+            blas::set_stream(blas.0, stream as _).map_err(blas_err("binding a stream"))?;
+            blas::sgemm_strided_batched(
+                blas.0,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                w as i32,
+                n,
+                dn as i32,
+                &lat_scale,
+                l.w_uk.ptr() as *const f32,
+                dn as i32,
+                (w * dn) as i64,
+                q_nope as *const f32,
+                (h * dn) as i32,
+                dn as i64,
+                &beta,
+                rows as *mut f32,
+                (h * rw) as i32,
+                rw as i64,
+                h as i32,
+            )
+        }
+        .map_err(blas_err("absorbing q_nope through W_UK"))?;
+        let count = n * h as i32;
+        let mut args = [arg(&q_rope), arg(&rope_scale), arg(&count), arg(&rows)];
+        let threads = 256u32;
+        let blocks = (count as u64 * self.dims.d_r as u64).div_ceil(threads as u64) as u32;
+        // SAFETY: writes the RoPE part of `count` rows (caller contract for the sizes).
+        unsafe {
+            self.engine
+                .rope_rows
+                .launch((blocks, 1, 1), threads, 0, stream, &mut args)
+        }
+    }
+
+    /// The rank's partial head outputs from [`Self::decode`]'s latent outputs, on
+    /// `stream`: `heads_out[b][h][:] = W'_UV[h]^T latent[b][h][:]` (f32 `[batch][heads][d_v]`
+    /// from f32 `[batch][heads][slice_width]`), one strided batched cuBLAS product; the
+    /// ranks' outputs are then summed (NCCL). NaN latent rows (faulted entries) stay NaN.
+    ///
+    /// # Safety
+    /// The addresses are device memory of this GPU holding those sizes, valid until the
+    /// stream passes this point; `heads_out` overlaps `latent` nowhere; `stream` is live.
+    pub unsafe fn project(
+        &self,
+        layer: usize,
+        batch: usize,
+        latent: u64,
+        heads_out: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = Self::check_batch(batch)?;
+        check_address(latent, 4, "the latent outputs")?;
+        check_address(heads_out, 4, "the head outputs")?;
+        let (h, w, dv) = (self.plan.heads, self.plan.slice_width, self.dims.d_v);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let blas = self.blas()?;
+        self.backend.device().bind()?;
+        // As `DeviceRank::project`: per head, C (d_v x batch) = A (d_v x w) * B (w x
+        // batch) with A the row-major W'_UV[h] (w x d_v), B the head's latents (leading
+        // dimension heads * w) and C its outputs (heads * d_v).
+        // SAFETY: live handle and stream; operands sized as documented (caller contract).
+        unsafe {
+            blas::set_stream(blas.0, stream as _).map_err(blas_err("binding a stream"))?;
+            blas::sgemm_strided_batched(
+                blas.0,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                dv as i32,
+                n,
+                w as i32,
+                &alpha,
+                l.w_uv.ptr() as *const f32,
+                dv as i32,
+                (w * dv) as i64,
+                latent as *const f32,
+                (h * w) as i32,
+                w as i64,
+                &beta,
+                heads_out as *mut f32,
+                (h * dv) as i32,
+                dv as i64,
+                h as i32,
+            )
+        }
+        .map_err(blas_err("projecting latent outputs through W_UV"))
     }
 }
 

@@ -695,6 +695,98 @@ fn device_appends_equal_the_cpu_appends() {
     );
 }
 
+/// What an engine has in hand: q_nope and q_rope in, partial head outputs out. The
+/// device absorbs q_nope through W'_UK, decodes, and projects through W'_UV; the result
+/// matches the CPU context's `decode_paged` (f64 reference backend) with `Queries::Nope`
+/// and `Outputs::Heads` over the same pool.
+#[test]
+fn absorbed_queries_and_projected_heads_match_the_cpu_context() {
+    use tpla::decode::{Outputs, Queries};
+    use tpla::engine::{BlockTable, PagedCache, PagedStep};
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let mut ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let stream = engine.backend().stream();
+    let d = dims();
+    let (pages, width) = (12, 5);
+    let mut pool = Pool::new(engine.backend(), pages);
+    let mut alloc = Allocator::new(pages, &mut rng);
+    let seqs: Vec<Live> = [200usize, 1, 77]
+        .iter()
+        .map(|&len| {
+            let mut s = Live {
+                pages: Vec::new(),
+                len,
+            };
+            alloc.grow(&mut s, len);
+            for t in 0..len {
+                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+            }
+            s
+        })
+        .collect();
+    pool.upload();
+    let b = seqs.len();
+    let q_nope = random_f32(b * HEADS * d.d_n, 1.0, &mut rng);
+    let q_rope = random_f32(b * HEADS * D_R, 1.0, &mut rng);
+    for layer in 0..LAYERS {
+        // the device: absorb, decode, project
+        let mut bufs = StepBuffers::new(&engine, &seqs, width, &vec![0.0; b * HEADS * RW]);
+        let qn_dev = DeviceBuffer::from_host(&dev, &q_nope).unwrap();
+        let qr_dev = DeviceBuffer::from_host(&dev, &q_rope).unwrap();
+        let mut heads_dev = DeviceBuffer::<f32>::new(&dev, b * HEADS * d.d_v).unwrap();
+        heads_dev.fill_bytes(0xff).unwrap();
+        unsafe {
+            engine
+                .absorb_queries(layer, b, qn_dev.ptr(), qr_dev.ptr(), bufs.q.ptr(), stream)
+                .unwrap()
+        };
+        let (_, _, faults) = bufs.run(&engine, layer, &pool);
+        assert_eq!(faults, 0);
+        unsafe {
+            engine
+                .project(layer, b, bufs.out.ptr(), heads_dev.ptr(), stream)
+                .unwrap()
+        };
+        dev.synchronize().unwrap();
+        let got = heads_dev.to_vec().unwrap();
+        // the CPU context on the host mirror
+        let (t, lens) = table(&seqs, width);
+        let mut plan = vec![0; ctx.decode_plan_len(b)];
+        ctx.decode_plan(&lens, &mut plan).unwrap();
+        let bytes: &[u8] = bytemuck::cast_slice(&pool.host);
+        let step = PagedStep {
+            cache: PagedCache::new(layout(pages), bytes).unwrap(),
+            block_table: BlockTable::new(&t, b, width).unwrap(),
+            seq_lens: &lens,
+            plan: &plan,
+            softmax_scale: None,
+            mu: None,
+        };
+        let mut want = vec![f32::NAN; b * HEADS * d.d_v];
+        let q = Queries::Nope {
+            q_nope: &q_nope,
+            q_rope: &q_rope,
+        };
+        let f = ctx
+            .decode_paged(layer, &step, q, Outputs::Heads(&mut want))
+            .unwrap();
+        assert!(f.is_empty());
+        for e in 0..b {
+            let n = HEADS * d.d_v;
+            let (g, w) = (&got[e * n..(e + 1) * n], &want[e * n..(e + 1) * n]);
+            let num: f64 = g.iter().zip(w).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let den: f64 = w.iter().map(|&y| (y as f64).powi(2)).sum();
+            let err = (num / den).sqrt();
+            println!("layer {layer} entry {e}: heads rel L2 {err:.2e}");
+            assert!(err < 1e-2, "layer {layer} entry {e}: rel L2 {err}");
+        }
+    }
+}
+
 /// The hand-off of a prefill's rows into the engine's pages, device to device: rows land
 /// byte for byte at their destination slots (a packed source, shuffled destinations);
 /// padding is skipped, slots past either pool are flagged and copy nothing.

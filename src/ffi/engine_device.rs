@@ -722,3 +722,165 @@ unsafe fn copy_rows(e: &tpla_device_engine, c: &RowCopy, stream: *mut c_void) ->
 unsafe fn copy_rows(e: &tpla_device_engine, _c: &RowCopy, _stream: *mut c_void) -> Outcome {
     match e.never {}
 }
+
+/// The query rows of tpla_device_engine_decode from what an engine has, on `stream` with
+/// no host synchronisation: rows_dev[b][h] ([batch][heads][row_width] f32) becomes
+/// W'_UK[h] q_nope_dev[b][h] ([batch][heads][d_n] f32) times the latent scale, then
+/// q_rope_dev[b][h] ([batch][heads][d_r] f32) times the RoPE scale
+/// (tpla_device_engine_query_scales): a batched cuBLAS product over the heads and one
+/// small kernel, with the layer's W'_UK held on the GPU.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above
+/// 65535, misaligned or overlapping buffers, an address that is not device memory of the
+/// engine's GPU or whose allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE
+/// (layer), TPLA_STATUS_MISMATCH (memory or stream of another GPU),
+/// TPLA_STATUS_UNSUPPORTED (no CUDA, no libcublas) or TPLA_STATUS_BACKEND.
+///
+/// # Safety
+/// `engine` is NULL or live; the device buffers hold their sizes and stay valid until the
+/// stream passes the call; `stream` is NULL or a live CUstream.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_engine_absorb_queries(
+    engine: *const tpla_device_engine,
+    layer: u32,
+    batch: usize,
+    q_nope_dev: *const f32,
+    q_rope_dev: *const f32,
+    rows_dev: *mut f32,
+    stream: *mut c_void,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let e = unsafe { handle(engine, "engine") }?;
+        for (p, what) in [
+            (q_nope_dev as usize, "q_nope_dev"),
+            (q_rope_dev as usize, "q_rope_dev"),
+            (rows_dev as usize, "rows_dev"),
+        ] {
+            if p == 0 {
+                return Err(Failure::null(what));
+            }
+        }
+        let bufs = [q_nope_dev as u64, q_rope_dev as u64, rows_dev as u64];
+        // SAFETY: forwarded caller contract.
+        unsafe { gemm(e, Gemm::Absorb, layer, batch, bufs, stream) }
+    })
+}
+
+/// The rank's partial head outputs from tpla_device_engine_decode's latent outputs, on
+/// `stream` with no host synchronisation: heads_dev[b][h] ([batch][heads][d_v] f32) =
+/// W'_UV[h]^T latent_dev[b][h] ([batch][heads][slice_width] f32), a batched cuBLAS product
+/// with the layer's W'_UV held on the GPU; sum them over the ranks with
+/// tpla_nccl_all_reduce. NaN latent rows (faulted entries) give NaN head rows.
+///
+/// Returns as tpla_device_engine_absorb_queries.
+///
+/// # Safety
+/// As tpla_device_engine_absorb_queries.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_engine_project(
+    engine: *const tpla_device_engine,
+    layer: u32,
+    batch: usize,
+    latent_dev: *const f32,
+    heads_dev: *mut f32,
+    stream: *mut c_void,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let e = unsafe { handle(engine, "engine") }?;
+        if latent_dev.is_null() {
+            return Err(Failure::null("latent_dev"));
+        }
+        if heads_dev.is_null() {
+            return Err(Failure::null("heads_dev"));
+        }
+        let bufs = [latent_dev as u64, heads_dev as u64, 0];
+        // SAFETY: forwarded caller contract.
+        unsafe { gemm(e, Gemm::Project, layer, batch, bufs, stream) }
+    })
+}
+
+/// Which weight product.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gemm {
+    /// `[q_nope, q_rope, rows]`
+    Absorb,
+    /// `[latent, heads, -]`
+    Project,
+}
+
+/// # Safety
+/// As `tpla_device_engine_absorb_queries`.
+#[cfg(feature = "cuda")]
+unsafe fn gemm(
+    e: &tpla_device_engine,
+    which: Gemm,
+    layer: u32,
+    batch: usize,
+    bufs: [u64; 3],
+    stream: *mut c_void,
+) -> Outcome {
+    let engine = &e.engine;
+    let device = engine.backend().device().clone();
+    let stream = stream as crate::attention::cuda::CUstream;
+    // SAFETY: NULL or a live stream, by the caller's contract.
+    unsafe { device.check_stream(stream) }?;
+    let (d, h, w) = (
+        engine.dims(),
+        engine.plan().heads,
+        engine.plan().slice_width,
+    );
+    let rows = batch.saturating_mul(h).saturating_mul(4);
+    let (inputs, output) = match which {
+        Gemm::Absorb => (
+            vec![
+                (bufs[0], rows.saturating_mul(d.d_n), "q_nope_dev"),
+                (bufs[1], rows.saturating_mul(d.d_r), "q_rope_dev"),
+            ],
+            (bufs[2], rows.saturating_mul(w + d.d_r), "rows_dev"),
+        ),
+        Gemm::Project => (
+            vec![(bufs[0], rows.saturating_mul(w), "latent_dev")],
+            (bufs[1], rows.saturating_mul(d.d_v), "heads_dev"),
+        ),
+    };
+    if batch == 0 || batch > 65535 {
+        return Err(Failure::invalid(format!(
+            "a step has 1 to 65535 entries, got {batch}"
+        )));
+    }
+    for &(p, bytes, what) in inputs.iter().chain(std::iter::once(&output)) {
+        check_device(&device, p, bytes, what)?;
+    }
+    let spans = |v: &[(u64, usize, &'static str)]| -> Vec<super::Span> {
+        v.iter()
+            .map(|&(p, n, w)| (p as usize, p as usize + n, w))
+            .collect()
+    };
+    super::check_disjoint(&spans(&[output]), &spans(&inputs))?;
+    let layer = super::to_usize(layer);
+    // SAFETY: checked device memory of this GPU, disjoint output; validity is the
+    // caller's contract.
+    Ok(unsafe {
+        match which {
+            Gemm::Absorb => engine.absorb_queries(layer, batch, bufs[0], bufs[1], bufs[2], stream),
+            Gemm::Project => engine.project(layer, batch, bufs[0], bufs[1], stream),
+        }
+    }?)
+}
+
+/// # Safety
+/// As `tpla_device_engine_absorb_queries`.
+#[cfg(not(feature = "cuda"))]
+unsafe fn gemm(
+    e: &tpla_device_engine,
+    _which: Gemm,
+    _layer: u32,
+    _batch: usize,
+    _bufs: [u64; 3],
+    _stream: *mut c_void,
+) -> Outcome {
+    match e.never {}
+}

@@ -294,3 +294,17 @@ tpla_engine_copy_rows(const unsigned char* __restrict__ src, unsigned long long 
     uint4* to = reinterpret_cast<uint4*>(dst + (u64)(d / PAGE) * dst_stride + (u64)(d % PAGE) * RW * 2);
     for (int w = lane; w < RW * 2 / 16; w += 32) to[w] = from[w];
 }
+
+// ---- query rows from absorbed queries ------------------------------------------------------
+
+// Writes the RoPE part of the kernel's query rows: rows[i][SLICE + c] = scale * q_rope[i][c]
+// for the count = batch * heads rows (the latent part is written by the absorption GEMM).
+extern "C" __global__ void __launch_bounds__(256)
+tpla_engine_rope_rows(const float* __restrict__ q_rope, float scale, int count,
+                      float* __restrict__ rows)
+{
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)count * DR) return;
+    const u64 r = i / DR, c = i % DR;
+    rows[r * RW + SLICE + c] = scale * q_rope[i];
+}

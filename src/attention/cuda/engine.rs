@@ -42,6 +42,7 @@ pub struct EngineKernels {
     pub(crate) finish: Function,
     pub(crate) append: Function,
     pub(crate) copy_rows: Function,
+    pub(crate) rope_rows: Function,
     // Keeps the functions above valid; dropped last.
     _module: Module,
 }
@@ -70,6 +71,7 @@ impl EngineKernels {
             finish: module.function("tpla_engine_finish")?,
             append: module.function("tpla_engine_append")?,
             copy_rows: module.function("tpla_engine_copy_rows")?,
+            rope_rows: module.function("tpla_engine_rope_rows")?,
             _module: module,
         })
     }
