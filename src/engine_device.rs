@@ -25,6 +25,10 @@
 //! - [`DeviceEngine::append`] writes new tokens from their full pre-norm latents (f32 or
 //!   bf16) and RoPE keys at a slot mapping, normalised, rotated and sliced as
 //!   [`RankContext::append_paged`] does (in f64, rounded to bf16 as the host rounds).
+//! - [`DeviceEngine::absorb_queries`] builds the query rows from `q_nope` and `q_rope`
+//!   (`W'_UK` of every layer is on the GPU), [`DeviceEngine::project`] the rank's partial
+//!   head outputs from the latent outputs (`W'_UV`), a strided batched cuBLAS product each;
+//!   [`DeviceEngine::copy_rows`] hands a prefill's rows over into the engine's pages.
 //!
 //! Everything that can be checked without reading device memory is checked at the call
 //! (null and misaligned addresses, sizes, the layout, the workspace's size).
