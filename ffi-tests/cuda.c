@@ -113,6 +113,7 @@ static void unsupported_paths(const tpla_context_options *o) {
   tpla_cache_options co;
   tpla_cache *cache;
   tpla_device_rank *rank = NULL;
+  tpla_device_engine *engine = NULL;
   tpla_nccl_comm *comm = NULL;
   uint8_t id[TPLA_NCCL_UNIQUE_ID_BYTES];
   const uint32_t seq = 0;
@@ -149,6 +150,12 @@ static void unsupported_paths(const tpla_context_options *o) {
   s = tpla_device_rank_create(ctx, cache, &seq, 1, 0, 1, &rank);
   printf("cuda: device rank: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
   CHECK(s == TPLA_STATUS_UNSUPPORTED && rank == NULL);
+  s = tpla_device_engine_create(ctx, 0, &engine);
+  printf("cuda: device engine: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
+  CHECK(s == TPLA_STATUS_UNSUPPORTED && engine == NULL);
+  CHECK(tpla_device_engine_create(NULL, 0, &engine) == TPLA_STATUS_NULL_ARGUMENT);
+  CHECK(tpla_device_engine_decode(NULL, NULL) == TPLA_STATUS_NULL_ARGUMENT);
+  tpla_device_engine_destroy(NULL);
   /* a unique id needs only libnccl, no GPU */
   s = tpla_nccl_unique_id(id, sizeof id);
   printf("cuda: nccl unique id: %s: %s\n", tpla_status_str(s),
@@ -342,6 +349,243 @@ static void device_rank_paths(tpla_context *cpu_ctx, const tpla_cache *cache,
   free(poison);
 }
 
+/* The engine API on the GPU: the engine's own device pool (shuffled pages), device appends
+ * equal to tpla_context_append_paged's rows (but for a rare bf16 unit: the order of the
+ * RMS sums), and a planned device decode close to tpla_context_decode_paged's; then the
+ * statuses of bad device arguments. */
+#define ENGINE_PAGES 12
+#define ENGINE_WIDTH 6
+static void device_engine_paths(tpla_context *cpu_ctx, float *const *latents,
+                                float *const *keys, const size_t *lens, const float *q_lat,
+                                const float *qr) {
+  static const int32_t pages[BATCH][ENGINE_WIDTH] = {{11, 3, 7, 0, 5, -1},
+                                                      {2, 9, 4, 10, -1, -1}};
+  tpla_device_engine *engine;
+  tpla_context_info info;
+  tpla_paged_cache host_pool, dev_pool;
+  tpla_paged_decode_args pa;
+  tpla_device_decode_args da;
+  CUdeviceptr pool_dev, slots_dev, lat_dev, kr_dev, table_dev, lens_dev, ws_dev, q_dev,
+      out_dev, lse_dev, faults_dev;
+  CUhandle ctx, stream;
+  int dev;
+  size_t H, W, DC, DR, RW, pool_bytes, words, ws_bytes, b, h, j, t, differ = 0, n_out;
+  uint16_t *host_rows, *dev_rows;
+  int32_t *plan, *slots, table[BATCH * ENGINE_WIDTH], seq_lens[BATCH];
+  float lat_scale, rope_scale, *rows, *want, *want_lse, *got, *got_lse;
+  uint32_t faults = 0;
+  double e, e_lse;
+  tpla_status s;
+
+  memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  CHECK_OK(tpla_context_get_info(cpu_ctx, &info));
+  H = info.heads;
+  W = info.slice_width;
+  DC = info.dims.d_c;
+  DR = info.dims.d_r;
+  RW = W + DR;
+  n_out = BATCH * H * W;
+  CHECK_OK(tpla_device_engine_create(cpu_ctx, 0, &engine));
+  pool_bytes = ENGINE_PAGES * 64 * RW * 2;
+  memset(&host_pool, 0, sizeof host_pool);
+  host_pool.struct_size = sizeof host_pool;
+  host_pool.dtype = TPLA_DTYPE_BF16;
+  host_pool.row_width = (uint32_t)RW;
+  host_pool.page_size = 64;
+  host_pool.page_stride = 64 * RW * 2;
+  host_pool.pages = ENGINE_PAGES;
+  host_rows = (uint16_t *)xcalloc(pool_bytes / 2, 2);
+  dev_rows = (uint16_t *)xcalloc(pool_bytes / 2, 2);
+  host_pool.base = host_rows;
+
+  load_driver();
+  CU(cu.init(0));
+  CU(cu.device_get(&dev, 0));
+  CU(cu.primary_ctx_retain(&ctx, dev));
+  CU(cu.ctx_set_current(ctx));
+  CU(cu.stream_create(&stream, 1 /* CU_STREAM_NON_BLOCKING */));
+  CU(cu.mem_alloc(&pool_dev, pool_bytes));
+  CU(cu.htod(pool_dev, dev_rows, pool_bytes)); /* zero */
+  dev_pool = host_pool;
+  dev_pool.base = (void *)pool_dev;
+
+  /* every token of both sequences, on the CPU and on the GPU */
+  for (b = 0; b < BATCH; b++) {
+    size_t n = lens[b];
+    slots = (int32_t *)xcalloc(n, sizeof(int32_t));
+    for (t = 0; t < n; t++) slots[t] = pages[b][t / 64] * 64 + (int32_t)(t % 64);
+    CHECK_OK(tpla_context_append_paged(cpu_ctx, 0, &host_pool, slots, n, latents[b], n * DC,
+                                       keys[b], n * DR, TPLA_RMS_MODE_EXACT, &faults));
+    CU(cu.mem_alloc(&slots_dev, n * sizeof(int32_t)));
+    CU(cu.mem_alloc(&lat_dev, n * DC * sizeof(float)));
+    CU(cu.mem_alloc(&kr_dev, n * DR * sizeof(float)));
+    CU(cu.htod(slots_dev, slots, n * sizeof(int32_t)));
+    CU(cu.htod(lat_dev, latents[b], n * DC * sizeof(float)));
+    CU(cu.htod(kr_dev, keys[b], n * DR * sizeof(float)));
+    CU(cu.ctx_sync());
+    CHECK_OK(tpla_device_engine_append(engine, 0, &dev_pool, (const int32_t *)slots_dev, n,
+                                       (const void *)lat_dev, (const void *)kr_dev,
+                                       TPLA_DTYPE_F32, TPLA_RMS_MODE_EXACT, NULL, stream));
+    CU(cu.stream_sync(stream));
+    CU(cu.mem_free(slots_dev));
+    CU(cu.mem_free(lat_dev));
+    CU(cu.mem_free(kr_dev));
+    free(slots);
+  }
+  CHECK(faults == 0);
+  CU(cu.dtoh(dev_rows, pool_dev, pool_bytes));
+  for (j = 0; j < pool_bytes / 2; j++)
+    if (dev_rows[j] != host_rows[j]) {
+      differ++;
+      CHECK(abs((int)dev_rows[j] - (int)host_rows[j]) == 1);
+    }
+  printf("cuda: device engine appends: %zu of %zu values one bf16 unit from the CPU's\n",
+         differ, pool_bytes / 2);
+  CHECK(differ * 1000 <= pool_bytes / 2);
+  CU(cu.htod(pool_dev, host_rows, pool_bytes)); /* decode the CPU's rows on both sides */
+
+  /* the CPU engine decode */
+  for (b = 0; b < BATCH; b++) seq_lens[b] = (int32_t)lens[b];
+  memcpy(table, pages, sizeof table);
+  CHECK_OK(tpla_context_decode_plan_size(cpu_ctx, BATCH, &words));
+  plan = (int32_t *)xcalloc(words, sizeof(int32_t));
+  CHECK_OK(tpla_context_decode_plan(cpu_ctx, seq_lens, BATCH, plan, words));
+  want = (float *)xcalloc(n_out, sizeof(float));
+  got = (float *)xcalloc(n_out, sizeof(float));
+  want_lse = (float *)xcalloc(BATCH * H, sizeof(float));
+  got_lse = (float *)xcalloc(BATCH * H, sizeof(float));
+  memset(&pa, 0, sizeof pa);
+  pa.struct_size = sizeof pa;
+  pa.query_kind = TPLA_QUERY_KIND_LATENT;
+  pa.output_kind = TPLA_OUTPUT_KIND_LATENT;
+  pa.output_dtype = TPLA_DTYPE_F32;
+  pa.cache = &host_pool;
+  pa.block_table = table;
+  pa.batch = BATCH;
+  pa.block_table_width = ENGINE_WIDTH;
+  pa.seq_lens = seq_lens;
+  pa.plan = plan;
+  pa.plan_count = words;
+  pa.queries = q_lat;
+  pa.queries_count = n_out;
+  pa.q_rope = qr;
+  pa.q_rope_count = BATCH * H * DR;
+  pa.out = want;
+  pa.out_count = n_out;
+  pa.lse = want_lse;
+  pa.lse_count = BATCH * H;
+  CHECK_OK(tpla_context_decode_paged(cpu_ctx, &pa));
+
+  /* the device engine decode: scaled query rows, a planned workspace, the engine's stream */
+  CHECK_OK(tpla_device_engine_query_scales(engine, 0, &lat_scale, &rope_scale));
+  rows = (float *)xcalloc(BATCH * H * RW, sizeof(float));
+  for (b = 0; b < BATCH; b++)
+    for (h = 0; h < H; h++) {
+      float *row = rows + (b * H + h) * RW;
+      for (j = 0; j < W; j++) row[j] = lat_scale * q_lat[(b * H + h) * W + j];
+      for (j = 0; j < DR; j++) row[W + j] = rope_scale * qr[(b * H + h) * DR + j];
+    }
+  CHECK_OK(tpla_device_engine_workspace_size(engine, BATCH, ENGINE_WIDTH, &ws_bytes));
+  CU(cu.mem_alloc(&ws_dev, ws_bytes));
+  CU(cu.mem_alloc(&table_dev, sizeof table));
+  CU(cu.mem_alloc(&lens_dev, sizeof seq_lens));
+  CU(cu.mem_alloc(&q_dev, BATCH * H * RW * sizeof(float)));
+  CU(cu.mem_alloc(&out_dev, n_out * sizeof(float)));
+  CU(cu.mem_alloc(&lse_dev, BATCH * H * sizeof(float)));
+  CU(cu.mem_alloc(&faults_dev, sizeof faults));
+  CU(cu.htod(table_dev, table, sizeof table));
+  CU(cu.htod(lens_dev, seq_lens, sizeof seq_lens));
+  CU(cu.htod(q_dev, rows, BATCH * H * RW * sizeof(float)));
+  CU(cu.htod(faults_dev, &faults, sizeof faults));
+  for (j = 0; j < n_out; j++) got[j] = NAN;
+  CU(cu.htod(out_dev, got, n_out * sizeof(float)));
+  CU(cu.ctx_sync());
+  CHECK_OK(tpla_device_engine_plan(engine, (const int32_t *)lens_dev, BATCH, ENGINE_WIDTH,
+                                   (void *)ws_dev, ws_bytes, stream));
+  memset(&da, 0, sizeof da);
+  da.struct_size = sizeof da;
+  da.cache = &dev_pool;
+  da.block_table = (const int32_t *)table_dev;
+  da.batch = BATCH;
+  da.block_table_width = ENGINE_WIDTH;
+  da.seq_lens = (const int32_t *)lens_dev;
+  da.workspace = (void *)ws_dev;
+  da.workspace_bytes = ws_bytes;
+  da.queries = (const float *)q_dev;
+  da.out = (float *)out_dev;
+  da.lse = (float *)lse_dev;
+  da.faults = (uint32_t *)faults_dev;
+  da.stream = stream;
+  CHECK_OK(tpla_device_engine_decode(engine, &da));
+  CU(cu.stream_sync(stream));
+  CU(cu.dtoh(got, out_dev, n_out * sizeof(float)));
+  CU(cu.dtoh(got_lse, lse_dev, BATCH * H * sizeof(float)));
+  CU(cu.dtoh(&faults, faults_dev, sizeof faults));
+  e = rel_l2(got, want, n_out);
+  e_lse = rel_l2(got_lse, want_lse, BATCH * H);
+  printf("cuda: device engine decode: rel. L2 vs CPU: latent %.2e, lse %.2e\n", e, e_lse);
+  CHECK(e < 1e-2 && e_lse < 1e-3 && faults == 0);
+
+  /* bad device arguments */
+  {
+    tpla_device_decode_args bad = da;
+    tpla_paged_cache padded = dev_pool;
+    padded.page_stride += 64;
+    padded.pages -= 1;
+    bad.cache = &padded;
+    s = tpla_device_engine_decode(engine, &bad);
+    printf("cuda: padded page stride: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
+    CHECK(s == TPLA_STATUS_UNSUPPORTED);
+    bad = da;
+    bad.workspace = NULL;
+    CHECK(tpla_device_engine_decode(engine, &bad) == TPLA_STATUS_NULL_ARGUMENT);
+    bad = da;
+    bad.workspace_bytes = ws_bytes - 16;
+    CHECK(tpla_device_engine_decode(engine, &bad) == TPLA_STATUS_INVALID_ARGUMENT);
+    bad = da;
+    bad.queries = rows; /* host memory */
+    s = tpla_device_engine_decode(engine, &bad);
+    CHECK(s == TPLA_STATUS_INVALID_ARGUMENT || s == TPLA_STATUS_MISMATCH);
+    bad = da;
+    bad.out = (float *)q_dev; /* overlaps the queries */
+    CHECK(tpla_device_engine_decode(engine, &bad) == TPLA_STATUS_INVALID_ARGUMENT);
+    bad = da;
+    bad.struct_size -= 1;
+    CHECK(tpla_device_engine_decode(engine, &bad) == TPLA_STATUS_WRONG_STRUCT_SIZE);
+    CHECK(tpla_device_engine_plan(engine, (const int32_t *)lens_dev, 0, ENGINE_WIDTH,
+                                  (void *)ws_dev, ws_bytes, stream) ==
+          TPLA_STATUS_INVALID_ARGUMENT);
+    CHECK(tpla_device_engine_append(engine, 0, &dev_pool, NULL, 1, (const void *)q_dev,
+                                    (const void *)q_dev, TPLA_DTYPE_F32, TPLA_RMS_MODE_EXACT,
+                                    NULL, stream) == TPLA_STATUS_NULL_ARGUMENT);
+    CHECK(tpla_device_engine_append(engine, 0, &dev_pool, (const int32_t *)lens_dev, 1,
+                                    (const void *)q_dev, (const void *)q_dev, TPLA_DTYPE_F16,
+                                    TPLA_RMS_MODE_EXACT, NULL,
+                                    stream) == TPLA_STATUS_UNSUPPORTED);
+  }
+
+  CU(cu.mem_free(pool_dev));
+  CU(cu.mem_free(ws_dev));
+  CU(cu.mem_free(table_dev));
+  CU(cu.mem_free(lens_dev));
+  CU(cu.mem_free(q_dev));
+  CU(cu.mem_free(out_dev));
+  CU(cu.mem_free(lse_dev));
+  CU(cu.mem_free(faults_dev));
+  tpla_device_engine_destroy(engine);
+  CU(cu.stream_destroy(stream));
+  CU(cu.primary_ctx_release(dev));
+  free(host_rows);
+  free(dev_rows);
+  free(plan);
+  free(rows);
+  free(want);
+  free(got);
+  free(want_lse);
+  free(got_lse);
+}
+
 int main(void) {
   tpla_dims d;
   tpla_synthetic *model;
@@ -517,6 +761,10 @@ int main(void) {
       memcpy(qr + b * H * d.d_r, q_rope[b] + t * H * d.d_r, H * d.d_r * sizeof(float));
     }
     device_rank_paths(cpu_ctx, cache, seqs, q_lat, qr);
+    {
+      const size_t lens[BATCH] = {tokens, tokens - 100};
+      device_engine_paths(cpu_ctx, latents, keys, lens, q_lat, qr);
+    }
     free(q_lat);
     free(qr);
   }

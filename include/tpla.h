@@ -373,6 +373,16 @@ enum tpla_fault
    * A slot at or past pages * page_size: that token was skipped.
    */
   TPLA_FAULT_BAD_SLOT = 2,
+  /**
+   * GPU appends: a non-finite input, or a value beyond the cache's element type (the
+   * CPU refuses those at the call): that token was skipped.
+   */
+  TPLA_FAULT_BAD_VALUE = 4,
+  /**
+   * GPU decodes: the workspace's plan was not made for this batch, shape and block
+   * table width (the CPU refuses such a plan at the call): every entry is NaN.
+   */
+  TPLA_FAULT_BAD_PLAN = 8,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -395,6 +405,15 @@ typedef struct tpla_cache tpla_cache;
  * from separate threads concurrently.
  */
 typedef struct tpla_context tpla_context;
+
+/**
+ * One rank's engine-facing GPU object: the decode and append kernels of its shape and
+ * every layer's transform on the device, made from a context by
+ * `tpla_device_engine_create`; it holds no cache state (the engine passes its pool,
+ * block table and lengths on every call) and no pointer to the context. Use it from one
+ * thread at a time.
+ */
+typedef struct tpla_device_engine tpla_device_engine;
 
 /**
  * One rank of a layer stack on one GPU: the rank's cache of every layer and its `W'_UV`
@@ -1111,6 +1130,66 @@ typedef struct tpla_device_rank_info {
    */
   uint32_t sequences;
 } tpla_device_rank_info;
+
+/**
+ * Arguments of `tpla_device_engine_decode`: device addresses of the engine's GPU.
+ * Shapes use the rank's heads, slice width and row width (slice_width + d_r).
+ */
+typedef struct tpla_device_decode_args {
+  /**
+   * sizeof(tpla_device_decode_args).
+   */
+  size_t struct_size;
+  /**
+   * The layer to decode.
+   */
+  uint32_t layer;
+  /**
+   * The layer's cache: `base` is a device address (16-byte aligned); TPLA_DTYPE_BF16,
+   * 64 rows per page, the page stride a multiple of 16 (today's kernels also need it
+   * equal to 64 * row_width * 2: TPLA_STATUS_UNSUPPORTED otherwise).
+   */
+  const struct tpla_paged_cache *cache;
+  /**
+   * Page indices, [batch][block_table_width] int32 (device): row b names the pages of
+   * batch entry b in token order.
+   */
+  const int32_t *block_table;
+  size_t batch;
+  size_t block_table_width;
+  /**
+   * Tokens of each batch entry, [batch] int32 (device). 0: the entry's outputs are
+   * zero and its log-sum-exps -infinity; negative, or more than block_table_width * 64:
+   * TPLA_FAULT_BAD_PAGE and NaN.
+   */
+  const int32_t *seq_lens;
+  /**
+   * The workspace tpla_device_engine_plan filled for this batch and width (device).
+   */
+  void *workspace;
+  size_t workspace_bytes;
+  /**
+   * Query rows [batch][heads][row_width] f32 (device, 16-byte aligned), scaled as
+   * tpla_device_engine_query_scales says.
+   */
+  const float *queries;
+  /**
+   * Latent outputs [batch][heads][slice_width] f32 (device, 16-byte aligned).
+   */
+  float *out;
+  /**
+   * Log-sum-exps [batch][heads] f32 (device, 16-byte aligned).
+   */
+  float *lse;
+  /**
+   * NULL, or a device uint32 the kernels OR `tpla_fault` bits into (never cleared).
+   */
+  uint32_t *faults;
+  /**
+   * A CUstream of the engine GPU's primary context (NULL: the legacy default stream).
+   */
+  void *stream;
+} tpla_device_decode_args;
 
 #ifdef __cplusplus
 extern "C" {
@@ -2249,6 +2328,234 @@ tpla_status tpla_nccl_all_reduce(struct tpla_nccl_comm *comm,
                                  float *dev_buf,
                                  size_t count,
                                  void *stream);
+
+/**
+ * Opens GPU `device` for the rank of `ctx` (every layer with its weights): compiles (or
+ * loads from the disk cache) the kernels of its shape and uploads every layer's
+ * transform. Destroy it with `tpla_device_engine_destroy`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a layer without
+ * weights), TPLA_STATUS_UNSUPPORTED (built without CUDA; no usable GPU, driver or
+ * libnvrtc; heads, slice width, d_r or d_c the kernels lack) or TPLA_STATUS_BACKEND.
+ * Reads `ctx`.
+ *
+ * # Safety
+ * `ctx` is NULL or live; `out` is NULL or writable.
+ */
+tpla_status tpla_device_engine_create(const struct tpla_context *ctx,
+                                      uint32_t device,
+                                      struct tpla_device_engine **out);
+
+/**
+ * Destroys a device engine, after waiting for the GPU; NULL is a no-op.
+ *
+ * # Safety
+ * `engine` is NULL or a device engine not yet destroyed and not in use by another
+ * thread; no captured CUDA graph that still runs may refer to it.
+ */
+void tpla_device_engine_destroy(struct tpla_device_engine *engine);
+
+/**
+ * The factors an engine applies when it builds the query rows of layer `layer` for
+ * `tpla_device_engine_decode`: a row is [heads][row_width] f32, per head the absorbed
+ * latent query (TPLA_QUERY_KIND_LATENT's values) times `*latent_scale`, then q_rope
+ * times `*rope_scale` (the softmax scale, times the layer's mu for the latent part).
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_OUT_OF_RANGE (layer).
+ *
+ * # Safety
+ * `engine` is NULL or live; the outputs are NULL or writable.
+ */
+tpla_status tpla_device_engine_query_scales(const struct tpla_device_engine *engine,
+                                            uint32_t layer,
+                                            float *latent_scale,
+                                            float *rope_scale);
+
+/**
+ * Writes to `*bytes` the size of the device workspace of a step of `batch` entries
+ * (1 to 65535) over a block table `block_table_width` pages wide: the plan header and
+ * the split-KV merge's partial outputs. Fixed by those two and the engine's shape, not by
+ * the lengths: allocate it once (cuMemAlloc, 16-byte aligned) for the largest batch and
+ * width.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT or TPLA_STATUS_INVALID_ARGUMENT (batch or width out
+ * of range).
+ *
+ * # Safety
+ * `engine` is NULL or live; `bytes` is NULL or writable.
+ */
+tpla_status tpla_device_engine_workspace_size(const struct tpla_device_engine *engine,
+                                              size_t batch,
+                                              size_t block_table_width,
+                                              size_t *bytes);
+
+/**
+ * Plans one step of `batch` entries over a block table `block_table_width` pages wide
+ * into the caller's device workspace (`workspace_bytes`, at least
+ * tpla_device_engine_workspace_size, 16-byte aligned): one kernel on `stream`, no host
+ * synchronisation. Plan once per step (or once for good: the plan depends only on the
+ * batch and width); every layer's tpla_device_engine_decode of the step reuses it. The
+ * decode kernels compute their split-KV schedule from the device lengths themselves;
+ * `seq_lens_dev` ([batch] int32) is checked, not read. A decode whose batch or width is
+ * not the plan's sets TPLA_FAULT_BAD_PLAN and writes NaN outputs.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (batch or width out of
+ * range, a workspace too small or misaligned, an address that is not device memory of
+ * the engine's GPU or whose allocation is too short, not a stream),
+ * TPLA_STATUS_MISMATCH (memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no
+ * CUDA) or TPLA_STATUS_BACKEND.
+ *
+ * # Safety
+ * `engine` is NULL or live; the device buffers stay valid until the stream passes the
+ * call; `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_engine_plan(const struct tpla_device_engine *engine,
+                                    const int32_t *seq_lens_dev,
+                                    size_t batch,
+                                    size_t block_table_width,
+                                    void *workspace_dev,
+                                    size_t workspace_bytes,
+                                    void *stream);
+
+/**
+ * One decode step of one layer on the engine's device memory, enqueued on `stream` with
+ * no host synchronisation (capturable in a CUDA graph): the rows of batch entry b are
+ * found through block table row b and length b. A check kernel reads every page index an
+ * entry will use: one outside 0..pages, or a length needing more pages than the table's
+ * width, makes that entry's outputs NaN and sets TPLA_FAULT_BAD_PAGE (the kernels read
+ * nothing for it, never outside the pool); nothing else is touched. The device buffers
+ * must stay valid and unchanged (inputs) or untouched (outputs) until the stream passes
+ * the step; steps sharing a workspace must not overlap in time.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (batch or width out of range, a bad cache layout, a
+ * page stride not a multiple of 16, misaligned addresses, a workspace too small,
+ * overlapping buffers, an address that is not device memory of the engine's GPU or whose
+ * allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE (layer),
+ * TPLA_STATUS_MISMATCH (rows of another width; memory or stream of another GPU),
+ * TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype, page size or page stride the kernels do
+ * not read) or TPLA_STATUS_BACKEND.
+ *
+ * # Safety
+ * `engine` is NULL or live; `args` is NULL or a valid `tpla_device_decode_args` whose
+ * device buffers hold their sizes; `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_engine_decode(const struct tpla_device_engine *engine,
+                                      const struct tpla_device_decode_args *args);
+
+/**
+ * Writes `count` new tokens into the engine's device cache of `layer`, one block per
+ * token on `stream`, no host synchronisation: token i has the full pre-norm latent
+ * latents_dev[i] ([count][d_c]) and the RoPE-rotated key k_rope_dev[i] ([count][d_r]),
+ * both of `input_dtype` (TPLA_DTYPE_F32 or TPLA_DTYPE_BF16); it is normalised
+ * (`rms_mode`, a `tpla_rms_mode`), rotated by the layer's transform, cut to the rank's
+ * slice, rounded to bf16 and stored at slot slots_dev[i] (page * 64 + offset), as
+ * tpla_context_append_paged does (in f64; the rows are equal to its rows up to the
+ * order of the RMS sums). Negative slots are padding and skipped; a slot past the pool
+ * sets TPLA_FAULT_BAD_SLOT, a non-finite input or a value beyond bf16
+ * TPLA_FAULT_BAD_VALUE in `*faults_dev` (a device uint32, or NULL); those tokens are
+ * not written. Two tokens of one call must not share a slot.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a bad cache layout,
+ * a page stride not a multiple of 16, unknown rms_mode or input_dtype, misaligned
+ * addresses, count above INT32_MAX, an address that is not device memory of the
+ * engine's GPU or whose allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE
+ * (layer), TPLA_STATUS_MISMATCH (rows of another width; memory or stream of another GPU),
+ * TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype or page size the kernels do not write) or
+ * TPLA_STATUS_BACKEND.
+ *
+ * # Safety
+ * `engine` is NULL or live; `cache` is NULL or a valid `tpla_paged_cache` over device
+ * memory; the device arrays hold their counts and stay valid until the stream passes
+ * the call; `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_engine_append(const struct tpla_device_engine *engine,
+                                      uint32_t layer,
+                                      const struct tpla_paged_cache *cache,
+                                      const int32_t *slots_dev,
+                                      size_t count,
+                                      const void *latents_dev,
+                                      const void *k_rope_dev,
+                                      uint32_t input_dtype,
+                                      uint32_t rms_mode_value,
+                                      uint32_t *faults_dev,
+                                      void *stream);
+
+/**
+ * Copies `count` rows between two device caches of the engine's rank (the bulk hand-off
+ * of a prefill's rows into decode pages, device to device), on `stream` with no host
+ * synchronisation: row src_slots_dev[i] of `src` to row dst_slots_dev[i] of `dst`
+ * (device int32 [count] each; slot = page * 64 + offset), bytes unchanged; both caches
+ * described as for tpla_device_engine_decode. A prefill held on the host is copied to the
+ * device first (as one packed source pool). Negative destination slots are skipped; a
+ * slot past its pool, or a negative source slot, sets TPLA_FAULT_BAD_SLOT in
+ * `*faults_dev` (a device uint32, or NULL) and copies nothing for that row.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
+ * TPLA_STATUS_INVALID_ARGUMENT (a bad cache layout, misaligned addresses, count above
+ * INT32_MAX, overlapping caches, an address that is not device memory of the engine's
+ * GPU or whose allocation is too short, not a stream), TPLA_STATUS_MISMATCH (rows of
+ * another width; memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA; a
+ * dtype or page size the kernels do not read) or TPLA_STATUS_BACKEND.
+ *
+ * # Safety
+ * `engine` is NULL or live; the caches are NULL or valid `tpla_paged_cache`s over device
+ * memory; the device arrays hold `count` values and stay valid until the stream passes
+ * the call; `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_engine_copy_rows(const struct tpla_device_engine *engine,
+                                         const struct tpla_paged_cache *dst,
+                                         const int32_t *dst_slots_dev,
+                                         const struct tpla_paged_cache *src,
+                                         const int32_t *src_slots_dev,
+                                         size_t count,
+                                         uint32_t *faults_dev,
+                                         void *stream);
+
+/**
+ * The query rows of tpla_device_engine_decode from what an engine has, on `stream` with
+ * no host synchronisation: rows_dev[b][h] ([batch][heads][row_width] f32) becomes
+ * W'_UK[h] q_nope_dev[b][h] ([batch][heads][d_n] f32) times the latent scale, then
+ * q_rope_dev[b][h] ([batch][heads][d_r] f32) times the RoPE scale
+ * (tpla_device_engine_query_scales): a batched cuBLAS product over the heads and one
+ * small kernel, with the layer's W'_UK held on the GPU.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above
+ * 65535, misaligned or overlapping buffers, an address that is not device memory of the
+ * engine's GPU or whose allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE
+ * (layer), TPLA_STATUS_MISMATCH (memory or stream of another GPU),
+ * TPLA_STATUS_UNSUPPORTED (no CUDA, no libcublas) or TPLA_STATUS_BACKEND.
+ *
+ * # Safety
+ * `engine` is NULL or live; the device buffers hold their sizes and stay valid until the
+ * stream passes the call; `stream` is NULL or a live CUstream.
+ */
+tpla_status tpla_device_engine_absorb_queries(const struct tpla_device_engine *engine,
+                                              uint32_t layer,
+                                              size_t batch,
+                                              const float *q_nope_dev,
+                                              const float *q_rope_dev,
+                                              float *rows_dev,
+                                              void *stream);
+
+/**
+ * The rank's partial head outputs from tpla_device_engine_decode's latent outputs, on
+ * `stream` with no host synchronisation: heads_dev[b][h] ([batch][heads][d_v] f32) =
+ * W'_UV[h]^T latent_dev[b][h] ([batch][heads][slice_width] f32), a batched cuBLAS product
+ * with the layer's W'_UV held on the GPU; sum them over the ranks with
+ * tpla_nccl_all_reduce. NaN latent rows (faulted entries) give NaN head rows.
+ *
+ * Returns as tpla_device_engine_absorb_queries.
+ *
+ * # Safety
+ * As tpla_device_engine_absorb_queries.
+ */
+tpla_status tpla_device_engine_project(const struct tpla_device_engine *engine,
+                                       uint32_t layer,
+                                       size_t batch,
+                                       const float *latent_dev,
+                                       float *heads_dev,
+                                       void *stream);
 
 /**
  * Generates the synthetic layer of shape `dims` and `seed` (same inputs, same layer;

@@ -21,15 +21,15 @@ use cudarc::cublas::{result as blas, sys as blas_sys};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
-fn blas_err(what: &str) -> impl FnOnce(blas::CublasError) -> Error + '_ {
+pub(crate) fn blas_err(what: &str) -> impl FnOnce(blas::CublasError) -> Error + '_ {
     move |e| Error::new(ErrorKind::Backend, format!("cuBLAS: {what} failed: {e}"))
 }
 
 /// A cuBLAS handle (the `W'_UV` projection is one strided batched product per step).
-struct Blas(blas_sys::cublasHandle_t);
+pub(crate) struct Blas(pub(crate) blas_sys::cublasHandle_t);
 
 impl Blas {
-    fn new(backend: &CudaBackend) -> Result<Self> {
+    pub(crate) fn new(backend: &CudaBackend) -> Result<Self> {
         // SAFETY: only tries to dlopen libcublas.
         if !unsafe { blas_sys::is_culib_present() } {
             return Err(Error::unsupported(

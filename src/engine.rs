@@ -40,7 +40,8 @@
 //! sets [`Faults::BAD_SLOT`].
 //!
 //! # The GPU contract
-//! A CUDA implementation serves the same calls with device addresses in place of the
+//! `tpla::engine_device` (feature `cuda`) implements it. A CUDA implementation serves the
+//! same calls with device addresses in place of the
 //! slices (cache base, block table, lengths, plan, queries, outputs, slots, a device
 //! `u32` fault word that kernels OR bits into) plus the engine's `CUstream`: the layout,
 //! shapes, plan header ([`crate::attention::schedule`]), zero-length and fault semantics
@@ -266,6 +267,18 @@ impl Faults {
     pub const BAD_PAGE: Faults = Faults(1);
     /// A slot at or past `pages * page_size`: that token was not written.
     pub const BAD_SLOT: Faults = Faults(2);
+    /// GPU appends: a non-finite input, or a value beyond the cache's element type (which
+    /// the CPU refuses at the call): that token was not written.
+    pub const BAD_VALUE: Faults = Faults(4);
+    /// GPU decodes: the plan in the workspace was not made for this launch (batch,
+    /// shape, block table width) or is not a plan: every entry's outputs are NaN (the CPU
+    /// refuses such a plan at the call).
+    pub const BAD_PLAN: Faults = Faults(8);
+
+    /// The faults of bits `bits` (a device fault word).
+    pub fn from_bits(bits: u32) -> Faults {
+        Faults(bits)
+    }
 
     pub fn bits(self) -> u32 {
         self.0

@@ -15,6 +15,8 @@ pub mod decode;
 pub mod device_rank;
 pub mod dtype;
 pub mod engine;
+#[cfg(feature = "cuda")]
+pub mod engine_device;
 pub mod error;
 pub mod ffi;
 pub mod fidelity;

@@ -359,6 +359,14 @@ impl Transform {
         }
     }
 
+    /// The diagonal of `D` of a Hadamard transform `U = D H / sqrt(d_c)`.
+    pub fn hadamard_signs(&self) -> Option<&[f64]> {
+        match &self.basis {
+            Basis::Hadamard { signs, .. } => Some(signs),
+            _ => None,
+        }
+    }
+
     /// The eigenvalue of each column of a PCA transform, in column order.
     pub fn eigenvalues(&self) -> Option<&[f64]> {
         match &self.basis {

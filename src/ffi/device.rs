@@ -431,7 +431,7 @@ unsafe fn enqueue(
 /// Refuses an address that is not device memory of `device`, or whose allocation ends
 /// before `bytes` bytes.
 #[cfg(feature = "cuda")]
-fn check_device_buffer(
+pub(super) fn check_device_buffer(
     device: &crate::attention::cuda::CudaDevice,
     ptr: u64,
     bytes: usize,

@@ -27,6 +27,12 @@ pub enum tpla_fault {
     BadPage = 1,
     /// A slot at or past pages * page_size: that token was skipped.
     BadSlot = 2,
+    /// GPU appends: a non-finite input, or a value beyond the cache's element type (the
+    /// CPU refuses those at the call): that token was skipped.
+    BadValue = 4,
+    /// GPU decodes: the workspace's plan was not made for this batch, shape and block
+    /// table width (the CPU refuses such a plan at the call): every entry is NaN.
+    BadPlan = 8,
 }
 
 /// The engine's paged cache of one layer. Page p starts at base + p * page_stride bytes
@@ -65,7 +71,7 @@ unsafe impl Versioned for tpla_paged_cache {
 ///
 /// # Safety
 /// `desc` is NULL or a valid `tpla_paged_cache`.
-unsafe fn layout<'a>(
+pub(super) unsafe fn layout<'a>(
     desc: *const tpla_paged_cache,
 ) -> Outcome<(PagedLayout, &'a tpla_paged_cache, Span)> {
     // SAFETY: caller contract.
@@ -380,7 +386,7 @@ pub unsafe extern "C" fn tpla_context_decode_paged(
 }
 
 /// Decodes a `tpla_rms_mode`.
-fn rms_mode(mode: u32) -> Outcome<RmsMode> {
+pub(super) fn rms_mode(mode: u32) -> Outcome<RmsMode> {
     match mode {
         m if m == tpla_rms_mode::Exact as u32 => Ok(RmsMode::Exact),
         m if m == tpla_rms_mode::Sliced as u32 => Ok(RmsMode::Sliced),

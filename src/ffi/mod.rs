@@ -26,6 +26,8 @@ pub mod sequence;
 
 pub mod device;
 
+pub mod engine_device;
+
 pub mod synthetic;
 
 use crate::error::{Error, ErrorKind};

@@ -1,11 +1,12 @@
-//! Decode benchmark on the GPU: CUDA-event timings of [`DecodePlan::launch`] against
+//! Decode benchmark on the GPU: CUDA-event timings of [`DecodePlan::launch`] (or of the
+//! engine API's device path) against
 //! ceilings measured in the same run (device read bandwidth, cuBLAS bf16 matrix rate).
 //!
 //! Inputs are rotated over enough copies of the batch to exceed the L2 several times,
 //! so small shapes are timed from device memory, not from the cache.
 
 use super::cache::DeviceCacheConfig;
-use super::decode::CudaBackend;
+use super::decode::{CudaBackend, DecodePlan, PoolRef};
 use super::driver::{arg, DeviceBuffer, Event};
 use super::kernels::{Kernels, PAGE_SIZE, ROPE_WIDTH};
 use crate::attention::LatentShape;
@@ -198,6 +199,23 @@ fn cublas_bf16_tflops(backend: &CudaBackend, k: &Arc<Kernels>) -> Result<Option<
 /// Times one decode shape: `runs` timed launches (after warm-up), inputs rotated over
 /// copies of the batch totalling at least 4x the L2.
 pub fn measure(backend: &CudaBackend, case: Case, runs: usize) -> Result<Measurement> {
+    measure_api(backend, case, runs, false)
+}
+
+/// [`measure`] through the engine API's device path (`crate::engine_device`): each
+/// timed step is the plan kernel, then the decode over the same pool with the batch's
+/// block table rows and lengths (the check kernel, the decode and its merge, the fix-up),
+/// so the difference from [`measure`] is the API's cost on the GPU.
+pub fn measure_engine(backend: &CudaBackend, case: Case, runs: usize) -> Result<Measurement> {
+    measure_api(backend, case, runs, true)
+}
+
+fn measure_api(
+    backend: &CudaBackend,
+    case: Case,
+    runs: usize,
+    engine_api: bool,
+) -> Result<Measurement> {
     let dev = backend.device().clone();
     let stream = backend.stream();
     let shape = LatentShape {
@@ -230,14 +248,54 @@ pub fn measure(backend: &CudaBackend, case: Case, runs: usize) -> Result<Measure
     let slots_dev = DeviceBuffer::from_host(&dev, &slot_ids)?;
     let out = DeviceBuffer::<f32>::new(&dev, case.batch * case.heads * case.slice_width)?;
     let lse = DeviceBuffer::<f32>::new(&dev, case.batch * case.heads)?;
+    // the engine path: its own workspace and plan over it, block table rows and lengths
+    // of copy c as the batch's
+    let engine_kernels = match engine_api {
+        true => Some(backend.engine_kernels(case.slice_width)?),
+        false => None,
+    };
+    let workspace =
+        DeviceBuffer::<u8>::new(&dev, if engine_api { plan.layout().bytes } else { 0 })?;
+    let engine_plan = DecodePlan::borrowed(
+        &dev,
+        k.clone(),
+        shape,
+        case.batch,
+        plan.splits(),
+        workspace.ptr(),
+    )?;
+    let pool = cache.pool_ref();
     let step = |i: usize| -> Result<()> {
         let c = i % copies;
+        let q_c = q.ptr() + (c * q_len * 4) as u64;
+        if let Some(engine_kernels) = &engine_kernels {
+            let rows = PoolRef {
+                table: pool.table + (c * case.batch * pool.max_pages * 4) as u64,
+                lens: pool.lens + (c * case.batch * 4) as u64,
+                num_slots: case.batch,
+                ..pool
+            };
+            // SAFETY: the workspace holds the plan's layout; copy c's table rows, lengths
+            // and queries are in range; outputs sized for the batch.
+            return unsafe {
+                engine_kernels.launch_plan(&engine_plan, pool.max_pages, stream)?;
+                engine_kernels.launch_decode(
+                    &engine_plan,
+                    &rows,
+                    0,
+                    q_c,
+                    out.ptr(),
+                    lse.ptr(),
+                    stream,
+                )
+            };
+        }
         // SAFETY: copy c's slots and queries are in range; outputs sized for the batch.
         unsafe {
             plan.launch(
                 &cache,
                 slots_dev.ptr() + (c * case.batch * 4) as u64,
-                q.ptr() + (c * q_len * 4) as u64,
+                q_c,
                 out.ptr(),
                 lse.ptr(),
                 stream,
@@ -277,7 +335,11 @@ pub fn measure(backend: &CudaBackend, case: Case, runs: usize) -> Result<Measure
     let min_us = times.iter().cloned().fold(f64::INFINITY, f64::min);
     Ok(Measurement {
         case,
-        kernel: plan.kernel_name(),
+        kernel: if engine_api {
+            format!("{} through the engine API", plan.kernel_name())
+        } else {
+            plan.kernel_name()
+        },
         kernel_kind: k.config.kernel.name(),
         splits: plan.splits(),
         median_us: median(times),

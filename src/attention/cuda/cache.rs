@@ -128,6 +128,20 @@ impl DeviceCache {
         (self.pool.ptr(), self.block_table.ptr(), self.lens.ptr())
     }
 
+    /// The pool, block table and lengths as the decode launch reads them.
+    pub(crate) fn pool_ref(&self) -> super::decode::PoolRef {
+        super::decode::PoolRef {
+            pool: self.pool.ptr(),
+            row_width: self.row_width(),
+            page_stride: PAGE_SIZE * self.row_width() * 2,
+            pages: self.config.pages,
+            table: self.block_table.ptr(),
+            lens: self.lens.ptr(),
+            num_slots: self.config.slots,
+            max_pages: self.config.max_pages_per_slot,
+        }
+    }
+
     fn check_slot(&self, slot: usize) -> Result<()> {
         if slot >= self.config.slots {
             return Err(Error::out_of_range(format!(

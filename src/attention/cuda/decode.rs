@@ -4,8 +4,10 @@
 use super::cache::{DeviceCache, DeviceCacheConfig};
 use super::compile::default_cache_dir;
 use super::driver::{arg, bf16_rows_tensor_map, CUstream, CudaDevice, DeviceBuffer, Stream};
+use super::engine::EngineKernels;
 use super::kernels::{DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, TILE_TOKENS};
 use crate::attention::reference::check_attend_args;
+use crate::attention::schedule::HEADER_WORDS;
 use crate::attention::{LatentAttention, LatentShape, RowSource};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -19,6 +21,7 @@ pub struct CudaBackend {
     device: Arc<CudaDevice>,
     cache_dir: Option<PathBuf>,
     kernels: Mutex<HashMap<KernelConfig, Arc<Kernels>>>,
+    engine_kernels: Mutex<HashMap<usize, Arc<EngineKernels>>>,
     max_stages: usize,
     decode_kernel: Option<DecodeKernel>,
     stream: Stream,
@@ -40,6 +43,7 @@ impl CudaBackend {
             device,
             cache_dir,
             kernels: Mutex::new(HashMap::new()),
+            engine_kernels: Mutex::new(HashMap::new()),
             max_stages: MAX_STAGES,
             decode_kernel: None,
         })
@@ -97,6 +101,25 @@ impl CudaBackend {
         Ok(k)
     }
 
+    /// The engine path's kernels for slices of `slice_width` (compiled or loaded on first
+    /// use).
+    pub fn engine_kernels(&self, slice_width: usize) -> Result<Arc<EngineKernels>> {
+        let mut map = self
+            .engine_kernels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = map.get(&slice_width) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(EngineKernels::load(
+            &self.device,
+            slice_width,
+            self.cache_dir.as_deref(),
+        )?);
+        map.insert(slice_width, k.clone());
+        Ok(k)
+    }
+
     /// An empty device cache.
     pub fn new_cache(&self, config: DeviceCacheConfig) -> Result<DeviceCache> {
         let kernels = self.kernels(64, config.slice_width, super::kernels::ROPE_WIDTH)?;
@@ -109,17 +132,29 @@ impl CudaBackend {
     /// per sequence.
     pub fn plan(&self, shape: LatentShape, batch: usize, max_len: usize) -> Result<DecodePlan> {
         let kernels = self.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        let splits = self.splits_for(&kernels, shape, batch, max_len);
+        DecodePlan::new(&self.device, kernels, shape, batch, splits)
+    }
+
+    /// The split count [`Self::plan`] chooses for `kernels` (the engine path's plans
+    /// choose theirs the same way, from the block table's width).
+    pub(crate) fn splits_for(
+        &self,
+        kernels: &Kernels,
+        shape: LatentShape,
+        batch: usize,
+        max_len: usize,
+    ) -> usize {
         let slots = self.device.multiprocessors() * kernels.decode_blocks_per_sm;
         let head_tiles = shape.heads / kernels.config.heads_tile;
-        let splits = match kernels.config.kernel {
+        match kernels.config.kernel {
             DecodeKernel::Wgmma => (slots / head_tiles).clamp(1, 1024),
             DecodeKernel::MmaSync => choose_splits(
                 slots,
                 batch * head_tiles,
                 max_len.max(1).div_ceil(TILE_TOKENS),
             ),
-        };
-        DecodePlan::new(&self.device, kernels, shape, batch, splits)
+        }
     }
 
     /// A decode plan with a fixed split count (1 to 1024): for the wgmma kernel, the
@@ -156,6 +191,109 @@ fn choose_splits(slots: usize, blocks_per_split: usize, tiles: usize) -> usize {
     best
 }
 
+/// Where a plan's device words lie, in bytes from the start of its workspace (16-byte
+/// aligned regions): the engine path's header, slots and entry statuses
+/// ([`HEADER_WORDS`] + 2 x batch `i32`, see engine.cu), the wgmma kernel's schedule (2 x
+/// batch `i32`), the partial log-sum-exps and the partial outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WorkspaceLayout {
+    pub slots: usize,
+    pub status: usize,
+    pub schedule: usize,
+    pub part_lse: usize,
+    pub part_out: usize,
+    pub bytes: usize,
+}
+
+impl WorkspaceLayout {
+    pub(crate) fn new(
+        kernel: DecodeKernel,
+        shape: LatentShape,
+        batch: usize,
+        splits: usize,
+    ) -> Result<Self> {
+        let overflow = || Error::invalid("the decode workspace's size overflows");
+        let (partials, schedule) = match kernel {
+            // wgmma: each CTA boundary inside a sequence adds one piece to the batch's
+            DecodeKernel::Wgmma => ((batch + splits) * shape.heads, 2 * batch),
+            DecodeKernel::MmaSync if splits > 1 => (batch * splits * shape.heads, 0),
+            DecodeKernel::MmaSync => (0, 0),
+        };
+        let align = |n: usize| n.checked_next_multiple_of(16).ok_or_else(overflow);
+        let slots = HEADER_WORDS * 4;
+        let status = slots + batch * 4;
+        let sched = status + batch * 4;
+        let part_lse = align(sched + schedule * 4)?;
+        let part_out = partials
+            .checked_mul(4)
+            .and_then(|n| n.checked_add(part_lse))
+            .ok_or_else(overflow)
+            .and_then(align)?;
+        let bytes = partials
+            .checked_mul(shape.slice_width * 4)
+            .and_then(|n| n.checked_add(part_out))
+            .ok_or_else(overflow)?;
+        Ok(WorkspaceLayout {
+            slots,
+            status,
+            schedule: sched,
+            part_lse,
+            part_out,
+            bytes,
+        })
+    }
+}
+
+/// The engine's pool as the decode kernels read it: `pages` pages of [`PAGE_SIZE`] bf16
+/// rows of `row_width` at `pool`, page `p` at `pool + p * page_stride` bytes; block table
+/// rows of `max_pages` and lengths at `table` and `lens`, indexed by slot (`num_slots`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PoolRef {
+    pub pool: u64,
+    pub row_width: usize,
+    pub page_stride: usize,
+    pub pages: usize,
+    pub table: u64,
+    pub lens: u64,
+    pub num_slots: usize,
+    pub max_pages: usize,
+}
+
+impl PoolRef {
+    /// Bytes of the rows of one page.
+    pub fn page_bytes(&self) -> usize {
+        PAGE_SIZE * self.row_width * 2
+    }
+
+    /// Refuses what the decode kernels cannot read yet.
+    pub fn check_supported(&self) -> Result<()> {
+        // LEAD (page stride): today's kernels address the pool as rows back to back (the
+        // 2D tensor map in `DecodePlan::launch_pool`, v3's `pool + (page * PAGE + row) *
+        // RW`), so only pools whose pages are packed can be read. When the kernels take a
+        // 3D map (dims {row_width, PAGE_SIZE, pages}, strides {row bytes, page_stride})
+        // and v3 a page stride, pass `page_stride` at the marked call site there and drop
+        // this refusal.
+        if self.page_stride != self.page_bytes() {
+            return Err(Error::unsupported(format!(
+                "the CUDA decode kernels read pools whose pages are packed (a page stride of \
+                 {} bytes), not a page stride of {}",
+                self.page_bytes(),
+                self.page_stride
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Who holds a plan's workspace.
+#[derive(Debug)]
+enum Workspace {
+    /// The plan's own (made by [`CudaBackend::plan`]).
+    Owned(DeviceBuffer<u8>),
+    /// Caller-owned device memory (the engine path), at least the layout's bytes.
+    Borrowed(u64),
+}
+
 /// Launch geometry and workspace of one decode shape; reusable for any lengths (the
 /// kernels read them on the device), so its launches can be captured in a CUDA graph.
 #[derive(Debug)]
@@ -165,10 +303,22 @@ pub struct DecodePlan {
     shape: LatentShape,
     batch: usize,
     splits: usize,
-    part_out: DeviceBuffer<f32>,
-    part_lse: DeviceBuffer<f32>,
-    /// wgmma: the pieces and first partial slot of every batch entry (2 x batch).
-    schedule: DeviceBuffer<i32>,
+    layout: WorkspaceLayout,
+    workspace: Workspace,
+}
+
+fn check_geometry(batch: usize, splits: usize) -> Result<()> {
+    if batch == 0 || batch > 65535 {
+        return Err(Error::invalid(format!(
+            "decode batch must be 1 to 65535, got {batch}"
+        )));
+    }
+    if !(1..=1024).contains(&splits) {
+        return Err(Error::invalid(format!(
+            "split count must be 1 to 1024, got {splits}"
+        )));
+    }
+    Ok(())
 }
 
 impl DecodePlan {
@@ -179,32 +329,56 @@ impl DecodePlan {
         batch: usize,
         splits: usize,
     ) -> Result<Self> {
-        if batch == 0 || batch > 65535 {
-            return Err(Error::invalid(format!(
-                "decode batch must be 1 to 65535, got {batch}"
-            )));
-        }
-        if !(1..=1024).contains(&splits) {
-            return Err(Error::invalid(format!(
-                "split count must be 1 to 1024, got {splits}"
-            )));
-        }
-        // wgmma: each CTA boundary inside a sequence adds one piece to the batch's
-        let (partials, schedule) = match kernels.config.kernel {
-            DecodeKernel::Wgmma => ((batch + splits) * shape.heads, 2 * batch),
-            DecodeKernel::MmaSync if splits > 1 => (batch * splits * shape.heads, 0),
-            DecodeKernel::MmaSync => (0, 0),
-        };
+        check_geometry(batch, splits)?;
+        let layout = WorkspaceLayout::new(kernels.config.kernel, shape, batch, splits)?;
         Ok(DecodePlan {
-            part_out: DeviceBuffer::new(device, partials * shape.slice_width)?,
-            part_lse: DeviceBuffer::new(device, partials)?,
-            schedule: DeviceBuffer::new(device, schedule)?,
+            workspace: Workspace::Owned(DeviceBuffer::new(device, layout.bytes)?),
+            device: device.clone(),
+            kernels,
+            shape,
+            batch,
+            splits,
+            layout,
+        })
+    }
+
+    /// A plan over caller-owned device memory at `workspace` (16-byte aligned, at least
+    /// [`WorkspaceLayout::bytes`]; checked by the caller): allocates nothing.
+    pub(crate) fn borrowed(
+        device: &Arc<CudaDevice>,
+        kernels: Arc<Kernels>,
+        shape: LatentShape,
+        batch: usize,
+        splits: usize,
+        workspace: u64,
+    ) -> Result<Self> {
+        check_geometry(batch, splits)?;
+        Ok(DecodePlan {
+            layout: WorkspaceLayout::new(kernels.config.kernel, shape, batch, splits)?,
+            workspace: Workspace::Borrowed(workspace),
             device: device.clone(),
             kernels,
             shape,
             batch,
             splits,
         })
+    }
+
+    /// Device address of the workspace.
+    pub(crate) fn workspace(&self) -> u64 {
+        match &self.workspace {
+            Workspace::Owned(b) => b.ptr(),
+            Workspace::Borrowed(p) => *p,
+        }
+    }
+
+    pub(crate) fn layout(&self) -> &WorkspaceLayout {
+        &self.layout
+    }
+
+    /// The specialisation of the plan's kernels.
+    pub fn config(&self) -> KernelConfig {
+        self.kernels.config
     }
 
     pub fn splits(&self) -> usize {
@@ -248,21 +422,45 @@ impl DecodePlan {
         lse: u64,
         stream: CUstream,
     ) -> Result<()> {
-        if cache.row_width() != self.shape.row_width() {
+        // SAFETY: forwarded contract; the cache's own pool, table and lengths.
+        unsafe { self.launch_pool(&cache.pool_ref(), slots, q, out, lse, stream) }
+    }
+
+    /// [`Self::launch`] over any pool: the device cache's, or the engine's (then `slots`
+    /// are the plan's checked identity slots, see `engine.cu`). The one decode launch of
+    /// the backend.
+    ///
+    /// # Safety
+    /// As [`Self::launch`]; `pool` describes live device memory: `pages` pages, a block
+    /// table of `num_slots` rows of `max_pages` and `num_slots` lengths.
+    pub(crate) unsafe fn launch_pool(
+        &self,
+        pool: &PoolRef,
+        slots: u64,
+        q: u64,
+        out: u64,
+        lse: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        if pool.row_width != self.shape.row_width() {
             return Err(Error::mismatch(format!(
-                "the device cache holds rows of {} values, the plan expects {}",
-                cache.row_width(),
+                "the cache holds rows of {} values, the plan expects {}",
+                pool.row_width,
                 self.shape.row_width()
             )));
         }
+        pool.check_supported()?;
         self.device.bind()?;
-        let (pool, table, lens) = cache.device_ptrs();
+        let pool_ptr = pool.pool;
+        let (table, lens) = (pool.table, pool.lens);
         let heads = self.shape.heads as i32;
-        let max_pages = cache.config().max_pages_per_slot as i32;
+        let max_pages = pool.max_pages as i32;
         let splits = self.splits as i32;
-        let num_slots = cache.config().slots as i32;
-        let (part_out, part_lse) = (self.part_out.ptr(), self.part_lse.ptr());
-        let (batch, sched) = (self.batch as i32, self.schedule.ptr());
+        let num_slots = pool.num_slots as i32;
+        let ws = self.workspace();
+        let part_out = ws + self.layout.part_out as u64;
+        let part_lse = ws + self.layout.part_lse as u64;
+        let (batch, sched) = (self.batch as i32, ws + self.layout.schedule as u64);
         let config = self.kernels.config;
         let wgmma = config.kernel == DecodeKernel::Wgmma;
         // The Hopper kernel reads the pool through a tensor map (by value, so a captured
@@ -270,16 +468,17 @@ impl DecodePlan {
         // (it takes the batch size and writes the merge's table); v3 reads the pool
         // through its address and has a block per (split, sequence).
         let pool_map = if wgmma {
+            // LEAD: the single tensor-map call site (page stride: `pool.page_stride`).
             Some(bf16_rows_tensor_map(
-                pool,
+                pool_ptr,
                 self.shape.row_width(),
-                cache.config().pages * PAGE_SIZE,
+                pool.pages * PAGE_SIZE,
             )?)
         } else {
             None
         };
         let mut args = [
-            pool_map.as_ref().map_or(arg(&pool), arg),
+            pool_map.as_ref().map_or(arg(&pool_ptr), arg),
             arg(&q),
             arg(&table),
             arg(&lens),

@@ -24,12 +24,17 @@ mod cache;
 mod compile;
 mod decode;
 mod driver;
+mod engine;
 mod kernels;
 
 pub use cache::{DeviceCache, DeviceCacheConfig};
 pub use compile::{default_cache_dir, nvrtc_version, Origin};
 pub use decode::{CudaBackend, DecodePlan};
+pub(crate) use decode::{PoolRef, WorkspaceLayout};
+pub(crate) use driver::arg;
 pub use driver::{device_extent, CUstream, CudaDevice, DeviceBuffer, Event, Stream};
+pub use engine::EngineKernels;
+pub(crate) use engine::APPEND_THREADS;
 pub use kernels::{
     DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS,
 };

@@ -58,7 +58,8 @@ pub struct Args {
     seed: u64,
     /// How each step is called (comma-separated): `kernel` (the backend alone over a
     /// library-owned cache) or `engine` (plan + paged decode through `tpla::engine` over
-    /// an engine-owned pool with shuffled pages: the API's own cost is the difference).
+    /// an engine-owned pool with shuffled pages; with `--backend cuda`, the device path
+    /// of `tpla::engine_device` over the same pool: the API's own cost is the difference).
     #[arg(long, value_delimiter = ',', default_value = "kernel")]
     api: Vec<String>,
     /// One JSON object per configuration instead of a table.
@@ -469,7 +470,7 @@ fn synthetic_cache(
 /// bandwidth and cuBLAS bf16 rate measured at the start of the run.
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> Result<()> {
-    use tpla::attention::cuda::bench::{measure, measure_ceilings, Case};
+    use tpla::attention::cuda::bench::{measure, measure_ceilings, measure_engine, Case};
     use tpla::attention::cuda::{CudaBackend, DecodeKernel, PAGE_SIZE};
     if args.dtype != "bf16" || args.page_size != PAGE_SIZE {
         return Err(Error::unsupported(format!(
@@ -493,6 +494,13 @@ fn run_cuda(args: &Args) -> Result<()> {
             ))),
         })
         .collect::<Result<Vec<_>>>()?;
+    for api in &args.api {
+        if api != "kernel" && api != "engine" {
+            return Err(Error::invalid(format!(
+                "unknown --api '{api}' (kernel, engine)"
+            )));
+        }
+    }
     let mut backend = CudaBackend::new(0)?;
     let ceilings = measure_ceilings(&backend)?;
     let peak_tflops = ceilings.bf16_tflops.unwrap_or(f64::NAN);
@@ -504,9 +512,10 @@ fn run_cuda(args: &Args) -> Result<()> {
             peak_tflops
         );
         println!(
-            "{:<12} {:<11} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6}",
+            "{:<12} {:<11} {:<6} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6}",
             "model",
             "kernel",
+            "api",
             "heads",
             "g",
             "context",
@@ -525,10 +534,11 @@ fn run_cuda(args: &Args) -> Result<()> {
         for &g in &args.groups {
             let plan = ShardPlan::new(&dims, g, 0)?;
             for &context in &args.context {
-                for (&batch, &kernel) in args
+                for ((&batch, &kernel), api) in args
                     .batch
                     .iter()
                     .flat_map(|b| kernels.iter().map(move |k| (b, k)))
+                    .flat_map(|bk| args.api.iter().map(move |a| (bk, a)))
                 {
                     let case = Case {
                         heads: plan.heads,
@@ -537,13 +547,17 @@ fn run_cuda(args: &Args) -> Result<()> {
                         batch,
                     };
                     backend.set_decode_kernel(kernel);
-                    let m = measure(&backend, case, args.repeats.max(20))?;
+                    let m = match api.as_str() {
+                        "engine" => measure_engine(&backend, case, args.repeats.max(20))?,
+                        _ => measure(&backend, case, args.repeats.max(20))?,
+                    };
                     let (gbps, tflops) = (m.gbps(), m.tflops());
                     let roofline =
                         (m.bytes / (ceilings.read_gbps * 1e3)).max(m.flops / (peak_tflops * 1e6));
                     if args.json {
                         let record = serde_json::json!({
                             "backend": "cuda",
+                            "api": api,
                             "device": backend.device().name(),
                             "kernel": m.kernel,
                             "dtype": "bf16",
@@ -567,9 +581,10 @@ fn run_cuda(args: &Args) -> Result<()> {
                         println!("{record}");
                     } else {
                         println!(
-                            "{:<12} {:<11} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9.1} {:>9.1} {:>7.0} {:>5.0}% {:>7.1} {:>5.0}%",
+                            "{:<12} {:<11} {:<6} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9.1} {:>9.1} {:>7.0} {:>5.0}% {:>7.1} {:>5.0}%",
                             model,
                             m.kernel_kind,
+                            api,
                             plan.heads,
                             g,
                             context,

@@ -1,0 +1,1230 @@
+//! The engine API on the GPU (`tpla::engine_device`), driven the way a serving engine
+//! drives it: a device pool whose pages a block allocator hands out shuffled, sequences
+//! added and freed between steps (freed pages reused), mixed lengths (an empty padding
+//! entry, 1, 63, 64, 65 and 4096 tokens), device appends at a slot mapping, and a CUDA
+//! graph of plan + append + decode of several layers replayed with new tokens. Results
+//! are checked against the f64 reference, bit for bit against the owned-cache device path
+//! on the same rows, and the device appends against the CPU's `append_paged`.
+//!
+//! Every test skips, saying why, on a machine without a usable GPU (CI has none).
+
+#![cfg(feature = "cuda")]
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tpla::attention::cuda::{CudaBackend, DecodeKernel, DeviceBuffer, DeviceCacheConfig};
+use tpla::attention::reference::{latent_attention, Reference};
+use tpla::attention::{LatentShape, RowSource};
+use tpla::decode::{RankContext, RankLayer};
+use tpla::engine::{Faults, PagedCacheMut, PagedLayout, RmsMode};
+use tpla::engine_device::{DeviceAppend, DeviceEngine, DevicePagedCache, DeviceStep};
+use tpla::transform::{SecondMoment, SliceLayout, Transform};
+use tpla::{DType, ErrorKind, ModelDims, Result, ShardPlan};
+
+const HEADS: usize = 64;
+const D_C: usize = 512;
+const D_R: usize = 64;
+const GROUPS: usize = 4;
+const W: usize = D_C / GROUPS;
+const RW: usize = W + D_R;
+const PAGE: usize = 64;
+const LAYERS: usize = 3;
+
+/// A new seed every run (printed, so a failure can be replayed).
+fn fresh_seed() -> u64 {
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("seed {seed}");
+    seed
+}
+
+/// Opens GPU 0, or says why not and returns None.
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("skipping: no usable CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn dims() -> ModelDims {
+    ModelDims::new(HEADS, D_C, D_R, 64, 64, 1.0 / 128f64.sqrt()).unwrap()
+}
+
+/// A rank context of three layers: Hadamard, PCA and identity transforms, random
+/// absorbed weights (decode on the device reads only mu from them).
+fn context(rng: &mut ChaCha8Rng) -> RankContext {
+    let d = dims();
+    let plan = ShardPlan::new(&d, GROUPS, 1).unwrap();
+    let mut ctx = RankContext::new(d, plan, LAYERS, Box::new(Reference)).unwrap();
+    let mut moment = SecondMoment::new(D_C);
+    for _ in 0..2 * D_C {
+        let x: Vec<f64> = (0..D_C)
+            .map(|i| rng.sample::<f64, _>(StandardNormal) * (1.0 + (i % 7) as f64))
+            .collect();
+        moment.add(&x).unwrap();
+    }
+    let transforms = [
+        Transform::hadamard(D_C, 5).unwrap(),
+        Transform::pca(&moment, SliceLayout::Interleaved, GROUPS).unwrap(),
+        Transform::identity(D_C).unwrap(),
+    ];
+    for (l, t) in transforms.into_iter().enumerate() {
+        let mut n = |k: usize| (0..k).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let layer = RankLayer::from_f32(
+            n(HEADS * W * d.d_n),
+            n(HEADS * W * d.d_v),
+            1.0 + 0.1 * l as f64,
+            t,
+            0.3,
+        )
+        .unwrap();
+        ctx.install(l, layer).unwrap();
+    }
+    ctx
+}
+
+fn layout(pages: usize) -> PagedLayout {
+    PagedLayout {
+        dtype: DType::Bf16,
+        row_width: RW,
+        page_size: PAGE,
+        page_stride: PAGE * RW * 2,
+        pages,
+    }
+}
+
+fn bf16_to_f64(bits: u16) -> f64 {
+    f32::from_bits((bits as u32) << 16) as f64
+}
+
+/// The engine's device pool of one layer and its host mirror (bf16 bits).
+struct Pool {
+    pages: usize,
+    host: Vec<u16>,
+    dev: DeviceBuffer<u16>,
+}
+
+impl Pool {
+    fn new(backend: &CudaBackend, pages: usize) -> Self {
+        let mut dev = DeviceBuffer::new(backend.device(), pages * PAGE * RW).unwrap();
+        dev.fill_bytes(0).unwrap();
+        Pool {
+            pages,
+            host: vec![0; pages * PAGE * RW],
+            dev,
+        }
+    }
+    fn cache(&self) -> DevicePagedCache {
+        DevicePagedCache {
+            base: self.dev.ptr(),
+            layout: layout(self.pages),
+        }
+    }
+    fn row_mut(&mut self, slot: usize) -> &mut [u16] {
+        &mut self.host[slot * RW..(slot + 1) * RW]
+    }
+    fn upload(&mut self) {
+        self.dev.upload(&self.host).unwrap();
+    }
+    /// The f64 rows of a sequence in token order.
+    fn rows(&self, pages: &[i32], len: usize) -> Vec<f64> {
+        (0..len)
+            .flat_map(|t| {
+                let slot = pages[t / PAGE] as usize * PAGE + t % PAGE;
+                self.host[slot * RW..(slot + 1) * RW]
+                    .iter()
+                    .map(|&b| bf16_to_f64(b))
+            })
+            .collect()
+    }
+}
+
+/// A sequence the engine serves.
+#[derive(Clone)]
+struct Live {
+    pages: Vec<i32>,
+    len: usize,
+}
+
+/// Block allocator over shuffled pages.
+struct Allocator {
+    free: Vec<i32>,
+    used: Vec<i32>,
+}
+
+impl Allocator {
+    fn new(pages: usize, rng: &mut ChaCha8Rng) -> Self {
+        let mut free: Vec<i32> = (0..pages as i32).collect();
+        free.shuffle(rng);
+        Allocator {
+            free,
+            used: Vec::new(),
+        }
+    }
+    fn grow(&mut self, s: &mut Live, len: usize) {
+        while s.pages.len() * PAGE < len {
+            let p = self.free.pop().expect("the pool is large enough");
+            self.used.push(p);
+            s.pages.push(p);
+        }
+    }
+    fn release(&mut self, s: Live, rng: &mut ChaCha8Rng) {
+        let mut pages = s.pages;
+        pages.shuffle(rng);
+        self.free.extend(pages);
+    }
+}
+
+fn random_row(rng: &mut ChaCha8Rng) -> Vec<u16> {
+    (0..RW)
+        .map(|_| half::bf16::from_f64(rng.sample::<f64, _>(StandardNormal)).to_bits())
+        .collect()
+}
+
+fn random_f32(n: usize, sigma: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..n)
+        .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
+        .collect()
+}
+
+/// Block table `[batch][width]` (unused entries -1) and lengths of `seqs`.
+fn table(seqs: &[Live], width: usize) -> (Vec<i32>, Vec<i32>) {
+    let mut t = vec![-1; seqs.len() * width];
+    for (b, s) in seqs.iter().enumerate() {
+        t[b * width..b * width + s.pages.len()].copy_from_slice(&s.pages);
+    }
+    (t, seqs.iter().map(|s| s.len as i32).collect())
+}
+
+/// f64 reference outputs and log-sum-exps of `seqs` (empty ones: zeros, -inf), heads
+/// chunked over threads.
+fn reference(pool: &Pool, seqs: &[Live], q: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let shape = LatentShape {
+        heads: 8,
+        slice_width: W,
+        d_r: D_R,
+    };
+    let mut out = vec![0.0; seqs.len() * HEADS * W];
+    let mut lse = vec![f64::NEG_INFINITY; seqs.len() * HEADS];
+    std::thread::scope(|s| {
+        for (b, (o, l)) in out
+            .chunks_mut(HEADS * W)
+            .zip(lse.chunks_mut(HEADS))
+            .enumerate()
+        {
+            if seqs[b].len == 0 {
+                continue;
+            }
+            let rows = pool.rows(&seqs[b].pages, seqs[b].len);
+            let rows = std::sync::Arc::new(rows);
+            for (c, (oc, lc)) in o.chunks_mut(8 * W).zip(l.chunks_mut(8)).enumerate() {
+                let rows = rows.clone();
+                let qs: Vec<f64> = q[(b * HEADS + c * 8) * RW..(b * HEADS + c * 8 + 8) * RW]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                s.spawn(move || {
+                    let (ro, rl) = latent_attention(&rows, &qs, shape);
+                    oc.copy_from_slice(&ro);
+                    lc.copy_from_slice(&rl);
+                });
+            }
+        }
+    });
+    (out, lse)
+}
+
+/// Checks device outputs of `seqs` against the reference: relative L2 per entry below
+/// 1e-2 (NaN never passes), lse within 2e-2, empty entries exactly zero and -inf.
+fn check_against_reference(pool: &Pool, seqs: &[Live], q: &[f32], out: &[f32], lse: &[f32]) {
+    let (r_out, r_lse) = reference(pool, seqs, q);
+    for (b, s) in seqs.iter().enumerate() {
+        let o = &out[b * HEADS * W..(b + 1) * HEADS * W];
+        let l = &lse[b * HEADS..(b + 1) * HEADS];
+        if s.len == 0 {
+            assert!(o.iter().all(|&v| v == 0.0), "entry {b} (empty) is not zero");
+            assert!(l.iter().all(|&v| v == f32::NEG_INFINITY), "entry {b} lse");
+            continue;
+        }
+        let ro = &r_out[b * HEADS * W..(b + 1) * HEADS * W];
+        let (mut num, mut den) = (0.0, 0.0);
+        for (x, r) in o.iter().zip(ro) {
+            num += (*x as f64 - r).powi(2);
+            den += r * r;
+        }
+        let e = (num / den).sqrt();
+        assert!(e < 1e-2, "entry {b} (length {}): rel L2 {e}", s.len);
+        for (x, r) in l.iter().zip(&r_lse[b * HEADS..(b + 1) * HEADS]) {
+            let err = (*x as f64 - r).abs() / r.abs().max(1.0);
+            assert!(err < 2e-2, "entry {b}: lse {x} vs {r}");
+        }
+    }
+}
+
+/// Device buffers of one decode step.
+struct StepBuffers {
+    table: DeviceBuffer<i32>,
+    lens: DeviceBuffer<i32>,
+    q: DeviceBuffer<f32>,
+    out: DeviceBuffer<f32>,
+    lse: DeviceBuffer<f32>,
+    workspace: DeviceBuffer<u8>,
+    faults: DeviceBuffer<u32>,
+    width: usize,
+    batch: usize,
+}
+
+impl StepBuffers {
+    fn new(engine: &DeviceEngine, seqs: &[Live], width: usize, q: &[f32]) -> Self {
+        let dev = engine.backend().device();
+        let (t, l) = table(seqs, width);
+        let b = seqs.len();
+        let mut faults = DeviceBuffer::new(dev, 1).unwrap();
+        faults.fill_bytes(0).unwrap();
+        StepBuffers {
+            table: DeviceBuffer::from_host(dev, &t).unwrap(),
+            lens: DeviceBuffer::from_host(dev, &l).unwrap(),
+            q: DeviceBuffer::from_host(dev, q).unwrap(),
+            out: DeviceBuffer::new(dev, b * HEADS * W).unwrap(),
+            lse: DeviceBuffer::new(dev, b * HEADS).unwrap(),
+            workspace: DeviceBuffer::new(dev, engine.workspace_bytes(b, width).unwrap()).unwrap(),
+            faults,
+            width,
+            batch: b,
+        }
+    }
+    fn step(&self, pool: &Pool) -> DeviceStep {
+        DeviceStep {
+            cache: pool.cache(),
+            block_table: self.table.ptr(),
+            batch: self.batch,
+            block_table_width: self.width,
+            seq_lens: self.lens.ptr(),
+            workspace: self.workspace.ptr(),
+            workspace_bytes: self.workspace.len(),
+            faults: self.faults.ptr(),
+        }
+    }
+    /// Plans and decodes `layer` on the backend's stream, outputs poisoned with NaN
+    /// first; returns the outputs and the fault word.
+    fn run(
+        &mut self,
+        engine: &DeviceEngine,
+        layer: usize,
+        pool: &Pool,
+    ) -> (Vec<f32>, Vec<f32>, u32) {
+        self.out.fill_bytes(0xff).unwrap();
+        self.lse.fill_bytes(0xff).unwrap();
+        let stream = engine.backend().stream();
+        unsafe {
+            engine
+                .plan_step(
+                    self.lens.ptr(),
+                    self.batch,
+                    self.width,
+                    self.workspace.ptr(),
+                    self.workspace.len(),
+                    stream,
+                )
+                .unwrap();
+            engine
+                .decode(
+                    layer,
+                    &self.step(pool),
+                    self.q.ptr(),
+                    self.out.ptr(),
+                    self.lse.ptr(),
+                    stream,
+                )
+                .unwrap();
+        }
+        engine.backend().device().synchronize().unwrap();
+        (
+            self.out.to_vec().unwrap(),
+            self.lse.to_vec().unwrap(),
+            self.faults.to_vec().unwrap()[0],
+        )
+    }
+}
+
+/// The rows of `seqs`, for an owned device cache (page size 64, one slot per entry).
+struct Gathered {
+    seqs: Vec<(Vec<u8>, usize)>,
+}
+
+impl Gathered {
+    fn new(pool: &Pool, seqs: &[Live]) -> Self {
+        let seqs = seqs
+            .iter()
+            .map(|s| {
+                let mut bytes = vec![0u8; s.len.div_ceil(PAGE).max(1) * PAGE * RW * 2];
+                for t in 0..s.len {
+                    let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                    for (c, &v) in pool.host[slot * RW..(slot + 1) * RW].iter().enumerate() {
+                        bytes[(t * RW + c) * 2..(t * RW + c) * 2 + 2]
+                            .copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                (bytes, s.len)
+            })
+            .collect();
+        Gathered { seqs }
+    }
+}
+
+impl RowSource for Gathered {
+    fn dtype(&self) -> DType {
+        DType::Bf16
+    }
+    fn row_width(&self) -> usize {
+        RW
+    }
+    fn page_size(&self) -> usize {
+        PAGE
+    }
+    fn seq_len(&self, seq: u32) -> Result<usize> {
+        Ok(self.seqs[seq as usize].1)
+    }
+    fn page(&self, seq: u32, page: usize) -> &[u8] {
+        let b = PAGE * RW * 2;
+        &self.seqs[seq as usize].0[page * b..(page + 1) * b]
+    }
+}
+
+/// The owned-cache device path on the same rows, with the engine's split count.
+fn owned_path(
+    backend: &CudaBackend,
+    engine: &DeviceEngine,
+    pool: &Pool,
+    seqs: &[Live],
+    width: usize,
+    q: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let dev = backend.device();
+    let b = seqs.len();
+    let pages: usize = seqs.iter().map(|s| s.len.div_ceil(PAGE)).sum();
+    let mut cache = backend
+        .new_cache(DeviceCacheConfig {
+            slice_width: W,
+            pages: pages.max(1),
+            slots: b,
+            max_pages_per_slot: width,
+        })
+        .unwrap();
+    let rows = Gathered::new(pool, seqs);
+    for slot in 0..b {
+        cache.upload(slot, &rows, slot as u32).unwrap();
+    }
+    let plan = backend
+        .plan_with_splits(engine.shape(), b, engine.splits(b, width).unwrap())
+        .unwrap();
+    let slots: Vec<i32> = (0..b as i32).collect();
+    let slots_dev = DeviceBuffer::from_host(dev, &slots).unwrap();
+    let q_dev = DeviceBuffer::from_host(dev, q).unwrap();
+    let mut out = DeviceBuffer::<f32>::new(dev, b * HEADS * W).unwrap();
+    let mut lse = DeviceBuffer::<f32>::new(dev, b * HEADS).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    lse.fill_bytes(0xff).unwrap();
+    unsafe {
+        plan.launch(
+            &cache,
+            slots_dev.ptr(),
+            q_dev.ptr(),
+            out.ptr(),
+            lse.ptr(),
+            backend.stream(),
+        )
+        .unwrap()
+    };
+    dev.synchronize().unwrap();
+    (out.to_vec().unwrap(), lse.to_vec().unwrap())
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Decode on a churning engine pool, with both decode kernels: sequences of 0 (padding),
+/// 1, 63, 64, 65 and 4096 tokens on shuffled pages; between steps one sequence leaves, a
+/// new one arrives on reused pages and every sequence grows by a token. Each step: close
+/// to the f64 reference, empty entries zero, no faults, and bit-equal to the owned-cache
+/// device path over the same rows.
+#[test]
+fn engine_pool_decode_matches_the_reference_and_the_owned_path() {
+    let seed = fresh_seed();
+    for kernel in [None, Some(DecodeKernel::MmaSync)] {
+        let Some(mut backend) = gpu() else { return };
+        backend.set_decode_kernel(kernel);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let ctx = context(&mut rng);
+        let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+        println!("{kernel:?}: {:?}", engine);
+        let backend2 = {
+            let mut b = CudaBackend::new(0).unwrap();
+            b.set_decode_kernel(kernel);
+            b
+        };
+        let pages = 200;
+        let width = 66;
+        let mut pool = Pool::new(engine.backend(), pages);
+        let mut alloc = Allocator::new(pages, &mut rng);
+        let mut seqs: Vec<Live> = Vec::new();
+        for len in [0usize, 1, 63, 64, 65, 4096] {
+            let mut s = Live {
+                pages: Vec::new(),
+                len,
+            };
+            alloc.grow(&mut s, len);
+            for t in 0..len {
+                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+            }
+            seqs.push(s);
+        }
+        for step in 0..3 {
+            pool.upload();
+            let q = random_f32(seqs.len() * HEADS * RW, 0.08, &mut rng);
+            let mut bufs = StepBuffers::new(&engine, &seqs, width, &q);
+            let layer = step % LAYERS;
+            let (out, lse, faults) = bufs.run(&engine, layer, &pool);
+            assert_eq!(faults, 0, "step {step}: faults {faults:#x}");
+            check_against_reference(&pool, &seqs, &q, &out, &lse);
+            let (o_out, o_lse) = owned_path(&backend2, &engine, &pool, &seqs, width, &q);
+            for (b, s) in seqs.iter().enumerate() {
+                if s.len == 0 {
+                    continue;
+                }
+                assert!(
+                    bits_equal(
+                        &out[b * HEADS * W..(b + 1) * HEADS * W],
+                        &o_out[b * HEADS * W..(b + 1) * HEADS * W]
+                    ) && bits_equal(
+                        &lse[b * HEADS..(b + 1) * HEADS],
+                        &o_lse[b * HEADS..(b + 1) * HEADS]
+                    ),
+                    "step {step} entry {b}: engine and owned paths differ"
+                );
+            }
+            // churn: the 63-token sequence (or its successor) leaves, a new one arrives on
+            // reused pages, every non-empty sequence grows by one token
+            let gone = seqs.remove(2);
+            alloc.release(gone, &mut rng);
+            let mut fresh = Live {
+                pages: Vec::new(),
+                len: 130 + step,
+            };
+            let len = fresh.len;
+            alloc.grow(&mut fresh, len);
+            for t in 0..fresh.len {
+                let slot = fresh.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+            }
+            seqs.push(fresh);
+            for s in seqs.iter_mut().filter(|s| s.len > 0) {
+                alloc.grow(s, s.len + 1);
+                let slot = s.pages[s.len / PAGE] as usize * PAGE + s.len % PAGE;
+                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+                s.len += 1;
+            }
+        }
+        let distinct: std::collections::HashSet<_> = alloc.used.iter().collect();
+        assert!(distinct.len() < alloc.used.len(), "freed pages were reused");
+    }
+}
+
+/// The CPU's `append_paged` into a host pool (whole pages): the expected bytes.
+fn cpu_append(
+    ctx: &RankContext,
+    layer: usize,
+    host: &mut [u16],
+    slots: &[i32],
+    latents: &[f32],
+    k_rope: &[f32],
+    mode: RmsMode,
+) -> Faults {
+    let pages = host.len() / (PAGE * RW);
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(host);
+    let mut cache = PagedCacheMut::new(layout(pages), bytes).unwrap();
+    ctx.append_paged(layer, &mut cache, slots, latents, k_rope, mode)
+        .unwrap()
+}
+
+/// Compares device rows with the CPU's: equal, or (from the order of the RMS sums) one
+/// bf16 unit apart in a few values. Returns the count of differing values.
+fn compare_rows(dev: &[u16], cpu: &[u16], what: &str) -> usize {
+    let mut differ = 0;
+    for (i, (&d, &c)) in dev.iter().zip(cpu).enumerate() {
+        if d != c {
+            differ += 1;
+            assert!(
+                (d as i32 - c as i32).abs() == 1 && (d ^ c) & 0x8000 == 0,
+                "{what}: value {i} is {d:#06x} on the device, {c:#06x} on the CPU"
+            );
+        }
+    }
+    assert!(
+        differ * 1000 <= dev.len().max(1000),
+        "{what}: {differ} of {} values differ",
+        dev.len()
+    );
+    differ
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+fn bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
+}
+
+/// Device appends (every transform kind, both RMS modes, f32 and bf16 inputs) write the
+/// rows the CPU's `append_paged` writes, at the same slots; padding slots are skipped, a
+/// slot past the pool is skipped and flagged, and so is a token with a non-finite input.
+#[test]
+fn device_appends_equal_the_cpu_appends() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let stream = engine.backend().stream();
+    let pages = 8;
+    let n = 40;
+    let mut all_slots: Vec<i32> = (0..(pages * PAGE) as i32).collect();
+    all_slots.shuffle(&mut rng);
+    let mut slots: Vec<i32> = all_slots[..n].to_vec();
+    slots[3] = -1; // padding
+    slots[7] = (pages * PAGE + 5) as i32; // past the pool
+    let mut total_differ = 0;
+    for layer in 0..LAYERS {
+        for mode in [RmsMode::Exact, RmsMode::Sliced] {
+            for input in [DType::F32, DType::Bf16] {
+                let scale = rng.random_range(0.01..100.0);
+                let mut latents = random_f32(n * D_C, scale, &mut rng);
+                let mut k_rope = random_f32(n * D_R, 1.0, &mut rng);
+                if input == DType::Bf16 {
+                    latents = bf16_round(&latents);
+                    k_rope = bf16_round(&k_rope);
+                }
+                let mut cpu = vec![0u16; pages * PAGE * RW];
+                let cpu_faults = cpu_append(&ctx, layer, &mut cpu, &slots, &latents, &k_rope, mode);
+                assert_eq!(cpu_faults, Faults::BAD_SLOT);
+                let mut pool = Pool::new(engine.backend(), pages);
+                let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
+                let (lat_dev, kr_dev) = match input {
+                    DType::F32 => (
+                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&latents)),
+                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&k_rope)),
+                    ),
+                    _ => (
+                        DeviceBuffer::<u8>::from_host(
+                            &dev,
+                            bytemuck::cast_slice(&bf16_bits(&latents)),
+                        ),
+                        DeviceBuffer::<u8>::from_host(
+                            &dev,
+                            bytemuck::cast_slice(&bf16_bits(&k_rope)),
+                        ),
+                    ),
+                };
+                let (lat_dev, kr_dev) = (lat_dev.unwrap(), kr_dev.unwrap());
+                let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+                faults.fill_bytes(0).unwrap();
+                let a = DeviceAppend {
+                    slots: slots_dev.ptr(),
+                    count: n,
+                    latents: lat_dev.ptr(),
+                    k_rope: kr_dev.ptr(),
+                    input,
+                    mode,
+                    faults: faults.ptr(),
+                };
+                unsafe { engine.append(layer, &pool.cache(), &a, stream).unwrap() };
+                dev.synchronize().unwrap();
+                assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_SLOT.bits());
+                pool.host = pool.dev.to_vec().unwrap();
+                let what = format!("layer {layer} {mode:?} {input:?}");
+                total_differ += compare_rows(&pool.host, &cpu, &what);
+            }
+        }
+    }
+    println!("device vs CPU appends: {total_differ} values one bf16 unit apart");
+
+    // a token with a NaN latent, another with an infinite key: neither is written
+    let mut latents = random_f32(3 * D_C, 1.0, &mut rng);
+    let mut k_rope = random_f32(3 * D_R, 1.0, &mut rng);
+    latents[D_C + 17] = f32::NAN;
+    k_rope[2 * D_R + 1] = f32::INFINITY;
+    let slots = [0i32, 1, 2];
+    let pool = Pool::new(engine.backend(), 1);
+    let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
+    let lat_dev = DeviceBuffer::from_host(&dev, &latents).unwrap();
+    let kr_dev = DeviceBuffer::from_host(&dev, &k_rope).unwrap();
+    let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+    faults.fill_bytes(0).unwrap();
+    let a = DeviceAppend {
+        slots: slots_dev.ptr(),
+        count: 3,
+        latents: lat_dev.ptr(),
+        k_rope: kr_dev.ptr(),
+        input: DType::F32,
+        mode: RmsMode::Exact,
+        faults: faults.ptr(),
+    };
+    unsafe { engine.append(0, &pool.cache(), &a, stream).unwrap() };
+    dev.synchronize().unwrap();
+    assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_VALUE.bits());
+    let rows = pool.dev.to_vec().unwrap();
+    assert!(rows[..RW].iter().any(|&v| v != 0), "token 0 was written");
+    assert!(
+        rows[RW..3 * RW].iter().all(|&v| v == 0),
+        "bad tokens were written"
+    );
+}
+
+/// What an engine has in hand: q_nope and q_rope in, partial head outputs out. The
+/// device absorbs q_nope through W'_UK, decodes, and projects through W'_UV; the result
+/// matches the CPU context's `decode_paged` (f64 reference backend) with `Queries::Nope`
+/// and `Outputs::Heads` over the same pool.
+#[test]
+fn absorbed_queries_and_projected_heads_match_the_cpu_context() {
+    use tpla::decode::{Outputs, Queries};
+    use tpla::engine::{BlockTable, PagedCache, PagedStep};
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let mut ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let stream = engine.backend().stream();
+    let d = dims();
+    let (pages, width) = (12, 5);
+    let mut pool = Pool::new(engine.backend(), pages);
+    let mut alloc = Allocator::new(pages, &mut rng);
+    let seqs: Vec<Live> = [200usize, 1, 77]
+        .iter()
+        .map(|&len| {
+            let mut s = Live {
+                pages: Vec::new(),
+                len,
+            };
+            alloc.grow(&mut s, len);
+            for t in 0..len {
+                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+            }
+            s
+        })
+        .collect();
+    pool.upload();
+    let b = seqs.len();
+    let q_nope = random_f32(b * HEADS * d.d_n, 1.0, &mut rng);
+    let q_rope = random_f32(b * HEADS * D_R, 1.0, &mut rng);
+    for layer in 0..LAYERS {
+        // the device: absorb, decode, project
+        let mut bufs = StepBuffers::new(&engine, &seqs, width, &vec![0.0; b * HEADS * RW]);
+        let qn_dev = DeviceBuffer::from_host(&dev, &q_nope).unwrap();
+        let qr_dev = DeviceBuffer::from_host(&dev, &q_rope).unwrap();
+        let mut heads_dev = DeviceBuffer::<f32>::new(&dev, b * HEADS * d.d_v).unwrap();
+        heads_dev.fill_bytes(0xff).unwrap();
+        unsafe {
+            engine
+                .absorb_queries(layer, b, qn_dev.ptr(), qr_dev.ptr(), bufs.q.ptr(), stream)
+                .unwrap()
+        };
+        let (_, _, faults) = bufs.run(&engine, layer, &pool);
+        assert_eq!(faults, 0);
+        unsafe {
+            engine
+                .project(layer, b, bufs.out.ptr(), heads_dev.ptr(), stream)
+                .unwrap()
+        };
+        dev.synchronize().unwrap();
+        let got = heads_dev.to_vec().unwrap();
+        // the CPU context on the host mirror
+        let (t, lens) = table(&seqs, width);
+        let mut plan = vec![0; ctx.decode_plan_len(b)];
+        ctx.decode_plan(&lens, &mut plan).unwrap();
+        let bytes: &[u8] = bytemuck::cast_slice(&pool.host);
+        let step = PagedStep {
+            cache: PagedCache::new(layout(pages), bytes).unwrap(),
+            block_table: BlockTable::new(&t, b, width).unwrap(),
+            seq_lens: &lens,
+            plan: &plan,
+            softmax_scale: None,
+            mu: None,
+        };
+        let mut want = vec![f32::NAN; b * HEADS * d.d_v];
+        let q = Queries::Nope {
+            q_nope: &q_nope,
+            q_rope: &q_rope,
+        };
+        let f = ctx
+            .decode_paged(layer, &step, q, Outputs::Heads(&mut want))
+            .unwrap();
+        assert!(f.is_empty());
+        for e in 0..b {
+            let n = HEADS * d.d_v;
+            let (g, w) = (&got[e * n..(e + 1) * n], &want[e * n..(e + 1) * n]);
+            let num: f64 = g.iter().zip(w).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let den: f64 = w.iter().map(|&y| (y as f64).powi(2)).sum();
+            let err = (num / den).sqrt();
+            println!("layer {layer} entry {e}: heads rel L2 {err:.2e}");
+            assert!(err < 1e-2, "layer {layer} entry {e}: rel L2 {err}");
+        }
+    }
+}
+
+/// The hand-off of a prefill's rows into the engine's pages, device to device: rows land
+/// byte for byte at their destination slots (a packed source, shuffled destinations);
+/// padding is skipped, slots past either pool are flagged and copy nothing.
+#[test]
+fn prefill_rows_are_copied_into_engine_pages_on_the_device() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let (src_pages, dst_pages, n) = (3, 7, 150);
+    let mut src = Pool::new(engine.backend(), src_pages);
+    for slot in 0..n {
+        src.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+    }
+    src.upload();
+    let dst = Pool::new(engine.backend(), dst_pages);
+    let mut dst_slots: Vec<i32> = (0..(dst_pages * PAGE) as i32).collect();
+    dst_slots.shuffle(&mut rng);
+    dst_slots.truncate(n);
+    let mut src_slots: Vec<i32> = (0..n as i32).collect();
+    dst_slots[5] = -1; // padding: skipped
+    dst_slots[9] = (dst_pages * PAGE) as i32; // past the destination: flagged
+    src_slots[11] = (src_pages * PAGE + 1) as i32; // past the source: flagged
+    src_slots[12] = -3; // negative source: flagged
+    let dst_dev = DeviceBuffer::from_host(&dev, &dst_slots).unwrap();
+    let src_dev = DeviceBuffer::from_host(&dev, &src_slots).unwrap();
+    let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+    faults.fill_bytes(0).unwrap();
+    unsafe {
+        engine
+            .copy_rows(
+                &dst.cache(),
+                dst_dev.ptr(),
+                &src.cache(),
+                src_dev.ptr(),
+                n,
+                faults.ptr(),
+                engine.backend().stream(),
+            )
+            .unwrap()
+    };
+    dev.synchronize().unwrap();
+    assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_SLOT.bits());
+    let got = dst.dev.to_vec().unwrap();
+    let mut want = vec![0u16; dst_pages * PAGE * RW];
+    for (i, (&d, &s)) in dst_slots.iter().zip(&src_slots).enumerate() {
+        if [5, 9, 11, 12].contains(&i) {
+            continue;
+        }
+        let (d, s) = (d as usize, s as usize);
+        want[d * RW..(d + 1) * RW].copy_from_slice(&src.host[s * RW..(s + 1) * RW]);
+    }
+    assert!(got == want, "the copied rows differ");
+}
+
+/// An engine's decode loop in a CUDA graph: plan, then per layer append one token per
+/// sequence and decode, captured once and replayed with new tokens (new latents, slots
+/// and lengths written into the same device buffers between replays). The pools equal
+/// the CPU's appends of the same tokens, and every replay's outputs are close to the f64
+/// reference over those rows.
+#[test]
+fn plan_append_and_decode_of_several_layers_replay_from_a_cuda_graph() {
+    use cudarc::driver::{result, sys};
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let stream = engine.backend().stream();
+    let (pages, width, steps) = (32, 8, 3);
+    let mut alloc = Allocator::new(pages, &mut rng);
+    let start_lens = [100usize, 64, 1, 300];
+    let b = start_lens.len();
+    let mut seqs: Vec<Live> = start_lens
+        .iter()
+        .map(|&len| {
+            let mut s = Live {
+                pages: Vec::new(),
+                len,
+            };
+            // pages for the steps to come are in the table before capture
+            alloc.grow(&mut s, len + steps);
+            s
+        })
+        .collect();
+    let mut pools: Vec<Pool> = (0..LAYERS)
+        .map(|_| Pool::new(engine.backend(), pages))
+        .collect();
+    // prefill: written by the CPU path, uploaded
+    for (l, pool) in pools.iter_mut().enumerate() {
+        for s in &seqs {
+            let slots: Vec<i32> = (0..s.len)
+                .map(|t| s.pages[t / PAGE] * PAGE as i32 + (t % PAGE) as i32)
+                .collect();
+            let lat = random_f32(s.len * D_C, 3.0, &mut rng);
+            let kr = random_f32(s.len * D_R, 1.0, &mut rng);
+            let f = cpu_append(&ctx, l, &mut pool.host, &slots, &lat, &kr, RmsMode::Exact);
+            assert!(f.is_empty());
+        }
+        pool.upload();
+    }
+    let (t, _) = table(&seqs, width);
+    let table_dev = DeviceBuffer::from_host(&dev, &t).unwrap();
+    let mut lens_dev = DeviceBuffer::<i32>::new(&dev, b).unwrap();
+    let mut slots_dev = DeviceBuffer::<i32>::new(&dev, b).unwrap();
+    let mut lat_dev = DeviceBuffer::<f32>::new(&dev, LAYERS * b * D_C).unwrap();
+    let mut kr_dev = DeviceBuffer::<f32>::new(&dev, LAYERS * b * D_R).unwrap();
+    let mut q_dev = DeviceBuffer::<f32>::new(&dev, LAYERS * b * HEADS * RW).unwrap();
+    let mut outs: Vec<DeviceBuffer<f32>> = (0..LAYERS)
+        .map(|_| DeviceBuffer::new(&dev, b * HEADS * W).unwrap())
+        .collect();
+    let mut lses: Vec<DeviceBuffer<f32>> = (0..LAYERS)
+        .map(|_| DeviceBuffer::new(&dev, b * HEADS).unwrap())
+        .collect();
+    let ws = DeviceBuffer::<u8>::new(&dev, engine.workspace_bytes(b, width).unwrap()).unwrap();
+    let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+    faults.fill_bytes(0).unwrap();
+    let exec = unsafe {
+        result::stream::begin_capture(
+            stream,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .unwrap();
+        engine
+            .plan_step(lens_dev.ptr(), b, width, ws.ptr(), ws.len(), stream)
+            .unwrap();
+        for l in 0..LAYERS {
+            let a = DeviceAppend {
+                slots: slots_dev.ptr(),
+                count: b,
+                latents: lat_dev.ptr() + (l * b * D_C * 4) as u64,
+                k_rope: kr_dev.ptr() + (l * b * D_R * 4) as u64,
+                input: DType::F32,
+                mode: RmsMode::Exact,
+                faults: faults.ptr(),
+            };
+            engine.append(l, &pools[l].cache(), &a, stream).unwrap();
+            let step = DeviceStep {
+                cache: pools[l].cache(),
+                block_table: table_dev.ptr(),
+                batch: b,
+                block_table_width: width,
+                seq_lens: lens_dev.ptr(),
+                workspace: ws.ptr(),
+                workspace_bytes: ws.len(),
+                faults: faults.ptr(),
+            };
+            engine
+                .decode(
+                    l,
+                    &step,
+                    q_dev.ptr() + (l * b * HEADS * RW * 4) as u64,
+                    outs[l].ptr(),
+                    lses[l].ptr(),
+                    stream,
+                )
+                .unwrap();
+        }
+        let graph = result::stream::end_capture(stream).unwrap();
+        let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)).unwrap();
+        result::graph::destroy(graph).unwrap();
+        exec
+    };
+    for step in 0..steps {
+        dev.synchronize().unwrap();
+        // the new token of every sequence at its next slot
+        let slots: Vec<i32> = seqs
+            .iter()
+            .map(|s| s.pages[s.len / PAGE] * PAGE as i32 + (s.len % PAGE) as i32)
+            .collect();
+        for s in &mut seqs {
+            s.len += 1;
+        }
+        let lat = random_f32(LAYERS * b * D_C, 3.0, &mut rng);
+        let kr = random_f32(LAYERS * b * D_R, 1.0, &mut rng);
+        let q = random_f32(LAYERS * b * HEADS * RW, 0.08, &mut rng);
+        slots_dev.upload(&slots).unwrap();
+        lens_dev
+            .upload(&seqs.iter().map(|s| s.len as i32).collect::<Vec<_>>())
+            .unwrap();
+        lat_dev.upload(&lat).unwrap();
+        kr_dev.upload(&kr).unwrap();
+        q_dev.upload(&q).unwrap();
+        for l in 0..LAYERS {
+            outs[l].fill_bytes(0xff).unwrap();
+            lses[l].fill_bytes(0xff).unwrap();
+            let f = cpu_append(
+                &ctx,
+                l,
+                &mut pools[l].host,
+                &slots,
+                &lat[l * b * D_C..(l + 1) * b * D_C],
+                &kr[l * b * D_R..(l + 1) * b * D_R],
+                RmsMode::Exact,
+            );
+            assert!(f.is_empty());
+        }
+        unsafe { result::graph::launch(exec, stream).unwrap() };
+        dev.synchronize().unwrap();
+        assert_eq!(faults.to_vec().unwrap()[0], 0, "step {step}: faults");
+        for l in 0..LAYERS {
+            let rows = pools[l].dev.to_vec().unwrap();
+            compare_rows(&rows, &pools[l].host, &format!("step {step} layer {l}"));
+            // the reference reads the device's rows (equal but for a rare unit)
+            pools[l].host = rows;
+            let q_l = &q[l * b * HEADS * RW..(l + 1) * b * HEADS * RW];
+            check_against_reference(
+                &pools[l],
+                &seqs,
+                q_l,
+                &outs[l].to_vec().unwrap(),
+                &lses[l].to_vec().unwrap(),
+            );
+        }
+    }
+    unsafe { result::graph::exec_destroy(exec).unwrap() };
+}
+
+/// Everything checkable at the call is refused there with the right kind; on the device,
+/// a block table entry outside the pool, a negative one, and a length beyond the table's
+/// width make only their entries NaN (and set TPLA_FAULT_BAD_PAGE), the other entries
+/// bit-equal to a clean run; a workspace planned for another batch makes every entry NaN
+/// and sets TPLA_FAULT_BAD_PLAN.
+#[test]
+fn bad_inputs_are_refused_at_the_call_or_flagged_on_the_device() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let stream = engine.backend().stream();
+    let (pages, width) = (40, 6);
+    let mut pool = Pool::new(engine.backend(), pages);
+    let mut alloc = Allocator::new(pages, &mut rng);
+    let seqs: Vec<Live> = [70usize, 200, 5, 130, 64]
+        .iter()
+        .map(|&len| {
+            let mut s = Live {
+                pages: Vec::new(),
+                len,
+            };
+            alloc.grow(&mut s, len);
+            for t in 0..len {
+                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
+            }
+            s
+        })
+        .collect();
+    pool.upload();
+    let b = seqs.len();
+    let q = random_f32(b * HEADS * RW, 0.08, &mut rng);
+    let mut bufs = StepBuffers::new(&engine, &seqs, width, &q);
+    let (good_out, good_lse, f) = bufs.run(&engine, 0, &pool);
+    assert_eq!(f, 0);
+    check_against_reference(&pool, &seqs, &q, &good_out, &good_lse);
+
+    // ---- refused at the call ----
+    let kind = |r: Result<()>| r.unwrap_err().kind();
+    let decode_with = |step: DeviceStep, q: u64| unsafe {
+        engine.decode(0, &step, q, bufs.out.ptr(), bufs.lse.ptr(), stream)
+    };
+    let good = bufs.step(&pool);
+    let mut s = good;
+    s.cache.base = 0;
+    assert_eq!(
+        kind(decode_with(s, bufs.q.ptr())),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(kind(decode_with(good, 0)), ErrorKind::InvalidArgument);
+    assert_eq!(
+        kind(decode_with(good, bufs.q.ptr() + 4)),
+        ErrorKind::InvalidArgument
+    );
+    let mut s = good;
+    s.cache.layout.page_stride += 8; // not a multiple of 16
+    assert_eq!(
+        kind(decode_with(s, bufs.q.ptr())),
+        ErrorKind::InvalidArgument
+    );
+    let mut s = good;
+    s.cache.layout.page_stride += 64; // valid, but the kernels read packed pages only
+    s.cache.layout.pages -= 1;
+    assert_eq!(kind(decode_with(s, bufs.q.ptr())), ErrorKind::Unsupported);
+    let mut s = good;
+    s.cache.layout.page_size = 32;
+    assert_eq!(kind(decode_with(s, bufs.q.ptr())), ErrorKind::Unsupported);
+    let mut s = good;
+    s.cache.layout.dtype = DType::F32;
+    s.cache.layout.page_stride *= 2;
+    s.cache.layout.pages /= 2;
+    assert_eq!(kind(decode_with(s, bufs.q.ptr())), ErrorKind::Unsupported);
+    let mut s = good;
+    s.cache.layout.row_width = W + 2 * D_R;
+    s.cache.layout.page_stride = PAGE * s.cache.layout.row_width * 2;
+    assert_eq!(kind(decode_with(s, bufs.q.ptr())), ErrorKind::Mismatch);
+    let mut s = good;
+    s.workspace_bytes -= 16;
+    assert_eq!(
+        kind(decode_with(s, bufs.q.ptr())),
+        ErrorKind::InvalidArgument
+    );
+    let mut s = good;
+    s.workspace += 8;
+    assert_eq!(
+        kind(decode_with(s, bufs.q.ptr())),
+        ErrorKind::InvalidArgument
+    );
+    let mut s = good;
+    s.batch = 0;
+    assert_eq!(
+        kind(decode_with(s, bufs.q.ptr())),
+        ErrorKind::InvalidArgument
+    );
+    let mut s = good;
+    s.block_table = 0;
+    assert_eq!(
+        kind(decode_with(s, bufs.q.ptr())),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        unsafe {
+            engine.decode(
+                LAYERS,
+                &good,
+                bufs.q.ptr(),
+                bufs.out.ptr(),
+                bufs.lse.ptr(),
+                stream,
+            )
+        }
+        .unwrap_err()
+        .kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        engine.workspace_bytes(0, width).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        engine.workspace_bytes(b, 0).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+
+    // ---- flagged on the device ----
+    let (mut t, mut lens) = table(&seqs, width);
+    t[width] = pages as i32 + 3; // entry 1: first page outside the pool
+    t[3 * width + 1] = -7; // entry 3: second page negative
+    lens[2] = (width * PAGE + 1) as i32; // entry 2: more pages than the table's width
+    bufs.table.upload(&t).unwrap();
+    bufs.lens.upload(&lens).unwrap();
+    bufs.faults.fill_bytes(0).unwrap();
+    let (out, lse, f) = bufs.run(&engine, 0, &pool);
+    assert_eq!(f, Faults::BAD_PAGE.bits());
+    for e in 0..b {
+        let (o, l) = (
+            &out[e * HEADS * W..(e + 1) * HEADS * W],
+            &lse[e * HEADS..(e + 1) * HEADS],
+        );
+        if [1, 2, 3].contains(&e) {
+            assert!(
+                o.iter().chain(l).all(|v| v.is_nan()),
+                "entry {e} is not NaN"
+            );
+        }
+    }
+    // The other entries are still right (their tiles may be cut differently now that the
+    // faulted entries' are gone from the batch's schedule, so not bit-equal to the clean
+    // run), and nothing was written to the pool.
+    let keep = [0usize, 4];
+    let sub: Vec<Live> = keep.iter().map(|&e| seqs[e].clone()).collect();
+    let pick = |v: &[f32], n: usize| -> Vec<f32> {
+        keep.iter()
+            .flat_map(|&e| v[e * n..(e + 1) * n].to_vec())
+            .collect()
+    };
+    check_against_reference(
+        &pool,
+        &sub,
+        &pick(&q, HEADS * RW),
+        &pick(&out, HEADS * W),
+        &pick(&lse, HEADS),
+    );
+    assert!(pool.dev.to_vec().unwrap() == pool.host, "the pool changed");
+
+    // a workspace planned for another batch: nothing is trusted
+    let (t, lens) = table(&seqs, width);
+    bufs.table.upload(&t).unwrap();
+    bufs.lens.upload(&lens).unwrap();
+    bufs.faults.fill_bytes(0).unwrap();
+    bufs.out.fill_bytes(0xff).unwrap();
+    unsafe {
+        engine
+            .plan_step(
+                bufs.lens.ptr(),
+                b - 1,
+                width,
+                bufs.workspace.ptr(),
+                bufs.workspace.len(),
+                stream,
+            )
+            .unwrap();
+        engine
+            .decode(
+                0,
+                &bufs.step(&pool),
+                bufs.q.ptr(),
+                bufs.out.ptr(),
+                bufs.lse.ptr(),
+                stream,
+            )
+            .unwrap();
+    }
+    engine.backend().device().synchronize().unwrap();
+    assert_eq!(bufs.faults.to_vec().unwrap()[0], Faults::BAD_PLAN.bits());
+    assert!(bufs.out.to_vec().unwrap().iter().all(|v| v.is_nan()));
+    assert!(bufs.lse.to_vec().unwrap().iter().all(|v| v.is_nan()));
+}
+
+/// The C entry points refuse NULL handles and arguments before touching the GPU.
+#[test]
+fn c_entry_points_refuse_null_arguments() {
+    use tpla::ffi::engine_device::*;
+    use tpla::ffi::tpla_status;
+    unsafe {
+        assert_eq!(
+            tpla_device_engine_create(std::ptr::null(), 0, std::ptr::null_mut()),
+            tpla_status::NullArgument
+        );
+        assert_eq!(
+            tpla_device_engine_decode(std::ptr::null(), std::ptr::null()),
+            tpla_status::NullArgument
+        );
+        let mut bytes = 0usize;
+        assert_eq!(
+            tpla_device_engine_workspace_size(std::ptr::null(), 1, 1, &mut bytes),
+            tpla_status::NullArgument
+        );
+        tpla_device_engine_destroy(std::ptr::null_mut());
+    }
+}
