@@ -205,6 +205,15 @@ enum tpla_dtype
   TPLA_DTYPE_BF16 = 1,
   TPLA_DTYPE_F16 = 2,
   TPLA_DTYPE_F32 = 3,
+  /**
+   * FP8 latent slice (caches and shard files; not engine memory or outputs). A row of
+   * latent width w = d_c/g and RoPE width d_r is `w + 4*ceil(w/128) + 2*d_r` bytes:
+   * w e4m3 codes (bias 7, no infinities, 0x7f/0xff NaN), then one little-endian f32
+   * scale per block of 128 latent values (the last block may be shorter; value =
+   * code * scale, scale = block max magnitude / 448), then the RoPE key as d_r
+   * little-endian bf16 (DeepSeek-V3 at g=2: 392 bytes per token instead of 640).
+   */
+  TPLA_DTYPE_FP8_E4M3 = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -1884,8 +1893,8 @@ tpla_status tpla_hybrid_owner_rank(struct tpla_dims dims,
 
 /**
  * Writes to `*bytes` the cached bytes per token of context on a rank of `plan` with
- * elements of `dtype` (a `tpla_dtype`): `(d_c / groups + d_r) * sizeof(dtype) / shards`,
- * averaged over a long sequence.
+ * elements of `dtype` (a `tpla_dtype`): `(d_c / groups + d_r) * sizeof(dtype) / shards`
+ * (TPLA_DTYPE_FP8_E4M3: the FP8 row of `tpla_dtype`), averaged over a long sequence.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (dims, plan, dtype) or
  * TPLA_STATUS_OUT_OF_RANGE (rank). Thread-safe.

@@ -523,7 +523,7 @@ fn randomly_mutated_images_are_refused_or_fully_readable() {
                 for layer in 0..h.spec().layers() {
                     let view = cache.layer(layer).unwrap();
                     for (&id, e) in ids.iter().zip(h.sequences()) {
-                        let rows = gather_rows(&view, id).unwrap();
+                        let rows = gather_rows(&view, id, h.spec().slice_width()).unwrap();
                         assert_eq!(rows.len(), e.len * h.spec().row_width());
                     }
                 }

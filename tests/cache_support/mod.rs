@@ -51,7 +51,12 @@ pub fn rounded(dtype: DType, values: &[f64]) -> Vec<f64> {
 
 /// Every row of `seq` in `layer`, decoded to f64.
 pub fn rows_of(cache: &RankCache, layer: usize, seq: u32) -> Vec<f64> {
-    gather_rows(&cache.layer(layer).unwrap(), seq).unwrap()
+    gather_rows(
+        &cache.layer(layer).unwrap(),
+        seq,
+        cache.spec().slice_width(),
+    )
+    .unwrap()
 }
 
 /// A synthetic prefill cache: per layer, per sequence, full-width rotated normalised

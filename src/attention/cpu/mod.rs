@@ -398,7 +398,7 @@ impl LatentAttention for CpuBackend {
         try_capacity(&mut work.lens, batch, "sequence lengths")?;
         try_capacity(&mut work.items, items, "work items")?;
         try_capacity(&mut work.spans, blocks, "work spans")?;
-        for dtype in [DType::Bf16, DType::F16, DType::F32] {
+        for dtype in [DType::Bf16, DType::F16, DType::F32, DType::Fp8E4m3] {
             let (path, geo, _) = self.layout(shape, dtype);
             let work = &mut self.work;
             if path == Path::Bf16Dot {
@@ -414,7 +414,10 @@ impl LatentAttention for CpuBackend {
                 items.saturating_mul(part_len),
                 "partials",
             )?;
-            grow(&mut work.zero_row, shape.row_width() * dtype.size());
+            grow(
+                &mut work.zero_row,
+                dtype.row_bytes(shape.slice_width, shape.d_r),
+            );
             for t in &work.tiles {
                 t.lock().expect("tile scratch lock").reserve(&geo);
             }
@@ -564,7 +567,10 @@ impl CpuBackend {
         let q_block = pack_queries(work, path, &geo, shape, groups, q);
         let part_len = geo.heads * geo.wp + 2 * geo.hp;
         grow(&mut work.partials, work.items.len() * part_len);
-        grow(&mut work.zero_row, shape.row_width() * cache.dtype().size());
+        grow(
+            &mut work.zero_row,
+            cache.dtype().row_bytes(shape.slice_width, shape.d_r),
+        );
         for t in &work.tiles {
             t.lock().expect("tile scratch lock").reserve(&geo);
         }
@@ -744,7 +750,7 @@ impl ItemJob<'_> {
         l.fill(0.0);
         let mut acc = Accum { o, m, l };
         let blk = item.batch * self.groups + item.group;
-        let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
+        let row_bytes = geo.dtype.row_bytes(geo.w, geo.d_r);
         let zero = self.zero_row.as_ptr();
         let mut page: (usize, &[u8]) = (usize::MAX, &[]);
         // the next tile's rows are gathered now and prefetched while this one computes
@@ -804,7 +810,7 @@ impl ItemJob<'_> {
             self.lens[item.batch],
             self.cache.page_size(),
         );
-        let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
+        let row_bytes = geo.dtype.row_bytes(geo.w, geo.d_r);
         let valid = TILE_ROWS.min(item.end - t0);
         for (i, r) in rows[..valid].iter_mut().enumerate() {
             let t = t0 + i;
