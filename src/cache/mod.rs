@@ -173,6 +173,20 @@ impl ShardSpec {
         self.page_stride
     }
 
+    /// The same cache with another element type.
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        let plan =
+            ShardPlan::new(&self.dims, self.groups, self.group).expect("checked at creation");
+        Self::new(
+            self.dims,
+            &plan,
+            dtype,
+            self.page_size,
+            self.transforms.clone(),
+        )
+        .expect("every element type fits a valid spec")
+    }
+
     /// The same cache for another latent group.
     pub fn for_group(&self, group: usize) -> Result<Self> {
         let plan = ShardPlan::new(&self.dims, self.groups, group)?;

@@ -166,3 +166,19 @@ impl Prefill {
 }
 
 pub mod reseal;
+
+/// What the cache must give back for rows `[..][w + d_r]` (`w` latent values each):
+/// each row rounded to the element type, FP8 latent slices per scale block.
+pub fn rounded_rows(dtype: DType, values: &[f64], w: usize, row_width: usize) -> Vec<f64> {
+    let rb = dtype.row_bytes(w, row_width - w);
+    let mut bytes = vec![0u8; rb];
+    let mut out = vec![0.0; values.len()];
+    for (row, o) in values
+        .chunks_exact(row_width)
+        .zip(out.chunks_exact_mut(row_width))
+    {
+        dtype.encode_row(row, w, &mut bytes);
+        dtype.decode_row(&bytes, w, o);
+    }
+    out
+}
