@@ -311,8 +311,15 @@ pub fn run(args: Args) -> Result<()> {
             if round >= 2 {
                 ceil.read_bytes_per_s.push(bandwidth);
             }
+            // one peak per kernel path: element types that run the same kernel share it
+            let mut peaks: Vec<(KernelChoice, f64)> = Vec::new();
             for (di, &dtype) in dtypes.iter().enumerate() {
-                let peak = backend.peak_flops(dtype, Duration::from_millis(20));
+                let kernel = backend.kernel_for(dtype);
+                let peak = match peaks.iter().find(|p| p.0 == kernel) {
+                    Some(p) => p.1,
+                    None => backend.peak_flops(dtype, Duration::from_millis(20)),
+                };
+                peaks.push((kernel, peak));
                 if round >= 2 {
                     ceil.peak_flops[di].push(peak);
                 }
