@@ -39,7 +39,7 @@ use tile::{grow, Accum, TileGeo, TileRows, TileScratch, ROW_STEP, TILE_ROWS};
 pub enum KernelChoice {
     /// The fastest kernel this CPU supports.
     Auto,
-    /// `vdpbf16ps` for bf16 caches (AVX-512F kernel for f16 and f32 caches).
+    /// `vdpbf16ps` for bf16 and FP8 caches (AVX-512F kernel for f16 and f32 caches).
     Avx512Bf16,
     Avx512F,
     Avx2Fma,
@@ -111,7 +111,7 @@ impl KernelChoice {
     /// The kernel that runs a cache of `dtype` under this choice.
     fn path(self, dtype: DType) -> Path {
         match (self, dtype) {
-            (KernelChoice::Avx512Bf16, DType::Bf16) => Path::Bf16Dot,
+            (KernelChoice::Avx512Bf16, DType::Bf16 | DType::Fp8E4m3) => Path::Bf16Dot,
             (KernelChoice::Avx512Bf16 | KernelChoice::Avx512F, _) => Path::Avx512,
             (KernelChoice::Avx2Fma, _) => Path::Avx2,
             _ => Path::Portable,
@@ -780,7 +780,11 @@ impl ItemJob<'_> {
                     #[cfg(target_arch = "x86_64")]
                     Path::Bf16Dot => {
                         let qp = &self.query_bf16[blk * self.q_block..][..self.q_block];
-                        bf16dot::tile_bf16(&geo, qp, &tile, scr, &mut acc)
+                        if geo.dtype == DType::Fp8E4m3 {
+                            bf16dot::tile_fp8(&geo, qp, &tile, scr, &mut acc)
+                        } else {
+                            bf16dot::tile_bf16(&geo, qp, &tile, scr, &mut acc)
+                        }
                     }
                     #[cfg(target_arch = "x86_64")]
                     Path::Avx512 => tile::tile_avx512(&geo, self.query(blk), &tile, scr, &mut acc),

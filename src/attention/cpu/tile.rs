@@ -57,6 +57,8 @@ pub(super) struct TileScratch {
     pub vp: Vec<u32>,
     /// Per-head rescaling of the accumulators for this tile `[hp]`.
     pub corr: Vec<f32>,
+    /// FP8 rows rounded to bf16 for the bf16 kernel, `[TILE_ROWS][w + d_r]`.
+    pub fp8_as_bf16: Vec<u16>,
 }
 
 impl TileScratch {
@@ -67,6 +69,9 @@ impl TileScratch {
         grow(&mut self.pp, TILE_ROWS / 2 * geo.hp);
         grow(&mut self.vp, TILE_ROWS / 2 * geo.wp);
         grow(&mut self.corr, geo.hp);
+        if geo.dtype == DType::Fp8E4m3 {
+            grow(&mut self.fp8_as_bf16, TILE_ROWS * (geo.w + geo.d_r));
+        }
     }
 }
 
