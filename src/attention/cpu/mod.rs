@@ -12,7 +12,8 @@
 //! AVX2+FMA (a register-blocked tile of its own, `avx2.rs`), and a portable one. The
 //! AVX-512 BF16 choice handles f16 and f32 caches with the AVX-512F kernel: `vdpbf16ps`
 //! needs bf16 operands, and rounding an f32 cache to bf16 would lose the precision it
-//! was stored with.
+//! was stored with. FP8 caches (e4m3 with f32 block scales) are decoded in registers:
+//! to the f32 panel by the f32 kernels, to bf16 rows per tile by the `vdpbf16ps` one.
 //!
 //! Non-finite cached values are not searched for (that would cost a second read of the
 //! cache): a NaN in a row makes that row's scores NaN for every head, which propagates to
