@@ -303,9 +303,10 @@ pub(super) unsafe fn tile_fp8(
     // moved out for the call, so that `tile_bf16` may borrow the rest of the scratch
     let mut buf = std::mem::take(&mut scr.fp8_as_bf16);
     debug_assert!(buf.len() >= tile.rows.len() * rw);
-    let mut f32_row = [0.0f32; 16];
     let mut rows = [std::ptr::null::<u8>(); TILE_ROWS];
     let rope_at = DType::Fp8E4m3.rope_offset(w);
+    let (mag_mask, sign_mask) = (_mm256_set1_epi16(0x7f), _mm256_set1_epi16(0x80));
+    let nan_exp = _mm256_set1_epi16(0x7c00);
     for (t, &row) in tile.rows.iter().enumerate() {
         let dst = buf.as_mut_ptr().add(t * rw);
         let scales = row.add(w);
@@ -313,12 +314,19 @@ pub(super) unsafe fn tile_fp8(
             let scale = f32::from_le_bytes(scales.add(4 * blk).cast::<[u8; 4]>().read_unaligned());
             let start = blk * FP8_BLOCK;
             let end = (start + FP8_BLOCK).min(w);
+            // as `Simd::decode_fp8` (e4m3 in f16 bits is the value times 2^-8), kept in
+            // registers through the rounding to bf16
+            let sv = _mm512_set1_ps(scale * 256.0);
             let mut j = start;
             while j + 16 <= end {
-                Avx512::decode_fp8(row.add(j), f32_row.as_mut_ptr(), 16, scale);
-                let h: __m256i =
-                    std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(f32_row.as_ptr())));
-                _mm256_storeu_si256(dst.add(j).cast(), h);
+                let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(j).cast()));
+                let mag = _mm256_and_si256(b, mag_mask);
+                let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(b, sign_mask));
+                let nan = _mm256_and_si256(_mm256_cmpeq_epi16(mag, mag_mask), nan_exp);
+                let h = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi16::<7>(mag), sign), nan);
+                let v = _mm512_mul_ps(_mm512_cvtph_ps(h), sv);
+                let out: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(dst.add(j).cast(), out);
                 j += 16;
             }
             for k in j..end {
