@@ -1,8 +1,10 @@
 //! Zero-copy views of the caller's arrays: NumPy arrays and anything else with the buffer
 //! protocol, DLPack producers (torch tensors, JAX, CuPy), and objects exposing
-//! `__array_interface__`. A [`Tensor`] keeps what it borrowed alive (the `Py_buffer`,
-//! the DLPack capsule's tensor, or the object) until it is dropped, and checks dtype,
-//! device, shape and strides before a slice of it is handed to libtpla.
+//! `__array_interface__`; on the GPU ([`Tensor::cuda`]), DLPack producers with CUDA
+//! memory (torch CUDA tensors) and objects exposing `__cuda_array_interface__` (CuPy,
+//! Numba). A [`Tensor`] keeps what it borrowed alive (the `Py_buffer`, the DLPack
+//! capsule's tensor, or the object) until it is dropped, and checks dtype, device, shape
+//! and strides before a slice of it (or its device address) is handed to libtpla.
 
 use crate::errors::invalid;
 use pyo3::exceptions::PyNotImplementedError;
@@ -47,7 +49,16 @@ enum Keep {
     Object(#[allow(dead_code)] Py<PyAny>),
 }
 
-/// A strided view of caller memory on the host.
+/// Where a [`Tensor`] must live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub enum Place {
+    Host,
+    Cuda,
+}
+
+/// A strided view of caller memory on the host, or (made by [`Tensor::cuda`]) in CUDA
+/// device memory.
 pub struct Tensor {
     pub name: &'static str,
     pub ptr: *mut u8,
@@ -57,6 +68,9 @@ pub struct Tensor {
     /// In bytes.
     pub strides: Vec<isize>,
     pub readonly: bool,
+    /// The CUDA device ordinal a DLPack producer gave (None: host memory, or a
+    /// `__cuda_array_interface__` object, which names no device).
+    pub device: Option<usize>,
     keep: Keep,
 }
 
@@ -115,6 +129,7 @@ struct DLManagedTensor {
 }
 
 const DL_CPU: i64 = 1;
+const DL_CUDA: i64 = 2;
 const DL_CUDA_HOST: i64 = 3;
 const DL_CPU_PINNED: i64 = 13;
 
@@ -130,12 +145,29 @@ fn device_name(kind: i64) -> &'static str {
 }
 
 fn gpu_error(name: &str, kind: i64) -> PyErr {
-    let msg = format!(
-        "{name} is a {} tensor: this build of the tpla Python package decodes on the \
-         CPU only (pass host memory: NumPy arrays or CPU torch tensors)",
-        device_name(kind)
-    );
+    let msg = if kind == DL_CUDA && cfg!(feature = "cuda") {
+        format!(
+            "{name} is a CUDA tensor, and this call runs on the CPU (a RankContext and its \
+             DecodePlan): CUDA tensors go through a tpla.DeviceEngine (engine = \
+             tpla.DeviceEngine(context); plan = tpla.decode_plan(cache_seqlens, engine, \
+             block_table_width=...))"
+        )
+    } else {
+        format!(
+            "{name} is a {} tensor: this build of the tpla Python package decodes on the \
+             CPU only (pass host memory: NumPy arrays or CPU torch tensors)",
+            device_name(kind)
+        )
+    };
     crate::errors::unsupported_err(&msg).unwrap_or_else(|_| PyNotImplementedError::new_err(msg))
+}
+
+/// Host memory handed to a call that reads CUDA memory.
+fn host_error(name: &str) -> PyErr {
+    invalid(format!(
+        "{name} is in host memory (a NumPy array or a CPU tensor): the device engine reads \
+         CUDA tensors on its GPU (move it there, e.g. tensor.cuda())"
+    ))
 }
 
 fn buffer_elem(format: &[u8], itemsize: usize) -> Elem {
@@ -196,6 +228,31 @@ const USED: &CStr = c"used_dltensor";
 const DLTENSOR: &CStr = c"dltensor";
 
 impl Tensor {
+    /// A view of CUDA memory: a DLPack producer whose device is CUDA (torch CUDA
+    /// tensors), or an object with `__cuda_array_interface__`. Host memory is refused.
+    /// `ptr` is then a device address; the caller checks its device and extent.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn cuda(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+        let py = obj.py();
+        if obj.hasattr(pyo3::intern!(py, "__dlpack__"))? {
+            return Self::from_dlpack(name, obj, Place::Cuda);
+        }
+        if let Ok(iface) = obj.getattr(pyo3::intern!(py, "__cuda_array_interface__")) {
+            return Self::from_cuda_array_interface(name, obj, &iface);
+        }
+        // SAFETY: obj is a live object and we hold the GIL.
+        if unsafe { ffi::PyObject_CheckBuffer(obj.as_ptr()) } == 1
+            || obj.hasattr(pyo3::intern!(py, "__array_interface__"))?
+        {
+            return Err(host_error(name));
+        }
+        Err(invalid(format!(
+            "{name} must be a CUDA tensor (a torch CUDA tensor, or anything with DLPack or \
+             __cuda_array_interface__), got {}",
+            obj.get_type().name()?
+        )))
+    }
+
     /// A view of `obj` (named `name` in error messages).
     pub fn new(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
         // SAFETY: obj is a live object and we hold the GIL.
@@ -204,7 +261,7 @@ impl Tensor {
         }
         let py = obj.py();
         if obj.hasattr(pyo3::intern!(py, "__dlpack__"))? {
-            return Self::from_dlpack(name, obj);
+            return Self::from_dlpack(name, obj, Place::Host);
         }
         if let Ok(iface) = obj.getattr(pyo3::intern!(py, "__array_interface__")) {
             return Self::from_array_interface(name, obj, &iface);
@@ -258,16 +315,32 @@ impl Tensor {
             shape,
             strides,
             readonly: view.readonly != 0,
+            device: None,
             keep: Keep::Buffer(view),
         })
     }
 
-    fn from_dlpack(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    fn from_dlpack(name: &'static str, obj: &Bound<'_, PyAny>, place: Place) -> PyResult<Tensor> {
         let py = obj.py();
+        // refused before `__dlpack__()` (which may copy or synchronise): the wrong device
+        let refuse = |kind: i64| -> Option<PyErr> {
+            let host = matches!(kind, DL_CPU | DL_CUDA_HOST | DL_CPU_PINNED);
+            match place {
+                Place::Host if !host => Some(gpu_error(name, kind)),
+                Place::Cuda if host => Some(host_error(name)),
+                Place::Cuda if kind != DL_CUDA => {
+                    Some(crate::errors::to_py(tpla::Error::unsupported(format!(
+                        "{name} is a {} tensor: the device engine reads CUDA memory",
+                        device_name(kind)
+                    ))))
+                }
+                _ => None,
+            }
+        };
         if let Ok(dev) = obj.call_method0(pyo3::intern!(py, "__dlpack_device__")) {
             let (kind, _id): (i64, i64) = dev.extract()?;
-            if !matches!(kind, DL_CPU | DL_CUDA_HOST | DL_CPU_PINNED) {
-                return Err(gpu_error(name, kind));
+            if let Some(e) = refuse(kind) {
+                return Err(e);
             }
         }
         let cap = obj.call_method0(pyo3::intern!(py, "__dlpack__"))?;
@@ -298,11 +371,15 @@ impl Tensor {
             shape: Vec::new(),
             strides: Vec::new(),
             readonly: false,
+            device: None,
             keep: Keep::DLPack(m),
         };
         let kind = t.device.device_type as i64;
-        if !matches!(kind, DL_CPU | DL_CUDA_HOST | DL_CPU_PINNED) {
-            return Err(gpu_error(name, kind));
+        if let Some(e) = refuse(kind) {
+            return Err(e);
+        }
+        if kind == DL_CUDA {
+            tensor.device = Some(t.device.device_id.max(0) as usize);
         }
         let ndim = t.ndim.max(0) as usize;
         if ndim > 0 {
@@ -365,8 +442,27 @@ impl Tensor {
             shape,
             strides,
             readonly,
+            device: None,
             keep: Keep::Object(obj.clone().unbind()),
         })
+    }
+
+    /// `__cuda_array_interface__` (version 2 or 3): shape, typestr, data, strides. Its
+    /// `stream` entry is not waited on: the calls run on the caller's stream.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn from_cuda_array_interface(
+        name: &'static str,
+        obj: &Bound<'_, PyAny>,
+        iface: &Bound<'_, PyAny>,
+    ) -> PyResult<Tensor> {
+        let mut t = Self::from_array_interface(name, obj, iface)?;
+        if t.ptr.is_null() && t.numel() > 0 {
+            return Err(invalid(format!(
+                "{name}.__cuda_array_interface__ gives a NULL data pointer"
+            )));
+        }
+        t.device = None;
+        Ok(t)
     }
 
     /// Elements.
