@@ -138,17 +138,32 @@ mod imp {
         }
     }
 
-    static TORCH: GILOnceCell<(PyObject, PyObject, PyObject)> = GILOnceCell::new();
+    /// What the binding calls in torch, looked up once.
+    struct Torch {
+        /// `torch._C._cuda_getCurrentRawStream(device)` (the `cudaStream_t` as an int, what
+        /// torch's own generated code calls), or else `torch.cuda.current_stream`.
+        raw_stream: Option<PyObject>,
+        current_stream: PyObject,
+        empty: PyObject,
+        module: PyObject,
+    }
 
-    /// torch.cuda.current_stream, torch.empty and torch.uint8/float32 lookups, made once.
-    fn torch(py: Python<'_>) -> PyResult<&(PyObject, PyObject, PyObject)> {
+    static TORCH: GILOnceCell<Torch> = GILOnceCell::new();
+
+    fn torch(py: Python<'_>) -> PyResult<&Torch> {
         TORCH.get_or_try_init(py, || -> PyResult<_> {
             let torch = py.import("torch")?;
-            Ok((
-                torch.getattr("cuda")?.getattr("current_stream")?.unbind(),
-                torch.getattr("empty")?.unbind(),
-                torch.unbind().into_any(),
-            ))
+            let raw_stream = torch
+                .getattr("_C")
+                .and_then(|c| c.getattr("_cuda_getCurrentRawStream"))
+                .ok()
+                .map(|f| f.unbind());
+            Ok(Torch {
+                raw_stream,
+                current_stream: torch.getattr("cuda")?.getattr("current_stream")?.unbind(),
+                empty: torch.getattr("empty")?.unbind(),
+                module: torch.unbind().into_any(),
+            })
         })
     }
 
@@ -170,9 +185,16 @@ mod imp {
         if !torch_loaded(py)? {
             return Ok(std::ptr::null_mut());
         }
-        let (current, _, _) = torch(py)?;
-        let s = current.bind(py).call1((ordinal,))?;
-        let handle: u64 = s.getattr(pyo3::intern!(py, "cuda_stream"))?.extract()?;
+        let t = torch(py)?;
+        let handle: u64 = match &t.raw_stream {
+            Some(raw) => raw.bind(py).call1((ordinal,))?.extract()?,
+            None => t
+                .current_stream
+                .bind(py)
+                .call1((ordinal,))?
+                .getattr(pyo3::intern!(py, "cuda_stream"))?
+                .extract()?,
+        };
         Ok(handle as usize as CUstream)
     }
 
@@ -191,11 +213,11 @@ mod imp {
                  of shape {shape:?}, {dtype})"
             )));
         }
-        let (_, empty, torch) = torch(py)?;
+        let t = torch(py)?;
         let kw = PyDict::new(py);
-        kw.set_item("dtype", torch.bind(py).getattr(dtype)?)?;
+        kw.set_item("dtype", t.module.bind(py).getattr(dtype)?)?;
         kw.set_item("device", like.getattr(pyo3::intern!(py, "device"))?)?;
-        empty.bind(py).call((shape.to_vec(),), Some(&kw))
+        t.empty.bind(py).call((shape.to_vec(),), Some(&kw))
     }
 
     /// `[batch, 1, heads, last]` or `[batch, heads, last]`, as the queries are.
@@ -251,7 +273,7 @@ mod imp {
 
         /// A CUDA tensor of this engine's GPU whose allocation spans the view.
         fn dev(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-            let t = Tensor::cuda(name, obj)?;
+            let t = Tensor::cuda(name, obj, self.ordinal)?;
             if let Some(d) = t.device {
                 if d != self.ordinal {
                     return Err(mismatch(format!(

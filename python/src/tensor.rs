@@ -10,7 +10,8 @@ use crate::errors::invalid;
 use pyo3::exceptions::PyNotImplementedError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyCapsule, PyDict, PyTuple};
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyCapsule, PyDict, PyTuple, PyType};
 use std::ffi::{c_void, CStr};
 use std::os::raw::{c_char, c_int};
 
@@ -54,7 +55,8 @@ enum Keep {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub enum Place {
     Host,
-    Cuda,
+    /// CUDA memory of this device ordinal.
+    Cuda(usize),
 }
 
 /// A strided view of caller memory on the host, or (made by [`Tensor::cuda`]) in CUDA
@@ -162,6 +164,54 @@ fn gpu_error(name: &str, kind: i64) -> PyErr {
     crate::errors::unsupported_err(&msg).unwrap_or_else(|_| PyNotImplementedError::new_err(msg))
 }
 
+/// A CUDA tensor of device `id` where device `ordinal`'s memory is expected.
+fn check_ordinal(name: &str, id: i64, ordinal: usize) -> PyResult<()> {
+    if id != ordinal as i64 {
+        return Err(crate::errors::to_py(tpla::Error::mismatch(format!(
+            "{name} is on cuda:{id}, the engine on cuda:{ordinal}"
+        ))));
+    }
+    Ok(())
+}
+
+/// What the torch fast path compares against (looked up once torch is imported; the
+/// binding never imports torch itself).
+pub struct TorchTypes {
+    tensor: Py<PyType>,
+    strided: PyObject,
+    dtypes: Vec<(PyObject, Elem)>,
+}
+
+static TORCH_TYPES: GILOnceCell<TorchTypes> = GILOnceCell::new();
+
+fn torch_types(py: Python<'_>) -> PyResult<Option<&'static TorchTypes>> {
+    if let Some(t) = TORCH_TYPES.get(py) {
+        return Ok(Some(t));
+    }
+    let modules = py.import("sys")?.getattr("modules")?;
+    let Some(torch) = modules.downcast::<PyDict>()?.get_item("torch")? else {
+        return Ok(None);
+    };
+    let mut dtypes = Vec::new();
+    for (n, e) in [
+        ("float32", Elem::F32),
+        ("float64", Elem::F64),
+        ("float16", Elem::F16),
+        ("bfloat16", Elem::Bf16),
+        ("int32", Elem::I32),
+        ("int64", Elem::I64),
+    ] {
+        dtypes.push((torch.getattr(n)?.unbind(), e));
+    }
+    let t = TorchTypes {
+        tensor: torch.getattr("Tensor")?.downcast_into::<PyType>()?.unbind(),
+        strided: torch.getattr("strided")?.unbind(),
+        dtypes,
+    };
+    let _ = TORCH_TYPES.set(py, t);
+    Ok(TORCH_TYPES.get(py))
+}
+
 /// Host memory handed to a call that reads CUDA memory.
 fn host_error(name: &str) -> PyErr {
     invalid(format!(
@@ -228,14 +278,25 @@ const USED: &CStr = c"used_dltensor";
 const DLTENSOR: &CStr = c"dltensor";
 
 impl Tensor {
-    /// A view of CUDA memory: a DLPack producer whose device is CUDA (torch CUDA
-    /// tensors), or an object with `__cuda_array_interface__`. Host memory is refused.
-    /// `ptr` is then a device address; the caller checks its device and extent.
+    /// A view of CUDA memory: a torch CUDA tensor, a DLPack producer whose device is
+    /// CUDA, or an object with `__cuda_array_interface__`. Host memory is refused. `ptr`
+    /// is then a device address; the caller checks its allocation's extent.
+    ///
+    /// A torch tensor is read through its own accessors (`data_ptr()`, `stride()`, ...),
+    /// not DLPack: torch's `__dlpack__` makes the default stream wait on the current one
+    /// (an event per tensor, and an error while a graph is being captured) and refuses
+    /// tensors of a device other than the current one. Memory of a device other than
+    /// `ordinal` is a `MismatchError`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub fn cuda(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    pub fn cuda(name: &'static str, obj: &Bound<'_, PyAny>, ordinal: usize) -> PyResult<Tensor> {
         let py = obj.py();
+        if let Some(tt) = torch_types(py)? {
+            if obj.is_instance(tt.tensor.bind(py))? {
+                return Self::from_torch(name, obj, tt, ordinal);
+            }
+        }
         if obj.hasattr(pyo3::intern!(py, "__dlpack__"))? {
-            return Self::from_dlpack(name, obj, Place::Cuda);
+            return Self::from_dlpack(name, obj, Place::Cuda(ordinal));
         }
         if let Ok(iface) = obj.getattr(pyo3::intern!(py, "__cuda_array_interface__")) {
             return Self::from_cuda_array_interface(name, obj, &iface);
@@ -327,8 +388,8 @@ impl Tensor {
             let host = matches!(kind, DL_CPU | DL_CUDA_HOST | DL_CPU_PINNED);
             match place {
                 Place::Host if !host => Some(gpu_error(name, kind)),
-                Place::Cuda if host => Some(host_error(name)),
-                Place::Cuda if kind != DL_CUDA => {
+                Place::Cuda(_) if host => Some(host_error(name)),
+                Place::Cuda(_) if kind != DL_CUDA => {
                     Some(crate::errors::to_py(tpla::Error::unsupported(format!(
                         "{name} is a {} tensor: the device engine reads CUDA memory",
                         device_name(kind)
@@ -338,12 +399,30 @@ impl Tensor {
             }
         };
         if let Ok(dev) = obj.call_method0(pyo3::intern!(py, "__dlpack_device__")) {
-            let (kind, _id): (i64, i64) = dev.extract()?;
+            let (kind, id): (i64, i64) = dev.extract()?;
             if let Some(e) = refuse(kind) {
                 return Err(e);
             }
+            if let Place::Cuda(ordinal) = place {
+                check_ordinal(name, id, ordinal)?;
+            }
         }
-        let cap = obj.call_method0(pyo3::intern!(py, "__dlpack__"))?;
+        let cap = match place {
+            Place::Host => obj.call_method0(pyo3::intern!(py, "__dlpack__"))?,
+            // stream -1: no synchronisation by the producer (the calls run on the
+            // caller's stream); producers without the argument are asked without it
+            Place::Cuda(_) => {
+                let kw = PyDict::new(py);
+                kw.set_item("stream", -1)?;
+                match obj.call_method(pyo3::intern!(py, "__dlpack__"), (), Some(&kw)) {
+                    Ok(c) => c,
+                    Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
+                        obj.call_method0(pyo3::intern!(py, "__dlpack__"))?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         let cap = cap.downcast::<PyCapsule>().map_err(|_| {
             invalid(format!(
                 "{name}.__dlpack__() did not return a DLPack capsule"
@@ -380,6 +459,9 @@ impl Tensor {
         }
         if kind == DL_CUDA {
             tensor.device = Some(t.device.device_id.max(0) as usize);
+            if let Place::Cuda(ordinal) = place {
+                check_ordinal(name, t.device.device_id as i64, ordinal)?;
+            }
         }
         let ndim = t.ndim.max(0) as usize;
         if ndim > 0 {
@@ -443,6 +525,69 @@ impl Tensor {
             strides,
             readonly,
             device: None,
+            keep: Keep::Object(obj.clone().unbind()),
+        })
+    }
+
+    /// A torch tensor of CUDA device `ordinal`, through its accessors.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn from_torch(
+        name: &'static str,
+        obj: &Bound<'_, PyAny>,
+        tt: &TorchTypes,
+        ordinal: usize,
+    ) -> PyResult<Tensor> {
+        let py = obj.py();
+        let is_cuda: bool = obj.getattr(pyo3::intern!(py, "is_cuda"))?.extract()?;
+        if !is_cuda {
+            let device = obj.getattr(pyo3::intern!(py, "device"))?;
+            let kind: String = device.getattr(pyo3::intern!(py, "type"))?.extract()?;
+            if kind == "cpu" {
+                return Err(host_error(name));
+            }
+            return Err(crate::errors::to_py(tpla::Error::unsupported(format!(
+                "{name} is a torch tensor on '{kind}': the device engine reads CUDA memory"
+            ))));
+        }
+        let id: i64 = obj
+            .call_method0(pyo3::intern!(py, "get_device"))?
+            .extract()?;
+        check_ordinal(name, id, ordinal)?;
+        if !obj
+            .getattr(pyo3::intern!(py, "layout"))?
+            .is(tt.strided.bind(py))
+        {
+            return Err(invalid(format!("{name} must be a dense (strided) tensor")));
+        }
+        let dtype = obj.getattr(pyo3::intern!(py, "dtype"))?;
+        let elem = tt
+            .dtypes
+            .iter()
+            .find(|(d, _)| dtype.is(d.bind(py)))
+            .map_or(Elem::Other, |(_, e)| *e);
+        let itemsize: usize = obj
+            .call_method0(pyo3::intern!(py, "element_size"))?
+            .extract()?;
+        let shape: Vec<usize> = obj.getattr(pyo3::intern!(py, "shape"))?.extract()?;
+        let strides: Vec<isize> = obj
+            .call_method0(pyo3::intern!(py, "stride"))?
+            .extract::<Vec<isize>>()?
+            .into_iter()
+            .map(|s| s * itemsize as isize)
+            .collect();
+        let ptr: usize = obj.call_method0(pyo3::intern!(py, "data_ptr"))?.extract()?;
+        if strides.len() != shape.len() {
+            return Err(invalid(format!("{name}'s strides do not match its shape")));
+        }
+        Ok(Tensor {
+            name,
+            ptr: ptr as *mut u8,
+            elem,
+            itemsize,
+            shape,
+            strides,
+            readonly: false,
+            device: Some(ordinal),
             keep: Keep::Object(obj.clone().unbind()),
         })
     }
