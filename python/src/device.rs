@@ -287,6 +287,8 @@ mod imp {
             }
             let (lo, hi) = t.span();
             if hi > lo {
+                // the driver's pointer queries need a current context on this thread
+                self.e().backend().device().bind().py()?;
                 let (ordinal, left) = device_extent(lo as u64).map_err(|e| e.context(name)).py()?;
                 if ordinal != self.ordinal {
                     return Err(mismatch(format!(
