@@ -632,6 +632,47 @@ mod imp {
             Ok(self.project_impl(py, latent, layer, out, stream)?.unbind())
         }
 
+        /// Copies rows between two device pools of this rank's rows, on the stream with no
+        /// synchronisation: row `src_slots[i]` of `src` to row `dst_slots[i]` of `dst`
+        /// (`[rows]` int32 slots, `page * 64 + offset`; a negative destination: skipped),
+        /// bytes unchanged: a prefill's cache handed over into the engine's pages. A slot
+        /// past its pool sets `BAD_SLOT` in `faults` and copies nothing for that row.
+        #[pyo3(signature = (dst, dst_slots, src, src_slots, *, faults=None, stream=None))]
+        #[allow(clippy::too_many_arguments)]
+        fn copy_rows(
+            &self,
+            py: Python<'_>,
+            dst: &Bound<'_, PyAny>,
+            dst_slots: &Bound<'_, PyAny>,
+            src: &Bound<'_, PyAny>,
+            src_slots: &Bound<'_, PyAny>,
+            faults: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<()> {
+            let dt = self.dev("dst", dst)?;
+            let dc = self.cache(&dt)?;
+            let st = self.dev("src", src)?;
+            let sc = self.cache(&st)?;
+            let ds = self.int32s("dst_slots", dst_slots)?;
+            ds.expect_shape(&[None], "[rows]")?;
+            let n = ds.shape[0];
+            let ss = self.int32s("src_slots", src_slots)?;
+            ss.expect_shape(&[Some(n)], &format!("[rows={n}]"))?;
+            let (fptr, ft) = self.faults(faults)?;
+            check_disjoint(&dt, &[&st, &ds, &ss])?;
+            if let Some(f) = &ft {
+                check_disjoint(f, &[&dt, &st, &ds, &ss])?;
+            }
+            let s = self.checked_stream(py, stream)?;
+            // SAFETY: checked device memory of the engine's GPU: both pools span their
+            // layouts (allocation extents checked), the destination overlaps no input.
+            unsafe {
+                self.e()
+                    .copy_rows(&dc, ds.ptr as u64, &sc, ss.ptr as u64, n, fptr, s)
+            }
+            .py()
+        }
+
         fn __repr__(&self) -> String {
             format!(
                 "DeviceEngine(device={}, heads={}, slice_width={}, d_r={}, layers={})",

@@ -290,6 +290,36 @@ def test_append_then_decode(dtype):
         check_outputs(out, lse, ro, rl)
 
 
+@needs_gpu
+def test_copy_rows_hands_a_prefill_over():
+    rng = np.random.default_rng(13)
+    _, engine = engine_for()
+    rw = engine.row_width
+    src = torch.randn(3, PAGE, 1, rw, device="cuda").to(torch.bfloat16)  # a packed prefill
+    dst = torch.zeros(10, PAGE, 1, rw, dtype=torch.bfloat16, device="cuda")
+    n = 150
+    pages = rng.permutation(10)[:3]
+    dst_np = np.array([pages[t // PAGE] * PAGE + t % PAGE for t in range(n)], np.int32)
+    dst_np[7] = -1  # skipped
+    faults = torch.zeros(1, dtype=torch.int32, device="cuda")
+    engine.copy_rows(dst, torch.from_numpy(dst_np).cuda(), src,
+                     torch.arange(n, dtype=torch.int32, device="cuda"), faults=faults)
+    torch.cuda.synchronize()
+    assert int(faults.item()) == 0
+    keep = dst_np >= 0
+    d = dst.view(-1, rw).view(torch.int16).cpu().numpy()
+    s = src.view(-1, rw).view(torch.int16).cpu().numpy()
+    assert np.array_equal(d[dst_np[keep]], s[:n][keep])
+    written = np.zeros(len(d), bool)
+    written[dst_np[keep]] = True
+    assert not d[~written].any()
+    one = torch.zeros(1, dtype=torch.int32, device="cuda")
+    engine.copy_rows(dst, torch.full((1,), 10 * PAGE, dtype=torch.int32, device="cuda"), src,
+                     one, faults=faults)
+    torch.cuda.synchronize()
+    assert int(faults.item()) & tpla.Faults.BAD_SLOT
+
+
 # ---- CUDA graphs ---------------------------------------------------------------------
 
 

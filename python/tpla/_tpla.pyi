@@ -245,6 +245,16 @@ class DeviceEngine:
         out: Optional[CudaTensor] = None,
         stream: Optional[int] = None,
     ) -> CudaTensor: ...
+    def copy_rows(
+        self,
+        dst: CudaTensor,
+        dst_slots: CudaTensor,
+        src: CudaTensor,
+        src_slots: CudaTensor,
+        *,
+        faults: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> None: ...
     def project(
         self,
         latent: CudaTensor,
