@@ -261,6 +261,27 @@ int main(int argc, char **argv) {
   CHECK_OK(tpla_cache_register_buffer(cache[1], images[1], image_len, release_buffer, &released,
                                       &n));
   CHECK(n == NSEQ);
+  /* An FP8 cache of rank 0 refuses the bf16 shard (another dtype's file), unchanged. */
+  {
+    tpla_cache *fp8;
+    tpla_cache_options co;
+    tpla_cache_info fi;
+    memset(&co, 0, sizeof co);
+    co.struct_size = sizeof co;
+    co.dtype = TPLA_DTYPE_FP8_E4M3;
+    co.page_size = 16;
+    co.capacity_pages = 8;
+    CHECK_OK(tpla_cache_create(ctx[0], &co, &fp8));
+    memset(&fi, 0, sizeof fi);
+    fi.struct_size = sizeof fi;
+    CHECK_OK(tpla_cache_get_info(fp8, &fi));
+    CHECK(fi.dtype == TPLA_DTYPE_FP8_E4M3 && fi.free_pages == 8);
+    CHECK(tpla_cache_register_file(fp8, paths[0], &n) == TPLA_STATUS_MISMATCH);
+    CHECK(strstr(tpla_last_error_message(), "fp8_e4m3") != NULL);
+    CHECK_OK(tpla_cache_get_info(fp8, &fi));
+    CHECK(fi.sequences == 0 && fi.free_pages == 8 && fi.registered_images == 0);
+    tpla_cache_destroy(fp8);
+  }
   for (r = 0; r < RANKS; r++) {
     CHECK_OK(tpla_cache_sequence_ids(cache[r], ids, 4, &n));
     CHECK(n == NSEQ && ids[0] == SEQ_IDS[0] && ids[1] == SEQ_IDS[1]);

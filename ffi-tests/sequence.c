@@ -137,6 +137,8 @@ static void planning_queries(void) {
   CHECK(rank == 0);
   CHECK_OK(tpla_hybrid_bytes_per_token(v3, hp, TPLA_DTYPE_BF16, &bytes));
   CHECK(bytes == 320.0); /* (512/2 + 64) * 2 / 2 */
+  CHECK_OK(tpla_hybrid_bytes_per_token(v3, hp, TPLA_DTYPE_FP8_E4M3, &bytes));
+  CHECK(bytes == 196.0); /* (256 codes + 2 f32 scales + 64 bf16) / 2 */
   hp.groups = 1;
   hp.rank = 0;
   CHECK_OK(tpla_hybrid_bytes_per_token(v3, hp, TPLA_DTYPE_BF16, &bytes));

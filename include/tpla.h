@@ -205,6 +205,15 @@ enum tpla_dtype
   TPLA_DTYPE_BF16 = 1,
   TPLA_DTYPE_F16 = 2,
   TPLA_DTYPE_F32 = 3,
+  /**
+   * FP8 latent slice (caches and shard files; not engine memory or outputs). A row of
+   * latent width w = d_c/g and RoPE width d_r is `w + 4*ceil(w/128) + 2*d_r` bytes:
+   * w e4m3 codes (bias 7, no infinities, 0x7f/0xff NaN), then one little-endian f32
+   * scale per block of 128 latent values (the last block may be shorter; value =
+   * code * scale, scale = block max magnitude / 448), then the RoPE key as d_r
+   * little-endian bf16 (DeepSeek-V3 at g=2: 392 bytes per token instead of 640).
+   */
+  TPLA_DTYPE_FP8_E4M3 = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -1555,12 +1564,15 @@ tpla_status tpla_cache_get_info(const struct tpla_cache *cache, struct tpla_cach
 /**
  * Appends `rows_count / row_width` rows to `seq` in `layer`: rows already normalised,
  * rotated and cut to the rank's slice, [tokens][slice_width + d_r] (latent slice first,
- * then the RoPE key), rounded to the cache's dtype. For a prefill done on the decode
+ * then the RoPE key), rounded to the cache's dtype (TPLA_DTYPE_FP8_E4M3: each block of
+ * 128 latent values scaled by its largest magnitude over 448, then rounded to e4m3; the
+ * RoPE key to bf16). For a prefill done on the decode
  * rank itself; decode-time tokens go through `tpla_context_append_token`. On error the
  * cache is unchanged.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (not whole rows,
- * values the dtype cannot hold), TPLA_STATUS_OUT_OF_RANGE (seq, layer) or
+ * values the dtype cannot hold: non-finite, or beyond f16's 65504 or bf16's 3.4e38, the
+ * latter for FP8 too), TPLA_STATUS_OUT_OF_RANGE (seq, layer) or
  * TPLA_STATUS_OUT_OF_CAPACITY. Modifies `cache`.
  *
  * # Safety
@@ -1963,8 +1975,8 @@ tpla_status tpla_hybrid_owner_rank(struct tpla_dims dims,
 
 /**
  * Writes to `*bytes` the cached bytes per token of context on a rank of `plan` with
- * elements of `dtype` (a `tpla_dtype`): `(d_c / groups + d_r) * sizeof(dtype) / shards`,
- * averaged over a long sequence.
+ * elements of `dtype` (a `tpla_dtype`): `(d_c / groups + d_r) * sizeof(dtype) / shards`
+ * (TPLA_DTYPE_FP8_E4M3: the FP8 row of `tpla_dtype`), averaged over a long sequence.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (dims, plan, dtype) or
  * TPLA_STATUS_OUT_OF_RANGE (rank). Thread-safe.

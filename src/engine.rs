@@ -107,6 +107,12 @@ impl PagedLayout {
         if self.row_width == 0 {
             return Err(Error::invalid("cache rows must have at least one element"));
         }
+        if self.dtype == DType::Fp8E4m3 {
+            // its rows carry block scales beside the codes: not yet in this layout
+            return Err(Error::unsupported(
+                "engine-owned pools of fp8_e4m3 rows are not supported yet (bf16, f16 or f32)",
+            ));
+        }
         let page_bytes = self
             .page_size
             .checked_mul(self.row_width)

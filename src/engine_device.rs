@@ -461,10 +461,10 @@ impl DeviceEngine {
         let bf16_in = match a.input {
             DType::F32 => 0i32,
             DType::Bf16 => 1,
-            DType::F16 => {
-                return Err(Error::unsupported(
-                    "device appends take f32 or bf16 latents and keys, not f16",
-                ))
+            other => {
+                return Err(Error::unsupported(format!(
+                    "device appends take f32 or bf16 latents and keys, not {other:?}"
+                )))
             }
         };
         let count = word(a.count, "the token count")?;

@@ -18,6 +18,7 @@ use crate::calibration::{
     synthetic_layer_calibration, KlInputs, LayerCalibration, SyntheticCalibration, Window,
 };
 use crate::convert::{FoldedLayer, MlaWeights, RankWeights};
+use crate::dtype::{e4m3_from_f64, DType, E4M3_MAX, E4M3_TO_F32, FP8_BLOCK};
 use crate::error::{Error, Result};
 use crate::geometry::{ModelDims, ShardPlan};
 use crate::synthetic::{Query, SyntheticLayer, Tokens};
@@ -241,6 +242,75 @@ impl AppendChoice {
     }
 }
 
+/// How the cached rows are stored: as computed (f64), rounded to a cache element type,
+/// or (a measurement only, not a cache type) FP8 with power-of-two block scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    F64,
+    Cache(DType),
+    Fp8Pow2,
+}
+
+impl Storage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Storage::F64 => "f64",
+            Storage::Cache(d) => d.name(),
+            Storage::Fp8Pow2 => "fp8_e4m3_pow2",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "f64" => Ok(Storage::F64),
+            "fp8_e4m3_pow2" => Ok(Storage::Fp8Pow2),
+            _ => DType::parse(name).map(Storage::Cache).map_err(|_| {
+                Error::invalid(format!(
+                    "unknown cache storage '{name}'; expected one of: f64, bf16, f16, f32, \
+                     fp8_e4m3, fp8_e4m3_pow2"
+                ))
+            }),
+        }
+    }
+
+    /// Rounds every row `[T][w + d_r]` as the cache would store it.
+    fn round(self, rows: &mut [f64], w: usize, d_r: usize) {
+        let rw = w + d_r;
+        match self {
+            Storage::F64 => {}
+            Storage::Cache(dt) => {
+                let mut bytes = vec![0u8; dt.row_bytes(w, d_r)];
+                for row in rows.chunks_exact_mut(rw) {
+                    dt.encode_row(row, w, &mut bytes);
+                    dt.decode_row(&bytes, w, row);
+                }
+            }
+            Storage::Fp8Pow2 => {
+                for row in rows.chunks_exact_mut(rw) {
+                    let (lat, rope) = row.split_at_mut(w);
+                    for blk in lat.chunks_mut(FP8_BLOCK) {
+                        let amax = blk.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                        // the smallest power of two that maps the block's maximum to 448
+                        // or below
+                        let scale = if amax > 0.0 {
+                            2f64.powi((amax / E4M3_MAX).log2().ceil() as i32) as f32
+                        } else {
+                            1.0
+                        };
+                        for v in blk.iter_mut() {
+                            let code = e4m3_from_f64(*v / scale as f64);
+                            *v = (E4M3_TO_F32[code as usize] * scale) as f64;
+                        }
+                    }
+                    let mut b = vec![0u8; 2 * rope.len()];
+                    DType::Bf16.encode(rope, &mut b);
+                    DType::Bf16.decode(&b, rope);
+                }
+            }
+        }
+    }
+}
+
 /// TPLA against exact MLA, averaged over the evaluated queries.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Metrics {
@@ -249,6 +319,9 @@ pub struct Metrics {
     pub cosine: f64,
     /// Mean over heads and slices of KL(MLA attention || slice attention).
     pub kl: f64,
+    /// Relative L2 distance of the summed head outputs from those of the same
+    /// configuration over bf16 rows (`None` when bf16 is not in the report's storages).
+    pub vs_bf16: Option<f64>,
 }
 
 /// Every rank's cache rows `[T][slice_width + d_r]`: the first `T - appended` tokens as
@@ -300,6 +373,16 @@ fn rank_rows(
 
 /// Decodes the evaluated queries over `rows` with slice logit scales `mus`.
 fn measure(s: &Scenario, prepared: &Prepared, mus: &[f64], rows: &[Vec<f64>]) -> Result<Metrics> {
+    Ok(measure_outputs(s, prepared, mus, rows)?.0)
+}
+
+/// [`measure`], and the summed head outputs of every evaluated query.
+fn measure_outputs(
+    s: &Scenario,
+    prepared: &Prepared,
+    mus: &[f64],
+    rows: &[Vec<f64>],
+) -> Result<(Metrics, Vec<Vec<f64>>)> {
     let d = *s.dims();
     let groups = mus.len();
     let ranks = mus
@@ -311,7 +394,9 @@ fn measure(s: &Scenario, prepared: &Prepared, mus: &[f64], rows: &[Vec<f64>]) ->
         rel_l2: 0.0,
         cosine: 0.0,
         kl: 0.0,
+        vs_bf16: None,
     };
+    let mut outs = Vec::new();
     for e in &s.evaluated {
         let len = e.position + 1;
         let prefix: Vec<Vec<f64>> = rows
@@ -329,12 +414,35 @@ fn measure(s: &Scenario, prepared: &Prepared, mus: &[f64], rows: &[Vec<f64>]) ->
                 m.kl += kl_divergence(&e.exact.probs[span.clone()], &part.probs[span]);
             }
         }
+        outs.push(sum);
     }
     let n = s.evaluated.len() as f64;
     m.rel_l2 /= n;
     m.cosine /= n;
     m.kl /= n * (groups * d.heads) as f64;
-    Ok(m)
+    Ok((m, outs))
+}
+
+/// Mean over queries of `|a - b| / |b|`.
+fn mean_rel_l2(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    let n = a.len() as f64;
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| reference::rel_l2(x, y))
+        .sum::<f64>()
+        / n
+}
+
+/// Every rank's rows stored as `storage` would.
+fn stored(rows: &[Vec<f64>], storage: Storage, d: &ModelDims) -> Vec<Vec<f64>> {
+    let groups = rows.len();
+    rows.iter()
+        .map(|r| {
+            let mut r = r.clone();
+            storage.round(&mut r, d.d_c / groups, d.d_r);
+            r
+        })
+        .collect()
 }
 
 /// Decodes the scenario's evaluated queries under TPLA with `mus.len()` slices of
@@ -358,6 +466,8 @@ pub struct ReportOptions {
     pub transforms: Vec<TransformKind>,
     pub policies: Vec<MuPolicy>,
     pub appends: Vec<AppendChoice>,
+    /// How the cached rows are stored (f64: as computed, the fidelity of TPLA itself).
+    pub storages: Vec<Storage>,
     /// PCA slice layout.
     pub layout: SliceLayout,
     /// Tokens appended at decode time in the short and the long run.
@@ -373,6 +483,7 @@ pub struct ReportRow {
     pub policy: MuPolicy,
     pub mus: Vec<f64>,
     pub append: AppendChoice,
+    pub storage: Storage,
     /// After the short decode run (`ReportOptions::short` appended tokens).
     pub short: Metrics,
     /// After the long one.
@@ -380,8 +491,8 @@ pub struct ReportRow {
 }
 
 /// Every configuration of `opts` on `s`, in the order groups, transform, append, mu
-/// policy. (g, transform) blocks run in parallel on the rayon pool; cache rows are built
-/// once per block and append mode and shared by the mu policies.
+/// policy, storage. (g, transform) blocks run in parallel on the rayon pool; cache rows
+/// are built once per block and append mode and shared by the mu policies.
 pub fn report(s: &Scenario, opts: &ReportOptions) -> Result<Vec<ReportRow>> {
     let blocks: Vec<(usize, TransformKind)> = opts
         .groups
@@ -402,20 +513,81 @@ pub fn report(s: &Scenario, opts: &ReportOptions) -> Result<Vec<ReportRow>> {
             for &append in &opts.appends {
                 let short = rank_rows(s, &prepared, g, append, opts.short)?;
                 let long = rank_rows(s, &prepared, g, append, opts.long)?;
+                let d = s.dims();
+                let with_bf16 = opts.storages.contains(&Storage::Cache(DType::Bf16));
+                let runs = [&short, &long];
                 for (policy, m) in &mus {
-                    out.push(ReportRow {
-                        groups: g,
-                        transform: kind,
-                        policy: *policy,
-                        mus: m.clone(),
-                        append,
-                        short: measure(s, &prepared, m, &short)?,
-                        long: measure(s, &prepared, m, &long)?,
-                    });
+                    let bf16: Vec<Vec<Vec<f64>>> = if with_bf16 {
+                        runs.iter()
+                            .map(|r| {
+                                let rows = stored(r, Storage::Cache(DType::Bf16), d);
+                                Ok(measure_outputs(s, &prepared, m, &rows)?.1)
+                            })
+                            .collect::<Result<_>>()?
+                    } else {
+                        Vec::new()
+                    };
+                    for &storage in &opts.storages {
+                        let mut metrics = [None, None];
+                        for (k, r) in runs.iter().enumerate() {
+                            let rows = stored(r, storage, d);
+                            let (mut met, outs) = measure_outputs(s, &prepared, m, &rows)?;
+                            met.vs_bf16 = bf16.get(k).map(|b| mean_rel_l2(&outs, b));
+                            metrics[k] = Some(met);
+                        }
+                        out.push(ReportRow {
+                            groups: g,
+                            transform: kind,
+                            policy: *policy,
+                            mus: m.clone(),
+                            append,
+                            storage,
+                            short: metrics[0].expect("measured"),
+                            long: metrics[1].expect("measured"),
+                        });
+                    }
                 }
             }
             Ok(out)
         })
         .collect::<Result<_>>()?;
     Ok(rows.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storages_round_rows_as_their_caches_do() {
+        for name in ["f64", "bf16", "f16", "f32", "fp8_e4m3", "fp8_e4m3_pow2"] {
+            assert_eq!(Storage::parse(name).unwrap().name(), name);
+        }
+        assert!(Storage::parse("fp4").is_err());
+        let (w, d_r) = (200, 8);
+        let rows: Vec<f64> = (0..3 * (w + d_r))
+            .map(|i| ((i * 7919) % 2001) as f64 / 1000.0 - 1.0)
+            .collect();
+        let mut f64_rows = rows.clone();
+        Storage::F64.round(&mut f64_rows, w, d_r);
+        assert_eq!(f64_rows, rows);
+        for storage in [Storage::Cache(DType::Fp8E4m3), Storage::Fp8Pow2] {
+            let mut r = rows.clone();
+            storage.round(&mut r, w, d_r);
+            let err = reference::rel_l2(&r, &rows);
+            assert!(err > 1e-3 && err < 0.05, "{storage:?}: {err}");
+            // the RoPE key is bf16 in both
+            for (a, b) in r[w..w + d_r].iter().zip(&rows[w..w + d_r]) {
+                assert_eq!(*a, half::bf16::from_f64(*b).to_f64());
+            }
+        }
+        // an FP8 storage gives the cache's own rows
+        let mut r = rows.clone();
+        Storage::Cache(DType::Fp8E4m3).round(&mut r, w, d_r);
+        let mut bytes = vec![0u8; DType::Fp8E4m3.row_bytes(w, d_r)];
+        DType::Fp8E4m3.encode_row(&rows[..w + d_r], w, &mut bytes);
+        let mut back = vec![0.0; w + d_r];
+        DType::Fp8E4m3.decode_row(&bytes, w, &mut back);
+        assert_eq!(back, r[..w + d_r]);
+    }
 }

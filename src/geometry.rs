@@ -347,10 +347,10 @@ impl HybridPlan {
         self.sharding.owner(position) == self.shard
     }
 
-    /// Cached bytes per token of context on this rank (`(d_c/g + d_r) * elem / s` on
-    /// average over a long sequence).
-    pub fn bytes_per_token(&self, dims: &ModelDims, elem_bytes: usize) -> f64 {
-        (self.latent.row_width(dims) * elem_bytes) as f64 / self.sharding.shards as f64
+    /// Cached bytes per token of context on this rank (`dtype.row_bytes(d_c/g, d_r) / s`
+    /// on average over a long sequence).
+    pub fn bytes_per_token(&self, dims: &ModelDims, dtype: crate::DType) -> f64 {
+        dtype.row_bytes(self.latent.slice_width, dims.d_r) as f64 / self.sharding.shards as f64
     }
 }
 
@@ -448,7 +448,7 @@ mod tests {
                     assert!(p.holds(t));
                     assert_eq!(p.owner_rank(p.latent.group, t).unwrap(), rank);
                     assert_eq!(
-                        p.bytes_per_token(&dims, 2),
+                        p.bytes_per_token(&dims, crate::DType::Bf16),
                         ((512 / groups + 64) * 2) as f64 / shards as f64
                     );
                 }

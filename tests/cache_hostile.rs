@@ -476,10 +476,15 @@ fn bad_files_name_the_path_and_the_reason() {
 #[test]
 fn randomly_mutated_images_are_refused_or_fully_readable() {
     let prefill = Prefill::random(23, 2, &[(1, 9), (2, 16), (3, 0), (4, 2)]);
-    let bases: Vec<Vec<u8>> = [(1, DType::F32, 4), (2, DType::Bf16, 8), (4, DType::F16, 3)]
-        .into_iter()
-        .flat_map(|(g, dt, ps)| prefill.export_buffers(g, dt, ps))
-        .collect();
+    let bases: Vec<Vec<u8>> = [
+        (1, DType::F32, 4),
+        (2, DType::Bf16, 8),
+        (4, DType::F16, 3),
+        (2, DType::Fp8E4m3, 5),
+    ]
+    .into_iter()
+    .flat_map(|(g, dt, ps)| prefill.export_buffers(g, dt, ps))
+    .collect();
     let mut rng = rng(24);
     let (mut accepted, mut messages) = (0, std::collections::BTreeSet::new());
     for _ in 0..4000 {
@@ -523,7 +528,7 @@ fn randomly_mutated_images_are_refused_or_fully_readable() {
                 for layer in 0..h.spec().layers() {
                     let view = cache.layer(layer).unwrap();
                     for (&id, e) in ids.iter().zip(h.sequences()) {
-                        let rows = gather_rows(&view, id).unwrap();
+                        let rows = gather_rows(&view, id, h.spec().slice_width()).unwrap();
                         assert_eq!(rows.len(), e.len * h.spec().row_width());
                     }
                 }

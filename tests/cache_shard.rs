@@ -434,12 +434,13 @@ fn exports_reproduce_the_committed_golden_images() {
     let bless = std::env::var_os("TPLA_BLESS_SHARD_SEEDS").is_some();
     // name, groups, element type, page size, sequences
     type Case = (&'static str, usize, DType, usize, &'static [(u32, usize)]);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         ("g1-f32", 1, DType::F32, 4, &[(1, 5), (2, 0), (3, 4)]),
         ("g2-bf16", 2, DType::Bf16, 4, &[(1, 5), (2, 0), (3, 4)]),
         ("g4-f16", 4, DType::F16, 3, &[(7, 2), (8, 7)]),
         ("g8-bf16-page1", 8, DType::Bf16, 1, &[(9, 3)]),
         ("g2-empty", 2, DType::Bf16, 4, &[]),
+        ("g2-fp8", 2, DType::Fp8E4m3, 3, &[(1, 5), (4, 2)]),
     ];
     for (name, groups, dtype, page_size, seqs) in cases {
         let prefill = Prefill::random_with(dims, 31, 2, seqs);
@@ -469,4 +470,106 @@ fn exports_reproduce_the_committed_golden_images() {
                 .unwrap();
         }
     }
+}
+
+#[test]
+fn fp8_shards_round_trip_and_a_file_of_another_dtype_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = SEQS.iter().map(|s| s.0).collect();
+    let nonempty: Vec<u32> = SEQS.iter().filter(|s| s.1 > 0).map(|s| s.0).collect();
+    for (case, groups) in [1, 2, 4].into_iter().enumerate() {
+        let prefill = Prefill::random(100 + case as u64, 2, &SEQS);
+        let paths = export_files(&prefill, groups, DType::Fp8E4m3, dir.path());
+        let buffers = prefill.export_buffers(groups, DType::Fp8E4m3, 8);
+        for (group, path) in paths.iter().enumerate() {
+            assert!(std::fs::read(path).unwrap() == buffers[group]);
+            let header = ShardHeader::parse(&buffers[group]).unwrap();
+            assert_eq!(header.spec().dtype(), DType::Fp8E4m3);
+            let spec = spec(DType::Fp8E4m3, groups, group, 8, 2);
+            // 8 rows of w codes, ceil(w / 128) scales and a bf16 RoPE key, to 64 bytes
+            let w = spec.slice_width();
+            let rb = w + 4 * w.div_ceil(128) + 2 * spec.dims().d_r;
+            assert_eq!(spec.row_bytes(), rb);
+            assert_eq!(spec.page_stride(), (8 * rb).next_multiple_of(64));
+            let mut registered = RankCache::new(spec.clone(), 4).unwrap();
+            assert_eq!(registered.register_file(path).unwrap(), ids);
+            for layer in 0..2 {
+                for (s, &(id, _)) in SEQS.iter().enumerate() {
+                    let want = rounded_rows(
+                        DType::Fp8E4m3,
+                        &prefill.slice(groups, group, layer, s),
+                        w,
+                        spec.row_width(),
+                    );
+                    assert_eq!(rows_of(&registered, layer, id), want);
+                }
+            }
+            // export quantises exactly as append does
+            let in_memory = prefill.in_memory(spec.clone(), 16);
+            assert_same_pages(&registered, &in_memory, &ids);
+            let mut cpu = CpuBackend::with_kernel(2, KernelChoice::Portable).unwrap();
+            assert_same_decode(&mut cpu, &registered, &in_memory, &nonempty, 7);
+            // a bf16 cache refuses the FP8 file and an FP8 cache a bf16 file
+            for other in [DType::Bf16, DType::F32] {
+                let mut c = RankCache::new(spec.clone().with_dtype(other), 4).unwrap();
+                let e = c.register_file(path).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+                assert!(e.to_string().contains("fp8_e4m3"), "{e}");
+            }
+            let bf16 = prefill.export_buffers(groups, DType::Bf16, 8);
+            let mut c = RankCache::new(spec.clone(), 4).unwrap();
+            let e = c.register_buffer(bf16[group].clone()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+            assert!(registered.free_pages() == 4 && c.free_pages() == 4);
+        }
+    }
+}
+
+#[test]
+fn hostile_fp8_images_are_refused() {
+    let prefill = Prefill::random(11, 2, &SEQS);
+    let image = prefill.export_buffers(2, DType::Fp8E4m3, 8).remove(0);
+    let spec = spec(DType::Fp8E4m3, 2, 0, 8, 2);
+    let register = |img: Vec<u8>| {
+        RankCache::new(spec.clone(), 4)
+            .unwrap()
+            .register_buffer(img)
+    };
+    // an unknown element type code, resealed so that the field check is reached
+    for code in [0u32, 5, 0xff, u32::MAX] {
+        let mut img = image.clone();
+        img[44..48].copy_from_slice(&code.to_le_bytes());
+        reseal::reseal(&mut img);
+        let e = register(img).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CorruptFile, "{e}");
+        assert!(e.to_string().contains("element type"), "{e}");
+    }
+    // an FP8 image relabelled bf16 (or the reverse) has the wrong page stride
+    for code in [DType::Bf16.code(), DType::F16.code(), DType::F32.code()] {
+        let mut img = image.clone();
+        img[44..48].copy_from_slice(&code.to_le_bytes());
+        reseal::reseal(&mut img);
+        let e = register(img).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CorruptFile, "{e}");
+        assert!(e.to_string().contains("page stride"), "{e}");
+    }
+    // truncated anywhere (inside the last page's scales, or a whole page short)
+    let stride = spec.page_stride();
+    let w = spec.slice_width();
+    for cut in [1, w + 2, stride, stride + 3, image.len() - 128] {
+        let e = register(image[..image.len() - cut].to_vec()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CorruptFile, "cut {cut}: {e}");
+    }
+    // a damaged scale in the data: refused by the data checksum of a registration by
+    // copy (zero-copy registration decodes it: a NaN or wrong value, never a wild read)
+    let mut img = image.clone();
+    let data = u64::from_le_bytes(img[104..112].try_into().unwrap()) as usize;
+    img[data + w + 1] ^= 0x40;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("damaged.tpla");
+    std::fs::write(&path, &img).unwrap();
+    let mut c = RankCache::new(spec.clone(), 4).unwrap();
+    let e = c.register_file(&path).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CorruptFile, "{e}");
+    register(img).unwrap();
 }

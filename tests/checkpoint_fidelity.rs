@@ -13,7 +13,7 @@ use tpla::calibration::{
 use tpla::checkpoint::{rank_file_name, Checkpoint};
 use tpla::decode::RankContext;
 use tpla::fidelity::{
-    build_transform, evaluate, report, AppendChoice, Prepared, ReportOptions, Scenario,
+    build_transform, evaluate, report, AppendChoice, Prepared, ReportOptions, Scenario, Storage,
 };
 use tpla::transform::{MuPolicy, SliceLayout, TransformKind};
 use tpla::weights_file;
@@ -53,10 +53,32 @@ fn report_on_a_checkpoint_layer_measures_every_configuration() {
         transforms: TransformKind::ALL.to_vec(),
         policies: MuPolicy::ALL.to_vec(),
         appends: AppendChoice::ALL.to_vec(),
+        storages: vec![Storage::F64],
         layout: SliceLayout::Contiguous,
         short: 4,
         long: 300,
     };
+    // the dtype axis: every storage, compared with bf16 rows as well
+    let dtypes = ReportOptions {
+        groups: vec![1, 2],
+        transforms: vec![TransformKind::Pca],
+        policies: vec![MuPolicy::One],
+        appends: vec![AppendChoice::Exact],
+        storages: ["f64", "bf16", "fp8_e4m3", "fp8_e4m3_pow2"]
+            .map(|n| Storage::parse(n).unwrap())
+            .to_vec(),
+        ..opts.clone()
+    };
+    let by_dtype = report(&s, &dtypes).unwrap();
+    assert_eq!(by_dtype.len(), 2 * 4);
+    for pair in by_dtype.chunks(4) {
+        let (f64_row, bf16_row, fp8_row) = (&pair[0], &pair[1], &pair[2]);
+        assert_eq!(bf16_row.short.vs_bf16, Some(0.0));
+        let fp8_vs = fp8_row.short.vs_bf16.unwrap();
+        assert!(fp8_vs > 1e-3 && fp8_vs < 0.05, "{fp8_row:?}");
+        assert!(f64_row.short.vs_bf16.unwrap() < fp8_vs);
+        assert!((fp8_row.short.rel_l2 - f64_row.short.rel_l2).abs() < 0.05);
+    }
     let rows = report(&s, &opts).unwrap();
     assert_eq!(rows.len(), 2 * 3 * 4 * 2);
     for r in &rows {

@@ -583,6 +583,16 @@ fn layouts_that_do_not_fit_are_refused() {
     for bad in cases {
         assert!(PagedCache::new(bad, bytes).is_err(), "{bad:?}");
     }
+    // fp8 rows (codes plus block scales) are not an engine-pool layout yet
+    let fp8 = PagedLayout {
+        dtype: DType::Fp8E4m3,
+        page_stride: 16 * rw,
+        ..ok
+    };
+    assert_eq!(
+        PagedCache::new(fp8, bytes).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
     // memory shorter than the layout's extent, misaligned memory
     assert!(PagedCache::new(ok, &bytes[..ok.extent().unwrap() - 1]).is_err());
     assert!(PagedCache::new(

@@ -44,7 +44,7 @@ fn check(image: &[u8]) {
     for layer in 0..spec.layers() {
         let view = cache.layer(layer).unwrap();
         for (&id, e) in ids.iter().zip(header.sequences()) {
-            let rows = gather_rows(&view, id).unwrap();
+            let rows = gather_rows(&view, id, spec.slice_width()).unwrap();
             assert_eq!(rows.len(), e.len * spec.row_width());
         }
     }

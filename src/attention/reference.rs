@@ -83,16 +83,20 @@ pub fn latent_attention_with_probs(
     (out, lse, probs)
 }
 
-/// Decodes every row of sequence `seq` of `cache` to f64, `[len][row_width]`.
-pub fn gather_rows(cache: &dyn RowSource, seq: u32) -> Result<Vec<f64>> {
+/// Decodes every row of sequence `seq` of `cache` (latent slices of width `slice_width`)
+/// to f64, `[len][row_width]`.
+pub fn gather_rows(cache: &dyn RowSource, seq: u32, slice_width: usize) -> Result<Vec<f64>> {
     let len = cache.seq_len(seq)?;
     let rw = cache.row_width();
-    let dt = cache.dtype();
+    let (dt, w) = (cache.dtype(), slice_width);
+    let row_bytes = dt.row_bytes(w, rw - w);
     let ps = cache.page_size();
     let mut rows = vec![0.0; len * rw];
     for (page, chunk) in rows.chunks_mut(ps * rw).enumerate() {
-        let bytes = &cache.page(seq, page)[..chunk.len() * dt.size()];
-        dt.decode(bytes, chunk);
+        let bytes = cache.page(seq, page);
+        for (k, row) in chunk.chunks_exact_mut(rw).enumerate() {
+            dt.decode_row(&bytes[k * row_bytes..][..row_bytes], w, row);
+        }
     }
     Ok(rows)
 }
@@ -118,7 +122,7 @@ impl LatentAttention for Reference {
         check_attend_args(cache, shape, seqs, q, out, lse)?;
         let (rw, w, h) = (shape.row_width(), shape.slice_width, shape.heads);
         for (b, &seq) in seqs.iter().enumerate() {
-            let rows = gather_rows(cache, seq)?;
+            let rows = gather_rows(cache, seq, w)?;
             let qb: Vec<f64> = q[b * h * rw..(b + 1) * h * rw]
                 .iter()
                 .map(|&v| v as f64)

@@ -152,16 +152,16 @@ impl<W: Write + Seek> ShardWriter<W> {
             spec.dims().d_r,
         );
         let (w, start) = (spec.slice_width(), spec.slice_start());
-        let sz = dt.size();
-        let row_bytes = spec.row_width() * sz;
+        let row_bytes = spec.row_bytes();
         let tokens = rope.len() / d_r;
+        let mut values = vec![0.0; w + d_r];
         for first in (0..tokens).step_by(ps) {
             self.page.fill(0);
             for t in first..(first + ps).min(tokens) {
                 let row = &mut self.page[(t - first) * row_bytes..][..row_bytes];
-                let (lat, key) = row.split_at_mut(w * sz);
-                dt.encode(&latent[t * d_c + start..][..w], lat);
-                dt.encode(&rope[t * d_r..][..d_r], key);
+                values[..w].copy_from_slice(&latent[t * d_c + start..][..w]);
+                values[w..].copy_from_slice(&rope[t * d_r..][..d_r]);
+                dt.encode_row(&values, w, row);
             }
             self.sinks[group].write_all(&self.page)?;
             self.data_crcs[group] = crc32c::crc32c_append(self.data_crcs[group], &self.page);

@@ -327,7 +327,7 @@ impl ShardHeader {
                 "header: reserved field is {reserved:#x}, must be zero"
             )));
         }
-        let row_bytes = (plan.row_width(&dims) * dtype.size()) as u64;
+        let row_bytes = dtype.row_bytes(plan.slice_width, dims.d_r) as u64;
         let page_stride = (page_size as u64 * row_bytes).next_multiple_of(64);
         if u64_at(b, at::PAGE_STRIDE) != page_stride {
             return Err(Error::corrupt(format!(

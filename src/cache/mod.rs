@@ -8,7 +8,7 @@
 //!
 //! Layout and lifetimes:
 //! - Rows are grouped into pages of `page_size` tokens (default 64). A page is
-//!   `page_size * row_width * dtype.size()` bytes, padded to a multiple of 64 bytes (the
+//!   `page_size * dtype.row_bytes(w, d_r)` bytes, padded to a multiple of 64 bytes (the
 //!   page stride) and 64-byte aligned; rows past a sequence's end read as zero.
 //! - The pool has a fixed capacity given at creation. One pool page holds `page_size`
 //!   token slots of one sequence in *every* layer (a block of a paged-attention engine),
@@ -108,10 +108,9 @@ impl ShardSpec {
         }
         // At most 2^16 tokens of 2^17 values of 4 bytes (2^35 bytes): checked anyway, for
         // 32-bit targets.
-        let row_width = checked.row_width(&dims);
+        let row_bytes = dtype.row_bytes(checked.slice_width, dims.d_r);
         let page_bytes = page_size
-            .checked_mul(row_width)
-            .and_then(|b| b.checked_mul(dtype.size()))
+            .checked_mul(row_bytes)
             .ok_or_else(|| Error::invalid("page size in bytes overflows"))?;
         let page_stride = page_bytes
             .checked_next_multiple_of(PAGE_ALIGN)
@@ -161,6 +160,10 @@ impl ShardSpec {
     pub fn row_width(&self) -> usize {
         self.slice_width() + self.dims.d_r
     }
+    /// Bytes per cached row ([`DType::row_bytes`]).
+    pub fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.slice_width(), self.dims.d_r)
+    }
     /// Bytes of the rows of one page.
     pub fn page_bytes(&self) -> usize {
         self.page_bytes
@@ -168,6 +171,20 @@ impl ShardSpec {
     /// Distance between consecutive pages: `page_bytes` rounded up to [`PAGE_ALIGN`].
     pub fn page_stride(&self) -> usize {
         self.page_stride
+    }
+
+    /// The same cache with another element type.
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        let plan =
+            ShardPlan::new(&self.dims, self.groups, self.group).expect("checked at creation");
+        Self::new(
+            self.dims,
+            &plan,
+            dtype,
+            self.page_size,
+            self.transforms.clone(),
+        )
+        .expect("every element type fits a valid spec")
     }
 
     /// The same cache for another latent group.
@@ -188,7 +205,9 @@ impl ShardSpec {
 /// decode of its sequence, so it is stopped at the door.
 pub(crate) fn check_representable(dtype: DType, values: &[f64], what: &str) -> Result<()> {
     let max = match dtype {
-        DType::Bf16 => bf16::MAX.to_f64(),
+        // FP8: latent values are scaled per block (any bf16-range value fits an f32
+        // scale), the RoPE key is bf16
+        DType::Bf16 | DType::Fp8E4m3 => bf16::MAX.to_f64(),
         DType::F16 => f16::MAX.to_f64(),
         DType::F32 => f32::MAX as f64,
     };

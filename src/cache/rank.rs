@@ -187,8 +187,8 @@ impl RankCache {
             let p = self.pool.alloc().expect("free pages counted above");
             s.pages.push(PageLoc::Pool(p));
         }
-        let dt = self.spec.dtype();
-        let row_bytes = rw * dt.size();
+        let (dt, w) = (self.spec.dtype(), self.spec.slice_width());
+        let row_bytes = self.spec.row_bytes();
         let mut t = start;
         let mut rest = rows;
         while !rest.is_empty() {
@@ -198,10 +198,13 @@ impl RankCache {
                 unreachable!("pages being written were moved to the pool above");
             };
             let page = self.pool.page_mut(layer, p);
-            dt.encode(
-                &rest[..n * rw],
-                &mut page[in_page * row_bytes..(in_page + n) * row_bytes],
-            );
+            let dst = &mut page[in_page * row_bytes..(in_page + n) * row_bytes];
+            for (row, out) in rest[..n * rw]
+                .chunks_exact(rw)
+                .zip(dst.chunks_exact_mut(row_bytes))
+            {
+                dt.encode_row(row, w, out);
+            }
             rest = &rest[n * rw..];
             t += n;
         }

@@ -254,12 +254,15 @@ pub unsafe extern "C" fn tpla_cache_get_info(
 
 /// Appends `rows_count / row_width` rows to `seq` in `layer`: rows already normalised,
 /// rotated and cut to the rank's slice, [tokens][slice_width + d_r] (latent slice first,
-/// then the RoPE key), rounded to the cache's dtype. For a prefill done on the decode
+/// then the RoPE key), rounded to the cache's dtype (TPLA_DTYPE_FP8_E4M3: each block of
+/// 128 latent values scaled by its largest magnitude over 448, then rounded to e4m3; the
+/// RoPE key to bf16). For a prefill done on the decode
 /// rank itself; decode-time tokens go through `tpla_context_append_token`. On error the
 /// cache is unchanged.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (not whole rows,
-/// values the dtype cannot hold), TPLA_STATUS_OUT_OF_RANGE (seq, layer) or
+/// values the dtype cannot hold: non-finite, or beyond f16's 65504 or bf16's 3.4e38, the
+/// latter for FP8 too), TPLA_STATUS_OUT_OF_RANGE (seq, layer) or
 /// TPLA_STATUS_OUT_OF_CAPACITY. Modifies `cache`.
 ///
 /// # Safety

@@ -109,6 +109,13 @@ pub enum tpla_dtype {
     Bf16 = 1,
     F16 = 2,
     F32 = 3,
+    /// FP8 latent slice (caches and shard files; not engine memory or outputs). A row of
+    /// latent width w = d_c/g and RoPE width d_r is `w + 4*ceil(w/128) + 2*d_r` bytes:
+    /// w e4m3 codes (bias 7, no infinities, 0x7f/0xff NaN), then one little-endian f32
+    /// scale per block of 128 latent values (the last block may be shorter; value =
+    /// code * scale, scale = block max magnitude / 448), then the RoPE key as d_r
+    /// little-endian bf16 (DeepSeek-V3 at g=2: 392 bytes per token instead of 640).
+    Fp8E4m3 = 4,
 }
 
 /// Latent transform families (`tpla_transform_desc.kind`); the codes shard files store.

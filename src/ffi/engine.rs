@@ -283,7 +283,7 @@ pub unsafe extern "C" fn tpla_context_decode_paged(
         let out_size = match out_dtype {
             DType::F32 => 4,
             DType::Bf16 => 2,
-            DType::F16 => {
+            DType::F16 | DType::Fp8E4m3 => {
                 return Err(Failure::invalid(
                     "output_dtype must be TPLA_DTYPE_F32 or TPLA_DTYPE_BF16",
                 ))

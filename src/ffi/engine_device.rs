@@ -327,8 +327,8 @@ unsafe impl Versioned for tpla_device_decode_args {
 /// overlapping buffers, an address that is not device memory of the engine's GPU or whose
 /// allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE (layer),
 /// TPLA_STATUS_MISMATCH (rows of another width; memory or stream of another GPU),
-/// TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype, page size or page stride the kernels do
-/// not read) or TPLA_STATUS_BACKEND.
+/// TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype or page size the kernels do not read) or
+/// TPLA_STATUS_BACKEND.
 ///
 /// # Safety
 /// `engine` is NULL or live; `args` is NULL or a valid `tpla_device_decode_args` whose

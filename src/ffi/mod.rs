@@ -490,6 +490,7 @@ mod tests {
             (tpla_dtype::Bf16, DType::Bf16),
             (tpla_dtype::F16, DType::F16),
             (tpla_dtype::F32, DType::F32),
+            (tpla_dtype::Fp8E4m3, DType::Fp8E4m3),
         ] {
             assert_eq!(c as u32, r.code());
         }

@@ -204,8 +204,8 @@ pub unsafe extern "C" fn tpla_hybrid_owner_rank(
 }
 
 /// Writes to `*bytes` the cached bytes per token of context on a rank of `plan` with
-/// elements of `dtype` (a `tpla_dtype`): `(d_c / groups + d_r) * sizeof(dtype) / shards`,
-/// averaged over a long sequence.
+/// elements of `dtype` (a `tpla_dtype`): `(d_c / groups + d_r) * sizeof(dtype) / shards`
+/// (TPLA_DTYPE_FP8_E4M3: the FP8 row of `tpla_dtype`), averaged over a long sequence.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (dims, plan, dtype) or
 /// TPLA_STATUS_OUT_OF_RANGE (rank). Thread-safe.
@@ -224,7 +224,7 @@ pub unsafe extern "C" fn tpla_hybrid_bytes_per_token(
         let p = plan.to_rust(dims)?;
         let t = DType::from_code(dtype)?;
         // SAFETY: caller contract.
-        unsafe { write_out(bytes, p.bytes_per_token(&d, t.size()), "bytes") }
+        unsafe { write_out(bytes, p.bytes_per_token(&d, t), "bytes") }
     })
 }
 

@@ -51,7 +51,12 @@ pub fn rounded(dtype: DType, values: &[f64]) -> Vec<f64> {
 
 /// Every row of `seq` in `layer`, decoded to f64.
 pub fn rows_of(cache: &RankCache, layer: usize, seq: u32) -> Vec<f64> {
-    gather_rows(&cache.layer(layer).unwrap(), seq).unwrap()
+    gather_rows(
+        &cache.layer(layer).unwrap(),
+        seq,
+        cache.spec().slice_width(),
+    )
+    .unwrap()
 }
 
 /// A synthetic prefill cache: per layer, per sequence, full-width rotated normalised
@@ -161,3 +166,19 @@ impl Prefill {
 }
 
 pub mod reseal;
+
+/// What the cache must give back for rows `[..][w + d_r]` (`w` latent values each):
+/// each row rounded to the element type, FP8 latent slices per scale block.
+pub fn rounded_rows(dtype: DType, values: &[f64], w: usize, row_width: usize) -> Vec<f64> {
+    let rb = dtype.row_bytes(w, row_width - w);
+    let mut bytes = vec![0u8; rb];
+    let mut out = vec![0.0; values.len()];
+    for (row, o) in values
+        .chunks_exact(row_width)
+        .zip(out.chunks_exact_mut(row_width))
+    {
+        dtype.encode_row(row, w, &mut bytes);
+        dtype.decode_row(&bytes, w, o);
+    }
+    out
+}

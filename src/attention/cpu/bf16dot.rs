@@ -13,6 +13,7 @@ use super::simd::{Avx512, Simd};
 use super::tile::{
     softmax_update, Accum, TileGeo, TileRows, TileScratch, VectorBlocks, ROW_STEP, TILE_ROWS,
 };
+use crate::dtype::{DType, E4M3_TO_F32, FP8_BLOCK};
 use half::bf16;
 use std::arch::x86_64::*;
 
@@ -278,6 +279,72 @@ pub(super) unsafe fn tile_bf16(
             }
         }
     }
+}
+
+/// The bf16 tile over FP8 rows: each row's latent slice decoded (`code * scale` in f32,
+/// as every kernel computes it) and rounded to bf16 (nearest even), its bf16 RoPE key
+/// copied, into a per-thread `[TILE_ROWS][w + d_r]` buffer that [`tile_bf16`] then
+/// reads as a bf16 cache. The result equals, bit for bit, [`tile_bf16`] over a bf16
+/// cache holding the dequantised rows rounded from f32 (`vcvtneps2bf16` rounds to
+/// nearest even but flushes f32 subnormals, below 1.2e-38, to zero).
+///
+/// # Safety
+/// As [`tile_bf16`]; the rows hold FP8 rows of `geo` (DESIGN 7.1) and `scr` was
+/// reserved for `geo`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn tile_fp8(
+    geo: &TileGeo,
+    qp: &[u32],
+    tile: &TileRows,
+    scr: &mut TileScratch,
+    acc: &mut Accum,
+) {
+    let (w, rw) = (geo.w, geo.w + geo.d_r);
+    // moved out for the call, so that `tile_bf16` may borrow the rest of the scratch
+    let mut buf = std::mem::take(&mut scr.fp8_as_bf16);
+    debug_assert!(buf.len() >= tile.rows.len() * rw);
+    let mut rows = [std::ptr::null::<u8>(); TILE_ROWS];
+    let rope_at = DType::Fp8E4m3.rope_offset(w);
+    let (mag_mask, sign_mask) = (_mm256_set1_epi16(0x7f), _mm256_set1_epi16(0x80));
+    let nan_exp = _mm256_set1_epi16(0x7c00);
+    for (t, &row) in tile.rows.iter().enumerate() {
+        let dst = buf.as_mut_ptr().add(t * rw);
+        let scales = row.add(w);
+        for blk in 0..DType::scale_blocks(w) {
+            let scale = f32::from_le_bytes(scales.add(4 * blk).cast::<[u8; 4]>().read_unaligned());
+            let start = blk * FP8_BLOCK;
+            let end = (start + FP8_BLOCK).min(w);
+            // as `Simd::decode_fp8` (e4m3 in f16 bits is the value times 2^-8), kept in
+            // registers through the rounding to bf16
+            let sv = _mm512_set1_ps(scale * 256.0);
+            let mut j = start;
+            while j + 16 <= end {
+                let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(j).cast()));
+                let mag = _mm256_and_si256(b, mag_mask);
+                let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(b, sign_mask));
+                let nan = _mm256_and_si256(_mm256_cmpeq_epi16(mag, mag_mask), nan_exp);
+                let h = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi16::<7>(mag), sign), nan);
+                let v = _mm512_mul_ps(_mm512_cvtph_ps(h), sv);
+                let out: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(dst.add(j).cast(), out);
+                j += 16;
+            }
+            for k in j..end {
+                let v = E4M3_TO_F32[*row.add(k) as usize] * scale;
+                *dst.add(k) = bf16::from_f32(v).to_bits();
+            }
+        }
+        std::ptr::copy_nonoverlapping(row.add(rope_at), dst.add(w).cast::<u8>(), 2 * geo.d_r);
+        rows[t] = dst.cast::<u8>();
+    }
+    let bf16_tile = TileRows {
+        rows: &rows[..tile.rows.len()],
+        valid: tile.valid,
+        next: tile.next,
+        row_bytes: tile.row_bytes,
+    };
+    tile_bf16(geo, qp, &bf16_tile, scr, acc);
+    scr.fp8_as_bf16 = buf;
 }
 
 /// Head vectors per score micro-kernel (16 accumulators of the 32 registers).

@@ -12,7 +12,8 @@
 //! AVX2+FMA (a register-blocked tile of its own, `avx2.rs`), and a portable one. The
 //! AVX-512 BF16 choice handles f16 and f32 caches with the AVX-512F kernel: `vdpbf16ps`
 //! needs bf16 operands, and rounding an f32 cache to bf16 would lose the precision it
-//! was stored with.
+//! was stored with. FP8 caches (e4m3 with f32 block scales) are decoded in registers:
+//! to the f32 panel by the f32 kernels, to bf16 rows per tile by the `vdpbf16ps` one.
 //!
 //! Non-finite cached values are not searched for (that would cost a second read of the
 //! cache): a NaN in a row makes that row's scores NaN for every head, which propagates to
@@ -39,7 +40,7 @@ use tile::{grow, Accum, TileGeo, TileRows, TileScratch, ROW_STEP, TILE_ROWS};
 pub enum KernelChoice {
     /// The fastest kernel this CPU supports.
     Auto,
-    /// `vdpbf16ps` for bf16 caches (AVX-512F kernel for f16 and f32 caches).
+    /// `vdpbf16ps` for bf16 and FP8 caches (AVX-512F kernel for f16 and f32 caches).
     Avx512Bf16,
     Avx512F,
     Avx2Fma,
@@ -111,7 +112,7 @@ impl KernelChoice {
     /// The kernel that runs a cache of `dtype` under this choice.
     fn path(self, dtype: DType) -> Path {
         match (self, dtype) {
-            (KernelChoice::Avx512Bf16, DType::Bf16) => Path::Bf16Dot,
+            (KernelChoice::Avx512Bf16, DType::Bf16 | DType::Fp8E4m3) => Path::Bf16Dot,
             (KernelChoice::Avx512Bf16 | KernelChoice::Avx512F, _) => Path::Avx512,
             (KernelChoice::Avx2Fma, _) => Path::Avx2,
             _ => Path::Portable,
@@ -398,7 +399,7 @@ impl LatentAttention for CpuBackend {
         try_capacity(&mut work.lens, batch, "sequence lengths")?;
         try_capacity(&mut work.items, items, "work items")?;
         try_capacity(&mut work.spans, blocks, "work spans")?;
-        for dtype in [DType::Bf16, DType::F16, DType::F32] {
+        for dtype in [DType::Bf16, DType::F16, DType::F32, DType::Fp8E4m3] {
             let (path, geo, _) = self.layout(shape, dtype);
             let work = &mut self.work;
             if path == Path::Bf16Dot {
@@ -414,7 +415,10 @@ impl LatentAttention for CpuBackend {
                 items.saturating_mul(part_len),
                 "partials",
             )?;
-            grow(&mut work.zero_row, shape.row_width() * dtype.size());
+            grow(
+                &mut work.zero_row,
+                dtype.row_bytes(shape.slice_width, shape.d_r),
+            );
             for t in &work.tiles {
                 t.lock().expect("tile scratch lock").reserve(&geo);
             }
@@ -564,7 +568,10 @@ impl CpuBackend {
         let q_block = pack_queries(work, path, &geo, shape, groups, q);
         let part_len = geo.heads * geo.wp + 2 * geo.hp;
         grow(&mut work.partials, work.items.len() * part_len);
-        grow(&mut work.zero_row, shape.row_width() * cache.dtype().size());
+        grow(
+            &mut work.zero_row,
+            cache.dtype().row_bytes(shape.slice_width, shape.d_r),
+        );
         for t in &work.tiles {
             t.lock().expect("tile scratch lock").reserve(&geo);
         }
@@ -744,7 +751,7 @@ impl ItemJob<'_> {
         l.fill(0.0);
         let mut acc = Accum { o, m, l };
         let blk = item.batch * self.groups + item.group;
-        let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
+        let row_bytes = geo.dtype.row_bytes(geo.w, geo.d_r);
         let zero = self.zero_row.as_ptr();
         let mut page: (usize, &[u8]) = (usize::MAX, &[]);
         // the next tile's rows are gathered now and prefetched while this one computes
@@ -774,7 +781,11 @@ impl ItemJob<'_> {
                     #[cfg(target_arch = "x86_64")]
                     Path::Bf16Dot => {
                         let qp = &self.query_bf16[blk * self.q_block..][..self.q_block];
-                        bf16dot::tile_bf16(&geo, qp, &tile, scr, &mut acc)
+                        if geo.dtype == DType::Fp8E4m3 {
+                            bf16dot::tile_fp8(&geo, qp, &tile, scr, &mut acc)
+                        } else {
+                            bf16dot::tile_bf16(&geo, qp, &tile, scr, &mut acc)
+                        }
                     }
                     #[cfg(target_arch = "x86_64")]
                     Path::Avx512 => tile::tile_avx512(&geo, self.query(blk), &tile, scr, &mut acc),
@@ -804,7 +815,7 @@ impl ItemJob<'_> {
             self.lens[item.batch],
             self.cache.page_size(),
         );
-        let row_bytes = (geo.w + geo.d_r) * geo.dtype.size();
+        let row_bytes = geo.dtype.row_bytes(geo.w, geo.d_r);
         let valid = TILE_ROWS.min(item.end - t0);
         for (i, r) in rows[..valid].iter_mut().enumerate() {
             let t = t0 + i;

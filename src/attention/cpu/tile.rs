@@ -9,7 +9,7 @@
 //! accumulates `O[h][j] += P[t][h] * x_t[j]` with latent columns in lanes.
 
 use super::simd::Simd;
-use crate::dtype::DType;
+use crate::dtype::{DType, FP8_BLOCK};
 
 /// Rows of one tile: large enough to amortise loading and rescaling the accumulators,
 /// small enough that a tile's decoded rows stay in L2.
@@ -57,6 +57,8 @@ pub(super) struct TileScratch {
     pub vp: Vec<u32>,
     /// Per-head rescaling of the accumulators for this tile `[hp]`.
     pub corr: Vec<f32>,
+    /// FP8 rows rounded to bf16 for the bf16 kernel, `[TILE_ROWS][w + d_r]`.
+    pub fp8_as_bf16: Vec<u16>,
 }
 
 impl TileScratch {
@@ -67,6 +69,9 @@ impl TileScratch {
         grow(&mut self.pp, TILE_ROWS / 2 * geo.hp);
         grow(&mut self.vp, TILE_ROWS / 2 * geo.wp);
         grow(&mut self.corr, geo.hp);
+        if geo.dtype == DType::Fp8E4m3 {
+            grow(&mut self.fp8_as_bf16, TILE_ROWS * (geo.w + geo.d_r));
+        }
     }
 }
 
@@ -209,10 +214,27 @@ pub(super) unsafe fn decode_tile<S: Simd>(geo: &TileGeo, tile: &TileRows, x: *mu
     for (t, &row) in tile.rows.iter().enumerate() {
         tile.prefetch_next(t, t + 1);
         let xt = x.add(t * xs);
-        S::decode_row(geo.dtype, row, xt, geo.w);
+        if geo.dtype == DType::Fp8E4m3 {
+            decode_fp8_slice::<S>(row, xt, geo.w);
+        } else {
+            S::decode_row(geo.dtype, row, xt, geo.w);
+        }
         std::ptr::write_bytes(xt.add(geo.w), 0, wp - geo.w);
-        let rope = row.add(geo.w * geo.dtype.size());
-        S::decode_row(geo.dtype, rope, xt.add(wp), geo.d_r);
+        let rope = row.add(geo.dtype.rope_offset(geo.w));
+        S::decode_row(geo.dtype.rope_dtype(), rope, xt.add(wp), geo.d_r);
+    }
+}
+
+/// Decodes the FP8 latent slice of one row (`w` e4m3 codes, then one little-endian f32
+/// scale per block of [`FP8_BLOCK`] codes) into `dst`, each block times its scale.
+#[inline(always)]
+unsafe fn decode_fp8_slice<S: Simd>(row: *const u8, dst: *mut f32, w: usize) {
+    let scales = row.add(w);
+    for b in 0..DType::scale_blocks(w) {
+        let scale = f32::from_le_bytes(scales.add(4 * b).cast::<[u8; 4]>().read_unaligned());
+        let start = b * FP8_BLOCK;
+        let n = FP8_BLOCK.min(w - start);
+        S::decode_fp8(row.add(start), dst.add(start), n, scale);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::cache::{DeviceCache, DeviceCacheConfig};
 use super::compile::default_cache_dir;
-use super::driver::{arg, bf16_rows_tensor_map, CUstream, CudaDevice, DeviceBuffer, Stream};
+use super::driver::{arg, bf16_pages_tensor_map, CUstream, CudaDevice, DeviceBuffer, Stream};
 use super::engine::EngineKernels;
 use super::kernels::{DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, TILE_TOKENS};
 use crate::attention::reference::check_attend_args;
@@ -265,18 +265,13 @@ impl PoolRef {
         PAGE_SIZE * self.row_width * 2
     }
 
-    /// Refuses what the decode kernels cannot read yet.
+    /// Refuses a page stride the decode kernels cannot read: both take any multiple of
+    /// 16 bytes (the copy engine's and cp.async's granule) of at least a page's rows.
     pub fn check_supported(&self) -> Result<()> {
-        // LEAD (page stride): today's kernels address the pool as rows back to back (the
-        // 2D tensor map in `DecodePlan::launch_pool`, v3's `pool + (page * PAGE + row) *
-        // RW`), so only pools whose pages are packed can be read. When the kernels take a
-        // 3D map (dims {row_width, PAGE_SIZE, pages}, strides {row bytes, page_stride})
-        // and v3 a page stride, pass `page_stride` at the marked call site there and drop
-        // this refusal.
-        if self.page_stride != self.page_bytes() {
-            return Err(Error::unsupported(format!(
-                "the CUDA decode kernels read pools whose pages are packed (a page stride of \
-                 {} bytes), not a page stride of {}",
+        if self.page_stride % 16 != 0 || self.page_stride < self.page_bytes() {
+            return Err(Error::invalid(format!(
+                "a page stride must be a multiple of 16 bytes of at least a page's {} bytes \
+                 of rows, got {}",
                 self.page_bytes(),
                 self.page_stride
             )));
@@ -461,6 +456,7 @@ impl DecodePlan {
         let part_out = ws + self.layout.part_out as u64;
         let part_lse = ws + self.layout.part_lse as u64;
         let (batch, sched) = (self.batch as i32, ws + self.layout.schedule as u64);
+        let page_stride = pool.page_stride as u64;
         let config = self.kernels.config;
         let wgmma = config.kernel == DecodeKernel::Wgmma;
         // The Hopper kernel reads the pool through a tensor map (by value, so a captured
@@ -468,11 +464,11 @@ impl DecodePlan {
         // (it takes the batch size and writes the merge's table); v3 reads the pool
         // through its address and has a block per (split, sequence).
         let pool_map = if wgmma {
-            // LEAD: the single tensor-map call site (page stride: `pool.page_stride`).
-            Some(bf16_rows_tensor_map(
+            Some(bf16_pages_tensor_map(
                 pool_ptr,
                 self.shape.row_width(),
-                pool.pages * PAGE_SIZE,
+                pool.pages,
+                pool.page_stride,
             )?)
         } else {
             None
@@ -491,20 +487,21 @@ impl DecodePlan {
             arg(&lse),
             arg(&part_out),
             arg(&part_lse),
-            arg(&sched),
+            // the Hopper kernel's page stride is in its tensor map
+            if wgmma {
+                arg(&sched)
+            } else {
+                arg(&page_stride)
+            },
         ];
-        let (arg_count, grid_z) = if wgmma {
-            (14, 1)
-        } else {
-            (13, self.batch as u32)
-        };
+        let grid_z = if wgmma { 1 } else { self.batch as u32 };
         let head_tiles = (self.shape.heads / config.heads_tile) as u32;
         self.kernels.decode.launch(
             (head_tiles, self.splits as u32, grid_z),
             config.decode_threads(),
             self.kernels.decode_shared_bytes,
             stream,
-            &mut args[..arg_count],
+            &mut args,
         )?;
         let merge_grid = (self.shape.heads as u32, self.batch as u32, 1);
         match self.kernels.combine_pieces {

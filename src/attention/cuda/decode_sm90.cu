@@ -131,12 +131,15 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
         "@!done bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
-__device__ __forceinline__ void tma_load_tile(u32 dst, const TensorMap* map, u32 bar, int col, int row) {
+// Copies columns col..col+63 of the rows of cache page `page` (a 3D map: columns, rows
+// of the page, pages) into `dst`, completing on `bar`; the lines are marked evict-first
+// in L2 (each is read once per head tile).
+__device__ __forceinline__ void tma_load_tile(u32 dst, const TensorMap* map, u32 bar, int col, int page) {
     asm volatile(
         "{\n.reg .b64 policy;\n"
         "createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, %4}], [%2], policy;\n}"
-        ::"r"(dst), "l"((u64)map), "r"(bar), "r"(col), "r"(row) : "memory");
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, 0, %4}], [%2], policy;\n}"
+        ::"r"(dst), "l"((u64)map), "r"(bar), "r"(col), "r"(page) : "memory");
 }
 // Orders this thread's ordinary shared-memory stores before later reads by the tensor
 // cores or the copy engine (the async proxy).
@@ -176,7 +179,7 @@ __device__ __forceinline__ void load_tile(const TensorMap* map, u32 k_base, u32 
     mbar_expect_tx(full_bar + 8 * s, STAGE_BYTES);
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c)
-        tma_load_tile(k_base + s * STAGE_BYTES + c * ATOM_BYTES, map, full_bar + 8 * s, c * 64, page * PAGE);
+        tma_load_tile(k_base + s * STAGE_BYTES + c * ATOM_BYTES, map, full_bar + 8 * s, c * 64, page);
 }
 
 // Clears rows valid..NT-1 of chunks [c_begin, c_end) of stage `s` (a sequence's last
@@ -208,7 +211,7 @@ __device__ __forceinline__ void load_part(const TensorMap* map, u32 k_base, u32 
     for (int c = PART_BEGIN(w); c < PART_END(w); ++c) {
         const u32 bar = bars + 8 * (s * CHUNKS + c);
         mbar_expect_tx(bar, ATOM_BYTES);
-        tma_load_tile(k_base + s * STAGE_BYTES + c * ATOM_BYTES, map, bar, c * 64, page * PAGE);
+        tma_load_tile(k_base + s * STAGE_BYTES + c * ATOM_BYTES, map, bar, c * 64, page);
     }
 }
 #endif
@@ -507,7 +510,7 @@ __device__ __forceinline__ int entry_tiles(const int* slots, const int* seq_lens
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages * PAGE][RW] bf16
+tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PAGE][RW] bf16, pages a stride apart
             const float* __restrict__ q,          // [batch][heads][RW]
             const int* __restrict__ block_table,  // [slots][max_pages]
             const int* __restrict__ seq_lens,     // [slots]

@@ -107,12 +107,13 @@ __device__ __forceinline__ u32 swz(int row, int chunk, int cpr) {
 // `stage_base`: warp w copies rows w, w + 8, ..., its lanes consecutive 16-byte chunks
 // (coalesced). Rows past the sequence's end are zero-filled so that 0-weighted rows
 // never carry NaN bit patterns into P V.
-__device__ __forceinline__ void load_tile(u32 stage_base, const bf16_t* __restrict__ pool,
+__device__ __forceinline__ void load_tile(u32 stage_base, const unsigned char* __restrict__ pool, u64 page_stride,
                                           const int* __restrict__ pages, int tile, int len,
                                           int warp, int lane) {
     const int first = tile * NT;
     const int page = pages[first / PAGE];
-    const bf16_t* base = pool + ((u64)page * PAGE + (first % PAGE) + warp) * RW + lane * 8;
+    const bf16_t* base =
+        reinterpret_cast<const bf16_t*>(pool + (u64)page * page_stride) + ((first % PAGE) + warp) * RW + lane * 8;
     const u32 dst0 = stage_base + (u32)(warp * RW * 2) + (u32)((lane ^ warp) * 16);
 #pragma unroll
     for (int i = 0; i < NT / NWARPS; ++i) {
@@ -126,7 +127,7 @@ __device__ __forceinline__ void load_tile(u32 stage_base, const bf16_t* __restri
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB)
-tpla_decode(const bf16_t* __restrict__ pool,      // [pages][PAGE][RW]
+tpla_decode(const unsigned char* __restrict__ pool,  // page p at pool + p * page_stride: [PAGE][RW] bf16
             const float* __restrict__ q,          // [batch][heads][RW]
             const int* __restrict__ block_table,  // [slots][max_pages]
             const int* __restrict__ seq_lens,     // [slots]
@@ -135,7 +136,8 @@ tpla_decode(const bf16_t* __restrict__ pool,      // [pages][PAGE][RW]
             float* __restrict__ out,              // [batch][heads][SLICE]  (one split)
             float* __restrict__ lse,              // [batch][heads]         (one split)
             float* __restrict__ part_out,         // [batch][splits][heads][SLICE]
-            float* __restrict__ part_lse)         // [batch][splits][heads]
+            float* __restrict__ part_lse,         // [batch][splits][heads]
+            unsigned long long page_stride)       // bytes, a multiple of 16
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
@@ -179,7 +181,7 @@ tpla_decode(const bf16_t* __restrict__ pool,      // [pages][PAGE][RW]
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (t_begin + s < t_end)
-            load_tile(k_base + s * NT * RW * 2, pool, pages, t_begin + s, len, warp, lane);
+            load_tile(k_base + s * NT * RW * 2, pool, page_stride, pages, t_begin + s, len, warp, lane);
         cp_async_commit();
     }
     const float* qb = q + ((u64)b * heads + h0) * RW;
@@ -238,7 +240,7 @@ tpla_decode(const bf16_t* __restrict__ pool,      // [pages][PAGE][RW]
             const int next = tile + STAGES - 1;
             if (next < t_end) {
                 const int ns = (stage + STAGES - 1) % STAGES;
-                load_tile(k_base + ns * NT * RW * 2, pool, pages, next, len, warp, lane);
+                load_tile(k_base + ns * NT * RW * 2, pool, page_stride, pages, next, len, warp, lane);
             }
             cp_async_commit();
         }

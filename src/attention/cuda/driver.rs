@@ -5,6 +5,7 @@
 //! same calls work on the backend's own stream and on a stream an engine hands in (and
 //! may be capturing into a CUDA graph).
 
+use super::kernels::PAGE_SIZE;
 use crate::error::{Error, ErrorKind, Result};
 use cudarc::driver::{result, sys};
 use std::ffi::c_void;
@@ -560,32 +561,45 @@ impl Function {
     }
 }
 
-/// The tensor map of a pool of `rows` bf16 rows of `row_width` values at device address
-/// `ptr`, read by the Hopper kernel in boxes of 64 rows x 64 columns with the 128-byte
-/// swizzle (the shared-memory layout wgmma reads); reads outside the pool give zeros.
-pub(crate) fn bf16_rows_tensor_map(
+/// The tensor map of a pool of `pages` pages of [`PAGE_SIZE`] bf16 rows of `row_width`
+/// values at device address `ptr`, page `p` at `ptr + p * page_stride` bytes (the rows of
+/// a page back to back), read by the Hopper kernel in boxes of 64 columns x one page's
+/// rows with the 128-byte swizzle (the shared-memory layout wgmma reads); reads outside
+/// the pool (a page index past `pages`) give zeros.
+pub(crate) fn bf16_pages_tensor_map(
     ptr: u64,
     row_width: usize,
-    rows: usize,
+    pages: usize,
+    page_stride: usize,
 ) -> Result<sys::CUtensorMap> {
-    if ptr % 16 != 0 || row_width % 64 != 0 || rows == 0 || rows > u32::MAX as usize {
+    let row_bytes = row_width * 2;
+    if ptr % 16 != 0
+        || row_width % 64 != 0
+        || pages == 0
+        || pages > u32::MAX as usize
+        || page_stride % 16 != 0
+        || page_stride < PAGE_SIZE * row_bytes
+        || page_stride as u64 >= 1 << 40
+    {
         return Err(Error::invalid(format!(
-            "a tensor map needs a 16-byte aligned pool of 1 to 2^32 rows whose width is a multiple \
-             of 64; got address {ptr:#x}, {rows} rows of {row_width}"
+            "a tensor map needs a 16-byte aligned pool of 1 to 2^32 pages whose row width is a \
+             multiple of 64 and whose page stride is a multiple of 16 of at least a page's rows \
+             (below 2^40); got address {ptr:#x}, {pages} pages of {PAGE_SIZE} rows of {row_width}, \
+             page stride {page_stride}"
         )));
     }
-    let dims = [row_width as u64, rows as u64];
-    let strides = [row_width as u64 * 2];
-    let boxes = [64u32, 64];
-    let element_strides = [1u32, 1];
+    let dims = [row_width as u64, PAGE_SIZE as u64, pages as u64];
+    let strides = [row_bytes as u64, page_stride as u64];
+    let boxes = [64u32, PAGE_SIZE as u32, 1];
+    let element_strides = [1u32, 1, 1];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: every pointer refers to a live local of the rank (2) given; the driver
+    // SAFETY: every pointer refers to a live local of the rank (3) given; the driver
     // only encodes (no device access).
     unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
             sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
+            3,
             ptr as *mut c_void,
             dims.as_ptr(),
             strides.as_ptr(),

@@ -40,9 +40,10 @@ pub struct Args {
     /// auto, wgmma (Hopper), mma-sync (v3). Each shape runs on each kernel in turn.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<String>,
-    /// Cache element type: bf16, f16, f32.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    /// Cache element types (comma-separated): bf16, f16, f32, fp8_e4m3. Several are timed
+    /// in the same rounds, so their ratios see the same machine load.
+    #[arg(long, value_delimiter = ',', default_value = "bf16")]
+    dtype: Vec<String>,
     /// Tokens per cache page.
     #[arg(long, default_value_t = DEFAULT_PAGE_SIZE)]
     page_size: usize,
@@ -162,7 +163,8 @@ impl EngineStep {
 #[derive(Default)]
 struct Ceilings {
     read_bytes_per_s: Vec<f64>,
-    peak_flops: Vec<f64>,
+    /// Per element type of the run (the kernel path may depend on it).
+    peak_flops: Vec<Vec<f64>>,
 }
 
 /// Median of `v` (sorted in place); `v` is not empty.
@@ -196,7 +198,11 @@ pub fn run(args: Args) -> Result<()> {
             "repeats, context lengths, batch sizes and the bandwidth buffer must be positive",
         ));
     }
-    let dtype = DType::parse(&args.dtype)?;
+    let dtypes = args
+        .dtype
+        .iter()
+        .map(|d| DType::parse(d))
+        .collect::<Result<Vec<_>>>()?;
     let kernels = args
         .kernel
         .iter()
@@ -219,12 +225,21 @@ pub fn run(args: Args) -> Result<()> {
                 "unknown --api '{api}' (kernel, engine)"
             )));
         }
+        if api == "engine" && dtypes.contains(&DType::Fp8E4m3) {
+            return Err(Error::unsupported(
+                "--api engine: engine-owned memory does not hold FP8 rows yet",
+            ));
+        }
     }
 
     let mut backends = Vec::new();
     for &t in &threads {
         for &k in &kernels {
-            backends.push((CpuBackend::with_kernel(t, k)?, Ceilings::default()));
+            let ceilings = Ceilings {
+                read_bytes_per_s: Vec::new(),
+                peak_flops: vec![Vec::new(); dtypes.len()],
+            };
+            backends.push((CpuBackend::with_kernel(t, k)?, ceilings));
         }
     }
 
@@ -236,21 +251,23 @@ pub fn run(args: Args) -> Result<()> {
         for &g in &args.groups {
             let plan = ShardPlan::new(&dims, g, 0)?;
             for &context in &args.context {
-                let cache = synthetic_cache(
-                    &mut rng,
-                    dims,
-                    &plan,
-                    dtype,
-                    args.page_size,
-                    context,
-                    max_batch,
-                )?;
-                caches.push((model, g, plan, context, cache, dims));
+                for (di, &dtype) in dtypes.iter().enumerate() {
+                    let cache = synthetic_cache(
+                        &mut rng,
+                        dims,
+                        &plan,
+                        dtype,
+                        args.page_size,
+                        context,
+                        max_batch,
+                    )?;
+                    caches.push((model, g, plan, context, cache, dims, di));
+                }
             }
         }
     }
     let mut configs = Vec::new();
-    for (ci, (_, _, plan, _, cache, dims)) in caches.iter().enumerate() {
+    for (ci, (_, _, plan, _, cache, dims, _)) in caches.iter().enumerate() {
         let shape = LatentShape {
             heads: plan.heads,
             slice_width: plan.slice_width,
@@ -292,10 +309,21 @@ pub fn run(args: Args) -> Result<()> {
         // ceilings in every round too, so they see the same machine load as the steps
         for (backend, ceil) in backends.iter_mut() {
             let bandwidth = backend.read_bandwidth(&stream);
-            let peak = backend.peak_flops(dtype, Duration::from_millis(20));
             if round >= 2 {
                 ceil.read_bytes_per_s.push(bandwidth);
-                ceil.peak_flops.push(peak);
+            }
+            // one peak per kernel path: element types that run the same kernel share it
+            let mut peaks: Vec<(KernelChoice, f64)> = Vec::new();
+            for (di, &dtype) in dtypes.iter().enumerate() {
+                let kernel = backend.kernel_for(dtype);
+                let peak = match peaks.iter().find(|p| p.0 == kernel) {
+                    Some(p) => p.1,
+                    None => backend.peak_flops(dtype, Duration::from_millis(20)),
+                };
+                peaks.push((kernel, peak));
+                if round >= 2 {
+                    ceil.peak_flops[di].push(peak);
+                }
             }
         }
         for c in configs.iter_mut() {
@@ -323,15 +351,20 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
-    let ceilings: Vec<(f64, f64)> = backends
+    let ceilings: Vec<(f64, Vec<f64>)> = backends
         .iter_mut()
-        .map(|(_, c)| (median(&mut c.read_bytes_per_s), median(&mut c.peak_flops)))
+        .map(|(_, c)| {
+            let peaks = c.peak_flops.iter_mut().map(|p| median(p)).collect();
+            (median(&mut c.read_bytes_per_s), peaks)
+        })
         .collect();
     if !args.json {
         println!(
-            "{:<16} {:>6} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
+            "{:<16} {:>6} {:<8} {:>5} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
             "model",
             "api",
+            "dtype",
+            "B/tok",
             "heads",
             "g",
             "context",
@@ -348,9 +381,10 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     for c in configs.iter_mut() {
-        let (model, g, _, context, _, _) = &caches[c.cache];
+        let (model, g, _, context, _, _, di) = &caches[c.cache];
+        let dtype = dtypes[*di];
         let backend = &backends[c.backend].0;
-        let (read_bw, peak) = ceilings[c.backend];
+        let (read_bw, peak) = (ceilings[c.backend].0, ceilings[c.backend].1[*di]);
         let (shape, batch) = (c.shape, c.batch);
         // in round order: configurations timed in the same round saw the same load, so
         // their step-by-step ratios compare them more robustly than their medians
@@ -360,7 +394,8 @@ pub fn run(args: Args) -> Result<()> {
         let best = c.times[0];
         // DESIGN 4: bytes and flops per token of context, per query, per rank
         let tokens = (batch * context) as f64;
-        let bytes = tokens * (shape.row_width() * dtype.size()) as f64;
+        let row_bytes = dtype.row_bytes(shape.slice_width, shape.d_r);
+        let bytes = tokens * row_bytes as f64;
         let flops = tokens * 2.0 * (shape.heads * (2 * shape.slice_width + shape.d_r)) as f64;
         let (t_bytes, t_flops) = (bytes / read_bw, flops / peak);
         let roofline = t_bytes.max(t_flops);
@@ -376,6 +411,7 @@ pub fn run(args: Args) -> Result<()> {
                 "api": api,
                 "kernel": kernel,
                 "dtype": dtype.name(),
+                "bytes_per_token": row_bytes,
                 "model": model,
                 "heads": shape.heads,
                 "groups": g,
@@ -397,9 +433,11 @@ pub fn run(args: Args) -> Result<()> {
             println!("{record}");
         } else {
             println!(
-                "{:<16} {:>6} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
+                "{:<16} {:>6} {:<8} {:>5} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
                 model,
                 api,
+                dtype.name(),
+                row_bytes,
                 shape.heads,
                 g,
                 context,
@@ -472,7 +510,7 @@ fn synthetic_cache(
 fn run_cuda(args: &Args) -> Result<()> {
     use tpla::attention::cuda::bench::{measure, measure_ceilings, measure_engine, Case};
     use tpla::attention::cuda::{CudaBackend, DecodeKernel, PAGE_SIZE};
-    if args.dtype != "bf16" || args.page_size != PAGE_SIZE {
+    if args.dtype != ["bf16"] || args.page_size != PAGE_SIZE {
         return Err(Error::unsupported(format!(
             "the CUDA backend caches bf16 rows in pages of {PAGE_SIZE} tokens"
         )));

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tpla::calibration::{CalibrationFile, LayerCalibration};
 use tpla::checkpoint::Checkpoint;
-use tpla::fidelity::{report, AppendChoice, ReportOptions, ReportRow, Scenario};
+use tpla::fidelity::{report, AppendChoice, ReportOptions, ReportRow, Scenario, Storage};
 use tpla::geometry::PRESETS;
 use tpla::transform::{MuPolicy, SliceLayout, TransformKind};
 use tpla::{Error, ModelDims, Result};
@@ -41,6 +41,12 @@ pub struct Args {
     /// sliced-rms (estimated from the rank's slice).
     #[arg(long, value_delimiter = ',', default_values_t = ["exact".to_string(), "sliced-rms".to_string()])]
     append: Vec<String>,
+    /// How the cached rows are stored: f64 (as computed: the fidelity of TPLA itself),
+    /// bf16, f16, f32, fp8_e4m3 (the FP8 cache), fp8_e4m3_pow2 (FP8 with power-of-two
+    /// scales, a measurement only). With bf16 in the list every row also reports its
+    /// distance from the bf16 rows' outputs ("vs bf16").
+    #[arg(long = "dtype", value_delimiter = ',', default_values_t = ["f64".to_string()])]
+    dtypes: Vec<String>,
     /// PCA slice layout: contiguous or interleaved.
     #[arg(long, default_value = "contiguous")]
     layout: String,
@@ -74,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
         transforms: parse_all(&args.transforms, TransformKind::parse)?,
         policies: parse_all(&args.mu, MuPolicy::parse)?,
         appends: parse_all(&args.append, AppendChoice::parse)?,
+        storages: parse_all(&args.dtypes, Storage::parse)?,
         layout: SliceLayout::parse(&args.layout)?,
         short: args.short,
         long: args.long,
@@ -152,7 +159,7 @@ pub fn run(args: Args) -> Result<()> {
 fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[ReportRow]) {
     if args.json {
         for r in rows {
-            let m = |m: &tpla::fidelity::Metrics, appended: usize| json!({"appended": appended, "rel_l2": m.rel_l2, "cosine": m.cosine, "kl": m.kl});
+            let m = |m: &tpla::fidelity::Metrics, appended: usize| json!({"appended": appended, "rel_l2": m.rel_l2, "cosine": m.cosine, "kl": m.kl, "rel_l2_vs_bf16": m.vs_bf16});
             println!(
                 "{}",
                 json!({
@@ -164,6 +171,7 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[R
                     "mu_policy": r.policy.name(),
                     "mu": r.mus,
                     "append": r.append.name(),
+                    "dtype": r.storage.name(),
                     "short": m(&r.short, opts.short),
                     "long": m(&r.long, opts.long),
                 })
@@ -173,21 +181,24 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[R
     }
     println!("{source}");
     println!(
-        "{:>2}  {:<9} {:<8} {:<10} {:<23} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8}",
+        "{:>2}  {:<9} {:<8} {:<10} {:<13} {:<23} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
         "g",
         "transform",
         "mu",
         "append",
+        "dtype",
         "mu values",
         "rel L2",
         "cosine",
         "KL",
+        "vs bf16",
         "rel L2",
         "cosine",
-        "KL"
+        "KL",
+        "vs bf16"
     );
     println!(
-        "{:>58} | {:^26} | {:^26}",
+        "{:>72} | {:^35} | {:^35}",
         "",
         format!("short ({} appended)", opts.short),
         format!("long ({} appended)", opts.long)
@@ -200,18 +211,22 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[R
 
 fn line(r: &ReportRow) -> String {
     let mus: Vec<String> = r.mus.iter().map(|m| format!("{m:.2}")).collect();
+    let vs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     format!(
-        "{:>2}  {:<9} {:<8} {:<10} {:<23} | {:>8.4} {:>8.5} {:>8.5} | {:>8.4} {:>8.5} {:>8.5}",
+        "{:>2}  {:<9} {:<8} {:<10} {:<13} {:<23} | {:>8.4} {:>8.5} {:>8.5} {:>8} | {:>8.4} {:>8.5} {:>8.5} {:>8}",
         r.groups,
         r.transform.name(),
         r.policy.name(),
         r.append.name(),
+        r.storage.name(),
         mus.join(","),
         r.short.rel_l2,
         r.short.cosine,
         r.short.kl,
+        vs(r.short.vs_bf16),
         r.long.rel_l2,
         r.long.cosine,
-        r.long.kl
+        r.long.kl,
+        vs(r.long.vs_bf16)
     )
 }

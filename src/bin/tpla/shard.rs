@@ -45,7 +45,7 @@ struct ExportArgs {
     /// Layers of the exported cache (synthetic layers 0..layers, or the --input file's).
     #[arg(long, default_value_t = 2)]
     layers: usize,
-    /// Cache element type: bf16, f16, f32.
+    /// Cache element type: bf16, f16, f32, fp8_e4m3.
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Tokens per page.
@@ -272,12 +272,13 @@ fn inspect(a: InspectArgs) -> Result<()> {
         d.heads, d.d_c, d.d_r, d.d_n, d.d_v, d.softmax_scale
     );
     println!(
-        "slice       latent group {} of {}: columns {}..{} and the RoPE key, {} values a row",
+        "slice       latent group {} of {}: columns {}..{} and the RoPE key, {} values ({} bytes) a row",
         s.group(),
         s.groups(),
         s.slice_start(),
         s.slice_start() + s.slice_width(),
-        s.row_width()
+        s.row_width(),
+        s.row_bytes()
     );
     println!(
         "pages       {}, {} tokens a page, stride {} bytes, {} pages a layer",
