@@ -4,6 +4,7 @@
 //! every shape, dtype, stride and device is checked before libtpla sees a slice, and the
 //! GIL is released while it computes.
 
+mod device;
 mod errors;
 mod tensor;
 
@@ -339,8 +340,9 @@ fn backend(
         }
         "reference" => Ok(Box::new(Reference)),
         "cuda" => Err(errors::to_py(tpla::Error::unsupported(
-            "the tpla Python package has no GPU engine path yet: backend='cuda' is not \
-             available (use backend='cpu')",
+            "a RankContext computes on the CPU (backend='cpu' or 'reference'); for the GPU \
+             make one and then tpla.DeviceEngine(context, device), which decodes and \
+             appends on torch CUDA tensors",
         ))),
         other => Err(invalid(format!(
             "unknown backend '{other}'; known backends: cpu, reference"
@@ -508,7 +510,7 @@ impl PyRankContext {
         slf: &Bound<'_, Self>,
         cache_seqlens: &Bound<'_, PyAny>,
     ) -> PyResult<PyDecodePlan> {
-        decode_plan(cache_seqlens, slf)
+        cpu_decode_plan(cache_seqlens, slf)
     }
 
     /// `tpla.append(kv_c, k_pe, kv_cache, slot_mapping, context=self, ...)`.
@@ -850,8 +852,41 @@ fn new_f64(py: Python<'_>, shape: &[usize], values: &[f64]) -> PyResult<PyObject
 /// The split-KV schedule of a decode step over sequences of `cache_seqlens` tokens
 /// (`[batch]` int32), made by `context`'s backend, for every layer's `decode` of the
 /// step (FlashMLA's `get_mla_metadata`). Plan again when the batch or a length changes.
+///
+/// With a `DeviceEngine` for `context`, the plan of a GPU step (`DeviceEngine.plan`):
+/// `block_table_width` is then required, `workspace` and `stream` optional.
 #[pyfunction]
+#[pyo3(signature = (cache_seqlens, context, *, block_table_width=None, workspace=None, stream=None))]
 fn decode_plan(
+    py: Python<'_>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    context: &Bound<'_, PyAny>,
+    block_table_width: Option<usize>,
+    workspace: Option<&Bound<'_, PyAny>>,
+    stream: Option<u64>,
+) -> PyResult<PyObject> {
+    if let Ok(engine) = context.downcast::<device::PyDeviceEngine>() {
+        return device::decode_plan_device(
+            engine,
+            cache_seqlens,
+            block_table_width,
+            workspace,
+            stream,
+        );
+    }
+    let context = context.downcast::<PyRankContext>().map_err(|_| {
+        invalid("context must be a tpla.RankContext (CPU) or a tpla.DeviceEngine (GPU)")
+    })?;
+    if block_table_width.is_some() || workspace.is_some() || stream.is_some() {
+        return Err(invalid(
+            "block_table_width, workspace and stream are a DeviceEngine's (GPU) plan \
+             arguments; a RankContext's plan takes the lengths alone",
+        ));
+    }
+    Ok(Py::new(py, cpu_decode_plan(cache_seqlens, context)?)?.into_any())
+}
+
+fn cpu_decode_plan(
     cache_seqlens: &Bound<'_, PyAny>,
     context: &Bound<'_, PyRankContext>,
 ) -> PyResult<PyDecodePlan> {
@@ -871,9 +906,10 @@ fn decode_plan(
 }
 
 /// Decode attention of one layer on the engine's paged cache, with FlashMLA's arguments
-/// (see the package documentation): returns `(out, lse)`.
+/// (see the package documentation): returns `(out, lse)`. A `DevicePlan` runs it on the
+/// GPU (`DeviceEngine.decode`; `faults` and `stream` are the GPU's arguments).
 #[pyfunction]
-#[pyo3(signature = (q, kv_cache, block_table, cache_seqlens, plan, softmax_scale=None, *, layer=0, mu=None, q_rope=None, absorb=false, project=false, out=None, lse=None, kv_dtype=None))]
+#[pyo3(signature = (q, kv_cache, block_table, cache_seqlens, plan, softmax_scale=None, *, layer=0, mu=None, q_rope=None, absorb=false, project=false, out=None, lse=None, kv_dtype=None, faults=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 fn decode<'py>(
     py: Python<'py>,
@@ -881,7 +917,7 @@ fn decode<'py>(
     kv_cache: &Bound<'py, PyAny>,
     block_table: &Bound<'py, PyAny>,
     cache_seqlens: &Bound<'py, PyAny>,
-    plan: &Bound<'py, PyDecodePlan>,
+    plan: &Bound<'py, PyAny>,
     softmax_scale: Option<f64>,
     layer: usize,
     mu: Option<f64>,
@@ -891,7 +927,46 @@ fn decode<'py>(
     out: Option<&Bound<'py, PyAny>>,
     lse: Option<&Bound<'py, PyAny>>,
     kv_dtype: Option<&str>,
+    faults: Option<&Bound<'py, PyAny>>,
+    stream: Option<u64>,
 ) -> PyResult<(PyObject, PyObject)> {
+    let plan = match plan.downcast::<PyDecodePlan>() {
+        Ok(p) => p,
+        Err(_) => {
+            #[cfg(feature = "cuda")]
+            if let Ok(p) = plan.downcast::<device::PyDevicePlan>() {
+                return device::decode_device(
+                    py,
+                    p,
+                    q,
+                    kv_cache,
+                    block_table,
+                    cache_seqlens,
+                    softmax_scale,
+                    layer,
+                    mu,
+                    q_rope,
+                    absorb,
+                    project,
+                    out,
+                    lse,
+                    kv_dtype,
+                    faults,
+                    stream,
+                );
+            }
+            return Err(invalid(format!(
+                "plan must be a tpla.DecodePlan or tpla.DevicePlan (tpla.decode_plan), got {}",
+                plan.get_type().name()?
+            )));
+        }
+    };
+    if faults.is_some() || stream.is_some() {
+        return Err(invalid(
+            "faults and stream are GPU arguments (a DevicePlan); on the CPU the fault bits \
+             are the context's last_faults",
+        ));
+    }
     let plan = plan.borrow();
     let mut c = plan.context.bind(py).try_borrow_mut()?;
     let c = &mut *c;
@@ -1068,9 +1143,11 @@ fn decode<'py>(
 }
 
 /// `context.append(...)`: writes new tokens into the engine's paged cache at
-/// `slot_mapping` (vLLM's `concat_and_cache_mla` order). Returns the fault bits.
+/// `slot_mapping` (vLLM's `concat_and_cache_mla` order). Returns the fault bits; with a
+/// `DeviceEngine` as `context`, `DeviceEngine.append` on the GPU (returns None: the
+/// faults, if asked for, go to the `faults` tensor).
 #[pyfunction]
-#[pyo3(signature = (kv_c, k_pe, kv_cache, slot_mapping, *, context, layer=0, rms="exact", kv_dtype=None))]
+#[pyo3(signature = (kv_c, k_pe, kv_cache, slot_mapping, *, context, layer=0, rms="exact", kv_dtype=None, faults=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 fn append(
     py: Python<'_>,
@@ -1078,12 +1155,43 @@ fn append(
     k_pe: &Bound<'_, PyAny>,
     kv_cache: &Bound<'_, PyAny>,
     slot_mapping: &Bound<'_, PyAny>,
-    context: &Bound<'_, PyRankContext>,
+    context: &Bound<'_, PyAny>,
     layer: usize,
     rms: &str,
     kv_dtype: Option<&str>,
-) -> PyResult<u32> {
-    context.try_borrow_mut()?.append_impl(
+    faults: Option<&Bound<'_, PyAny>>,
+    stream: Option<u64>,
+) -> PyResult<PyObject> {
+    #[cfg(feature = "cuda")]
+    if let Ok(engine) = context.downcast::<device::PyDeviceEngine>() {
+        if !matches!(kv_dtype, None | Some("bfloat16")) {
+            return Err(errors::to_py(tpla::Error::unsupported(
+                "the CUDA kernels write bfloat16 caches",
+            )));
+        }
+        engine.borrow().append_impl(
+            py,
+            kv_c,
+            k_pe,
+            kv_cache,
+            slot_mapping,
+            layer,
+            rms,
+            faults,
+            stream,
+        )?;
+        return Ok(py.None());
+    }
+    let context = context.downcast::<PyRankContext>().map_err(|_| {
+        invalid("context must be a tpla.RankContext (CPU) or a tpla.DeviceEngine (GPU)")
+    })?;
+    if faults.is_some() || stream.is_some() {
+        return Err(invalid(
+            "faults and stream are GPU arguments (a DeviceEngine); on the CPU append \
+             returns the fault bits",
+        ));
+    }
+    let bits = context.try_borrow_mut()?.append_impl(
         py,
         kv_c,
         k_pe,
@@ -1092,7 +1200,15 @@ fn append(
         layer,
         rms,
         kv_dtype,
-    )
+    )?;
+    Ok(bits.into_pyobject(py)?.into_any().unbind())
+}
+
+/// Whether this build has the GPU engine path (`tpla.DeviceEngine`; the cargo feature
+/// `cuda`). A GPU, its driver and NVRTC are looked for only when an engine is made.
+#[pyfunction]
+fn cuda_enabled() -> bool {
+    device::enabled()
 }
 
 /// A rank's read-only view of prefill shard files (`tpla.export_shards` or `tpla shard
@@ -1238,6 +1354,9 @@ fn _tpla(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRankContext>()?;
     m.add_class::<PyDecodePlan>()?;
     m.add_class::<PyShardCache>()?;
+    m.add_class::<device::PyDeviceEngine>()?;
+    m.add_class::<device::PyDevicePlan>()?;
+    m.add_function(wrap_pyfunction!(cuda_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(decode_plan, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(append, m)?)?;

@@ -1,14 +1,17 @@
 //! Zero-copy views of the caller's arrays: NumPy arrays and anything else with the buffer
 //! protocol, DLPack producers (torch tensors, JAX, CuPy), and objects exposing
-//! `__array_interface__`. A [`Tensor`] keeps what it borrowed alive (the `Py_buffer`,
-//! the DLPack capsule's tensor, or the object) until it is dropped, and checks dtype,
-//! device, shape and strides before a slice of it is handed to libtpla.
+//! `__array_interface__`; on the GPU ([`Tensor::cuda`]), DLPack producers with CUDA
+//! memory (torch CUDA tensors) and objects exposing `__cuda_array_interface__` (CuPy,
+//! Numba). A [`Tensor`] keeps what it borrowed alive (the `Py_buffer`, the DLPack
+//! capsule's tensor, or the object) until it is dropped, and checks dtype, device, shape
+//! and strides before a slice of it (or its device address) is handed to libtpla.
 
 use crate::errors::invalid;
 use pyo3::exceptions::PyNotImplementedError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyCapsule, PyDict, PyTuple};
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyCapsule, PyDict, PyTuple, PyType};
 use std::ffi::{c_void, CStr};
 use std::os::raw::{c_char, c_int};
 
@@ -47,7 +50,17 @@ enum Keep {
     Object(#[allow(dead_code)] Py<PyAny>),
 }
 
-/// A strided view of caller memory on the host.
+/// Where a [`Tensor`] must live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub enum Place {
+    Host,
+    /// CUDA memory of this device ordinal.
+    Cuda(usize),
+}
+
+/// A strided view of caller memory on the host, or (made by [`Tensor::cuda`]) in CUDA
+/// device memory.
 pub struct Tensor {
     pub name: &'static str,
     pub ptr: *mut u8,
@@ -57,6 +70,9 @@ pub struct Tensor {
     /// In bytes.
     pub strides: Vec<isize>,
     pub readonly: bool,
+    /// The CUDA device ordinal a DLPack producer gave (None: host memory, or a
+    /// `__cuda_array_interface__` object, which names no device).
+    pub device: Option<usize>,
     keep: Keep,
 }
 
@@ -115,6 +131,7 @@ struct DLManagedTensor {
 }
 
 const DL_CPU: i64 = 1;
+const DL_CUDA: i64 = 2;
 const DL_CUDA_HOST: i64 = 3;
 const DL_CPU_PINNED: i64 = 13;
 
@@ -130,12 +147,77 @@ fn device_name(kind: i64) -> &'static str {
 }
 
 fn gpu_error(name: &str, kind: i64) -> PyErr {
-    let msg = format!(
-        "{name} is a {} tensor: this build of the tpla Python package decodes on the \
-         CPU only (pass host memory: NumPy arrays or CPU torch tensors)",
-        device_name(kind)
-    );
+    let msg = if kind == DL_CUDA && cfg!(feature = "cuda") {
+        format!(
+            "{name} is a CUDA tensor, and this call runs on the CPU (a RankContext and its \
+             DecodePlan): CUDA tensors go through a tpla.DeviceEngine (engine = \
+             tpla.DeviceEngine(context); plan = tpla.decode_plan(cache_seqlens, engine, \
+             block_table_width=...))"
+        )
+    } else {
+        format!(
+            "{name} is a {} tensor: this build of the tpla Python package decodes on the \
+             CPU only (pass host memory: NumPy arrays or CPU torch tensors)",
+            device_name(kind)
+        )
+    };
     crate::errors::unsupported_err(&msg).unwrap_or_else(|_| PyNotImplementedError::new_err(msg))
+}
+
+/// A CUDA tensor of device `id` where device `ordinal`'s memory is expected.
+fn check_ordinal(name: &str, id: i64, ordinal: usize) -> PyResult<()> {
+    if id != ordinal as i64 {
+        return Err(crate::errors::to_py(tpla::Error::mismatch(format!(
+            "{name} is on cuda:{id}, the engine on cuda:{ordinal}"
+        ))));
+    }
+    Ok(())
+}
+
+/// What the torch fast path compares against (looked up once torch is imported; the
+/// binding never imports torch itself).
+pub struct TorchTypes {
+    tensor: Py<PyType>,
+    strided: PyObject,
+    dtypes: Vec<(PyObject, Elem)>,
+}
+
+static TORCH_TYPES: GILOnceCell<TorchTypes> = GILOnceCell::new();
+
+fn torch_types(py: Python<'_>) -> PyResult<Option<&'static TorchTypes>> {
+    if let Some(t) = TORCH_TYPES.get(py) {
+        return Ok(Some(t));
+    }
+    let modules = py.import("sys")?.getattr("modules")?;
+    let Some(torch) = modules.downcast::<PyDict>()?.get_item("torch")? else {
+        return Ok(None);
+    };
+    let mut dtypes = Vec::new();
+    for (n, e) in [
+        ("float32", Elem::F32),
+        ("float64", Elem::F64),
+        ("float16", Elem::F16),
+        ("bfloat16", Elem::Bf16),
+        ("int32", Elem::I32),
+        ("int64", Elem::I64),
+    ] {
+        dtypes.push((torch.getattr(n)?.unbind(), e));
+    }
+    let t = TorchTypes {
+        tensor: torch.getattr("Tensor")?.downcast_into::<PyType>()?.unbind(),
+        strided: torch.getattr("strided")?.unbind(),
+        dtypes,
+    };
+    let _ = TORCH_TYPES.set(py, t);
+    Ok(TORCH_TYPES.get(py))
+}
+
+/// Host memory handed to a call that reads CUDA memory.
+fn host_error(name: &str) -> PyErr {
+    invalid(format!(
+        "{name} is in host memory (a NumPy array or a CPU tensor): the device engine reads \
+         CUDA tensors on its GPU (move it there, e.g. tensor.cuda())"
+    ))
 }
 
 fn buffer_elem(format: &[u8], itemsize: usize) -> Elem {
@@ -196,6 +278,42 @@ const USED: &CStr = c"used_dltensor";
 const DLTENSOR: &CStr = c"dltensor";
 
 impl Tensor {
+    /// A view of CUDA memory: a torch CUDA tensor, a DLPack producer whose device is
+    /// CUDA, or an object with `__cuda_array_interface__`. Host memory is refused. `ptr`
+    /// is then a device address; the caller checks its allocation's extent.
+    ///
+    /// A torch tensor is read through its own accessors (`data_ptr()`, `stride()`, ...),
+    /// not DLPack: torch's `__dlpack__` makes the default stream wait on the current one
+    /// (an event per tensor, and an error while a graph is being captured) and refuses
+    /// tensors of a device other than the current one. Memory of a device other than
+    /// `ordinal` is a `MismatchError`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn cuda(name: &'static str, obj: &Bound<'_, PyAny>, ordinal: usize) -> PyResult<Tensor> {
+        let py = obj.py();
+        if let Some(tt) = torch_types(py)? {
+            if obj.is_instance(tt.tensor.bind(py))? {
+                return Self::from_torch(name, obj, tt, ordinal);
+            }
+        }
+        if obj.hasattr(pyo3::intern!(py, "__dlpack__"))? {
+            return Self::from_dlpack(name, obj, Place::Cuda(ordinal));
+        }
+        if let Ok(iface) = obj.getattr(pyo3::intern!(py, "__cuda_array_interface__")) {
+            return Self::from_cuda_array_interface(name, obj, &iface);
+        }
+        // SAFETY: obj is a live object and we hold the GIL.
+        if unsafe { ffi::PyObject_CheckBuffer(obj.as_ptr()) } == 1
+            || obj.hasattr(pyo3::intern!(py, "__array_interface__"))?
+        {
+            return Err(host_error(name));
+        }
+        Err(invalid(format!(
+            "{name} must be a CUDA tensor (a torch CUDA tensor, or anything with DLPack or \
+             __cuda_array_interface__), got {}",
+            obj.get_type().name()?
+        )))
+    }
+
     /// A view of `obj` (named `name` in error messages).
     pub fn new(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
         // SAFETY: obj is a live object and we hold the GIL.
@@ -204,7 +322,7 @@ impl Tensor {
         }
         let py = obj.py();
         if obj.hasattr(pyo3::intern!(py, "__dlpack__"))? {
-            return Self::from_dlpack(name, obj);
+            return Self::from_dlpack(name, obj, Place::Host);
         }
         if let Ok(iface) = obj.getattr(pyo3::intern!(py, "__array_interface__")) {
             return Self::from_array_interface(name, obj, &iface);
@@ -258,19 +376,53 @@ impl Tensor {
             shape,
             strides,
             readonly: view.readonly != 0,
+            device: None,
             keep: Keep::Buffer(view),
         })
     }
 
-    fn from_dlpack(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    fn from_dlpack(name: &'static str, obj: &Bound<'_, PyAny>, place: Place) -> PyResult<Tensor> {
         let py = obj.py();
+        // refused before `__dlpack__()` (which may copy or synchronise): the wrong device
+        let refuse = |kind: i64| -> Option<PyErr> {
+            let host = matches!(kind, DL_CPU | DL_CUDA_HOST | DL_CPU_PINNED);
+            match place {
+                Place::Host if !host => Some(gpu_error(name, kind)),
+                Place::Cuda(_) if host => Some(host_error(name)),
+                Place::Cuda(_) if kind != DL_CUDA => {
+                    Some(crate::errors::to_py(tpla::Error::unsupported(format!(
+                        "{name} is a {} tensor: the device engine reads CUDA memory",
+                        device_name(kind)
+                    ))))
+                }
+                _ => None,
+            }
+        };
         if let Ok(dev) = obj.call_method0(pyo3::intern!(py, "__dlpack_device__")) {
-            let (kind, _id): (i64, i64) = dev.extract()?;
-            if !matches!(kind, DL_CPU | DL_CUDA_HOST | DL_CPU_PINNED) {
-                return Err(gpu_error(name, kind));
+            let (kind, id): (i64, i64) = dev.extract()?;
+            if let Some(e) = refuse(kind) {
+                return Err(e);
+            }
+            if let Place::Cuda(ordinal) = place {
+                check_ordinal(name, id, ordinal)?;
             }
         }
-        let cap = obj.call_method0(pyo3::intern!(py, "__dlpack__"))?;
+        let cap = match place {
+            Place::Host => obj.call_method0(pyo3::intern!(py, "__dlpack__"))?,
+            // stream -1: no synchronisation by the producer (the calls run on the
+            // caller's stream); producers without the argument are asked without it
+            Place::Cuda(_) => {
+                let kw = PyDict::new(py);
+                kw.set_item("stream", -1)?;
+                match obj.call_method(pyo3::intern!(py, "__dlpack__"), (), Some(&kw)) {
+                    Ok(c) => c,
+                    Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
+                        obj.call_method0(pyo3::intern!(py, "__dlpack__"))?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         let cap = cap.downcast::<PyCapsule>().map_err(|_| {
             invalid(format!(
                 "{name}.__dlpack__() did not return a DLPack capsule"
@@ -298,11 +450,18 @@ impl Tensor {
             shape: Vec::new(),
             strides: Vec::new(),
             readonly: false,
+            device: None,
             keep: Keep::DLPack(m),
         };
         let kind = t.device.device_type as i64;
-        if !matches!(kind, DL_CPU | DL_CUDA_HOST | DL_CPU_PINNED) {
-            return Err(gpu_error(name, kind));
+        if let Some(e) = refuse(kind) {
+            return Err(e);
+        }
+        if kind == DL_CUDA {
+            tensor.device = Some(t.device.device_id.max(0) as usize);
+            if let Place::Cuda(ordinal) = place {
+                check_ordinal(name, t.device.device_id as i64, ordinal)?;
+            }
         }
         let ndim = t.ndim.max(0) as usize;
         if ndim > 0 {
@@ -365,8 +524,90 @@ impl Tensor {
             shape,
             strides,
             readonly,
+            device: None,
             keep: Keep::Object(obj.clone().unbind()),
         })
+    }
+
+    /// A torch tensor of CUDA device `ordinal`, through its accessors.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn from_torch(
+        name: &'static str,
+        obj: &Bound<'_, PyAny>,
+        tt: &TorchTypes,
+        ordinal: usize,
+    ) -> PyResult<Tensor> {
+        let py = obj.py();
+        let is_cuda: bool = obj.getattr(pyo3::intern!(py, "is_cuda"))?.extract()?;
+        if !is_cuda {
+            let device = obj.getattr(pyo3::intern!(py, "device"))?;
+            let kind: String = device.getattr(pyo3::intern!(py, "type"))?.extract()?;
+            if kind == "cpu" {
+                return Err(host_error(name));
+            }
+            return Err(crate::errors::to_py(tpla::Error::unsupported(format!(
+                "{name} is a torch tensor on '{kind}': the device engine reads CUDA memory"
+            ))));
+        }
+        let id: i64 = obj
+            .call_method0(pyo3::intern!(py, "get_device"))?
+            .extract()?;
+        check_ordinal(name, id, ordinal)?;
+        if !obj
+            .getattr(pyo3::intern!(py, "layout"))?
+            .is(tt.strided.bind(py))
+        {
+            return Err(invalid(format!("{name} must be a dense (strided) tensor")));
+        }
+        let dtype = obj.getattr(pyo3::intern!(py, "dtype"))?;
+        let elem = tt
+            .dtypes
+            .iter()
+            .find(|(d, _)| dtype.is(d.bind(py)))
+            .map_or(Elem::Other, |(_, e)| *e);
+        let itemsize: usize = obj
+            .call_method0(pyo3::intern!(py, "element_size"))?
+            .extract()?;
+        let shape: Vec<usize> = obj.getattr(pyo3::intern!(py, "shape"))?.extract()?;
+        let strides: Vec<isize> = obj
+            .call_method0(pyo3::intern!(py, "stride"))?
+            .extract::<Vec<isize>>()?
+            .into_iter()
+            .map(|s| s * itemsize as isize)
+            .collect();
+        let ptr: usize = obj.call_method0(pyo3::intern!(py, "data_ptr"))?.extract()?;
+        if strides.len() != shape.len() {
+            return Err(invalid(format!("{name}'s strides do not match its shape")));
+        }
+        Ok(Tensor {
+            name,
+            ptr: ptr as *mut u8,
+            elem,
+            itemsize,
+            shape,
+            strides,
+            readonly: false,
+            device: Some(ordinal),
+            keep: Keep::Object(obj.clone().unbind()),
+        })
+    }
+
+    /// `__cuda_array_interface__` (version 2 or 3): shape, typestr, data, strides. Its
+    /// `stream` entry is not waited on: the calls run on the caller's stream.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn from_cuda_array_interface(
+        name: &'static str,
+        obj: &Bound<'_, PyAny>,
+        iface: &Bound<'_, PyAny>,
+    ) -> PyResult<Tensor> {
+        let mut t = Self::from_array_interface(name, obj, iface)?;
+        if t.ptr.is_null() && t.numel() > 0 {
+            return Err(invalid(format!(
+                "{name}.__cuda_array_interface__ gives a NULL data pointer"
+            )));
+        }
+        t.device = None;
+        Ok(t)
     }
 
     /// Elements.

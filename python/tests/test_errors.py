@@ -99,7 +99,7 @@ def test_outputs_plans_scales_layers(step):
                np.full((1, 64), np.inf, np.float32), np.zeros((1, 16), np.float32), kv,
                np.zeros(1, np.int32), context=ctx)
     assert e.status == "TPLA_STATUS_INVALID_ARGUMENT"
-    expect(NotImplementedError, "no GPU engine path", tpla.RankContext, ctx.dims, ctx.plan, 1,
+    expect(NotImplementedError, "tpla.DeviceEngine", tpla.RankContext, ctx.dims, ctx.plan, 1,
            backend="cuda")
 
 

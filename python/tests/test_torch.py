@@ -1,5 +1,6 @@
 """CPU torch tensors (bf16 caches, DLPack) and torch.distributed; skipped without torch.
-The CUDA case is skipped without a GPU; it checks the clear error of this CPU build."""
+The CUDA case is skipped without a GPU; it checks the clear error of a CUDA tensor
+handed to the CPU path (the GPU path: test_cuda.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_all_reduce_over_a_torch_process_group():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-def test_cuda_tensors_are_refused_clearly_by_the_cpu_build():
+def test_cuda_tensors_are_refused_clearly_by_the_cpu_path():
     rng = np.random.default_rng(1)
     ctx, _ = make_context(rng)
     pool, _, table, seqlens = engine(rng, ctx, [10])

@@ -30,10 +30,29 @@ Arrays are read in place, never copied (bfloat16 queries are widened to float32 
 reused buffer): NumPy arrays and anything with the buffer protocol, CPU torch tensors
 and other DLPack producers, objects with ``__array_interface__``. Wrong dtypes, shapes,
 strides or devices raise :class:`InvalidArgumentError` (or :class:`UnsupportedError` for
-GPU tensors: this package decodes on the CPU); every libtpla error is a
-:class:`TplaError` with the ``tpla_status`` name. Bad page indices or slots found while
-reading are not errors: the entries concerned hold NaN (or are skipped) and
-``ctx.last_faults`` has :class:`Faults` bits.
+CUDA tensors given to the CPU path); every libtpla error is a :class:`TplaError` with the
+``tpla_status`` name. Bad page indices or slots found while reading are not errors: the
+entries concerned hold NaN (or are skipped) and ``ctx.last_faults`` has :class:`Faults`
+bits.
+
+On the GPU (torch CUDA tensors), a :class:`DeviceEngine` made from the context runs the
+same step on the engine's device pool, on torch's current stream, with no host
+synchronisation (capturable in ``torch.cuda.graphs``)::
+
+    engine = tpla.DeviceEngine(ctx, device=0)           # kernels + weights on cuda:0
+    plan = tpla.decode_plan(cache_seqlens, engine, block_table_width=block_table.shape[1])
+    for layer in range(engine.layers):
+        tpla.append(kv_c, k_pe, kv_cache[layer], slot_mapping, context=engine, layer=layer)
+        rows = engine.absorb_queries(q_nope, q_pe, layer=layer)      # W'_UK, scaled
+        out, lse = tpla.decode(rows, kv_cache[layer], block_table, cache_seqlens, plan,
+                               layer=layer)
+
+There ``kv_cache`` is ``[num_pages, 64, 1, slice_width + d_r]`` bfloat16, ``block_table``,
+``cache_seqlens`` and ``slot_mapping`` int32, and the query rows float32, already scaled
+(:meth:`DeviceEngine.query_scales`). Faults are OR-ed into an optional int32 CUDA tensor
+(``faults=``), read whenever the caller synchronises. :func:`cuda_enabled` says whether
+this build has the GPU path; without a GPU or driver, ``DeviceEngine(...)`` raises
+:class:`UnsupportedError`.
 """
 
 from __future__ import annotations
@@ -44,6 +63,8 @@ from typing import Any, Callable, Optional
 from . import errors
 from ._tpla import (
     DecodePlan,
+    DeviceEngine,
+    DevicePlan,
     ModelDims,
     RankContext,
     ShardCache,
@@ -53,6 +74,7 @@ from ._tpla import (
     all_reduce_in_process,
     append,
     cpu_kernels,
+    cuda_enabled,
     decode,
     decode_plan,
     export_shards,
@@ -74,6 +96,8 @@ __all__ = [
     "BackendError",
     "CorruptFileError",
     "DecodePlan",
+    "DeviceEngine",
+    "DevicePlan",
     "Faults",
     "InvalidArgumentError",
     "MismatchError",
@@ -92,6 +116,7 @@ __all__ = [
     "all_reduce_in_process",
     "append",
     "cpu_kernels",
+    "cuda_enabled",
     "decode",
     "decode_plan",
     "errors",
@@ -109,6 +134,10 @@ class Faults(enum.IntFlag):
     BAD_PAGE = 1
     #: A slot at or past ``num_pages * page_size``: that token was not written.
     BAD_SLOT = 2
+    #: (GPU) an appended value that is not finite or beyond bfloat16: not written.
+    BAD_VALUE = 4
+    #: (GPU) a decode whose workspace was planned for another launch: NaN outputs.
+    BAD_PLAN = 8
 
 
 def all_reduce(

@@ -6,6 +6,7 @@ from typing import Any, Literal, Optional, Sequence, Tuple, Union, overload
 __version__: str
 
 ArrayLike = Any  # NumPy array, CPU torch tensor, buffer / __array_interface__ / DLPack
+CudaTensor = Any  # torch CUDA tensor, or DLPack (device CUDA) / __cuda_array_interface__
 StrPath = Union[str, PathLike[str]]
 
 class ModelDims:
@@ -163,14 +164,124 @@ class ShardCache:
     def sequence_ids(self) -> list[int]: ...
     def seq_len(self, seq: int, layer: int) -> int: ...
 
+class DevicePlan:
+    """A GPU step's plan: the workspace tensor for one batch size and block table width."""
+
+    @property
+    def batch(self) -> int: ...
+    @property
+    def block_table_width(self) -> int: ...
+    @property
+    def workspace(self) -> CudaTensor: ...
+    @property
+    def workspace_bytes(self) -> int: ...
+    @property
+    def engine(self) -> DeviceEngine: ...
+
+class DeviceEngine:
+    """A rank's decode/append kernels and weights on one GPU (no cache state).
+
+    Every call is enqueued on ``stream`` (a ``CUstream`` as an int; default: torch's
+    current stream of the engine's device) without host synchronisation, so it can be
+    captured in ``torch.cuda.graphs``. Raises UnsupportedError without CUDA.
+    """
+
+    def __init__(self, context: RankContext, device: int = 0) -> None: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def device_name(self) -> str: ...
+    @property
+    def layers(self) -> int: ...
+    @property
+    def heads(self) -> int: ...
+    @property
+    def slice_width(self) -> int: ...
+    @property
+    def row_width(self) -> int: ...
+    def query_scales(self, layer: int = 0) -> Tuple[float, float]: ...
+    def splits(self, batch: int, block_table_width: int) -> int: ...
+    def workspace_bytes(self, batch: int, block_table_width: int) -> int: ...
+    def plan(
+        self,
+        cache_seqlens: CudaTensor,
+        block_table_width: int,
+        *,
+        workspace: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> DevicePlan: ...
+    def decode(
+        self,
+        q: CudaTensor,
+        kv_cache: CudaTensor,
+        block_table: CudaTensor,
+        cache_seqlens: CudaTensor,
+        plan: DevicePlan,
+        *,
+        layer: int = 0,
+        out: Optional[CudaTensor] = None,
+        lse: Optional[CudaTensor] = None,
+        faults: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> Tuple[CudaTensor, CudaTensor]: ...
+    def append(
+        self,
+        kv_c: CudaTensor,
+        k_pe: CudaTensor,
+        kv_cache: CudaTensor,
+        slot_mapping: CudaTensor,
+        *,
+        layer: int = 0,
+        rms: Literal["exact", "sliced"] = "exact",
+        faults: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> None: ...
+    def absorb_queries(
+        self,
+        q_nope: CudaTensor,
+        q_rope: CudaTensor,
+        *,
+        layer: int = 0,
+        out: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> CudaTensor: ...
+    def copy_rows(
+        self,
+        dst: CudaTensor,
+        dst_slots: CudaTensor,
+        src: CudaTensor,
+        src_slots: CudaTensor,
+        *,
+        faults: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> None: ...
+    def project(
+        self,
+        latent: CudaTensor,
+        *,
+        layer: int = 0,
+        out: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> CudaTensor: ...
+
+@overload
 def decode_plan(cache_seqlens: ArrayLike, context: RankContext) -> DecodePlan: ...
+@overload
+def decode_plan(
+    cache_seqlens: CudaTensor,
+    context: DeviceEngine,
+    *,
+    block_table_width: int,
+    workspace: Optional[CudaTensor] = None,
+    stream: Optional[int] = None,
+) -> DevicePlan: ...
 @overload
 def decode(
     q: ArrayLike,
     kv_cache: ArrayLike,
     block_table: ArrayLike,
     cache_seqlens: ArrayLike,
-    plan: DecodePlan,
+    plan: Union[DecodePlan, DevicePlan],
     softmax_scale: Optional[float] = None,
     *,
     layer: int = 0,
@@ -181,6 +292,8 @@ def decode(
     out: Optional[ArrayLike] = None,
     lse: Optional[ArrayLike] = None,
     kv_dtype: Optional[str] = None,
+    faults: Optional[CudaTensor] = None,
+    stream: Optional[int] = None,
 ) -> Tuple[Any, Any]: ...
 @overload
 def decode(
@@ -188,7 +301,7 @@ def decode(
     kv_cache: ArrayLike,
     block_table: ArrayLike,
     cache_seqlens: ArrayLike,
-    plan: DecodePlan,
+    plan: Union[DecodePlan, DevicePlan],
     softmax_scale: Optional[float] = None,
     *,
     layer: int = 0,
@@ -199,6 +312,8 @@ def decode(
     out: Optional[ArrayLike] = None,
     lse: None = None,
     kv_dtype: Optional[str] = None,
+    faults: Optional[CudaTensor] = None,
+    stream: Optional[int] = None,
 ) -> Tuple[Any, None]: ...
 def append(
     kv_c: ArrayLike,
@@ -206,11 +321,13 @@ def append(
     kv_cache: ArrayLike,
     slot_mapping: ArrayLike,
     *,
-    context: RankContext,
+    context: Union[RankContext, DeviceEngine],
     layer: int = 0,
     rms: Literal["exact", "sliced"] = "exact",
     kv_dtype: Optional[str] = None,
-) -> int: ...
+    faults: Optional[CudaTensor] = None,
+    stream: Optional[int] = None,
+) -> Optional[int]: ...
 def export_shards(
     paths: Sequence[StrPath],
     dims: ModelDims,
@@ -222,4 +339,5 @@ def export_shards(
 ) -> None: ...
 def all_reduce_in_process(buffers: list[ArrayLike]) -> None: ...
 def cpu_kernels() -> list[str]: ...
+def cuda_enabled() -> bool: ...
 def presets() -> list[str]: ...

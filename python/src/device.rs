@@ -1,0 +1,1008 @@
+//! The GPU engine path (`tpla.DeviceEngine`): a thin skin over
+//! `tpla::engine_device::DeviceEngine` on torch CUDA tensors (DLPack) or anything with
+//! `__cuda_array_interface__`. Every tensor's dtype, shape, strides, device and
+//! allocation extent is checked here (the driver says which GPU and allocation an address
+//! lies in); the launches go on the caller's stream (torch's current stream unless
+//! `stream=` names one), with no host synchronisation and no allocation but the outputs
+//! asked for, so that a step can be captured in `torch.cuda.graphs`.
+//!
+//! Without the cargo feature `cuda` the class exists and its constructor raises
+//! `UnsupportedError`.
+
+#[cfg(feature = "cuda")]
+pub use imp::*;
+#[cfg(not(feature = "cuda"))]
+pub use stub::*;
+
+#[cfg(not(feature = "cuda"))]
+mod stub {
+    use crate::PyRankContext;
+    use pyo3::prelude::*;
+
+    fn no_cuda() -> PyErr {
+        crate::errors::to_py(tpla::Error::unsupported(
+            "this build of the tpla Python package has no CUDA support (built without the \
+             cargo feature `cuda`): tpla.DeviceEngine is not available",
+        ))
+    }
+
+    /// A rank's engine-facing GPU object (unavailable: this build has no CUDA).
+    #[pyclass(module = "tpla", name = "DeviceEngine")]
+    pub struct PyDeviceEngine;
+
+    #[pymethods]
+    impl PyDeviceEngine {
+        #[new]
+        #[pyo3(signature = (context, device=0))]
+        fn new(context: &PyRankContext, device: usize) -> PyResult<Self> {
+            let _ = (context, device);
+            Err(no_cuda())
+        }
+    }
+
+    /// The plan of a device step (unavailable: this build has no CUDA).
+    #[pyclass(module = "tpla", name = "DevicePlan")]
+    pub struct PyDevicePlan;
+
+    pub fn enabled() -> bool {
+        false
+    }
+
+    pub fn decode_plan_device(
+        _engine: &Bound<'_, PyDeviceEngine>,
+        _cache_seqlens: &Bound<'_, PyAny>,
+        _width: Option<usize>,
+        _workspace: Option<&Bound<'_, PyAny>>,
+        _stream: Option<u64>,
+    ) -> PyResult<PyObject> {
+        Err(no_cuda())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use crate::errors::{invalid, to_py, Tpla};
+    use crate::tensor::{check_disjoint, Elem, Tensor};
+    use crate::{paged_layout, rms_mode, PyRankContext};
+    use pyo3::prelude::*;
+    use pyo3::sync::GILOnceCell;
+    use pyo3::types::PyDict;
+    use std::sync::{Mutex, MutexGuard};
+    use tpla::attention::cuda::{device_extent, CUstream, CudaBackend};
+    use tpla::engine_device::{DeviceAppend, DeviceEngine, DevicePagedCache, DeviceStep};
+    use tpla::DType;
+
+    pub fn enabled() -> bool {
+        true
+    }
+
+    /// One rank's engine-facing GPU object (`tpla::engine_device::DeviceEngine`): the
+    /// decode and append kernels of the rank's shape and every layer's transform and
+    /// absorbed weights on GPU `device`. It holds no cache state: the engine passes its
+    /// pool, block table and lengths (torch CUDA tensors) on every call.
+    #[pyclass(module = "tpla", name = "DeviceEngine")]
+    pub struct PyDeviceEngine {
+        /// A mutex only to make the class `Sync`; never contended under the GIL.
+        engine: Mutex<DeviceEngine>,
+        ordinal: usize,
+        heads: usize,
+        slice_width: usize,
+        d_c: usize,
+        d_r: usize,
+        d_n: usize,
+        d_v: usize,
+        layers: usize,
+    }
+
+    /// The plan of a device step (`DeviceEngine.plan` / `tpla.decode_plan`): the
+    /// workspace (a CUDA tensor, kept alive here) that every layer's decode of the step
+    /// reuses, for one batch size and block table width.
+    #[pyclass(module = "tpla", name = "DevicePlan", frozen)]
+    pub struct PyDevicePlan {
+        engine: Py<PyDeviceEngine>,
+        workspace: PyObject,
+        ptr: u64,
+        bytes: usize,
+        batch: usize,
+        width: usize,
+    }
+
+    #[pymethods]
+    impl PyDevicePlan {
+        #[getter]
+        fn batch(&self) -> usize {
+            self.batch
+        }
+        #[getter]
+        fn block_table_width(&self) -> usize {
+            self.width
+        }
+        /// The device workspace (the tensor given to `plan`, or the uint8 one it made).
+        #[getter]
+        fn workspace(&self, py: Python<'_>) -> PyObject {
+            self.workspace.clone_ref(py)
+        }
+        #[getter]
+        fn workspace_bytes(&self) -> usize {
+            self.bytes
+        }
+        #[getter]
+        fn engine(&self, py: Python<'_>) -> Py<PyDeviceEngine> {
+            self.engine.clone_ref(py)
+        }
+        fn __repr__(&self) -> String {
+            format!(
+                "DevicePlan(batch={}, block_table_width={}, workspace_bytes={})",
+                self.batch, self.width, self.bytes
+            )
+        }
+    }
+
+    /// What the binding calls in torch, looked up once.
+    struct Torch {
+        /// `torch._C._cuda_getCurrentRawStream(device)` (the `cudaStream_t` as an int, what
+        /// torch's own generated code calls), or else `torch.cuda.current_stream`.
+        raw_stream: Option<PyObject>,
+        current_stream: PyObject,
+        empty: PyObject,
+        module: PyObject,
+    }
+
+    static TORCH: GILOnceCell<Torch> = GILOnceCell::new();
+
+    fn torch(py: Python<'_>) -> PyResult<&Torch> {
+        TORCH.get_or_try_init(py, || -> PyResult<_> {
+            let torch = py.import("torch")?;
+            let raw_stream = torch
+                .getattr("_C")
+                .and_then(|c| c.getattr("_cuda_getCurrentRawStream"))
+                .ok()
+                .map(|f| f.unbind());
+            Ok(Torch {
+                raw_stream,
+                current_stream: torch.getattr("cuda")?.getattr("current_stream")?.unbind(),
+                empty: torch.getattr("empty")?.unbind(),
+                module: torch.unbind().into_any(),
+            })
+        })
+    }
+
+    fn torch_loaded(py: Python<'_>) -> PyResult<bool> {
+        if TORCH.get(py).is_some() {
+            return Ok(true);
+        }
+        let modules = py.import("sys")?.getattr("modules")?;
+        modules.contains("torch")
+    }
+
+    /// The stream a call runs on: `stream` (a `CUstream` as an int, 0 the legacy default
+    /// stream), or else torch's current stream of device `ordinal` (when torch is
+    /// loaded; the legacy default stream otherwise).
+    fn stream_of(py: Python<'_>, stream: Option<u64>, ordinal: usize) -> PyResult<CUstream> {
+        if let Some(s) = stream {
+            return Ok(s as usize as CUstream);
+        }
+        if !torch_loaded(py)? {
+            return Ok(std::ptr::null_mut());
+        }
+        let t = torch(py)?;
+        let handle: u64 = match &t.raw_stream {
+            Some(raw) => raw.bind(py).call1((ordinal,))?.extract()?,
+            None => t
+                .current_stream
+                .bind(py)
+                .call1((ordinal,))?
+                .getattr(pyo3::intern!(py, "cuda_stream"))?
+                .extract()?,
+        };
+        Ok(handle as usize as CUstream)
+    }
+
+    /// A new torch CUDA tensor of `shape` and `dtype` ("float32", "uint8") on the device
+    /// of `like` (a torch tensor); other producers must pass their own buffers.
+    fn empty<'py>(
+        py: Python<'py>,
+        shape: &[usize],
+        dtype: &str,
+        like: &Bound<'py, PyAny>,
+        what: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if !like.get_type().module()?.to_str()?.starts_with("torch") {
+            return Err(invalid(format!(
+                "{what} is allocated only next to torch tensors: pass {what}= (a CUDA buffer \
+                 of shape {shape:?}, {dtype})"
+            )));
+        }
+        let t = torch(py)?;
+        let kw = PyDict::new(py);
+        kw.set_item("dtype", t.module.bind(py).getattr(dtype)?)?;
+        kw.set_item("device", like.getattr(pyo3::intern!(py, "device"))?)?;
+        t.empty.bind(py).call((shape.to_vec(),), Some(&kw))
+    }
+
+    /// `[batch, 1, heads, last]` or `[batch, heads, last]`, as the queries are.
+    #[derive(Clone, Copy)]
+    struct Rows {
+        four: bool,
+        batch: usize,
+        heads: usize,
+    }
+
+    impl Rows {
+        fn of(t: &Tensor, heads: usize, last: usize) -> PyResult<Rows> {
+            let four = t.shape.len() == 4;
+            let want = if four {
+                vec![None, Some(1), Some(heads), Some(last)]
+            } else {
+                vec![None, Some(heads), Some(last)]
+            };
+            let what = if four {
+                format!("[batch, 1, heads={heads}, {last}]")
+            } else {
+                format!("[batch, heads={heads}, {last}]")
+            };
+            t.expect_shape(&want, &what)?;
+            Ok(Rows {
+                four,
+                batch: t.shape[0],
+                heads,
+            })
+        }
+        fn shape(&self, last: usize) -> Vec<usize> {
+            if self.four {
+                vec![self.batch, 1, self.heads, last]
+            } else {
+                vec![self.batch, self.heads, last]
+            }
+        }
+        fn expect(&self, t: &Tensor, last: usize) -> PyResult<()> {
+            let s = self.shape(last);
+            let want: Vec<Option<usize>> = s.iter().map(|&n| Some(n)).collect();
+            t.expect_shape(&want, &format!("{s:?}"))
+        }
+    }
+
+    fn mismatch(msg: String) -> PyErr {
+        to_py(tpla::Error::mismatch(msg))
+    }
+
+    impl PyDeviceEngine {
+        fn e(&self) -> MutexGuard<'_, DeviceEngine> {
+            self.engine.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// A CUDA tensor of this engine's GPU whose allocation spans the view.
+        fn dev(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+            let t = Tensor::cuda(name, obj, self.ordinal)?;
+            if let Some(d) = t.device {
+                if d != self.ordinal {
+                    return Err(mismatch(format!(
+                        "{name} is on cuda:{d}, the engine on cuda:{}",
+                        self.ordinal
+                    )));
+                }
+            }
+            if t.strides.iter().any(|&s| s < 0) {
+                return Err(invalid(format!("{name} has negative strides")));
+            }
+            let (lo, hi) = t.span();
+            if hi > lo {
+                // the driver's pointer queries need a current context on this thread
+                self.e().backend().device().bind().py()?;
+                let (ordinal, left) = device_extent(lo as u64).map_err(|e| e.context(name)).py()?;
+                if ordinal != self.ordinal {
+                    return Err(mismatch(format!(
+                        "{name} is memory of cuda:{ordinal}, the engine is on cuda:{}",
+                        self.ordinal
+                    )));
+                }
+                if left < hi - lo {
+                    return Err(invalid(format!(
+                        "{name} spans {} bytes but its allocation holds {left} from there",
+                        hi - lo
+                    )));
+                }
+            }
+            Ok(t)
+        }
+
+        fn f32_rows(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+            let t = self.dev(name, obj)?;
+            t.expect_elem(&[Elem::F32])?;
+            t.expect_contiguous()?;
+            Ok(t)
+        }
+
+        fn int32s(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+            let t = self.dev(name, obj)?;
+            if t.elem == Elem::I64 {
+                return Err(invalid(format!(
+                    "{name} must be int32 on the GPU, got int64 (pass {name}.to(torch.int32))"
+                )));
+            }
+            t.expect_elem(&[Elem::I32])?;
+            t.expect_contiguous()?;
+            Ok(t)
+        }
+
+        fn output(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+            let t = self.f32_rows(name, obj)?;
+            t.expect_writable()?;
+            Ok(t)
+        }
+
+        fn faults(&self, obj: Option<&Bound<'_, PyAny>>) -> PyResult<(u64, Option<Tensor>)> {
+            let Some(obj) = obj else {
+                return Ok((0, None));
+            };
+            let t = self.dev("faults", obj)?;
+            t.expect_elem(&[Elem::I32])?;
+            if t.numel() != 1 {
+                return Err(invalid(format!(
+                    "faults must hold one int32 word, got shape {}",
+                    t.shape_str()
+                )));
+            }
+            t.expect_writable()?;
+            Ok((t.ptr as u64, Some(t)))
+        }
+
+        fn cache(&self, kv: &Tensor) -> PyResult<DevicePagedCache> {
+            let layout = paged_layout(kv, None)?;
+            if layout.dtype != DType::Bf16 {
+                return Err(to_py(tpla::Error::unsupported(format!(
+                    "the CUDA kernels read bfloat16 caches, kv_cache is {}",
+                    kv.elem.name()
+                ))));
+            }
+            kv.expect_writable()?;
+            Ok(DevicePagedCache {
+                base: kv.ptr as u64,
+                layout,
+            })
+        }
+
+        fn check_layer(&self, layer: usize) -> PyResult<()> {
+            if layer >= self.layers {
+                return Err(to_py(tpla::Error::out_of_range(format!(
+                    "layer {layer} is out of range for {} layers",
+                    self.layers
+                ))));
+            }
+            Ok(())
+        }
+
+        /// Checks `stream` belongs to the engine's context (and binds it).
+        fn checked_stream(&self, py: Python<'_>, stream: Option<u64>) -> PyResult<CUstream> {
+            let s = stream_of(py, stream, self.ordinal)?;
+            let e = self.e();
+            // SAFETY: NULL, torch's live current stream, or a stream the caller vouches
+            // for (documented: a live CUstream of the engine's GPU).
+            unsafe { e.backend().device().check_stream(s) }.py()?;
+            Ok(s)
+        }
+    }
+
+    #[pymethods]
+    impl PyDeviceEngine {
+        /// The engine object of `context`'s rank on GPU `device` (every layer of the
+        /// context with its weights): compiles (or loads from the disk cache) the kernels
+        /// of its shape and uploads every layer's transform and absorbed weights.
+        #[new]
+        #[pyo3(signature = (context, device=0))]
+        fn new(
+            py: Python<'_>,
+            context: &Bound<'_, PyRankContext>,
+            device: usize,
+        ) -> PyResult<Self> {
+            let c = context.try_borrow_mut()?;
+            let mut guard = c.ctx.lock().unwrap_or_else(|e| e.into_inner());
+            let ctx: &mut tpla::decode::RankContext = &mut guard;
+            let engine = py
+                .allow_threads(move || {
+                    let backend = CudaBackend::new(device)?;
+                    DeviceEngine::from_context(backend, ctx)
+                })
+                .py()?;
+            let (d, p) = (*engine.dims(), *engine.plan());
+            let layers = engine.layer_count();
+            Ok(PyDeviceEngine {
+                engine: Mutex::new(engine),
+                ordinal: device,
+                heads: p.heads,
+                slice_width: p.slice_width,
+                d_c: d.d_c,
+                d_r: d.d_r,
+                d_n: d.d_n,
+                d_v: d.d_v,
+                layers,
+            })
+        }
+
+        /// The CUDA device ordinal.
+        #[getter]
+        fn device(&self) -> usize {
+            self.ordinal
+        }
+        #[getter]
+        fn layers(&self) -> usize {
+            self.layers
+        }
+        #[getter]
+        fn heads(&self) -> usize {
+            self.heads
+        }
+        #[getter]
+        fn slice_width(&self) -> usize {
+            self.slice_width
+        }
+        /// Elements of a cache row and of a query row: `slice_width + d_r`.
+        #[getter]
+        fn row_width(&self) -> usize {
+            self.slice_width + self.d_r
+        }
+        /// The GPU's name.
+        #[getter]
+        fn device_name(&self) -> String {
+            self.e().backend().device().name().to_string()
+        }
+
+        /// `(latent_scale, rope_scale)` of layer `layer`'s query rows: `softmax_scale *
+        /// mu` and `softmax_scale`. `decode` reads rows already scaled so.
+        #[pyo3(signature = (layer=0))]
+        fn query_scales(&self, layer: usize) -> PyResult<(f32, f32)> {
+            self.e().query_scales(layer).py()
+        }
+
+        /// Split count of a step of `batch` entries over a block table `width` pages wide.
+        fn splits(&self, batch: usize, block_table_width: usize) -> PyResult<usize> {
+            self.e().splits(batch, block_table_width).py()
+        }
+
+        /// Bytes of the device workspace of a step of `batch` entries over a block table
+        /// `block_table_width` pages wide (allocate once for the largest batch and width).
+        fn workspace_bytes(&self, batch: usize, block_table_width: usize) -> PyResult<usize> {
+            self.e().workspace_bytes(batch, block_table_width).py()
+        }
+
+        /// Plans a step of `len(cache_seqlens)` entries over a block table
+        /// `block_table_width` pages wide: one kernel on the stream, no synchronisation.
+        /// `workspace`: a CUDA tensor of at least `workspace_bytes(...)` bytes, 16-byte
+        /// aligned (default: a new torch uint8 tensor). Returns a `DevicePlan`, which
+        /// depends only on the batch and the width (plan again when either changes).
+        #[pyo3(signature = (cache_seqlens, block_table_width, *, workspace=None, stream=None))]
+        fn plan(
+            slf: &Bound<'_, Self>,
+            cache_seqlens: &Bound<'_, PyAny>,
+            block_table_width: usize,
+            workspace: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<PyDevicePlan> {
+            let py = slf.py();
+            let me = slf.borrow();
+            let sl = me.int32s("cache_seqlens", cache_seqlens)?;
+            sl.expect_shape(&[None], "[batch]")?;
+            let batch = sl.shape[0];
+            let need = me.e().workspace_bytes(batch, block_table_width).py()?;
+            let s = me.checked_stream(py, stream)?;
+            let ws_obj = match workspace {
+                Some(w) => w.clone(),
+                None => empty(py, &[need], "uint8", cache_seqlens, "workspace")?,
+            };
+            let ws = me.dev("workspace", &ws_obj)?;
+            ws.expect_contiguous()?;
+            ws.expect_writable()?;
+            let bytes = ws.numel() * ws.itemsize;
+            if bytes < need {
+                return Err(invalid(format!(
+                    "the workspace holds {bytes} bytes, a step of batch {batch} over \
+                     {block_table_width} pages needs {need}"
+                )));
+            }
+            check_disjoint(&ws, &[&sl])?;
+            // SAFETY: device memory of the engine's GPU of the checked sizes, live while
+            // the plan (which keeps the workspace object) and the caller's tensors are.
+            unsafe {
+                me.e().plan_step(
+                    sl.ptr as u64,
+                    batch,
+                    block_table_width,
+                    ws.ptr as u64,
+                    bytes,
+                    s,
+                )
+            }
+            .py()?;
+            let ptr = ws.ptr as u64;
+            drop((ws, sl));
+            Ok(PyDevicePlan {
+                engine: slf.clone().unbind(),
+                workspace: ws_obj.unbind(),
+                ptr,
+                bytes,
+                batch,
+                width: block_table_width,
+            })
+        }
+
+        /// One decode step of `layer` on the engine's paged pool, on the stream with no
+        /// synchronisation: `q` query rows `[batch, 1, heads, row_width]` (or `[batch,
+        /// heads, row_width]`) float32, scaled as `query_scales` says (`absorb_queries`
+        /// makes them); `kv_cache` `[pages, 64, 1, row_width]` bfloat16; `block_table`
+        /// `[batch, block_table_width]` and `cache_seqlens` `[batch]` int32. Returns
+        /// `(out, lse)`: `[batch, 1, heads, slice_width]` and `[batch, heads, 1]` float32
+        /// (into `out=` / `lse=` when given). `faults`: an optional int32 CUDA tensor of
+        /// one element the kernels OR `tpla.Faults` bits into (never cleared).
+        #[pyo3(signature = (q, kv_cache, block_table, cache_seqlens, plan, *, layer=0, out=None, lse=None, faults=None, stream=None))]
+        #[allow(clippy::too_many_arguments)]
+        fn decode(
+            slf: &Bound<'_, Self>,
+            q: &Bound<'_, PyAny>,
+            kv_cache: &Bound<'_, PyAny>,
+            block_table: &Bound<'_, PyAny>,
+            cache_seqlens: &Bound<'_, PyAny>,
+            plan: &Bound<'_, PyDevicePlan>,
+            layer: usize,
+            out: Option<&Bound<'_, PyAny>>,
+            lse: Option<&Bound<'_, PyAny>>,
+            faults: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<(PyObject, PyObject)> {
+            let me = slf.borrow();
+            me.decode_impl(
+                slf.py(),
+                slf,
+                q,
+                kv_cache,
+                block_table,
+                cache_seqlens,
+                plan,
+                layer,
+                out,
+                lse,
+                faults,
+                stream,
+            )
+        }
+
+        /// Appends `len(slot_mapping)` tokens to the pool of `layer`, on the stream with
+        /// no synchronisation: `kv_c` the full pre-norm latents `[tokens, d_c]` and `k_pe`
+        /// the RoPE keys `[tokens, d_r]` (or `[tokens, 1, d_r]`), both float32 or both
+        /// bfloat16; `slot_mapping` `[tokens]` int32 (`page * 64 + offset`; negative:
+        /// skipped). Normalised (`rms` "exact" or "sliced"), rotated and sliced as the CPU
+        /// append does. A slot past the pool or a non-finite value sets `faults` bits.
+        #[pyo3(signature = (kv_c, k_pe, kv_cache, slot_mapping, *, layer=0, rms="exact", faults=None, stream=None))]
+        #[allow(clippy::too_many_arguments)]
+        fn append(
+            &self,
+            py: Python<'_>,
+            kv_c: &Bound<'_, PyAny>,
+            k_pe: &Bound<'_, PyAny>,
+            kv_cache: &Bound<'_, PyAny>,
+            slot_mapping: &Bound<'_, PyAny>,
+            layer: usize,
+            rms: &str,
+            faults: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<()> {
+            self.append_impl(
+                py,
+                kv_c,
+                k_pe,
+                kv_cache,
+                slot_mapping,
+                layer,
+                rms,
+                faults,
+                stream,
+            )
+        }
+
+        /// The query rows of layer `layer` from `q_nope` `[batch, 1, heads, d_n]` and
+        /// `q_rope` `[batch, 1, heads, d_r]` (float32, or 3-d without the 1): `W'_UK`
+        /// times `q_nope` scaled by `softmax_scale * mu`, then `q_rope * softmax_scale`
+        /// (cuBLAS, on the stream). Returns `[batch, 1, heads, row_width]` float32.
+        #[pyo3(signature = (q_nope, q_rope, *, layer=0, out=None, stream=None))]
+        fn absorb_queries(
+            &self,
+            py: Python<'_>,
+            q_nope: &Bound<'_, PyAny>,
+            q_rope: &Bound<'_, PyAny>,
+            layer: usize,
+            out: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<PyObject> {
+            Ok(self
+                .absorb_impl(py, q_nope, q_rope, layer, out, stream)?
+                .unbind())
+        }
+
+        /// The rank's partial head outputs `[batch, 1, heads, d_v]` float32 from
+        /// `decode`'s latent outputs `[batch, 1, heads, slice_width]` (`W'_UV`, cuBLAS, on
+        /// the stream); sum them over the ranks (`tpla.all_reduce`).
+        #[pyo3(signature = (latent, *, layer=0, out=None, stream=None))]
+        fn project(
+            &self,
+            py: Python<'_>,
+            latent: &Bound<'_, PyAny>,
+            layer: usize,
+            out: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<PyObject> {
+            Ok(self.project_impl(py, latent, layer, out, stream)?.unbind())
+        }
+
+        /// Copies rows between two device pools of this rank's rows, on the stream with no
+        /// synchronisation: row `src_slots[i]` of `src` to row `dst_slots[i]` of `dst`
+        /// (`[rows]` int32 slots, `page * 64 + offset`; a negative destination: skipped),
+        /// bytes unchanged: a prefill's cache handed over into the engine's pages. A slot
+        /// past its pool sets `BAD_SLOT` in `faults` and copies nothing for that row.
+        #[pyo3(signature = (dst, dst_slots, src, src_slots, *, faults=None, stream=None))]
+        #[allow(clippy::too_many_arguments)]
+        fn copy_rows(
+            &self,
+            py: Python<'_>,
+            dst: &Bound<'_, PyAny>,
+            dst_slots: &Bound<'_, PyAny>,
+            src: &Bound<'_, PyAny>,
+            src_slots: &Bound<'_, PyAny>,
+            faults: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<()> {
+            let dt = self.dev("dst", dst)?;
+            let dc = self.cache(&dt)?;
+            let st = self.dev("src", src)?;
+            let sc = self.cache(&st)?;
+            let ds = self.int32s("dst_slots", dst_slots)?;
+            ds.expect_shape(&[None], "[rows]")?;
+            let n = ds.shape[0];
+            let ss = self.int32s("src_slots", src_slots)?;
+            ss.expect_shape(&[Some(n)], &format!("[rows={n}]"))?;
+            let (fptr, ft) = self.faults(faults)?;
+            check_disjoint(&dt, &[&st, &ds, &ss])?;
+            if let Some(f) = &ft {
+                check_disjoint(f, &[&dt, &st, &ds, &ss])?;
+            }
+            let s = self.checked_stream(py, stream)?;
+            // SAFETY: checked device memory of the engine's GPU: both pools span their
+            // layouts (allocation extents checked), the destination overlaps no input.
+            unsafe {
+                self.e()
+                    .copy_rows(&dc, ds.ptr as u64, &sc, ss.ptr as u64, n, fptr, s)
+            }
+            .py()
+        }
+
+        fn __repr__(&self) -> String {
+            format!(
+                "DeviceEngine(device={}, heads={}, slice_width={}, d_r={}, layers={})",
+                self.ordinal, self.heads, self.slice_width, self.d_r, self.layers
+            )
+        }
+    }
+
+    impl PyDeviceEngine {
+        #[allow(clippy::too_many_arguments)]
+        pub fn decode_impl<'py>(
+            &self,
+            py: Python<'py>,
+            slf: &Bound<'py, PyDeviceEngine>,
+            q: &Bound<'py, PyAny>,
+            kv_cache: &Bound<'py, PyAny>,
+            block_table: &Bound<'py, PyAny>,
+            cache_seqlens: &Bound<'py, PyAny>,
+            plan: &Bound<'py, PyDevicePlan>,
+            layer: usize,
+            out: Option<&Bound<'py, PyAny>>,
+            lse: Option<&Bound<'py, PyAny>>,
+            faults: Option<&Bound<'py, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<(PyObject, PyObject)> {
+            let plan = plan.get();
+            if !plan.engine.bind(py).is(slf) {
+                return Err(invalid(
+                    "the plan was made by another DeviceEngine: plan with this one",
+                ));
+            }
+            self.check_layer(layer)?;
+            let (h, w) = (self.heads, self.slice_width);
+            let qt = self.f32_rows("q", q)?;
+            let rows = Rows::of(&qt, h, w + self.d_r)?;
+            let b = rows.batch;
+            let kv = self.dev("kv_cache", kv_cache)?;
+            let cache = self.cache(&kv)?;
+            let bt = self.int32s("block_table", block_table)?;
+            bt.expect_shape(&[Some(b), None], &format!("[batch={b}, max_pages]"))?;
+            let width = bt.shape[1];
+            let sl = self.int32s("cache_seqlens", cache_seqlens)?;
+            sl.expect_shape(&[Some(b)], &format!("[batch={b}]"))?;
+            if plan.batch != b || plan.width != width {
+                return Err(invalid(format!(
+                    "the plan is for a batch of {} over {} pages, this step has {b} over \
+                     {width}: plan again (tpla.decode_plan)",
+                    plan.batch, plan.width
+                )));
+            }
+            let s = self.checked_stream(py, stream)?;
+            let out_obj = match out {
+                Some(o) => o.clone(),
+                None => empty(py, &rows.shape(w), "float32", q, "out")?,
+            };
+            let ot = self.output("out", &out_obj)?;
+            rows.expect(&ot, w)?;
+            let lse_shape: Vec<usize> = if rows.four { vec![b, h, 1] } else { vec![b, h] };
+            let lse_obj = match lse {
+                Some(l) => l.clone(),
+                None => empty(py, &lse_shape, "float32", q, "lse")?,
+            };
+            let lt = self.output("lse", &lse_obj)?;
+            let want: Vec<Option<usize>> = lse_shape.iter().map(|&n| Some(n)).collect();
+            lt.expect_shape(&want, &format!("{lse_shape:?}"))?;
+            let (fptr, ft) = self.faults(faults)?;
+            let inputs = [&qt, &kv, &bt, &sl];
+            check_disjoint(&ot, &inputs)?;
+            check_disjoint(&lt, &inputs)?;
+            check_disjoint(&lt, &[&ot])?;
+            if let Some(f) = &ft {
+                check_disjoint(f, &inputs)?;
+                check_disjoint(f, &[&ot, &lt])?;
+            }
+            let step = DeviceStep {
+                cache,
+                block_table: bt.ptr as u64,
+                batch: b,
+                block_table_width: width,
+                seq_lens: sl.ptr as u64,
+                workspace: plan.ptr,
+                workspace_bytes: plan.bytes,
+                faults: fptr,
+            };
+            // SAFETY: every address is device memory of the engine's GPU whose
+            // allocation spans the checked shapes; outputs are disjoint from the inputs;
+            // the caller's tensors outlive the stream's work (torch's stream semantics).
+            unsafe {
+                self.e()
+                    .decode(layer, &step, qt.ptr as u64, ot.ptr as u64, lt.ptr as u64, s)
+            }
+            .py()?;
+            drop((qt, kv, bt, sl, ot, lt, ft));
+            Ok((out_obj.unbind(), lse_obj.unbind()))
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub fn append_impl(
+            &self,
+            py: Python<'_>,
+            kv_c: &Bound<'_, PyAny>,
+            k_pe: &Bound<'_, PyAny>,
+            kv_cache: &Bound<'_, PyAny>,
+            slot_mapping: &Bound<'_, PyAny>,
+            layer: usize,
+            rms: &str,
+            faults: Option<&Bound<'_, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<()> {
+            self.check_layer(layer)?;
+            let mode = rms_mode(rms)?;
+            let lat = self.dev("kv_c", kv_c)?;
+            lat.expect_shape(
+                &[None, Some(self.d_c)],
+                &format!("[tokens, d_c={}]", self.d_c),
+            )?;
+            let n = lat.shape[0];
+            let input = match lat.expect_elem(&[Elem::F32, Elem::Bf16])? {
+                Elem::F32 => DType::F32,
+                _ => DType::Bf16,
+            };
+            lat.expect_contiguous()?;
+            let kr = self.dev("k_pe", k_pe)?;
+            let dr = self.d_r;
+            if kr.shape.len() == 3 {
+                kr.expect_shape(&[Some(n), Some(1), Some(dr)], &format!("[{n}, 1, {dr}]"))?;
+            } else {
+                kr.expect_shape(&[Some(n), Some(dr)], &format!("[{n}, d_r={dr}]"))?;
+            }
+            if kr.elem != lat.elem {
+                return Err(invalid(format!(
+                    "k_pe must have kv_c's dtype ({}), got {}",
+                    lat.elem.name(),
+                    kr.elem.name()
+                )));
+            }
+            kr.expect_contiguous()?;
+            let sm = self.int32s("slot_mapping", slot_mapping)?;
+            sm.expect_shape(&[Some(n)], &format!("[{n}]"))?;
+            let kv = self.dev("kv_cache", kv_cache)?;
+            let cache = self.cache(&kv)?;
+            let (fptr, ft) = self.faults(faults)?;
+            check_disjoint(&kv, &[&lat, &kr, &sm])?;
+            if let Some(f) = &ft {
+                check_disjoint(f, &[&lat, &kr, &sm, &kv])?;
+            }
+            let s = self.checked_stream(py, stream)?;
+            let a = DeviceAppend {
+                slots: sm.ptr as u64,
+                count: n,
+                latents: lat.ptr as u64,
+                k_rope: kr.ptr as u64,
+                input,
+                mode,
+                faults: fptr,
+            };
+            // SAFETY: checked device memory of the engine's GPU; the pool spans its
+            // layout (allocation extent checked); disjoint from the inputs.
+            unsafe { self.e().append(layer, &cache, &a, s) }.py()
+        }
+
+        fn absorb_impl<'py>(
+            &self,
+            py: Python<'py>,
+            q_nope: &Bound<'py, PyAny>,
+            q_rope: &Bound<'py, PyAny>,
+            layer: usize,
+            out: Option<&Bound<'py, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            self.check_layer(layer)?;
+            let qn = self.f32_rows("q_nope", q_nope)?;
+            let rows = Rows::of(&qn, self.heads, self.d_n)?;
+            let qr = self.f32_rows("q_rope", q_rope)?;
+            rows.expect(&qr, self.d_r)?;
+            let rw = self.slice_width + self.d_r;
+            let s = self.checked_stream(py, stream)?;
+            let out_obj = match out {
+                Some(o) => o.clone(),
+                None => empty(py, &rows.shape(rw), "float32", q_nope, "out")?,
+            };
+            let ot = self.output("out", &out_obj)?;
+            rows.expect(&ot, rw)?;
+            check_disjoint(&ot, &[&qn, &qr])?;
+            // SAFETY: checked device memory of the engine's GPU of the documented sizes.
+            unsafe {
+                self.e().absorb_queries(
+                    layer,
+                    rows.batch,
+                    qn.ptr as u64,
+                    qr.ptr as u64,
+                    ot.ptr as u64,
+                    s,
+                )
+            }
+            .py()?;
+            drop((qn, qr, ot));
+            Ok(out_obj)
+        }
+
+        fn project_impl<'py>(
+            &self,
+            py: Python<'py>,
+            latent: &Bound<'py, PyAny>,
+            layer: usize,
+            out: Option<&Bound<'py, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            self.check_layer(layer)?;
+            let lt = self.f32_rows("latent", latent)?;
+            let rows = Rows::of(&lt, self.heads, self.slice_width)?;
+            let s = self.checked_stream(py, stream)?;
+            let out_obj = match out {
+                Some(o) => o.clone(),
+                None => empty(py, &rows.shape(self.d_v), "float32", latent, "out")?,
+            };
+            let ot = self.output("out", &out_obj)?;
+            rows.expect(&ot, self.d_v)?;
+            check_disjoint(&ot, &[&lt])?;
+            // SAFETY: checked device memory of the engine's GPU of the documented sizes.
+            unsafe {
+                self.e()
+                    .project(layer, rows.batch, lt.ptr as u64, ot.ptr as u64, s)
+            }
+            .py()?;
+            drop((lt, ot));
+            Ok(out_obj)
+        }
+    }
+
+    /// `tpla.decode_plan(cache_seqlens, engine, block_table_width=...)`.
+    pub fn decode_plan_device(
+        engine: &Bound<'_, PyDeviceEngine>,
+        cache_seqlens: &Bound<'_, PyAny>,
+        width: Option<usize>,
+        workspace: Option<&Bound<'_, PyAny>>,
+        stream: Option<u64>,
+    ) -> PyResult<PyObject> {
+        let Some(width) = width else {
+            return Err(invalid(
+                "a DeviceEngine's plan needs block_table_width= (the block table's columns)",
+            ));
+        };
+        let p = PyDeviceEngine::plan(engine, cache_seqlens, width, workspace, stream)?;
+        Ok(Py::new(engine.py(), p)?.into_any())
+    }
+
+    /// The device path of `tpla.decode` (FlashMLA's arguments): query rows as
+    /// `DeviceEngine.decode` reads them, or `q_nope` with `q_rope=` and `absorb=True`
+    /// (absorbed on the GPU first); `project=True` returns the partial head outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_device<'py>(
+        py: Python<'py>,
+        plan: &Bound<'py, PyDevicePlan>,
+        q: &Bound<'py, PyAny>,
+        kv_cache: &Bound<'py, PyAny>,
+        block_table: &Bound<'py, PyAny>,
+        cache_seqlens: &Bound<'py, PyAny>,
+        softmax_scale: Option<f64>,
+        layer: usize,
+        mu: Option<f64>,
+        q_rope: Option<&Bound<'py, PyAny>>,
+        absorb: bool,
+        project: bool,
+        out: Option<&Bound<'py, PyAny>>,
+        lse: Option<&Bound<'py, PyAny>>,
+        kv_dtype: Option<&str>,
+        faults: Option<&Bound<'py, PyAny>>,
+        stream: Option<u64>,
+    ) -> PyResult<(PyObject, PyObject)> {
+        let unsupported = |m: &str| Err(to_py(tpla::Error::unsupported(m.to_string())));
+        if softmax_scale.is_some() || mu.is_some() {
+            return unsupported(
+                "on the GPU the query rows carry the scales (DeviceEngine.query_scales; \
+                 absorb=True applies the model's softmax scale and the layer's mu): pass \
+                 softmax_scale=None and mu=None",
+            );
+        }
+        if !matches!(kv_dtype, None | Some("bfloat16")) {
+            return unsupported("the CUDA kernels read bfloat16 caches");
+        }
+        if q_rope.is_some() != absorb {
+            return unsupported(
+                "on the GPU q is either the joined query rows, or q_nope with q_rope= and \
+                 absorb=True",
+            );
+        }
+        let slf = plan.get().engine.bind(py).clone();
+        let me = slf.borrow();
+        let rows = match q_rope {
+            Some(r) => Some(me.absorb_impl(py, q, r, layer, None, stream)?),
+            None => None,
+        };
+        let q = rows.as_ref().unwrap_or(q);
+        if !project {
+            return me.decode_impl(
+                py,
+                &slf,
+                q,
+                kv_cache,
+                block_table,
+                cache_seqlens,
+                plan,
+                layer,
+                out,
+                lse,
+                faults,
+                stream,
+            );
+        }
+        if lse.is_some() {
+            return Err(invalid(
+                "project=True gives head outputs and no lse: pass lse=None",
+            ));
+        }
+        let (latent, _) = me.decode_impl(
+            py,
+            &slf,
+            q,
+            kv_cache,
+            block_table,
+            cache_seqlens,
+            plan,
+            layer,
+            None,
+            None,
+            faults,
+            stream,
+        )?;
+        let heads = me.project_impl(py, latent.bind(py), layer, out, stream)?;
+        Ok((heads.unbind(), py.None()))
+    }
+}
