@@ -4,6 +4,9 @@
 //! reference over the unquantised rows, and a NaN code, scale or RoPE value reaches
 //! every output of its sequence and no other. Outputs are poisoned with NaN first.
 
+mod attention_support;
+
+use attention_support::{random_queries, run};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -63,27 +66,6 @@ fn random_rows(rng: &mut ChaCha8Rng, len: usize, shape: LatentShape) -> Vec<f64>
             scale * rng.sample::<f64, _>(StandardNormal)
         })
         .collect()
-}
-
-fn random_queries(rng: &mut ChaCha8Rng, batch: usize, shape: LatentShape) -> Vec<f32> {
-    let sigma = 2.5 / (shape.row_width() as f64).sqrt();
-    (0..batch * shape.heads * shape.row_width())
-        .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
-        .collect()
-}
-
-fn run(
-    backend: &mut dyn LatentAttention,
-    cache: &dyn RowSource,
-    shape: LatentShape,
-    q: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let batch = q.len() / (shape.heads * shape.row_width());
-    let seqs: Vec<u32> = (0..batch as u32).collect();
-    let mut out = vec![f32::NAN; batch * shape.heads * shape.slice_width];
-    let mut lse = vec![f32::NAN; batch * shape.heads];
-    backend.attend(cache, shape, &seqs, q, &mut out, &mut lse)?;
-    Ok((out, lse))
 }
 
 fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
