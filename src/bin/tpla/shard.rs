@@ -265,8 +265,17 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("file        {} ({} bytes)", a.file.display(), h.image_len());
     println!(
         "format      version {}, header and table checksums ok",
-        tpla::cache::format::FORMAT_VERSION
+        h.version()
     );
+    if s.is_sequence_shard() {
+        let sh = s.sequence_sharding();
+        println!(
+            "sequence    shard {} of {} sequence shards, interleave {} tokens",
+            s.sequence_shard(),
+            sh.shards,
+            sh.interleave
+        );
+    }
     println!(
         "model       heads {}, d_c {}, d_r {}, d_n {}, d_v {}, softmax scale {}",
         d.heads, d.d_c, d.d_r, d.d_n, d.d_v, d.softmax_scale
