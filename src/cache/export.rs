@@ -294,7 +294,8 @@ impl<'a> ShardWriter<Cursor<&'a mut [u8]>> {
             };
             if b.len() != want {
                 return Err(Error::invalid(format!(
-                    "buffer {g} holds {} bytes, shard image {g} of this export is {want}",
+                    "buffer {g} holds {} bytes, a shard image of this export is {want} \
+                     (rank {g}'s)",
                     b.len(),
                 )));
             }
