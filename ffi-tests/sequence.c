@@ -6,9 +6,13 @@
  * decodes its tokens with tpla_context_decode_sequence_shard; the merges (a) in process,
  * (a) through engine callbacks, (b) in process and (b) by pack / sum / unpack must all
  * equal tpla_context_decode over the whole sequence to f32 rounding (relative L2 below
- * 1e-5). Then the planning queries and the error statuses.
+ * 1e-5). Then the planning queries and the error statuses. Then shard files cut by
+ * sequence shard: the prefill is exported into one file per shard
+ * (tpla_export_create_sequence_shards), each registers into its rank's cache only, the
+ * last token of each sequence is appended at its position by the shard owning it, and the
+ * merged decode equals the exact one again.
  *
- * Usage: sequence
+ * Usage: sequence DIR (a directory for the shard files)
  */
 #include "check.h"
 
@@ -164,7 +168,137 @@ static void planning_queries(void) {
   EXPECT(TPLA_STATUS_WRONG_STRUCT_SIZE, "struct_size is 8", tpla_hybrid_plan_info(v3, hp, &info));
 }
 
-int main(void) {
+/* The shard-file section: see the file comment. `ctx`, `transform` and `syn` as in main;
+ * `want` holds the exact decode of the queries at the end of each sequence. */
+static void shard_files(tpla_context *ctx, tpla_transform *transform, tpla_synthetic *syn,
+                        const char *dir, double rope_norm, const float *q_nope,
+                        const float *q_rope) {
+  const tpla_sequence_sharding sh = {SHARDS, INTERLEAVE}, other = {SHARDS, 1};
+  static float latents[NSEQ][MAX_LEN * TEST_DC], k_rope[NSEQ][MAX_LEN * TEST_DR];
+  static float q_all_nope[MAX_LEN * TEST_HEADS * TEST_DN], q_all_rope[MAX_LEN * TEST_HEADS * TEST_DR];
+  tpla_dims d = test_dims();
+  uint32_t ids[NSEQ] = {10, 11, 12};
+  uint64_t prefill[NSEQ];
+  char names[SHARDS][512];
+  const char *paths[SHARDS];
+  const tpla_transform *transforms[1];
+  tpla_export_options eo;
+  tpla_export *ex;
+  tpla_cache_options co;
+  tpla_cache *fc[SHARDS], *wrong;
+  tpla_sequence_sharding got;
+  tpla_shard_decode_args sa;
+  float *out_ptrs[SHARDS];
+  const float *lse_ptrs[SHARDS];
+  size_t s, n, len;
+  uint32_t j, shard, owner;
+
+  transforms[0] = transform;
+  for (s = 0; s < NSEQ; s++) {
+    size_t hn = (size_t)d.heads * d.d_n, hr = (size_t)d.heads * d.d_r;
+    CHECK_OK(tpla_synthetic_sequence(syn, 900 + s, lens[s], latents[s], lens[s] * d.d_c,
+                                     k_rope[s], lens[s] * d.d_r, q_all_nope, lens[s] * hn,
+                                     q_all_rope, lens[s] * hr));
+    /* every token but the last one (an export holds at least one token) */
+    prefill[s] = lens[s] > 1 ? lens[s] - 1 : lens[s];
+  }
+  for (j = 0; j < SHARDS; j++) {
+    snprintf(names[j], sizeof names[j], "%s/seq-shard-%u.tpla", dir, (unsigned)j);
+    paths[j] = names[j];
+  }
+  memset(&eo, 0, sizeof eo);
+  eo.struct_size = sizeof eo;
+  eo.dims = d;
+  eo.groups = 1;
+  eo.dtype = TPLA_DTYPE_F32;
+  eo.page_size = 4;
+  eo.transforms = transforms;
+  eo.layers = 1;
+  eo.seq_ids = ids;
+  eo.seq_lens = prefill;
+  eo.sequences = NSEQ;
+  eo.paths = paths;
+  eo.path_count = SHARDS;
+  CHECK_OK(tpla_export_image_len_of(&eo, sh, 1, &len));
+  CHECK(len > 4096);
+  EXPECT(TPLA_STATUS_OUT_OF_RANGE, "rank 2 is out of range",
+         tpla_export_image_len_of(&eo, sh, 2, &len));
+  eo.path_count = 1;
+  EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "needs 2", tpla_export_create_sequence_shards(&eo, sh, &ex));
+  eo.path_count = SHARDS;
+  CHECK_OK(tpla_export_create_sequence_shards(&eo, sh, &ex));
+  for (s = 0; s < NSEQ; s++)
+    CHECK_OK(tpla_export_push(ex, latents[s], prefill[s] * d.d_c, k_rope[s],
+                              prefill[s] * d.d_r));
+  CHECK_OK(tpla_export_finish(ex));
+  tpla_export_destroy(ex);
+
+  memset(&co, 0, sizeof co);
+  co.struct_size = sizeof co;
+  co.dtype = TPLA_DTYPE_F32;
+  co.page_size = 4;
+  co.capacity_pages = 64;
+  for (j = 0; j < SHARDS; j++) {
+    CHECK_OK(tpla_cache_create_sequence_shard(ctx, &co, sh, j, &fc[j]));
+    CHECK_OK(tpla_cache_sequence_shard(fc[j], &got, &shard));
+    CHECK(got.shards == SHARDS && got.interleave == INTERLEAVE && shard == j);
+    /* the other shard's file belongs to another rank */
+    EXPECT(TPLA_STATUS_MISMATCH, "belongs to another rank",
+           tpla_cache_register_file(fc[j], paths[1 - j], &n));
+    CHECK_OK(tpla_cache_register_file(fc[j], paths[j], &n));
+    CHECK(n == NSEQ);
+  }
+  /* another interleave, or no sequence sharding at all */
+  CHECK_OK(tpla_cache_create_sequence_shard(ctx, &co, other, 0, &wrong));
+  EXPECT(TPLA_STATUS_MISMATCH, "interleave 3", tpla_cache_register_file(wrong, paths[0], &n));
+  tpla_cache_destroy(wrong);
+  CHECK_OK(tpla_cache_create(ctx, &co, &wrong));
+  EXPECT(TPLA_STATUS_MISMATCH, "cut for 2 sequence shards",
+         tpla_cache_register_file(wrong, paths[0], &n));
+  tpla_cache_destroy(wrong);
+  EXPECT(TPLA_STATUS_OUT_OF_RANGE, "sequence shard 2 is out of range",
+         tpla_cache_create_sequence_shard(ctx, &co, sh, 2, &wrong));
+
+  /* the last token of each sequence, at its position, on the shard owning it */
+  for (s = 0; s < NSEQ; s++) {
+    uint64_t t = lens[s] - 1;
+    if (prefill[s] == lens[s]) continue;
+    CHECK_OK(tpla_sequence_owner(sh, t, &owner));
+    EXPECT(TPLA_STATUS_MISMATCH, "belongs to sequence shard",
+           tpla_context_append_token_at(ctx, fc[1 - owner], ids[s], 0, t,
+                                        latents[s] + t * d.d_c, d.d_c, k_rope[s] + t * d.d_r,
+                                        d.d_r, TPLA_RMS_MODE_EXACT));
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "append by position",
+           tpla_context_append_token(ctx, fc[owner], ids[s], 0, latents[s] + t * d.d_c, d.d_c,
+                                     k_rope[s] + t * d.d_r, d.d_r, TPLA_RMS_MODE_EXACT));
+    EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "next token this cache holds",
+           tpla_context_append_token_at(ctx, fc[owner], ids[s], 0, t + 1,
+                                        latents[s] + t * d.d_c, d.d_c, k_rope[s] + t * d.d_r,
+                                        d.d_r, TPLA_RMS_MODE_EXACT));
+    CHECK_OK(tpla_context_append_token_at(ctx, fc[owner], ids[s], 0, t,
+                                          latents[s] + t * d.d_c, d.d_c,
+                                          k_rope[s] + t * d.d_r, d.d_r, TPLA_RMS_MODE_EXACT));
+  }
+  {
+    float row[TEST_DC + TEST_DR];
+    memset(row, 0, sizeof row);
+    EXPECT(TPLA_STATUS_MISMATCH, "belongs to sequence shard 0",
+           tpla_cache_append_rows_at(fc[1], 12, 0, 0, row, TEST_DC + TEST_DR));
+  }
+
+  for (j = 0; j < SHARDS; j++) {
+    sa = shard_args(ids, q_nope, q_rope, (int)j, rope_norm);
+    CHECK_OK(tpla_context_decode_sequence_shard(ctx, fc[j], &sa));
+    memcpy(merged[j], outs[j], sizeof merged[j]);
+    out_ptrs[j] = merged[j];
+    lse_ptrs[j] = lses[j];
+  }
+  CHECK_OK(tpla_sequence_merge_lse_in_process(SHARDS, SHARDS, ROWS, TEST_DV, out_ptrs, lse_ptrs));
+  check_close(merged[0], "merge (a) over shard files");
+  for (j = 0; j < SHARDS; j++) tpla_cache_destroy(fc[j]);
+}
+
+int main(int argc, char **argv) {
   const tpla_backend_options cpu2 = backend_options(TPLA_BACKEND_CPU, 2);
   const tpla_sequence_sharding sh = {SHARDS, INTERLEAVE};
   tpla_dims d = test_dims();
@@ -197,6 +331,10 @@ int main(void) {
   int j;
   struct comm comm;
 
+  if (argc != 2) {
+    fprintf(stderr, "usage: %s DIR\n", argv[0]);
+    return 2;
+  }
   planning_queries();
 
   memset(&o, 0, sizeof o);
@@ -396,6 +534,8 @@ int main(void) {
   EXPECT(TPLA_STATUS_BACKEND, "all-gather callback failed with 5",
          tpla_sequence_merge_lse_with(0, SHARDS, ROWS, TEST_DV, merged[0], lses[0], gathered,
                                       gather, reduce, &comm));
+
+  shard_files(ctx, transform, syn, argv[1], rope_norm, q_nope, q_rope);
 
   tpla_cache_destroy(full);
   for (j = 0; j < SHARDS; j++) tpla_cache_destroy(shard[j]);

@@ -767,6 +767,17 @@ typedef struct tpla_cache_options {
 } tpla_cache_options;
 
 /**
+ * How a sequence's tokens are spread over sequence shards: positions are cut into
+ * blocks of `interleave` tokens and block k lives on shard `k % shards` (`interleave` 1
+ * is token t on shard `t mod shards`). `shards` 1 is no sequence sharding. Shards lie in
+ * 1..=64, the interleave in 1..=2^20. A plain value, fixed for this ABI version.
+ */
+typedef struct tpla_sequence_sharding {
+  uint32_t shards;
+  uint32_t interleave;
+} tpla_sequence_sharding;
+
+/**
  * The state of a cache (`tpla_cache_get_info`).
  */
 typedef struct tpla_cache_info {
@@ -988,17 +999,6 @@ typedef struct tpla_export_options {
  * any other value on failure.
  */
 typedef int32_t (*tpla_all_reduce_fn)(float *buffer, size_t count, void *user);
-
-/**
- * How a sequence's tokens are spread over sequence shards: positions are cut into
- * blocks of `interleave` tokens and block k lives on shard `k % shards` (`interleave` 1
- * is token t on shard `t mod shards`). `shards` 1 is no sequence sharding. Shards lie in
- * 1..=64, the interleave in 1..=2^20. A plain value, fixed for this ABI version.
- */
-typedef struct tpla_sequence_sharding {
-  uint32_t shards;
-  uint32_t interleave;
-} tpla_sequence_sharding;
 
 /**
  * One rank of a hybrid deployment of `groups` latent groups (1, 2, 4, 8) times
@@ -1448,6 +1448,30 @@ tpla_status tpla_context_append_token(const struct tpla_context *ctx,
                                       uint32_t rms_mode);
 
 /**
+ * As `tpla_context_append_token`, for the token at `position` of the sequence: the way
+ * to append to a cache of one sequence shard (`tpla_cache_create_sequence_shard`),
+ * whose rank must own the position (`tpla_hybrid_owner_rank`; another shard's position
+ * is TPLA_STATUS_MISMATCH, a position that is not the shard's next
+ * TPLA_STATUS_INVALID_ARGUMENT). On a cache of every token, `position` must be the
+ * sequence's length in `layer`. On error the cache is unchanged.
+ *
+ * Returns as `tpla_context_append_token`.
+ *
+ * # Safety
+ * As `tpla_context_append_token`.
+ */
+tpla_status tpla_context_append_token_at(const struct tpla_context *ctx,
+                                         struct tpla_cache *cache,
+                                         uint32_t seq,
+                                         uint32_t layer,
+                                         uint64_t position,
+                                         const float *latent,
+                                         size_t latent_count,
+                                         const float *k_rope,
+                                         size_t k_rope_count,
+                                         uint32_t rms_mode);
+
+/**
  * One decode step of one layer for a batch of sequences on this rank: absorbs the
  * queries, runs the backend over the rank's cache, and writes the partial head outputs
  * (sum them over ranks with `tpla_all_reduce_in_process` or `tpla_all_reduce_with`) or
@@ -1488,6 +1512,40 @@ tpla_status tpla_context_decode(struct tpla_context *ctx,
 tpla_status tpla_cache_create(const struct tpla_context *ctx,
                               const struct tpla_cache_options *options,
                               struct tpla_cache **out);
+
+/**
+ * Creates an empty cache for rank (i, j) of a hybrid deployment (`tpla_hybrid_plan`):
+ * latent group i, the group of `ctx` (created with the plan's `context_plan`), of the
+ * tokens that `sharding` puts on sequence shard `shard` (j). Such a cache registers only
+ * the shard files of its own rank (`tpla_export_create_sequence_shards`: another shard,
+ * shard count or interleave is TPLA_STATUS_MISMATCH), takes appends by position only
+ * (`tpla_cache_append_rows_at`, `tpla_context_append_token_at`) and is decoded by
+ * `tpla_context_decode_sequence_shard`. `sharding.shards` 1 makes a plain cache.
+ *
+ * Returns as `tpla_cache_create`, and TPLA_STATUS_INVALID_ARGUMENT (sharding) or
+ * TPLA_STATUS_OUT_OF_RANGE (shard not below sharding.shards).
+ *
+ * # Safety
+ * As `tpla_cache_create`.
+ */
+tpla_status tpla_cache_create_sequence_shard(const struct tpla_context *ctx,
+                                             const struct tpla_cache_options *options,
+                                             struct tpla_sequence_sharding sharding,
+                                             uint32_t shard,
+                                             struct tpla_cache **out);
+
+/**
+ * Writes the sequence sharding of `cache` to `*sharding` (shards 1, interleave 1 for a
+ * cache of every token) and its sequence shard to `*shard`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT. Reads `cache`.
+ *
+ * # Safety
+ * `cache` is NULL or live; the out pointers are NULL or writable.
+ */
+tpla_status tpla_cache_sequence_shard(const struct tpla_cache *cache,
+                                      struct tpla_sequence_sharding *sharding,
+                                      uint32_t *shard);
 
 /**
  * Destroys a cache, releasing its pool, its file mappings and its registered buffers
@@ -1584,6 +1642,27 @@ tpla_status tpla_cache_append_rows(struct tpla_cache *cache,
                                    uint32_t layer,
                                    const float *rows,
                                    size_t rows_count);
+
+/**
+ * As `tpla_cache_append_rows`, with `position` the position in the sequence of the
+ * first row: on a cache of sequence shard j (`tpla_cache_create_sequence_shard`) the
+ * rows are the shard's next tokens, and a position another shard owns is
+ * TPLA_STATUS_MISMATCH (`tpla_hybrid_owner_rank` names its rank), one that is not the
+ * shard's next (a gap, a token twice) TPLA_STATUS_INVALID_ARGUMENT; on a cache of every
+ * token `position` must be the sequence's length in `layer`. On error the cache is
+ * unchanged.
+ *
+ * Returns as `tpla_cache_append_rows`, and TPLA_STATUS_MISMATCH.
+ *
+ * # Safety
+ * As `tpla_cache_append_rows`.
+ */
+tpla_status tpla_cache_append_rows_at(struct tpla_cache *cache,
+                                      uint32_t seq,
+                                      uint32_t layer,
+                                      uint64_t position,
+                                      const float *rows,
+                                      size_t rows_count);
 
 /**
  * Registers the shard file at `path` (written by `tpla_export_*` or `tpla shard
@@ -1791,6 +1870,43 @@ tpla_status tpla_context_import_sequence(const struct tpla_context *ctx,
  * `len` is NULL or writable.
  */
 tpla_status tpla_export_image_len(const struct tpla_export_options *options, size_t *len);
+
+/**
+ * Writes the size in bytes of rank `rank`'s shard image of the export of `options`
+ * cut by `sharding` too (`tpla_export_create_sequence_shards`; rank `r = i * shards +
+ * j`, latent group i, sequence shard j; the shards hold different token counts);
+ * `paths` and `buffers` are ignored.
+ *
+ * Returns as `tpla_export_image_len`, and TPLA_STATUS_INVALID_ARGUMENT (sharding) or
+ * TPLA_STATUS_OUT_OF_RANGE (rank not below groups * shards). Thread-safe.
+ *
+ * # Safety
+ * As `tpla_export_image_len`.
+ */
+tpla_status tpla_export_image_len_of(const struct tpla_export_options *options,
+                                     struct tpla_sequence_sharding sharding,
+                                     uint32_t rank,
+                                     size_t *len);
+
+/**
+ * Starts an export cut by latent group and by sequence shard: `groups * shards` shard
+ * files, `options->paths[r]` for rank `r = i * shards + j`, holding latent slice i of
+ * the tokens of each sequence whose interleave block falls on sequence shard j (in
+ * position order; a sequence shorter than the blocks before shard j has none there).
+ * The files are version 2 of the shard format when shards > 1 and register only into
+ * the cache of their rank (`tpla_cache_create_sequence_shard`). Only files: buffers
+ * would differ in size (`tpla_export_image_len_of`). Otherwise as `tpla_export_create`
+ * (push every token of each sequence; each rank gets its own).
+ *
+ * Returns as `tpla_export_create`, and TPLA_STATUS_INVALID_ARGUMENT (sharding, buffers
+ * given, path count not groups * shards).
+ *
+ * # Safety
+ * As `tpla_export_create`.
+ */
+tpla_status tpla_export_create_sequence_shards(const struct tpla_export_options *options,
+                                               struct tpla_sequence_sharding sharding,
+                                               struct tpla_export **out);
 
 /**
  * Starts an export into the files `options->paths` (written to temporary files and

@@ -447,6 +447,20 @@ impl RankContext {
         k_rope: &[f32],
         exact_rms: bool,
     ) -> Result<()> {
+        self.append(cache, seq, layer, None, latent, k_rope, exact_rms)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &self,
+        cache: &mut RankCache,
+        seq: u32,
+        layer: usize,
+        position: Option<u64>,
+        latent: &[f32],
+        k_rope: &[f32],
+        exact_rms: bool,
+    ) -> Result<()> {
         self.check_cache(cache)?;
         let l = self.layer(layer)?;
         check_len("latent", latent.len(), self.dims.d_c)?;
@@ -469,7 +483,27 @@ impl RankContext {
             }
         };
         let row = slice_token(&a, &kr, &l.transform, &self.plan, mode)?;
-        cache.append_rows(seq, layer, &row)
+        match position {
+            None => cache.append_rows(seq, layer, &row),
+            Some(p) => cache.append_rows_at(seq, layer, p, &row),
+        }
+    }
+
+    /// As [`Self::append_token`], for the token at `position` of the sequence, on a
+    /// cache of one sequence shard ([`RankCache::append_rows_at`]: a position another
+    /// shard owns is a `Mismatch` error) or of every token.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_token_at(
+        &self,
+        cache: &mut RankCache,
+        seq: u32,
+        layer: usize,
+        position: u64,
+        latent: &[f32],
+        k_rope: &[f32],
+        exact_rms: bool,
+    ) -> Result<()> {
+        self.append(cache, seq, layer, Some(position), latent, k_rope, exact_rms)
     }
 
     /// One decode step of `layer` for the sequences `seqs` of `cache`.
@@ -482,6 +516,14 @@ impl RankContext {
         outputs: Outputs,
     ) -> Result<()> {
         self.check_cache(cache)?;
+        if cache.spec().is_sequence_shard() {
+            return Err(Error::invalid(format!(
+                "the cache holds sequence shard {} of {}: its decode is a partial one, to \
+                 merge with the other shards' (decode_sequence_shard)",
+                cache.spec().sequence_shard(),
+                cache.spec().sequence_sharding().shards
+            )));
+        }
         let l = installed(&self.layers, layer)?;
         if cache.spec().transforms()[layer] != l.transform_id() {
             return Err(Error::mismatch(format!(

@@ -9,7 +9,11 @@
 //! sequence's first tokens as an exact prefill, the last `appended` tokens appended one
 //! by one as decode would — decodes the queries through the f64 reference and compares
 //! the summed outputs and each slice's attention distribution with exact MLA.
-//! [`report`] runs a grid of configurations, with a short and a long decode run.
+//! [`report`] runs a grid of configurations, with a short and a long decode run. With a
+//! sequence sharding ([`ReportOptions::sequence`]) each latent group's rows are cut by
+//! the owner rule, every shard attends over its own tokens, and the shards' partial
+//! outputs are merged with their log-sum-exps (merge (a) of `combine::sequence`, in f64)
+//! before the groups' sum: the (g, s) hybrid, which must equal TPLA(g).
 
 use crate::attention::reference::{
     self, kl_divergence, rotated_latents, slice_rows, slice_token, AppendMode, HeadOutputs,
@@ -20,7 +24,7 @@ use crate::calibration::{
 use crate::convert::{FoldedLayer, MlaWeights, RankWeights};
 use crate::dtype::{e4m3_from_f64, DType, E4M3_MAX, E4M3_TO_F32, FP8_BLOCK};
 use crate::error::{Error, Result};
-use crate::geometry::{ModelDims, ShardPlan};
+use crate::geometry::{ModelDims, SequenceSharding, ShardPlan};
 use crate::synthetic::{Query, SyntheticLayer, Tokens};
 use crate::transform::{
     choose_mu, slice_energy_fractions, MuPolicy, SliceLayout, Transform, TransformKind,
@@ -373,7 +377,87 @@ fn rank_rows(
 
 /// Decodes the evaluated queries over `rows` with slice logit scales `mus`.
 fn measure(s: &Scenario, prepared: &Prepared, mus: &[f64], rows: &[Vec<f64>]) -> Result<Metrics> {
-    Ok(measure_outputs(s, prepared, mus, rows)?.0)
+    Ok(measure_outputs(s, prepared, mus, rows, SequenceSharding::NONE)?.0)
+}
+
+/// One sequence shard's decode: its positions, latent outputs `[heads][w]`, log-sum-exps
+/// `[heads]` and attention weights `[heads][positions]`.
+type ShardPart = (Vec<usize>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// One latent group's decode over `rows` (`[len][slice_width + d_r]`) with its tokens
+/// spread over the shards of `sharding`: each shard attends over the tokens the owner
+/// rule gives it, and the shards' outputs are merged with their log-sum-exps (merge (a)).
+/// Returns the group's partial head outputs and the merged attention weights in position
+/// order, which equal those of one decode over every token to rounding.
+fn sharded_rank_decode(
+    rw: &RankWeights,
+    rows: &[f64],
+    q_nope: &[f64],
+    q_rope: &[f64],
+    sharding: SequenceSharding,
+) -> HeadOutputs {
+    if sharding.shards == 1 {
+        return reference::tpla_rank_decode(rw, rows, q_nope, q_rope);
+    }
+    let shape = crate::attention::LatentShape {
+        heads: rw.plan.heads,
+        slice_width: rw.plan.slice_width,
+        d_r: rw.dims.d_r,
+    };
+    let (rwid, w, heads) = (shape.row_width(), shape.slice_width, shape.heads);
+    let len = rows.len() / rwid;
+    let q = reference::rank_query(rw, q_nope, q_rope);
+    // per shard: its positions, latent outputs [heads][w], log-sum-exps and weights
+    let parts: Vec<ShardPart> = (0..sharding.shards)
+        .map(|j| {
+            let positions: Vec<usize> = (0..len)
+                .filter(|&t| sharding.owner(t as u64) == j)
+                .collect();
+            if positions.is_empty() {
+                return (
+                    positions,
+                    vec![0.0; heads * w],
+                    vec![f64::NEG_INFINITY; heads],
+                    Vec::new(),
+                );
+            }
+            let mine: Vec<f64> = positions
+                .iter()
+                .flat_map(|&t| rows[t * rwid..(t + 1) * rwid].iter().copied())
+                .collect();
+            let (out, lse, probs) = reference::latent_attention_with_probs(&mine, &q, shape);
+            (positions, out, lse, probs)
+        })
+        .collect();
+    let mut latent = vec![0.0; heads * w];
+    let mut probs = vec![0.0; heads * len];
+    for h in 0..heads {
+        let max = parts
+            .iter()
+            .map(|p| p.2[h])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = parts.iter().map(|p| (p.2[h] - max).exp()).sum();
+        for (positions, out, lse, pr) in &parts {
+            if positions.is_empty() {
+                continue;
+            }
+            let weight = (lse[h] - max).exp() / total;
+            for (o, x) in latent[h * w..(h + 1) * w]
+                .iter_mut()
+                .zip(&out[h * w..(h + 1) * w])
+            {
+                *o += weight * x;
+            }
+            let n = positions.len();
+            for (k, &t) in positions.iter().enumerate() {
+                probs[h * len + t] = weight * pr[h * n + k];
+            }
+        }
+    }
+    HeadOutputs {
+        out: reference::project_latent(rw, &latent),
+        probs,
+    }
 }
 
 /// [`measure`], and the summed head outputs of every evaluated query.
@@ -382,6 +466,7 @@ fn measure_outputs(
     prepared: &Prepared,
     mus: &[f64],
     rows: &[Vec<f64>],
+    sharding: SequenceSharding,
 ) -> Result<(Metrics, Vec<Vec<f64>>)> {
     let d = *s.dims();
     let groups = mus.len();
@@ -404,8 +489,17 @@ fn measure_outputs(
             .zip(&ranks)
             .map(|(r, w)| r[..len * (w.plan.slice_width + d.d_r)].to_vec())
             .collect();
-        let (parts, sum) =
-            reference::tpla_decode(&ranks, &prefix, &e.query.q_nope, &e.query.q_rope);
+        let parts: Vec<HeadOutputs> = ranks
+            .iter()
+            .zip(&prefix)
+            .map(|(rw, r)| sharded_rank_decode(rw, r, &e.query.q_nope, &e.query.q_rope, sharding))
+            .collect();
+        let mut sum = vec![0.0; parts[0].out.len()];
+        for p in &parts {
+            for (s, v) in sum.iter_mut().zip(&p.out) {
+                *s += v;
+            }
+        }
         m.rel_l2 += reference::rel_l2(&sum, &e.exact.out);
         m.cosine += reference::cosine(&sum, &e.exact.out);
         for part in &parts {
@@ -463,6 +557,8 @@ pub fn evaluate(
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReportOptions {
     pub groups: Vec<usize>,
+    /// Sequence shardings of each latent group (`[SequenceSharding::NONE]`: TPLA alone).
+    pub sequence: Vec<SequenceSharding>,
     pub transforms: Vec<TransformKind>,
     pub policies: Vec<MuPolicy>,
     pub appends: Vec<AppendChoice>,
@@ -479,6 +575,7 @@ pub struct ReportOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReportRow {
     pub groups: usize,
+    pub sharding: SequenceSharding,
     pub transform: TransformKind,
     pub policy: MuPolicy,
     pub mus: Vec<f64>,
@@ -491,7 +588,7 @@ pub struct ReportRow {
 }
 
 /// Every configuration of `opts` on `s`, in the order groups, transform, append, mu
-/// policy, storage. (g, transform) blocks run in parallel on the rayon pool; cache rows
+/// policy, sequence sharding, storage. (g, transform) blocks run in parallel on the rayon pool; cache rows
 /// are built once per block and append mode and shared by the mu policies.
 pub fn report(s: &Scenario, opts: &ReportOptions) -> Result<Vec<ReportRow>> {
     let blocks: Vec<(usize, TransformKind)> = opts
@@ -517,26 +614,40 @@ pub fn report(s: &Scenario, opts: &ReportOptions) -> Result<Vec<ReportRow>> {
                 let with_bf16 = opts.storages.contains(&Storage::Cache(DType::Bf16));
                 let runs = [&short, &long];
                 for (policy, m) in &mus {
-                    let bf16: Vec<Vec<Vec<f64>>> = if with_bf16 {
-                        runs.iter()
-                            .map(|r| {
-                                let rows = stored(r, Storage::Cache(DType::Bf16), d);
-                                Ok(measure_outputs(s, &prepared, m, &rows)?.1)
-                            })
-                            .collect::<Result<_>>()?
-                    } else {
-                        Vec::new()
-                    };
-                    for &storage in &opts.storages {
+                    let bf16: Vec<Vec<Vec<f64>>> =
+                        if with_bf16 {
+                            runs.iter()
+                                .map(|r| {
+                                    let rows = stored(r, Storage::Cache(DType::Bf16), d);
+                                    Ok(measure_outputs(
+                                        s,
+                                        &prepared,
+                                        m,
+                                        &rows,
+                                        SequenceSharding::NONE,
+                                    )?
+                                    .1)
+                                })
+                                .collect::<Result<_>>()?
+                        } else {
+                            Vec::new()
+                        };
+                    for (&sharding, &storage) in opts
+                        .sequence
+                        .iter()
+                        .flat_map(|sh| opts.storages.iter().map(move |st| (sh, st)))
+                    {
                         let mut metrics = [None, None];
                         for (k, r) in runs.iter().enumerate() {
                             let rows = stored(r, storage, d);
-                            let (mut met, outs) = measure_outputs(s, &prepared, m, &rows)?;
+                            let (mut met, outs) =
+                                measure_outputs(s, &prepared, m, &rows, sharding)?;
                             met.vs_bf16 = bf16.get(k).map(|b| mean_rel_l2(&outs, b));
                             metrics[k] = Some(met);
                         }
                         out.push(ReportRow {
                             groups: g,
+                            sharding,
                             transform: kind,
                             policy: *policy,
                             mus: m.clone(),
@@ -557,6 +668,44 @@ pub fn report(s: &Scenario, opts: &ReportOptions) -> Result<Vec<ReportRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_shards_merge_to_the_groups_own_tpla() {
+        let dims = ModelDims::new(4, 64, 16, 16, 16, 0.2).unwrap();
+        let s = Scenario::new(&dims, 3, 45, 2).unwrap();
+        let opts = ReportOptions {
+            groups: vec![1, 2],
+            sequence: [(1, 1), (2, 1), (3, 4), (8, 16)]
+                .map(|(n, b)| SequenceSharding::new(n, b).unwrap())
+                .to_vec(),
+            transforms: vec![TransformKind::Hadamard],
+            policies: vec![MuPolicy::One],
+            appends: vec![AppendChoice::Exact],
+            storages: vec![Storage::F64, Storage::Cache(DType::Bf16)],
+            layout: SliceLayout::Contiguous,
+            short: 2,
+            long: 20,
+        };
+        let rows = report(&s, &opts).unwrap();
+        assert_eq!(rows.len(), 2 * 4 * 2);
+        for r in &rows {
+            let base = rows
+                .iter()
+                .find(|b| {
+                    b.groups == r.groups
+                        && b.storage == r.storage
+                        && b.sharding == SequenceSharding::NONE
+                })
+                .unwrap();
+            for (m, b) in [(r.short, base.short), (r.long, base.long)] {
+                assert!((m.rel_l2 - b.rel_l2).abs() < 1e-12, "{r:?}");
+                assert!((m.kl - b.kl).abs() < 1e-12, "{r:?}");
+            }
+            if r.groups == 1 && r.storage == Storage::F64 {
+                assert!(r.long.rel_l2 < 1e-12, "exact at g = 1: {r:?}");
+            }
+        }
+    }
 
     #[test]
     fn storages_round_rows_as_their_caches_do() {

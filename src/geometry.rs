@@ -274,7 +274,17 @@ impl SequenceSharding {
         position / (s * b) * b + position % b
     }
 
-    fn check_shard(&self, shard: usize) -> Result<()> {
+    /// Position in the sequence of row `local` of shard `shard`: the inverse of
+    /// [`Self::local_index`] (the position of the next token a shard holding `local`
+    /// tokens receives). Saturates at `u64::MAX`.
+    pub fn position_of(&self, shard: usize, local: u64) -> u64 {
+        let (s, b) = (self.shards as u64, self.interleave as u64);
+        (local / b)
+            .saturating_mul(s * b)
+            .saturating_add(shard as u64 * b + local % b)
+    }
+
+    pub(crate) fn check_shard(&self, shard: usize) -> Result<()> {
         if shard >= self.shards {
             return Err(Error::out_of_range(format!(
                 "sequence shard {shard} is out of range for {} shards",
@@ -411,6 +421,7 @@ mod tests {
                     let j = sh.owner(t);
                     // the local index is the count of earlier tokens on the same shard
                     assert_eq!(sh.local_index(t), held[j], "{shards} {interleave} {t}");
+                    assert_eq!(sh.position_of(j, held[j]), t);
                     held[j] += 1;
                     assert_eq!(j, (t as usize / interleave) % shards);
                 }

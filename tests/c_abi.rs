@@ -563,7 +563,8 @@ fn engine_paged_memory_decodes_bit_equal_to_the_owned_cache() {
 
 #[test]
 fn sequence_shards_merge_to_exact_decode_through_the_c_abi() {
-    let out = run(&build("ffi-tests/sequence.c", Build::Plain), &[], &[]);
+    let dir = work_dir("sequence");
+    let out = run(&build("ffi-tests/sequence.c", Build::Plain), &[&dir], &[]);
     print!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -590,7 +591,7 @@ fn memcheck_finds_no_memory_error_or_leak() {
     memcheck(&build("ffi-tests/hardening.c", Build::Plain), &[&dir], &dir);
     memcheck(&build("ffi-tests/threads.c", Build::Plain), &[], &dir);
     memcheck(&build("ffi-tests/paged.c", Build::Plain), &[], &dir);
-    memcheck(&build("ffi-tests/sequence.c", Build::Plain), &[], &dir);
+    memcheck(&build("ffi-tests/sequence.c", Build::Plain), &[&dir], &dir);
 }
 
 #[test]
@@ -634,7 +635,7 @@ fn address_and_undefined_behaviour_sanitizers_are_clean() {
     );
     run(
         &build("ffi-tests/sequence.c", Build::Sanitized),
-        &[],
+        &[&dir],
         &SANITIZER_ENV,
     );
 }

@@ -366,3 +366,56 @@ fn export_defaults_to_identity_refuses_empty_sequences_and_shows_progress_on_ter
     );
     assert!(shown.contains("identity transform"), "{shown}");
 }
+
+#[test]
+fn export_cuts_by_sequence_shard_and_inspect_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tpla(&[
+        "shard",
+        "export",
+        "--out",
+        str(dir.path()),
+        "--preset",
+        "deepseek-v2-lite",
+        "--layers",
+        "1",
+        "--groups",
+        "2",
+        "--seq-shards",
+        "2",
+        "--interleave",
+        "3",
+        "--dtype",
+        "f32",
+        "--sequences",
+        "1:7,2:2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("g = 2, s = 2"), "{}", stdout(&out));
+    let dims = ModelDims::preset("deepseek-v2-lite").unwrap();
+    let ids = vec![TransformId::of(&Transform::identity(dims.d_c).unwrap())];
+    let sharding = tpla::SequenceSharding::new(2, 3).unwrap();
+    // rank 3 = group 1, sequence shard 1: positions 3, 4, 5 of sequence 1, none of 2
+    let path = dir.path().join("prefill.rank3-of-4.tpla");
+    let plan = tpla::HybridPlan::new(&dims, 2, sharding, 3).unwrap();
+    let spec = ShardSpec::for_hybrid(dims, &plan, DType::F32, 64, ids.clone()).unwrap();
+    let mut cache = RankCache::new(spec, 0).unwrap();
+    cache.register_file(&path).unwrap();
+    assert_eq!(cache.seq_len(1, 0).unwrap(), 3);
+    assert_eq!(cache.seq_len(2, 0).unwrap(), 0);
+    let out = tpla(&["shard", "inspect", str(&path)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("version 2"), "{text}");
+    assert!(
+        text.contains("shard 1 of 2 sequence shards, interleave 3 tokens"),
+        "{text}"
+    );
+    // rank 2's file (shard 0) into rank 3's cache
+    let spec = ShardSpec::for_hybrid(dims, &plan, DType::F32, 64, ids).unwrap();
+    let mut cache = RankCache::new(spec, 0).unwrap();
+    let e = cache
+        .register_file(dir.path().join("prefill.rank2-of-4.tpla"))
+        .unwrap_err();
+    assert_eq!(e.kind(), tpla::ErrorKind::Mismatch, "{e}");
+}

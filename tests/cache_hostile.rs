@@ -148,10 +148,17 @@ fn hostile_fields_behind_valid_checksums_are_refused_by_name() {
     type Edit = Box<dyn Fn(&mut Vec<u8>)>;
     let cases: Vec<(&str, Edit, ErrorKind, &str)> = vec![
         (
-            "version 2",
-            Box::new(|i| put32(i, 8, 2)),
+            "version 3",
+            Box::new(|i| put32(i, 8, 3)),
             ErrorKind::Unsupported,
-            "version 2",
+            "version 3",
+        ),
+        // version 2 reads a sequence-shard block where version 1 has its layer table
+        (
+            "version 2 on a version 1 layout",
+            Box::new(|i| put32(i, 8, 2)),
+            ErrorKind::CorruptFile,
+            "header:",
         ),
         (
             "heads 0",

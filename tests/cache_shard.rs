@@ -432,20 +432,63 @@ fn exports_reproduce_the_committed_golden_images() {
     let dims = tpla::ModelDims::new(1, 8, 4, 4, 4, 0.25).unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/shard_parse");
     let bless = std::env::var_os("TPLA_BLESS_SHARD_SEEDS").is_some();
-    // name, groups, element type, page size, sequences
-    type Case = (&'static str, usize, DType, usize, &'static [(u32, usize)]);
-    let cases: [Case; 6] = [
-        ("g1-f32", 1, DType::F32, 4, &[(1, 5), (2, 0), (3, 4)]),
-        ("g2-bf16", 2, DType::Bf16, 4, &[(1, 5), (2, 0), (3, 4)]),
-        ("g4-f16", 4, DType::F16, 3, &[(7, 2), (8, 7)]),
-        ("g8-bf16-page1", 8, DType::Bf16, 1, &[(9, 3)]),
-        ("g2-empty", 2, DType::Bf16, 4, &[]),
-        ("g2-fp8", 2, DType::Fp8E4m3, 3, &[(1, 5), (4, 2)]),
+    // name, groups, (sequence shards, interleave), element type, page size, sequences
+    type Case = (
+        &'static str,
+        usize,
+        (usize, usize),
+        DType,
+        usize,
+        &'static [(u32, usize)],
+    );
+    let cases: [Case; 8] = [
+        (
+            "g1-f32",
+            1,
+            (1, 1),
+            DType::F32,
+            4,
+            &[(1, 5), (2, 0), (3, 4)],
+        ),
+        (
+            "g2-bf16",
+            2,
+            (1, 1),
+            DType::Bf16,
+            4,
+            &[(1, 5), (2, 0), (3, 4)],
+        ),
+        ("g4-f16", 4, (1, 1), DType::F16, 3, &[(7, 2), (8, 7)]),
+        ("g8-bf16-page1", 8, (1, 1), DType::Bf16, 1, &[(9, 3)]),
+        ("g2-empty", 2, (1, 1), DType::Bf16, 4, &[]),
+        ("g2-fp8", 2, (1, 1), DType::Fp8E4m3, 3, &[(1, 5), (4, 2)]),
+        // version 2: sequence shards (rank 1 of g1-s2 holds 2 tokens of 5, none of 2)
+        (
+            "g1-s2-f32",
+            1,
+            (2, 3),
+            DType::F32,
+            4,
+            &[(1, 5), (2, 2), (3, 4)],
+        ),
+        ("g2-s4-bf16", 2, (4, 1), DType::Bf16, 2, &[(1, 9), (5, 3)]),
     ];
-    for (name, groups, dtype, page_size, seqs) in cases {
+    for (name, groups, (shards, interleave), dtype, page_size, seqs) in cases {
         let prefill = Prefill::random_with(dims, 31, 2, seqs);
-        let plan = ExportPlan::new(dims, groups, dtype, page_size, transforms(2), seqs).unwrap();
-        let mut images = vec![vec![0u8; plan.image_len()]; groups];
+        let sharding = tpla::SequenceSharding::new(shards, interleave).unwrap();
+        let plan = ExportPlan::hybrid(
+            dims,
+            groups,
+            sharding,
+            dtype,
+            page_size,
+            transforms(2),
+            seqs,
+        )
+        .unwrap();
+        let mut images: Vec<Vec<u8>> = (0..plan.ranks())
+            .map(|r| vec![0u8; plan.image_len_of(r).unwrap()])
+            .collect();
         let mut w = ShardWriter::to_buffers(&plan, images.iter_mut().map(|b| &mut b[..]).collect())
             .unwrap();
         for (latent, rope) in prefill.blocks() {

@@ -50,6 +50,7 @@ fn report_on_a_checkpoint_layer_measures_every_configuration() {
     assert_eq!(s.tokens.len(), 600);
     let opts = ReportOptions {
         groups: vec![2, 4],
+        sequence: vec![tpla::SequenceSharding::NONE],
         transforms: TransformKind::ALL.to_vec(),
         policies: MuPolicy::ALL.to_vec(),
         appends: AppendChoice::ALL.to_vec(),

@@ -50,7 +50,12 @@ fn check(image: &[u8]) {
     }
     if let Some(&id) = ids.first() {
         let row = vec![0.5; spec.row_width()];
-        let err = cache.append_rows(id, 0, &row).unwrap_err();
+        // at the next position this shard holds (the sequence's length without
+        // sequence sharding)
+        let next = spec
+            .sequence_sharding()
+            .position_of(spec.sequence_shard(), header.sequences()[0].len as u64);
+        let err = cache.append_rows_at(id, 0, next, &row).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::OutOfCapacity);
         assert_eq!(cache.seq_len(id, 0).unwrap(), header.sequences()[0].len);
     }

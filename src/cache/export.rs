@@ -1,5 +1,9 @@
 //! The prefill side of disaggregated serving (DESIGN 3.5): cut a full-width latent cache
-//! into the `g` shard images, one per latent group, streamed to files or buffers.
+//! into the `g` shard images, one per latent group, streamed to files or buffers; or,
+//! for a hybrid deployment of `g` latent groups times `s` sequence shards
+//! ([`HybridPlan`]), into `g * s` images, rank `(i, j)` holding latent slice `i` of the
+//! tokens the owner rule puts on sequence shard `j` (in position order, so that a rank's
+//! rows are exactly what its decode-time appends would have made).
 //!
 //! Rows arrive layer by layer, sequence by sequence (the order a prefill produces them
 //! and the order of the data region), so an export never holds more than one page.
@@ -8,16 +12,21 @@ use super::format::ShardHeader;
 use super::{check_representable, ShardSpec, TransformId};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::geometry::{ModelDims, ShardPlan};
+use crate::geometry::{HybridPlan, ModelDims, SequenceSharding};
 use std::fs::File;
 use std::io::{BufWriter, Cursor, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use tempfile::NamedTempFile;
 
-/// What one export writes: the shard header of every latent group.
+/// What one export writes: the shard header of every rank (one per latent group
+/// without sequence sharding).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExportPlan {
     headers: Vec<ShardHeader>,
+    groups: usize,
+    sharding: SequenceSharding,
+    /// Tokens of each sequence in the prefill, over all sequence shards.
+    lens: Vec<usize>,
 }
 
 impl ExportPlan {
@@ -31,37 +40,95 @@ impl ExportPlan {
         transforms: Vec<TransformId>,
         sequences: &[(u32, usize)],
     ) -> Result<Self> {
-        // At least one group, so that a group count of 0 reaches ShardPlan's check.
-        let headers = (0..groups.max(1))
-            .map(|group| {
-                let plan = ShardPlan::new(&dims, groups, group)?;
-                let spec = ShardSpec::new(dims, &plan, dtype, page_size, transforms.clone())?;
-                ShardHeader::for_sequences(spec, sequences)
-            })
-            .collect::<Result<_>>()?;
-        Ok(ExportPlan { headers })
+        Self::hybrid(
+            dims,
+            groups,
+            SequenceSharding::NONE,
+            dtype,
+            page_size,
+            transforms,
+            sequences,
+        )
     }
 
+    /// An export for every rank of `groups` latent groups times `sharding.shards`
+    /// sequence shards: rank `r = i * shards + j` ([`HybridPlan`]) gets latent slice `i`
+    /// of the tokens of each sequence whose position falls on shard `j`, which may be
+    /// none (a sequence shorter than the shards' blocks).
+    pub fn hybrid(
+        dims: ModelDims,
+        groups: usize,
+        sharding: SequenceSharding,
+        dtype: DType,
+        page_size: usize,
+        transforms: Vec<TransformId>,
+        sequences: &[(u32, usize)],
+    ) -> Result<Self> {
+        let sharding = SequenceSharding::new(sharding.shards, sharding.interleave)?;
+        // At least one group, so that a group count of 0 reaches ShardPlan's check.
+        let headers = (0..groups.max(1) * sharding.shards)
+            .map(|rank| {
+                let plan = HybridPlan::new(&dims, groups, sharding, rank)?;
+                let spec =
+                    ShardSpec::for_hybrid(dims, &plan, dtype, page_size, transforms.clone())?;
+                let local = sequences
+                    .iter()
+                    .map(|&(id, len)| {
+                        Ok((id, sharding.tokens_on(plan.shard, len as u64)? as usize))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                ShardHeader::for_sequences(spec, &local)
+            })
+            .collect::<Result<_>>()?;
+        Ok(ExportPlan {
+            headers,
+            groups,
+            sharding,
+            lens: sequences.iter().map(|&(_, len)| len).collect(),
+        })
+    }
+
+    /// Latent groups of the export.
     pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// How the export spreads tokens over sequence shards.
+    pub fn sequence_sharding(&self) -> SequenceSharding {
+        self.sharding
+    }
+
+    /// Shard images of the export: `groups * sequence shards`.
+    pub fn ranks(&self) -> usize {
         self.headers.len()
     }
 
-    /// The header of group `group`'s shard.
-    pub fn header(&self, group: usize) -> Option<&ShardHeader> {
-        self.headers.get(group)
+    /// The header of rank `rank`'s shard (of latent group `rank` without sequence
+    /// sharding).
+    pub fn header(&self, rank: usize) -> Option<&ShardHeader> {
+        self.headers.get(rank)
     }
 
-    /// Bytes of each shard image (all groups have the same size).
+    /// Bytes of rank 0's shard image: of every image without sequence sharding (all
+    /// latent groups have the same size); see [`Self::image_len_of`] with it.
     pub fn image_len(&self) -> usize {
         self.headers[0].image_len()
     }
+
+    /// Bytes of rank `rank`'s shard image (sequence shards hold different token counts).
+    pub fn image_len_of(&self, rank: usize) -> Option<usize> {
+        self.headers.get(rank).map(ShardHeader::image_len)
+    }
 }
 
-/// Streams an export into one sink per latent group. Call [`push`](Self::push) once per
+/// Streams an export into one sink per rank (per latent group without sequence
+/// sharding). Call [`push`](Self::push) once per
 /// (layer, sequence) in that order — layer-major, sequences in the plan's order — then
 /// [`finish`](Self::finish).
 pub struct ShardWriter<W: Write + Seek> {
     headers: Vec<ShardHeader>,
+    /// Tokens of each sequence over all sequence shards.
+    lens: Vec<usize>,
     sinks: Vec<W>,
     data_crcs: Vec<u32>,
     /// Index of the next (layer, sequence) block: `layer * sequences + sequence`.
@@ -72,14 +139,23 @@ pub struct ShardWriter<W: Write + Seek> {
 }
 
 impl<W: Write + Seek> ShardWriter<W> {
-    /// Writes the metadata of every group's shard into `sinks` (one per group, at
+    /// Writes the metadata of every rank's shard into `sinks` (one per rank, at
     /// position 0). The data checksum is filled in by `finish`.
     pub fn new(plan: &ExportPlan, mut sinks: Vec<W>) -> Result<Self> {
-        if sinks.len() != plan.groups() {
+        if sinks.len() != plan.ranks() {
+            let what = if plan.ranks() == plan.groups() {
+                format!("{} latent groups", plan.groups())
+            } else {
+                format!(
+                    "{} ranks ({} latent groups x {} sequence shards)",
+                    plan.ranks(),
+                    plan.groups(),
+                    plan.sharding.shards
+                )
+            };
             return Err(Error::invalid(format!(
-                "{} sinks for an export of {} latent groups",
-                sinks.len(),
-                plan.groups()
+                "{} sinks for an export of {what}",
+                sinks.len()
             )));
         }
         for (h, sink) in plan.headers.iter().zip(&mut sinks) {
@@ -88,6 +164,7 @@ impl<W: Write + Seek> ShardWriter<W> {
         let spec = plan.headers[0].spec();
         Ok(ShardWriter {
             headers: plan.headers.clone(),
+            lens: plan.lens.clone(),
             data_crcs: vec![0; sinks.len()],
             sinks,
             next: 0,
@@ -105,8 +182,10 @@ impl<W: Write + Seek> ShardWriter<W> {
     }
 
     /// Writes the rows of the next (layer, sequence): `latent` is the full-width rotated
-    /// normalised latent, `[len][d_c]`; `rope` the RoPE keys, `[len][d_r]`. Group `i`'s
-    /// shard gets columns `[i*w, (i+1)*w)` of each latent row, then its RoPE key.
+    /// normalised latent, `[len][d_c]`; `rope` the RoPE keys, `[len][d_r]`, of every
+    /// token of the sequence. Group `i`'s shard gets columns `[i*w, (i+1)*w)` of each
+    /// latent row, then its RoPE key; with sequence shards, rank `(i, j)` gets those of
+    /// the tokens whose position falls on shard `j`.
     pub fn push(&mut self, latent: &[f64], rope: &[f64]) -> Result<()> {
         if self.failed {
             return Err(Error::invalid("an earlier write of this export failed"));
@@ -118,7 +197,7 @@ impl<W: Write + Seek> ShardWriter<W> {
         };
         let h = &self.headers[0];
         let spec = h.spec();
-        let len = h.sequences()[self.next % h.sequences().len()].len;
+        let len = self.lens[self.next % h.sequences().len()];
         let (d_c, d_r) = (spec.dims().d_c, spec.dims().d_r);
         // no overflow: the plan checked that len tokens of every layer fit in memory
         if Some(latent.len()) != len.checked_mul(d_c) || Some(rope.len()) != len.checked_mul(d_r) {
@@ -135,16 +214,23 @@ impl<W: Write + Seek> ShardWriter<W> {
         check_representable(spec.dtype(), latent, &what)?;
         check_representable(spec.dtype(), rope, &what)?;
         self.failed = true;
-        for g in 0..self.sinks.len() {
-            self.write_slice(g, latent, rope)?;
+        let k = self.next % h.sequences().len();
+        for r in 0..self.sinks.len() {
+            self.write_slice(r, k, latent, rope)?;
         }
         self.failed = false;
         self.next += 1;
         Ok(())
     }
 
-    fn write_slice(&mut self, group: usize, latent: &[f64], rope: &[f64]) -> Result<()> {
-        let spec = self.headers[group].spec();
+    /// Writes rank `group`'s rows of sequence `k` (the table's `k`th).
+    fn write_slice(&mut self, group: usize, k: usize, latent: &[f64], rope: &[f64]) -> Result<()> {
+        let header = &self.headers[group];
+        let spec = header.spec();
+        let (sharding, shard) = (spec.sequence_sharding(), spec.sequence_shard());
+        // this rank's tokens of the sequence, whose rows are those of positions
+        // `position_of(shard, 0..tokens)`
+        let tokens = header.sequences()[k].len;
         let (dt, ps, d_c, d_r) = (
             spec.dtype(),
             spec.page_size(),
@@ -153,14 +239,15 @@ impl<W: Write + Seek> ShardWriter<W> {
         );
         let (w, start) = (spec.slice_width(), spec.slice_start());
         let row_bytes = spec.row_bytes();
-        let tokens = rope.len() / d_r;
         let mut values = vec![0.0; w + d_r];
         for first in (0..tokens).step_by(ps) {
             self.page.fill(0);
             for t in first..(first + ps).min(tokens) {
                 let row = &mut self.page[(t - first) * row_bytes..][..row_bytes];
-                values[..w].copy_from_slice(&latent[t * d_c + start..][..w]);
-                values[w..].copy_from_slice(&rope[t * d_r..][..d_r]);
+                // below the sequence's length: tokens_on counted exactly these positions
+                let p = sharding.position_of(shard, t as u64) as usize;
+                values[..w].copy_from_slice(&latent[p * d_c + start..][..w]);
+                values[w..].copy_from_slice(&rope[p * d_r..][..d_r]);
                 dt.encode_row(&values, w, row);
             }
             self.sinks[group].write_all(&self.page)?;
@@ -197,15 +284,19 @@ impl<W: Write + Seek> ShardWriter<W> {
 }
 
 impl<'a> ShardWriter<Cursor<&'a mut [u8]>> {
-    /// An export into caller memory: one buffer of exactly [`ExportPlan::image_len`]
-    /// bytes per group, which afterwards hold the same bytes as the shard files would.
+    /// An export into caller memory: one buffer per rank of exactly
+    /// [`ExportPlan::image_len_of`] bytes (all [`ExportPlan::image_len`] without
+    /// sequence sharding), which afterwards hold the same bytes as the shard files would.
     pub fn to_buffers(plan: &ExportPlan, buffers: Vec<&'a mut [u8]>) -> Result<Self> {
         for (g, b) in buffers.iter().enumerate() {
-            if b.len() != plan.image_len() {
+            let Some(want) = plan.image_len_of(g) else {
+                break; // too many buffers: `new` says so
+            };
+            if b.len() != want {
                 return Err(Error::invalid(format!(
-                    "buffer {g} holds {} bytes, a shard image of this export is {}",
+                    "buffer {g} holds {} bytes, a shard image of this export is {want} \
+                     (rank {g}'s)",
                     b.len(),
-                    plan.image_len()
                 )));
             }
         }
@@ -213,7 +304,7 @@ impl<'a> ShardWriter<Cursor<&'a mut [u8]>> {
     }
 }
 
-/// An export into the `g` shard files. Rows go to temporary files next to their
+/// An export into the shard files, one per rank (`g`, or `g * s` with sequence shards). Rows go to temporary files next to their
 /// destinations; [`commit`](Self::commit) syncs them and renames them into place, so a
 /// reader never sees a half-written shard. Dropping the writer before `commit` removes
 /// the temporary files.
@@ -223,7 +314,8 @@ pub struct ShardFileWriter {
 }
 
 impl ShardFileWriter {
-    /// `paths[i]` receives group `i`'s shard; they must name distinct files.
+    /// `paths[r]` receives rank `r`'s shard (group `r`'s without sequence sharding); they
+    /// must name distinct files.
     pub fn create(plan: &ExportPlan, paths: &[impl AsRef<Path>]) -> Result<Self> {
         let paths: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
         check_distinct(&paths)?;

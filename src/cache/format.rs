@@ -1,22 +1,27 @@
-//! The shard file format, version 1: one rank's slice of an exported prefill cache.
+//! The shard file format, versions 1 and 2: one rank's slice of an exported prefill cache.
 //!
 //! docs/shard-format.md is the byte-level description; this module is the authority.
-//! All integers little-endian.
+//! All integers little-endian. Version 2 is version 1 plus a 16-byte sequence-shard block
+//! after the fixed header (sequence shards, shard index, interleave, reserved zero); it
+//! is written only for a shard of a sequence-sharded deployment (more than one sequence
+//! shard), so that every other file keeps the bytes of version 1 and a reader of
+//! version 1 refuses a sequence shard as an unsupported version.
 //!
 //! ```text
 //! [0, 128)            fixed header (field offsets below)
+//! [128, 144)          version 2 only: the sequence-shard block
 //! [lt, lt + 16 L)     layer table: per layer  u32 transform code, u32 zero, u64 fingerprint
 //! [st, st + 24 S)     sequence table: per seq u32 id, u32 zero, u64 length, u64 first page
 //! [data, data + len)  pages, [layer][page][page_stride bytes], data % 4096 == 0
 //! ```
 //!
-//! Checksums (CRC-32C): the header checksum covers header bytes 16..128 (everything after
-//! magic, version and itself); the tables checksum covers the layer table then the
+//! Checksums (CRC-32C): the header checksum covers header bytes 16..128 (16..144 in
+//! version 2: everything after magic, version and itself); the tables checksum covers the layer table then the
 //! sequence table; the data checksum covers the data region. Parsing checks the first
 //! two; the data checksum is checked on demand ([`ShardHeader::verify_data`]) because
 //! registration must not read the data.
 //!
-//! The placement is fixed: layer table at 128, sequence table right after it, data at
+//! The placement is fixed: layer table right after the header (128, or 144), sequence table right after it, data at
 //! the next multiple of 4096, zero bytes between; so every metadata byte is checked
 //! (magic, version, checksums, or zero padding).
 //!
@@ -27,17 +32,40 @@
 use super::{ShardSpec, TransformId, MAX_LAYERS, MAX_PAGE_SIZE};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use crate::geometry::{ModelDims, ShardPlan};
+use crate::geometry::{ModelDims, SequenceSharding, ShardPlan};
 use crate::le::{f64_at, put_u32, put_u64, u32_at, u64_at};
 use crate::transform::TransformKind;
 use std::collections::HashSet;
 
 /// First eight bytes of every shard file.
 pub const MAGIC: [u8; 8] = *b"TPLASHRD";
-/// Version this build writes and reads.
+/// Version of a shard that holds every token of its sequences (no sequence sharding).
 pub const FORMAT_VERSION: u32 = 1;
+/// Version of a shard of one sequence shard of several: version 1 plus the
+/// sequence-shard block. This build reads both.
+pub const SEQUENCE_SHARD_VERSION: u32 = 2;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 128;
+/// Bytes of version 2's sequence-shard block, right after the fixed header.
+pub const SEQUENCE_BLOCK_LEN: usize = 16;
+
+/// Bytes before the layer table in a file of format `version` (1 or 2).
+pub fn header_len(version: u32) -> usize {
+    if version == SEQUENCE_SHARD_VERSION {
+        HEADER_LEN + SEQUENCE_BLOCK_LEN
+    } else {
+        HEADER_LEN
+    }
+}
+
+/// The version a shard of `spec` is written in.
+fn version_of(spec: &ShardSpec) -> u32 {
+    if spec.is_sequence_shard() {
+        SEQUENCE_SHARD_VERSION
+    } else {
+        FORMAT_VERSION
+    }
+}
 /// Bytes of one layer table entry.
 pub const LAYER_ENTRY_LEN: usize = 16;
 /// Bytes of one sequence table entry.
@@ -72,6 +100,11 @@ mod at {
     pub const DATA_LEN: usize = 112;
     pub const DATA_CRC: usize = 120;
     pub const RESERVED: usize = 124;
+    // version 2's sequence-shard block
+    pub const SEQ_SHARDS: usize = 128;
+    pub const SEQ_SHARD: usize = 132;
+    pub const SEQ_INTERLEAVE: usize = 136;
+    pub const SEQ_RESERVED: usize = 140;
 }
 
 /// One entry of the sequence table.
@@ -132,7 +165,7 @@ impl ShardHeader {
         if u32::try_from(sequences.len()).is_err() {
             return Err(too_big());
         }
-        let layer_table_offset = HEADER_LEN;
+        let layer_table_offset = header_len(version_of(&spec));
         let sequence_table_offset = layer_table_offset + LAYER_ENTRY_LEN * spec.layers();
         let tables_end = sequences
             .len()
@@ -162,6 +195,11 @@ impl ShardHeader {
     /// What the shard holds: dims, group, element type, page size, transforms.
     pub fn spec(&self) -> &ShardSpec {
         &self.spec
+    }
+    /// The format version of the image: [`FORMAT_VERSION`], or [`SEQUENCE_SHARD_VERSION`]
+    /// for a sequence shard.
+    pub fn version(&self) -> u32 {
+        version_of(&self.spec)
     }
     pub fn sequences(&self) -> &[SequenceEntry] {
         &self.sequences
@@ -198,7 +236,15 @@ impl ShardHeader {
         let d = s.dims();
         let mut b = vec![0u8; self.data_offset];
         b[at::MAGIC..at::MAGIC + 8].copy_from_slice(&MAGIC);
-        put_u32(&mut b, at::VERSION, FORMAT_VERSION);
+        let version = version_of(s);
+        put_u32(&mut b, at::VERSION, version);
+        if version == SEQUENCE_SHARD_VERSION {
+            let sh = s.sequence_sharding();
+            // at most 64 shards and 2^20 tokens: SequenceSharding checks
+            put_u32(&mut b, at::SEQ_SHARDS, sh.shards as u32);
+            put_u32(&mut b, at::SEQ_SHARD, s.sequence_shard() as u32);
+            put_u32(&mut b, at::SEQ_INTERLEAVE, sh.interleave as u32);
+        }
         // Every width, count and code fits in u32: ShardSpec and for_sequences check.
         for (off, v) in [
             (at::HEADS, d.heads),
@@ -243,7 +289,7 @@ impl ShardHeader {
         }
         let tables_crc = self.tables_crc(&b);
         put_u32(&mut b, at::TABLES_CRC, tables_crc);
-        let header_crc = crc32c::crc32c(&b[at::HEADS..HEADER_LEN]);
+        let header_crc = crc32c::crc32c(&b[at::HEADS..header_len(version)]);
         put_u32(&mut b, at::HEADER_CRC, header_crc);
         b
     }
@@ -271,14 +317,23 @@ impl ShardHeader {
                 "truncated: {n} bytes, shorter than the {HEADER_LEN}-byte header"
             )));
         }
-        let b = &image[..HEADER_LEN];
-        let version = u32_at(b, at::VERSION);
-        if version != FORMAT_VERSION {
+        let version = u32_at(image, at::VERSION);
+        if version != FORMAT_VERSION && version != SEQUENCE_SHARD_VERSION {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("shard format version {version} is not supported (this build reads {FORMAT_VERSION})"),
+                format!(
+                    "shard format version {version} is not supported (this build reads \
+                     {FORMAT_VERSION} and {SEQUENCE_SHARD_VERSION})"
+                ),
             ));
         }
+        let hl = header_len(version);
+        if n < hl {
+            return Err(Error::corrupt(format!(
+                "truncated: {n} bytes, shorter than the {hl}-byte header of version {version}"
+            )));
+        }
+        let b = &image[..hl];
         let stored = u32_at(b, at::HEADER_CRC);
         let computed = crc32c::crc32c(&b[at::HEADS..]);
         if stored != computed {
@@ -344,7 +399,36 @@ impl ShardHeader {
         let data_offset = usize_field(b, at::DATA_OFFSET, "data offset")?;
         let data_len = usize_field(b, at::DATA_LEN, "data length")?;
         let pages_per_layer = usize_field(b, at::PAGES_PER_LAYER, "pages per layer")?;
-        let lt_end = HEADER_LEN + layers * LAYER_ENTRY_LEN;
+        let sharding = if version == SEQUENCE_SHARD_VERSION {
+            let (shards, shard, interleave) = (
+                field(at::SEQ_SHARDS),
+                field(at::SEQ_SHARD),
+                field(at::SEQ_INTERLEAVE),
+            );
+            let sh = SequenceSharding::new(shards, interleave)
+                .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
+            if shards == 1 {
+                return Err(Error::corrupt(
+                    "header: a version 2 file holds one sequence shard of several, but its \
+                     sequence shard count is 1 (such a file is version 1)",
+                ));
+            }
+            if shard >= shards {
+                return Err(Error::corrupt(format!(
+                    "header: sequence shard {shard} is out of range for {shards} sequence shards"
+                )));
+            }
+            let reserved = u32_at(b, at::SEQ_RESERVED);
+            if reserved != 0 {
+                return Err(Error::corrupt(format!(
+                    "header: sequence-shard reserved field is {reserved:#x}, must be zero"
+                )));
+            }
+            Some((sh, shard))
+        } else {
+            None
+        };
+        let lt_end = hl + layers * LAYER_ENTRY_LEN;
         let st_end = seq_count
             .checked_mul(SEQUENCE_ENTRY_LEN)
             .and_then(|len| len.checked_add(lt_end))
@@ -353,7 +437,7 @@ impl ShardHeader {
             .checked_next_multiple_of(DATA_ALIGN)
             .ok_or_else(|| overflow("data offset"))?;
         for (name, got, want, before) in [
-            ("layer table offset", lt, HEADER_LEN, "the header"),
+            ("layer table offset", lt, hl, "the header"),
             ("sequence table offset", st, lt_end, "the layer table"),
             ("data offset", data_offset, aligned, "the sequence table"),
         ] {
@@ -393,7 +477,7 @@ impl ShardHeader {
             )));
         }
 
-        // The tables and the padding lie inside [HEADER_LEN, data_offset) now, and
+        // The tables and the padding lie inside [hl, data_offset) now, and
         // data_offset <= n. Zero padding leaves no metadata byte unchecked.
         if let Some(i) = image[st_end..data_offset].iter().position(|&x| x != 0) {
             return Err(Error::corrupt(format!(
@@ -477,8 +561,11 @@ impl ShardHeader {
                  {pages_per_layer}"
             )));
         }
-        let spec = ShardSpec::new(dims, &plan, dtype, page_size, transforms)
+        let mut spec = ShardSpec::new(dims, &plan, dtype, page_size, transforms)
             .map_err(|e| Error::corrupt(format!("header: {}", e.message())))?;
+        if let Some((sh, shard)) = sharding {
+            spec = spec.with_sequence_shard(sh, shard).expect("checked above");
+        }
         debug_assert_eq!(spec.page_stride() as u64, page_stride);
         Ok(ShardHeader {
             spec,
@@ -545,6 +632,23 @@ impl ShardHeader {
                 f.group(),
                 f.groups(),
                 e.group()
+            )));
+        }
+        let (fs, es) = (f.sequence_sharding(), e.sequence_sharding());
+        if fs != es {
+            return Err(Error::mismatch(format!(
+                "the shard was cut for {} sequence shards of interleave {}, this cache is \
+                 one of {} sequence shards of interleave {}",
+                fs.shards, fs.interleave, es.shards, es.interleave
+            )));
+        }
+        if f.sequence_shard() != e.sequence_shard() {
+            return Err(Error::mismatch(format!(
+                "the shard holds sequence shard {} of {}, this cache is sequence shard {}: \
+                 the file belongs to another rank",
+                f.sequence_shard(),
+                fs.shards,
+                e.sequence_shard()
             )));
         }
         if f.dtype() != e.dtype() {

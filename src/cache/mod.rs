@@ -33,7 +33,7 @@ pub use rank::{LayerView, RankCache};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::geometry::{ModelDims, ShardPlan};
+use crate::geometry::{HybridPlan, ModelDims, SequenceSharding, ShardPlan};
 use crate::transform::Transform;
 use half::{bf16, f16};
 
@@ -64,8 +64,9 @@ impl TransformId {
 }
 
 /// Everything that fixes the bytes of one rank's cache: model dims, latent group, element
-/// type, page size, and the transform of every layer. A shard file must match it exactly
-/// to be registered.
+/// type, page size, the transform of every layer, and (for a rank of a sequence-sharded
+/// deployment, [`HybridPlan`]) the sequence sharding and the rank's sequence shard. A
+/// shard file must match it exactly to be registered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShardSpec {
     dims: ModelDims,
@@ -76,6 +77,9 @@ pub struct ShardSpec {
     transforms: Vec<TransformId>,
     page_bytes: usize,
     page_stride: usize,
+    /// [`SequenceSharding::NONE`] and 0 unless the cache holds one sequence shard.
+    sharding: SequenceSharding,
+    shard: usize,
 }
 
 impl ShardSpec {
@@ -124,7 +128,37 @@ impl ShardSpec {
             transforms,
             page_bytes,
             page_stride,
+            sharding: SequenceSharding::NONE,
+            shard: 0,
         })
+    }
+
+    /// The cache of rank `plan` of a hybrid deployment: latent group `plan.latent.group`
+    /// of the tokens on sequence shard `plan.shard`.
+    pub fn for_hybrid(
+        dims: ModelDims,
+        plan: &HybridPlan,
+        dtype: DType,
+        page_size: usize,
+        transforms: Vec<TransformId>,
+    ) -> Result<Self> {
+        Self::new(dims, &plan.latent, dtype, page_size, transforms)?
+            .with_sequence_shard(plan.sharding, plan.shard)
+    }
+
+    /// The same cache holding only the tokens of sequence shard `shard` of `sharding`
+    /// (`SequenceSharding::NONE` and 0: every token).
+    pub fn with_sequence_shard(mut self, sharding: SequenceSharding, shard: usize) -> Result<Self> {
+        let sharding = SequenceSharding::new(sharding.shards, sharding.interleave)?;
+        sharding.check_shard(shard)?;
+        // one spelling of "no sequence sharding", so that equal caches compare equal
+        self.sharding = if sharding.shards == 1 {
+            SequenceSharding::NONE
+        } else {
+            sharding
+        };
+        self.shard = shard;
+        Ok(self)
     }
 
     pub fn dims(&self) -> &ModelDims {
@@ -147,6 +181,19 @@ impl ShardSpec {
     }
     pub fn transforms(&self) -> &[TransformId] {
         &self.transforms
+    }
+    /// How the deployment spreads a sequence's tokens over sequence shards
+    /// ([`SequenceSharding::NONE`] when this cache holds every token).
+    pub fn sequence_sharding(&self) -> SequenceSharding {
+        self.sharding
+    }
+    /// The sequence shard this cache holds (0 without sequence sharding).
+    pub fn sequence_shard(&self) -> usize {
+        self.shard
+    }
+    /// Whether the cache holds one sequence shard of several.
+    pub fn is_sequence_shard(&self) -> bool {
+        self.sharding.shards > 1
     }
     /// Latent columns per row, `d_c / g`.
     pub fn slice_width(&self) -> usize {
@@ -184,6 +231,7 @@ impl ShardSpec {
             self.page_size,
             self.transforms.clone(),
         )
+        .and_then(|s| s.with_sequence_shard(self.sharding, self.shard))
         .expect("every element type fits a valid spec")
     }
 
@@ -196,7 +244,8 @@ impl ShardSpec {
             self.dtype,
             self.page_size,
             self.transforms.clone(),
-        )
+        )?
+        .with_sequence_shard(self.sharding, self.shard)
     }
 }
 

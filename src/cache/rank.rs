@@ -138,8 +138,56 @@ impl RankCache {
     /// Appends `rows.len() / row_width` rows to `seq` in `layer`. Rows are already
     /// normalised, rotated and sliced (`[slice_width + d_r]` each, latent slice first);
     /// they are rounded to the cache's element type. On any error, including an
-    /// exhausted pool, the cache is unchanged.
+    /// exhausted pool, the cache is unchanged. A cache of one sequence shard of several
+    /// refuses it: its appends name their position ([`Self::append_rows_at`]).
     pub fn append_rows(&mut self, seq: u32, layer: usize, rows: &[f64]) -> Result<()> {
+        if self.spec.is_sequence_shard() {
+            return Err(Error::invalid(format!(
+                "this cache holds sequence shard {} of {}: append by position \
+                 (append_rows_at), so that every token lands on the shard that owns it",
+                self.spec.sequence_shard(),
+                self.spec.sequence_sharding().shards
+            )));
+        }
+        self.append(seq, layer, rows)
+    }
+
+    /// As [`Self::append_rows`], for the token at `position` of the sequence and the
+    /// ones after it that this cache holds: on a cache of sequence shard `j`
+    /// ([`ShardSpec::for_hybrid`]) the rows are the shard's next tokens, at positions
+    /// `position_of(j, len ..)` of its [`SequenceSharding`](crate::SequenceSharding).
+    /// A position another shard owns is a `Mismatch` error (the token belongs to another
+    /// rank: [`crate::HybridPlan::owner_rank`] names it), one that is not this shard's
+    /// next position (a gap, or a token appended twice) an `InvalidArgument` error. On a
+    /// cache of every token, `position` must be the sequence's length in `layer`.
+    pub fn append_rows_at(
+        &mut self,
+        seq: u32,
+        layer: usize,
+        position: u64,
+        rows: &[f64],
+    ) -> Result<()> {
+        let len = self.seq_len(seq, layer)? as u64;
+        let (sh, j) = (self.spec.sequence_sharding(), self.spec.sequence_shard());
+        let owner = sh.owner(position);
+        if owner != j {
+            return Err(Error::mismatch(format!(
+                "position {position} belongs to sequence shard {owner} of {} (interleave {}), \
+                 this cache holds shard {j}: append it on the rank that owns it",
+                sh.shards, sh.interleave
+            )));
+        }
+        let next = sh.position_of(j, len);
+        if position != next {
+            return Err(Error::invalid(format!(
+                "sequence {seq}, layer {layer}: the next token this cache holds is at \
+                 position {next}, not {position}"
+            )));
+        }
+        self.append(seq, layer, rows)
+    }
+
+    fn append(&mut self, seq: u32, layer: usize, rows: &[f64]) -> Result<()> {
         let rw = self.spec.row_width();
         if rows.len() % rw != 0 {
             return Err(Error::invalid(format!(

@@ -1,6 +1,7 @@
 //! Rank caches: created in memory, shard images registered from files or buffers.
 
 use super::context::tpla_context;
+use super::sequence::tpla_sequence_sharding;
 use super::{
     guard, guard_value, hand_out, handle, handle_mut, input, to_f64, to_usize, tpla_status,
     versioned, versioned_out, write_out, Failure, Outcome, Versioned,
@@ -78,6 +79,83 @@ pub unsafe extern "C" fn tpla_cache_create(
                 Ok(tpla_cache { cache })
             })
         }
+    })
+}
+
+/// Creates an empty cache for rank (i, j) of a hybrid deployment (`tpla_hybrid_plan`):
+/// latent group i, the group of `ctx` (created with the plan's `context_plan`), of the
+/// tokens that `sharding` puts on sequence shard `shard` (j). Such a cache registers only
+/// the shard files of its own rank (`tpla_export_create_sequence_shards`: another shard,
+/// shard count or interleave is TPLA_STATUS_MISMATCH), takes appends by position only
+/// (`tpla_cache_append_rows_at`, `tpla_context_append_token_at`) and is decoded by
+/// `tpla_context_decode_sequence_shard`. `sharding.shards` 1 makes a plain cache.
+///
+/// Returns as `tpla_cache_create`, and TPLA_STATUS_INVALID_ARGUMENT (sharding) or
+/// TPLA_STATUS_OUT_OF_RANGE (shard not below sharding.shards).
+///
+/// # Safety
+/// As `tpla_cache_create`.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_cache_create_sequence_shard(
+    ctx: *const tpla_context,
+    options: *const tpla_cache_options,
+    sharding: tpla_sequence_sharding,
+    shard: u32,
+    out: *mut *mut tpla_cache,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let c = &unsafe { handle(ctx, "ctx") }?.ctx;
+        // SAFETY: caller contract.
+        let o = unsafe { versioned(options, "options") }?;
+        let sharding = sharding.to_rust()?;
+        // SAFETY: caller contract.
+        unsafe {
+            hand_out(out, || {
+                let spec = ShardSpec::new(
+                    *c.dims(),
+                    c.plan(),
+                    DType::from_code(o.dtype)?,
+                    to_usize(o.page_size),
+                    c.transform_ids()?,
+                )?
+                .with_sequence_shard(sharding, to_usize(shard))?;
+                let cache = RankCache::new(spec, o.capacity_pages)?;
+                Ok(tpla_cache { cache })
+            })
+        }
+    })
+}
+
+/// Writes the sequence sharding of `cache` to `*sharding` (shards 1, interleave 1 for a
+/// cache of every token) and its sequence shard to `*shard`.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT. Reads `cache`.
+///
+/// # Safety
+/// `cache` is NULL or live; the out pointers are NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_cache_sequence_shard(
+    cache: *const tpla_cache,
+    sharding: *mut tpla_sequence_sharding,
+    shard: *mut u32,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let spec = unsafe { handle(cache, "cache") }?.cache.spec();
+        let sh = spec.sequence_sharding();
+        // at most 64 shards, 2^20 tokens
+        let value = tpla_sequence_sharding {
+            shards: sh.shards as u32,
+            interleave: sh.interleave as u32,
+        };
+        if shard.is_null() {
+            return Err(Failure::null("shard"));
+        }
+        // SAFETY: caller contract.
+        unsafe { write_out(sharding, value, "sharding") }?;
+        // SAFETY: caller contract.
+        unsafe { write_out(shard, spec.sequence_shard() as u32, "shard") }
     })
 }
 
@@ -282,6 +360,37 @@ pub unsafe extern "C" fn tpla_cache_append_rows(
         // SAFETY: caller contract.
         let rows = unsafe { input(rows, rows_count, "rows") }?;
         Ok(c.cache.append_rows(seq, to_usize(layer), &to_f64(rows))?)
+    })
+}
+
+/// As `tpla_cache_append_rows`, with `position` the position in the sequence of the
+/// first row: on a cache of sequence shard j (`tpla_cache_create_sequence_shard`) the
+/// rows are the shard's next tokens, and a position another shard owns is
+/// TPLA_STATUS_MISMATCH (`tpla_hybrid_owner_rank` names its rank), one that is not the
+/// shard's next (a gap, a token twice) TPLA_STATUS_INVALID_ARGUMENT; on a cache of every
+/// token `position` must be the sequence's length in `layer`. On error the cache is
+/// unchanged.
+///
+/// Returns as `tpla_cache_append_rows`, and TPLA_STATUS_MISMATCH.
+///
+/// # Safety
+/// As `tpla_cache_append_rows`.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_cache_append_rows_at(
+    cache: *mut tpla_cache,
+    seq: u32,
+    layer: u32,
+    position: u64,
+    rows: *const f32,
+    rows_count: usize,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let c = unsafe { handle_mut(cache, "cache") }?;
+        // SAFETY: caller contract.
+        let rows = unsafe { input(rows, rows_count, "rows") }?;
+        Ok(c.cache
+            .append_rows_at(seq, to_usize(layer), position, &to_f64(rows))?)
     })
 }
 

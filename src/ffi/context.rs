@@ -909,16 +909,59 @@ pub unsafe extern "C" fn tpla_context_append_token(
                 input(k_rope, k_rope_count, "k_rope")?,
             )
         };
-        let exact = match rms_mode {
-            m if m == tpla_rms_mode::Exact as u32 => true,
-            m if m == tpla_rms_mode::Sliced as u32 => false,
-            m => {
-                return Err(Failure::invalid(format!(
-                    "unknown rms_mode {m} (1 = exact, 2 = sliced)"
-                )))
-            }
+        Ok(c.append_token(rc, seq, to_usize(layer), a, kr, exact_rms(rms_mode)?)?)
+    })
+}
+
+fn exact_rms(rms_mode: u32) -> Outcome<bool> {
+    match rms_mode {
+        m if m == tpla_rms_mode::Exact as u32 => Ok(true),
+        m if m == tpla_rms_mode::Sliced as u32 => Ok(false),
+        m => Err(Failure::invalid(format!(
+            "unknown rms_mode {m} (1 = exact, 2 = sliced)"
+        ))),
+    }
+}
+
+/// As `tpla_context_append_token`, for the token at `position` of the sequence: the way
+/// to append to a cache of one sequence shard (`tpla_cache_create_sequence_shard`),
+/// whose rank must own the position (`tpla_hybrid_owner_rank`; another shard's position
+/// is TPLA_STATUS_MISMATCH, a position that is not the shard's next
+/// TPLA_STATUS_INVALID_ARGUMENT). On a cache of every token, `position` must be the
+/// sequence's length in `layer`. On error the cache is unchanged.
+///
+/// Returns as `tpla_context_append_token`.
+///
+/// # Safety
+/// As `tpla_context_append_token`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn tpla_context_append_token_at(
+    ctx: *const tpla_context,
+    cache: *mut tpla_cache,
+    seq: u32,
+    layer: u32,
+    position: u64,
+    latent: *const f32,
+    latent_count: usize,
+    k_rope: *const f32,
+    k_rope_count: usize,
+    rms_mode: u32,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let c = &unsafe { handle(ctx, "ctx") }?.ctx;
+        // SAFETY: caller contract.
+        let rc = &mut unsafe { handle_mut(cache, "cache") }?.cache;
+        // SAFETY: caller contract.
+        let (a, kr) = unsafe {
+            (
+                input(latent, latent_count, "latent")?,
+                input(k_rope, k_rope_count, "k_rope")?,
+            )
         };
-        Ok(c.append_token(rc, seq, to_usize(layer), a, kr, exact)?)
+        let exact = exact_rms(rms_mode)?;
+        Ok(c.append_token_at(rc, seq, to_usize(layer), position, a, kr, exact)?)
     })
 }
 

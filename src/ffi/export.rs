@@ -1,6 +1,7 @@
 //! The prefill side: cut a full-width latent cache into the g shard images.
 
 use super::context::{tpla_dims, tpla_transform};
+use super::sequence::tpla_sequence_sharding;
 use super::{
     c_string, check_disjoint, guard, guard_value, hand_out, handle, handle_mut, input, span,
     to_f64, to_usize, tpla_status, versioned, write_out, Failure, Outcome, Versioned,
@@ -8,6 +9,7 @@ use super::{
 use crate::attention::reference::rotated_latents;
 use crate::cache::{ExportPlan, ShardFileWriter, ShardWriter, TransformId};
 use crate::dtype::DType;
+use crate::geometry::SequenceSharding;
 use crate::transform::Transform;
 use std::ffi::{c_char, OsStr};
 use std::io::Cursor;
@@ -71,7 +73,10 @@ pub struct tpla_export {
 ///
 /// # Safety
 /// `o`'s arrays hold their counts; `o.transforms` entries are NULL or live transforms.
-unsafe fn plan(o: &tpla_export_options) -> Outcome<(ExportPlan, Vec<Transform>)> {
+unsafe fn plan(
+    o: &tpla_export_options,
+    sharding: SequenceSharding,
+) -> Outcome<(ExportPlan, Vec<Transform>)> {
     // SAFETY: caller contract.
     let (handles, ids, lens) = unsafe {
         (
@@ -121,9 +126,10 @@ unsafe fn plan(o: &tpla_export_options) -> Outcome<(ExportPlan, Vec<Transform>)>
             fingerprint: t.fingerprint(),
         })
         .collect();
-    let plan = ExportPlan::new(
+    let plan = ExportPlan::hybrid(
         dims,
         to_usize(o.groups),
+        sharding,
         DType::from_code(o.dtype)?,
         to_usize(o.page_size),
         ids,
@@ -152,9 +158,107 @@ pub unsafe extern "C" fn tpla_export_image_len(
         // SAFETY: caller contract.
         let o = unsafe { versioned(options, "options") }?;
         // SAFETY: caller contract.
-        let (plan, _) = unsafe { plan(o) }?;
+        let (plan, _) = unsafe { plan(o, SequenceSharding::NONE) }?;
         // SAFETY: caller contract.
         unsafe { write_out(len, plan.image_len(), "len") }
+    })
+}
+
+/// Writes the size in bytes of rank `rank`'s shard image of the export of `options`
+/// cut by `sharding` too (`tpla_export_create_sequence_shards`; rank `r = i * shards +
+/// j`, latent group i, sequence shard j; the shards hold different token counts);
+/// `paths` and `buffers` are ignored.
+///
+/// Returns as `tpla_export_image_len`, and TPLA_STATUS_INVALID_ARGUMENT (sharding) or
+/// TPLA_STATUS_OUT_OF_RANGE (rank not below groups * shards). Thread-safe.
+///
+/// # Safety
+/// As `tpla_export_image_len`.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_export_image_len_of(
+    options: *const tpla_export_options,
+    sharding: tpla_sequence_sharding,
+    rank: u32,
+    len: *mut usize,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let o = unsafe { versioned(options, "options") }?;
+        // SAFETY: caller contract.
+        let (plan, _) = unsafe { plan(o, sharding.to_rust()?) }?;
+        let n = plan.image_len_of(to_usize(rank)).ok_or_else(|| {
+            crate::Error::out_of_range(format!(
+                "rank {rank} is out of range for an export of {} ranks",
+                plan.ranks()
+            ))
+        })?;
+        // SAFETY: caller contract.
+        unsafe { write_out(len, n, "len") }
+    })
+}
+
+/// Starts an export cut by latent group and by sequence shard: `groups * shards` shard
+/// files, `options->paths[r]` for rank `r = i * shards + j`, holding latent slice i of
+/// the tokens of each sequence whose interleave block falls on sequence shard j (in
+/// position order; a sequence shorter than the blocks before shard j has none there).
+/// The files are version 2 of the shard format when shards > 1 and register only into
+/// the cache of their rank (`tpla_cache_create_sequence_shard`). Only files: buffers
+/// would differ in size (`tpla_export_image_len_of`). Otherwise as `tpla_export_create`
+/// (push every token of each sequence; each rank gets its own).
+///
+/// Returns as `tpla_export_create`, and TPLA_STATUS_INVALID_ARGUMENT (sharding, buffers
+/// given, path count not groups * shards).
+///
+/// # Safety
+/// As `tpla_export_create`.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_export_create_sequence_shards(
+    options: *const tpla_export_options,
+    sharding: tpla_sequence_sharding,
+    out: *mut *mut tpla_export,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let o = unsafe { versioned(options, "options") }?;
+        if o.buffer_count != 0 || !o.buffers.is_null() {
+            return Err(Failure::invalid(
+                "an export cut by sequence shard writes files (options->paths): its \
+                 images differ in size",
+            ));
+        }
+        // SAFETY: caller contract.
+        let (plan, transforms) = unsafe { plan(o, sharding.to_rust()?) }?;
+        // SAFETY: caller contract.
+        let paths = unsafe { input(o.paths, o.path_count, "options->paths") }?;
+        if paths.len() != plan.ranks() {
+            return Err(Failure::invalid(format!(
+                "options->path_count is {}, an export of {} latent groups x {} sequence \
+                 shards needs {}",
+                paths.len(),
+                plan.groups(),
+                plan.sequence_sharding().shards,
+                plan.ranks()
+            )));
+        }
+        let paths = paths
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                // SAFETY: caller contract.
+                let p = unsafe { c_string(p, &format!("options->paths[{i}]")) }?;
+                Ok(PathBuf::from(OsStr::from_bytes(p.to_bytes())))
+            })
+            .collect::<Outcome<Vec<_>>>()?;
+        let sink = Sink::Files(ShardFileWriter::create(&plan, &paths)?);
+        // SAFETY: caller contract.
+        unsafe {
+            hand_out(out, || {
+                Ok(tpla_export {
+                    transforms,
+                    sink: Some(sink),
+                })
+            })
+        }
     })
 }
 
@@ -183,7 +287,7 @@ pub unsafe extern "C" fn tpla_export_create(
         // SAFETY: caller contract.
         let o = unsafe { versioned(options, "options") }?;
         // SAFETY: caller contract.
-        let (plan, transforms) = unsafe { plan(o) }?;
+        let (plan, transforms) = unsafe { plan(o, SequenceSharding::NONE) }?;
         // SAFETY: caller contract.
         let (paths, buffers) = unsafe {
             (

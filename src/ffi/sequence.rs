@@ -31,7 +31,7 @@ pub struct tpla_sequence_sharding {
 }
 
 impl tpla_sequence_sharding {
-    fn to_rust(self) -> Outcome<SequenceSharding> {
+    pub(super) fn to_rust(self) -> Outcome<SequenceSharding> {
         Ok(SequenceSharding::new(
             to_usize(self.shards),
             to_usize(self.interleave),

@@ -26,6 +26,12 @@ pub fn reseal(image: &mut [u8]) {
         let crc = crc32c::crc32c_append(crc32c::crc32c(&image[lt..lt_end]), &image[st..st_end]);
         image[68..72].copy_from_slice(&crc.to_le_bytes());
     }
-    let crc = crc32c::crc32c(&image[16..128]);
+    // version 2 (a sequence shard) checksums its sequence-shard block too
+    let header_end = if u32_at(image, 8) == 2 && image.len() >= 144 {
+        144
+    } else {
+        128
+    };
+    let crc = crc32c::crc32c(&image[16..header_end]);
     image[12..16].copy_from_slice(&crc.to_le_bytes());
 }

@@ -14,7 +14,7 @@ use tpla::cache::{RankCache, ShardSpec, TransformId, DEFAULT_PAGE_SIZE};
 use tpla::decode::{Outputs, Queries, RankContext, RankLayer};
 use tpla::engine::{BlockTable, PagedCache, PagedLayout, PagedStep};
 use tpla::transform::Transform;
-use tpla::{DType, Error, ModelDims, Result, ShardPlan};
+use tpla::{DType, Error, HybridPlan, ModelDims, Result, SequenceSharding, ShardPlan};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -33,6 +33,15 @@ pub struct Args {
     /// Latent groups g (1 = plain MLA); the bench runs rank 0's slice with all heads.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     groups: Vec<usize>,
+    /// Sequence shard counts s (1 = none): the bench runs rank (0, 0) of g latent groups
+    /// times s sequence shards, whose cache holds the tokens of each sequence that the
+    /// owner rule puts on shard 0 (the most of any shard), and reports the bytes each
+    /// rank puts through the merge's collectives ((a) and (b) of `combine::sequence`).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    seq_shards: Vec<usize>,
+    /// Tokens per interleave block of the sequence sharding.
+    #[arg(long, default_value_t = 1)]
+    interleave: usize,
     /// Backend threads (default: every core).
     #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
@@ -246,28 +255,49 @@ pub fn run(args: Args) -> Result<()> {
     // Every configuration is set up first, then timed in rounds (one step of each per
     // round): a change of machine load during the run hits all of them alike.
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let shardings = args
+        .seq_shards
+        .iter()
+        .map(|&n| SequenceSharding::new(n, args.interleave))
+        .collect::<Result<Vec<_>>>()?;
     let mut caches = Vec::new();
     for &(model, dims) in &models {
         for &g in &args.groups {
-            let plan = ShardPlan::new(&dims, g, 0)?;
-            for &context in &args.context {
-                for (di, &dtype) in dtypes.iter().enumerate() {
-                    let cache = synthetic_cache(
-                        &mut rng,
-                        dims,
-                        &plan,
-                        dtype,
-                        args.page_size,
-                        context,
-                        max_batch,
-                    )?;
-                    caches.push((model, g, plan, context, cache, dims, di));
+            for &sharding in &shardings {
+                let rank = HybridPlan::new(&dims, g, sharding, 0)?;
+                let plan = rank.latent;
+                for &context in &args.context {
+                    // rank (0, 0)'s tokens of each sequence
+                    let tokens = sharding.tokens_on(0, context as u64)? as usize;
+                    for (di, &dtype) in dtypes.iter().enumerate() {
+                        let cache = synthetic_cache(
+                            &mut rng,
+                            dims,
+                            &plan,
+                            dtype,
+                            args.page_size,
+                            tokens,
+                            max_batch,
+                        )?;
+                        caches.push(BenchCache {
+                            model,
+                            groups: g,
+                            sharding,
+                            plan,
+                            context,
+                            tokens,
+                            cache,
+                            dims,
+                            dtype: di,
+                        });
+                    }
                 }
             }
         }
     }
     let mut configs = Vec::new();
-    for (ci, (_, _, plan, _, cache, dims, _)) in caches.iter().enumerate() {
+    for (ci, c) in caches.iter().enumerate() {
+        let (plan, cache, dims) = (&c.plan, &c.cache, &c.dims);
         let shape = LatentShape {
             heads: plan.heads,
             slice_width: plan.slice_width,
@@ -327,7 +357,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
         for c in configs.iter_mut() {
-            let layer = caches[c.cache].4.layer(0)?;
+            let layer = caches[c.cache].cache.layer(0)?;
             let seqs: Vec<u32> = (0..c.batch as u32).collect();
             let mut out = vec![0.0; c.batch * c.shape.heads * c.shape.slice_width];
             let mut lse = vec![0.0; c.batch * c.shape.heads];
@@ -360,14 +390,18 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     if !args.json {
         println!(
-            "{:<16} {:>6} {:<8} {:>5} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
+            "{:<16} {:>6} {:<8} {:>5} {:>5} {:>3} {:>3} {:>7} {:>7} {:>8} {:>8} {:>5} {:>3} {:<12} {:>10} {:>10} {:>7} {:>7} {:>9} {:>9} {:>8}",
             "model",
             "api",
             "dtype",
             "B/tok",
             "heads",
             "g",
+            "s",
             "context",
+            "tok/rk",
+            "(a) KiB",
+            "(b) KiB",
             "batch",
             "thr",
             "kernel",
@@ -381,8 +415,10 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     for c in configs.iter_mut() {
-        let (model, g, _, context, _, _, di) = &caches[c.cache];
-        let dtype = dtypes[*di];
+        let bc = &caches[c.cache];
+        let (model, g, sharding, context) = (bc.model, bc.groups, bc.sharding, bc.context);
+        let dtype = dtypes[bc.dtype];
+        let di = &bc.dtype;
         let backend = &backends[c.backend].0;
         let (read_bw, peak) = (ceilings[c.backend].0, ceilings[c.backend].1[*di]);
         let (shape, batch) = (c.shape, c.batch);
@@ -393,7 +429,18 @@ pub fn run(args: Args) -> Result<()> {
         let secs = c.times[c.times.len() / 2];
         let best = c.times[0];
         // DESIGN 4: bytes and flops per token of context, per query, per rank
-        let tokens = (batch * context) as f64;
+        let tokens = (batch * bc.tokens) as f64;
+        // what one rank sends into the merge's collectives per step (examples/
+        // sequence_merge_bench.rs): (a) its f32 log-sum-exps to the all-gather of its
+        // group's shards and its f32 outputs to one all-reduce over all ranks; (b) its
+        // f64 pack of d_v + 2 per row to the all-reduce over its group's shards, then its
+        // f32 outputs to the all-reduce over the groups
+        let (rows, d_v) = (batch * shape.heads, bc.dims.d_v);
+        let s = sharding.shards;
+        let outputs = if g * s > 1 { 4 * rows * d_v } else { 0 };
+        let collective_a = outputs + if s > 1 { 4 * rows } else { 0 };
+        let collective_b =
+            if s > 1 { 8 * rows * (d_v + 2) } else { 0 } + if g > 1 { 4 * rows * d_v } else { 0 };
         let row_bytes = dtype.row_bytes(shape.slice_width, shape.d_r);
         let bytes = tokens * row_bytes as f64;
         let flops = tokens * 2.0 * (shape.heads * (2 * shape.slice_width + shape.d_r)) as f64;
@@ -415,8 +462,16 @@ pub fn run(args: Args) -> Result<()> {
                 "model": model,
                 "heads": shape.heads,
                 "groups": g,
+                "seq_shards": s,
+                "interleave": sharding.interleave,
                 "slice_width": shape.slice_width,
                 "context": context,
+                "tokens_per_rank": bc.tokens,
+                "bytes_per_token_per_rank": row_bytes as f64 * bc.tokens as f64 / context as f64,
+                "bytes_per_step": bytes,
+                "flops_per_step": flops,
+                "collective_bytes_a": collective_a,
+                "collective_bytes_b": collective_b,
                 "batch": batch,
                 "threads": backend.threads(),
                 "page_size": args.page_size,
@@ -433,14 +488,18 @@ pub fn run(args: Args) -> Result<()> {
             println!("{record}");
         } else {
             println!(
-                "{:<16} {:>6} {:<8} {:>5} {:>5} {:>3} {:>7} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
+                "{:<16} {:>6} {:<8} {:>5} {:>5} {:>3} {:>3} {:>7} {:>7} {:>8.0} {:>8.0} {:>5} {:>3} {:<12} {:>10.0} {:>10.0} {:>7.2} {:>7.3} {:>9.1} {:>9.3} {:>8.2}",
                 model,
                 api,
                 dtype.name(),
                 row_bytes,
                 shape.heads,
                 g,
+                s,
                 context,
+                bc.tokens,
+                collective_a as f64 / 1024.0,
+                collective_b as f64 / 1024.0,
                 batch,
                 backend.threads(),
                 kernel,
@@ -455,6 +514,21 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One rank's synthetic cache and what it stands for.
+struct BenchCache<'a> {
+    model: &'a str,
+    groups: usize,
+    sharding: SequenceSharding,
+    plan: ShardPlan,
+    /// Tokens of each sequence, and those of them on this rank.
+    context: usize,
+    tokens: usize,
+    cache: RankCache,
+    dims: ModelDims,
+    /// Index into the run's element types.
+    dtype: usize,
 }
 
 /// One timed configuration: a cache, a backend, a batch, its queries and step times.

@@ -31,6 +31,14 @@ pub struct Args {
     /// Latent group counts g to measure (1, 2, 4, 8).
     #[arg(long, value_delimiter = ',', default_values_t = [2, 4, 8])]
     groups: Vec<usize>,
+    /// Sequence shard counts s of each latent group (1 = none): every shard attends over
+    /// the tokens the owner rule gives it and the shards merge by log-sum-exp, the
+    /// hybrid (g, s) deployment (g = 1: exact sequence-sharded MLA).
+    #[arg(long, value_delimiter = ',', default_values_t = [1])]
+    seq_shards: Vec<usize>,
+    /// Tokens per interleave block of the sequence sharding (block k on shard k mod s).
+    #[arg(long, default_value_t = 1)]
+    interleave: usize,
     /// Transforms to measure: identity, hadamard, pca.
     #[arg(long = "transform", value_delimiter = ',', default_values_t = ["identity".to_string(), "hadamard".to_string(), "pca".to_string()])]
     transforms: Vec<String>,
@@ -77,6 +85,11 @@ pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let opts = ReportOptions {
         groups: args.groups.clone(),
+        sequence: args
+            .seq_shards
+            .iter()
+            .map(|&n| tpla::SequenceSharding::new(n, args.interleave))
+            .collect::<Result<_>>()?,
         transforms: parse_all(&args.transforms, TransformKind::parse)?,
         policies: parse_all(&args.mu, MuPolicy::parse)?,
         appends: parse_all(&args.append, AppendChoice::parse)?,
@@ -166,6 +179,8 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[R
                     "source": source,
                     "tokens": s.tokens.len(),
                     "groups": r.groups,
+                    "seq_shards": r.sharding.shards,
+                    "interleave": r.sharding.interleave,
                     "transform": r.transform.name(),
                     "layout": opts.layout.name(),
                     "mu_policy": r.policy.name(),
@@ -181,8 +196,9 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[R
     }
     println!("{source}");
     println!(
-        "{:>2}  {:<9} {:<8} {:<10} {:<13} {:<23} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
+        "{:>2} {:>2}  {:<9} {:<8} {:<10} {:<13} {:<23} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
         "g",
+        "s",
         "transform",
         "mu",
         "append",
@@ -198,7 +214,7 @@ fn emit(args: &Args, source: &str, s: &Scenario, opts: &ReportOptions, rows: &[R
         "vs bf16"
     );
     println!(
-        "{:>72} | {:^35} | {:^35}",
+        "{:>75} | {:^35} | {:^35}",
         "",
         format!("short ({} appended)", opts.short),
         format!("long ({} appended)", opts.long)
@@ -213,8 +229,9 @@ fn line(r: &ReportRow) -> String {
     let mus: Vec<String> = r.mus.iter().map(|m| format!("{m:.2}")).collect();
     let vs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     format!(
-        "{:>2}  {:<9} {:<8} {:<10} {:<13} {:<23} | {:>8.4} {:>8.5} {:>8.5} {:>8} | {:>8.4} {:>8.5} {:>8.5} {:>8}",
+        "{:>2} {:>2}  {:<9} {:<8} {:<10} {:<13} {:<23} | {:>8.4} {:>8.5} {:>8.5} {:>8} | {:>8.4} {:>8.5} {:>8.5} {:>8}",
         r.groups,
+        r.sharding.shards,
         r.transform.name(),
         r.policy.name(),
         r.append.name(),

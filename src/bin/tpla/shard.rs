@@ -1,4 +1,5 @@
-//! `tpla shard`: export a prefill cache to the g shard files of a TPLA decode group, and
+//! `tpla shard`: export a prefill cache to the g shard files of a TPLA decode group (g * s
+//! with sequence shards), and
 //! inspect (validate) a shard file. docs/shard-format.md describes the files.
 
 use clap::{Args as ClapArgs, Subcommand};
@@ -42,6 +43,13 @@ struct ExportArgs {
     /// Latent groups g (decode ranks).
     #[arg(long, default_value_t = 2)]
     groups: usize,
+    /// Sequence shards s: with s > 1 the export writes g * s files, rank r = i * s + j
+    /// holding latent slice i of the tokens on sequence shard j (format version 2).
+    #[arg(long, default_value_t = 1)]
+    seq_shards: usize,
+    /// Tokens per interleave block of the sequence shards (block k on shard k mod s).
+    #[arg(long, default_value_t = 1)]
+    interleave: usize,
     /// Layers of the exported cache (synthetic layers 0..layers, or the --input file's).
     #[arg(long, default_value_t = 2)]
     layers: usize,
@@ -177,7 +185,16 @@ fn export(a: ExportArgs) -> Result<()> {
         .map(|l| layer_transform(kind, dims.d_c, a.hadamard_seed, l))
         .collect::<Result<Vec<_>>>()?;
     let ids = transforms.iter().map(TransformId::of).collect();
-    let plan = ExportPlan::new(dims, a.groups, dtype, a.page_size, ids, &sequences)?;
+    let sharding = tpla::SequenceSharding::new(a.seq_shards, a.interleave)?;
+    let plan = ExportPlan::hybrid(
+        dims,
+        a.groups,
+        sharding,
+        dtype,
+        a.page_size,
+        ids,
+        &sequences,
+    )?;
     let mut source = match &a.input {
         None => Source::Synthetic { seed: a.seed },
         Some(path) => {
@@ -198,10 +215,10 @@ fn export(a: ExportArgs) -> Result<()> {
         }
     };
     std::fs::create_dir_all(&a.out)?;
-    let paths: Vec<PathBuf> = (0..a.groups)
-        .map(|g| {
+    let paths: Vec<PathBuf> = (0..plan.ranks())
+        .map(|r| {
             a.out
-                .join(format!("{}.rank{g}-of-{}.tpla", a.name, a.groups))
+                .join(format!("{}.rank{r}-of-{}.tpla", a.name, plan.ranks()))
         })
         .collect();
     let mut writer = ShardFileWriter::create(&plan, &paths)?;
@@ -228,16 +245,18 @@ fn export(a: ExportArgs) -> Result<()> {
         Some(p) => p.display().to_string(),
     };
     println!(
-        "exported {what}: {} layers, {} sequences, {} tokens, {} transform, {}, g = {}",
+        "exported {what}: {} layers, {} sequences, {} tokens, {} transform, {}, g = {}, s = {}",
         a.layers,
         sequences.len(),
         sequences.iter().map(|s| s.1).sum::<usize>(),
         kind.name(),
         dtype.name(),
-        a.groups
+        a.groups,
+        sharding.shards
     );
-    for p in &paths {
-        println!("  {} ({} bytes)", p.display(), plan.image_len());
+    for (r, p) in paths.iter().enumerate() {
+        let len = plan.image_len_of(r).expect("one path per rank");
+        println!("  {} ({len} bytes)", p.display());
     }
     println!("in {:.2} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -265,8 +284,17 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("file        {} ({} bytes)", a.file.display(), h.image_len());
     println!(
         "format      version {}, header and table checksums ok",
-        tpla::cache::format::FORMAT_VERSION
+        h.version()
     );
+    if s.is_sequence_shard() {
+        let sh = s.sequence_sharding();
+        println!(
+            "sequence    shard {} of {} sequence shards, interleave {} tokens",
+            s.sequence_shard(),
+            sh.shards,
+            sh.interleave
+        );
+    }
     println!(
         "model       heads {}, d_c {}, d_r {}, d_n {}, d_v {}, softmax scale {}",
         d.heads, d.d_c, d.d_r, d.d_n, d.d_v, d.softmax_scale
