@@ -23,9 +23,16 @@
 //   thus runs under the other's products. Each stage has one mbarrier per 64-column
 //   chunk: the scoring warpgroup waits chunk by chunk, and each warpgroup refills the
 //   chunks it alone still reads (WG0 the V columns 0-255, WG1 256-511 and the RoPE
-//   chunk) as soon as its own products on them are done, mid-pair.
-// Tiles are cache pages (NT = 64 rows): RW/64 tensor copies of 64 rows x 64 columns
-// (128-byte swizzle, the layout wgmma reads) completing on the stage's `full` mbarrier.
+//   chunk) as soon as its own products on them are done, mid-pair. So that the copies
+//   start early: each warpgroup scores the chunks it refilled first (WG1: 4-8, then
+//   0-3), WG1's P_a V enters the tensor pipe before WG0's P_b V (BAR_ISSUED), and WG0
+//   issues its next scores over its own chunks before it waits for P_b V.
+// MODE_TOKENS issues a tile's scores behind the previous tile's P V (the warpgroup
+// does not idle while its products run); MODE_HEADS keeps its turns.
+// Tiles are cache pages (NT = 64 rows): RW/64 tensor copies of 64 columns x a page's
+// rows (a 3D map: columns, rows of a page, pages, so pages may be any stride apart;
+// 128-byte swizzle, the layout wgmma reads; L2 evict-first: each is read once per head
+// tile) completing on the stage's `full` mbarrier (MODE_COLUMNS: one per chunk).
 // Pages are tensor coordinates, so a page index outside the pool reads zeros, never
 // memory outside it. A stage is refilled (with the tile STAGES further on) by one
 // thread of the last warpgroup to finish reading it, right after that: no producer
