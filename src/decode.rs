@@ -698,8 +698,17 @@ impl RankContext {
             lse: lse_buf,
             head_row,
         } = &mut self.scratch;
-        q.resize(b * h * rw, 0.0);
+        // Joined rows are in the kernel's layout already: a backend that scales queries as
+        // it packs them takes them as they are (no pass over them here).
+        let fold = match queries {
+            Queries::Joined(rows) if self.backend.scales_queries() => Some(rows),
+            _ => None,
+        };
+        if fold.is_none() {
+            q.resize(b * h * rw, 0.0);
+        }
         match queries {
+            _ if fold.is_some() => {}
             Queries::Nope { q_nope, .. } => {
                 for (i, qrow) in q.chunks_exact_mut(rw).enumerate() {
                     let wk = &l.w_uk[(i % h) * w * d.d_n..(i % h + 1) * w * d.d_n];
@@ -737,9 +746,17 @@ impl RankContext {
         }
         let backend = &mut self.backend;
         let mut attend = |out: &mut [f32], lse: &mut [f32]| -> Result<()> {
-            match step.schedule {
-                Some(s) => backend.attend_scheduled(step.rows, shape, step.seqs, s, q, out, lse)?,
-                None => backend.attend(step.rows, shape, step.seqs, q, out, lse)?,
+            match (fold, step.schedule) {
+                (Some(rows), schedule) => {
+                    let scales = [scales.latent, scales.rope];
+                    backend.attend_scaling(
+                        step.rows, shape, step.seqs, schedule, rows, scales, out, lse,
+                    )?
+                }
+                (None, Some(s)) => {
+                    backend.attend_scheduled(step.rows, shape, step.seqs, s, q, out, lse)?
+                }
+                (None, None) => backend.attend(step.rows, shape, step.seqs, q, out, lse)?,
             }
             if let Some(patch) = step.patch {
                 patch(out, lse);

@@ -446,3 +446,53 @@ fn ceilings_are_measured_for_every_kernel() {
         }
     }
 }
+
+#[test]
+fn scaling_the_queries_in_the_kernel_gives_the_bits_of_scaled_rows() {
+    // `attend_scaling` multiplies as it packs; a caller scaling the rows first must get
+    // the same bits from every kernel and element type, planned or not.
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0009);
+    let scales = [0.0721_f32, 0.1353];
+    for dtype in [DType::Bf16, DType::F32, DType::Fp8E4m3] {
+        let (cache, s) = rank_cache(&mut rng, dtype, 48, 256, 64, 2, 16, &[1, 70, 300]);
+        let layer = cache.layer(0).unwrap();
+        let q = random_queries(&mut rng, 3, s);
+        let rw = s.row_width();
+        let scaled: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * scales[usize::from(i % rw >= s.slice_width)])
+            .collect();
+        for kernel in KernelChoice::available() {
+            let mut backend = CpuBackend::with_kernel(2, kernel).unwrap();
+            assert!(backend.scales_queries());
+            let (want_out, want_lse) = run(&mut backend, &layer, s, &scaled).unwrap();
+            let lens: Vec<usize> = (0..3).map(|b| layer.seq_len(b).unwrap()).collect();
+            let mut plan = vec![0; backend.schedule_len(s, 3)];
+            backend.schedule(s, &lens, &mut plan).unwrap();
+            for schedule in [None, Some(&plan[..])] {
+                let mut out = vec![f32::NAN; want_out.len()];
+                let mut lse = vec![f32::NAN; want_lse.len()];
+                backend
+                    .attend_scaling(
+                        &layer,
+                        s,
+                        &[0, 1, 2],
+                        schedule,
+                        &q,
+                        scales,
+                        &mut out,
+                        &mut lse,
+                    )
+                    .unwrap();
+                let same =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same(&out, &want_out) && same(&lse, &want_lse),
+                    "{dtype:?} {kernel:?} planned {}",
+                    schedule.is_some()
+                );
+            }
+        }
+    }
+}

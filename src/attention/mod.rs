@@ -105,6 +105,35 @@ pub trait LatentAttention {
         self.attend(cache, shape, seqs, q, out, lse)
     }
 
+    /// Whether [`Self::attend_scaling`] is available: the backend multiplies the query
+    /// rows by their scales as it packs them for its kernel, which saves the caller a
+    /// pass over the rows (the whole cost of a step at the shortest contexts).
+    fn scales_queries(&self) -> bool {
+        false
+    }
+
+    /// [`Self::attend`], or [`Self::attend_scheduled`] with `schedule`, on query rows
+    /// not yet scaled: the latent columns are multiplied by `scales[0]` and the RoPE
+    /// columns by `scales[1]` (in f32, as a caller scaling them first would: the results
+    /// are the same bits). Backends without [`Self::scales_queries`] refuse it.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_scaling(
+        &mut self,
+        _cache: &dyn RowSource,
+        _shape: LatentShape,
+        _seqs: &[u32],
+        _schedule: Option<&[i32]>,
+        _q: &[f32],
+        _scales: [f32; 2],
+        _out: &mut [f32],
+        _lse: &mut [f32],
+    ) -> Result<()> {
+        Err(crate::error::Error::unsupported(format!(
+            "{} does not scale query rows itself",
+            self.name()
+        )))
+    }
+
     /// Allocates what steps of up to `batch` sequences of `shape` need, so that those
     /// steps allocate nothing; memory that cannot be had is an `OutOfCapacity` error.
     /// Backends without reusable buffers ignore it.

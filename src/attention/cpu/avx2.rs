@@ -31,11 +31,13 @@ const LANES: usize = <Avx2 as Simd>::LANES;
 /// Packs one group's query rows (`rows(h)` for `h < heads`, `None` past the last) for
 /// [`tile_avx2`]: block `b` of [`SCORE_HV`] head vectors holds `[xs][b.len * 8]` at
 /// `b.start * 8 * xs`, latent column `k` at `k`, RoPE column `k` at `wp + k - w`; zero
-/// in the padding. `dst` (`xs * hp` values) is overwritten.
+/// in the padding; latent columns times `scales[0]`, RoPE columns times `scales[1]`.
+/// `dst` (`xs * hp` values) is overwritten.
 pub(super) fn pack_query<'a>(
     dst: &mut [f32],
     rows: impl Fn(usize) -> Option<&'a [f32]>,
     geo: &TileGeo,
+    scales: [f32; 2],
 ) {
     let xs = geo.xs();
     dst.fill(0.0);
@@ -48,8 +50,12 @@ pub(super) fn pack_query<'a>(
                 break;
             };
             for (k, &v) in q.iter().enumerate() {
-                let col = if k < geo.w { k } else { k - geo.w + geo.wp };
-                block[col * width + i] = v;
+                let (col, scale) = if k < geo.w {
+                    (k, scales[0])
+                } else {
+                    (k - geo.w + geo.wp, scales[1])
+                };
+                block[col * width + i] = v * scale;
             }
         }
     }

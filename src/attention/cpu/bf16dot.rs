@@ -187,15 +187,21 @@ unsafe fn pack_latents(rows: &[*const u8], vp: *mut u32, w: usize, wp: usize) {
 
 /// Packs one group's query rows (`rows(h)` for `h < heads`, `None` past the last) as
 /// bf16 pairs, block by block of score vectors: block `b` holds `[ceil(rw/2)][len*16]`
-/// at `b.start * 16 * ceil(rw/2)`. `dst` (`ceil(rw/2) * hp` values) is overwritten.
+/// at `b.start * 16 * ceil(rw/2)`; the `w` latent columns times `scales[0]`, the RoPE
+/// columns times `scales[1]`, before rounding. `dst` (`ceil(rw/2) * hp` values) is
+/// overwritten.
 pub(super) fn pack_query<'a>(
     dst: &mut [u32],
     rows: impl Fn(usize) -> Option<&'a [f32]>,
     heads: usize,
     hp: usize,
     rw: usize,
+    w: usize,
+    scales: [f32; 2],
 ) {
     let rw2 = rw.div_ceil(2);
+    // the latent width is even: a pair is all latent or all RoPE
+    debug_assert!(w % 2 == 0);
     dst.fill(0);
     for blk in VectorBlocks::new(hp / 16, HV) {
         let block = &mut dst[blk.start * 16 * rw2..(blk.start + blk.len) * 16 * rw2];
@@ -206,10 +212,11 @@ pub(super) fn pack_query<'a>(
                 break;
             };
             for (kk, pair) in q.chunks(2).enumerate() {
-                let lo = bf16::from_f32(pair[0]).to_bits() as u32;
+                let scale = scales[usize::from(2 * kk >= w)];
+                let lo = bf16::from_f32(pair[0] * scale).to_bits() as u32;
                 let hi = pair
                     .get(1)
-                    .map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
+                    .map_or(0, |&v| bf16::from_f32(v * scale).to_bits() as u32);
                 block[kk * width + i] = lo | hi << 16;
             }
         }

@@ -297,19 +297,7 @@ impl LatentAttention for CpuBackend {
         out: &mut [f32],
         lse: &mut [f32],
     ) -> Result<()> {
-        check_attend_args(cache, shape, seqs, q, out, lse)?;
-        if seqs.is_empty() || shape.heads == 0 {
-            // nothing to compute: the checked output buffers are empty
-            return Ok(());
-        }
-        let (path, geo, groups) = self.layout(shape, cache.dtype());
-        let work = &mut self.work;
-        work.lens.clear();
-        for &s in seqs {
-            work.lens.push(cache.seq_len(s)?);
-        }
-        plan_items(work, groups, self.threads);
-        self.run_items(cache, shape, seqs, path, geo, groups, q, out, lse)
+        self.attend_with(cache, shape, seqs, None, q, [1.0, 1.0], out, lse)
     }
 
     fn schedule_len(&self, shape: LatentShape, batch: usize) -> usize {
@@ -376,19 +364,25 @@ impl LatentAttention for CpuBackend {
         out: &mut [f32],
         lse: &mut [f32],
     ) -> Result<()> {
-        check_attend_args(cache, shape, seqs, q, out, lse)?;
-        let header = schedule::read_header(schedule, schedule::KIND_CPU, seqs.len(), shape)?;
-        if seqs.is_empty() || shape.heads == 0 {
-            return Ok(());
-        }
-        let (path, geo, groups) = self.layout(shape, cache.dtype());
-        let work = &mut self.work;
-        work.lens.clear();
-        for &s in seqs {
-            work.lens.push(cache.seq_len(s)?);
-        }
-        load_items(work, &header, groups, &schedule[..header.words])?;
-        self.run_items(cache, shape, seqs, path, geo, groups, q, out, lse)
+        self.attend_with(cache, shape, seqs, Some(schedule), q, [1.0, 1.0], out, lse)
+    }
+
+    fn scales_queries(&self) -> bool {
+        true
+    }
+
+    fn attend_scaling(
+        &mut self,
+        cache: &dyn RowSource,
+        shape: LatentShape,
+        seqs: &[u32],
+        schedule: Option<&[i32]>,
+        q: &[f32],
+        scales: [f32; 2],
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        self.attend_with(cache, shape, seqs, schedule, q, scales, out, lse)
     }
 
     fn reserve(&mut self, shape: LatentShape, batch: usize) -> Result<()> {
@@ -549,6 +543,47 @@ impl CpuBackend {
         (path, geo, groups)
     }
 
+    /// The one decode path of the backend: the batch's work items from `schedule` (or
+    /// planned here), the query rows packed with their `scales` (latent, RoPE), run.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_with(
+        &mut self,
+        cache: &dyn RowSource,
+        shape: LatentShape,
+        seqs: &[u32],
+        schedule: Option<&[i32]>,
+        q: &[f32],
+        scales: [f32; 2],
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        check_attend_args(cache, shape, seqs, q, out, lse)?;
+        let header = match schedule {
+            Some(s) => Some(schedule::read_header(
+                s,
+                schedule::KIND_CPU,
+                seqs.len(),
+                shape,
+            )?),
+            None => None,
+        };
+        if seqs.is_empty() || shape.heads == 0 {
+            // nothing to compute: the checked output buffers are empty
+            return Ok(());
+        }
+        let (path, geo, groups) = self.layout(shape, cache.dtype());
+        let work = &mut self.work;
+        work.lens.clear();
+        for &s in seqs {
+            work.lens.push(cache.seq_len(s)?);
+        }
+        match (schedule, header) {
+            (Some(s), Some(header)) => load_items(work, &header, groups, &s[..header.words])?,
+            _ => plan_items(work, groups, self.threads),
+        }
+        self.run_items(cache, shape, seqs, path, geo, groups, q, scales, out, lse)
+    }
+
     /// Runs the work items planned in `self.work` and merges their partial outputs.
     #[allow(clippy::too_many_arguments)]
     fn run_items(
@@ -560,12 +595,13 @@ impl CpuBackend {
         geo: TileGeo,
         groups: usize,
         q: &[f32],
+        scales: [f32; 2],
         out: &mut [f32],
         lse: &mut [f32],
     ) -> Result<()> {
         let group_heads = geo.heads;
         let work = &mut self.work;
-        let q_block = pack_queries(work, path, &geo, shape, groups, q);
+        let q_block = pack_queries(work, path, &geo, shape, groups, q, scales);
         let part_len = geo.heads * geo.wp + 2 * geo.hp;
         grow(&mut work.partials, work.items.len() * part_len);
         grow(
@@ -661,6 +697,7 @@ fn pack_queries(
     shape: LatentShape,
     groups: usize,
     q: &[f32],
+    scales: [f32; 2],
 ) -> usize {
     let (rw, hp, w) = (shape.row_width(), geo.hp, geo.w);
     let blocks = work.lens.len() * groups;
@@ -672,7 +709,7 @@ fn pack_queries(
             .enumerate()
         {
             let rows = |h| query_row(q, blk, groups, geo.heads, shape.heads, h, rw);
-            bf16dot::pack_query(qb, rows, geo.heads, hp, rw);
+            bf16dot::pack_query(qb, rows, geo.heads, hp, rw, w, scales);
         }
         len
     } else if path == Path::Avx2 {
@@ -683,7 +720,7 @@ fn pack_queries(
             .enumerate()
         {
             let rows = |h| query_row(q, blk, groups, geo.heads, shape.heads, h, rw);
-            avx2::pack_query(qb, rows, geo);
+            avx2::pack_query(qb, rows, geo, scales);
         }
         len
     } else {
@@ -699,8 +736,12 @@ fn pack_queries(
                 };
                 for (k, &v) in src.iter().enumerate() {
                     // latent columns keep their index, the RoPE part starts at wp
-                    let col = if k < w { k } else { k - w + geo.wp };
-                    qb[col * hp + h] = v;
+                    let (col, scale) = if k < w {
+                        (k, scales[0])
+                    } else {
+                        (k - w + geo.wp, scales[1])
+                    };
+                    qb[col * hp + h] = v * scale;
                 }
             }
         }
