@@ -171,14 +171,12 @@ impl KernelConfig {
         } else {
             64
         };
-        let step = if Sm90Mode::of(slice_width, heads_tile) == Sm90Mode::Tokens {
-            2
-        } else {
-            1
-        };
-        let deepest = match Sm90Mode::of(slice_width, heads_tile) {
-            Sm90Mode::Columns => 2,
-            _ => max_stages.clamp(2, MAX_STAGES),
+        // TOKENS needs an even depth (a warpgroup owns the stages of its parity); the
+        // COLUMNS seesaw keeps exactly one pair of tiles
+        let (step, deepest) = match Sm90Mode::of(slice_width, heads_tile) {
+            Sm90Mode::Tokens => (2, max_stages.clamp(2, MAX_STAGES)),
+            Sm90Mode::Heads => (1, max_stages.clamp(2, MAX_STAGES)),
+            Sm90Mode::Columns => (1, 2),
         };
         let stages = (2..=deepest)
             .rev()
