@@ -178,6 +178,15 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
 }
+// The descriptor of the operand `bytes` (a multiple of 16) further on: the start address
+// field (bits 0-13, addresses / 16) cannot carry, shared memory ending below 256 KB. One
+// add per product instead of rebuilding the descriptor (measured: ~6 instructions each,
+// 72 per tile in the scores alone).
+__device__ __forceinline__ u64 desc_at(u64 desc, u32 bytes) {
+    u64 d;
+    asm("mov.b64 %0, {%1, %2};" : "=l"(d) : "r"((u32)desc + (bytes >> 4)), "r"((u32)(desc >> 32)));
+    return d;
+}
 
 // Starts the copy of the CTA's tile number `j` (counted over its whole range: it names
 // the stage) from cache page `page`.
@@ -205,6 +214,25 @@ __device__ __forceinline__ void zero_tail(unsigned char* smem, int s, int valid,
     fence_async_shared();
 }
 
+// MODE_COLUMNS and MODE_HEADS read the queries' RoPE chunk from registers in the scores
+// (its shared-memory reads were ~10% of the scores' operand bytes, which at 128 heads
+// approach the shared-memory bandwidth).
+#define ROPE_IN_REGISTERS (MODE != MODE_TOKENS)
+
+// Loads this thread's part of the queries' RoPE chunk (the swizzle atom at `chunk`, rows
+// row0 and row0 + 8) in the A-operand layout of wgmma: word 4 kk + 2 half + h holds
+// columns 16 kk + 8 half + 2 t4, +1 of row row0 + 8 h.
+__device__ __forceinline__ void load_rope_queries(const unsigned char* chunk, int row0, int t4, u32 (&rope_q)[16]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int at = (((2 * kk + half) ^ (row0 % 8)) << 4) + 4 * t4;
+            rope_q[4 * kk + 2 * half] = *reinterpret_cast<const u32*>(chunk + row0 * 128 + at);
+            rope_q[4 * kk + 2 * half + 1] = *reinterpret_cast<const u32*>(chunk + (row0 + 8) * 128 + at);
+        }
+}
+
 #if MODE == MODE_COLUMNS
 // The chunks of a stage that warpgroup w alone reads last, and so refills: WG0 the V
 // columns 0-255 (chunks 0-3), WG1 the columns 256-511 and the RoPE chunk.
@@ -227,10 +255,14 @@ __device__ __forceinline__ void load_part(const TensorMap* map, u32 k_base, u32 
 // chunks from chunk FIRST on (modulo the row). MODE_COLUMNS: `chunk_bars` are the
 // stage's chunk mbarriers, each waited for (phase `parity`) before the products over
 // its chunk are issued, so they start on the chunks that came first; the other modes
-// have waited for the whole tile.
+// have waited for the whole tile. With ROPE_IN_REGISTERS the queries' RoPE chunk (the
+// last) comes from `rope_q` (see load_rope_queries).
 template <int FIRST, int COUNT = CHUNKS, bool ACCUMULATE = false>
-__device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst, u32 chunk_bars = 0, u32 parity = 0) {
+__device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst, const u32* rope_q = nullptr,
+                                       u32 chunk_bars = 0, u32 parity = 0) {
     fence_regs(sc);
+    const u64 q_desc = smem_desc(q_rows, 16, 1024);
+    const u64 k_desc = smem_desc(kst, 16, 1024);
     if (MODE == MODE_COLUMNS) mbar_wait(chunk_bars + 8 * FIRST, parity);
     wgmma_fence();
 #pragma unroll
@@ -241,7 +273,16 @@ __device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst, u32
             wgmma_fence();  // the wait loop is a branch: fence here, not ptxas (serialising)
         }
         const u32 off = c * ATOM_BYTES + (ks % 4) * 32;
-        wgmma_qk_n64(sc, smem_desc(q_rows + off, 16, 1024), smem_desc(kst + off, 16, 1024), ACCUMULATE || ks > 0);
+        const int acc = ACCUMULATE || ks > 0;
+        if (ROPE_IN_REGISTERS && c == CHUNKS - 1) {
+            const int k = 4 * (ks % 4);
+            wgmma_qk_n64_rq(sc, rope_q[k], rope_q[k + 1], rope_q[k + 2], rope_q[k + 3], desc_at(k_desc, off), acc);
+        } else {
+            if (MODE == MODE_COLUMNS)
+                wgmma_qk_n64(sc, desc_at(q_desc, off), desc_at(k_desc, off), acc);
+            else
+                wgmma_qk_n64(sc, smem_desc(q_rows + off, 16, 1024), smem_desc(kst + off, 16, 1024), acc);
+        }
     }
     wgmma_commit();
 }
@@ -249,10 +290,12 @@ __device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst, u32
 // O += P V over the tile at `kst`, V = PV_N latent columns from `col_chunk` * 64.
 __device__ __forceinline__ void attend_values(float (&o)[ON], const u32 (&pa)[16], u32 kst, int col_chunk) {
     fence_regs(o);
+    const u64 v_desc = smem_desc(kst + col_chunk * ATOM_BYTES, ATOM_BYTES, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < NT / 16; ++kk) {
-        const u64 dv = smem_desc(kst + col_chunk * ATOM_BYTES + kk * 16 * 128, ATOM_BYTES, 1024);
+        const u64 dv = MODE == MODE_COLUMNS ? desc_at(v_desc, kk * 16 * 128)
+                                            : smem_desc(kst + col_chunk * ATOM_BYTES + kk * 16 * 128, ATOM_BYTES, 1024);
 #if PV_N == 256
         wgmma_pv_n256(o, pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3], dv, 1);
 #elif PV_N == 128
@@ -263,6 +306,37 @@ __device__ __forceinline__ void attend_values(float (&o)[ON], const u32 (&pa)[16
     }
     wgmma_commit();
 }
+
+#if MODE == MODE_COLUMNS
+// O += P V as attend_values, with P read by the tensor cores from the swizzle atom at
+// `p_slot` (the other warpgroup's, see store_p).
+__device__ __forceinline__ void attend_values_shared(float (&o)[ON], u32 p_slot, u32 kst, int col_chunk) {
+    fence_regs(o);
+    const u64 v_desc = smem_desc(kst + col_chunk * ATOM_BYTES, ATOM_BYTES, 1024);
+    const u64 p_desc = smem_desc(p_slot, 16, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < NT / 16; ++kk) {
+        const u64 dv = desc_at(v_desc, kk * 16 * 128);
+        wgmma_pv_n256_sp(o, desc_at(p_desc, kk * 32), dv, 1);
+    }
+    wgmma_commit();
+}
+
+// Writes this thread's P (pa[2n], pa[2n + 1]: rows row0, row0 + 8, tokens 8n + 2 t4, +1)
+// into the 64 x 64 bf16 swizzle atom at `slot`, the K-major A operand the other
+// warpgroup's tensor cores read (16-byte unit n of row r at (n ^ r % 8): no bank
+// conflicts), ordered before that read.
+__device__ __forceinline__ void store_p(unsigned char* slot, const u32 (&pa)[16], int row0, int t4) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+        const int at = ((n ^ (row0 % 8)) << 4) + 4 * t4;
+        *reinterpret_cast<u32*>(slot + row0 * 128 + at) = pa[2 * n];
+        *reinterpret_cast<u32*>(slot + (row0 + 8) * 128 + at) = pa[2 * n + 1];
+    }
+    fence_async_shared();
+}
+#endif
 
 // Multiplies output row h (0: row0, 1: row0 + 8) of this thread by `alpha`.
 __device__ __forceinline__ void scale_row(float (&o)[ON], int h, float alpha) {
@@ -345,23 +419,33 @@ __device__ __forceinline__ void adopt_reference(float (&m_ref)[2], const float (
 // `phase`: the mbarrier phase of this warpgroup's stage at its next use (carried from
 // piece to piece); o, m_ref, l_part start empty and end relative to the same maxima in
 // both warpgroups.
+// WG is the warpgroup, a template parameter so that the stage addresses are uniform
+// (the tensor cores' descriptors are then built in uniform registers, not per thread).
+template <int WG>
 __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char* smem, u32 k_base, u32 bars,
                                              u32 q_rows, const int* pages, int t_begin, int n_tiles, int len,
-                                             int wg, int tw, int row0, int t4, bool loader, u32& phase,
+                                             int tw, int row0, int t4, bool loader, u32& phase,
                                              float (&o)[ON], float (&m_ref)[2], float (&l_part)[2]) {
-    u32* slot = reinterpret_cast<u32*>(smem + SM_X);  // word i of thread tw at slot[i * 128 + tw]
-    float* maxima = reinterpret_cast<float*>(smem + SM_X + 16 * 128 * 4);  // [warpgroup][row]
-    const u32 mine = k_base + wg * STAGE_BYTES;  // the stage this warpgroup scores
-    const u32 other = k_base + (1 - wg) * STAGE_BYTES;
-    const u32 my_bars = bars + 8 * wg * CHUNKS;
-    const int my_cols = wg * (PV_N / 64);  // this warpgroup's output columns, in chunks
+    // P_a's slot (written by WG0) and P_b's, the place of the queries' RoPE chunk, which
+    // both warpgroups hold in registers first (the same rows: each word is read there
+    // and written here by thread tw of each warpgroup; WG1 writes after BAR_M + 0,
+    // which WG0 reaches after its first scores used its copy)
+    unsigned char* slot_a = smem + SM_X;
+    unsigned char* slot_b = smem + SM_Q + (CHUNKS - 1) * ATOM_BYTES;
+    float* maxima = reinterpret_cast<float*>(smem + SM_X + ATOM_BYTES);  // [warpgroup][row]
+    u32 rope_q[16];
+    load_rope_queries(slot_b, row0, t4, rope_q);
+    const u32 mine = k_base + WG * STAGE_BYTES;  // the stage this warpgroup scores
+    const u32 other = k_base + (1 - WG) * STAGE_BYTES;
+    const u32 my_bars = bars + 8 * WG * CHUNKS;
+    const int my_cols = WG * (PV_N / 64);  // this warpgroup's output columns, in chunks
     if (loader) {
-        for (int j = 0; j < min(2, n_tiles); ++j) load_part(map, k_base, bars, j, wg, pages[t_begin + j]);
+        for (int j = 0; j < min(2, n_tiles); ++j) load_part(map, k_base, bars, j, WG, pages[t_begin + j]);
     }
     float sc[32];
     // (the first pair's tiles are both there before anything else: the chunk order
     // does not matter; one call site here keeps ptxas from spilling)
-    if (wg < n_tiles) scores<0>(sc, q_rows, mine, my_bars, phase);
+    if (WG < n_tiles) scores<0>(sc, q_rows, mine, rope_q, my_bars, phase);
     for (int j0 = 0; j0 < n_tiles; j0 += 2) {
         const bool has_b = j0 + 1 < n_tiles;
         const bool next_a = j0 + 2 < n_tiles;
@@ -371,12 +455,12 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
         // the pages the stages take next, read early to hide the latency
         const int page_a = loader && next_a ? pages[t_begin + j0 + 2] : 0;
         const int page_b = loader && next_b ? pages[t_begin + j0 + 3] : 0;
-        u32 pa[16], pb[16];  // P of tiles a and b as bf16 pairs
-        if (wg == 0) {
+        u32 p_own[16];  // P of this warpgroup's tile as bf16 pairs
+        if (WG == 0) {
             wgmma_wait_all();
             fence_regs(sc);
             phase ^= 1;
-            softmax_tile(sc, valid_a, t4, m_ref, l_part, o, pa);
+            softmax_tile(sc, valid_a, t4, m_ref, l_part, o, p_own);
             if (t4 == 0) {
                 maxima[row0] = m_ref[0];
                 maxima[row0 + 8] = m_ref[1];
@@ -386,46 +470,42 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
                 zero_tail(smem, 0, valid_a, 0, 4, tw, 128);
                 named_barrier(BAR_WG + 0, 128);
             }
-            attend_values(o, pa, mine, my_cols);
+            attend_values(o, p_own, mine, my_cols);
             wgmma_wait_all();
             fence_regs(o);
             named_barrier(BAR_WG + 0, 128);  // every warp is done with stage 0's columns 0-255
             if (loader && next_a) load_part(map, k_base, bars, 0, 0, page_a);
-            named_barrier(BAR_M + 1, THREADS);  // WG1's maxima, and P_b when it has tile b
+            named_barrier(BAR_M + 1, THREADS);  // WG1's maxima
             const float m1[2] = {maxima[64 + row0], maxima[64 + row0 + 8]};
-            if (has_b) {
-#pragma unroll
-                for (int i = 0; i < 16; ++i) pb[i] = slot[i * 128 + tw];
-            }
-            // leave P_a in the slot, relative to the pair's final maxima
+            // leave P_a in its slot, relative to the pair's final maxima
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 if (m1[h] > m_ref[h]) {
                     const float f = fast_exp2(m_ref[h] - m1[h]);
 #pragma unroll
-                    for (int n = 0; n < 8; ++n) pa[2 * n + h] = scale_bf16x2(pa[2 * n + h], f);
+                    for (int n = 0; n < 8; ++n) p_own[2 * n + h] = scale_bf16x2(p_own[2 * n + h], f);
                 }
             }
-#pragma unroll
-            for (int i = 0; i < 16; ++i) slot[i * 128 + tw] = pa[i];
+            store_p(slot_a, p_own, row0, t4);
             named_arrive(BAR_P, THREADS);
             adopt_reference(m_ref, m1, l_part, o);
             // WG1's P_a V goes to the tensor cores first: it frees stage 0's columns
-            // 256-511 for the refill this warpgroup's next scores wait for.
+            // 256-511 for the refill this warpgroup's next scores wait for (and WG1
+            // stored P_b before).
             named_barrier(BAR_ISSUED, THREADS);
             if (has_b) {
                 if (valid_b < NT) {
                     zero_tail(smem, 1, valid_b, 0, 4, tw, 128);
                     named_barrier(BAR_WG + 0, 128);
                 }
-                attend_values(o, pb, other, my_cols);
+                attend_values_shared(o, smem_addr(slot_b), other, my_cols);
             }
             // The next tile's scores over the chunks WG0 refilled (there by now) queue
             // behind P_b V; stage 1's columns 0-255 are refilled as soon as P_b V is
             // done (WG1 scores its next tile over them last); then the scores over the
             // chunks WG1 refilled.
             if (next_a) {
-                scores<0, 4>(sc, q_rows, mine, my_bars, phase);
+                scores<0, 4>(sc, q_rows, mine, rope_q, my_bars, phase);
                 wgmma_wait_but_last();
             } else {
                 wgmma_wait_all();
@@ -433,7 +513,7 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
             fence_regs(o);
             named_barrier(BAR_WG + 0, 128);
             if (loader && next_b) load_part(map, k_base, bars, 1, 0, page_b);
-            if (next_a) scores<4, CHUNKS - 4, true>(sc, q_rows, mine, my_bars, phase);
+            if (next_a) scores<4, CHUNKS - 4, true>(sc, q_rows, mine, rope_q, my_bars, phase);
         } else {
             wgmma_wait_all();
             fence_regs(sc);
@@ -441,31 +521,26 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
             named_barrier(BAR_M + 0, THREADS);  // WG0's maxima after tile a
             const float m0[2] = {maxima[row0], maxima[row0 + 8]};
             adopt_reference(m_ref, m0, l_part, o);
-            if (has_b) softmax_tile(sc, valid_b, t4, m_ref, l_part, o, pb);
+            if (has_b) softmax_tile(sc, valid_b, t4, m_ref, l_part, o, p_own);
             if (t4 == 0) {
                 maxima[64 + row0] = m_ref[0];
                 maxima[64 + row0 + 8] = m_ref[1];
             }
-            if (has_b) {
-#pragma unroll
-                for (int i = 0; i < 16; ++i) slot[i * 128 + tw] = pb[i];
-            }
             named_arrive(BAR_M + 1, THREADS);
             if (has_b) {
+                store_p(slot_b, p_own, row0, t4);  // WG0 reads it after BAR_ISSUED
                 if (valid_b < NT) {
                     zero_tail(smem, 1, valid_b, 4, 8, tw, 128);
                     named_barrier(BAR_WG + 1, 128);
                 }
-                attend_values(o, pb, mine, my_cols);
+                attend_values(o, p_own, mine, my_cols);
             }
             named_barrier(BAR_P, THREADS);  // P_a
-#pragma unroll
-            for (int i = 0; i < 16; ++i) pa[i] = slot[i * 128 + tw];
             if (valid_a < NT) {
                 zero_tail(smem, 0, valid_a, 4, 8, tw, 128);
                 named_barrier(BAR_WG + 1, 128);
             }
-            attend_values(o, pa, other, my_cols);
+            attend_values_shared(o, smem_addr(slot_a), other, my_cols);
             named_arrive(BAR_ISSUED, THREADS);
             // (the waits are unconditional: ptxas serialises the products around waits
             // on paths it cannot tell apart)
@@ -477,7 +552,7 @@ __device__ __forceinline__ void seesaw_piece(const TensorMap* map, unsigned char
             named_barrier(BAR_WG + 1, 128);
             if (loader && next_a) load_part(map, k_base, bars, 0, 1, page_a);
             // WG1's own chunks first: WG0 refills columns 0-255 of stage 1 last
-            if (next_b) scores<4>(sc, q_rows, mine, my_bars, phase);
+            if (next_b) scores<4>(sc, q_rows, mine, rope_q, my_bars, phase);
         }
     }
     // Nothing is in flight here (the last pair issues no scores), but ptxas cannot tell
@@ -636,7 +711,9 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
     int seq_start = my_sched[4];   // the sequence's first tile in the batch's order
     int split_base = my_sched[5];  // its first partial slot
     int done_tiles = 0;            // tiles this CTA consumed before the piece (stage names)
-    u32 phase = 0;                 // MODE_COLUMNS: the phase of this warpgroup's stage
+#if MODE == MODE_COLUMNS
+    u32 phase = 0;  // the mbarrier phase of this warpgroup's stage
+#endif
     for (; b < batch && seq_start < range_end; ++b) {
     const int seq_tiles = entry_tiles(slots, seq_lens, num_slots, b);
     const int t_begin = max(range_begin, seq_start) - seq_start;
@@ -674,7 +751,6 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
         fence_async_shared();
         __syncthreads();
     }
-    const u32 q_wg = q_base + (MODE == MODE_HEADS ? wg * QWG_BYTES : 0);
     // this warpgroup's output columns, in 64-column chunks
     const int col_chunk = MODE == MODE_COLUMNS ? wg * (PV_N / 64) : 0;
 #if MODE == MODE_HEADS
@@ -689,9 +765,21 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
     float l_part[2] = {0.f, 0.f};
 
 #if MODE == MODE_COLUMNS
-    seesaw_piece(&pool_map, smem, k_base, full_bar, q_wg, pages, t_begin, n_tiles, len, wg, tw, row0, t4, loader,
-                 phase, o, m_ref, l_part);
+    if (wg == 0)
+        seesaw_piece<0>(&pool_map, smem, k_base, full_bar, q_base, pages, t_begin, n_tiles, len, tw, row0, t4, loader,
+                        phase, o, m_ref, l_part);
+    else
+        seesaw_piece<1>(&pool_map, smem, k_base, full_bar, q_base, pages, t_begin, n_tiles, len, tw, row0, t4, loader,
+                        phase, o, m_ref, l_part);
 #else
+    const u32 q_wg = q_base + (MODE == MODE_HEADS ? wg * QWG_BYTES : 0);
+#if MODE == MODE_HEADS
+    u32 rope_q[16];
+    load_rope_queries(smem + SM_Q + wg * QWG_BYTES + (CHUNKS - 1) * ATOM_BYTES, row0, t4, rope_q);
+    const u32* rope = rope_q;
+#else
+    const u32* rope = nullptr;
+#endif
     // Tile j's scores: wait for its stage, clear the rows past the sequence's end, issue
     // the products (MODE_HEADS: in this warpgroup's turn); returns its valid rows.
     float sc[32];
@@ -711,10 +799,10 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
         }
 #if MODE == MODE_HEADS
         named_barrier(BAR_TURN + wg, THREADS);  // wait for this warpgroup's turn
-        scores<0>(sc, q_wg, k_base + s * STAGE_BYTES);
+        scores<0>(sc, q_wg, k_base + s * STAGE_BYTES, rope);
         if (wg == 0 || j + 1 < n_tiles) named_arrive(BAR_TURN + (1 - wg), THREADS);
 #else
-        scores<0>(sc, q_wg, k_base + s * STAGE_BYTES);
+        scores<0>(sc, q_wg, k_base + s * STAGE_BYTES, rope);
 #endif
         return valid;
     };

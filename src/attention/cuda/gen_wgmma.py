@@ -8,9 +8,11 @@ import os
 # (name, N, A from shared memory?, transpose B?)
 SHAPES = [
     ("wgmma_qk_n64", 64, True, False),     # S = Q K^T: A = Q, B = K (both K-major)
+    ("wgmma_qk_n64_rq", 64, False, False),  # the same, A = Q's RoPE chunk in registers
     ("wgmma_pv_n64", 64, False, True),     # O += P V: A = P in registers, B = V (MN-major)
     ("wgmma_pv_n128", 128, False, True),
     ("wgmma_pv_n256", 256, False, True),
+    ("wgmma_pv_n256_sp", 256, True, True),  # O += P V with P from shared memory (K-major)
 ]
 
 
