@@ -500,7 +500,9 @@ fn tensors(name: &'static str, list: &Bound<'_, PyList>) -> PyResult<Vec<Tensor>
 /// the first one's shape `[..., width]`. Returns that shape.
 fn check_outs(outs: &[Tensor]) -> PyResult<Vec<usize>> {
     let Some(first) = outs.first() else {
-        return Err(invalid("outs holds no array: a merge needs every rank's outputs"));
+        return Err(invalid(
+            "outs holds no array: a merge needs every rank's outputs",
+        ));
     };
     if first.shape.is_empty() {
         return Err(invalid(
