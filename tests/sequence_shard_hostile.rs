@@ -641,7 +641,10 @@ fn randomly_flipped_version_2_images_are_refused_or_decode_cleanly() {
         "only {accepted} mutated images were accepted"
     );
     eprintln!("{accepted} accepted, {decoded} decoded clean, {data_damaged} with damaged data");
-    assert!(decoded > 100, "only {decoded} accepted images decoded clean");
+    assert!(
+        decoded > 100,
+        "only {decoded} accepted images decoded clean"
+    );
     assert!(messages.len() > 10, "too few distinct errors: {messages:?}");
 }
 

@@ -258,9 +258,11 @@ impl PyRankCache {
     fn free_pages(&self) -> usize {
         self.cache.free_pages()
     }
+    /// The element type, by the name the constructor takes ("bfloat16", "float16",
+    /// "float32", or libtpla's "fp8_e4m3").
     #[getter]
     fn dtype(&self) -> &'static str {
-        self.cache.spec().dtype().name()
+        dtype_name(self.cache.spec().dtype())
     }
     #[getter]
     fn page_size(&self) -> usize {
@@ -307,9 +309,18 @@ impl PyRankCache {
             s.sequence_shard(),
             s.sequence_sharding().shards,
             s.sequence_sharding().interleave,
-            s.dtype().name(),
+            dtype_name(s.dtype()),
             self.cache.sequence_ids().count()
         )
+    }
+}
+
+fn dtype_name(dtype: tpla::DType) -> &'static str {
+    match dtype {
+        tpla::DType::Bf16 => "bfloat16",
+        tpla::DType::F16 => "float16",
+        tpla::DType::F32 => "float32",
+        other => other.name(),
     }
 }
 

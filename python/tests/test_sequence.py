@@ -150,7 +150,7 @@ def test_exact_mode_equals_the_unsharded_decode(tmp_path, dtype, tol, shards, in
     sh = tpla.SequenceSharding(shards, interleave)
     ranks = m.deploy(tmp_path / "s", 1, sh, dtype)
     for ctx, cache in ranks:
-        assert cache.is_sequence_shard and cache.sharding == sh
+        assert cache.is_sequence_shard and cache.sharding == sh and cache.dtype == dtype
     for layer in range(m.layers):
         ref, _, _ = m.decode(whole, layer)
         if dtype == "float32":
