@@ -6,6 +6,7 @@
 
 mod device;
 mod errors;
+mod sequence;
 mod tensor;
 
 use errors::{invalid, Tpla};
@@ -562,6 +563,73 @@ impl PyRankContext {
             .py()?;
         self.last_faults = faults.bits();
         Ok(self.last_faults)
+    }
+
+    /// Appends one token to `seq` in `layer` of `cache` (a `tpla.RankCache` of this
+    /// rank): `latent` is the full pre-norm latent `a_t` `[d_c]`, `k_rope` the
+    /// RoPE-rotated key `[d_r]` (float32, bfloat16 or float16). `position` is the
+    /// token's position in the sequence: required on a sequence shard, where a position
+    /// another shard owns raises `MismatchError` (`SequenceSharding.owner` names the
+    /// shard, `HybridPlan.owner_rank` the rank) and one that is not the shard's next
+    /// raises `InvalidArgumentError`; elsewhere it must be the sequence's length, or None.
+    #[pyo3(signature = (cache, seq, latent, k_rope, *, position=None, layer=0, rms="exact"))]
+    #[allow(clippy::too_many_arguments)]
+    fn append_token(
+        &mut self,
+        mut cache: PyRefMut<'_, sequence::PyRankCache>,
+        seq: u32,
+        latent: &Bound<'_, PyAny>,
+        k_rope: &Bound<'_, PyAny>,
+        position: Option<u64>,
+        layer: usize,
+        rms: &str,
+    ) -> PyResult<()> {
+        sequence::append_token(self, &mut cache, seq, latent, k_rope, position, layer, rms)
+    }
+
+    /// One decode step of `layer` for the sequences `seqs` of `cache` (a `tpla.RankCache`
+    /// of this rank, of one sequence shard or of every token), with the log-sum-exps a
+    /// merge needs: `q` is `[batch, heads, slice_width + d_r]` (or, with `q_rope=`
+    /// `[batch, heads, d_r]`, the latent part `[batch, heads, slice_width]`, or with
+    /// `absorb=True` `q_nope` `[batch, heads, d_n]`). Returns `(out, lse, bounds)`:
+    /// `out` float32 `[batch, heads, d_v]` (the rank's head outputs normalised over its
+    /// tokens; `project=False`: latent outputs `[batch, heads, slice_width]`), `lse`
+    /// float32 `[batch, heads]` (-inf, with zero outputs, for a sequence with no token on
+    /// the shard), and with `rope_key_norm=` (a bound of `|k_rope|` over the batch's
+    /// tokens, equal on every rank) the float64 logit bounds `[batch, heads]` of merge
+    /// (b), else None. `out=`, `lse=`, `bounds=` write into the caller's arrays.
+    #[pyo3(signature = (cache, seqs, q, *, layer=0, q_rope=None, absorb=false, project=true, out=None, lse=None, rope_key_norm=None, bounds=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn decode_sequence_shard<'py>(
+        &mut self,
+        py: Python<'py>,
+        cache: PyRef<'_, sequence::PyRankCache>,
+        seqs: Vec<u32>,
+        q: &Bound<'py, PyAny>,
+        layer: usize,
+        q_rope: Option<&Bound<'py, PyAny>>,
+        absorb: bool,
+        project: bool,
+        out: Option<&Bound<'py, PyAny>>,
+        lse: Option<&Bound<'py, PyAny>>,
+        rope_key_norm: Option<f64>,
+        bounds: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(PyObject, PyObject, PyObject)> {
+        sequence::decode_shard(
+            py,
+            self,
+            &cache,
+            seqs,
+            q,
+            layer,
+            q_rope,
+            absorb,
+            project,
+            out,
+            lse,
+            rope_key_norm,
+            bounds,
+        )
     }
 
     fn __repr__(&self) -> String {
@@ -1260,8 +1328,14 @@ impl PyShardCache {
 /// pre-norm latents `a_t` `[layers, tokens, d_c]` and RoPE keys `[layers, tokens, d_r]`
 /// (float32/64); `transforms` the layers' transforms. Rows are normalised, rotated, cut
 /// into slices and stored as `dtype` in pages of `page_size` tokens.
+///
+/// With `sharding` (a `SequenceSharding` of `s` shards), one file per rank of the hybrid
+/// plan of `len(paths) / s` latent groups times `s` sequence shards: `paths[r]` for rank
+/// `r = group * s + shard` (`HybridPlan`) holds latent slice `group` of the tokens on
+/// sequence shard `shard` (format version 2), which may be none of a short sequence's.
 #[pyfunction]
-#[pyo3(signature = (paths, dims, transforms, sequences, *, dtype="bfloat16", page_size=64))]
+#[pyo3(signature = (paths, dims, transforms, sequences, *, dtype="bfloat16", page_size=64, sharding=None))]
+#[allow(clippy::too_many_arguments)]
 fn export_shards(
     paths: Vec<PathBuf>,
     dims: &PyModelDims,
@@ -1269,7 +1343,9 @@ fn export_shards(
     sequences: &Bound<'_, PyList>,
     dtype: &str,
     page_size: usize,
+    sharding: Option<&sequence::PySequenceSharding>,
 ) -> PyResult<()> {
+    let (groups, sharding) = sequence::export_groups(paths.len(), sharding)?;
     let d = dims.0;
     let layers = transforms.len();
     let mut seqs: Vec<(u32, Vec<f64>, Vec<f64>, usize)> = Vec::new();
@@ -1290,7 +1366,16 @@ fn export_shards(
         .map(|t| tpla::cache::TransformId::of(&t.0))
         .collect();
     let table: Vec<(u32, usize)> = seqs.iter().map(|s| (s.0, s.3)).collect();
-    let plan = ExportPlan::new(d, paths.len(), parse_dtype(dtype)?, page_size, ids, &table).py()?;
+    let plan = ExportPlan::hybrid(
+        d,
+        groups,
+        sharding,
+        parse_dtype(dtype)?,
+        page_size,
+        ids,
+        &table,
+    )
+    .py()?;
     let mut w = ShardFileWriter::create(&plan, &paths).py()?;
     while let Some((layer, id)) = w.next_block() {
         let s = seqs
@@ -1354,6 +1439,9 @@ fn _tpla(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRankContext>()?;
     m.add_class::<PyDecodePlan>()?;
     m.add_class::<PyShardCache>()?;
+    m.add_class::<sequence::PySequenceSharding>()?;
+    m.add_class::<sequence::PyHybridPlan>()?;
+    m.add_class::<sequence::PyRankCache>()?;
     m.add_class::<device::PyDeviceEngine>()?;
     m.add_class::<device::PyDevicePlan>()?;
     m.add_function(wrap_pyfunction!(cuda_enabled, m)?)?;
@@ -1362,6 +1450,12 @@ fn _tpla(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(append, m)?)?;
     m.add_function(wrap_pyfunction!(export_shards, m)?)?;
     m.add_function(wrap_pyfunction!(all_reduce_in_process, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence::merge_by_lse_in_process, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence::merge_packed_in_process, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence::rescale_by_gathered_lse, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence::pack_against_bound, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence::unpack_merged, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence::packed_row_len, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(presets, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

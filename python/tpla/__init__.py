@@ -53,6 +53,23 @@ There ``kv_cache`` is ``[num_pages, 64, 1, slice_width + d_r]`` bfloat16, ``bloc
 (``faults=``), read whenever the caller synchronises. :func:`cuda_enabled` says whether
 this build has the GPU path; without a GPU or driver, ``DeviceEngine(...)`` raises
 :class:`UnsupportedError`.
+
+Sequence shards (exact decode, and hybrids of ``g`` latent groups times ``s`` sequence
+shards): a :class:`SequenceSharding` spreads a sequence's tokens over ``s`` shards in
+blocks of ``interleave`` tokens, a :class:`HybridPlan` names rank ``group * s + shard``.
+Each rank keeps its tokens in a libtpla-owned :class:`RankCache`, decodes them with log-sum-exps
+and the ranks merge exactly::
+
+    export_shards(paths, dims, transforms, prefill, sharding=sh)   # g * s files, v2
+    cache = tpla.RankCache(ctx, plan=hplan, capacity_pages=...)
+    cache.register_file(paths[hplan.rank])                         # another rank's: MismatchError
+    if hplan.holds(t):                                             # sh.owner(t) == hplan.shard
+        ctx.append_token(cache, seq, a_t, k_pe, position=t, layer=layer)
+    out, lse, _ = ctx.decode_sequence_shard(cache, seqs, q, layer=layer)
+    tpla.merge_by_lse_in_process(outs, lses, shards=s)             # (a); or, per rank,
+    # rescale_by_gathered_lse after an all-gather of lse, then all_reduce (the engines')
+    # (b): decode_sequence_shard(..., rope_key_norm=) gives bounds; merge_packed_in_process,
+    # or pack_against_bound / an all-reduce of float64 / unpack_merged per rank
 """
 
 from __future__ import annotations
@@ -65,8 +82,11 @@ from ._tpla import (
     DecodePlan,
     DeviceEngine,
     DevicePlan,
+    HybridPlan,
     ModelDims,
+    RankCache,
     RankContext,
+    SequenceSharding,
     ShardCache,
     ShardPlan,
     Transform,
@@ -78,7 +98,13 @@ from ._tpla import (
     decode,
     decode_plan,
     export_shards,
+    merge_by_lse_in_process,
+    merge_packed_in_process,
+    pack_against_bound,
+    packed_row_len,
     presets,
+    rescale_by_gathered_lse,
+    unpack_merged,
 )
 from .errors import (
     BackendError,
@@ -99,12 +125,15 @@ __all__ = [
     "DeviceEngine",
     "DevicePlan",
     "Faults",
+    "HybridPlan",
     "InvalidArgumentError",
     "MismatchError",
     "ModelDims",
     "OutOfCapacityError",
     "OutOfRangeError",
+    "RankCache",
     "RankContext",
+    "SequenceSharding",
     "ShardCache",
     "ShardPlan",
     "TplaError",
@@ -121,7 +150,13 @@ __all__ = [
     "decode_plan",
     "errors",
     "export_shards",
+    "merge_by_lse_in_process",
+    "merge_packed_in_process",
+    "pack_against_bound",
+    "packed_row_len",
     "presets",
+    "rescale_by_gathered_lse",
+    "unpack_merged",
 ]
 
 
