@@ -18,9 +18,11 @@
 //   the pair's first tile (stage 0), WG1 the second (stage 1), and each adds both
 //   tiles' P V products over its columns. The pair shares one reference maximum per
 //   row: WG0 moves it for tile a and publishes it (BAR_M0); WG1 adopts it, moves it for
-//   tile b, publishes it and P_b (BAR_M1); WG0 adopts it, takes P_b and leaves P_a
-//   (brought to the pair's reference) in the same slot (BAR_P). One warpgroup's softmax
-//   thus runs under the other's products. Each stage has one mbarrier per 64-column
+//   tile b and publishes it (BAR_M1), then stores P_b; WG0 adopts it and stores P_a
+//   (brought to the pair's reference) (BAR_P). Each P is stored in the swizzled layout
+//   the tensor cores read, so the other warpgroup's P V takes it from shared memory
+//   (two slots, one in the place of Q's RoPE chunk, which both warpgroups hold in
+//   registers). One warpgroup's softmax thus runs under the other's products. Each stage has one mbarrier per 64-column
 //   chunk: the scoring warpgroup waits chunk by chunk, and each warpgroup refills the
 //   chunks it alone still reads (WG0 the V columns 0-255, WG1 256-511 and the RoPE
 //   chunk) as soon as its own products on them are done, mid-pair. So that the copies
@@ -40,11 +42,12 @@
 // is shared by the block's warps on it: 9 warps leave 168 registers a thread, 8 leave
 // 255).
 // Per tile, S = Q K^T is RW/16 wgmma m64n64k16 with Q and K both read by the tensor
-// cores from shared memory; the online softmax runs in registers against a reference
-// maximum per row that moves only when the tile's maximum exceeds it by more than
-// RESCALE_LOG2 (then the output rows are rescaled: first tiles only); O += P V is 4
-// wgmma m64nNk16 with P from registers in the accumulator layout of S and V the
-// latent columns of the same K tile read transposed.
+// cores from shared memory (MODE_COLUMNS and MODE_HEADS: Q's RoPE chunk from registers);
+// the online softmax runs in registers against a reference maximum per row that moves
+// only when the tile's maximum exceeds it by more than RESCALE_LOG2 (then the output
+// rows are rescaled: first tiles only); O += P V is 4 wgmma m64nNk16 with P from
+// registers in the accumulator layout of S (MODE_COLUMNS, the other warpgroup's P: from
+// shared memory) and V the latent columns of the same K tile read transposed.
 // A tile past the sequence's end has its rows zeroed in shared memory before use (0 *
 // NaN would poison P V).
 //
@@ -93,11 +96,11 @@
 #endif
 
 // Byte layout of the dynamic shared memory, from a 1024-byte aligned base (the
-// swizzle atoms must be): K stages, queries, the exchange (MODE_COLUMNS: one P slot of
-// 16 words per thread, then each warpgroup's published maxima, 64 rows each), the
+// swizzle atoms must be): K stages, queries, the exchange (MODE_COLUMNS: P_a's slot, one
+// 64 x 64 bf16 swizzle atom, then each warpgroup's published maxima, 64 rows each), the
 // stages' mbarriers (MODE_COLUMNS: one per chunk), then per stage a count of the
 // warpgroups done with it (MODE_HEADS).
-#define XCHG_BYTES (MODE == MODE_COLUMNS ? 16 * 128 * 4 + 2 * 64 * 4 : 0)
+#define XCHG_BYTES (MODE == MODE_COLUMNS ? ATOM_BYTES + 2 * 64 * 4 : 0)
 #define STAGE_BARS (MODE == MODE_COLUMNS ? CHUNKS : 1)
 #define SM_K 0
 #define SM_Q (STAGES * STAGE_BYTES)

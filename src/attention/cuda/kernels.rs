@@ -275,9 +275,9 @@ pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -
     let row = slice_width + ROPE_WIDTH;
     let tile = row * TILE_TOKENS * 2;
     let (exchange, barriers_per_stage) = match Sm90Mode::of(slice_width, heads_tile) {
-        // P as 16 words per thread of a warpgroup, 64 maxima per warpgroup; one
-        // mbarrier per 64-column chunk
-        Sm90Mode::Columns => (16 * 128 * 4 + 2 * 64 * 4, row / 64),
+        // P_a's slot (64 x 64 bf16; P_b's is in Q's RoPE chunk), 64 maxima per
+        // warpgroup; one mbarrier per 64-column chunk
+        Sm90Mode::Columns => (64 * 64 * 2 + 2 * 64 * 4, row / 64),
         _ => (0, 1),
     };
     // 8 bytes per mbarrier, 8 of counter per stage, 96 of the CTA's schedule
