@@ -358,6 +358,8 @@ mod nccl_merges {
             check_comm(self, group, "group", (plan.shard, shards))?;
             check_comm(self, all, "deployment", (plan.rank(), plan.ranks()))?;
             check_batch(self, batch)?;
+            // the kernels launch in the calling thread's context
+            self.backend().device().bind()?;
             let (rows, d_v) = (batch * self.plan().heads, self.dims().d_v);
             let stream = self.stream();
             let (k, p) = self.merge_parts(shards, layer)?;
@@ -407,6 +409,7 @@ mod nccl_merges {
             )?;
             check_batch(self, batch)?;
             check_bounds(self, plan.rank(), layer, batch)?;
+            self.backend().device().bind()?;
             let (rows, d_v) = (batch * self.plan().heads, self.dims().d_v);
             let stream = self.stream();
             let (k, p) = self.merge_parts(shards, layer)?;
