@@ -437,7 +437,9 @@ fn device_merges_refuse_what_they_cannot_merge() {
     );
     ranks.swap(0, 1);
     assert_eq!(
-        merge_by_lse_on_device(&mut [], 0, 1).unwrap_err().kind(),
+        merge_by_lse_on_device::<DeviceRank>(&mut [], 0, 1)
+            .unwrap_err()
+            .kind(),
         ErrorKind::InvalidArgument
     );
     // after all that, a proper step still merges

@@ -21,6 +21,7 @@ use crate::attention::cuda::{
 use crate::combine::sequence::PACKED_EXPONENT_LIMIT;
 use crate::device_rank::DeviceRank;
 use crate::error::{Error, ErrorKind, Result};
+use std::borrow::BorrowMut;
 use std::sync::Arc;
 
 /// The device addresses of one rank's part in a merge.
@@ -103,9 +104,14 @@ fn read_error(rank: &DeviceRank, ptr: u64) -> Result<()> {
 
 /// Checks `ranks` form a whole hybrid deployment on one GPU, in rank order, for a step
 /// of `batch`, and returns (groups, shards).
-fn check_deployment(ranks: &[DeviceRank], layer: usize, batch: usize) -> Result<(usize, usize)> {
+fn check_deployment<R: BorrowMut<DeviceRank>>(
+    ranks: &[R],
+    layer: usize,
+    batch: usize,
+) -> Result<(usize, usize)> {
     let first = ranks
         .first()
+        .map(|r| r.borrow())
         .ok_or_else(|| Error::invalid("a sequence merge needs at least one rank"))?;
     let plan = first.hybrid_plan();
     let (groups, shards) = (plan.latent.groups, plan.sharding.shards);
@@ -119,6 +125,7 @@ fn check_deployment(ranks: &[DeviceRank], layer: usize, batch: usize) -> Result<
     }
     let ordinal = first.backend().device().ordinal();
     for (r, rank) in ranks.iter().enumerate() {
+        let rank: &DeviceRank = rank.borrow();
         let p = rank.hybrid_plan();
         if p.sharding != plan.sharding || p.latent.groups != groups || p.rank() != r {
             return Err(Error::mismatch(format!(
@@ -173,15 +180,15 @@ fn check_bounds(rank: &DeviceRank, r: usize, layer: usize, batch: usize) -> Resu
 }
 
 /// Every rank's merge addresses, and the kernels (rank 0's: one context).
-fn parts(
-    ranks: &mut [DeviceRank],
+fn parts<R: BorrowMut<DeviceRank>>(
+    ranks: &mut [R],
     shards: usize,
     layer: usize,
 ) -> Result<(Arc<SequenceKernels>, Vec<Ptrs>)> {
     let mut kernels = None;
     let mut ptrs = Vec::with_capacity(ranks.len());
     for rank in ranks.iter_mut() {
-        let (k, p) = rank.merge_parts(shards, layer)?;
+        let (k, p) = rank.borrow_mut().merge_parts(shards, layer)?;
         kernels.get_or_insert(k);
         ptrs.push(Ptrs {
             partial: p.partial.ptr(),
@@ -223,20 +230,24 @@ fn sum_into_all(
 }
 
 /// Merge (a) over every rank of a hybrid deployment emulated on one GPU (`ranks` in rank
-/// order, each after [`DeviceRank::decode_sequence_shard`] of `layer` for `batch`
+/// order, owned or borrowed, each after [`DeviceRank::decode_sequence_shard`] of `layer` for `batch`
 /// sequences): the log-sum-exps of each latent group's shards are gathered, each rank's
 /// outputs rescaled by `e^(l_own - L)`, and the outputs of all ranks summed (the shards'
 /// merge and the groups' TPLA sum in one). Synchronous: returns when every rank's
 /// [`DeviceRank::partial`] holds the merged output.
-pub fn merge_by_lse_on_device(ranks: &mut [DeviceRank], layer: usize, batch: usize) -> Result<()> {
+pub fn merge_by_lse_on_device<R: BorrowMut<DeviceRank>>(
+    ranks: &mut [R],
+    layer: usize,
+    batch: usize,
+) -> Result<()> {
     let (_, shards) = check_deployment(ranks, layer, batch)?;
-    let (heads, d_v) = (ranks[0].plan().heads, ranks[0].dims().d_v);
+    let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
     let rows = batch * heads;
     let (k, ptrs) = parts(ranks, shards, layer)?;
-    let device = ranks[0].backend().device().clone();
+    let device = ranks[0].borrow().backend().device().clone();
     // every rank's decode is done before rank 0's stream reads it
     device.synchronize()?;
-    let stream = ranks[0].stream();
+    let stream = ranks[0].borrow().stream();
     for group in ptrs.chunks(shards) {
         // the all-gather: the group's log-sum-exps side by side in its first rank's scratch
         let gathered = group[0].gathered;
@@ -261,17 +272,21 @@ pub fn merge_by_lse_on_device(ranks: &mut [DeviceRank], layer: usize, batch: usi
 /// then the groups summed over the ranks of one shard index. Synchronous; a bound that
 /// is not one (a log-sum-exp more than [`PACKED_EXPONENT_LIMIT`] above it) is an
 /// `InvalidArgument` error, as on the CPU.
-pub fn merge_packed_on_device(ranks: &mut [DeviceRank], layer: usize, batch: usize) -> Result<()> {
+pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
+    ranks: &mut [R],
+    layer: usize,
+    batch: usize,
+) -> Result<()> {
     let (groups, shards) = check_deployment(ranks, layer, batch)?;
     for (r, rank) in ranks.iter().enumerate() {
-        check_bounds(rank, r, layer, batch)?;
+        check_bounds(rank.borrow(), r, layer, batch)?;
     }
-    let (heads, d_v) = (ranks[0].plan().heads, ranks[0].dims().d_v);
+    let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
     let rows = batch * heads;
     let (k, ptrs) = parts(ranks, shards, layer)?;
-    let device = ranks[0].backend().device().clone();
+    let device = ranks[0].borrow().backend().device().clone();
     device.synchronize()?;
-    let stream = ranks[0].stream();
+    let stream = ranks[0].borrow().stream();
     let error = ptrs[0].error;
     zero_async(error, 4, stream)?;
     for p in &ptrs {
@@ -303,7 +318,7 @@ pub fn merge_packed_on_device(ranks: &mut [DeviceRank], layer: usize, batch: usi
         }
     }
     sync(stream)?;
-    read_error(&ranks[0], error)
+    read_error(ranks[0].borrow(), error)
 }
 
 #[cfg(feature = "nccl")]
