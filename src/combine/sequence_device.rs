@@ -230,8 +230,8 @@ fn sum_into_all(
 }
 
 /// Merge (a) over every rank of a hybrid deployment emulated on one GPU (`ranks` in rank
-/// order, owned or borrowed, each after [`DeviceRank::decode_sequence_shard`] of `layer` for `batch`
-/// sequences): the log-sum-exps of each latent group's shards are gathered, each rank's
+/// order, owned or borrowed, each after [`DeviceRank::decode_sequence_shard`] of `layer`
+/// for `batch` sequences): the log-sum-exps of each latent group's shards are gathered, each rank's
 /// outputs rescaled by `e^(l_own - L)`, and the outputs of all ranks summed (the shards'
 /// merge and the groups' TPLA sum in one). Synchronous: returns when every rank's
 /// [`DeviceRank::partial`] holds the merged output.
