@@ -490,6 +490,14 @@ impl DeviceRank {
             .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
     }
 
+    /// Mutable access to layer `layer`'s log-sum-exps (to poison them in tests).
+    pub fn lse_mut(&mut self, layer: usize) -> Result<&mut DeviceBuffer<f32>> {
+        let n = self.lses.len();
+        self.lses
+            .get_mut(layer)
+            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+    }
+
     /// Layer `layer`'s shared logit bounds `[max_batch][heads]` (f64, device), written
     /// by [`Self::decode_sequence_shard`] with a RoPE key norm bound.
     pub fn logit_bounds(&self, layer: usize) -> Result<&DeviceBuffer<f64>> {

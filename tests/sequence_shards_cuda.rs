@@ -249,6 +249,7 @@ fn decode_all(model: &Model, ranks: &mut [DeviceRank], shards: usize) {
     for r in ranks.iter_mut() {
         // NaN poison: a value the step fails to write cannot pass
         r.partial_mut(0).unwrap().fill_bytes(0xff).unwrap();
+        r.lse_mut(0).unwrap().fill_bytes(0xff).unwrap();
         let q = model.queries(r.plan());
         r.decode_sequence_shard(0, &ids, &q, Some(model.rope_key_norm()))
             .unwrap();
@@ -512,6 +513,7 @@ fn one_rank_per_gpu_merges_through_nccl() {
                     let mut outs = Vec::new();
                     for merge in [Merge::GatheredLse, Merge::Packed] {
                         r.partial_mut(0).unwrap().fill_bytes(0xff).unwrap();
+                        r.lse_mut(0).unwrap().fill_bytes(0xff).unwrap();
                         r.decode_sequence_shard(0, &ids, &q, Some(model.rope_key_norm()))
                             .unwrap();
                         match merge {
