@@ -156,6 +156,15 @@ static void unsupported_paths(const tpla_context_options *o) {
   CHECK(tpla_device_engine_create(NULL, 0, &engine) == TPLA_STATUS_NULL_ARGUMENT);
   CHECK(tpla_device_engine_decode(NULL, NULL) == TPLA_STATUS_NULL_ARGUMENT);
   tpla_device_engine_destroy(NULL);
+  /* the sequence-shard paths check their handles in every build */
+  CHECK(tpla_device_rank_sequence_shard(NULL, NULL, NULL, NULL) == TPLA_STATUS_NULL_ARGUMENT);
+  CHECK(tpla_device_rank_decode_sequence_shard_host(NULL, 0, &seq, 1, NULL, 0, -1.0) ==
+        TPLA_STATUS_NULL_ARGUMENT);
+  CHECK(tpla_device_rank_download(NULL, 0, NULL, 0, NULL, 0) == TPLA_STATUS_NULL_ARGUMENT);
+  CHECK(tpla_device_sequence_merge_in_process(NULL, 0, 0, 1, TPLA_SEQUENCE_MERGE_LSE) ==
+        TPLA_STATUS_NULL_ARGUMENT);
+  CHECK(tpla_device_rank_merge_nccl(NULL, NULL, NULL, 0, 1, TPLA_SEQUENCE_MERGE_PACKED) ==
+        TPLA_STATUS_NULL_ARGUMENT);
   /* a unique id needs only libnccl, no GPU */
   s = tpla_nccl_unique_id(id, sizeof id);
   printf("cuda: nccl unique id: %s: %s\n", tpla_status_str(s),
@@ -241,6 +250,40 @@ static void device_rank_paths(tpla_context *cpu_ctx, const tpla_cache *cache,
   e = rel_l2(got, want, n_out);
   printf("cuda: device rank, host buffers: rel. L2 vs CPU %.2e\n", e);
   CHECK(e < 1e-2);
+
+  /* the sequence-shard step of a rank holding every token is the same decode; it keeps
+   * its outputs (and log-sum-exps, all finite here) on the device for the merges */
+  {
+    uint32_t shard = 9, shards = 9, interleave = 9;
+    float *lse = (float *)xcalloc(BATCH * H, sizeof(float));
+    tpla_device_rank *twice[2];
+    CHECK_OK(tpla_device_rank_sequence_shard(rank, &shard, &shards, &interleave));
+    CHECK(shard == 0 && shards == 1 && interleave == 1);
+    CHECK_OK(tpla_device_rank_decode_sequence_shard_host(rank, 0, seqs, BATCH, rows,
+                                                         BATCH * H * QW, 1.0));
+    memcpy(got, poison, n_out * sizeof(float));
+    CHECK_OK(tpla_device_rank_download(rank, 0, got, n_out, lse, BATCH * H));
+    e = rel_l2(got, want, n_out);
+    printf("cuda: device rank, sequence-shard step: rel. L2 vs CPU %.2e\n", e);
+    CHECK(e < 1e-2);
+    for (j = 0; j < BATCH * H; j++) CHECK(isfinite(lse[j]));
+    CHECK(tpla_device_rank_decode_sequence_shard_host(rank, 0, seqs, BATCH, rows,
+                                                      BATCH * H * QW, NAN) ==
+          TPLA_STATUS_INVALID_ARGUMENT);
+    {
+      float *more = (float *)xcalloc(n_out + 1, sizeof(float));
+      CHECK(tpla_device_rank_download(rank, 0, more, n_out + 1, NULL, 0) ==
+            TPLA_STATUS_INVALID_ARGUMENT);
+      free(more);
+    }
+    twice[0] = rank;
+    twice[1] = rank;
+    CHECK(tpla_device_sequence_merge_in_process(twice, 2, 0, BATCH, TPLA_SEQUENCE_MERGE_LSE) ==
+          TPLA_STATUS_INVALID_ARGUMENT);
+    CHECK(tpla_device_sequence_merge_in_process(twice, 1, 0, BATCH, 7) ==
+          TPLA_STATUS_INVALID_ARGUMENT);
+    free(lse);
+  }
 
   CHECK_OK(tpla_device_rank_slots(rank, seqs, BATCH, slots, BATCH));
   CHECK(tpla_device_rank_slots(rank, unknown, 1, one_slot, 1) == TPLA_STATUS_OUT_OF_RANGE);

@@ -89,6 +89,17 @@
 #define TPLA_NCCL_UNIQUE_ID_BYTES 128
 
 /**
+ * Merge (a) of `tpla_device_sequence_merge_in_process`: the gathered log-sum-exps, then
+ * one sum of the rescaled outputs.
+ */
+#define TPLA_SEQUENCE_MERGE_LSE 0
+
+/**
+ * Merge (b): numerators and denominators packed in f64 against the shared logit bounds.
+ */
+#define TPLA_SEQUENCE_MERGE_PACKED 1
+
+/**
  * Outcome of a call. `TPLA_STATUS_OK` is zero; every other value comes with a sentence
  * from `tpla_last_error_message()`. Values are stable: new ones are only ever appended.
  */
@@ -2242,14 +2253,17 @@ tpla_status tpla_sequence_unpack(size_t rows,
 
 /**
  * Uploads sequences `seq_ids` (`seq_count` of them, each holding at least one token in
- * every layer) of every layer of `cache` (registered shard files or appended rows) and
- * the `W'_UV` of every layer of `ctx` to GPU `device`; steps then decode batches of 1 to
- * `max_batch` of those sequences. The device rank keeps no pointer to `ctx`, `cache` or
- * `seq_ids`: later appends to `cache` do not reach it. Compiles (or loads from the disk
- * cache) the decode kernels. Destroy it with `tpla_device_rank_destroy`.
+ * every layer, unless the cache holds one sequence shard of several: then a sequence
+ * may have none on this rank) of every layer of `cache` (registered shard files or
+ * appended rows) and the `W'_UV` of every layer of `ctx` to GPU `device`; steps then
+ * decode batches of 1 to `max_batch` of those sequences. The device rank keeps no
+ * pointer to `ctx`, `cache` or `seq_ids`: later appends to `cache` do not reach it.
+ * Compiles (or loads from the disk cache) the decode kernels. Destroy it with
+ * `tpla_device_rank_destroy`.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (no sequences, a
- * sequence listed twice or without tokens, max_batch 0 or above 65535, a layer of `ctx`
+ * sequence listed twice or, on a rank holding every token, without tokens, max_batch 0
+ * or above 65535, a layer of `ctx`
  * without weights), TPLA_STATUS_OUT_OF_RANGE (unknown sequence id), TPLA_STATUS_MISMATCH
  * (cache of another geometry, group, layer count or transform), TPLA_STATUS_UNSUPPORTED
  * (built without CUDA; no usable GPU, driver, libnvrtc or libcublas; a shape the kernels
@@ -2456,6 +2470,122 @@ tpla_status tpla_nccl_all_reduce(struct tpla_nccl_comm *comm,
                                  float *dev_buf,
                                  size_t count,
                                  void *stream);
+
+/**
+ * The rank's place in a hybrid deployment (from its cache at creation): its sequence
+ * shard `*shard` of `*shards` (0 of 1 without sequence sharding) and their interleave.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT. Safe to call concurrently with other read-only uses
+ * of the rank.
+ *
+ * # Safety
+ * `rank` is NULL or live; the outputs are NULL or writable.
+ */
+tpla_status tpla_device_rank_sequence_shard(const struct tpla_device_rank *rank,
+                                            uint32_t *shard,
+                                            uint32_t *shards,
+                                            uint32_t *interleave);
+
+/**
+ * One decode step of layer `layer` on a rank holding a sequence shard (or every token),
+ * on host query rows as `tpla_device_rank_decode_host` takes them: the same decode
+ * kernels over the rank's tokens of each sequence (an entry with none gets zero outputs
+ * and a log-sum-exp of -inf), into the rank's own partial outputs and log-sum-exps,
+ * which stay on the device for the merges (`tpla_device_sequence_merge_in_process`,
+ * `tpla_device_rank_merge_nccl`); `tpla_device_rank_download` copies them out. With
+ * `rope_key_norm` >= 0 (a bound of |k_rope| over every token of the batch's sequences,
+ * the same on every rank), the step also writes the shared logit bounds merge (b)
+ * needs; a negative value writes none. Waits for the upload, not for the step.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above
+ * max_batch, counts, a NaN or infinite bound), TPLA_STATUS_OUT_OF_RANGE (layer, a
+ * sequence not on this rank), TPLA_STATUS_UNSUPPORTED (no CUDA in this build) or
+ * TPLA_STATUS_BACKEND. Uses `rank` exclusively (one thread at a time).
+ *
+ * # Safety
+ * `rank` is NULL or live; the arrays hold their counts.
+ */
+tpla_status tpla_device_rank_decode_sequence_shard_host(struct tpla_device_rank *rank,
+                                                        uint32_t layer,
+                                                        const uint32_t *seq_ids,
+                                                        size_t batch,
+                                                        const float *queries,
+                                                        size_t queries_count,
+                                                        double rope_key_norm);
+
+/**
+ * Waits for the rank's work and copies the first values of layer `layer`'s partial head
+ * outputs ([batch][heads][d_v], `out_count` of them; after a merge, the merged output)
+ * into `out`, and, when `lse` is not NULL, of its log-sum-exps ([batch][heads],
+ * `lse_count`) into `lse`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT (rank, out), TPLA_STATUS_INVALID_ARGUMENT (a count
+ * above the rank's buffers, overlapping buffers), TPLA_STATUS_OUT_OF_RANGE (layer),
+ * TPLA_STATUS_UNSUPPORTED (no CUDA in this build) or TPLA_STATUS_BACKEND. Safe to call
+ * concurrently with other read-only uses of the rank.
+ *
+ * # Safety
+ * `rank` is NULL or live; `out` holds `out_count` floats; `lse` is NULL or holds
+ * `lse_count`.
+ */
+tpla_status tpla_device_rank_download(const struct tpla_device_rank *rank,
+                                      uint32_t layer,
+                                      float *out,
+                                      size_t out_count,
+                                      float *lse,
+                                      size_t lse_count);
+
+/**
+ * Merges layer `layer`'s step of `batch` sequences over every rank of a hybrid
+ * deployment emulated on one GPU: `ranks` holds `count` device ranks in rank order
+ * (`group * shards + shard`), each after `tpla_device_rank_decode_sequence_shard_host`
+ * of that step (with logit bounds for TPLA_SEQUENCE_MERGE_PACKED). `merge` is
+ * TPLA_SEQUENCE_MERGE_LSE (merge (a)) or TPLA_SEQUENCE_MERGE_PACKED (merge (b)).
+ * Synchronous: afterwards every rank's partial outputs hold the merged output, summed
+ * over the latent groups.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (merge, count, batch,
+ * a rank listed twice, a step without logit bounds for merge (b), a bound that is not
+ * one), TPLA_STATUS_OUT_OF_RANGE (layer), TPLA_STATUS_MISMATCH (ranks out of order, of
+ * another deployment or on another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA in this
+ * build) or TPLA_STATUS_BACKEND. Uses every rank exclusively.
+ *
+ * # Safety
+ * `ranks` is NULL or holds `count` pointers, each NULL or a live device rank.
+ */
+tpla_status tpla_device_sequence_merge_in_process(struct tpla_device_rank *const *ranks,
+                                                  size_t count,
+                                                  uint32_t layer,
+                                                  size_t batch,
+                                                  uint32_t merge);
+
+/**
+ * Merges layer `layer`'s step of `batch` sequences through NCCL, one rank per GPU,
+ * after `tpla_device_rank_decode_sequence_shard_host` of that step. `group` joins the
+ * shards of this rank's latent group (this rank as its shard index). With
+ * TPLA_SEQUENCE_MERGE_LSE, `other` joins every rank of the deployment (this rank as
+ * `group * shards + shard`; with one latent group it may be `group` itself): an
+ * all-gather of the group's log-sum-exps, the rescale and one all-reduce, enqueued on
+ * the rank's stream. With TPLA_SEQUENCE_MERGE_PACKED, `other` joins the ranks of this
+ * shard index (one per latent group, this rank as its group): the pack, an f64
+ * all-reduce over `group`, the unpack and the f32 all-reduce over `other`; synchronous.
+ * Every rank must make the same call. `tpla_device_rank_download` reads the result.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (merge, batch, a step
+ * without logit bounds for merge (b), a bound that is not one), TPLA_STATUS_OUT_OF_RANGE
+ * (layer), TPLA_STATUS_MISMATCH (a communicator of another GPU, size or rank),
+ * TPLA_STATUS_UNSUPPORTED (no CUDA or NCCL in this build) or TPLA_STATUS_BACKEND. Uses
+ * `rank` and both communicators exclusively.
+ *
+ * # Safety
+ * `rank`, `group` and `other` are NULL or live.
+ */
+tpla_status tpla_device_rank_merge_nccl(struct tpla_device_rank *rank,
+                                        const struct tpla_nccl_comm *group,
+                                        const struct tpla_nccl_comm *other,
+                                        uint32_t layer,
+                                        size_t batch,
+                                        uint32_t merge);
 
 /**
  * Opens GPU `device` for the rank of `ctx` (every layer with its weights): compiles (or

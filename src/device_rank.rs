@@ -9,17 +9,19 @@
 //! [`reference::rank_query`](crate::attention::reference::rank_query) builds them.
 
 use crate::attention::cuda::{
-    CUstream, CudaBackend, DecodePlan, DeviceBuffer, DeviceCache, DeviceCacheConfig, PAGE_SIZE,
+    CUstream, CudaBackend, DecodePlan, DeviceBuffer, DeviceCache, DeviceCacheConfig,
+    SequenceKernels, PAGE_SIZE,
 };
 use crate::attention::LatentShape;
 use crate::cache::{RankCache, TransformId};
 use crate::convert::RankWeights;
 use crate::decode::RankContext;
 use crate::error::{Error, ErrorKind, Result};
-use crate::geometry::{ModelDims, ShardPlan};
+use crate::geometry::{HybridPlan, ModelDims, SequenceSharding, ShardPlan};
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub(crate) fn blas_err(what: &str) -> impl FnOnce(blas::CublasError) -> Error + '_ {
     move |e| Error::new(ErrorKind::Backend, format!("cuBLAS: {what} failed: {e}"))
@@ -77,10 +79,32 @@ pub struct DeviceRank {
     slot_ids: DeviceBuffer<i32>,
     queries: DeviceBuffer<f32>,
     latent: DeviceBuffer<f32>,
-    lse: DeviceBuffer<f32>,
+    /// Per layer `[max_batch][heads]`: the log-sum-exps of the layer's last step.
+    lses: Vec<DeviceBuffer<f32>>,
+    /// Per layer `[max_batch][heads]` (f64): the shared logit bounds of merge (b), and
+    /// the batch of the step that wrote them (none: that step computed none).
+    bounds: Vec<DeviceBuffer<f64>>,
+    bounds_batch: Vec<Option<usize>>,
     /// Per layer `[max_batch][heads][d_v]`.
     partials: Vec<DeviceBuffer<f32>>,
+    /// The sequence shard this rank holds ([`SequenceSharding::NONE`] and 0: every token).
+    sharding: SequenceSharding,
+    shard: usize,
+    /// Loaded with the rank when it is a sequence shard, else at its first merge.
+    sequence_kernels: Option<Arc<SequenceKernels>>,
+    /// Scratch of the merges, allocated at the first.
+    merge: Option<MergeScratch>,
     blas: Blas,
+}
+
+/// A rank's buffers for the sequence-shard merges ([`crate::combine::sequence_device`]).
+pub(crate) struct MergeScratch {
+    /// `[shards][max_batch * heads]`: the group's gathered log-sum-exps (merge (a)).
+    pub(crate) gathered: DeviceBuffer<f32>,
+    /// `[max_batch * heads][d_v + 2]` f64: this rank's pack (merge (b)).
+    pub(crate) packed: DeviceBuffer<f64>,
+    /// The pack and unpack kernels' error bits.
+    pub(crate) error: DeviceBuffer<u32>,
 }
 
 // SAFETY: the rank's raw handles (streams, cuBLAS, modules) are used from one thread at a
@@ -92,6 +116,8 @@ impl std::fmt::Debug for DeviceRank {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceRank")
             .field("plan", &self.plan)
+            .field("sharding", &self.sharding)
+            .field("shard", &self.shard)
             .field("layers", &self.layers.len())
             .field("sequences", &self.slots.len())
             .finish()
@@ -199,12 +225,15 @@ impl DeviceRank {
         if seqs.is_empty() {
             return Err(Error::invalid("a device rank needs at least one sequence"));
         }
-        let mut max_len = 0;
+        // A sequence shard may hold no token of a sequence (one shorter than the shards
+        // or the interleave): its decode gives zero outputs and a log-sum-exp of -inf.
+        let sharded = spec.is_sequence_shard();
+        let mut max_len = 1;
         let mut pages = vec![0; weights.len()];
         for (l, layer_pages) in pages.iter_mut().enumerate() {
             for &s in seqs {
                 let len = cache.seq_len(s, l)?;
-                if len == 0 {
+                if len == 0 && !sharded {
                     return Err(Error::invalid(format!(
                         "sequence {s} has no tokens in layer {l}: decode needs at least one"
                     )));
@@ -212,8 +241,10 @@ impl DeviceRank {
                 max_len = max_len.max(len);
                 *layer_pages += len.div_ceil(PAGE_SIZE);
             }
+            *layer_pages = (*layer_pages).max(1);
         }
-        let mut rank = Self::empty(backend, dims, plan, seqs, max_len, max_batch)?;
+        let position = (spec.sequence_sharding(), spec.sequence_shard());
+        let mut rank = Self::empty(backend, dims, plan, position, seqs, max_len, max_batch)?;
         for (l, w) in weights.iter().enumerate() {
             let mut dev = rank.new_layer_cache(pages[l])?;
             let view = cache.layer(l)?;
@@ -240,22 +271,54 @@ impl DeviceRank {
         context: usize,
         seed: u64,
     ) -> Result<Self> {
+        let hybrid = HybridPlan {
+            latent: plan,
+            sharding: SequenceSharding::NONE,
+            shard: 0,
+        };
+        Self::synthetic_shard(backend, dims, &hybrid, layers, sequences, context, seed)
+    }
+
+    /// As [`Self::synthetic`] for rank `plan` of a hybrid deployment: each cache holds
+    /// the rank's share of sequences of `context` tokens
+    /// ([`SequenceSharding::tokens_on`]), which may be none.
+    pub fn synthetic_shard(
+        backend: CudaBackend,
+        dims: ModelDims,
+        plan: &HybridPlan,
+        layers: usize,
+        sequences: usize,
+        context: usize,
+        seed: u64,
+    ) -> Result<Self> {
         if layers == 0 || sequences == 0 || context == 0 {
             return Err(Error::invalid(
                 "a synthetic rank needs at least one layer, sequence and token",
             ));
         }
-        plan.check_belongs_to(&dims)?;
+        let sharding = SequenceSharding::new(plan.sharding.shards, plan.sharding.interleave)?;
+        let held = sharding.tokens_on(plan.shard, context as u64)? as usize;
+        let latent = plan.latent;
+        latent.check_belongs_to(&dims)?;
         let seqs: Vec<u32> = (0..sequences as u32).collect();
-        let mut rank = Self::empty(backend, dims, plan, &seqs, context, sequences)?;
+        let position = (sharding, plan.shard);
+        let mut rank = Self::empty(
+            backend,
+            dims,
+            latent,
+            position,
+            &seqs,
+            held.max(1),
+            sequences,
+        )?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let bound = (3.0 / plan.slice_width as f32).sqrt();
+        let bound = (3.0 / latent.slice_width as f32).sqrt();
         for l in 0..layers {
-            let mut dev = rank.new_layer_cache(sequences * context.div_ceil(PAGE_SIZE))?;
+            let mut dev = rank.new_layer_cache((sequences * held.div_ceil(PAGE_SIZE)).max(1))?;
             for slot in 0..sequences {
-                dev.fill_synthetic(slot, context, seed ^ (((l * sequences + slot) as u64) << 8))?;
+                dev.fill_synthetic(slot, held, seed ^ (((l * sequences + slot) as u64) << 8))?;
             }
-            let w_uv: Vec<f32> = (0..plan.heads * plan.slice_width * dims.d_v)
+            let w_uv: Vec<f32> = (0..latent.heads * latent.slice_width * dims.d_v)
                 .map(|_| rng.random_range(-bound..bound))
                 .collect();
             rank.layers.push(DeviceLayer {
@@ -270,10 +333,12 @@ impl DeviceRank {
         backend: CudaBackend,
         dims: ModelDims,
         plan: ShardPlan,
+        (sharding, shard): (SequenceSharding, usize),
         seqs: &[u32],
         max_len: usize,
         max_batch: usize,
     ) -> Result<Self> {
+        sharding.check_shard(shard)?;
         if max_batch == 0 || max_batch > 65535 {
             return Err(Error::invalid(format!(
                 "decode batch must be 1 to 65535, got {max_batch}"
@@ -292,6 +357,11 @@ impl DeviceRank {
         };
         // Checks the shape against the kernels before anything is allocated.
         backend.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        let sequence_kernels = if sharding.shards > 1 {
+            Some(backend.sequence_kernels()?)
+        } else {
+            None
+        };
         let dev = backend.device().clone();
         let (h, w) = (plan.heads, plan.slice_width);
         Ok(DeviceRank {
@@ -299,8 +369,14 @@ impl DeviceRank {
             slot_ids: DeviceBuffer::new(&dev, max_batch)?,
             queries: DeviceBuffer::new(&dev, max_batch * h * shape.row_width())?,
             latent: DeviceBuffer::new(&dev, max_batch * h * w)?,
-            lse: DeviceBuffer::new(&dev, max_batch * h)?,
+            lses: Vec::new(),
+            bounds: Vec::new(),
+            bounds_batch: Vec::new(),
             partials: Vec::new(),
+            sharding,
+            shard,
+            sequence_kernels,
+            merge: None,
             backend,
             dims,
             plan,
@@ -314,8 +390,12 @@ impl DeviceRank {
 
     fn new_layer_cache(&mut self, pages: usize) -> Result<DeviceCache> {
         let len = self.max_batch * self.plan.heads * self.dims.d_v;
-        self.partials
-            .push(DeviceBuffer::new(self.backend.device(), len)?);
+        let rows = self.max_batch * self.plan.heads;
+        let dev = self.backend.device();
+        self.partials.push(DeviceBuffer::new(dev, len)?);
+        self.lses.push(DeviceBuffer::new(dev, rows)?);
+        self.bounds.push(DeviceBuffer::new(dev, rows)?);
+        self.bounds_batch.push(None);
         self.backend.new_cache(DeviceCacheConfig {
             slice_width: self.plan.slice_width,
             pages,
@@ -375,6 +455,102 @@ impl DeviceRank {
             .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
     }
 
+    /// How the deployment spreads a sequence's tokens over sequence shards (from the
+    /// uploaded cache; [`SequenceSharding::NONE`] when the rank holds every token).
+    pub fn sequence_sharding(&self) -> SequenceSharding {
+        self.sharding
+    }
+    /// The sequence shard this rank holds (0 without sequence sharding).
+    pub fn sequence_shard(&self) -> usize {
+        self.shard
+    }
+    /// Whether the rank holds one sequence shard of several (then it decodes with
+    /// [`Self::decode_sequence_shard`] and merges with
+    /// [`crate::combine::sequence_device`]).
+    pub fn is_sequence_shard(&self) -> bool {
+        self.sharding.shards > 1
+    }
+    /// The rank's place in a hybrid deployment of `plan().groups` latent groups times
+    /// its sequence shards.
+    pub fn hybrid_plan(&self) -> HybridPlan {
+        HybridPlan {
+            latent: self.plan,
+            sharding: self.sharding,
+            shard: self.shard,
+        }
+    }
+
+    /// Layer `layer`'s log-sum-exps `[max_batch][heads]` (f32, device) of its last step:
+    /// per head, of the scores over the rank's tokens; -inf where a sequence shard holds
+    /// no token of the entry.
+    pub fn lse(&self, layer: usize) -> Result<&DeviceBuffer<f32>> {
+        let n = self.lses.len();
+        self.lses
+            .get(layer)
+            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+    }
+
+    /// Mutable access to layer `layer`'s log-sum-exps (to poison them in tests).
+    pub fn lse_mut(&mut self, layer: usize) -> Result<&mut DeviceBuffer<f32>> {
+        let n = self.lses.len();
+        self.lses
+            .get_mut(layer)
+            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+    }
+
+    /// Layer `layer`'s shared logit bounds `[max_batch][heads]` (f64, device), written
+    /// by [`Self::decode_sequence_shard`] with a RoPE key norm bound.
+    pub fn logit_bounds(&self, layer: usize) -> Result<&DeviceBuffer<f64>> {
+        let n = self.bounds.len();
+        self.bounds
+            .get(layer)
+            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+    }
+
+    /// The batch of layer `layer`'s last step when that step wrote logit bounds.
+    pub(crate) fn bounds_batch(&self, layer: usize) -> Option<usize> {
+        self.bounds_batch.get(layer).copied().flatten()
+    }
+
+    /// The sequence-merge kernels and scratch for `shards` shards (allocated at the
+    /// first call), with the rank's partial outputs, log-sum-exps and bounds of `layer`.
+    pub(crate) fn merge_parts(
+        &mut self,
+        shards: usize,
+        layer: usize,
+    ) -> Result<(Arc<SequenceKernels>, MergeParts<'_>)> {
+        self.check_layer(layer)?;
+        let kernels = match &self.sequence_kernels {
+            Some(k) => k.clone(),
+            None => {
+                let k = self.backend.sequence_kernels()?;
+                self.sequence_kernels = Some(k.clone());
+                k
+            }
+        };
+        let rows = self.max_batch * self.plan.heads;
+        let fits = matches!(&self.merge, Some(m) if m.gathered.len() >= shards * rows);
+        if !fits {
+            let dev = self.backend.device();
+            let mut error = DeviceBuffer::new(dev, 1)?;
+            error.fill_bytes(0)?;
+            self.merge = Some(MergeScratch {
+                gathered: DeviceBuffer::new(dev, shards * rows)?,
+                packed: DeviceBuffer::new(dev, rows * (self.dims.d_v + 2))?,
+                error,
+            });
+        }
+        Ok((
+            kernels,
+            MergeParts {
+                scratch: self.merge.as_mut().expect("allocated above"),
+                partial: &mut self.partials[layer],
+                lse: &self.lses[layer],
+                bounds: &self.bounds[layer],
+            },
+        ))
+    }
+
     /// Waits for the rank's stream and copies the first `out.len()` partial outputs of
     /// `layer` to the host.
     pub fn download_partial(&self, layer: usize, out: &mut [f32]) -> Result<()> {
@@ -406,6 +582,49 @@ impl DeviceRank {
     /// waits for the previous step's use of the staging buffers, uploads, and enqueues the
     /// attention and the projection on [`Self::stream`] (no wait for them).
     pub fn decode(&mut self, layer: usize, seqs: &[u32], queries: &[f32]) -> Result<()> {
+        if self.is_sequence_shard() {
+            return Err(Error::invalid(format!(
+                "the rank holds sequence shard {} of {}: its decode is a partial one, to \
+                 merge with the other shards' (decode_sequence_shard)",
+                self.shard, self.sharding.shards
+            )));
+        }
+        self.decode_step(layer, seqs, queries, None)
+    }
+
+    /// One decode step of `layer` on a sequence shard ([`HybridPlan`]), the same kernels
+    /// as [`Self::decode`] over the rank's tokens of each sequence (which may be none:
+    /// that entry gets zero outputs and a log-sum-exp of -inf, which the merges weigh
+    /// zero): writes [`Self::partial`] and [`Self::lse`] of the layer. With
+    /// `rope_key_norm` (a bound of `|k_rope|` over every token of the batch's sequences,
+    /// the same on every rank), also the shared logit bounds of merge (b)
+    /// ([`Self::logit_bounds`]). Enqueued on [`Self::stream`]; the merges of
+    /// [`crate::combine::sequence_device`] follow. A rank holding every token (one
+    /// shard) decodes the same way.
+    pub fn decode_sequence_shard(
+        &mut self,
+        layer: usize,
+        seqs: &[u32],
+        queries: &[f32],
+        rope_key_norm: Option<f64>,
+    ) -> Result<()> {
+        if let Some(n) = rope_key_norm {
+            if !(n.is_finite() && n >= 0.0) {
+                return Err(Error::invalid(format!(
+                    "the RoPE key norm bound must be finite and not negative, got {n}"
+                )));
+            }
+        }
+        self.decode_step(layer, seqs, queries, rope_key_norm)
+    }
+
+    fn decode_step(
+        &mut self,
+        layer: usize,
+        seqs: &[u32],
+        queries: &[f32],
+        rope_key_norm: Option<f64>,
+    ) -> Result<()> {
         let slots = self.slots_of(seqs)?;
         let want = seqs.len() * self.plan.heads * self.query_width();
         if queries.len() != want {
@@ -425,7 +644,7 @@ impl DeviceRank {
         let out = self.partials[layer].ptr();
         // SAFETY: the rank's own buffers, sized for max_batch >= batch, live as long as
         // the rank (whose drop waits for the stream); slot ids were checked above.
-        unsafe { self.enqueue(layer, seqs.len(), s, q, out, stream) }
+        unsafe { self.enqueue_step(layer, seqs.len(), s, q, out, stream, rope_key_norm) }
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -459,6 +678,27 @@ impl DeviceRank {
         out: u64,
         stream: CUstream,
     ) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.enqueue_step(layer, batch, slots, q, out, stream, None) }
+    }
+
+    /// [`Self::enqueue`], with the logit bounds of merge (b) from `q` when given a RoPE
+    /// key norm bound. The one decode path of a device rank: a sequence shard's empty
+    /// entries are fixed up between the attention and the projection.
+    ///
+    /// # Safety
+    /// As [`Self::enqueue`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enqueue_step(
+        &mut self,
+        layer: usize,
+        batch: usize,
+        slots: u64,
+        q: u64,
+        out: u64,
+        stream: CUstream,
+        rope_key_norm: Option<f64>,
+    ) -> Result<()> {
         self.check_layer(layer)?;
         if batch == 0 || batch > self.max_batch {
             return Err(Error::invalid(format!(
@@ -477,14 +717,60 @@ impl DeviceRank {
         }
         let plan = &self.plans[&batch];
         let l = &self.layers[layer];
-        plan.launch(
-            &l.cache,
-            slots,
-            q,
-            self.latent.ptr(),
-            self.lse.ptr(),
-            stream,
-        )?;
+        let lse = self.lses[layer].ptr();
+        self.bounds_batch[layer] = None;
+        // SAFETY: caller contract (slots, q, stream); the rank's own latent and
+        // log-sum-exp buffers hold max_batch >= batch entries.
+        unsafe { plan.launch(&l.cache, slots, q, self.latent.ptr(), lse, stream)? };
+        let (h, w) = (self.plan.heads, self.plan.slice_width);
+        if let Some(k) = self
+            .sequence_kernels
+            .as_ref()
+            .filter(|_| self.sharding.shards > 1)
+        {
+            let (_, _, lens) = l.cache.device_ptrs();
+            let num_slots = l.cache.config().slots;
+            // SAFETY: as above; the cache's lengths hold num_slots entries.
+            unsafe {
+                k.launch_empty(
+                    slots,
+                    lens,
+                    num_slots,
+                    batch,
+                    h,
+                    w,
+                    self.latent.ptr(),
+                    lse,
+                    stream,
+                )?
+            };
+        }
+        if let Some(norm) = rope_key_norm {
+            let k = match &self.sequence_kernels {
+                Some(k) => k.clone(),
+                None => {
+                    let k = self.backend.sequence_kernels()?;
+                    self.sequence_kernels = Some(k.clone());
+                    k
+                }
+            };
+            let latent_norm = crate::combine::sequence::latent_row_norm_bound(self.dims.d_c);
+            // SAFETY: q holds batch * heads rows (caller contract); the bounds buffer
+            // max_batch * heads f64.
+            unsafe {
+                k.launch_bounds(
+                    q,
+                    batch * h,
+                    w,
+                    self.dims.d_r,
+                    latent_norm,
+                    norm,
+                    self.bounds[layer].ptr(),
+                    stream,
+                )?
+            };
+            self.bounds_batch[layer] = Some(batch);
+        }
         self.project(layer, batch, out, stream)
     }
 
@@ -526,6 +812,14 @@ impl DeviceRank {
         }
         .map_err(blas_err("projecting latent outputs through W_UV"))
     }
+}
+
+/// What a merge reads and writes of one rank's layer.
+pub(crate) struct MergeParts<'a> {
+    pub(crate) scratch: &'a mut MergeScratch,
+    pub(crate) partial: &'a mut DeviceBuffer<f32>,
+    pub(crate) lse: &'a DeviceBuffer<f32>,
+    pub(crate) bounds: &'a DeviceBuffer<f64>,
 }
 
 impl Drop for DeviceRank {

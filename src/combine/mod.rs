@@ -7,13 +7,15 @@
 //! - NCCL on GPUs (feature `nccl`): [`nccl`].
 //!
 //! Sequence shards merge their partial outputs by their log-sum-exps first:
-//! [`sequence`].
+//! [`sequence`] (on the CPU) and `sequence_device` (on the GPU, feature `cuda`).
 
 use crate::error::{Error, Result};
 
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod sequence;
+#[cfg(feature = "cuda")]
+pub mod sequence_device;
 
 /// Sums `buffers` element-wise, in rank order, and writes the sum into each of them, so
 /// every rank ends with bit-identical values.

@@ -281,6 +281,122 @@ impl Communicator {
         let calls: Vec<_> = spans.iter().map(|&(p, n)| (self, p, n, stream)).collect();
         all_reduce_across(&calls)
     }
+
+    /// An in-place f64 sum of the `count` values at `ptr` over the ranks (the packed
+    /// partials of a sequence-shard merge, [`crate::combine::sequence_device`]).
+    ///
+    /// # Safety
+    /// `ptr` must hold `count` f64 on this communicator's device, valid until the stream
+    /// passes this point; `stream` must be a live stream of that device.
+    pub unsafe fn all_reduce_f64_raw(
+        &self,
+        ptr: u64,
+        count: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe {
+            grouped(
+                &[(self, ptr, count, stream)],
+                "an f64 all-reduce",
+                |comm, ptr, count, stream| {
+                    sys::ncclAllReduce(
+                        ptr as *const c_void,
+                        ptr as *mut c_void,
+                        count,
+                        sys::ncclDataType_t::ncclFloat64,
+                        sys::ncclRedOp_t::ncclSum,
+                        comm.raw,
+                        stream as sys::cudaStream_t,
+                    )
+                },
+            )
+        }
+    }
+
+    /// Gathers `count` f32 at `send` of every rank into `recv` (`ranks * count` f32,
+    /// rank `r`'s at `recv + 4 * r * count`) on every rank.
+    ///
+    /// # Safety
+    /// `send` must hold `count` and `recv` `ranks * count` f32 on this communicator's
+    /// device, not overlapping unless `send` is `recv`'s own slot, valid until the stream
+    /// passes this point; `stream` must be a live stream of that device.
+    pub unsafe fn all_gather_raw(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe {
+            grouped(
+                &[(self, send, count, stream)],
+                "an all-gather",
+                |comm, ptr, count, stream| {
+                    sys::ncclAllGather(
+                        ptr as *const c_void,
+                        recv as *mut c_void,
+                        count,
+                        sys::ncclDataType_t::ncclFloat32,
+                        comm.raw,
+                        stream as sys::cudaStream_t,
+                    )
+                },
+            )
+        }
+    }
+}
+
+/// Issues `call` for each `(communicator, address, count, stream)` as one NCCL group.
+///
+/// # Safety
+/// What `call` passes NCCL must be valid for it (the callers' contracts).
+unsafe fn grouped(
+    calls: &[(&Communicator, u64, usize, CUstream)],
+    what: &str,
+    call: impl Fn(&Communicator, u64, usize, CUstream) -> sys::ncclResult_t,
+) -> Result<()> {
+    if calls.is_empty() {
+        return Err(Error::invalid(format!("{what} needs at least one buffer")));
+    }
+    if let Some(&(c, _, _, _)) = calls.iter().find(|c| c.2 == 0) {
+        return Err(Error::invalid(format!(
+            "rank {}: {what} of an empty buffer",
+            c.rank
+        )));
+    }
+    // SAFETY: group calls take no pointers.
+    unsafe { sys::ncclGroupStart() }
+        .result()
+        .map_err(|e| nccl_error("starting a group", e.0, None))?;
+    let mut first_error = None;
+    for &(comm, ptr, count, stream) in calls {
+        let issued = comm.device.bind().and_then(|()| {
+            call(comm, ptr, count, stream)
+                .result()
+                .map(|_| ())
+                .map_err(|e| {
+                    nccl_error(
+                        &format!("{what} of {count} values on rank {}", comm.rank),
+                        e.0,
+                        Some(comm.raw),
+                    )
+                })
+        });
+        if let Err(e) = issued {
+            first_error = Some(e);
+            break;
+        }
+    }
+    // SAFETY: closes the group opened above.
+    let ended = unsafe { sys::ncclGroupEnd() }
+        .result()
+        .map_err(|e| nccl_error(&format!("{what} group"), e.0, Some(calls[0].0.raw)));
+    match first_error {
+        Some(e) => Err(e),
+        None => ended.map(|_| ()),
+    }
 }
 
 /// Enqueues in-place f32 sums `(communicator, address, count, stream)` as one NCCL

@@ -66,14 +66,17 @@ fn no_cuda<T>() -> Outcome<T> {
 }
 
 /// Uploads sequences `seq_ids` (`seq_count` of them, each holding at least one token in
-/// every layer) of every layer of `cache` (registered shard files or appended rows) and
-/// the `W'_UV` of every layer of `ctx` to GPU `device`; steps then decode batches of 1 to
-/// `max_batch` of those sequences. The device rank keeps no pointer to `ctx`, `cache` or
-/// `seq_ids`: later appends to `cache` do not reach it. Compiles (or loads from the disk
-/// cache) the decode kernels. Destroy it with `tpla_device_rank_destroy`.
+/// every layer, unless the cache holds one sequence shard of several: then a sequence
+/// may have none on this rank) of every layer of `cache` (registered shard files or
+/// appended rows) and the `W'_UV` of every layer of `ctx` to GPU `device`; steps then
+/// decode batches of 1 to `max_batch` of those sequences. The device rank keeps no
+/// pointer to `ctx`, `cache` or `seq_ids`: later appends to `cache` do not reach it.
+/// Compiles (or loads from the disk cache) the decode kernels. Destroy it with
+/// `tpla_device_rank_destroy`.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (no sequences, a
-/// sequence listed twice or without tokens, max_batch 0 or above 65535, a layer of `ctx`
+/// sequence listed twice or, on a rank holding every token, without tokens, max_batch 0
+/// or above 65535, a layer of `ctx`
 /// without weights), TPLA_STATUS_OUT_OF_RANGE (unknown sequence id), TPLA_STATUS_MISMATCH
 /// (cache of another geometry, group, layer count or transform), TPLA_STATUS_UNSUPPORTED
 /// (built without CUDA; no usable GPU, driver, libnvrtc or libcublas; a shape the kernels
@@ -736,4 +739,344 @@ unsafe fn all_reduce(
     _stream: *mut c_void,
 ) -> Outcome {
     match c.never {}
+}
+
+// ---- sequence shards on the device ---------------------------------------------------------
+
+/// Merge (a) of `tpla_device_sequence_merge_in_process`: the gathered log-sum-exps, then
+/// one sum of the rescaled outputs.
+pub const TPLA_SEQUENCE_MERGE_LSE: u32 = 0;
+/// Merge (b): numerators and denominators packed in f64 against the shared logit bounds.
+pub const TPLA_SEQUENCE_MERGE_PACKED: u32 = 1;
+
+/// The rank's place in a hybrid deployment (from its cache at creation): its sequence
+/// shard `*shard` of `*shards` (0 of 1 without sequence sharding) and their interleave.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT. Safe to call concurrently with other read-only uses
+/// of the rank.
+///
+/// # Safety
+/// `rank` is NULL or live; the outputs are NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_rank_sequence_shard(
+    rank: *const tpla_device_rank,
+    shard: *mut u32,
+    shards: *mut u32,
+    interleave: *mut u32,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let r = unsafe { handle(rank, "rank") }?;
+        let (j, s, b) = sequence_position(r);
+        // SAFETY: caller contract.
+        unsafe {
+            write_out(shard, j, "shard")?;
+            write_out(shards, s, "shards")?;
+            write_out(interleave, b, "interleave")
+        }
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn sequence_position(r: &tpla_device_rank) -> (u32, u32, u32) {
+    let s = r.rank.sequence_sharding();
+    // shard counts and interleaves are validated far below 2^32
+    (
+        r.rank.sequence_shard() as u32,
+        s.shards as u32,
+        s.interleave as u32,
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn sequence_position(r: &tpla_device_rank) -> (u32, u32, u32) {
+    match r.never {}
+}
+
+/// One decode step of layer `layer` on a rank holding a sequence shard (or every token),
+/// on host query rows as `tpla_device_rank_decode_host` takes them: the same decode
+/// kernels over the rank's tokens of each sequence (an entry with none gets zero outputs
+/// and a log-sum-exp of -inf), into the rank's own partial outputs and log-sum-exps,
+/// which stay on the device for the merges (`tpla_device_sequence_merge_in_process`,
+/// `tpla_device_rank_merge_nccl`); `tpla_device_rank_download` copies them out. With
+/// `rope_key_norm` >= 0 (a bound of |k_rope| over every token of the batch's sequences,
+/// the same on every rank), the step also writes the shared logit bounds merge (b)
+/// needs; a negative value writes none. Waits for the upload, not for the step.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (batch 0 or above
+/// max_batch, counts, a NaN or infinite bound), TPLA_STATUS_OUT_OF_RANGE (layer, a
+/// sequence not on this rank), TPLA_STATUS_UNSUPPORTED (no CUDA in this build) or
+/// TPLA_STATUS_BACKEND. Uses `rank` exclusively (one thread at a time).
+///
+/// # Safety
+/// `rank` is NULL or live; the arrays hold their counts.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_rank_decode_sequence_shard_host(
+    rank: *mut tpla_device_rank,
+    layer: u32,
+    seq_ids: *const u32,
+    batch: usize,
+    queries: *const f32,
+    queries_count: usize,
+    rope_key_norm: f64,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let r = unsafe { handle_mut(rank, "rank") }?;
+        // SAFETY: caller contract (inputs only).
+        let (seqs, q) = unsafe {
+            (
+                input(seq_ids, batch, "seq_ids")?,
+                input(queries, queries_count, "queries")?,
+            )
+        };
+        if rope_key_norm.is_nan() || rope_key_norm.is_infinite() {
+            return Err(Failure::invalid(format!(
+                "rope_key_norm must be finite (negative: no logit bounds), got {rope_key_norm}"
+            )));
+        }
+        let norm = (rope_key_norm >= 0.0).then_some(rope_key_norm);
+        decode_shard_host(r, layer, seqs, q, norm)
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn decode_shard_host(
+    r: &mut tpla_device_rank,
+    layer: u32,
+    seqs: &[u32],
+    q: &[f32],
+    norm: Option<f64>,
+) -> Outcome {
+    Ok(r.rank
+        .decode_sequence_shard(super::to_usize(layer), seqs, q, norm)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn decode_shard_host(
+    r: &mut tpla_device_rank,
+    _layer: u32,
+    _seqs: &[u32],
+    _q: &[f32],
+    _norm: Option<f64>,
+) -> Outcome {
+    match r.never {}
+}
+
+/// Waits for the rank's work and copies the first values of layer `layer`'s partial head
+/// outputs ([batch][heads][d_v], `out_count` of them; after a merge, the merged output)
+/// into `out`, and, when `lse` is not NULL, of its log-sum-exps ([batch][heads],
+/// `lse_count`) into `lse`.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT (rank, out), TPLA_STATUS_INVALID_ARGUMENT (a count
+/// above the rank's buffers, overlapping buffers), TPLA_STATUS_OUT_OF_RANGE (layer),
+/// TPLA_STATUS_UNSUPPORTED (no CUDA in this build) or TPLA_STATUS_BACKEND. Safe to call
+/// concurrently with other read-only uses of the rank.
+///
+/// # Safety
+/// `rank` is NULL or live; `out` holds `out_count` floats; `lse` is NULL or holds
+/// `lse_count`.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_rank_download(
+    rank: *const tpla_device_rank,
+    layer: u32,
+    out: *mut f32,
+    out_count: usize,
+    lse: *mut f32,
+    lse_count: usize,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let r = unsafe { handle(rank, "rank") }?;
+        if out.is_null() {
+            return Err(Failure::null("out"));
+        }
+        let lse_count = if lse.is_null() { 0 } else { lse_count };
+        check_disjoint(
+            &[span(out, out_count, "out")],
+            &[span(lse as *const f32, lse_count, "lse")],
+        )?;
+        // SAFETY: caller contract; disjoint (checked).
+        let out = unsafe { output(out, out_count, "out") }?;
+        let lse = if lse.is_null() {
+            None
+        } else {
+            // SAFETY: caller contract.
+            Some(unsafe { output(lse, lse_count, "lse") }?)
+        };
+        download(r, layer, out, lse)
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn download(r: &tpla_device_rank, layer: u32, out: &mut [f32], lse: Option<&mut [f32]>) -> Outcome {
+    let layer = super::to_usize(layer);
+    r.rank.download_partial(layer, out)?;
+    if let Some(l) = lse {
+        r.rank.lse(layer)?.download(l)?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn download(
+    r: &tpla_device_rank,
+    _layer: u32,
+    _out: &mut [f32],
+    _lse: Option<&mut [f32]>,
+) -> Outcome {
+    match r.never {}
+}
+
+/// Merges layer `layer`'s step of `batch` sequences over every rank of a hybrid
+/// deployment emulated on one GPU: `ranks` holds `count` device ranks in rank order
+/// (`group * shards + shard`), each after `tpla_device_rank_decode_sequence_shard_host`
+/// of that step (with logit bounds for TPLA_SEQUENCE_MERGE_PACKED). `merge` is
+/// TPLA_SEQUENCE_MERGE_LSE (merge (a)) or TPLA_SEQUENCE_MERGE_PACKED (merge (b)).
+/// Synchronous: afterwards every rank's partial outputs hold the merged output, summed
+/// over the latent groups.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (merge, count, batch,
+/// a rank listed twice, a step without logit bounds for merge (b), a bound that is not
+/// one), TPLA_STATUS_OUT_OF_RANGE (layer), TPLA_STATUS_MISMATCH (ranks out of order, of
+/// another deployment or on another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA in this
+/// build) or TPLA_STATUS_BACKEND. Uses every rank exclusively.
+///
+/// # Safety
+/// `ranks` is NULL or holds `count` pointers, each NULL or a live device rank.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_sequence_merge_in_process(
+    ranks: *const *mut tpla_device_rank,
+    count: usize,
+    layer: u32,
+    batch: usize,
+    merge: u32,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let ptrs = unsafe { input(ranks, count, "ranks") }?;
+        if ptrs.is_empty() {
+            return Err(Failure::null("ranks"));
+        }
+        if merge != TPLA_SEQUENCE_MERGE_LSE && merge != TPLA_SEQUENCE_MERGE_PACKED {
+            return Err(Failure::invalid(format!(
+                "merge {merge} is neither TPLA_SEQUENCE_MERGE_LSE nor TPLA_SEQUENCE_MERGE_PACKED"
+            )));
+        }
+        if let Some(i) = ptrs.iter().position(|p| p.is_null()) {
+            return Err(Failure::null(&format!("ranks[{i}]")));
+        }
+        for (i, p) in ptrs.iter().enumerate() {
+            if ptrs[..i].contains(p) {
+                return Err(Failure::invalid(format!("ranks[{i}] is listed twice")));
+            }
+        }
+        // SAFETY: live, distinct handles (checked above), used by this call alone.
+        let handles: Vec<&mut tpla_device_rank> = ptrs
+            .iter()
+            .map(|&p| unsafe { handle_mut(p, "a rank") })
+            .collect::<Outcome<_>>()?;
+        merge_in_process(handles, layer, batch, merge)
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn merge_in_process(
+    mut handles: Vec<&mut tpla_device_rank>,
+    layer: u32,
+    batch: usize,
+    merge: u32,
+) -> Outcome {
+    use crate::combine::sequence_device::{merge_by_lse_on_device, merge_packed_on_device};
+    let mut ranks: Vec<&mut crate::device_rank::DeviceRank> =
+        handles.iter_mut().map(|h| &mut h.rank).collect();
+    let layer = super::to_usize(layer);
+    Ok(if merge == TPLA_SEQUENCE_MERGE_LSE {
+        merge_by_lse_on_device(&mut ranks, layer, batch)
+    } else {
+        merge_packed_on_device(&mut ranks, layer, batch)
+    }?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn merge_in_process(
+    mut handles: Vec<&mut tpla_device_rank>,
+    _layer: u32,
+    _batch: usize,
+    _merge: u32,
+) -> Outcome {
+    match handles.pop().expect("at least one rank").never {}
+}
+
+/// Merges layer `layer`'s step of `batch` sequences through NCCL, one rank per GPU,
+/// after `tpla_device_rank_decode_sequence_shard_host` of that step. `group` joins the
+/// shards of this rank's latent group (this rank as its shard index). With
+/// TPLA_SEQUENCE_MERGE_LSE, `other` joins every rank of the deployment (this rank as
+/// `group * shards + shard`; with one latent group it may be `group` itself): an
+/// all-gather of the group's log-sum-exps, the rescale and one all-reduce, enqueued on
+/// the rank's stream. With TPLA_SEQUENCE_MERGE_PACKED, `other` joins the ranks of this
+/// shard index (one per latent group, this rank as its group): the pack, an f64
+/// all-reduce over `group`, the unpack and the f32 all-reduce over `other`; synchronous.
+/// Every rank must make the same call. `tpla_device_rank_download` reads the result.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (merge, batch, a step
+/// without logit bounds for merge (b), a bound that is not one), TPLA_STATUS_OUT_OF_RANGE
+/// (layer), TPLA_STATUS_MISMATCH (a communicator of another GPU, size or rank),
+/// TPLA_STATUS_UNSUPPORTED (no CUDA or NCCL in this build) or TPLA_STATUS_BACKEND. Uses
+/// `rank` and both communicators exclusively.
+///
+/// # Safety
+/// `rank`, `group` and `other` are NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_rank_merge_nccl(
+    rank: *mut tpla_device_rank,
+    group: *const tpla_nccl_comm,
+    other: *const tpla_nccl_comm,
+    layer: u32,
+    batch: usize,
+    merge: u32,
+) -> tpla_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        let r = unsafe { handle_mut(rank, "rank") }?;
+        // SAFETY: caller contract.
+        let g = unsafe { handle(group, "group") }?;
+        // SAFETY: caller contract.
+        let o = unsafe { handle(other, "other") }?;
+        if merge != TPLA_SEQUENCE_MERGE_LSE && merge != TPLA_SEQUENCE_MERGE_PACKED {
+            return Err(Failure::invalid(format!(
+                "merge {merge} is neither TPLA_SEQUENCE_MERGE_LSE nor TPLA_SEQUENCE_MERGE_PACKED"
+            )));
+        }
+        merge_nccl(r, g, o, layer, batch, merge)
+    })
+}
+
+#[cfg(feature = "nccl")]
+fn merge_nccl(
+    r: &mut tpla_device_rank,
+    g: &tpla_nccl_comm,
+    o: &tpla_nccl_comm,
+    layer: u32,
+    batch: usize,
+    merge: u32,
+) -> Outcome {
+    let layer = super::to_usize(layer);
+    Ok(if merge == TPLA_SEQUENCE_MERGE_LSE {
+        r.rank.merge_by_lse_nccl(&g.comm, &o.comm, layer, batch)
+    } else {
+        r.rank.merge_packed_nccl(&g.comm, &o.comm, layer, batch)
+    }?)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn merge_nccl(
+    _r: &mut tpla_device_rank,
+    g: &tpla_nccl_comm,
+    _o: &tpla_nccl_comm,
+    _layer: u32,
+    _batch: usize,
+    _merge: u32,
+) -> Outcome {
+    match g.never {}
 }

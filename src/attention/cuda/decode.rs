@@ -6,6 +6,7 @@ use super::compile::default_cache_dir;
 use super::driver::{arg, bf16_pages_tensor_map, CUstream, CudaDevice, DeviceBuffer, Stream};
 use super::engine::EngineKernels;
 use super::kernels::{DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, TILE_TOKENS};
+use super::sequence::SequenceKernels;
 use crate::attention::reference::check_attend_args;
 use crate::attention::schedule::HEADER_WORDS;
 use crate::attention::{LatentAttention, LatentShape, RowSource};
@@ -22,6 +23,7 @@ pub struct CudaBackend {
     cache_dir: Option<PathBuf>,
     kernels: Mutex<HashMap<KernelConfig, Arc<Kernels>>>,
     engine_kernels: Mutex<HashMap<usize, Arc<EngineKernels>>>,
+    sequence_kernels: Mutex<Option<Arc<SequenceKernels>>>,
     max_stages: usize,
     decode_kernel: Option<DecodeKernel>,
     stream: Stream,
@@ -44,6 +46,7 @@ impl CudaBackend {
             cache_dir,
             kernels: Mutex::new(HashMap::new()),
             engine_kernels: Mutex::new(HashMap::new()),
+            sequence_kernels: Mutex::new(None),
             max_stages: MAX_STAGES,
             decode_kernel: None,
         })
@@ -117,6 +120,23 @@ impl CudaBackend {
             self.cache_dir.as_deref(),
         )?);
         map.insert(slice_width, k.clone());
+        Ok(k)
+    }
+
+    /// The sequence-shard merge kernels (compiled or loaded on first use).
+    pub fn sequence_kernels(&self) -> Result<Arc<SequenceKernels>> {
+        let mut slot = self
+            .sequence_kernels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = slot.as_ref() {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(SequenceKernels::load(
+            &self.device,
+            self.cache_dir.as_deref(),
+        )?);
+        *slot = Some(k.clone());
         Ok(k)
     }
 

@@ -182,6 +182,7 @@ pub fn device_extent(ptr: u64) -> Result<(usize, usize)> {
 /// Plain-data element types that may live in device buffers.
 pub trait Pod: Copy + Default + 'static {}
 impl Pod for f32 {}
+impl Pod for f64 {}
 impl Pod for u16 {}
 impl Pod for i32 {}
 impl Pod for u32 {}

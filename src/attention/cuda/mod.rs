@@ -17,6 +17,8 @@
 //! - [`CudaBackend`] implements [`LatentAttention`](crate::attention::LatentAttention)
 //!   by uploading the host cache, so the reference comparison tests apply unchanged.
 //!
+//! - [`SequenceKernels`] (sequence.cu): the sequence-shard merges on the device.
+//!
 //! Kernel design, measured figures and limits: benches/RESULTS.md, "CUDA decode".
 
 pub mod bench;
@@ -26,6 +28,7 @@ mod decode;
 mod driver;
 mod engine;
 mod kernels;
+mod sequence;
 
 pub use cache::{DeviceCache, DeviceCacheConfig};
 pub use compile::{default_cache_dir, nvrtc_version, Origin};
@@ -38,3 +41,5 @@ pub(crate) use engine::APPEND_THREADS;
 pub use kernels::{
     DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS,
 };
+pub use sequence::SequenceKernels;
+pub(crate) use sequence::{ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE, ERR_LSE_ABOVE_BOUND};

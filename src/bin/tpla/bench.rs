@@ -37,6 +37,8 @@ pub struct Args {
     /// times s sequence shards, whose cache holds the tokens of each sequence that the
     /// owner rule puts on shard 0 (the most of any shard), and reports the bytes each
     /// rank puts through the merge's collectives ((a) and (b) of `combine::sequence`).
+    /// With `--backend cuda`, also the in-process device merges of every rank of the
+    /// deployment emulated on the GPU (`combine::sequence_device`), timed.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seq_shards: Vec<usize>,
     /// Tokens per interleave block of the sequence sharding.
@@ -624,13 +626,15 @@ fn run_cuda(args: &Args) -> Result<()> {
             peak_tflops
         );
         println!(
-            "{:<12} {:<11} {:<6} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6}",
+            "{:<12} {:<11} {:<6} {:>5} {:>3} {:>3} {:>7} {:>7} {:>5} {:>6} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6} {:>9} {:>9}",
             "model",
             "kernel",
             "api",
             "heads",
             "g",
+            "s",
             "context",
+            "tok/rk",
             "batch",
             "splits",
             "us/step",
@@ -638,24 +642,61 @@ fn run_cuda(args: &Args) -> Result<()> {
             "GB/s",
             "%read",
             "TFLOP/s",
-            "%mma"
+            "%mma",
+            "(a) us",
+            "(b) us"
         );
     }
+    let shardings = args
+        .seq_shards
+        .iter()
+        .map(|&n| SequenceSharding::new(n, args.interleave))
+        .collect::<Result<Vec<_>>>()?;
     for model in &args.model {
         let dims = ModelDims::preset(model)?;
-        for &g in &args.groups {
-            let plan = ShardPlan::new(&dims, g, 0)?;
-            for &context in &args.context {
-                for ((&batch, &kernel), api) in args
-                    .batch
+        for (&g, &sharding) in args
+            .groups
+            .iter()
+            .flat_map(|g| shardings.iter().map(move |s| (g, s)))
+        {
+            // rank (0, 0): latent slice 0 of the tokens on sequence shard 0 (the most of
+            // any shard), decoded by the same kernel as an unsharded rank
+            let plan = HybridPlan::new(&dims, g, sharding, 0)?.latent;
+            let s = sharding.shards;
+            for (&context, &batch) in args
+                .context
+                .iter()
+                .flat_map(|c| args.batch.iter().map(move |b| (c, b)))
+            {
+                let tokens = sharding.tokens_on(0, context as u64)? as usize;
+                // the merge of every rank of the deployment, in process on this GPU
+                let merges = if g * s > 1 {
+                    Some(measure_merges(
+                        dims,
+                        g,
+                        sharding,
+                        context,
+                        batch,
+                        args.repeats.max(5),
+                        args.seed,
+                    )?)
+                } else {
+                    None
+                };
+                let (merge_a, merge_b) = merges.unwrap_or((f64::NAN, f64::NAN));
+                let (rows, d_v) = (batch * plan.heads, dims.d_v);
+                let outputs = if g * s > 1 { 4 * rows * d_v } else { 0 };
+                let collective_a = outputs + if s > 1 { 4 * rows } else { 0 };
+                let collective_b = if s > 1 { 8 * rows * (d_v + 2) } else { 0 }
+                    + if g > 1 { 4 * rows * d_v } else { 0 };
+                for (&kernel, api) in kernels
                     .iter()
-                    .flat_map(|b| kernels.iter().map(move |k| (b, k)))
-                    .flat_map(|bk| args.api.iter().map(move |a| (bk, a)))
+                    .flat_map(|k| args.api.iter().map(move |a| (k, a)))
                 {
                     let case = Case {
                         heads: plan.heads,
                         slice_width: plan.slice_width,
-                        context,
+                        context: tokens,
                         batch,
                     };
                     backend.set_decode_kernel(kernel);
@@ -676,8 +717,17 @@ fn run_cuda(args: &Args) -> Result<()> {
                             "model": model,
                             "heads": plan.heads,
                             "groups": g,
+                            "seq_shards": s,
+                            "interleave": sharding.interleave,
                             "slice_width": plan.slice_width,
                             "context": context,
+                            "tokens_per_rank": tokens,
+                            "collective_bytes_a": collective_a,
+                            "collective_bytes_b": collective_b,
+                            "merge_a_us": merges.map(|m| m.0),
+                            "merge_b_us": merges.map(|m| m.1),
+                            "merge_a_frac": merges.map(|mm| mm.0 / m.median_us),
+                            "merge_b_frac": merges.map(|mm| mm.1 / m.median_us),
                             "batch": batch,
                             "splits": m.splits,
                             "page_size": PAGE_SIZE,
@@ -693,13 +743,15 @@ fn run_cuda(args: &Args) -> Result<()> {
                         println!("{record}");
                     } else {
                         println!(
-                            "{:<12} {:<11} {:<6} {:>5} {:>3} {:>7} {:>5} {:>6} {:>9.1} {:>9.1} {:>7.0} {:>5.0}% {:>7.1} {:>5.0}%",
+                            "{:<12} {:<11} {:<6} {:>5} {:>3} {:>3} {:>7} {:>7} {:>5} {:>6} {:>9.1} {:>9.1} {:>7.0} {:>5.0}% {:>7.1} {:>5.0}% {:>9.1} {:>9.1}",
                             model,
                             m.kernel_kind,
                             api,
                             plan.heads,
                             g,
+                            s,
                             context,
+                            tokens,
                             batch,
                             m.splits,
                             m.median_us,
@@ -707,7 +759,9 @@ fn run_cuda(args: &Args) -> Result<()> {
                             gbps,
                             100.0 * gbps / ceilings.read_gbps,
                             tflops,
-                            100.0 * tflops / peak_tflops
+                            100.0 * tflops / peak_tflops,
+                            merge_a,
+                            merge_b
                         );
                     }
                 }
@@ -715,4 +769,69 @@ fn run_cuda(args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Median host times (us) of the in-process device merges (a) and (b) of every rank of
+/// `groups x sharding` emulated on GPU 0, at `batch` sequences of `context` tokens: each
+/// rank's synthetic cache holds its share of the tokens; every timed merge follows a
+/// fresh decode of every rank (not timed) and is synchronous (its kernels, copies and
+/// the final wait).
+#[cfg(feature = "cuda")]
+fn measure_merges(
+    dims: ModelDims,
+    groups: usize,
+    sharding: SequenceSharding,
+    context: usize,
+    batch: usize,
+    repeats: usize,
+    seed: u64,
+) -> Result<(f64, f64)> {
+    use tpla::attention::cuda::CudaBackend;
+    use tpla::combine::sequence_device::{merge_by_lse_on_device, merge_packed_on_device};
+    use tpla::device_rank::DeviceRank;
+    let mut ranks = (0..groups * sharding.shards)
+        .map(|r| {
+            let plan = HybridPlan::new(&dims, groups, sharding, r)?;
+            let backend = CudaBackend::new(0)?;
+            DeviceRank::synthetic_shard(backend, dims, &plan, 1, batch, context, seed ^ r as u64)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // one set of queries per latent group: every shard of a group sees the same
+    let queries: Vec<Vec<f32>> = (0..groups)
+        .map(|g| {
+            let r = &ranks[g * sharding.shards];
+            let sigma = 2.5 / (r.query_width() as f64).sqrt();
+            (0..batch * r.plan().heads * r.query_width())
+                .map(|_| (sigma * rng.sample::<f64, _>(StandardNormal)) as f32)
+                .collect()
+        })
+        .collect();
+    // synthetic rows lie in [-1, 1): |k_rope| <= sqrt(d_r) bounds the RoPE keys
+    let rope_key_norm = (dims.d_r as f64).sqrt();
+    let seqs: Vec<u32> = (0..batch as u32).collect();
+    let decode = |ranks: &mut [DeviceRank]| -> Result<()> {
+        for (r, rank) in ranks.iter_mut().enumerate() {
+            let q = &queries[r / sharding.shards];
+            rank.decode_sequence_shard(0, &seqs, q, Some(rope_key_norm))?;
+        }
+        ranks[0].backend().device().synchronize()
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for round in 0..repeats + 1 {
+        decode(&mut ranks)?;
+        let t = Instant::now();
+        merge_by_lse_on_device(&mut ranks, 0, batch)?;
+        let ta = t.elapsed().as_secs_f64();
+        decode(&mut ranks)?;
+        let t = Instant::now();
+        merge_packed_on_device(&mut ranks, 0, batch)?;
+        let tb = t.elapsed().as_secs_f64();
+        // one warm-up round: the merge kernels load and the scratch is allocated
+        if round >= 1 {
+            a.push(ta * 1e6);
+            b.push(tb * 1e6);
+        }
+    }
+    Ok((median(&mut a), median(&mut b)))
 }

@@ -1,0 +1,341 @@
+//! The kernels of the sequence-shard merges on the device (sequence.cu; the CPU form,
+//! whose arithmetic they follow, is [`crate::combine::sequence`]): the fix-up of a
+//! shard's empty batch entries, the rescale of merge (a), the shared logit bounds, pack
+//! and unpack of merge (b), and element-wise sums. One module per device (no
+//! specialisation), compiled by NVRTC and cached on disk like the decode kernels.
+//! [`crate::combine::sequence_device`] drives them.
+
+use super::compile::{compile_cubin, Origin};
+use super::driver::{arg, CUstream, CudaDevice, Function, Module};
+use crate::error::{Error, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+const SEQUENCE: &str = include_str!("sequence.cu");
+
+/// Threads of a per-row or per-entry block (`__launch_bounds__(128)` in sequence.cu).
+const ROW_THREADS: u32 = 128;
+/// Threads and the largest grid of the element-wise sums (grid-stride loops).
+const ADD_THREADS: u32 = 256;
+const ADD_MAX_BLOCKS: u64 = 4096;
+
+/// Error bits the pack and unpack kernels set in their error word (sequence.cu).
+pub(crate) const ERR_BOUND_NOT_FINITE: u32 = 1;
+pub(crate) const ERR_LSE_ABOVE_BOUND: u32 = 2;
+pub(crate) const ERR_BOUND_FAR_ABOVE: u32 = 4;
+
+fn options() -> Vec<String> {
+    vec!["-std=c++17".into()]
+}
+
+/// The loaded sequence-merge kernels of one device.
+#[derive(Debug)]
+pub struct SequenceKernels {
+    pub origin: Origin,
+    empty: Function,
+    rescale: Function,
+    bounds: Function,
+    pack: Function,
+    unpack: Function,
+    add_f32: Function,
+    add_f64: Function,
+    // Keeps the functions above valid; dropped last.
+    _module: Module,
+}
+
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} exceeds int32")))
+}
+
+fn grid_rows(rows: usize) -> Result<(u32, u32, u32)> {
+    if rows == 0 {
+        return Err(Error::invalid("a sequence merge of no rows"));
+    }
+    Ok((int(rows, "the rows of a merge")? as u32, 1, 1))
+}
+
+impl SequenceKernels {
+    pub(crate) fn load(device: &Arc<CudaDevice>, cache_dir: Option<&Path>) -> Result<Self> {
+        let (cubin, origin) = compile_cubin(
+            SEQUENCE,
+            "tpla_sequence",
+            &options(),
+            device.compute_capability(),
+            false,
+            cache_dir,
+        )?;
+        let module = Module::load(device, &cubin)?;
+        Ok(SequenceKernels {
+            origin,
+            empty: module.function("tpla_seq_empty")?,
+            rescale: module.function("tpla_seq_rescale")?,
+            bounds: module.function("tpla_seq_bounds")?,
+            pack: module.function("tpla_seq_pack")?,
+            unpack: module.function("tpla_seq_unpack")?,
+            add_f32: module.function("tpla_seq_add_f32")?,
+            add_f64: module.function("tpla_seq_add_f64")?,
+            _module: module,
+        })
+    }
+
+    /// Zero latent outputs (`[batch][heads][width]` f32 at `latent`) and log-sum-exps of
+    /// -inf (`[batch][heads]` at `lse`) for the batch entries whose slot (`slots`, `batch`
+    /// i32) has length 0 in `seq_lens` (`num_slots` i32).
+    ///
+    /// # Safety
+    /// Every address is live device memory of the sizes above; `stream` is live.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch_empty(
+        &self,
+        slots: u64,
+        seq_lens: u64,
+        num_slots: usize,
+        batch: usize,
+        heads: usize,
+        width: usize,
+        latent: u64,
+        lse: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let (n, b, h, w) = (
+            int(num_slots, "the slots")?,
+            int(batch, "the batch")?,
+            int(heads, "the heads")?,
+            int(width, "the slice width")?,
+        );
+        let mut args = [
+            arg(&slots),
+            arg(&seq_lens),
+            arg(&n),
+            arg(&b),
+            arg(&h),
+            arg(&w),
+            arg(&latent),
+            arg(&lse),
+        ];
+        // SAFETY: caller contract for every size.
+        unsafe {
+            self.empty
+                .launch(grid_rows(batch)?, ROW_THREADS, 0, stream, &mut args)
+        }
+    }
+
+    /// Merge (a): rows `[rows][width]` at `out` times `e^(l_own - L)`, the log-sum-exps
+    /// of shard `j` at `gathered + 4 * j * stride` (`rows` f32 each).
+    ///
+    /// # Safety
+    /// `out` holds `rows * width` f32, `gathered` `shards` runs of `stride >= rows` f32;
+    /// `stream` is live.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch_rescale(
+        &self,
+        out: u64,
+        rows: usize,
+        width: usize,
+        shard: usize,
+        shards: usize,
+        gathered: u64,
+        stride: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        if shard >= shards || stride < rows {
+            return Err(Error::invalid(format!(
+                "shard {shard} of {shards}, {rows} rows a stride of {stride} apart"
+            )));
+        }
+        let (r, w, j, s) = (
+            int(rows, "the rows")?,
+            int(width, "the width")?,
+            int(shard, "the shard")?,
+            int(shards, "the shards")?,
+        );
+        let st = stride as i64;
+        let mut args = [
+            arg(&out),
+            arg(&r),
+            arg(&w),
+            arg(&j),
+            arg(&s),
+            arg(&gathered),
+            arg(&st),
+        ];
+        // SAFETY: caller contract.
+        unsafe {
+            self.rescale
+                .launch(grid_rows(rows)?, ROW_THREADS, 0, stream, &mut args)
+        }
+    }
+
+    /// The shared logit bounds (f64, `rows` at `bound`) of query rows `q`
+    /// (`[rows][slice_width + d_r]` f32).
+    ///
+    /// # Safety
+    /// Live device buffers of those sizes; `stream` is live.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch_bounds(
+        &self,
+        q: u64,
+        rows: usize,
+        slice_width: usize,
+        d_r: usize,
+        latent_norm: f64,
+        rope_norm: f64,
+        bound: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let (r, w, d) = (
+            int(rows, "the rows")?,
+            int(slice_width, "the slice width")?,
+            int(d_r, "the RoPE width")?,
+        );
+        let mut args = [
+            arg(&q),
+            arg(&r),
+            arg(&w),
+            arg(&d),
+            arg(&latent_norm),
+            arg(&rope_norm),
+            arg(&bound),
+        ];
+        let per_block = (ROW_THREADS / 32) as usize;
+        let grid = (rows.div_ceil(per_block) as u32, 1, 1);
+        grid_rows(rows)?;
+        // SAFETY: caller contract.
+        unsafe { self.bounds.launch(grid, ROW_THREADS, 0, stream, &mut args) }
+    }
+
+    /// Merge (b), pack: `[rows][width + 2]` f64 at `packed` from the outputs `out`
+    /// (`[rows][width]` f32), log-sum-exps `lse` (`rows` f32) and bounds `bound` (`rows`
+    /// f64); error bits into the `u32` at `error`.
+    ///
+    /// # Safety
+    /// Live device buffers of those sizes; `stream` is live.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch_pack(
+        &self,
+        out: u64,
+        lse: u64,
+        bound: u64,
+        rows: usize,
+        width: usize,
+        packed: u64,
+        error: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let (r, w) = (int(rows, "the rows")?, int(width, "the width")?);
+        let mut args = [
+            arg(&out),
+            arg(&lse),
+            arg(&bound),
+            arg(&r),
+            arg(&w),
+            arg(&packed),
+            arg(&error),
+        ];
+        // SAFETY: caller contract.
+        unsafe {
+            self.pack
+                .launch(grid_rows(rows)?, ROW_THREADS, 0, stream, &mut args)
+        }
+    }
+
+    /// Merge (b), unpack: `[rows][width]` f32 at `out` from the summed packs at `packed`;
+    /// error bits into the `u32` at `error`.
+    ///
+    /// # Safety
+    /// Live device buffers of those sizes; `stream` is live.
+    pub(crate) unsafe fn launch_unpack(
+        &self,
+        packed: u64,
+        rows: usize,
+        width: usize,
+        out: u64,
+        error: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let (r, w) = (int(rows, "the rows")?, int(width, "the width")?);
+        let mut args = [arg(&packed), arg(&r), arg(&w), arg(&out), arg(&error)];
+        // SAFETY: caller contract.
+        unsafe {
+            self.unpack
+                .launch(grid_rows(rows)?, ROW_THREADS, 0, stream, &mut args)
+        }
+    }
+
+    /// `dst[i] += src[i]` for `n` f32.
+    ///
+    /// # Safety
+    /// Both hold `n` f32 of live device memory; `stream` is live.
+    pub(crate) unsafe fn launch_add_f32(
+        &self,
+        dst: u64,
+        src: u64,
+        n: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        // SAFETY: forwarded.
+        unsafe { self.add(&self.add_f32, dst, src, n, stream) }
+    }
+
+    /// `dst[i] += src[i]` for `n` f64.
+    ///
+    /// # Safety
+    /// Both hold `n` f64 of live device memory; `stream` is live.
+    pub(crate) unsafe fn launch_add_f64(
+        &self,
+        dst: u64,
+        src: u64,
+        n: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        // SAFETY: forwarded.
+        unsafe { self.add(&self.add_f64, dst, src, n, stream) }
+    }
+
+    unsafe fn add(
+        &self,
+        f: &Function,
+        dst: u64,
+        src: u64,
+        n: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let count = n as i64;
+        let blocks = (n as u64).div_ceil(ADD_THREADS as u64).min(ADD_MAX_BLOCKS) as u32;
+        let mut args = [arg(&dst), arg(&src), arg(&count)];
+        // SAFETY: caller contract.
+        unsafe { f.launch((blocks, 1, 1), ADD_THREADS, 0, stream, &mut args) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::cuda::compile::{compile, nvrtc_version};
+
+    /// The merge kernels compile for Hopper and Ampere where libnvrtc is present (no GPU
+    /// needed), without spills.
+    #[test]
+    fn sequence_sources_compile_without_spills() {
+        if let Err(e) = nvrtc_version() {
+            eprintln!("skipping: {e}");
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let mut options = options();
+            options.push(format!("--gpu-architecture={arch}"));
+            options.push("--ptxas-options=-v".into());
+            let (cubin, log) = compile(SEQUENCE, "sequence_test", &options).unwrap();
+            assert!(cubin.starts_with(b"\x7fELF"), "not a cubin");
+            for line in log.lines().filter(|l| l.contains("spill")) {
+                assert!(
+                    line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                    "{arch}: {line}"
+                );
+            }
+        }
+    }
+}
