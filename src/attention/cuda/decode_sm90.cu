@@ -219,8 +219,9 @@ __device__ __forceinline__ void zero_tail(unsigned char* smem, int s, int valid,
 
 // MODE_COLUMNS and MODE_HEADS read the queries' RoPE chunk from registers in the scores
 // (its shared-memory reads were ~10% of the scores' operand bytes, which at 128 heads
-// approach the shared-memory bandwidth).
-#define ROPE_IN_REGISTERS (MODE != MODE_TOKENS)
+// approach the shared-memory bandwidth). Not MODE_HEADS at slice 256, where its 16
+// registers spill.
+#define ROPE_IN_REGISTERS (MODE == MODE_COLUMNS || (MODE == MODE_HEADS && SLICE <= 128))
 
 // Loads this thread's part of the queries' RoPE chunk (the swizzle atom at `chunk`, rows
 // row0 and row0 + 8) in the A-operand layout of wgmma: word 4 kk + 2 half + h holds
@@ -776,7 +777,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
                         phase, o, m_ref, l_part);
 #else
     const u32 q_wg = q_base + (MODE == MODE_HEADS ? wg * QWG_BYTES : 0);
-#if MODE == MODE_HEADS
+#if MODE == MODE_HEADS && ROPE_IN_REGISTERS
     u32 rope_q[16];
     load_rope_queries(smem + SM_Q + wg * QWG_BYTES + (CHUNKS - 1) * ATOM_BYTES, row0, t4, rope_q);
     const u32* rope = rope_q;
