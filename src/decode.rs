@@ -178,6 +178,12 @@ impl QueryScales {
 pub(crate) struct StepScratch {
     /// The backend's query rows `[batch][heads][slice_width + d_r]`.
     q: Vec<f32>,
+    /// Apart from `q`: the backend's outputs borrow them while it reads the query rows.
+    outputs: OutputScratch,
+}
+
+#[derive(Default)]
+struct OutputScratch {
     /// Latent outputs and log-sum-exps when the caller wants something else.
     latent: Vec<f32>,
     lse: Vec<f32>,
@@ -190,13 +196,72 @@ impl StepScratch {
         let rw = plan.row_width(dims);
         let q = shape_count("reserved query rows", &[batch, plan.heads, rw])?;
         try_capacity(&mut self.q, q, "query rows")?;
-        try_capacity(
-            &mut self.latent,
-            q / rw * plan.slice_width,
-            "latent outputs",
-        )?;
-        try_capacity(&mut self.lse, q / rw, "log-sum-exps")?;
-        try_capacity(&mut self.head_row, dims.d_v, "a head output")
+        let out = &mut self.outputs;
+        try_capacity(&mut out.latent, q / rw * plan.slice_width, "latent outputs")?;
+        try_capacity(&mut out.lse, q / rw, "log-sum-exps")?;
+        try_capacity(&mut out.head_row, dims.d_v, "a head output")
+    }
+}
+
+impl OutputScratch {
+    /// Head outputs `out` `[batch][heads][d_v]` of a step: `attend`'s latent outputs (and
+    /// log-sum-exps into `lse`, or into scratch where the caller wants none) projected
+    /// through `W'_UV`. Generic over the output type so that each type gets its own
+    /// projection loop, with no branch on the type inside it.
+    fn heads<T: HeadElement>(
+        &mut self,
+        attend: impl FnOnce(&mut [f32], &mut [f32]) -> Result<()>,
+        w_uv: &[f32],
+        shape: LatentShape,
+        d_v: usize,
+        out: &mut [T],
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (h, w) = (shape.heads, shape.slice_width);
+        let rows = out.len() / d_v;
+        self.latent.resize(rows * w, 0.0);
+        self.head_row.resize(d_v, 0.0);
+        let lse = match lse {
+            Some(lse) => lse,
+            None => {
+                self.lse.resize(rows, 0.0);
+                &mut self.lse
+            }
+        };
+        attend(&mut self.latent, lse)?;
+        let latent = &self.latent;
+        for (i, o) in out.chunks_exact_mut(d_v).enumerate() {
+            T::project(
+                w_uv,
+                i % h,
+                &latent[i * w..(i + 1) * w],
+                o,
+                &mut self.head_row,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An element type of head outputs: how a head's projection lands in it.
+trait HeadElement: Sized {
+    /// Head `head`'s output `out` of its latent output `lat` ([`project`]); `row` is f32
+    /// scratch of `out`'s length, for a type that is rounded from f32.
+    fn project(w_uv: &[f32], head: usize, lat: &[f32], out: &mut [Self], row: &mut [f32]);
+}
+
+impl HeadElement for f32 {
+    fn project(w_uv: &[f32], head: usize, lat: &[f32], out: &mut [f32], _row: &mut [f32]) {
+        project(w_uv, head, lat, out);
+    }
+}
+
+impl HeadElement for bf16 {
+    fn project(w_uv: &[f32], head: usize, lat: &[f32], out: &mut [bf16], row: &mut [f32]) {
+        project(w_uv, head, lat, row);
+        for (x, v) in out.iter_mut().zip(row.iter()) {
+            *x = bf16::from_f32(*v);
+        }
     }
 }
 
@@ -694,9 +759,7 @@ impl RankContext {
         }
         let StepScratch {
             q,
-            latent,
-            lse: lse_buf,
-            head_row,
+            outputs: scratch,
         } = &mut self.scratch;
         // Joined rows are in the kernel's layout already: a backend that scales queries as
         // it packs them takes them as they are (no pass over them here).
@@ -766,6 +829,7 @@ impl RankContext {
         match outputs {
             Outputs::Latent { out, lse } => attend(out, lse),
             Outputs::LatentBf16 { out, lse } => {
+                let latent = &mut scratch.latent;
                 latent.resize(b * h * w, 0.0);
                 attend(latent, lse)?;
                 for (o, v) in out.iter_mut().zip(latent.iter()) {
@@ -773,36 +837,11 @@ impl RankContext {
                 }
                 Ok(())
             }
-            Outputs::Heads(out) => {
-                latent.resize(b * h * w, 0.0);
-                lse_buf.resize(b * h, 0.0);
-                attend(latent, lse_buf)?;
-                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
-                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], o);
-                }
-                Ok(())
-            }
+            Outputs::Heads(out) => scratch.heads(attend, &l.w_uv, shape, d.d_v, out, None),
             Outputs::HeadsAndLse { out, lse } => {
-                latent.resize(b * h * w, 0.0);
-                attend(latent, lse)?;
-                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
-                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], o);
-                }
-                Ok(())
+                scratch.heads(attend, &l.w_uv, shape, d.d_v, out, Some(lse))
             }
-            Outputs::HeadsBf16(out) => {
-                latent.resize(b * h * w, 0.0);
-                lse_buf.resize(b * h, 0.0);
-                head_row.resize(d.d_v, 0.0);
-                attend(latent, lse_buf)?;
-                for (i, o) in out.chunks_exact_mut(d.d_v).enumerate() {
-                    project(&l.w_uv, i % h, &latent[i * w..(i + 1) * w], head_row);
-                    for (x, v) in o.iter_mut().zip(head_row.iter()) {
-                        *x = bf16::from_f32(*v);
-                    }
-                }
-                Ok(())
-            }
+            Outputs::HeadsBf16(out) => scratch.heads(attend, &l.w_uv, shape, d.d_v, out, None),
         }
     }
 }
