@@ -7,8 +7,8 @@
 use super::cache::tpla_cache;
 use super::context::tpla_context;
 use super::{
-    check_disjoint, guard, guard_value, hand_out, handle, handle_mut, input, output, span,
-    tpla_status, versioned_out, write_out, Failure, Outcome, Versioned,
+    check_disjoint, check_non_null, guard, guard_value, hand_out, handle, handle_mut, input,
+    output, span, tpla_status, versioned_out, write_out, Failure, Outcome, Versioned,
 };
 use std::ffi::c_void;
 
@@ -58,7 +58,7 @@ unsafe impl Versioned for tpla_device_rank_info {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn no_cuda<T>() -> Outcome<T> {
+pub(super) fn no_cuda<T>() -> Outcome<T> {
     Err(crate::error::Error::unsupported(
         "this libtpla was built without CUDA support (cargo feature `cuda`)",
     )
@@ -341,15 +341,11 @@ pub unsafe extern "C" fn tpla_device_rank_decode(
     guard(|| {
         // SAFETY: caller contract.
         let r = unsafe { handle_mut(rank, "rank") }?;
-        for (p, what) in [
+        check_non_null(&[
             (slots_dev as usize, "slots_dev"),
             (q_dev as usize, "q_dev"),
             (out_dev as usize, "out_dev"),
-        ] {
-            if p == 0 {
-                return Err(Failure::null(what));
-            }
-        }
+        ])?;
         // SAFETY: forwarded caller contract.
         unsafe {
             enqueue(
@@ -393,9 +389,8 @@ unsafe fn enqueue(
         .into());
     }
     let device = rank.backend().device().clone();
-    let stream = stream as crate::attention::cuda::CUstream;
-    // SAFETY: NULL or a live stream, by the caller's contract.
-    unsafe { device.check_stream(stream) }?;
+    // SAFETY: caller contract.
+    let stream = unsafe { checked_stream(&device, stream) }?;
     let buffers = [
         (slots, batch * 4, "slots_dev"),
         (
@@ -405,11 +400,8 @@ unsafe fn enqueue(
         ),
         (out, rank.partial_len(batch) * 4, "out_dev"),
     ];
-    for (ptr, bytes, what) in buffers {
-        check_device_buffer(&device, ptr, bytes, what)?;
-    }
-    let spans = buffers.map(|(p, b, what)| (p as usize, p as usize + b, what));
-    check_disjoint(&spans[2..], &spans[..2])?;
+    check_device_buffers(&device, &buffers)?;
+    check_device_disjoint(&buffers[2..], &buffers[..2])?;
     // SAFETY: the buffers lie on the rank's device and hold their sizes (checked), the
     // stream is of its context (checked); validity until the stream passes, and the slot
     // values, are the caller's contract.
@@ -431,10 +423,54 @@ unsafe fn enqueue(
     match r.never {}
 }
 
+/// `stream` as a CUstream, refused unless NULL or a stream of `device`'s primary context.
+///
+/// # Safety
+/// `stream` is NULL or a live CUstream.
+#[cfg(feature = "cuda")]
+pub(super) unsafe fn checked_stream(
+    device: &crate::attention::cuda::CudaDevice,
+    stream: *mut c_void,
+) -> Outcome<crate::attention::cuda::CUstream> {
+    let stream = stream as crate::attention::cuda::CUstream;
+    // SAFETY: NULL or a live stream, by the caller's contract.
+    unsafe { device.check_stream(stream) }?;
+    Ok(stream)
+}
+
+/// A device buffer argument: its address, the bytes it must hold, and its name.
+#[cfg(feature = "cuda")]
+pub(super) type DeviceBuffer = (u64, usize, &'static str);
+
+/// Refuses, in their order, buffers that are not device memory of `device` or whose
+/// allocation ends before their bytes do.
+#[cfg(feature = "cuda")]
+pub(super) fn check_device_buffers<'a>(
+    device: &crate::attention::cuda::CudaDevice,
+    buffers: impl IntoIterator<Item = &'a DeviceBuffer>,
+) -> Outcome {
+    for &(ptr, bytes, what) in buffers {
+        check_device_buffer(device, ptr, bytes, what)?;
+    }
+    Ok(())
+}
+
+/// Refuses device outputs that overlap each other or an input (`check_disjoint` on the
+/// byte ranges the buffers were checked to hold).
+#[cfg(feature = "cuda")]
+pub(super) fn check_device_disjoint(outputs: &[DeviceBuffer], inputs: &[DeviceBuffer]) -> Outcome {
+    let spans = |v: &[DeviceBuffer]| -> Vec<super::Span> {
+        v.iter()
+            .map(|&(p, n, w)| (p as usize, p as usize + n, w))
+            .collect()
+    };
+    check_disjoint(&spans(outputs), &spans(inputs))
+}
+
 /// Refuses an address that is not device memory of `device`, or whose allocation ends
 /// before `bytes` bytes.
 #[cfg(feature = "cuda")]
-pub(super) fn check_device_buffer(
+fn check_device_buffer(
     device: &crate::attention::cuda::CudaDevice,
     ptr: u64,
     bytes: usize,
@@ -719,9 +755,8 @@ unsafe fn all_reduce(
     stream: *mut c_void,
 ) -> Outcome {
     let device = c.comm.device().clone();
-    let stream = stream as crate::attention::cuda::CUstream;
-    // SAFETY: NULL or a live stream, by the caller's contract.
-    unsafe { device.check_stream(stream) }?;
+    // SAFETY: caller contract.
+    let stream = unsafe { checked_stream(&device, stream) }?;
     check_device_buffer(&device, ptr, count * 4, "dev_buf")?;
     // SAFETY: the buffer lies on the communicator's device and holds count f32, the
     // stream is of its context (both checked); validity until the stream passes is the

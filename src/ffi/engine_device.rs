@@ -6,10 +6,16 @@
 //! run and the call then returns TPLA_STATUS_UNSUPPORTED.
 
 use super::context::tpla_context;
+#[cfg(not(feature = "cuda"))]
+use super::device::no_cuda;
+#[cfg(feature = "cuda")]
+use super::device::{check_device_buffers, check_device_disjoint, checked_stream};
 use super::engine::{layout, rms_mode, tpla_paged_cache};
+#[cfg(feature = "cuda")]
+use super::Failure;
 use super::{
-    guard, guard_value, hand_out, handle, tpla_status, versioned, write_out, Failure, Outcome,
-    Versioned,
+    check_non_null, guard, guard_value, hand_out, handle, tpla_status, versioned, write_out,
+    Outcome, Versioned,
 };
 use crate::dtype::DType;
 use crate::engine::{PagedLayout, RmsMode};
@@ -26,14 +32,6 @@ pub struct tpla_device_engine {
     /// No device engine exists in a build without CUDA.
     #[cfg(not(feature = "cuda"))]
     never: std::convert::Infallible,
-}
-
-#[cfg(not(feature = "cuda"))]
-fn no_cuda<T>() -> Outcome<T> {
-    Err(crate::error::Error::unsupported(
-        "this libtpla was built without CUDA support (cargo feature `cuda`)",
-    )
-    .into())
 }
 
 /// Opens GPU `device` for the rank of `ctx` (every layer with its weights): compiles (or
@@ -191,12 +189,10 @@ pub unsafe extern "C" fn tpla_device_engine_plan(
     guard(|| {
         // SAFETY: caller contract.
         let e = unsafe { handle(engine, "engine") }?;
-        if seq_lens_dev.is_null() {
-            return Err(Failure::null("seq_lens_dev"));
-        }
-        if workspace_dev.is_null() {
-            return Err(Failure::null("workspace_dev"));
-        }
+        check_non_null(&[
+            (seq_lens_dev as usize, "seq_lens_dev"),
+            (workspace_dev as usize, "workspace_dev"),
+        ])?;
         // SAFETY: forwarded caller contract.
         unsafe {
             plan(
@@ -225,16 +221,15 @@ unsafe fn plan(
     stream: *mut c_void,
 ) -> Outcome {
     let device = e.engine.backend().device().clone();
-    let stream = stream as crate::attention::cuda::CUstream;
-    // SAFETY: NULL or a live stream, by the caller's contract.
-    unsafe { device.check_stream(stream) }?;
+    // SAFETY: caller contract.
+    let stream = unsafe { checked_stream(&device, stream) }?;
     let need = e.engine.workspace_bytes(batch, width)?;
-    check_device(&device, seq_lens, batch * 4, "seq_lens_dev")?;
-    check_device(
+    check_device_buffers(
         &device,
-        workspace,
-        workspace_bytes.min(need),
-        "workspace_dev",
+        &[
+            (seq_lens, batch * 4, "seq_lens_dev"),
+            (workspace, workspace_bytes.min(need), "workspace_dev"),
+        ],
     )?;
     // SAFETY: checked device memory of this GPU; validity is the caller's contract.
     Ok(unsafe {
@@ -256,18 +251,6 @@ unsafe fn plan(
     _stream: *mut c_void,
 ) -> Outcome {
     match e.never {}
-}
-
-/// Refuses an address that is not device memory of `device`, or whose allocation ends
-/// before `bytes` bytes.
-#[cfg(feature = "cuda")]
-fn check_device(
-    device: &crate::attention::cuda::CudaDevice,
-    ptr: u64,
-    bytes: usize,
-    what: &str,
-) -> Outcome {
-    super::device::check_device_buffer(device, ptr, bytes, what)
 }
 
 /// Arguments of `tpla_device_engine_decode`: device addresses of the engine's GPU.
@@ -345,18 +328,14 @@ pub unsafe extern "C" fn tpla_device_engine_decode(
         let a = unsafe { versioned(args, "args") }?;
         // SAFETY: caller contract.
         let (layout, desc, _) = unsafe { layout(a.cache) }?;
-        for (p, what) in [
+        check_non_null(&[
             (a.block_table as usize, "args->block_table"),
             (a.seq_lens as usize, "args->seq_lens"),
             (a.workspace as usize, "args->workspace"),
             (a.queries as usize, "args->queries"),
             (a.out as usize, "args->out"),
             (a.lse as usize, "args->lse"),
-        ] {
-            if p == 0 {
-                return Err(Failure::null(what));
-            }
-        }
+        ])?;
         // SAFETY: forwarded caller contract.
         unsafe { decode(e, a, layout, desc.base as u64) }
     })
@@ -374,9 +353,8 @@ unsafe fn decode(
     use crate::engine_device::{DevicePagedCache, DeviceStep};
     let engine = &e.engine;
     let device = engine.backend().device().clone();
-    let stream = a.stream as crate::attention::cuda::CUstream;
-    // SAFETY: NULL or a live stream, by the caller's contract.
-    unsafe { device.check_stream(stream) }?;
+    // SAFETY: caller contract.
+    let stream = unsafe { checked_stream(&device, a.stream) }?;
     let shape = engine.shape();
     let (b, h) = (a.batch, shape.heads);
     let need = engine.workspace_bytes(b, a.block_table_width)?;
@@ -403,15 +381,8 @@ unsafe fn decode(
     if !a.faults.is_null() {
         outputs.push((a.faults as u64, 4, "args->faults"));
     }
-    for &(p, bytes, what) in inputs.iter().chain(&outputs) {
-        check_device(&device, p, bytes, what)?;
-    }
-    let spans = |v: &[(u64, usize, &'static str)]| -> Vec<super::Span> {
-        v.iter()
-            .map(|&(p, n, w)| (p as usize, p as usize + n, w))
-            .collect()
-    };
-    super::check_disjoint(&spans(&outputs), &spans(&inputs))?;
+    check_device_buffers(&device, inputs.iter().chain(&outputs))?;
+    check_device_disjoint(&outputs, &inputs)?;
     let step = DeviceStep {
         cache: DevicePagedCache { base, layout },
         block_table: a.block_table as u64,
@@ -494,15 +465,11 @@ pub unsafe extern "C" fn tpla_device_engine_append(
         let mode = rms_mode(rms_mode_value)?;
         let input = DType::from_code(input_dtype)?;
         if count > 0 {
-            for (p, what) in [
+            check_non_null(&[
                 (slots_dev as usize, "slots_dev"),
                 (latents_dev as usize, "latents_dev"),
                 (k_rope_dev as usize, "k_rope_dev"),
-            ] {
-                if p == 0 {
-                    return Err(Failure::null(what));
-                }
-            }
+            ])?;
         }
         let a = Append {
             layer,
@@ -543,9 +510,8 @@ unsafe fn append(e: &tpla_device_engine, a: &Append, stream: *mut c_void) -> Out
     use crate::engine_device::{DeviceAppend, DevicePagedCache};
     let engine = &e.engine;
     let device = engine.backend().device().clone();
-    let stream = stream as crate::attention::cuda::CUstream;
-    // SAFETY: NULL or a live stream, by the caller's contract.
-    unsafe { device.check_stream(stream) }?;
+    // SAFETY: caller contract.
+    let stream = unsafe { checked_stream(&device, stream) }?;
     let extent = a.layout.extent()?;
     let size = a.input.size();
     let (d_c, d_r) = (engine.dims().d_c, engine.dims().d_r);
@@ -562,15 +528,8 @@ unsafe fn append(e: &tpla_device_engine, a: &Append, stream: *mut c_void) -> Out
     } else {
         Vec::new()
     };
-    for &(p, bytes, what) in outputs.iter().chain(&inputs) {
-        check_device(&device, p, bytes, what)?;
-    }
-    let spans = |v: &[(u64, usize, &'static str)]| -> Vec<super::Span> {
-        v.iter()
-            .map(|&(p, n, w)| (p as usize, p as usize + n, w))
-            .collect()
-    };
-    super::check_disjoint(&spans(&outputs), &spans(&inputs))?;
+    check_device_buffers(&device, outputs.iter().chain(&inputs))?;
+    check_device_disjoint(&outputs, &inputs)?;
     let cache = DevicePagedCache {
         base: a.base,
         layout: a.layout,
@@ -634,12 +593,10 @@ pub unsafe extern "C" fn tpla_device_engine_copy_rows(
         // SAFETY: caller contract.
         let (src_layout, src_desc, _) = unsafe { layout(src) }?;
         if count > 0 {
-            if dst_slots_dev.is_null() {
-                return Err(Failure::null("dst_slots_dev"));
-            }
-            if src_slots_dev.is_null() {
-                return Err(Failure::null("src_slots_dev"));
-            }
+            check_non_null(&[
+                (dst_slots_dev as usize, "dst_slots_dev"),
+                (src_slots_dev as usize, "src_slots_dev"),
+            ])?;
         }
         let c = RowCopy {
             dst: (dst_desc.base as u64, dst_layout),
@@ -672,9 +629,8 @@ unsafe fn copy_rows(e: &tpla_device_engine, c: &RowCopy, stream: *mut c_void) ->
     use crate::engine_device::DevicePagedCache;
     let engine = &e.engine;
     let device = engine.backend().device().clone();
-    let stream = stream as crate::attention::cuda::CUstream;
-    // SAFETY: NULL or a live stream, by the caller's contract.
-    unsafe { device.check_stream(stream) }?;
+    // SAFETY: caller contract.
+    let stream = unsafe { checked_stream(&device, stream) }?;
     let mut outputs = vec![(c.dst.0, c.dst.1.extent()?, "dst->base")];
     if c.faults != 0 {
         outputs.push((c.faults, 4, "faults_dev"));
@@ -684,15 +640,8 @@ unsafe fn copy_rows(e: &tpla_device_engine, c: &RowCopy, stream: *mut c_void) ->
         inputs.push((c.dst_slots, c.count * 4, "dst_slots_dev"));
         inputs.push((c.src_slots, c.count * 4, "src_slots_dev"));
     }
-    for &(p, bytes, what) in outputs.iter().chain(&inputs) {
-        check_device(&device, p, bytes, what)?;
-    }
-    let spans = |v: &[(u64, usize, &'static str)]| -> Vec<super::Span> {
-        v.iter()
-            .map(|&(p, n, w)| (p as usize, p as usize + n, w))
-            .collect()
-    };
-    super::check_disjoint(&spans(&outputs), &spans(&inputs))?;
+    check_device_buffers(&device, outputs.iter().chain(&inputs))?;
+    check_device_disjoint(&outputs, &inputs)?;
     let dst = DevicePagedCache {
         base: c.dst.0,
         layout: c.dst.1,
@@ -752,15 +701,11 @@ pub unsafe extern "C" fn tpla_device_engine_absorb_queries(
     guard(|| {
         // SAFETY: caller contract.
         let e = unsafe { handle(engine, "engine") }?;
-        for (p, what) in [
+        check_non_null(&[
             (q_nope_dev as usize, "q_nope_dev"),
             (q_rope_dev as usize, "q_rope_dev"),
             (rows_dev as usize, "rows_dev"),
-        ] {
-            if p == 0 {
-                return Err(Failure::null(what));
-            }
-        }
+        ])?;
         let bufs = [q_nope_dev as u64, q_rope_dev as u64, rows_dev as u64];
         // SAFETY: forwarded caller contract.
         unsafe { gemm(e, Gemm::Absorb, layer, batch, bufs, stream) }
@@ -789,12 +734,10 @@ pub unsafe extern "C" fn tpla_device_engine_project(
     guard(|| {
         // SAFETY: caller contract.
         let e = unsafe { handle(engine, "engine") }?;
-        if latent_dev.is_null() {
-            return Err(Failure::null("latent_dev"));
-        }
-        if heads_dev.is_null() {
-            return Err(Failure::null("heads_dev"));
-        }
+        check_non_null(&[
+            (latent_dev as usize, "latent_dev"),
+            (heads_dev as usize, "heads_dev"),
+        ])?;
         let bufs = [latent_dev as u64, heads_dev as u64, 0];
         // SAFETY: forwarded caller contract.
         unsafe { gemm(e, Gemm::Project, layer, batch, bufs, stream) }
@@ -824,9 +767,8 @@ unsafe fn gemm(
 ) -> Outcome {
     let engine = &e.engine;
     let device = engine.backend().device().clone();
-    let stream = stream as crate::attention::cuda::CUstream;
-    // SAFETY: NULL or a live stream, by the caller's contract.
-    unsafe { device.check_stream(stream) }?;
+    // SAFETY: caller contract.
+    let stream = unsafe { checked_stream(&device, stream) }?;
     let (d, h, w) = (
         engine.dims(),
         engine.plan().heads,
@@ -851,15 +793,8 @@ unsafe fn gemm(
             "a step has 1 to 65535 entries, got {batch}"
         )));
     }
-    for &(p, bytes, what) in inputs.iter().chain(std::iter::once(&output)) {
-        check_device(&device, p, bytes, what)?;
-    }
-    let spans = |v: &[(u64, usize, &'static str)]| -> Vec<super::Span> {
-        v.iter()
-            .map(|&(p, n, w)| (p as usize, p as usize + n, w))
-            .collect()
-    };
-    super::check_disjoint(&spans(&[output]), &spans(&inputs))?;
+    check_device_buffers(&device, inputs.iter().chain(std::iter::once(&output)))?;
+    check_device_disjoint(&[output], &inputs)?;
     let layer = super::to_usize(layer);
     // SAFETY: checked device memory of this GPU, disjoint output; validity is the
     // caller's contract.

@@ -347,6 +347,14 @@ fn check_disjoint(outputs: &[Span], inputs: &[Span]) -> Outcome {
     Ok(())
 }
 
+/// Refuses the first NULL of `pointers` (addresses with their names), in their order.
+fn check_non_null(pointers: &[(usize, &str)]) -> Outcome {
+    match pointers.iter().find(|(p, _)| *p == 0) {
+        Some((_, what)) => Err(Failure::null(what)),
+        None => Ok(()),
+    }
+}
+
 fn check_count<T>(ptr: *const T, count: usize, what: &str) -> Outcome {
     if count > 0 && ptr.is_null() {
         return Err(Failure::null(what));
