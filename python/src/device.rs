@@ -61,6 +61,7 @@ mod stub {
 
 #[cfg(feature = "cuda")]
 mod imp {
+    use crate::checks::{refuse_lse_when_projecting, Rows};
     use crate::errors::{invalid, to_py, Tpla};
     use crate::tensor::{check_disjoint, Elem, Tensor};
     use crate::{paged_layout, rms_mode, PyRankContext};
@@ -220,48 +221,6 @@ mod imp {
         t.empty.bind(py).call((shape.to_vec(),), Some(&kw))
     }
 
-    /// `[batch, 1, heads, last]` or `[batch, heads, last]`, as the queries are.
-    #[derive(Clone, Copy)]
-    struct Rows {
-        four: bool,
-        batch: usize,
-        heads: usize,
-    }
-
-    impl Rows {
-        fn of(t: &Tensor, heads: usize, last: usize) -> PyResult<Rows> {
-            let four = t.shape.len() == 4;
-            let want = if four {
-                vec![None, Some(1), Some(heads), Some(last)]
-            } else {
-                vec![None, Some(heads), Some(last)]
-            };
-            let what = if four {
-                format!("[batch, 1, heads={heads}, {last}]")
-            } else {
-                format!("[batch, heads={heads}, {last}]")
-            };
-            t.expect_shape(&want, &what)?;
-            Ok(Rows {
-                four,
-                batch: t.shape[0],
-                heads,
-            })
-        }
-        fn shape(&self, last: usize) -> Vec<usize> {
-            if self.four {
-                vec![self.batch, 1, self.heads, last]
-            } else {
-                vec![self.batch, self.heads, last]
-            }
-        }
-        fn expect(&self, t: &Tensor, last: usize) -> PyResult<()> {
-            let s = self.shape(last);
-            let want: Vec<Option<usize>> = s.iter().map(|&n| Some(n)).collect();
-            t.expect_shape(&want, &format!("{s:?}"))
-        }
-    }
-
     fn mismatch(msg: String) -> PyErr {
         to_py(tpla::Error::mismatch(msg))
     }
@@ -308,8 +267,7 @@ mod imp {
 
         fn f32_rows(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
             let t = self.dev(name, obj)?;
-            t.expect_elem(&[Elem::F32])?;
-            t.expect_contiguous()?;
+            t.expect_array(&[Elem::F32])?;
             Ok(t)
         }
 
@@ -320,14 +278,13 @@ mod imp {
                     "{name} must be int32 on the GPU, got int64 (pass {name}.to(torch.int32))"
                 )));
             }
-            t.expect_elem(&[Elem::I32])?;
-            t.expect_contiguous()?;
+            t.expect_array(&[Elem::I32])?;
             Ok(t)
         }
 
         fn output(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-            let t = self.f32_rows(name, obj)?;
-            t.expect_writable()?;
+            let t = self.dev(name, obj)?;
+            t.expect_output(&[Elem::F32])?;
             Ok(t)
         }
 
@@ -730,14 +687,13 @@ mod imp {
             };
             let ot = self.output("out", &out_obj)?;
             rows.expect(&ot, w)?;
-            let lse_shape: Vec<usize> = if rows.four { vec![b, h, 1] } else { vec![b, h] };
+            let lse_shape = rows.lse_shape();
             let lse_obj = match lse {
                 Some(l) => l.clone(),
                 None => empty(py, &lse_shape, "float32", q, "lse")?,
             };
             let lt = self.output("lse", &lse_obj)?;
-            let want: Vec<Option<usize>> = lse_shape.iter().map(|&n| Some(n)).collect();
-            lt.expect_shape(&want, &format!("{lse_shape:?}"))?;
+            lt.expect_exact_shape(&lse_shape)?;
             let (fptr, ft) = self.faults(faults)?;
             let inputs = [&qt, &kv, &bt, &sl];
             check_disjoint(&ot, &inputs)?;
@@ -790,11 +746,10 @@ mod imp {
                 &format!("[tokens, d_c={}]", self.d_c),
             )?;
             let n = lat.shape[0];
-            let input = match lat.expect_elem(&[Elem::F32, Elem::Bf16])? {
+            let input = match lat.expect_array(&[Elem::F32, Elem::Bf16])? {
                 Elem::F32 => DType::F32,
                 _ => DType::Bf16,
             };
-            lat.expect_contiguous()?;
             let kr = self.dev("k_pe", k_pe)?;
             let dr = self.d_r;
             if kr.shape.len() == 3 {
@@ -983,11 +938,7 @@ mod imp {
                 stream,
             );
         }
-        if lse.is_some() {
-            return Err(invalid(
-                "project=True gives head outputs and no lse: pass lse=None",
-            ));
-        }
+        refuse_lse_when_projecting(lse)?;
         let (latent, _) = me.decode_impl(
             py,
             &slf,

@@ -4,11 +4,13 @@
 //! every shape, dtype, stride and device is checked before libtpla sees a slice, and the
 //! GIL is released while it computes.
 
+mod checks;
 mod device;
 mod errors;
 mod sequence;
 mod tensor;
 
+use checks::{refuse_lse_when_projecting, Rows};
 use errors::{invalid, Tpla};
 use half::bf16;
 use pyo3::prelude::*;
@@ -712,9 +714,7 @@ impl PyRankContext {
 /// Reads a weight array of `shape` (float32 or float64, contiguous) as f64.
 fn weight(name: &'static str, obj: &Bound<'_, PyAny>, shape: &[usize]) -> PyResult<Vec<f64>> {
     let t = Tensor::new(name, obj)?;
-    let want: Vec<Option<usize>> = shape.iter().map(|&n| Some(n)).collect();
-    let s: Vec<String> = shape.iter().map(|n| n.to_string()).collect();
-    t.expect_shape(&want, &format!("[{}]", s.join(", ")))?;
+    t.expect_exact_shape(shape)?;
     read_f64(&t)
 }
 
@@ -1057,31 +1057,12 @@ fn decode<'py>(
         (true, false) => w,
         (true, true) => d.d_n,
     };
-    let four = qt.shape.len() == 4;
-    let lead: Vec<Option<usize>> = if four {
-        vec![None, Some(1), Some(h)]
-    } else {
-        vec![None, Some(h)]
-    };
-    let shape_of = |last: usize| -> (Vec<Option<usize>>, String) {
-        let mut s = lead.clone();
-        s.push(Some(last));
-        let t = if four {
-            format!("[batch, 1, heads={h}, {last}]")
-        } else {
-            format!("[batch, heads={h}, {last}]")
-        };
-        (s, t)
-    };
-    let (s, txt) = shape_of(x);
-    qt.expect_shape(&s, &txt)?;
-    let b = qt.shape[0];
+    let rows = Rows::of(&qt, h, x)?;
+    let b = rows.batch;
     let rt = match q_rope {
         Some(r) => {
             let rt = Tensor::new("q_rope", r)?;
-            let (mut s, txt) = shape_of(d.d_r);
-            s[0] = Some(b);
-            rt.expect_shape(&s, &txt)?;
+            rows.expect_described(&rt, d.d_r)?;
             Some(rt)
         }
         None => None,
@@ -1090,36 +1071,23 @@ fn decode<'py>(
     let layout = paged_layout(&kv, kv_dtype)?;
     let bt = Tensor::new("block_table", block_table)?;
     bt.expect_shape(&[Some(b), None], &format!("[batch={b}, max_pages]"))?;
-    bt.expect_elem(&[Elem::I32])?;
-    bt.expect_contiguous()?;
+    bt.expect_array(&[Elem::I32])?;
     let sl = Tensor::new("cache_seqlens", cache_seqlens)?;
     sl.expect_shape(&[Some(b)], &format!("[batch={b}]"))?;
-    sl.expect_elem(&[Elem::I32])?;
-    sl.expect_contiguous()?;
+    sl.expect_array(&[Elem::I32])?;
 
     // outputs
     let out_last = if project { d.d_v } else { w };
-    let mut out_shape: Vec<usize> = qt.shape[..qt.shape.len() - 1].to_vec();
-    out_shape.push(out_last);
     let out_obj = match out {
         Some(o) => o.clone(),
-        None => empty(py, &out_shape, "float32", q)?,
+        None => empty(py, &rows.shape(out_last), "float32", q)?,
     };
     let ot = Tensor::new("out", &out_obj)?;
-    let (s, txt) = shape_of(out_last);
-    let mut s = s;
-    s[0] = Some(b);
-    ot.expect_shape(&s, &txt)?;
-    let oelem = ot.expect_elem(&[Elem::F32, Elem::Bf16])?;
-    ot.expect_contiguous()?;
-    ot.expect_writable()?;
-    let lse_shape: Vec<usize> = if four { vec![b, h, 1] } else { vec![b, h] };
+    rows.expect_described(&ot, out_last)?;
+    let oelem = ot.expect_output(&[Elem::F32, Elem::Bf16])?;
+    let lse_shape = rows.lse_shape();
     let lse_obj = if project {
-        if lse.is_some() {
-            return Err(invalid(
-                "project=True gives head outputs and no lse: pass lse=None",
-            ));
-        }
+        refuse_lse_when_projecting(lse)?;
         None
     } else {
         Some(match lse {
@@ -1130,11 +1098,8 @@ fn decode<'py>(
     let lt = match &lse_obj {
         Some(l) => {
             let lt = Tensor::new("lse", l)?;
-            let want: Vec<Option<usize>> = lse_shape.iter().map(|&n| Some(n)).collect();
-            lt.expect_shape(&want, &format!("{lse_shape:?}"))?;
-            lt.expect_elem(&[Elem::F32])?;
-            lt.expect_contiguous()?;
-            lt.expect_writable()?;
+            lt.expect_exact_shape(&lse_shape)?;
+            lt.expect_output(&[Elem::F32])?;
             Some(lt)
         }
         None => None,
@@ -1402,9 +1367,7 @@ fn all_reduce_in_process(buffers: &Bound<'_, PyList>) -> PyResult<()> {
         .map(|b| Tensor::new("buffer", &b))
         .collect::<PyResult<_>>()?;
     for (i, t) in ts.iter().enumerate() {
-        t.expect_elem(&[Elem::F32])?;
-        t.expect_contiguous()?;
-        t.expect_writable()?;
+        t.expect_output(&[Elem::F32])?;
         let others: Vec<&Tensor> = ts[..i].iter().collect();
         check_disjoint(t, &others)?;
     }

@@ -379,11 +379,8 @@ fn output<'py>(
         None => empty(py, shape, elem.name(), like)?,
     };
     let t = Tensor::new(name, &obj)?;
-    let want: Vec<Option<usize>> = shape.iter().map(|&n| Some(n)).collect();
-    t.expect_shape(&want, &format!("{shape:?}"))?;
-    t.expect_elem(&[elem])?;
-    t.expect_contiguous()?;
-    t.expect_writable()?;
+    t.expect_exact_shape(shape)?;
+    t.expect_output(&[elem])?;
     Ok((obj, t))
 }
 
@@ -522,9 +519,7 @@ fn check_outs(outs: &[Tensor]) -> PyResult<Vec<usize>> {
         ));
     }
     for (i, t) in outs.iter().enumerate() {
-        t.expect_elem(&[Elem::F32])?;
-        t.expect_contiguous()?;
-        t.expect_writable()?;
+        t.expect_output(&[Elem::F32])?;
         if t.shape != first.shape {
             return Err(invalid(format!(
                 "outs[{i}] has shape {}, outs[0] {}: every rank's outputs have one shape",
@@ -673,8 +668,7 @@ pub fn pack_against_bound<'py>(
     packed: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<PyObject> {
     let ot = Tensor::new("out", out)?;
-    ot.expect_elem(&[Elem::F32])?;
-    ot.expect_contiguous()?;
+    ot.expect_array(&[Elem::F32])?;
     let Some((&width, rows_shape)) = ot.shape.split_last() else {
         return Err(invalid("out must have shape [..., width], got a scalar"));
     };

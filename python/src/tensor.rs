@@ -646,7 +646,7 @@ impl Tensor {
         )))
     }
 
-    /// Checks the shape against `want` (`None`: any extent) and C-contiguity.
+    /// Checks the shape against `want` (`None`: any extent); `what` names it.
     pub fn expect_shape(&self, want: &[Option<usize>], what: &str) -> PyResult<()> {
         let ok = self.shape.len() == want.len()
             && self
@@ -682,6 +682,27 @@ impl Tensor {
             return Err(invalid(format!("{} is read-only", self.name)));
         }
         Ok(())
+    }
+
+    /// Checks the shape is exactly `shape`, named by its extents.
+    pub fn expect_exact_shape(&self, shape: &[usize]) -> PyResult<()> {
+        let want: Vec<Option<usize>> = shape.iter().map(|&n| Some(n)).collect();
+        self.expect_shape(&want, &format!("{shape:?}"))
+    }
+
+    /// Checks an array the library reads as a slice: an element type of `allowed`
+    /// (returned), C-contiguous.
+    pub fn expect_array(&self, allowed: &[Elem]) -> PyResult<Elem> {
+        let elem = self.expect_elem(allowed)?;
+        self.expect_contiguous()?;
+        Ok(elem)
+    }
+
+    /// As [`Self::expect_array`], for an output: writable too.
+    pub fn expect_output(&self, allowed: &[Elem]) -> PyResult<Elem> {
+        let elem = self.expect_array(allowed)?;
+        self.expect_writable()?;
+        Ok(elem)
     }
 
     fn aligned<T>(&self) -> PyResult<()> {
