@@ -81,6 +81,10 @@
 #define PV_N (MODE == MODE_COLUMNS ? SLICE / 2 : SLICE)  // output columns per warpgroup
 #define ON (PV_N / 2)                      // output accumulators per thread
 #define SHARED_TILES (MODE != MODE_TOKENS)  // both warpgroups read every tile
+// The block's queries as float4s per thread (RW is a multiple of 16: exact), loaded in
+// batches of Q_BATCH (the largest of 12, 10, 8, 4 that divides it).
+#define Q_PER_THREAD (HQ * RW / 4 / THREADS)
+#define Q_BATCH (Q_PER_THREAD % 12 == 0 ? 12 : Q_PER_THREAD % 10 == 0 ? 10 : Q_PER_THREAD % 8 == 0 ? 8 : 4)
 
 #if MODE == MODE_COLUMNS ? SLICE != 512 : (SLICE != 64 && SLICE != 128 && SLICE != 256)
 #error "unsupported slice width for this mode"
@@ -93,6 +97,9 @@
 #endif
 #if NT != PAGE
 #error "one tensor copy per page: the tile is the page"
+#endif
+#if (HQ * RW / 4) % THREADS != 0 || Q_PER_THREAD % Q_BATCH != 0
+#error "the queries must split evenly over the threads and the batches"
 #endif
 
 // Byte layout of the dynamic shared memory, from a 1024-byte aligned base (the
@@ -739,18 +746,29 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
     }
 
     // Queries f32 -> bf16 into the swizzled atoms: element (r, c) of warpgroup block
-    // r / 64 at chunk c / 64, row r % 64, 16-byte unit ((c % 64) / 8) ^ (r % 8).
+    // r / 64 at chunk c / 64, row r % 64, 16-byte unit ((c % 64) / 8) ^ (r % 8). Each
+    // thread's Q_PER_THREAD float4s (thread tid + THREADS k) are loaded Q_BATCH at a time,
+    // all of a batch before any is stored: a loop of one load each waited for its global
+    // latency 20-40 times per piece, most of the step's fixed cost (RESULTS v6f).
     {
         const float* qb = q + ((u64)b * heads + h0) * RW;
-        for (int i = tid; i < HQ * RW / 4; i += THREADS) {
-            const int r = (i * 4) / RW;
-            const int c = (i * 4) % RW;
-            const float4 v = *reinterpret_cast<const float4*>(qb + (u64)r * RW + c);
-            const int rr = r % 64;
-            const u32 at = (u32)((r / 64) * QWG_BYTES + (c / 64) * ATOM_BYTES + rr * 128 +
-                                 ((((c % 64) / 8) ^ (rr % 8)) * 16) + (c % 8) * 2);
-            *reinterpret_cast<uint2*>(smem + SM_Q + at) =
-                make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
+#pragma unroll 1
+        for (int k0 = 0; k0 < Q_PER_THREAD; k0 += Q_BATCH) {
+            float4 v[Q_BATCH];
+#pragma unroll
+            for (int k = 0; k < Q_BATCH; ++k)
+                v[k] = *reinterpret_cast<const float4*>(qb + (u64)(tid + THREADS * (k0 + k)) * 4);
+#pragma unroll
+            for (int k = 0; k < Q_BATCH; ++k) {
+                const int i = tid + THREADS * (k0 + k);
+                const int r = (i * 4) / RW;
+                const int c = (i * 4) % RW;
+                const int rr = r % 64;
+                const u32 at = (u32)((r / 64) * QWG_BYTES + (c / 64) * ATOM_BYTES + rr * 128 +
+                                     ((((c % 64) / 8) ^ (rr % 8)) * 16) + (c % 8) * 2);
+                *reinterpret_cast<uint2*>(smem + SM_Q + at) =
+                    make_uint2(pack_bf16x2(v[k].x, v[k].y), pack_bf16x2(v[k].z, v[k].w));
+            }
         }
         fence_async_shared();
         __syncthreads();
