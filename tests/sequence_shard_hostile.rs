@@ -5,6 +5,7 @@
 
 mod cache_support;
 
+use cache_support::hostile::*;
 use cache_support::reseal::reseal;
 use cache_support::{random_values, rng, small_dims};
 use rand::Rng;
@@ -13,7 +14,7 @@ use tpla::attention::reference::gather_rows;
 use tpla::cache::{ExportPlan, RankCache, ShardHeader, ShardSpec, ShardWriter, TransformId};
 use tpla::decode::{Outputs, Queries, RankContext, RankLayer};
 use tpla::transform::Transform;
-use tpla::{DType, Error, ErrorKind, HybridPlan, SequenceSharding};
+use tpla::{DType, ErrorKind, HybridPlan, SequenceSharding};
 
 /// Sequences (id, tokens over all shards): with 4 shards of interleave 3, sequence 9
 /// (1 token) and 4 (0 tokens) hold nothing on shard 2, sequence 2 (8 tokens) 2 tokens.
@@ -88,36 +89,14 @@ fn rank_spec(
     ShardSpec::for_hybrid(d, &plan, dtype, page_size, ids).unwrap()
 }
 
-/// The error of a hostile image, from the parser and from registration alike.
-fn refused(image: &[u8]) -> Error {
-    let err = ShardHeader::parse(image).expect_err("a hostile image was accepted");
-    let spec = rank_spec(GROUPS, sharding(), RANK, DType::Bf16, 8, LAYERS);
-    let mut cache = RankCache::new(spec, 2).unwrap();
-    let reg = cache.register_buffer(image.to_vec()).unwrap_err();
-    assert_eq!(err, reg);
-    assert_eq!(cache.sequence_ids().count(), 0);
-    err
-}
-
-fn assert_refused(image: &[u8], kind: ErrorKind, text: &str, what: &str) {
-    let err = refused(image);
-    assert_eq!(err.kind(), kind, "{what}: {err}");
-    assert!(
-        err.message().contains(text),
-        "{what}: '{err}' lacks '{text}'"
-    );
-}
-
-fn put32(img: &mut [u8], off: usize, v: u32) {
-    img[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put64(img: &mut [u8], off: usize, v: u64) {
-    img[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn get64(img: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(img[off..off + 8].try_into().unwrap())
+fn hostile() -> Hostile {
+    Hostile {
+        base: image(),
+        spec: rank_spec(GROUPS, sharding(), RANK, DType::Bf16, 8, LAYERS),
+        header_len: 144,
+        layers: LAYERS,
+        sequences: SEQS.len(),
+    }
 }
 
 #[test]
@@ -143,248 +122,128 @@ fn the_base_image_is_a_valid_version_2_shard() {
 
 #[test]
 fn every_metadata_byte_of_a_version_2_image_is_checked() {
-    let base = image();
-    let h = ShardHeader::parse(&base).unwrap();
-    let tables_end = 144 + 16 * LAYERS + 24 * SEQS.len();
-    assert_eq!(h.data_offset(), 4096);
-    for off in 0..h.data_offset() {
-        for mask in [0x01u8, 0x80, 0xff] {
-            let mut img = base.clone();
-            img[off] ^= mask;
-            let (kind, text) = match off {
-                0..=7 => (ErrorKind::CorruptFile, "magic".to_string()),
-                8..=11 => (ErrorKind::Unsupported, "version".to_string()),
-                // the sequence-shard block (128..144) is under the header checksum
-                12..=143 => (ErrorKind::CorruptFile, "header checksum".to_string()),
-                o if o < tables_end => (ErrorKind::CorruptFile, "table checksum".to_string()),
-                o => (
-                    ErrorKind::CorruptFile,
-                    format!("padding byte at offset {o}"),
-                ),
-            };
-            assert_refused(&img, kind, &text, &format!("byte {off} ^ {mask:#x}"));
-        }
-    }
+    // the sequence-shard block (128..144) is under the header checksum
+    hostile().every_metadata_byte_is_checked();
 }
 
 #[test]
 fn truncated_and_extended_version_2_images_are_refused() {
-    let base = image();
-    let h = ShardHeader::parse(&base).unwrap();
-    let stride = h.spec().page_stride();
-    let tables_end = 144 + 16 * LAYERS + 24 * SEQS.len();
-    let mut cuts = vec![0, 1, 7, 8, 12, 16, 127, 128, 129, 136, 143, 144, 144 + 16];
-    cuts.extend([
-        144 + 16 * LAYERS,
-        tables_end - 1,
-        tables_end,
-        h.data_offset() - 1,
-        h.data_offset(),
-    ]);
-    cuts.extend((1..LAYERS * h.pages_per_layer()).map(|p| h.data_offset() + p * stride));
-    cuts.push(base.len() - 1);
-    let mut rng = rng(41);
-    cuts.extend((0..300).map(|_| rng.random_range(0..base.len())));
-    for cut in cuts {
-        assert_refused(
-            &base[..cut],
-            ErrorKind::CorruptFile,
-            "truncated",
-            &format!("cut at {cut}"),
-        );
-    }
+    let hostile = hostile();
+    hostile.truncations_are_refused(
+        &[0, 1, 7, 8, 12, 16, 127, 128, 129, 136, 143, 144, 144 + 16],
+        41,
+    );
     // inside the sequence-shard block: the header of version 2 is named
     for cut in 128..144 {
-        assert_refused(
-            &base[..cut],
+        hostile.assert_refused(
+            &hostile.base[..cut],
             ErrorKind::CorruptFile,
             "shorter than the 144-byte header of version 2",
             &format!("cut at {cut}"),
         );
     }
-    for extra in [1, 16, 4096] {
-        let mut img = base.clone();
-        img.resize(base.len() + extra, 0);
-        assert_refused(
-            &img,
-            ErrorKind::CorruptFile,
-            &format!("{extra} unexpected bytes"),
-            "extended",
-        );
-    }
+    hostile.extensions_are_refused(&[1, 16, 4096]);
 }
 
 #[test]
 fn hostile_sequence_shard_fields_behind_valid_checksums_are_refused_by_name() {
-    let base = image();
-    let h = ShardHeader::parse(&base).unwrap();
-    let st = 144 + 16 * LAYERS;
+    let hostile = hostile();
+    let st = hostile.seq_table();
     let seq = move |k: usize| st + 24 * k;
-    let p = h.pages_per_layer() as u64;
-    type Edit = Box<dyn Fn(&mut Vec<u8>)>;
-    let cases: Vec<(&str, Edit, ErrorKind, &str)> = vec![
-        (
+    let cases = vec![
+        corrupt(
             "s = 0",
-            Box::new(|i| put32(i, 128, 0)),
-            ErrorKind::CorruptFile,
+            set32(128, 0),
             "sequence shards must lie in 1..=64, got 0",
         ),
-        (
-            "s = 65",
-            Box::new(|i| put32(i, 128, 65)),
-            ErrorKind::CorruptFile,
-            "got 65",
-        ),
-        (
-            "s huge",
-            Box::new(|i| put32(i, 128, u32::MAX)),
-            ErrorKind::CorruptFile,
-            "got 4294967295",
-        ),
-        (
+        corrupt("s = 65", set32(128, 65), "got 65"),
+        corrupt("s huge", set32(128, u32::MAX), "got 4294967295"),
+        corrupt(
             "s = 1 in version 2",
-            Box::new(|i| put32(i, 128, 1)),
-            ErrorKind::CorruptFile,
+            set32(128, 1),
             "its sequence shard count is 1",
         ),
-        (
+        corrupt(
             "shard = s",
-            Box::new(|i| put32(i, 132, 4)),
-            ErrorKind::CorruptFile,
+            set32(132, 4),
             "sequence shard 4 is out of range for 4",
         ),
-        (
+        corrupt(
             "shard past a smaller s",
-            Box::new(|i| put32(i, 128, 2)),
-            ErrorKind::CorruptFile,
+            set32(128, 2),
             "sequence shard 2 is out of range for 2",
         ),
-        (
+        corrupt(
             "shard huge",
-            Box::new(|i| put32(i, 132, u32::MAX)),
-            ErrorKind::CorruptFile,
+            set32(132, u32::MAX),
             "sequence shard 4294967295 is out of range for 4",
         ),
-        (
+        corrupt(
             "interleave 0",
-            Box::new(|i| put32(i, 136, 0)),
-            ErrorKind::CorruptFile,
+            set32(136, 0),
             "the interleave must lie in 1..=1048576 tokens, got 0",
         ),
-        (
+        corrupt(
             "interleave 2^20 + 1",
-            Box::new(|i| put32(i, 136, (1 << 20) + 1)),
-            ErrorKind::CorruptFile,
+            set32(136, (1 << 20) + 1),
             "got 1048577",
         ),
-        (
-            "interleave huge",
-            Box::new(|i| put32(i, 136, u32::MAX)),
-            ErrorKind::CorruptFile,
-            "got 4294967295",
-        ),
-        (
+        corrupt("interleave huge", set32(136, u32::MAX), "got 4294967295"),
+        corrupt(
             "block reserved",
-            Box::new(|i| put32(i, 140, 1)),
-            ErrorKind::CorruptFile,
+            set32(140, 1),
             "sequence-shard reserved field is 0x1",
         ),
-        (
-            // the fields of version 2 inside a version 1 header: its layer table would
-            // start where the block is
+        // the fields of version 2 inside a version 1 header: its layer table would
+        // start where the block is
+        corrupt(
             "version 1 on a version 2 layout",
-            Box::new(|i| put32(i, 8, 1)),
-            ErrorKind::CorruptFile,
+            set32(8, 1),
             "layer table offset is 144, expected 128: a gap after the header",
         ),
-        (
+        corrupt(
             "version 1 on a version 2 layout, tables moved back",
-            Box::new(|i| {
+            |i: &mut Vec<u8>| {
                 put32(i, 8, 1);
                 put64(i, 88, 128);
-            }),
-            ErrorKind::CorruptFile,
+            },
             "sequence table offset",
         ),
-        (
-            "version 3",
-            Box::new(|i| put32(i, 8, 3)),
-            ErrorKind::Unsupported,
-            "version 3",
-        ),
-        (
+        corrupt(
             "layer table over the block",
-            Box::new(|i| put64(i, 88, 136)),
-            ErrorKind::CorruptFile,
+            set64(88, 136),
             "layer table offset 136 overlaps the header (expected 144)",
         ),
-        (
-            "sequences + 1",
-            Box::new(|i| put32(i, 64, SEQS.len() as u32 + 1)),
-            ErrorKind::CorruptFile,
-            "sequence",
-        ),
-        (
-            "pages huge",
-            Box::new(|i| put64(i, 72, u64::MAX)),
-            ErrorKind::CorruptFile,
-            "overflows",
-        ),
-        (
-            "pages + 1",
-            Box::new(move |i| put64(i, 72, p + 1)),
-            ErrorKind::CorruptFile,
-            "data length",
-        ),
         // row counts that do not fit the shard's pages
-        (
+        corrupt(
             "rows + page",
-            Box::new(move |i| put64(i, seq(0) + 8, 9 + 8)),
-            ErrorKind::CorruptFile,
+            set64(seq(0) + 8, 9 + 8),
             "entry 1 (id 2): starts at page 2, but the sequences before it end at page 3",
         ),
-        (
+        corrupt(
             "no rows for a sequence holding a page",
-            Box::new(move |i| put64(i, seq(1) + 8, 0)),
-            ErrorKind::CorruptFile,
+            set64(seq(1) + 8, 0),
             "entry 2 (id 9): starts at page 3, but the sequences before it end at page 2",
         ),
-        (
+        corrupt(
             "rows of the last sequence",
-            Box::new(move |i| put64(i, seq(3) + 8, 1)),
-            ErrorKind::CorruptFile,
+            set64(seq(3) + 8, 1),
             "entry 3 (id 4): 1 tokens run past the 3 pages of a layer",
         ),
-        (
-            "rows huge",
-            Box::new(move |i| put64(i, seq(0) + 8, u64::MAX)),
-            ErrorKind::CorruptFile,
-            "run past",
-        ),
-        (
-            "rows 2^63",
-            Box::new(move |i| put64(i, seq(1) + 8, 1 << 63)),
-            ErrorKind::CorruptFile,
-            "run past",
-        ),
-        (
+        corrupt("rows huge", set64(seq(0) + 8, u64::MAX), "run past"),
+        corrupt("rows 2^63", set64(seq(1) + 8, 1 << 63), "run past"),
+        corrupt(
             "rows 0 of a sequence holding a page",
-            Box::new(move |i| {
+            move |i: &mut Vec<u8>| {
                 put64(i, seq(1) + 8, 0);
                 let next = get64(i, seq(1) + 16);
                 put64(i, seq(2) + 16, next);
                 put64(i, seq(3) + 16, next);
-            }),
-            ErrorKind::CorruptFile,
+            },
             "the sequences fill 2 pages per layer, the header says 3",
         ),
     ];
-    for (what, edit, kind, text) in cases {
-        let mut img = base.clone();
-        edit(&mut img);
-        reseal(&mut img);
-        assert_refused(&img, kind, text, what);
-    }
+    hostile.edits_are_refused(cases);
 }
 
 #[test]
@@ -575,34 +434,23 @@ fn randomly_flipped_version_2_images_are_refused_or_decode_cleanly() {
         let h = match ShardHeader::parse(&img) {
             Ok(h) => h,
             Err(e) => {
-                assert!(
-                    matches!(e.kind(), ErrorKind::CorruptFile | ErrorKind::Unsupported),
-                    "round {round}: {e}"
-                );
-                let words = e.message().split(|c: char| c.is_ascii_digit() || c == '(');
-                messages.insert(words.take(2).collect::<String>());
+                note_refusal(&mut messages, &e, &format!("round {round}"));
                 continue;
             }
         };
         accepted += 1;
-        assert_eq!(h.encode(), img[..h.data_offset()], "parse is not injective");
         let intact = h.verify_data(&img).is_ok();
         let spec = h.spec().clone();
         // (a pool too large for memory: the image's own pages only)
-        let mut cache = RankCache::new(spec.clone(), 8)
+        let cache = RankCache::new(spec.clone(), 8)
             .or_else(|_| RankCache::new(spec.clone(), 0))
             .unwrap();
-        let ids = cache.register_buffer(img.clone()).unwrap();
-        for layer in 0..spec.layers() {
-            let view = cache.layer(layer).unwrap();
-            for (&id, e) in ids.iter().zip(h.sequences()) {
-                let rows = gather_rows(&view, id, spec.slice_width()).unwrap();
-                assert_eq!(rows.len(), e.len * spec.row_width());
-                if intact && spec == bases[k].1 {
-                    assert!(rows.iter().all(|x| x.is_finite()), "round {round}");
-                }
+        let own_rank = spec == bases[k].1;
+        let (mut cache, ids) = reads_back(&h, &img, cache, |rows| {
+            if intact && own_rank {
+                assert!(rows.iter().all(|x| x.is_finite()), "round {round}");
             }
-        }
+        });
         // the next token of each sequence goes to its next position on this shard, and
         // nowhere else
         let (sh, j) = (spec.sequence_sharding(), spec.sequence_shard());

@@ -165,6 +165,7 @@ impl Prefill {
     }
 }
 
+pub mod hostile;
 pub mod reseal;
 
 /// What the cache must give back for rows `[..][w + d_r]` (`w` latent values each):
