@@ -4,6 +4,9 @@
 
 #![cfg(feature = "cuda")]
 
+mod attention_support;
+
+use attention_support::gpu;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -19,17 +22,6 @@ fn fresh_seed() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
-}
-
-/// Opens GPU 0, or says why not and returns None.
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipping: no usable CUDA device ({e})");
-            None
-        }
-    }
 }
 
 /// A host paged cache of bf16 rows with its own page size, holding the f64 values the

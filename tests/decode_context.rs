@@ -1,6 +1,9 @@
 //! A rank's decode context end to end: folded weights, paged caches, backends, combine,
 //! against the f64 reference.
 
+mod attention_support;
+
+use attention_support::sequences;
 use tpla::attention::cpu::CpuBackend;
 use tpla::attention::reference::{self, rel_l2, rotated_latents, slice_rows, Reference};
 use tpla::attention::LatentAttention;
@@ -38,15 +41,7 @@ fn setup(
     let layer = SyntheticLayer::generate(&d, 77).unwrap();
     let u = Transform::hadamard(d.d_c, 5).unwrap();
     let folded = FoldedLayer::new(&layer.weights, &u).unwrap();
-    let seqs: Vec<_> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let s = layer.sequence(n, 100 + i as u64);
-            let q = layer.query_at(&s, n - 1);
-            (s.tokens, q)
-        })
-        .collect();
+    let seqs = sequences(&layer, lens, 100);
     let ranks = (0..groups)
         .map(|i| {
             let plan = ShardPlan::new(&d, groups, i).unwrap();

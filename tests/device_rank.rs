@@ -4,26 +4,18 @@
 
 #![cfg(feature = "cuda")]
 
+mod attention_support;
+
 #[path = "../examples/tp_decode/case.rs"]
 mod case;
 
+use attention_support::gpu;
 use case::{worst_rel_l2, TpCase};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tpla::attention::cuda::CudaBackend;
 use tpla::cache::{RankCache, ShardSpec};
 use tpla::combine::all_reduce_in_process;
 use tpla::device_rank::DeviceRank;
 use tpla::{DType, ErrorKind, ModelDims, ShardPlan};
-
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipping: no usable CUDA device ({e})");
-            None
-        }
-    }
-}
 
 fn fresh_seed() -> u64 {
     let s = SystemTime::now()

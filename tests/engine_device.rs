@@ -10,6 +10,9 @@
 
 #![cfg(feature = "cuda")]
 
+mod attention_support;
+
+use attention_support::gpu;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -41,17 +44,6 @@ fn fresh_seed() -> u64 {
         .as_nanos() as u64;
     println!("seed {seed}");
     seed
-}
-
-/// Opens GPU 0, or says why not and returns None.
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipping: no usable CUDA device ({e})");
-            None
-        }
-    }
 }
 
 fn dims() -> ModelDims {

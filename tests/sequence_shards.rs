@@ -3,6 +3,9 @@
 //! and decode-time appends), decodes them, and the merges of `combine::sequence` give
 //! exact MLA (one latent group) or TPLA over the whole sequence (several groups).
 
+mod attention_support;
+
+use attention_support::{f32s, mu, sequences};
 use std::path::{Path, PathBuf};
 use tpla::attention::cpu::CpuBackend;
 use tpla::attention::reference::{self, rel_l2, rotated_latents, slice_rows};
@@ -21,10 +24,6 @@ fn dims() -> ModelDims {
     ModelDims::new(8, 128, 32, 32, 24, 0.15).unwrap()
 }
 
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
-
 struct Deployment {
     ranks: Vec<(RankContext, RankCache, RankWeights)>,
     layer: SyntheticLayer,
@@ -40,25 +39,14 @@ fn deploy(groups: usize, sharding: SequenceSharding, lens: &[usize]) -> Deployme
     let layer = SyntheticLayer::generate(&d, 91).unwrap();
     let transform = Transform::hadamard(d.d_c, 3).unwrap();
     let folded = FoldedLayer::new(&layer.weights, &transform).unwrap();
-    let seqs: Vec<(Tokens, Query)> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let s = layer.sequence(n, 500 + i as u64);
-            let q = layer.query_at(&s, n - 1);
-            (s.tokens, q)
-        })
-        .collect();
+    let seqs = sequences(&layer, lens, 500);
     let ranks = (0..groups * sharding.shards)
         .map(|rank| {
             let plan = HybridPlan::new(&d, groups, sharding, rank).unwrap();
             // mu differs per latent group (one logit scale per slice), not per shard
-            let mu = if groups == 1 {
-                1.0
-            } else {
-                1.0 + 0.1 * plan.latent.group as f64
-            };
-            let weights = folded.rank(&plan.latent, mu).unwrap();
+            let weights = folded
+                .rank(&plan.latent, mu(groups, plan.latent.group))
+                .unwrap();
             let rl = RankLayer::new(&weights, transform.clone(), 1.0 / groups as f64).unwrap();
             let mut ctx =
                 RankContext::new(d, plan.latent, 1, Box::new(CpuBackend::new(1).unwrap())).unwrap();
@@ -337,15 +325,7 @@ fn deploy_from_files(
     let layer = SyntheticLayer::generate(&d, 91).unwrap();
     let transform = Transform::hadamard(d.d_c, 3).unwrap();
     let folded = FoldedLayer::new(&layer.weights, &transform).unwrap();
-    let seqs: Vec<(Tokens, Query)> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let s = layer.sequence(n, 500 + i as u64);
-            let q = layer.query_at(&s, n - 1);
-            (s.tokens, q)
-        })
-        .collect();
+    let seqs = sequences(&layer, lens, 500);
     let paths = export_prefill(groups, sharding, dtype, &seqs, &transform, dir);
     let ranks = (0..groups * sharding.shards)
         .map(|rank| {

@@ -9,6 +9,9 @@
 
 #![cfg(feature = "cuda")]
 
+mod attention_support;
+
+use attention_support::{f32s, gpu, mu, sequences};
 use std::path::{Path, PathBuf};
 use tpla::attention::cpu::CpuBackend;
 use tpla::attention::cuda::CudaBackend;
@@ -31,32 +34,8 @@ const LENS: [usize; 7] = [1, 2, 3, 7, 61, 130, 701];
 /// Relative L2 bound of bf16 caches against the f64 reference.
 const BF16_BOUND: f64 = 1e-2;
 
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipping: no usable CUDA device ({e})");
-            None
-        }
-    }
-}
-
 fn dims() -> ModelDims {
     ModelDims::preset("deepseek-v2-lite").unwrap()
-}
-
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
-
-/// Logit scale of latent group `group` (not 1 with several groups, so a rank that
-/// ignored mu would fail).
-fn mu(groups: usize, group: usize) -> f64 {
-    if groups == 1 {
-        1.0
-    } else {
-        1.0 + 0.1 * group as f64
-    }
 }
 
 struct Model {
@@ -72,15 +51,7 @@ impl Model {
         let layer = SyntheticLayer::generate(&d, 77).unwrap();
         let transform = Transform::hadamard(d.d_c, 5).unwrap();
         let folded = FoldedLayer::new(&layer.weights, &transform).unwrap();
-        let seqs = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                let s = layer.sequence(n, 900 + i as u64);
-                let q = layer.query_at(&s, n - 1);
-                (s.tokens, q)
-            })
-            .collect();
+        let seqs = sequences(&layer, lens, 900);
         Model {
             layer,
             transform,
