@@ -80,3 +80,25 @@ pub fn refuse_lse_when_projecting(lse: Option<&Bound<'_, PyAny>>) -> PyResult<()
     }
     Ok(())
 }
+
+/// The last extent of `q`: the joined rows `slice_width + d_r` (`w + d_r`) without
+/// `q_rope`; with it the latent part `w` or, with `absorb=True`, q_nope's `d_n`. `nope`
+/// names q_nope's shape in the refusal of `absorb=True` without `q_rope`.
+pub fn query_width(
+    has_rope: bool,
+    absorb: bool,
+    w: usize,
+    d: &tpla::ModelDims,
+    nope: &str,
+) -> PyResult<usize> {
+    Ok(match (has_rope, absorb) {
+        (false, false) => w + d.d_r,
+        (false, true) => {
+            return Err(invalid(format!(
+                "absorb=True needs q_rope: q is then q_nope {nope}"
+            )))
+        }
+        (true, false) => w,
+        (true, true) => d.d_n,
+    })
+}

@@ -10,7 +10,7 @@ mod errors;
 mod sequence;
 mod tensor;
 
-use checks::{refuse_lse_when_projecting, Rows};
+use checks::{query_width, refuse_lse_when_projecting, Rows};
 use errors::{invalid, Tpla};
 use half::bf16;
 use pyo3::prelude::*;
@@ -24,7 +24,7 @@ use tpla::attention::reference::{rotated_latents, Reference};
 use tpla::attention::LatentAttention;
 use tpla::cache::{ExportPlan, RankCache, ShardFileWriter, ShardSpec};
 use tpla::convert::{FoldedLayer, MlaWeights};
-use tpla::decode::{Outputs, Queries, RankLayer};
+use tpla::decode::{LogitBounds, Outputs, Queries, RankLayer};
 use tpla::engine::{BlockTable, PagedCache, PagedCacheMut, PagedLayout, PagedStep, RmsMode};
 use tpla::transform::{SecondMoment, SliceLayout};
 use tpla::weights_file::WeightsFileWriter;
@@ -586,7 +586,31 @@ impl PyRankContext {
         layer: usize,
         rms: &str,
     ) -> PyResult<()> {
-        sequence::append_token(self, &mut cache, seq, latent, k_rope, position, layer, rms)
+        let d = *self.c().dims();
+        let exact = match rms {
+            "exact" => true,
+            "sliced" => false,
+            other => {
+                return Err(invalid(format!(
+                    "rms must be 'exact' or 'sliced', got '{other}'"
+                )))
+            }
+        };
+        let lt = Tensor::new("latent", latent)?;
+        lt.expect_shape(&[Some(d.d_c)], &format!("[d_c={}]", d.d_c))?;
+        let rt = Tensor::new("k_rope", k_rope)?;
+        rt.expect_shape(&[Some(d.d_r)], &format!("[d_r={}]", d.d_r))?;
+        let PyRankContext {
+            ctx, qbuf, rbuf, ..
+        } = self;
+        let ctx = ctx.get_mut().unwrap_or_else(|e| e.into_inner());
+        let a = floats(&lt, qbuf)?;
+        let kr = floats(&rt, rbuf)?;
+        match position {
+            Some(p) => ctx.append_token_at(&mut cache.cache, seq, layer, p, a, kr, exact),
+            None => ctx.append_token(&mut cache.cache, seq, layer, a, kr, exact),
+        }
+        .py()
     }
 
     /// One decode step of `layer` for the sequences `seqs` of `cache` (a `tpla.RankCache`
@@ -617,21 +641,89 @@ impl PyRankContext {
         rope_key_norm: Option<f64>,
         bounds: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(PyObject, PyObject, PyObject)> {
-        sequence::decode_shard(
-            py,
-            self,
-            &cache,
-            seqs,
-            q,
-            layer,
-            q_rope,
-            absorb,
-            project,
-            out,
-            lse,
-            rope_key_norm,
-            bounds,
-        )
+        let (d, p) = {
+            let g = self.c();
+            (*g.dims(), *g.plan())
+        };
+        let (b, h, w) = (seqs.len(), p.heads, p.slice_width);
+        let x = query_width(q_rope.is_some(), absorb, w, &d, "[batch, heads, d_n]")?;
+        let qt = Tensor::new("q", q)?;
+        qt.expect_shape(
+            &[Some(b), Some(h), Some(x)],
+            &format!("[batch={b} (len(seqs)), heads={h}, {x}]"),
+        )?;
+        let rt = match q_rope {
+            Some(r) => {
+                let rt = Tensor::new("q_rope", r)?;
+                rt.expect_shape(
+                    &[Some(b), Some(h), Some(d.d_r)],
+                    &format!("[batch={b}, heads={h}, d_r={}]", d.d_r),
+                )?;
+                Some(rt)
+            }
+            None => None,
+        };
+        if bounds.is_some() && rope_key_norm.is_none() {
+            return Err(invalid(
+                "bounds= is written only with rope_key_norm= (the bound of |k_rope| over the \
+                 batch's tokens, equal on every rank)",
+            ));
+        }
+        let width = if project { d.d_v } else { w };
+        let (out_obj, ot) = sequence::output(py, "out", out, &[b, h, width], Elem::F32, q)?;
+        let (lse_obj, lt) = sequence::output(py, "lse", lse, &[b, h], Elem::F32, q)?;
+        let bound = match rope_key_norm {
+            Some(_) => Some(sequence::output(
+                py,
+                "bounds",
+                bounds,
+                &[b, h],
+                Elem::F64,
+                q,
+            )?),
+            None => None,
+        };
+        let mut inputs: Vec<&Tensor> = vec![&qt];
+        inputs.extend(&rt);
+        check_disjoint(&ot, &inputs)?;
+        check_disjoint(&lt, &inputs)?;
+        check_disjoint(&lt, &[&ot])?;
+        if let Some((_, bt)) = &bound {
+            check_disjoint(bt, &inputs)?;
+            check_disjoint(bt, &[&ot, &lt])?;
+        }
+
+        let PyRankContext {
+            ctx, qbuf, rbuf, ..
+        } = self;
+        let ctx = ctx.get_mut().unwrap_or_else(|e| e.into_inner());
+        let queries = queries(&qt, rt.as_ref(), absorb, qbuf, rbuf)?;
+        // SAFETY: element types, shapes and contiguity checked above; the outputs are
+        // disjoint from the inputs and from each other, and written only through these.
+        let (o, l) = unsafe { (ot.slice_mut::<f32>()?, lt.slice_mut::<f32>()?) };
+        let outputs = if project {
+            Outputs::HeadsAndLse { out: o, lse: l }
+        } else {
+            Outputs::Latent { out: o, lse: l }
+        };
+        let logit_bounds = match (&bound, rope_key_norm) {
+            (Some((_, bt)), Some(norm)) => Some(LogitBounds {
+                rope_key_norm: norm,
+                // SAFETY: as above.
+                out: unsafe { bt.slice_mut::<f64>()? },
+            }),
+            _ => None,
+        };
+        let rc = &cache.cache;
+        py.allow_threads(move || {
+            ctx.decode_sequence_shard(rc, layer, &seqs, queries, outputs, logit_bounds)
+        })
+        .py()?;
+        let bounds_obj = match bound {
+            Some((obj, _)) => obj.unbind(),
+            None => py.None(),
+        };
+        Ok((out_obj.unbind(), lse_obj.unbind(), bounds_obj))
     }
 
     fn __repr__(&self) -> String {
@@ -732,6 +824,30 @@ fn read_f64(t: &Tensor) -> PyResult<Vec<f64>> {
             .map(|v| v.to_f64())
             .collect()),
     }
+}
+
+/// The queries of a decode as float32 (converted into `qbuf` and `rbuf` where they are
+/// bfloat16 or float16): `qt` the joined rows, or with `rt` (the RoPE part) the latent
+/// part, or with `absorb` q_nope.
+fn queries<'a>(
+    qt: &'a Tensor,
+    rt: Option<&'a Tensor>,
+    absorb: bool,
+    qbuf: &'a mut Vec<f32>,
+    rbuf: &'a mut Vec<f32>,
+) -> PyResult<Queries<'a>> {
+    let qs = floats(qt, qbuf)?;
+    Ok(match (rt, absorb) {
+        (None, _) => Queries::Joined(qs),
+        (Some(r), false) => Queries::Latent {
+            q_lat: qs,
+            q_rope: floats(r, rbuf)?,
+        },
+        (Some(r), true) => Queries::Nope {
+            q_nope: qs,
+            q_rope: floats(r, rbuf)?,
+        },
+    })
 }
 
 /// A contiguous float32 tensor as a slice, or a bfloat16 / float16 one converted into
@@ -1043,20 +1159,10 @@ fn decode<'py>(
         (*g.dims(), *g.plan())
     };
     let (h, w) = (p.heads, p.slice_width);
-    let rw = w + d.d_r;
 
     // q: [batch, 1, heads, X] (or [batch, heads, X])
     let qt = Tensor::new("q", q)?;
-    let x = match (q_rope.is_some(), absorb) {
-        (false, false) => rw,
-        (false, true) => {
-            return Err(invalid(
-                "absorb=True needs q_rope: q is then q_nope [batch, 1, heads, d_n]",
-            ))
-        }
-        (true, false) => w,
-        (true, true) => d.d_n,
-    };
+    let x = query_width(q_rope.is_some(), absorb, w, &d, "[batch, 1, heads, d_n]")?;
     let rows = Rows::of(&qt, h, x)?;
     let b = rows.batch;
     let rt = match q_rope {
@@ -1105,9 +1211,7 @@ fn decode<'py>(
         None => None,
     };
     let mut inputs: Vec<&Tensor> = vec![&qt, &kv, &bt, &sl];
-    if let Some(r) = &rt {
-        inputs.push(r);
-    }
+    inputs.extend(&rt);
     check_disjoint(&ot, &inputs)?;
     if let Some(l) = &lt {
         check_disjoint(l, &inputs)?;
@@ -1122,16 +1226,7 @@ fn decode<'py>(
         ..
     } = c;
     let ctx = ctx_mutex.get_mut().unwrap_or_else(|e| e.into_inner());
-    let qs = floats(&qt, qbuf)?;
-    let rs = match &rt {
-        Some(r) => Some(floats(r, rbuf)?),
-        None => None,
-    };
-    let queries = match (rs, absorb) {
-        (None, _) => Queries::Joined(qs),
-        (Some(q_rope), false) => Queries::Latent { q_lat: qs, q_rope },
-        (Some(q_rope), true) => Queries::Nope { q_nope: qs, q_rope },
-    };
+    let queries = queries(&qt, rt.as_ref(), absorb, qbuf, rbuf)?;
     // SAFETY: element types and contiguity checked above; outputs are disjoint from the
     // inputs and each other, and are written only through these slices.
     let outputs = unsafe {

@@ -1,8 +1,9 @@
 //! Sequence shards from Python (issue 15, DESIGN 3.6): the sharding and hybrid plan of
 //! `tpla::geometry`, a rank's libtpla-owned cache of one sequence shard
-//! (`tpla::cache::RankCache` of a `ShardSpec::for_hybrid`), appends by position, the
-//! per-rank decode that returns log-sum-exps (`RankContext::decode_sequence_shard`), and
-//! the two merges of `tpla::combine::sequence` on NumPy arrays (or CPU torch tensors).
+//! (`tpla::cache::RankCache` of a `ShardSpec::for_hybrid`), the outputs of the per-rank
+//! decode that returns log-sum-exps (`RankContext.decode_sequence_shard`, which with
+//! `RankContext.append_token`, appends by position, is a method in lib.rs), and the two
+//! merges of `tpla::combine::sequence` on NumPy arrays (or CPU torch tensors).
 //!
 //! As everywhere in the binding: shapes, dtypes, contiguity, writability and overlaps
 //! are checked before libtpla sees a slice, and libtpla's errors become the package's
@@ -10,13 +11,12 @@
 
 use crate::errors::{invalid, to_py, Tpla};
 use crate::tensor::{check_disjoint, Elem, Tensor};
-use crate::{empty, floats, parse_dtype, PyModelDims, PyRankContext, PyShardPlan};
+use crate::{empty, parse_dtype, PyModelDims, PyRankContext, PyShardPlan};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use std::path::PathBuf;
 use tpla::cache::{RankCache, ShardSpec};
 use tpla::combine::sequence as merge;
-use tpla::decode::{LogitBounds, Outputs, Queries};
 use tpla::{HybridPlan, SequenceSharding};
 
 /// How a sequence's tokens are spread over `shards` sequence shards: positions are cut
@@ -324,49 +324,9 @@ fn dtype_name(dtype: tpla::DType) -> &'static str {
     }
 }
 
-/// `RankContext.append_token`: one token of `seq` into `layer` of `cache`, by position
-/// when given (required on a sequence shard).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn append_token(
-    c: &mut PyRankContext,
-    cache: &mut PyRankCache,
-    seq: u32,
-    latent: &Bound<'_, PyAny>,
-    k_rope: &Bound<'_, PyAny>,
-    position: Option<u64>,
-    layer: usize,
-    rms: &str,
-) -> PyResult<()> {
-    let d = *c.c().dims();
-    let exact = match rms {
-        "exact" => true,
-        "sliced" => false,
-        other => {
-            return Err(invalid(format!(
-                "rms must be 'exact' or 'sliced', got '{other}'"
-            )))
-        }
-    };
-    let lt = Tensor::new("latent", latent)?;
-    lt.expect_shape(&[Some(d.d_c)], &format!("[d_c={}]", d.d_c))?;
-    let rt = Tensor::new("k_rope", k_rope)?;
-    rt.expect_shape(&[Some(d.d_r)], &format!("[d_r={}]", d.d_r))?;
-    let PyRankContext {
-        ctx, qbuf, rbuf, ..
-    } = c;
-    let ctx = ctx.get_mut().unwrap_or_else(|e| e.into_inner());
-    let a = floats(&lt, qbuf)?;
-    let kr = floats(&rt, rbuf)?;
-    match position {
-        Some(p) => ctx.append_token_at(&mut cache.cache, seq, layer, p, a, kr, exact),
-        None => ctx.append_token(&mut cache.cache, seq, layer, a, kr, exact),
-    }
-    .py()
-}
-
 /// A fresh float32/float64 output or the caller's, checked: `shape`, element type,
 /// contiguous, writable.
-fn output<'py>(
+pub(crate) fn output<'py>(
     py: Python<'py>,
     name: &'static str,
     given: Option<&Bound<'py, PyAny>>,
@@ -384,124 +344,26 @@ fn output<'py>(
     Ok((obj, t))
 }
 
-/// `RankContext.decode_sequence_shard`: returns `(out, lse, bounds)`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn decode_shard<'py>(
-    py: Python<'py>,
-    c: &mut PyRankContext,
-    cache: &PyRankCache,
-    seqs: Vec<u32>,
-    q: &Bound<'py, PyAny>,
-    layer: usize,
-    q_rope: Option<&Bound<'py, PyAny>>,
-    absorb: bool,
-    project: bool,
-    out: Option<&Bound<'py, PyAny>>,
-    lse: Option<&Bound<'py, PyAny>>,
-    rope_key_norm: Option<f64>,
-    bounds: Option<&Bound<'py, PyAny>>,
-) -> PyResult<(PyObject, PyObject, PyObject)> {
-    let (d, p) = {
-        let g = c.c();
-        (*g.dims(), *g.plan())
-    };
-    let (b, h, w) = (seqs.len(), p.heads, p.slice_width);
-    let x = match (q_rope.is_some(), absorb) {
-        (false, false) => w + d.d_r,
-        (false, true) => {
-            return Err(invalid(
-                "absorb=True needs q_rope: q is then q_nope [batch, heads, d_n]",
-            ))
-        }
-        (true, false) => w,
-        (true, true) => d.d_n,
-    };
-    let qt = Tensor::new("q", q)?;
-    qt.expect_shape(
-        &[Some(b), Some(h), Some(x)],
-        &format!("[batch={b} (len(seqs)), heads={h}, {x}]"),
-    )?;
-    let rt = match q_rope {
-        Some(r) => {
-            let rt = Tensor::new("q_rope", r)?;
-            rt.expect_shape(
-                &[Some(b), Some(h), Some(d.d_r)],
-                &format!("[batch={b}, heads={h}, d_r={}]", d.d_r),
-            )?;
-            Some(rt)
-        }
-        None => None,
-    };
-    if bounds.is_some() && rope_key_norm.is_none() {
-        return Err(invalid(
-            "bounds= is written only with rope_key_norm= (the bound of |k_rope| over the \
-             batch's tokens, equal on every rank)",
-        ));
-    }
-    let width = if project { d.d_v } else { w };
-    let (out_obj, ot) = output(py, "out", out, &[b, h, width], Elem::F32, q)?;
-    let (lse_obj, lt) = output(py, "lse", lse, &[b, h], Elem::F32, q)?;
-    let bound = match rope_key_norm {
-        Some(_) => Some(output(py, "bounds", bounds, &[b, h], Elem::F64, q)?),
-        None => None,
-    };
-    let mut inputs: Vec<&Tensor> = vec![&qt];
-    if let Some(r) = &rt {
-        inputs.push(r);
-    }
-    check_disjoint(&ot, &inputs)?;
-    check_disjoint(&lt, &inputs)?;
-    check_disjoint(&lt, &[&ot])?;
-    if let Some((_, bt)) = &bound {
-        check_disjoint(bt, &inputs)?;
-        check_disjoint(bt, &[&ot, &lt])?;
-    }
-
-    let PyRankContext {
-        ctx, qbuf, rbuf, ..
-    } = c;
-    let ctx = ctx.get_mut().unwrap_or_else(|e| e.into_inner());
-    let qs = floats(&qt, qbuf)?;
-    let rs = match &rt {
-        Some(r) => Some(floats(r, rbuf)?),
-        None => None,
-    };
-    let queries = match (rs, absorb) {
-        (None, _) => Queries::Joined(qs),
-        (Some(q_rope), false) => Queries::Latent { q_lat: qs, q_rope },
-        (Some(q_rope), true) => Queries::Nope { q_nope: qs, q_rope },
-    };
-    // SAFETY: element types, shapes and contiguity checked above; the outputs are
-    // disjoint from the inputs and from each other, and written only through these.
-    let (o, l) = unsafe { (ot.slice_mut::<f32>()?, lt.slice_mut::<f32>()?) };
-    let outputs = if project {
-        Outputs::HeadsAndLse { out: o, lse: l }
-    } else {
-        Outputs::Latent { out: o, lse: l }
-    };
-    let logit_bounds = match (&bound, rope_key_norm) {
-        (Some((_, bt)), Some(norm)) => Some(LogitBounds {
-            rope_key_norm: norm,
-            // SAFETY: as above.
-            out: unsafe { bt.slice_mut::<f64>()? },
-        }),
-        _ => None,
-    };
-    let rc = &cache.cache;
-    py.allow_threads(move || {
-        ctx.decode_sequence_shard(rc, layer, &seqs, queries, outputs, logit_bounds)
-    })
-    .py()?;
-    let bounds_obj = match bound {
-        Some((obj, _)) => obj.unbind(),
-        None => py.None(),
-    };
-    Ok((out_obj.unbind(), lse_obj.unbind(), bounds_obj))
-}
-
 /// The tensors of a list argument.
 fn tensors(name: &'static str, list: &Bound<'_, PyList>) -> PyResult<Vec<Tensor>> {
     list.iter().map(|o| Tensor::new(name, &o)).collect()
+}
+
+/// The arrays of `ts` as slices of `T`.
+///
+/// # Safety
+/// As [`Tensor::slice`], for each.
+unsafe fn slices<T>(ts: &[Tensor]) -> PyResult<Vec<&[T]>> {
+    ts.iter().map(|t| unsafe { t.slice::<T>() }).collect()
+}
+
+/// The arrays of `ts` as writable float32 slices.
+///
+/// # Safety
+/// As [`Tensor::slice_mut`], for each.
+#[allow(clippy::mut_from_ref)]
+unsafe fn slices_mut(ts: &[Tensor]) -> PyResult<Vec<&mut [f32]>> {
+    ts.iter().map(|t| unsafe { t.slice_mut::<f32>() }).collect()
 }
 
 /// Output arrays of a merge: float32, contiguous, writable, pairwise disjoint, all of
@@ -579,14 +441,8 @@ pub fn merge_by_lse_in_process(
     let width = shape[shape.len() - 1];
     // SAFETY: checked element types and contiguity; the outputs are pairwise disjoint
     // and disjoint from the log-sum-exps, which are only read.
-    let mut o: Vec<&mut [f32]> = ot
-        .iter()
-        .map(|t| unsafe { t.slice_mut::<f32>() })
-        .collect::<PyResult<_>>()?;
-    let l: Vec<&[f32]> = lt
-        .iter()
-        .map(|t| unsafe { t.slice::<f32>() })
-        .collect::<PyResult<_>>()?;
+    let mut o = unsafe { slices_mut(&ot)? };
+    let l = unsafe { slices::<f32>(&lt)? };
     py.allow_threads(move || merge::merge_by_lse_in_process(shards, width, &mut o, &l))
         .py()
 }
@@ -613,18 +469,9 @@ pub fn merge_packed_in_process(
     check_rows("bounds", &bt, Elem::F64, rows_shape, &ot)?;
     let width = shape[shape.len() - 1];
     // SAFETY: as in merge_by_lse_in_process; the bounds are only read.
-    let mut o: Vec<&mut [f32]> = ot
-        .iter()
-        .map(|t| unsafe { t.slice_mut::<f32>() })
-        .collect::<PyResult<_>>()?;
-    let l: Vec<&[f32]> = lt
-        .iter()
-        .map(|t| unsafe { t.slice::<f32>() })
-        .collect::<PyResult<_>>()?;
-    let m: Vec<&[f64]> = bt
-        .iter()
-        .map(|t| unsafe { t.slice::<f64>() })
-        .collect::<PyResult<_>>()?;
+    let mut o = unsafe { slices_mut(&ot)? };
+    let l = unsafe { slices::<f32>(&lt)? };
+    let m = unsafe { slices::<f64>(&bt)? };
     py.allow_threads(move || merge::merge_packed_in_process(shards, width, &mut o, &l, &m))
         .py()
 }
@@ -646,10 +493,7 @@ pub fn rescale_by_gathered_lse(
     check_rows("gathered", &gt, Elem::F32, &shape[..shape.len() - 1], &ot)?;
     // SAFETY: checked; `out` is disjoint from the gathered log-sum-exps.
     let o = unsafe { ot[0].slice_mut::<f32>()? };
-    let g: Vec<&[f32]> = gt
-        .iter()
-        .map(|t| unsafe { t.slice::<f32>() })
-        .collect::<PyResult<_>>()?;
+    let g = unsafe { slices::<f32>(&gt)? };
     merge::rescale_by_gathered_lse(o, shape[shape.len() - 1], shard, &g).py()
 }
 
