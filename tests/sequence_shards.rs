@@ -5,11 +5,11 @@
 
 mod attention_support;
 
-use attention_support::{f32s, mu, sequences};
+use attention_support::{f32s, mu, reference_decode, sequences, Prefill};
 use std::path::{Path, PathBuf};
 use tpla::attention::cpu::CpuBackend;
-use tpla::attention::reference::{self, rel_l2, rotated_latents, slice_rows};
-use tpla::cache::{ExportPlan, RankCache, ShardFileWriter, ShardSpec, TransformId};
+use tpla::attention::reference::{rel_l2, rotated_latents, slice_rows};
+use tpla::cache::{RankCache, ShardSpec, TransformId};
 use tpla::combine::sequence::{merge_by_lse_in_process, merge_packed_in_process};
 use tpla::convert::{FoldedLayer, RankWeights};
 use tpla::decode::{LogitBounds, Outputs, Queries, RankContext, RankLayer};
@@ -163,23 +163,7 @@ fn merged_error(dep: &mut Deployment, groups: usize, shards: usize, merge: Merge
     let stride = d.heads * d.d_v;
     let mut worst: f64 = 0.0;
     for (b, (tokens, q)) in dep.seqs.iter().enumerate() {
-        let want = if groups == 1 {
-            reference::mla_decode(
-                &dep.layer.weights,
-                &tokens.latents,
-                &tokens.k_rope,
-                &q.q_nope,
-                &q.q_rope,
-            )
-            .out
-        } else {
-            let rot = rotated_latents(&tokens.latents, &dep.transform);
-            let rows: Vec<Vec<f64>> = group_weights
-                .iter()
-                .map(|w| slice_rows(&rot, &tokens.k_rope, &w.plan, d.d_c))
-                .collect();
-            reference::tpla_decode(&group_weights, &rows, &q.q_nope, &q.q_rope).1
-        };
+        let want = reference_decode(&d, &dep.layer, &group_weights, &dep.transform, tokens, q);
         let got: Vec<f64> = outs[0][b * stride..(b + 1) * stride]
             .iter()
             .map(|&x| x as f64)
@@ -283,33 +267,15 @@ fn export_prefill(
     transform: &Transform,
     dir: &Path,
 ) -> Vec<PathBuf> {
-    let d = dims();
-    let lens: Vec<(u32, usize)> = seqs
-        .iter()
-        .enumerate()
-        .map(|(i, (t, _))| (i as u32, t.len().saturating_sub(APPENDED)))
-        .collect();
-    let plan = ExportPlan::hybrid(
-        d,
-        groups,
-        sharding,
+    Prefill {
+        dims: dims(),
+        seqs,
+        transform,
+        appended: APPENDED,
         dtype,
-        8,
-        vec![TransformId::of(transform)],
-        &lens,
-    )
-    .unwrap();
-    assert_eq!(plan.ranks(), groups * sharding.shards);
-    let paths: Vec<PathBuf> = (0..plan.ranks())
-        .map(|r| dir.join(format!("g{groups}-s{}-rank{r}.shard", sharding.shards)))
-        .collect();
-    let mut w = ShardFileWriter::create(&plan, &paths).unwrap();
-    for ((tokens, _), &(_, n)) in seqs.iter().zip(&lens) {
-        let rot = rotated_latents(&tokens.latents[..n * d.d_c], transform);
-        w.push(&rot, &tokens.k_rope[..n * d.d_r]).unwrap();
+        page_size: 8,
     }
-    w.commit().unwrap();
-    paths
+    .export(groups, sharding, dir)
 }
 
 /// Every rank of `groups x sharding`: its cache registers its rank file of the prefill,

@@ -11,12 +11,12 @@
 
 mod attention_support;
 
-use attention_support::{f32s, gpu, mu, sequences};
+use attention_support::{f32s, gpu, mu, reference_decode, sequences, Prefill};
 use std::path::{Path, PathBuf};
 use tpla::attention::cpu::CpuBackend;
 use tpla::attention::cuda::CudaBackend;
-use tpla::attention::reference::{self, rank_query, rel_l2, rotated_latents, slice_rows};
-use tpla::cache::{ExportPlan, RankCache, ShardFileWriter, ShardSpec, TransformId};
+use tpla::attention::reference::{rank_query, rel_l2};
+use tpla::cache::{RankCache, ShardSpec, TransformId};
 use tpla::combine::all_reduce_in_process;
 use tpla::combine::sequence_device::{merge_by_lse_on_device, merge_packed_on_device};
 use tpla::convert::{FoldedLayer, RankWeights};
@@ -97,25 +97,8 @@ impl Model {
             .collect();
         let mut out = Vec::new();
         for (tokens, q) in &self.seqs {
-            if groups == 1 {
-                out.extend(
-                    reference::mla_decode(
-                        &self.layer.weights,
-                        &tokens.latents,
-                        &tokens.k_rope,
-                        &q.q_nope,
-                        &q.q_rope,
-                    )
-                    .out,
-                );
-            } else {
-                let rot = rotated_latents(&tokens.latents, &self.transform);
-                let rows: Vec<Vec<f64>> = weights
-                    .iter()
-                    .map(|w| slice_rows(&rot, &tokens.k_rope, &w.plan, d.d_c))
-                    .collect();
-                out.extend(reference::tpla_decode(&weights, &rows, &q.q_nope, &q.q_rope).1);
-            }
+            let r = reference_decode(&d, &self.layer, &weights, &self.transform, tokens, q);
+            out.extend(r);
         }
         out
     }
@@ -123,33 +106,15 @@ impl Model {
     /// The bf16 prefill (every sequence but its last [`APPENDED`] tokens) exported into
     /// the rank files of `groups x sharding` (format v2 when sharded) under `dir`.
     fn export(&self, groups: usize, sharding: SequenceSharding, dir: &Path) -> Vec<PathBuf> {
-        let d = dims();
-        let lens: Vec<(u32, usize)> = self
-            .seqs
-            .iter()
-            .enumerate()
-            .map(|(i, (t, _))| (i as u32, t.len().saturating_sub(APPENDED)))
-            .collect();
-        let plan = ExportPlan::hybrid(
-            d,
-            groups,
-            sharding,
-            DType::Bf16,
-            16,
-            vec![TransformId::of(&self.transform)],
-            &lens,
-        )
-        .unwrap();
-        let paths: Vec<PathBuf> = (0..plan.ranks())
-            .map(|r| dir.join(format!("g{groups}-s{}-rank{r}.shard", sharding.shards)))
-            .collect();
-        let mut w = ShardFileWriter::create(&plan, &paths).unwrap();
-        for ((tokens, _), &(_, n)) in self.seqs.iter().zip(&lens) {
-            let rot = rotated_latents(&tokens.latents[..n * d.d_c], &self.transform);
-            w.push(&rot, &tokens.k_rope[..n * d.d_r]).unwrap();
+        Prefill {
+            dims: dims(),
+            seqs: &self.seqs,
+            transform: &self.transform,
+            appended: APPENDED,
+            dtype: DType::Bf16,
+            page_size: 16,
         }
-        w.commit().unwrap();
-        paths
+        .export(groups, sharding, dir)
     }
 
     /// Rank `rank` of `groups x sharding` on the GPU `backend`: its registered rank file

@@ -7,9 +7,14 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use std::path::{Path, PathBuf};
+use tpla::attention::reference::{self, rotated_latents, slice_rows};
 use tpla::attention::{LatentAttention, LatentShape, RowSource};
+use tpla::cache::{ExportPlan, ShardFileWriter, TransformId};
+use tpla::convert::RankWeights;
 use tpla::synthetic::{Query, SyntheticLayer, Tokens};
-use tpla::Result;
+use tpla::transform::Transform;
+use tpla::{DType, ModelDims, Result, SequenceSharding};
 
 /// Opens GPU 0, or says why not and returns None (the test then skips).
 #[cfg(feature = "cuda")]
@@ -46,6 +51,36 @@ pub fn mu(groups: usize, group: usize) -> f64 {
     }
 }
 
+/// The f64 reference of one sequence `[heads][d_v]`: exact MLA of `layer` with one
+/// latent group (one of `weights`), TPLA of the groups of `weights` with several (their
+/// slices of the latents rotated by `transform`).
+pub fn reference_decode(
+    d: &ModelDims,
+    layer: &SyntheticLayer,
+    weights: &[RankWeights],
+    transform: &Transform,
+    tokens: &Tokens,
+    q: &Query,
+) -> Vec<f64> {
+    if weights.len() == 1 {
+        reference::mla_decode(
+            &layer.weights,
+            &tokens.latents,
+            &tokens.k_rope,
+            &q.q_nope,
+            &q.q_rope,
+        )
+        .out
+    } else {
+        let rot = rotated_latents(&tokens.latents, transform);
+        let rows: Vec<Vec<f64>> = weights
+            .iter()
+            .map(|w| slice_rows(&rot, &tokens.k_rope, &w.plan, d.d_c))
+            .collect();
+        reference::tpla_decode(weights, &rows, &q.q_nope, &q.q_rope).1
+    }
+}
+
 pub fn f32s(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
@@ -71,4 +106,50 @@ pub fn run(
     let mut lse = vec![f32::NAN; batch * shape.heads];
     backend.attend(cache, shape, &seqs, q, &mut out, &mut lse)?;
     Ok((out, lse))
+}
+
+/// A prefill of `seqs`: every sequence but its last `appended` tokens (the decode-time
+/// ones), latents rotated by `transform`, rows of `dtype` in pages of `page_size` tokens.
+pub struct Prefill<'a> {
+    pub dims: ModelDims,
+    pub seqs: &'a [(Tokens, Query)],
+    pub transform: &'a Transform,
+    pub appended: usize,
+    pub dtype: DType,
+    pub page_size: usize,
+}
+
+impl Prefill<'_> {
+    /// The prefill exported into the `groups * sharding.shards` rank files of
+    /// `groups x sharding` (format v2 when sharded) under `dir`.
+    pub fn export(&self, groups: usize, sharding: SequenceSharding, dir: &Path) -> Vec<PathBuf> {
+        let d = self.dims;
+        let lens: Vec<(u32, usize)> = self
+            .seqs
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| (i as u32, t.len().saturating_sub(self.appended)))
+            .collect();
+        let plan = ExportPlan::hybrid(
+            d,
+            groups,
+            sharding,
+            self.dtype,
+            self.page_size,
+            vec![TransformId::of(self.transform)],
+            &lens,
+        )
+        .unwrap();
+        assert_eq!(plan.ranks(), groups * sharding.shards);
+        let paths: Vec<PathBuf> = (0..plan.ranks())
+            .map(|r| dir.join(format!("g{groups}-s{}-rank{r}.shard", sharding.shards)))
+            .collect();
+        let mut w = ShardFileWriter::create(&plan, &paths).unwrap();
+        for ((tokens, _), &(_, n)) in self.seqs.iter().zip(&lens) {
+            let rot = rotated_latents(&tokens.latents[..n * d.d_c], self.transform);
+            w.push(&rot, &tokens.k_rope[..n * d.d_r]).unwrap();
+        }
+        w.commit().unwrap();
+        paths
+    }
 }
