@@ -626,40 +626,88 @@ impl CpuBackend {
             tiles: &work.tiles,
             zero_row: &work.zero_row,
         };
-        let partials = &mut work.partials[..work.items.len() * part_len];
         let items = &work.items;
+        let spans = &work.spans;
+        let w = shape.slice_width;
+        let merge_entry = |b: usize, out_b: &mut [f32], lse_b: &mut [f32], partials: &[f32]| {
+            for g in 0..groups {
+                let h0 = g * group_heads;
+                let gh = group_heads.min(heads - h0);
+                let (first, count) = spans[b * groups + g];
+                let parts = &partials[first * part_len..(first + count) * part_len];
+                merge(
+                    parts,
+                    part_len,
+                    &geo,
+                    &mut out_b[h0 * w..(h0 + gh) * w],
+                    &mut lse_b[h0..h0 + gh],
+                );
+            }
+        };
+        let partials = &mut work.partials[..items.len() * part_len];
+        if runs_inline(&self.pool, self.threads, items.len()) {
+            // the same items and merges, in the same order, on the calling thread
+            for (item, part) in items.iter().zip(partials.chunks_mut(part_len)) {
+                job.run(item, part)?;
+            }
+            let partials = &*partials;
+            for (b, (out_b, lse_b)) in out
+                .chunks_mut(heads * w)
+                .zip(lse.chunks_mut(heads))
+                .enumerate()
+            {
+                merge_entry(b, out_b, lse_b, partials);
+            }
+            return Ok(());
+        }
+        // one entry into the pool per step: the items, then the merge
         self.pool.install(|| {
             items
                 .par_iter()
                 .zip(partials.par_chunks_mut(part_len))
                 .with_max_len(1)
-                .try_for_each(|(item, part)| job.run(item, part))
-        })?;
-
-        let partials = &work.partials;
-        let spans = &work.spans;
-        let w = shape.slice_width;
-        self.pool.install(|| {
+                .try_for_each(|(item, part)| job.run(item, part))?;
+            let partials = &*partials;
             out.par_chunks_mut(heads * w)
                 .zip(lse.par_chunks_mut(heads))
                 .enumerate()
-                .for_each(|(b, (out_b, lse_b))| {
-                    for g in 0..groups {
-                        let h0 = g * group_heads;
-                        let gh = group_heads.min(heads - h0);
-                        let (first, count) = spans[b * groups + g];
-                        let parts = &partials[first * part_len..(first + count) * part_len];
-                        merge(
-                            parts,
-                            part_len,
-                            &geo,
-                            &mut out_b[h0 * w..(h0 + gh) * w],
-                            &mut lse_b[h0..h0 + gh],
-                        );
-                    }
-                })
-        });
+                .for_each(|(b, (out_b, lse_b))| merge_entry(b, out_b, lse_b, partials));
+            Ok::<(), Error>(())
+        })?;
         Ok(())
+    }
+}
+
+/// Whether a step of `items` work items runs on the calling thread rather than in
+/// `pool`: when it is one thread's work (a pool of one thread, or a single item) and
+/// the pool is this backend's alone (no other backend can queue on it, and a step holds
+/// the backend mutably, so nobody can share it meanwhile). The caller waits for the pool
+/// anyway, so the cores used are the same; what goes is the hand-over: waking a pool
+/// thread, then being woken by it (tens of microseconds on a busy or virtual machine,
+/// as long as a 64-row tile). The calling thread must also round as the pool threads
+/// do: its MXCSR must be the default one (a host that set flush-to-zero or another
+/// rounding mode on its thread gets the pool).
+fn runs_inline(pool: &Arc<rayon::ThreadPool>, threads: usize, items: usize) -> bool {
+    (threads == 1 || items == 1)
+        && Arc::strong_count(pool) == 1
+        && Arc::weak_count(pool) == 0
+        && default_rounding()
+}
+
+/// Whether this thread's floating-point control is the default (round to nearest, no
+/// flush-to-zero or denormals-are-zero, every exception masked).
+fn default_rounding() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // status flags (bits 0-5) are sticky results, not settings
+        #[allow(deprecated)]
+        // SAFETY: SSE is part of x86_64; reading MXCSR has no side effect
+        let csr = unsafe { std::arch::x86_64::_mm_getcsr() };
+        csr & !0x3f == 0x1f80
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
