@@ -57,6 +57,13 @@ pub(super) fn pack_query<'a>(
             real += 1;
         }
         let src = &src[..real];
+        // groups of 8 real heads go through 8 x 8 transposes where the CPU has AVX2
+        // (the backend only packs for this kernel there; the check keeps this safe)
+        let whole = if is_x86_feature_detected!("avx2") {
+            real / LANES * LANES
+        } else {
+            0
+        };
         for (col, packed) in block.chunks_exact_mut(width).enumerate() {
             let (k, scale) = match col {
                 c if c < w => (c, scales[0]),
@@ -66,10 +73,71 @@ pub(super) fn pack_query<'a>(
                 }
                 c => (c - wp + w, scales[1]),
             };
-            for (p, q) in packed.iter_mut().zip(src) {
+            for (p, q) in packed[whole..].iter_mut().zip(&src[whole..]) {
                 *p = q[k] * scale;
             }
             packed[real..].fill(0.0);
+        }
+        for i0 in (0..whole).step_by(LANES) {
+            // SAFETY: AVX2 was detected above; `src[i0..i0 + 8]` are rows of `w + d_r`
+            // values and `block` holds `xs` columns of `width >= i0 + 8` values
+            unsafe { pack_transposed(block, width, i0, &src[i0..i0 + LANES], geo, scales) };
+        }
+    }
+}
+
+/// Heads `i0..i0 + 8` of one packed block: each run of 8 source columns of one part
+/// (latent or RoPE) as an 8 x 8 transpose, the rest one value at a time; every value is
+/// `q[k] * scale` as in the scalar loop, so the bits are the same.
+#[target_feature(enable = "avx2")]
+unsafe fn pack_transposed(
+    block: &mut [f32],
+    width: usize,
+    i0: usize,
+    src: &[&[f32]],
+    geo: &TileGeo,
+    scales: [f32; 2],
+) {
+    let (w, wp, d_r) = (geo.w, geo.wp, geo.d_r);
+    for (k0, len, c0, scale) in [(0, w, 0, scales[0]), (w, d_r, wp, scales[1])] {
+        let sv = _mm256_set1_ps(scale);
+        let whole = len / LANES * LANES;
+        for j in (0..whole).step_by(LANES) {
+            let r: [__m256; LANES] =
+                std::array::from_fn(|i| _mm256_loadu_ps(src[i][k0 + j..][..LANES].as_ptr()));
+            let t: [__m256; LANES] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            // u[4m + n]: rows 4m..4m+4, columns n and n + 4 of each 128-bit half
+            let u: [__m256; LANES] = std::array::from_fn(|i| {
+                let (m, n) = (i / 4, i % 4);
+                let (a, b) = (t[4 * m + (n / 2)], t[4 * m + 2 + (n / 2)]);
+                if n % 2 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xee>(a, b)
+                }
+            });
+            for n in 0..LANES {
+                let col = if n < 4 {
+                    _mm256_permute2f128_ps::<0x20>(u[n], u[4 + n])
+                } else {
+                    _mm256_permute2f128_ps::<0x31>(u[n - 4], u[n])
+                };
+                let at = (c0 + j + n) * width + i0;
+                _mm256_storeu_ps(block[at..at + LANES].as_mut_ptr(), _mm256_mul_ps(col, sv));
+            }
+        }
+        for j in whole..len {
+            let at = (c0 + j) * width + i0;
+            for (p, q) in block[at..at + LANES].iter_mut().zip(src) {
+                *p = q[k0 + j] * scale;
+            }
         }
     }
 }

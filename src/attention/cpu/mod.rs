@@ -948,17 +948,29 @@ fn merge(parts: &[f32], part_len: usize, geo: &TileGeo, out: &mut [f32], lse: &m
                     f32::NEG_INFINITY,
                     |a, b| if a.is_nan() || a > b { a } else { b },
                 );
+        let weight = |p: &[f32]| (stat(p, 0) - top).exp();
         let mut den = 0.0;
-        out_h.fill(0.0);
         for p in parts.chunks_exact(part_len) {
-            let weight = (stat(p, 0) - top).exp();
-            den += weight * stat(p, 1);
-            for (o, v) in out_h.iter_mut().zip(&p[h * wp..h * wp + w]) {
-                *o += weight * v;
-            }
+            den += weight(p) * stat(p, 1);
         }
-        for o in out_h.iter_mut() {
-            *o /= den;
+        // one pass over the outputs per part, the division folded into the last: each
+        // value is `((0 + w_0 v_0) + w_1 v_1 + ...) / den`, the order of the three
+        // passes this replaces (zero, accumulate, divide)
+        let count = parts.len() / part_len;
+        for (i, p) in parts.chunks_exact(part_len).enumerate() {
+            let (wt, v) = (weight(p), &p[h * wp..h * wp + w]);
+            match (i == 0, i + 1 == count) {
+                (true, true) => out_h
+                    .iter_mut()
+                    .zip(v)
+                    .for_each(|(o, v)| *o = (0.0 + wt * v) / den),
+                (true, false) => out_h.iter_mut().zip(v).for_each(|(o, v)| *o = 0.0 + wt * v),
+                (false, false) => out_h.iter_mut().zip(v).for_each(|(o, v)| *o += wt * v),
+                (false, true) => out_h
+                    .iter_mut()
+                    .zip(v)
+                    .for_each(|(o, v)| *o = (*o + wt * v) / den),
+            }
         }
         *lse_h = top + den.ln();
     }
