@@ -427,6 +427,29 @@ fn a_row_source_with_short_pages_is_an_error_not_a_wild_read() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.message().contains("page 0"), "{err}");
+    // several work items on several threads: each item finds its short page, and the
+    // step returns one of those errors (on a pool of its own or a shared one)
+    let cache = ShortPages(PagedRows::random(
+        &mut rng,
+        DType::Bf16,
+        s.row_width(),
+        8,
+        &[2000],
+    ));
+    let pool = CpuBackend::thread_pool(2).unwrap();
+    for mut backend in [
+        CpuBackend::new(2).unwrap(),
+        CpuBackend::on_pool(pool.clone(), KernelChoice::Auto).unwrap(),
+    ] {
+        let err = backend
+            .attend(&cache, s, &[0], &q, &mut out, &mut lse)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(
+            err.message().contains("holds 10 bytes, fewer than its 384"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
