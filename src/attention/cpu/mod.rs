@@ -6,7 +6,8 @@
 //! MLA and TPLA decode bandwidth-efficient). The items' partial outputs are merged per
 //! sequence and head with their log-sum-exps. Items run on a rayon pool the backend
 //! owns (never the host's global pool), so the context decides how many cores decode
-//! takes.
+//! takes; a step that is one thread's work on a pool the backend owns alone runs on the
+//! calling thread, which would otherwise wait for the pool (`runs_inline`).
 //!
 //! Kernels are picked at run time: AVX-512 BF16 (`vdpbf16ps`, bf16 caches), AVX-512F,
 //! AVX2+FMA (a register-blocked tile of its own, `avx2.rs`), and a portable one. The
