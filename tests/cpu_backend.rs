@@ -427,6 +427,29 @@ fn a_row_source_with_short_pages_is_an_error_not_a_wild_read() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.message().contains("page 0"), "{err}");
+    // several work items on several threads: each item finds its short page, and the
+    // step returns one of those errors (on a pool of its own or a shared one)
+    let cache = ShortPages(PagedRows::random(
+        &mut rng,
+        DType::Bf16,
+        s.row_width(),
+        8,
+        &[2000],
+    ));
+    let pool = CpuBackend::thread_pool(2).unwrap();
+    for mut backend in [
+        CpuBackend::new(2).unwrap(),
+        CpuBackend::on_pool(pool.clone(), KernelChoice::Auto).unwrap(),
+    ] {
+        let err = backend
+            .attend(&cache, s, &[0], &q, &mut out, &mut lse)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(
+            err.message().contains("holds 10 bytes, fewer than its 384"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -492,6 +515,45 @@ fn scaling_the_queries_in_the_kernel_gives_the_bits_of_scaled_rows() {
                     "{dtype:?} {kernel:?} planned {}",
                     schedule.is_some()
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_step_on_the_calling_thread_has_the_bits_of_a_step_in_the_pool() {
+    // A backend alone on its pool runs one thread's work (one thread, or one work item)
+    // on the calling thread; on a pool another owner holds, it always enters the pool.
+    // Both must give the same bits: one item, several chunks of one sequence, a batch,
+    // two head groups (130 heads).
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_000a);
+    let cases: [(usize, usize, &[usize]); 4] = [
+        (16, 1, &[300]),
+        (16, 2, &[3000]),
+        (24, 2, &[700, 1, 65]),
+        (130, 1, &[90, 1100]),
+    ];
+    for (heads, g, lens) in cases {
+        for dtype in [DType::Bf16, DType::F16] {
+            let (cache, s) = rank_cache(&mut rng, dtype, heads, 64, 16, g, 16, lens);
+            let layer = cache.layer(0).unwrap();
+            let q = random_queries(&mut rng, lens.len(), s);
+            for kernel in KernelChoice::available() {
+                for threads in [1, 2] {
+                    let mut alone = CpuBackend::with_kernel(threads, kernel).unwrap();
+                    let pool = CpuBackend::thread_pool(threads).unwrap();
+                    let mut shared = CpuBackend::on_pool(pool.clone(), kernel).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    // twice: the second step reuses the grown buffers
+                    for _ in 0..2 {
+                        let (out_a, lse_a) = run(&mut alone, &layer, s, &q).unwrap();
+                        let (out_s, lse_s) = run(&mut shared, &layer, s, &q).unwrap();
+                        assert!(out_a.iter().all(|v| v.is_finite()));
+                        assert_eq!(bits(&out_a), bits(&out_s), "{kernel:?} {threads} {lens:?}");
+                        assert_eq!(bits(&lse_a), bits(&lse_s), "{kernel:?} {threads} {lens:?}");
+                    }
+                    drop(pool);
+                }
             }
         }
     }

@@ -6,7 +6,8 @@
 //! MLA and TPLA decode bandwidth-efficient). The items' partial outputs are merged per
 //! sequence and head with their log-sum-exps. Items run on a rayon pool the backend
 //! owns (never the host's global pool), so the context decides how many cores decode
-//! takes.
+//! takes; a step that is one thread's work on a pool the backend owns alone runs on the
+//! calling thread, which would otherwise wait for the pool (`runs_inline`).
 //!
 //! Kernels are picked at run time: AVX-512 BF16 (`vdpbf16ps`, bf16 caches), AVX-512F,
 //! AVX2+FMA (a register-blocked tile of its own, `avx2.rs`), and a portable one. The
@@ -626,40 +627,88 @@ impl CpuBackend {
             tiles: &work.tiles,
             zero_row: &work.zero_row,
         };
-        let partials = &mut work.partials[..work.items.len() * part_len];
         let items = &work.items;
+        let spans = &work.spans;
+        let w = shape.slice_width;
+        let merge_entry = |b: usize, out_b: &mut [f32], lse_b: &mut [f32], partials: &[f32]| {
+            for g in 0..groups {
+                let h0 = g * group_heads;
+                let gh = group_heads.min(heads - h0);
+                let (first, count) = spans[b * groups + g];
+                let parts = &partials[first * part_len..(first + count) * part_len];
+                merge(
+                    parts,
+                    part_len,
+                    &geo,
+                    &mut out_b[h0 * w..(h0 + gh) * w],
+                    &mut lse_b[h0..h0 + gh],
+                );
+            }
+        };
+        let partials = &mut work.partials[..items.len() * part_len];
+        if runs_inline(&self.pool, self.threads, items.len()) {
+            // the same items and merges, in the same order, on the calling thread
+            for (item, part) in items.iter().zip(partials.chunks_mut(part_len)) {
+                job.run(item, part)?;
+            }
+            let partials = &*partials;
+            for (b, (out_b, lse_b)) in out
+                .chunks_mut(heads * w)
+                .zip(lse.chunks_mut(heads))
+                .enumerate()
+            {
+                merge_entry(b, out_b, lse_b, partials);
+            }
+            return Ok(());
+        }
+        // one entry into the pool per step: the items, then the merge
         self.pool.install(|| {
             items
                 .par_iter()
                 .zip(partials.par_chunks_mut(part_len))
                 .with_max_len(1)
-                .try_for_each(|(item, part)| job.run(item, part))
-        })?;
-
-        let partials = &work.partials;
-        let spans = &work.spans;
-        let w = shape.slice_width;
-        self.pool.install(|| {
+                .try_for_each(|(item, part)| job.run(item, part))?;
+            let partials = &*partials;
             out.par_chunks_mut(heads * w)
                 .zip(lse.par_chunks_mut(heads))
                 .enumerate()
-                .for_each(|(b, (out_b, lse_b))| {
-                    for g in 0..groups {
-                        let h0 = g * group_heads;
-                        let gh = group_heads.min(heads - h0);
-                        let (first, count) = spans[b * groups + g];
-                        let parts = &partials[first * part_len..(first + count) * part_len];
-                        merge(
-                            parts,
-                            part_len,
-                            &geo,
-                            &mut out_b[h0 * w..(h0 + gh) * w],
-                            &mut lse_b[h0..h0 + gh],
-                        );
-                    }
-                })
-        });
+                .for_each(|(b, (out_b, lse_b))| merge_entry(b, out_b, lse_b, partials));
+            Ok::<(), Error>(())
+        })?;
         Ok(())
+    }
+}
+
+/// Whether a step of `items` work items runs on the calling thread rather than in
+/// `pool`: when it is one thread's work (a pool of one thread, or a single item) and
+/// the pool is this backend's alone (no other backend can queue on it, and a step holds
+/// the backend mutably, so nobody can share it meanwhile). The caller waits for the pool
+/// anyway, so the cores used are the same; what goes is the hand-over: waking a pool
+/// thread, then being woken by it (tens of microseconds on a busy or virtual machine,
+/// as long as a 64-row tile). The calling thread must also round as the pool threads
+/// do: its MXCSR must be the default one (a host that set flush-to-zero or another
+/// rounding mode on its thread gets the pool).
+fn runs_inline(pool: &Arc<rayon::ThreadPool>, threads: usize, items: usize) -> bool {
+    (threads == 1 || items == 1)
+        && Arc::strong_count(pool) == 1
+        && Arc::weak_count(pool) == 0
+        && default_rounding()
+}
+
+/// Whether this thread's floating-point control is the default (round to nearest, no
+/// flush-to-zero or denormals-are-zero, every exception masked).
+fn default_rounding() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // status flags (bits 0-5) are sticky results, not settings
+        #[allow(deprecated)]
+        // SAFETY: SSE is part of x86_64; reading MXCSR has no side effect
+        let csr = unsafe { std::arch::x86_64::_mm_getcsr() };
+        csr & !0x3f == 0x1f80
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -900,17 +949,29 @@ fn merge(parts: &[f32], part_len: usize, geo: &TileGeo, out: &mut [f32], lse: &m
                     f32::NEG_INFINITY,
                     |a, b| if a.is_nan() || a > b { a } else { b },
                 );
+        let weight = |p: &[f32]| (stat(p, 0) - top).exp();
         let mut den = 0.0;
-        out_h.fill(0.0);
         for p in parts.chunks_exact(part_len) {
-            let weight = (stat(p, 0) - top).exp();
-            den += weight * stat(p, 1);
-            for (o, v) in out_h.iter_mut().zip(&p[h * wp..h * wp + w]) {
-                *o += weight * v;
-            }
+            den += weight(p) * stat(p, 1);
         }
-        for o in out_h.iter_mut() {
-            *o /= den;
+        // one pass over the outputs per part, the division folded into the last: each
+        // value is `((0 + w_0 v_0) + w_1 v_1 + ...) / den`, the order of the three
+        // passes this replaces (zero, accumulate, divide)
+        let count = parts.len() / part_len;
+        for (i, p) in parts.chunks_exact(part_len).enumerate() {
+            let (wt, v) = (weight(p), &p[h * wp..h * wp + w]);
+            match (i == 0, i + 1 == count) {
+                (true, true) => out_h
+                    .iter_mut()
+                    .zip(v)
+                    .for_each(|(o, v)| *o = (0.0 + wt * v) / den),
+                (true, false) => out_h.iter_mut().zip(v).for_each(|(o, v)| *o = 0.0 + wt * v),
+                (false, false) => out_h.iter_mut().zip(v).for_each(|(o, v)| *o += wt * v),
+                (false, true) => out_h
+                    .iter_mut()
+                    .zip(v)
+                    .for_each(|(o, v)| *o = (*o + wt * v) / den),
+            }
         }
         *lse_h = top + den.ln();
     }
