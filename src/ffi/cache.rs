@@ -7,6 +7,7 @@ use super::{
     versioned, versioned_out, write_out, Failure, Outcome, Versioned,
 };
 use crate::cache::{RankCache, ShardSpec};
+use crate::decode::RankContext;
 use crate::dtype::DType;
 use std::ffi::{c_char, c_void, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -66,19 +67,25 @@ pub unsafe extern "C" fn tpla_cache_create(
         // SAFETY: caller contract.
         let o = unsafe { versioned(options, "options") }?;
         // SAFETY: caller contract.
-        unsafe {
-            hand_out(out, || {
-                let spec = ShardSpec::new(
-                    *c.dims(),
-                    c.plan(),
-                    DType::from_code(o.dtype)?,
-                    to_usize(o.page_size),
-                    c.transform_ids()?,
-                )?;
-                let cache = RankCache::new(spec, o.capacity_pages)?;
-                Ok(tpla_cache { cache })
-            })
-        }
+        unsafe { hand_out(out, || new_cache(cache_spec(c, o)?, o)) }
+    })
+}
+
+/// The spec of a cache of `c`'s rank with `o`'s element type and page size.
+fn cache_spec(c: &RankContext, o: &tpla_cache_options) -> Outcome<ShardSpec> {
+    Ok(ShardSpec::new(
+        *c.dims(),
+        c.plan(),
+        DType::from_code(o.dtype)?,
+        to_usize(o.page_size),
+        c.transform_ids()?,
+    )?)
+}
+
+/// An empty cache of `spec` with `o`'s pool pages.
+fn new_cache(spec: ShardSpec, o: &tpla_cache_options) -> Outcome<tpla_cache> {
+    Ok(tpla_cache {
+        cache: RankCache::new(spec, o.capacity_pages)?,
     })
 }
 
@@ -112,16 +119,10 @@ pub unsafe extern "C" fn tpla_cache_create_sequence_shard(
         // SAFETY: caller contract.
         unsafe {
             hand_out(out, || {
-                let spec = ShardSpec::new(
-                    *c.dims(),
-                    c.plan(),
-                    DType::from_code(o.dtype)?,
-                    to_usize(o.page_size),
-                    c.transform_ids()?,
-                )?
-                .with_sequence_shard(sharding, to_usize(shard))?;
-                let cache = RankCache::new(spec, o.capacity_pages)?;
-                Ok(tpla_cache { cache })
+                new_cache(
+                    cache_spec(c, o)?.with_sequence_shard(sharding, to_usize(shard))?,
+                    o,
+                )
             })
         }
     })

@@ -897,6 +897,37 @@ pub unsafe extern "C" fn tpla_context_append_token(
     k_rope_count: usize,
     rms_mode: u32,
 ) -> tpla_status {
+    // SAFETY: caller contract.
+    unsafe {
+        append_token(
+            ctx,
+            cache,
+            seq,
+            layer,
+            None,
+            (latent, latent_count),
+            (k_rope, k_rope_count),
+            rms_mode,
+        )
+    }
+}
+
+/// The one body of `tpla_context_append_token` and `tpla_context_append_token_at`
+/// (`position` None: at the sequence's end).
+///
+/// # Safety
+/// As `tpla_context_append_token`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn append_token(
+    ctx: *const tpla_context,
+    cache: *mut tpla_cache,
+    seq: u32,
+    layer: u32,
+    position: Option<u64>,
+    (latent, latent_count): (*const f32, usize),
+    (k_rope, k_rope_count): (*const f32, usize),
+    rms_mode: u32,
+) -> tpla_status {
     guard(|| {
         // SAFETY: caller contract.
         let c = &unsafe { handle(ctx, "ctx") }?.ctx;
@@ -909,7 +940,13 @@ pub unsafe extern "C" fn tpla_context_append_token(
                 input(k_rope, k_rope_count, "k_rope")?,
             )
         };
-        Ok(c.append_token(rc, seq, to_usize(layer), a, kr, exact_rms(rms_mode)?)?)
+        let exact = exact_rms(rms_mode)?;
+        let layer = to_usize(layer);
+        match position {
+            None => c.append_token(rc, seq, layer, a, kr, exact)?,
+            Some(position) => c.append_token_at(rc, seq, layer, position, a, kr, exact)?,
+        }
+        Ok(())
     })
 }
 
@@ -948,21 +985,19 @@ pub unsafe extern "C" fn tpla_context_append_token_at(
     k_rope_count: usize,
     rms_mode: u32,
 ) -> tpla_status {
-    guard(|| {
-        // SAFETY: caller contract.
-        let c = &unsafe { handle(ctx, "ctx") }?.ctx;
-        // SAFETY: caller contract.
-        let rc = &mut unsafe { handle_mut(cache, "cache") }?.cache;
-        // SAFETY: caller contract.
-        let (a, kr) = unsafe {
-            (
-                input(latent, latent_count, "latent")?,
-                input(k_rope, k_rope_count, "k_rope")?,
-            )
-        };
-        let exact = exact_rms(rms_mode)?;
-        Ok(c.append_token_at(rc, seq, to_usize(layer), position, a, kr, exact)?)
-    })
+    // SAFETY: caller contract.
+    unsafe {
+        append_token(
+            ctx,
+            cache,
+            seq,
+            layer,
+            Some(position),
+            (latent, latent_count),
+            (k_rope, k_rope_count),
+            rms_mode,
+        )
+    }
 }
 
 /// Arguments of one decode step (`tpla_context_decode`). Shapes use the rank's heads

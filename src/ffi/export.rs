@@ -240,15 +240,8 @@ pub unsafe extern "C" fn tpla_export_create_sequence_shards(
                 plan.ranks()
             )));
         }
-        let paths = paths
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| {
-                // SAFETY: caller contract.
-                let p = unsafe { c_string(p, &format!("options->paths[{i}]")) }?;
-                Ok(PathBuf::from(OsStr::from_bytes(p.to_bytes())))
-            })
-            .collect::<Outcome<Vec<_>>>()?;
+        // SAFETY: caller contract.
+        let paths = unsafe { file_paths(paths) }?;
         let sink = Sink::Files(ShardFileWriter::create(&plan, &paths)?);
         // SAFETY: caller contract.
         unsafe {
@@ -260,6 +253,23 @@ pub unsafe extern "C" fn tpla_export_create_sequence_shards(
             })
         }
     })
+}
+
+/// `options->paths` as paths (each a NUL-terminated C string, named by its index in
+/// errors).
+///
+/// # Safety
+/// Every pointer is NULL or a NUL-terminated string.
+unsafe fn file_paths(paths: &[*const c_char]) -> Outcome<Vec<PathBuf>> {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            // SAFETY: caller contract.
+            let p = unsafe { c_string(p, &format!("options->paths[{i}]")) }?;
+            Ok(PathBuf::from(OsStr::from_bytes(p.to_bytes())))
+        })
+        .collect()
 }
 
 /// Starts an export into the files `options->paths` (written to temporary files and
@@ -297,15 +307,8 @@ pub unsafe extern "C" fn tpla_export_create(
         };
         let sink = match (paths.is_empty(), buffers.is_empty()) {
             (false, true) => {
-                let paths = paths
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &p)| {
-                        // SAFETY: caller contract.
-                        let p = unsafe { c_string(p, &format!("options->paths[{i}]")) }?;
-                        Ok(PathBuf::from(OsStr::from_bytes(p.to_bytes())))
-                    })
-                    .collect::<Outcome<Vec<_>>>()?;
+                // SAFETY: caller contract.
+                let paths = unsafe { file_paths(paths) }?;
                 Sink::Files(ShardFileWriter::create(&plan, &paths)?)
             }
             (true, false) => {
