@@ -34,6 +34,25 @@ struct Deployment {
 /// Every rank of `groups x sharding` over sequences of `lens` tokens: the prefill's
 /// rows are cut by latent group and by owner, the last tokens are appended by the rank
 /// that owns their position.
+/// The CPU context of `plan`'s rank with its weights, layer 0 set.
+fn rank_context(
+    folded: &FoldedLayer,
+    transform: &Transform,
+    plan: &HybridPlan,
+    groups: usize,
+) -> (RankContext, RankWeights) {
+    let d = dims();
+    // mu differs per latent group (one logit scale per slice), not per shard
+    let weights = folded
+        .rank(&plan.latent, mu(groups, plan.latent.group))
+        .unwrap();
+    let rl = RankLayer::new(&weights, transform.clone(), 1.0 / groups as f64).unwrap();
+    let mut ctx =
+        RankContext::new(d, plan.latent, 1, Box::new(CpuBackend::new(1).unwrap())).unwrap();
+    ctx.set_layer(0, &weights, rl).unwrap();
+    (ctx, weights)
+}
+
 fn deploy(groups: usize, sharding: SequenceSharding, lens: &[usize]) -> Deployment {
     let d = dims();
     let layer = SyntheticLayer::generate(&d, 91).unwrap();
@@ -43,14 +62,7 @@ fn deploy(groups: usize, sharding: SequenceSharding, lens: &[usize]) -> Deployme
     let ranks = (0..groups * sharding.shards)
         .map(|rank| {
             let plan = HybridPlan::new(&d, groups, sharding, rank).unwrap();
-            // mu differs per latent group (one logit scale per slice), not per shard
-            let weights = folded
-                .rank(&plan.latent, mu(groups, plan.latent.group))
-                .unwrap();
-            let rl = RankLayer::new(&weights, transform.clone(), 1.0 / groups as f64).unwrap();
-            let mut ctx =
-                RankContext::new(d, plan.latent, 1, Box::new(CpuBackend::new(1).unwrap())).unwrap();
-            ctx.set_layer(0, &weights, rl).unwrap();
+            let (ctx, weights) = rank_context(&folded, &transform, &plan, groups);
             let ids = ctx.transform_ids().unwrap();
             let spec = ShardSpec::new(d, &plan.latent, DType::F32, 8, ids).unwrap();
             let mut cache = RankCache::new(spec, 256).unwrap();
@@ -296,16 +308,7 @@ fn deploy_from_files(
     let ranks = (0..groups * sharding.shards)
         .map(|rank| {
             let plan = HybridPlan::new(&d, groups, sharding, rank).unwrap();
-            let mu = if groups == 1 {
-                1.0
-            } else {
-                1.0 + 0.1 * plan.latent.group as f64
-            };
-            let weights = folded.rank(&plan.latent, mu).unwrap();
-            let rl = RankLayer::new(&weights, transform.clone(), 1.0 / groups as f64).unwrap();
-            let mut ctx =
-                RankContext::new(d, plan.latent, 1, Box::new(CpuBackend::new(1).unwrap())).unwrap();
-            ctx.set_layer(0, &weights, rl).unwrap();
+            let (ctx, weights) = rank_context(&folded, &transform, &plan, groups);
             let spec =
                 ShardSpec::for_hybrid(d, &plan, dtype, 8, ctx.transform_ids().unwrap()).unwrap();
             let mut cache = RankCache::new(spec, 256).unwrap();
