@@ -440,19 +440,13 @@ impl DeviceRank {
     /// Layer `layer`'s partial head outputs `[max_batch][heads][d_v]` (f32, device); a
     /// step of batch `b` writes the first `b * heads * d_v` values.
     pub fn partial(&self, layer: usize) -> Result<&DeviceBuffer<f32>> {
-        let n = self.partials.len();
-        self.partials
-            .get(layer)
-            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+        per_layer(&self.partials, layer)
     }
 
     /// Mutable access to layer `layer`'s partial outputs (to poison them in tests, or to
     /// hand them to [`Communicator::all_reduce`](crate::combine::nccl::Communicator::all_reduce)).
     pub fn partial_mut(&mut self, layer: usize) -> Result<&mut DeviceBuffer<f32>> {
-        let n = self.partials.len();
-        self.partials
-            .get_mut(layer)
-            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+        per_layer_mut(&mut self.partials, layer)
     }
 
     /// How the deployment spreads a sequence's tokens over sequence shards (from the
@@ -484,27 +478,18 @@ impl DeviceRank {
     /// per head, of the scores over the rank's tokens; -inf where a sequence shard holds
     /// no token of the entry.
     pub fn lse(&self, layer: usize) -> Result<&DeviceBuffer<f32>> {
-        let n = self.lses.len();
-        self.lses
-            .get(layer)
-            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+        per_layer(&self.lses, layer)
     }
 
     /// Mutable access to layer `layer`'s log-sum-exps (to poison them in tests).
     pub fn lse_mut(&mut self, layer: usize) -> Result<&mut DeviceBuffer<f32>> {
-        let n = self.lses.len();
-        self.lses
-            .get_mut(layer)
-            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+        per_layer_mut(&mut self.lses, layer)
     }
 
     /// Layer `layer`'s shared logit bounds `[max_batch][heads]` (f64, device), written
     /// by [`Self::decode_sequence_shard`] with a RoPE key norm bound.
     pub fn logit_bounds(&self, layer: usize) -> Result<&DeviceBuffer<f64>> {
-        let n = self.bounds.len();
-        self.bounds
-            .get(layer)
-            .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+        per_layer(&self.bounds, layer)
     }
 
     /// The batch of layer `layer`'s last step when that step wrote logit bounds.
@@ -865,4 +850,20 @@ impl DeviceRank {
         // rank's own.
         unsafe { comm.all_reduce_raw(&spans, self.stream()) }
     }
+}
+
+/// Layer `layer`'s entry of a per-layer list, or OutOfRange.
+fn per_layer<T>(entries: &[T], layer: usize) -> Result<&T> {
+    let n = entries.len();
+    entries
+        .get(layer)
+        .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
+}
+
+/// As [`per_layer`], mutable.
+fn per_layer_mut<T>(entries: &mut [T], layer: usize) -> Result<&mut T> {
+    let n = entries.len();
+    entries
+        .get_mut(layer)
+        .ok_or_else(|| Error::out_of_range(format!("layer {layer} of {n}")))
 }
