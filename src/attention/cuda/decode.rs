@@ -535,7 +535,9 @@ impl DecodePlan {
                     arg(&out),
                     arg(&lse),
                 ];
-                combine_pieces.launch(merge_grid, 128, 0, stream, &mut args)?;
+                // the merge starts as the decode's CTAs finish, not after a launch gap
+                combine_pieces
+                    .launch_programmatic_dependent(merge_grid, 128, 0, stream, &mut args)?;
             }
             None if self.splits > 1 => {
                 let mut args = [

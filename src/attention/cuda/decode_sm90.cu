@@ -625,6 +625,12 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
     const u32 full_bar = base + SM_BAR;  // full_bar + 8 * stage
     int* my_sched = reinterpret_cast<int*>(smem + SM_SCHED);
 
+    // The merge (tpla_combine_pieces, launched as this grid's programmatic dependent)
+    // may be scheduled from now on: its blocks start as this grid's CTAs leave the
+    // multiprocessors instead of after the whole grid and a launch gap, and they wait
+    // (griddepcontrol.wait) for the grid's completion and memory before reading.
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
     const int h0 = blockIdx.x * HQ;
     const int cta = blockIdx.y;
     const int ctas = gridDim.y;
@@ -968,6 +974,9 @@ tpla_combine_pieces(const float* __restrict__ part_out, const float* __restrict_
 {
     const int h = blockIdx.x;
     const int b = blockIdx.y;
+    // launched as tpla_decode's programmatic dependent: wait for its grid (a no-op when
+    // launched plainly)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
     const int pieces = sched[b];
     const int first = sched[batch + b];
     float* dst = out + ((u64)b * heads + h) * SLICE;

@@ -560,6 +560,48 @@ impl Function {
         )
         .map_err(driver_err("launching a kernel"))
     }
+
+    /// Launches the kernel as the programmatic dependent of the kernel launched before it
+    /// on `stream` (programmatic dependent launch, sm_90): its blocks may start once every
+    /// block of that kernel has run `griddepcontrol.launch_dependents` or exited, so the
+    /// launch's latency hides behind that kernel's tail. The kernel must run
+    /// `griddepcontrol.wait` before reading anything that kernel writes.
+    ///
+    /// # Safety
+    /// As [`Self::launch`].
+    pub unsafe fn launch_programmatic_dependent(
+        &self,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: usize,
+        stream: CUstream,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let mut value = sys::CUlaunchAttributeValue { pad: [0; 64] };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attribute = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared_bytes as u32,
+            hStream: stream,
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: `config` and `attribute` outlive the call; the arguments are the
+        // caller's contract.
+        unsafe { sys::cuLaunchKernelEx(&config, self.raw, args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(driver_err("launching a kernel as a programmatic dependent"))
+    }
 }
 
 /// The tensor map of a pool of `pages` pages of [`PAGE_SIZE`] bf16 rows of `row_width`
