@@ -99,12 +99,29 @@ pub struct DeviceRank {
 
 /// A rank's buffers for the sequence-shard merges ([`crate::combine::sequence_device`]).
 pub(crate) struct MergeScratch {
-    /// `[shards][max_batch * heads]`: the group's gathered log-sum-exps (merge (a)).
+    /// `[shards][max_batch * heads]`: the group's gathered log-sum-exps (merge (a)
+    /// through NCCL).
+    #[cfg(feature = "nccl")]
     pub(crate) gathered: DeviceBuffer<f32>,
-    /// `[max_batch * heads][d_v + 2]` f64: this rank's pack (merge (b)).
+    /// `[max_batch * heads][d_v + 2]` f64: this rank's pack (merge (b) through NCCL).
+    #[cfg(feature = "nccl")]
     pub(crate) packed: DeviceBuffer<f64>,
-    /// The pack and unpack kernels' error bits.
+    /// The merge (b) kernels' error bits.
     pub(crate) error: DeviceBuffer<u32>,
+}
+
+impl MergeScratch {
+    /// Whether the scratch serves `shards` shards of `rows` rows.
+    fn fits(&self, shards: usize, rows: usize) -> bool {
+        #[cfg(feature = "nccl")]
+        return self.gathered.len() >= shards * rows;
+        #[cfg(not(feature = "nccl"))]
+        {
+            // in process, only the error word: any scratch fits
+            let _ = (shards, rows);
+            true
+        }
+    }
 }
 
 // SAFETY: the rank's raw handles (streams, cuBLAS, modules) are used from one thread at a
@@ -514,13 +531,14 @@ impl DeviceRank {
             }
         };
         let rows = self.max_batch * self.plan.heads;
-        let fits = matches!(&self.merge, Some(m) if m.gathered.len() >= shards * rows);
-        if !fits {
+        if !matches!(&self.merge, Some(m) if m.fits(shards, rows)) {
             let dev = self.backend.device();
             let mut error = DeviceBuffer::new(dev, 1)?;
             error.fill_bytes(0)?;
             self.merge = Some(MergeScratch {
+                #[cfg(feature = "nccl")]
                 gathered: DeviceBuffer::new(dev, shards * rows)?,
+                #[cfg(feature = "nccl")]
                 packed: DeviceBuffer::new(dev, rows * (self.dims.d_v + 2))?,
                 error,
             });

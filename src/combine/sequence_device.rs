@@ -4,8 +4,9 @@
 //! packs, small kernels of sequence.cu), ending with the TPLA sum over latent groups.
 //! - In process, for ranks emulated on one GPU (each its own [`DeviceRank`], ranks
 //!   numbered `group * shards + shard` as [`crate::geometry::HybridPlan`] does):
-//!   [`merge_by_lse_on_device`] (a) and [`merge_packed_on_device`] (b). The collectives
-//!   become device copies and sums in rank order, on the first rank's stream.
+//!   [`merge_by_lse_on_device`] (a) and [`merge_packed_on_device`] (b): one kernel each
+//!   over every rank's buffers (up to [`MAX_IN_PROCESS_RANKS`]), on the first rank's
+//!   stream, in the arithmetic of the collectives (sums in rank order).
 //! - Through NCCL, one rank per GPU (feature `nccl`): [`DeviceRank::merge_by_lse_nccl`]
 //!   (an all-gather of the group's log-sum-exps, the rescale, one all-reduce over every
 //!   rank) and [`DeviceRank::merge_packed_nccl`] (pack, an f64 all-reduce over the
@@ -16,7 +17,8 @@
 //! and benches/RESULTS.md, "Sequence-shard merges".
 
 use crate::attention::cuda::{
-    CUstream, SequenceKernels, ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE, ERR_LSE_ABOVE_BOUND,
+    CUstream, RankBuffers, SequenceKernels, ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE,
+    ERR_LSE_ABOVE_BOUND, MAX_IN_PROCESS_RANKS,
 };
 use crate::combine::sequence::PACKED_EXPONENT_LIMIT;
 use crate::device_rank::DeviceRank;
@@ -30,21 +32,7 @@ struct Ptrs {
     partial: u64,
     lse: u64,
     bounds: u64,
-    gathered: u64,
-    packed: u64,
     error: u64,
-}
-
-fn copy_async(dst: u64, src: u64, bytes: usize, stream: CUstream) -> Result<()> {
-    // SAFETY: callers pass live device ranges of `bytes` of one context and its stream.
-    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream as _) }.map_err(
-        |e| {
-            Error::new(
-                ErrorKind::Backend,
-                format!("CUDA: a device copy of a sequence merge failed: {e}"),
-            )
-        },
-    )
 }
 
 fn zero_async(ptr: u64, bytes: usize, stream: CUstream) -> Result<()> {
@@ -115,6 +103,13 @@ fn check_deployment<R: BorrowMut<DeviceRank>>(
         .ok_or_else(|| Error::invalid("a sequence merge needs at least one rank"))?;
     let plan = first.hybrid_plan();
     let (groups, shards) = (plan.latent.groups, plan.sharding.shards);
+    if groups * shards > MAX_IN_PROCESS_RANKS {
+        return Err(Error::invalid(format!(
+            "the in-process merge takes up to {MAX_IN_PROCESS_RANKS} ranks, the deployment \
+             of {groups} latent groups x {shards} sequence shards has {}",
+            groups * shards
+        )));
+    }
     if ranks.len() != groups * shards {
         return Err(Error::invalid(format!(
             "{} ranks given, the deployment of {groups} latent groups x {shards} sequence \
@@ -194,84 +189,65 @@ fn parts<R: BorrowMut<DeviceRank>>(
             partial: p.partial.ptr(),
             lse: p.lse.ptr(),
             bounds: p.bounds.ptr(),
-            gathered: p.scratch.gathered.ptr(),
-            packed: p.scratch.packed.ptr(),
             error: p.scratch.error.ptr(),
         });
     }
     Ok((kernels.expect("at least one rank"), ptrs))
 }
 
-/// Sums `n` values of `T` (4 or 8 bytes) at `bufs` in order into the first, then copies
-/// the sum into the others: the in-process all-reduce.
-fn sum_into_all(
-    k: &SequenceKernels,
-    bufs: &[u64],
-    n: usize,
-    f64s: bool,
-    stream: CUstream,
-) -> Result<()> {
-    let (first, rest) = bufs.split_first().expect("at least one buffer");
-    for &b in rest {
-        // SAFETY: every buffer holds `n` values of the type on this device (callers).
-        unsafe {
-            if f64s {
-                k.launch_add_f64(*first, b, n, stream)?
-            } else {
-                k.launch_add_f32(*first, b, n, stream)?
-            }
-        }
+/// Every rank's buffers for the in-process merge kernels.
+fn rank_buffers(ptrs: &[Ptrs]) -> RankBuffers {
+    let mut b = RankBuffers {
+        partial: [0; MAX_IN_PROCESS_RANKS],
+        lse: [0; MAX_IN_PROCESS_RANKS],
+        bound: [0; MAX_IN_PROCESS_RANKS],
+    };
+    for (k, p) in ptrs.iter().enumerate() {
+        (b.partial[k], b.lse[k], b.bound[k]) = (p.partial, p.lse, p.bounds);
     }
-    let bytes = n * if f64s { 8 } else { 4 };
-    for &b in rest {
-        copy_async(b, *first, bytes, stream)?;
-    }
-    Ok(())
+    b
 }
 
 /// Merge (a) over every rank of a hybrid deployment emulated on one GPU (`ranks` in rank
 /// order, owned or borrowed, each after [`DeviceRank::decode_sequence_shard`] of `layer`
-/// for `batch` sequences): the log-sum-exps of each latent group's shards are gathered, each rank's
-/// outputs rescaled by `e^(l_own - L)`, and the outputs of all ranks summed (the shards'
-/// merge and the groups' TPLA sum in one). Synchronous: returns when every rank's
-/// [`DeviceRank::partial`] holds the merged output.
+/// for `batch` sequences): each rank's outputs are weighed by `e^(l_own - L)` (L the
+/// log-sum-exp of its latent group's shards) and the outputs of all ranks summed (the
+/// shards' merge and the groups' TPLA sum in one), by one kernel. Synchronous: returns
+/// when every rank's [`DeviceRank::partial`] holds the merged output.
 pub fn merge_by_lse_on_device<R: BorrowMut<DeviceRank>>(
     ranks: &mut [R],
     layer: usize,
     batch: usize,
 ) -> Result<()> {
-    let (_, shards) = check_deployment(ranks, layer, batch)?;
+    let (groups, shards) = check_deployment(ranks, layer, batch)?;
     let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
-    let rows = batch * heads;
     let (k, ptrs) = parts(ranks, shards, layer)?;
     let device = ranks[0].borrow().backend().device().clone();
     // every rank's decode is done before rank 0's stream reads it
     device.synchronize()?;
     let stream = ranks[0].borrow().stream();
-    for group in ptrs.chunks(shards) {
-        // the all-gather: the group's log-sum-exps side by side in its first rank's scratch
-        let gathered = group[0].gathered;
-        for (j, p) in group.iter().enumerate() {
-            copy_async(gathered + (4 * j * rows) as u64, p.lse, 4 * rows, stream)?;
-        }
-        for (j, p) in group.iter().enumerate() {
-            // SAFETY: the ranks' own buffers: partials of max_batch * heads * d_v f32,
-            // the gathered scratch of shards * max_batch * heads f32.
-            unsafe { k.launch_rescale(p.partial, rows, d_v, j, shards, gathered, rows, stream)? };
-        }
-    }
-    let partials: Vec<u64> = ptrs.iter().map(|p| p.partial).collect();
-    sum_into_all(&k, &partials, rows * d_v, false, stream)?;
+    // SAFETY: the ranks' own buffers (distinct: check_deployment): partials of max_batch
+    // * heads * d_v f32 and log-sum-exps of max_batch * heads f32, batch <= max_batch.
+    unsafe {
+        k.launch_merge_lse_all(
+            &rank_buffers(&ptrs),
+            groups,
+            shards,
+            batch * heads,
+            d_v,
+            stream,
+        )?
+    };
     sync(stream)
 }
 
 /// Merge (b) over every rank of a hybrid deployment emulated on one GPU (`ranks` as in
 /// [`merge_by_lse_on_device`], each after [`DeviceRank::decode_sequence_shard`] with a
-/// RoPE key norm bound, so that it holds the shared logit bounds): each rank packs its
-/// outputs against its bounds in f64, each latent group's packs are summed and divided,
-/// then the groups summed over the ranks of one shard index. Synchronous; a bound that
-/// is not one (a log-sum-exp more than [`PACKED_EXPONENT_LIMIT`] above it) is an
-/// `InvalidArgument` error, as on the CPU.
+/// RoPE key norm bound, so that it holds the shared logit bounds), by one kernel: each
+/// rank's outputs packed against its bounds in f64, each latent group's packs summed and
+/// divided, then the groups summed. Synchronous; a bound that is not one (a log-sum-exp
+/// more than [`PACKED_EXPONENT_LIMIT`] above it) is an `InvalidArgument` error, as on
+/// the CPU.
 pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
     ranks: &mut [R],
     layer: usize,
@@ -282,41 +258,25 @@ pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
         check_bounds(rank.borrow(), r, layer, batch)?;
     }
     let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
-    let rows = batch * heads;
     let (k, ptrs) = parts(ranks, shards, layer)?;
     let device = ranks[0].borrow().backend().device().clone();
     device.synchronize()?;
     let stream = ranks[0].borrow().stream();
     let error = ptrs[0].error;
     zero_async(error, 4, stream)?;
-    for p in &ptrs {
-        // SAFETY: the ranks' own buffers: partials, log-sum-exps and bounds of
-        // max_batch * heads rows, packs of max_batch * heads * (d_v + 2) f64.
-        unsafe {
-            k.launch_pack(
-                p.partial, p.lse, p.bounds, rows, d_v, p.packed, error, stream,
-            )?
-        };
-    }
-    for group in ptrs.chunks(shards) {
-        let packs: Vec<u64> = group.iter().map(|p| p.packed).collect();
-        sum_into_all(&k, &packs, rows * (d_v + 2), true, stream)?;
-        for p in group {
-            // SAFETY: as above.
-            unsafe { k.launch_unpack(p.packed, rows, d_v, p.partial, error, stream)? };
-        }
-    }
-    if groups > 1 {
-        for shard in 0..shards {
-            let same: Vec<u64> = ptrs
-                .iter()
-                .skip(shard)
-                .step_by(shards)
-                .map(|p| p.partial)
-                .collect();
-            sum_into_all(&k, &same, rows * d_v, false, stream)?;
-        }
-    }
+    // SAFETY: as in merge_by_lse_on_device, and bounds of max_batch * heads f64 (written
+    // for this batch: check_bounds).
+    unsafe {
+        k.launch_merge_packed_all(
+            &rank_buffers(&ptrs),
+            groups,
+            shards,
+            batch * heads,
+            d_v,
+            error,
+            stream,
+        )?
+    };
     sync(stream)?;
     read_error(ranks[0].borrow(), error)
 }
@@ -324,6 +284,18 @@ pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
 #[cfg(feature = "nccl")]
 mod nccl_merges {
     use super::*;
+
+    fn copy_async(dst: u64, src: u64, bytes: usize, stream: CUstream) -> Result<()> {
+        // SAFETY: callers pass live device ranges of `bytes` of one context and its stream.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream as _) }.map_err(
+            |e| {
+                Error::new(
+                    ErrorKind::Backend,
+                    format!("CUDA: a device copy of a sequence merge failed: {e}"),
+                )
+            },
+        )
+    }
     use crate::combine::nccl::Communicator;
 
     fn check_comm(

@@ -1,9 +1,10 @@
 // Kernels of the sequence-shard merges (DESIGN 3.6; src/combine/sequence.rs is the CPU
 // form, whose arithmetic these follow: f64 weights and packs, f32 outputs): the fix-up of
 // a shard's empty batch entries after its attention, the rescale of merge (a), the
-// shared logit bounds, pack and unpack of merge (b), and element-wise sums for the ranks
-// of one process. One module per device, not specialised and not arch-specific, compiled
-// by NVRTC like the others (src/attention/cuda/sequence.rs launches them).
+// shared logit bounds, pack and unpack of merge (b) (the NCCL merges), and each merge
+// over every rank of one process in one kernel. One module per device, not specialised
+// and not arch-specific, compiled by NVRTC like the others (src/attention/cuda/
+// sequence.rs launches them).
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -35,10 +36,37 @@ tpla_seq_empty(const int* __restrict__ slots, const int* __restrict__ seq_lens, 
     for (int h = threadIdx.x; h < heads; h += blockDim.x) lse[(u64)b * heads + h] = NEG_INF_F;
 }
 
+// The weight of merge (a) for a shard whose log-sum-exp is `own` among `shards`
+// log-sum-exps (lse.at(j)): e^(own - L), L their log-sum-exp, in f64. NaN anywhere: NaN;
+// no token on the shard (own = -inf): 0.
+template <typename Lses>
+__device__ double shard_weight(double own, int shards, const Lses& lse)
+{
+    double mx = NEG_INF_D;
+    bool nan = false;
+    for (int j = 0; j < shards; ++j) {
+        const double l = lse.at(j);
+        nan = nan || l != l;
+        mx = fmax(mx, l);
+    }
+    if (nan) return QNAN_D;
+    if (own == NEG_INF_D) return 0.0;
+    double sum = 0.0;
+    for (int j = 0; j < shards; ++j) sum += exp(lse.at(j) - mx);
+    return exp(own - mx) / sum;
+}
+
+// Row r's log-sum-exps of the shards, gathered side by side `stride` apart.
+struct GatheredLses {
+    const float* gathered;
+    long long stride;
+    int r;
+    __device__ double at(int j) const { return gathered[(u64)j * stride + r]; }
+};
+
 // Merge (a): row r of `out` ([rows][width], this shard's outputs normalised over its
-// tokens) times e^(l_own - L), where gathered[j * stride + r] is the log-sum-exp of shard
-// j (j < shards) and L their log-sum-exp. NaN anywhere: NaN; no token on this shard: 0.
-// One block per row.
+// tokens) times its shard_weight among the gathered log-sum-exps (gathered[j * stride +
+// r] for shard j < shards). One block per row.
 extern "C" __global__ void __launch_bounds__(128)
 tpla_seq_rescale(float* __restrict__ out, int rows, int width, int shard, int shards,
                  const float* __restrict__ gathered, long long stride)
@@ -47,25 +75,8 @@ tpla_seq_rescale(float* __restrict__ out, int rows, int width, int shard, int sh
     if (r >= rows) return;
     __shared__ double weight;
     if (threadIdx.x == 0) {
-        const double own = gathered[(u64)shard * stride + r];
-        double mx = NEG_INF_D;
-        bool nan = false;
-        for (int j = 0; j < shards; ++j) {
-            const double l = gathered[(u64)j * stride + r];
-            nan = nan || l != l;
-            mx = fmax(mx, l);
-        }
-        double w;
-        if (nan) {
-            w = QNAN_D;
-        } else if (own == NEG_INF_D) {
-            w = 0.0;
-        } else {
-            double sum = 0.0;
-            for (int j = 0; j < shards; ++j) sum += exp((double)gathered[(u64)j * stride + r] - mx);
-            w = exp(own - mx) / sum;
-        }
-        weight = w;
+        const GatheredLses lse{gathered, stride, r};
+        weight = shard_weight(lse.at(shard), shards, lse);
     }
     __syncthreads();
     const double w = weight;
@@ -95,10 +106,26 @@ tpla_seq_bounds(const float* __restrict__ q, int rows, int slice_width, int d_r,
     if (lane == 0) bound[r] = sqrt(a) * latent_norm + sqrt(b) * rope_norm;
 }
 
-// Merge (b), pack (combine::sequence::pack_against_bound): row r of `packed`
-// ([rows][width + 2], f64) is e^(l - m) * out[r], e^(l - m), 1 (a shard holding a token);
-// zeros for l = -inf. A non-finite bound, or l more than the limit above it, sets an
-// error bit (and NaN in the row, never stale values). One block per row.
+// The pack of merge (b) for a shard with log-sum-exp l against the bound m
+// (combine::sequence::pack_against_bound): its outputs are weighed by e, its
+// denominator is e and it counts as `holder` shards holding a token (0 for l = -inf:
+// a zero pack). A non-finite bound, or l more than the limit above it, gives an error
+// bit and a NaN pack (never stale values); a NaN l (a faulted entry) travels on and
+// makes the merged entry NaN.
+struct Pack {
+    double e, holder;
+    u32 error;
+};
+__device__ __forceinline__ Pack pack_weight(double l, double m)
+{
+    if (!(m - m == 0.0)) return {QNAN_D, 1.0, ERR_BOUND_NOT_FINITE};  // inf or NaN
+    if (l == NEG_INF_D) return {0.0, 0.0, 0u};
+    if (l - m > PACKED_EXPONENT_LIMIT) return {QNAN_D, 1.0, ERR_LSE_ABOVE_BOUND};
+    return {l - m < -PACKED_EXPONENT_LIMIT ? 0.0 : exp(l - m), 1.0, 0u};
+}
+
+// Merge (b), pack: row r of `packed` ([rows][width + 2], f64) is e * out[r], e, holder
+// (pack_weight); error bits into `error`. One block per row.
 extern "C" __global__ void __launch_bounds__(128)
 tpla_seq_pack(const float* __restrict__ out, const float* __restrict__ lse,
               const double* __restrict__ bound, int rows, int width, double* __restrict__ packed,
@@ -106,37 +133,34 @@ tpla_seq_pack(const float* __restrict__ out, const float* __restrict__ lse,
 {
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const double l = lse[r], m = bound[r];
+    const Pack p = pack_weight(lse[r], bound[r]);
+    if (p.error != 0u && threadIdx.x == 0) atomicOr(error, p.error);
     double* dst = packed + (u64)r * (width + 2);
     const float* src = out + (u64)r * width;
-    double e, holder;
-    if (!(m - m == 0.0)) {  // inf or NaN
-        if (threadIdx.x == 0) atomicOr(error, ERR_BOUND_NOT_FINITE);
-        e = QNAN_D;
-        holder = 1.0;
-    } else if (l == NEG_INF_D) {
-        for (int c = threadIdx.x; c < width + 2; c += blockDim.x) dst[c] = 0.0;
-        return;
-    } else if (l - m > PACKED_EXPONENT_LIMIT) {
-        if (threadIdx.x == 0) atomicOr(error, ERR_LSE_ABOVE_BOUND);
-        e = QNAN_D;
-        holder = 1.0;
-    } else {
-        // NaN (a faulted entry) travels on and makes the merged entry NaN
-        e = l - m < -PACKED_EXPONENT_LIMIT ? 0.0 : exp(l - m);
-        holder = 1.0;
-    }
-    for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = e * (double)src[c];
+    for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = p.holder == 0.0 ? 0.0 : p.e * (double)src[c];
     if (threadIdx.x == 0) {
-        dst[width] = e;
-        dst[width + 1] = holder;
+        dst[width] = p.e;
+        dst[width + 1] = p.holder;
     }
 }
 
-// Merge (b), unpack (combine::sequence::unpack_merged): out[r] = numerators / denominator
-// of the summed packs; zeros for an entry no shard holds a token of; an entry whose every
-// shard lay more than the limit below the bound sets an error bit (and NaN). One block
-// per row.
+// The unpack of merge (b) (combine::sequence::unpack_merged): the merged output of an
+// entry from its summed numerator, denominator and holders: zero for an entry no shard
+// holds a token of; NaN with an error bit for one whose every shard lay more than the
+// limit below the bound.
+__device__ __forceinline__ float unpack_value(double num, double den, double holders)
+{
+    if (holders == 0.0) return 0.f;
+    if (den == 0.0) return __int_as_float(0x7fc00000);
+    return (float)(num / den);
+}
+__device__ __forceinline__ u32 unpack_error(double den, double holders)
+{
+    return holders != 0.0 && den == 0.0 ? ERR_BOUND_FAR_ABOVE : 0u;
+}
+
+// Merge (b), unpack: out[r] from the summed packs of row r; error bits into `error`.
+// One block per row.
 extern "C" __global__ void __launch_bounds__(128)
 tpla_seq_unpack(const double* __restrict__ packed, int rows, int width, float* __restrict__ out,
                 u32* __restrict__ error)
@@ -145,30 +169,100 @@ tpla_seq_unpack(const double* __restrict__ packed, int rows, int width, float* _
     if (r >= rows) return;
     const double* src = packed + (u64)r * (width + 2);
     const double den = src[width], holders = src[width + 1];
+    const u32 bits = unpack_error(den, holders);
+    if (bits != 0u && threadIdx.x == 0) atomicOr(error, bits);
     float* dst = out + (u64)r * width;
-    if (holders == 0.0) {
-        for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = 0.f;
-    } else if (den == 0.0) {
-        if (threadIdx.x == 0) atomicOr(error, ERR_BOUND_FAR_ABOVE);
-        for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = __int_as_float(0x7fc00000);
-    } else {
-        for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = (float)(src[c] / den);
+    for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = unpack_value(src[c], den, holders);
+}
+
+// ---- In process: every rank of a deployment on one GPU, merged by one kernel ----
+// The ranks' buffers by rank (group * shards + shard), passed by value; the merged
+// output goes back into every rank's partial (the all-reduce's result on every rank).
+#define MAX_RANKS 32  // combine::sequence_device::MAX_IN_PROCESS_RANKS
+struct RankBuffers {
+    float* partial[MAX_RANKS];        // [rows][width] f32
+    const float* lse[MAX_RANKS];      // [rows] f32
+    const double* bound[MAX_RANKS];   // [rows] f64 (merge (b))
+};
+
+// Row r's log-sum-exps of the shards of one latent group.
+struct GroupLses {
+    const RankBuffers* ranks;
+    int first;
+    int r;
+    __device__ double at(int j) const { return ranks->lse[first + j][r]; }
+};
+
+// Merge (a) of every rank, in the arithmetic of the rescale and the in-rank-order f32
+// sum the collectives do: each rank's outputs times its shard_weight within its group,
+// rounded to f32, summed over the ranks in rank order. One block per row.
+extern "C" __global__ void __launch_bounds__(128)
+tpla_seq_merge_lse_all(const __grid_constant__ RankBuffers ranks, int groups, int shards, int rows,
+                       int width)
+{
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int n = groups * shards;
+    __shared__ double weight[MAX_RANKS];
+    if (threadIdx.x < n) {
+        const int k = threadIdx.x;
+        const GroupLses lse{&ranks, k - k % shards, r};
+        weight[k] = shard_weight(lse.at(k % shards), shards, lse);
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float acc = (float)((double)ranks.partial[0][(u64)r * width + c] * weight[0]);
+        for (int k = 1; k < n; ++k) acc += (float)((double)ranks.partial[k][(u64)r * width + c] * weight[k]);
+        for (int k = 0; k < n; ++k) ranks.partial[k][(u64)r * width + c] = acc;
     }
 }
 
-// dst[i] += src[i] (the in-process sums, in rank order, of ranks on one GPU).
-extern "C" __global__ void tpla_seq_add_f32(float* __restrict__ dst, const float* __restrict__ src,
-                                            long long n)
+// Merge (b) of every rank, in the arithmetic of pack, the in-rank-order f64 sum over a
+// group's shards, unpack, and the in-group-order f32 sum over the groups: one block per
+// row; error bits into `error`. (The minimum of 4 blocks per multiprocessor is for ptxas,
+// which otherwise held this kernel to 32 registers and spilled.)
+extern "C" __global__ void __launch_bounds__(128, 4)
+tpla_seq_merge_packed_all(const __grid_constant__ RankBuffers ranks, int groups, int shards,
+                          int rows, int width, u32* __restrict__ error)
 {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        dst[i] += src[i];
-}
-
-extern "C" __global__ void tpla_seq_add_f64(double* __restrict__ dst, const double* __restrict__ src,
-                                            long long n)
-{
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        dst[i] += src[i];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int n = groups * shards;
+    __shared__ double e[MAX_RANKS], holder[MAX_RANKS];  // per rank
+    __shared__ double den[MAX_RANKS], holders[MAX_RANKS];  // per group
+    if (threadIdx.x < n) {
+        const int k = threadIdx.x;
+        const Pack p = pack_weight(ranks.lse[k][r], ranks.bound[k][r]);
+        if (p.error != 0u) atomicOr(error, p.error);
+        e[k] = p.e;
+        holder[k] = p.holder;
+    }
+    __syncthreads();
+    if (threadIdx.x < groups) {
+        const int first = threadIdx.x * shards;
+        double d = e[first], h = holder[first];
+        for (int j = 1; j < shards; ++j) {
+            d += e[first + j];
+            h += holder[first + j];
+        }
+        const u32 bits = unpack_error(d, h);
+        if (bits != 0u) atomicOr(error, bits);
+        den[threadIdx.x] = d;
+        holders[threadIdx.x] = h;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float acc = 0.f;
+        for (int g = 0; g < groups; ++g) {
+            double num = 0.0;
+            for (int j = 0; j < shards; ++j) {
+                const int k = g * shards + j;
+                const double x = holder[k] == 0.0 ? 0.0 : e[k] * (double)ranks.partial[k][(u64)r * width + c];
+                num = j == 0 ? x : num + x;
+            }
+            const float v = unpack_value(num, den[g], holders[g]);
+            acc = g == 0 ? v : acc + v;
+        }
+        for (int k = 0; k < groups * shards; ++k) ranks.partial[k][(u64)r * width + c] = acc;
+    }
 }

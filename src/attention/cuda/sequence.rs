@@ -1,7 +1,8 @@
 //! The kernels of the sequence-shard merges on the device (sequence.cu; the CPU form,
 //! whose arithmetic they follow, is [`crate::combine::sequence`]): the fix-up of a
 //! shard's empty batch entries, the rescale of merge (a), the shared logit bounds, pack
-//! and unpack of merge (b), and element-wise sums. One module per device (no
+//! and unpack of merge (b) (the NCCL merges), and each merge over every rank of one
+//! process in one kernel. One module per device (no
 //! specialisation), compiled by NVRTC and cached on disk like the decode kernels.
 //! [`crate::combine::sequence_device`] drives them.
 
@@ -15,9 +16,22 @@ const SEQUENCE: &str = include_str!("sequence.cu");
 
 /// Threads of a per-row or per-entry block (`__launch_bounds__(128)` in sequence.cu).
 const ROW_THREADS: u32 = 128;
-/// Threads and the largest grid of the element-wise sums (grid-stride loops).
-const ADD_THREADS: u32 = 256;
-const ADD_MAX_BLOCKS: u64 = 4096;
+/// Most ranks of one deployment the in-process merges take (`MAX_RANKS` in sequence.cu:
+/// their buffers pass by value, as one kernel parameter).
+pub const MAX_IN_PROCESS_RANKS: usize = 32;
+
+/// The buffers of every rank of an in-process merge, by rank (`RankBuffers` in
+/// sequence.cu); entries past the rank count are unused.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct RankBuffers {
+    /// `[rows][width]` f32 partial outputs; the merged output is written back to each.
+    pub partial: [u64; MAX_IN_PROCESS_RANKS],
+    /// `[rows]` f32 log-sum-exps.
+    pub lse: [u64; MAX_IN_PROCESS_RANKS],
+    /// `[rows]` f64 logit bounds (merge (b)).
+    pub bound: [u64; MAX_IN_PROCESS_RANKS],
+}
 
 /// Error bits the pack and unpack kernels set in their error word (sequence.cu).
 pub(crate) const ERR_BOUND_NOT_FINITE: u32 = 1;
@@ -33,12 +47,15 @@ fn options() -> Vec<String> {
 pub struct SequenceKernels {
     pub origin: Origin,
     empty: Function,
+    #[cfg(feature = "nccl")]
     rescale: Function,
     bounds: Function,
+    #[cfg(feature = "nccl")]
     pack: Function,
+    #[cfg(feature = "nccl")]
     unpack: Function,
-    add_f32: Function,
-    add_f64: Function,
+    merge_lse_all: Function,
+    merge_packed_all: Function,
     // Keeps the functions above valid; dropped last.
     _module: Module,
 }
@@ -68,12 +85,15 @@ impl SequenceKernels {
         Ok(SequenceKernels {
             origin,
             empty: module.function("tpla_seq_empty")?,
+            #[cfg(feature = "nccl")]
             rescale: module.function("tpla_seq_rescale")?,
             bounds: module.function("tpla_seq_bounds")?,
+            #[cfg(feature = "nccl")]
             pack: module.function("tpla_seq_pack")?,
+            #[cfg(feature = "nccl")]
             unpack: module.function("tpla_seq_unpack")?,
-            add_f32: module.function("tpla_seq_add_f32")?,
-            add_f64: module.function("tpla_seq_add_f64")?,
+            merge_lse_all: module.function("tpla_seq_merge_lse_all")?,
+            merge_packed_all: module.function("tpla_seq_merge_packed_all")?,
             _module: module,
         })
     }
@@ -120,6 +140,7 @@ impl SequenceKernels {
         }
     }
 
+    #[cfg(feature = "nccl")]
     /// Merge (a): rows `[rows][width]` at `out` times `e^(l_own - L)`, the log-sum-exps
     /// of shard `j` at `gathered + 4 * j * stride` (`rows` f32 each).
     ///
@@ -204,6 +225,7 @@ impl SequenceKernels {
         unsafe { self.bounds.launch(grid, ROW_THREADS, 0, stream, &mut args) }
     }
 
+    #[cfg(feature = "nccl")]
     /// Merge (b), pack: `[rows][width + 2]` f64 at `packed` from the outputs `out`
     /// (`[rows][width]` f32), log-sum-exps `lse` (`rows` f32) and bounds `bound` (`rows`
     /// f64); error bits into the `u32` at `error`.
@@ -239,6 +261,7 @@ impl SequenceKernels {
         }
     }
 
+    #[cfg(feature = "nccl")]
     /// Merge (b), unpack: `[rows][width]` f32 at `out` from the summed packs at `packed`;
     /// error bits into the `u32` at `error`.
     ///
@@ -262,53 +285,67 @@ impl SequenceKernels {
         }
     }
 
-    /// `dst[i] += src[i]` for `n` f32.
+    /// Merge (a) over `groups x shards` ranks of `rows` rows of `width` outputs: every
+    /// rank's partial (in `ranks`, by rank) ends holding the merged output.
     ///
     /// # Safety
-    /// Both hold `n` f32 of live device memory; `stream` is live.
-    pub(crate) unsafe fn launch_add_f32(
+    /// The first `groups * shards` entries of `ranks` are live device buffers of those
+    /// sizes (partials `[rows][width]` f32, log-sum-exps `rows` f32), distinct per rank;
+    /// `stream` is live.
+    pub(crate) unsafe fn launch_merge_lse_all(
         &self,
-        dst: u64,
-        src: u64,
-        n: usize,
+        ranks: &RankBuffers,
+        groups: usize,
+        shards: usize,
+        rows: usize,
+        width: usize,
         stream: CUstream,
     ) -> Result<()> {
-        // SAFETY: forwarded.
-        unsafe { self.add(&self.add_f32, dst, src, n, stream) }
-    }
-
-    /// `dst[i] += src[i]` for `n` f64.
-    ///
-    /// # Safety
-    /// Both hold `n` f64 of live device memory; `stream` is live.
-    pub(crate) unsafe fn launch_add_f64(
-        &self,
-        dst: u64,
-        src: u64,
-        n: usize,
-        stream: CUstream,
-    ) -> Result<()> {
-        // SAFETY: forwarded.
-        unsafe { self.add(&self.add_f64, dst, src, n, stream) }
-    }
-
-    unsafe fn add(
-        &self,
-        f: &Function,
-        dst: u64,
-        src: u64,
-        n: usize,
-        stream: CUstream,
-    ) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        let count = n as i64;
-        let blocks = (n as u64).div_ceil(ADD_THREADS as u64).min(ADD_MAX_BLOCKS) as u32;
-        let mut args = [arg(&dst), arg(&src), arg(&count)];
+        let (g, s) = in_process_ranks(groups, shards)?;
+        let (r, w) = (int(rows, "the rows")?, int(width, "the width")?);
+        let mut args = [arg(ranks), arg(&g), arg(&s), arg(&r), arg(&w)];
         // SAFETY: caller contract.
-        unsafe { f.launch((blocks, 1, 1), ADD_THREADS, 0, stream, &mut args) }
+        unsafe {
+            self.merge_lse_all
+                .launch(grid_rows(rows)?, ROW_THREADS, 0, stream, &mut args)
+        }
     }
+
+    /// Merge (b) over `groups x shards` ranks, as [`Self::launch_merge_lse_all`], with
+    /// each rank's logit bounds; error bits into the `u32` at `error`.
+    ///
+    /// # Safety
+    /// As [`Self::launch_merge_lse_all`], and the bounds are `rows` f64 each.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch_merge_packed_all(
+        &self,
+        ranks: &RankBuffers,
+        groups: usize,
+        shards: usize,
+        rows: usize,
+        width: usize,
+        error: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        let (g, s) = in_process_ranks(groups, shards)?;
+        let (r, w) = (int(rows, "the rows")?, int(width, "the width")?);
+        let mut args = [arg(ranks), arg(&g), arg(&s), arg(&r), arg(&w), arg(&error)];
+        // SAFETY: caller contract.
+        unsafe {
+            self.merge_packed_all
+                .launch(grid_rows(rows)?, ROW_THREADS, 0, stream, &mut args)
+        }
+    }
+}
+
+fn in_process_ranks(groups: usize, shards: usize) -> Result<(i32, i32)> {
+    if groups == 0 || shards == 0 || groups * shards > MAX_IN_PROCESS_RANKS {
+        return Err(Error::invalid(format!(
+            "an in-process merge takes 1 to {MAX_IN_PROCESS_RANKS} ranks, got {groups} \
+             latent groups x {shards} sequence shards"
+        )));
+    }
+    Ok((groups as i32, shards as i32))
 }
 
 #[cfg(test)]
