@@ -6,7 +6,8 @@
  * sequences between steps so that freed pages are reused. Every step plans once and
  * decodes every layer with tpla_context_decode_paged; the results must be bit-equal to
  * tpla_context_decode over a tpla_cache holding the same tokens. Then the fault bits
- * (bad page index, bad slot) and the error statuses of the paged calls.
+ * (bad page index, bad slot) and the error statuses of the paged calls, and the same
+ * churn again over fp8_e4m3 pools (codes, block scales and bf16 keys) and cache.
  *
  * Usage: paged
  */
@@ -260,13 +261,81 @@ static int all_nan(const float *v, size_t n) {
   return 1;
 }
 
+/* Bytes of a row of `dtype` (tpla_dtype's layouts). */
+static size_t row_bytes(uint32_t dtype, size_t row_width) {
+  size_t w = row_width - d.d_r;
+  return dtype == TPLA_DTYPE_FP8_E4M3 ? w + 4 * ((w + 127) / 128) + 2 * (size_t)d.d_r
+                                      : row_width * 2;
+}
+
+/* One pool per layer of `dtype` (pages padded past their rows), an owned cache of it,
+ * every page free. */
+static void open_caches(uint32_t dtype) {
+  tpla_context_info info;
+  tpla_cache_options co;
+  size_t i;
+  int l;
+  memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  CHECK_OK(tpla_context_get_info(ctx, &info));
+  for (l = 0; l < LAYERS; l++) {
+    memset(&pools[l], 0, sizeof pools[l]);
+    pools[l].struct_size = sizeof pools[l];
+    pools[l].dtype = dtype;
+    pools[l].row_width = info.row_width;
+    pools[l].page_size = PAGE;
+    pools[l].page_stride = (size_t)PAGE * row_bytes(dtype, info.row_width) + 64;
+    pools[l].pages = POOL_PAGES;
+    pools[l].base = xcalloc(POOL_PAGES, pools[l].page_stride);
+  }
+  memset(&co, 0, sizeof co);
+  co.struct_size = sizeof co;
+  co.dtype = dtype;
+  co.page_size = 16;
+  co.capacity_pages = 256;
+  CHECK_OK(tpla_cache_create(ctx, &co, &owned));
+  for (i = 0; i < POOL_PAGES; i++) free_pages[i] = (int32_t)i, ever_used[i] = 0;
+  free_count = POOL_PAGES;
+  reused = 0;
+  shuffle(free_pages, free_count);
+  for (i = 0; i < MAX_SEQ; i++) seqs[i].live = 0;
+}
+
+static void close_caches(void) {
+  int l;
+  for (l = 0; l < LAYERS; l++) free(pools[l].base);
+  tpla_cache_destroy(owned);
+}
+
+/* Mixed lengths, one long enough to be split over several work items; churn. */
+static void churn(const char *dtype) {
+  int k, s;
+  add(0, 40);
+  add(1, 600);
+  add(2, 3);
+  for (s = 0; s < 4; s++) {
+    step();
+    for (k = 0; k < MAX_SEQ; k++)
+      if (seqs[k].live) append(&seqs[k], 1);
+    if (s == 0) {
+      release(0);
+      add(3, 90);
+    } else if (s == 1) {
+      release(2);
+      add(4, 17);
+    }
+  }
+  CHECK(reused > 0);
+  printf("paged (%s): 4 steps bit-equal to the owned cache, %zu freed pages reused\n", dtype,
+         reused);
+}
+
 int main(void) {
   const tpla_backend_options cpu2 = backend_options(TPLA_BACKEND_CPU, 2);
   tpla_context_options o;
   tpla_context_info info;
-  tpla_cache_options co;
   size_t w_uk_n, w_uv_n, sw_uk, sw_uv, i, words;
-  int l, k, s;
+  int l, k;
   d = test_dims();
 
   memset(&o, 0, sizeof o);
@@ -322,45 +391,12 @@ int main(void) {
     tpla_transform_destroy(transform);
     free(uk), free(uv), free(gamma), free(suk), free(suv);
 
-    memset(&pools[l], 0, sizeof pools[l]);
-    pools[l].struct_size = sizeof pools[l];
-    pools[l].dtype = TPLA_DTYPE_BF16;
-    pools[l].row_width = info.row_width;
-    pools[l].page_size = PAGE;
-    pools[l].page_stride = (size_t)PAGE * info.row_width * 2 + 64;
-    pools[l].pages = POOL_PAGES;
-    pools[l].base = xcalloc(POOL_PAGES, pools[l].page_stride);
   }
-  memset(&co, 0, sizeof co);
-  co.struct_size = sizeof co;
-  co.dtype = TPLA_DTYPE_BF16;
-  co.page_size = 16;
-  co.capacity_pages = 256;
-  CHECK_OK(tpla_cache_create(ctx, &co, &owned));
+  open_caches(TPLA_DTYPE_BF16);
   EXPECT(TPLA_STATUS_INVALID_ARGUMENT, "too large", tpla_context_reserve(ctx, (size_t)-1));
   CHECK_OK(tpla_context_reserve(ctx, MAX_SEQ + 1));
-  for (i = 0; i < POOL_PAGES; i++) free_pages[i] = (int32_t)i;
-  free_count = POOL_PAGES;
-  shuffle(free_pages, free_count);
 
-  /* Mixed lengths, one long enough to be split over several work items; churn. */
-  add(0, 40);
-  add(1, 600);
-  add(2, 3);
-  for (s = 0; s < 4; s++) {
-    step();
-    for (k = 0; k < MAX_SEQ; k++)
-      if (seqs[k].live) append(&seqs[k], 1);
-    if (s == 0) {
-      release(0);
-      add(3, 90);
-    } else if (s == 1) {
-      release(2);
-      add(4, 17);
-    }
-  }
-  CHECK(reused > 0);
-  printf("paged: 4 steps bit-equal to the owned cache, %zu freed pages reused\n", reused);
+  churn("bf16");
 
   /* Faults: a bad page index makes its entry NaN; a bad slot is skipped. */
   {
@@ -480,6 +516,14 @@ int main(void) {
     return 1;
   }
   printf("paged: faults and errors as documented\n");
+  close_caches();
+  open_caches(TPLA_DTYPE_FP8_E4M3);
+  churn("fp8_e4m3");
+  close_caches();
+  if (failures) {
+    fprintf(stderr, "paged: %d of %d checks failed\n", failures, checked);
+    return 1;
+  }
 
   for (k = 0; k < MAX_SEQ; k++)
     for (l = 0; l < LAYERS; l++) {
@@ -488,11 +532,7 @@ int main(void) {
       free(seqs[k].q_nope[l]);
       free(seqs[k].q_rope[l]);
     }
-  for (l = 0; l < LAYERS; l++) {
-    free(pools[l].base);
-    tpla_synthetic_destroy(synthetic[l]);
-  }
-  tpla_cache_destroy(owned);
+  for (l = 0; l < LAYERS; l++) tpla_synthetic_destroy(synthetic[l]);
   tpla_context_destroy(ctx);
   return 0;
 }

@@ -217,7 +217,8 @@ enum tpla_dtype
   TPLA_DTYPE_F16 = 2,
   TPLA_DTYPE_F32 = 3,
   /**
-   * FP8 latent slice (caches and shard files; not engine memory or outputs). A row of
+   * FP8 latent slice (caches, shard files and engine memory on the CPU; not outputs;
+   * the CUDA kernels read bf16 so far). A row of
    * latent width w = d_c/g and RoPE width d_r is `w + 4*ceil(w/128) + 2*d_r` bytes:
    * w e4m3 codes (bias 7, no infinities, 0x7f/0xff NaN), then one little-endian f32
    * scale per block of 128 latent values (the last block may be shorter; value =
@@ -826,9 +827,11 @@ typedef void (*tpla_release_fn)(void *user);
 
 /**
  * The engine's paged cache of one layer. Page p starts at base + p * page_stride bytes
- * and holds page_size rows back to back; a row is row_width elements of dtype
- * (little-endian): the rank's latent slice (slice_width values, rotated and
- * normalised), then the RoPE key (d_r values). Token t of a sequence is row
+ * and holds page_size rows back to back; a row is row_width values: the rank's latent
+ * slice (slice_width values, rotated and normalised), then the RoPE key (d_r values),
+ * stored as dtype (little-endian; row_width * sizeof(element) bytes, or for
+ * TPLA_DTYPE_FP8_E4M3 the row of `tpla_dtype`: codes, block scales, bf16 key, CPU
+ * only). Token t of a sequence is row
  * t % page_size of the page its block table names at t / page_size; slot s is row
  * s % page_size of page s / page_size. With tpla_context_* calls base is host memory;
  * a GPU rank takes the same description with a device address.
@@ -843,7 +846,7 @@ typedef struct tpla_paged_cache {
    */
   uint32_t dtype;
   /**
-   * Elements per row: slice_width + d_r of the rank (tpla_context_info.row_width).
+   * Values per row: slice_width + d_r of the rank (tpla_context_info.row_width).
    */
   uint32_t row_width;
   /**
@@ -851,8 +854,9 @@ typedef struct tpla_paged_cache {
    */
   uint32_t page_size;
   /**
-   * Bytes from one page to the next: at least page_size * row_width * sizeof(element),
-   * a multiple of the element size.
+   * Bytes from one page to the next: at least page_size * row_bytes, a multiple of
+   * the element size (4 for TPLA_DTYPE_FP8_E4M3, whose rows must be a multiple of 4
+   * bytes).
    */
   size_t page_stride;
   /**
@@ -860,8 +864,8 @@ typedef struct tpla_paged_cache {
    */
   size_t pages;
   /**
-   * Page 0, aligned to the element size; (pages - 1) * page_stride + page_size *
-   * row_width * sizeof(element) bytes must be readable (and writable for appends).
+   * Page 0, aligned like page_stride; (pages - 1) * page_stride + page_size *
+   * row_bytes bytes must be readable (and writable for appends).
    */
   void *base;
 } tpla_paged_cache;

@@ -8,11 +8,13 @@
 //!
 //! # Memory layout ([`PagedLayout`])
 //! The cache of one layer is `pages` pages at `base + page * page_stride` bytes; a page
-//! holds `page_size` rows back to back, row `offset` at `offset * row_width * dtype.size()`
-//! bytes into the page. A row is `row_width = slice_width + d_r` elements of `dtype`
-//! (bf16, f16 or f32, little-endian): this rank's slice of the rotated normalised latent,
-//! then the RoPE key (FlashMLA's `[num_blocks, page_block_size, 1, d]` with d = 576 is
-//! this layout at g = 1). Token `t` of batch entry `b` lives in row `t % page_size` of page
+//! holds `page_size` rows back to back, row `offset` at `offset * row_bytes` bytes into
+//! the page. A row is `row_width = slice_width + d_r` values: this rank's slice of the
+//! rotated normalised latent, then the RoPE key (`rope_width = d_r` values), stored as
+//! `dtype` ([`DType::row_bytes`]): bf16, f16 or f32 (little-endian) throughout
+//! (FlashMLA's `[num_blocks, page_block_size, 1, d]` with d = 576 is this layout at g =
+//! 1), or for fp8_e4m3 the slice's e4m3 codes, one f32 scale per block of 128 of them and
+//! the RoPE key in bf16 (DESIGN 7.1; 392 bytes at g = 2 of DeepSeek-V3 and Kimi-K2). Token `t` of batch entry `b` lives in row `t % page_size` of page
 //! `block_table[b][t / page_size]`; an append writes token `i` at slot `slots[i]`, row
 //! `slot % page_size` of page `slot / page_size`.
 //!
@@ -63,20 +65,35 @@ use std::sync::atomic::{AtomicBool, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedLayout {
     pub dtype: DType,
-    /// Elements per row: `slice_width + d_r` of the rank.
+    /// Values per row: `slice_width + d_r` of the rank.
     pub row_width: usize,
+    /// The RoPE key's values at the end of a row: `d_r` of the model (it sizes the rows
+    /// of fp8_e4m3 pools, whose slice and key have different element types).
+    pub rope_width: usize,
     /// Rows per page.
     pub page_size: usize,
-    /// Bytes from one page to the next (at least a page's rows, a multiple of the
-    /// element size).
+    /// Bytes from one page to the next (at least a page's rows, a multiple of
+    /// [`Self::alignment`]).
     pub page_stride: usize,
     /// Pages of the pool: block table entries and slots index these.
     pub pages: usize,
 }
 
 impl PagedLayout {
+    /// Bytes of one row ([`DType::row_bytes`] of the slice and the RoPE key).
     pub fn row_bytes(&self) -> usize {
-        self.row_width * self.dtype.size()
+        let w = self.row_width.saturating_sub(self.rope_width);
+        self.dtype.row_bytes(w, self.row_width - w)
+    }
+
+    /// The alignment of the memory and of the page stride, in bytes: the element size,
+    /// and 4 for fp8_e4m3 (its f32 scales and bf16 keys stay aligned in rows that are a
+    /// multiple of 4 bytes).
+    pub fn alignment(&self) -> usize {
+        match self.dtype {
+            DType::Fp8E4m3 => 4,
+            d => d.size(),
+        }
     }
 
     /// Bytes of the rows of one page.
@@ -107,23 +124,32 @@ impl PagedLayout {
         if self.row_width == 0 {
             return Err(Error::invalid("cache rows must have at least one element"));
         }
-        if self.dtype == DType::Fp8E4m3 {
-            // its rows carry block scales beside the codes: not yet in this layout
-            return Err(Error::unsupported(
-                "engine-owned pools of fp8_e4m3 rows are not supported yet (bf16, f16 or f32)",
-            ));
+        if self.rope_width > self.row_width || self.row_width > u32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "rows of {} values cannot end in a RoPE key of {}",
+                self.row_width, self.rope_width
+            )));
+        }
+        let align = self.alignment();
+        if self.row_bytes() % align != 0 {
+            // fp8_e4m3: slices are multiples of 64 values and keys of even width in practice
+            return Err(Error::invalid(format!(
+                "{} rows of {} slice and {} RoPE values take {} bytes, not a multiple of {align}",
+                self.dtype.name(),
+                self.row_width - self.rope_width,
+                self.rope_width,
+                self.row_bytes()
+            )));
         }
         let page_bytes = self
             .page_size
-            .checked_mul(self.row_width)
-            .and_then(|n| n.checked_mul(self.dtype.size()))
+            .checked_mul(self.row_bytes())
             .ok_or_else(|| Error::invalid("page size in bytes overflows"))?;
-        if self.page_stride < page_bytes || self.page_stride % self.dtype.size() != 0 {
+        if self.page_stride < page_bytes || self.page_stride % align != 0 {
             return Err(Error::invalid(format!(
                 "page stride {} must be at least the {page_bytes} bytes of a page's rows \
-                 and a multiple of the {}-byte element",
-                self.page_stride,
-                self.dtype.size()
+                 and a multiple of {align} bytes",
+                self.page_stride
             )));
         }
         (self.pages - 1)
@@ -142,10 +168,11 @@ impl PagedLayout {
                 "the paged cache memory holds {len} bytes, its layout spans {extent}"
             )));
         }
-        if (data as usize) % self.dtype.size() != 0 {
+        if (data as usize) % self.alignment() != 0 {
             return Err(Error::invalid(format!(
-                "the paged cache memory is not aligned to its {}-byte elements",
-                self.dtype.size()
+                "the paged cache memory is not aligned to {} bytes ({} rows)",
+                self.alignment(),
+                self.dtype.name()
             )));
         }
         Ok(())
@@ -153,11 +180,12 @@ impl PagedLayout {
 
     fn check_rank(&self, ctx: &RankContext) -> Result<()> {
         let want = ctx.plan().row_width(ctx.dims());
-        if self.row_width != want {
+        if self.row_width != want || self.rope_width != ctx.dims().d_r {
             return Err(Error::mismatch(format!(
-                "the paged cache's rows are {} elements, this rank's are {want} ({} latent \
-                 + {} RoPE)",
+                "the paged cache's rows are {} values ({} RoPE), this rank's are {want} ({} \
+                 latent + {} RoPE)",
                 self.row_width,
+                self.rope_width,
                 ctx.plan().slice_width,
                 ctx.dims().d_r
             )));
@@ -585,13 +613,14 @@ impl RankContext {
         }
         let dtype = cache.layout.dtype;
         crate::cache::check_representable(dtype, &rows, "appended rows")?;
+        let w = rw - cache.layout.rope_width;
         let mut faults = Faults::NONE;
         for (&slot, row) in slots.iter().zip(rows.chunks_exact(rw)) {
             if slot < 0 {
                 continue;
             }
             match cache.row_mut(slot as usize) {
-                Some(dst) => dtype.encode(row, dst),
+                Some(dst) => dtype.encode_row(row, w, dst),
                 None => faults = faults | Faults::BAD_SLOT,
             }
         }

@@ -75,14 +75,17 @@ fn a_reserved_engine_decode_step_allocates_nothing() {
 
     let (page, width) = (16, 80);
     let mut first_step = true;
-    for dtype in [DType::Bf16, DType::F32] {
+    for dtype in [DType::Bf16, DType::F32, DType::Fp8E4m3] {
         let layout = PagedLayout {
             dtype,
             row_width: rw,
+            rope_width: d.d_r,
             page_size: page,
-            page_stride: page * rw * dtype.size(),
+            page_stride: page * dtype.row_bytes(rw - d.d_r, d.d_r),
             pages: max_batch * width,
         };
+        // finite values of every type: small f32s; bf16 pairs; e4m3 codes, and scales
+        // and bf16 keys read from the same words (all finite)
         let words: Vec<u32> = (0..layout.extent().unwrap() / 4)
             .map(|i| match dtype {
                 DType::F32 => (0.001 * (i % 13) as f32).to_bits(),

@@ -87,6 +87,7 @@ fn layout(pages: usize) -> PagedLayout {
     PagedLayout {
         dtype: DType::Bf16,
         row_width: RW,
+        rope_width: D_R,
         page_size: PAGE,
         page_stride: PAGE * RW * 2,
         pages,

@@ -549,7 +549,7 @@ impl PyRankContext {
         kv_dtype: Option<&str>,
     ) -> PyResult<u32> {
         let kv = Tensor::new("kv_cache", kv_cache)?;
-        let layout = paged_layout(&kv, kv_dtype)?;
+        let layout = paged_layout(&kv, kv_dtype, self.c().dims().d_r)?;
         let st = Tensor::new("slots", slots)?;
         st.expect_shape(&[None], "[rows]")?;
         let slots = int32s(&st, &mut self.slots)?;
@@ -785,7 +785,7 @@ impl PyRankContext {
         let sm = Tensor::new("slot_mapping", slot_mapping)?;
         sm.expect_shape(&[Some(n)], &format!("[{n}]"))?;
         let kv = Tensor::new("kv_cache", kv_cache)?;
-        let layout = paged_layout(&kv, kv_dtype)?;
+        let layout = paged_layout(&kv, kv_dtype, d.d_r)?;
         check_disjoint(&kv, &[&lat, &kr, &sm])?;
         let latents = floats(&lat, &mut self.qbuf)?;
         let rope = floats(&kr, &mut self.rbuf)?;
@@ -894,9 +894,10 @@ fn int32s<'a>(t: &'a Tensor, buf: &'a mut Vec<i32>) -> PyResult<&'a [i32]> {
     }
 }
 
-/// The paged layout of `kv_cache`: `[num_pages, page_size, 1, row_width]` (or without
-/// the 1), rows contiguous, pages at any stride of at least a page.
-fn paged_layout(kv: &Tensor, kv_dtype: Option<&str>) -> PyResult<PagedLayout> {
+/// The paged layout of `kv_cache` for a rank whose RoPE keys are `rope_width` values:
+/// `[num_pages, page_size, 1, row_width]` (or without the 1), rows contiguous, pages at
+/// any stride of at least a page.
+fn paged_layout(kv: &Tensor, kv_dtype: Option<&str>, rope_width: usize) -> PyResult<PagedLayout> {
     let dtype = match (kv.elem, kv_dtype) {
         (Elem::F32, None | Some("float32")) => DType::F32,
         (Elem::F16, None | Some("float16")) => DType::F16,
@@ -959,6 +960,7 @@ fn paged_layout(kv: &Tensor, kv_dtype: Option<&str>) -> PyResult<PagedLayout> {
     Ok(PagedLayout {
         dtype,
         row_width: rw,
+        rope_width,
         page_size: ps,
         page_stride,
         pages,
@@ -1174,7 +1176,7 @@ fn decode<'py>(
         None => None,
     };
     let kv = Tensor::new("kv_cache", kv_cache)?;
-    let layout = paged_layout(&kv, kv_dtype)?;
+    let layout = paged_layout(&kv, kv_dtype, d.d_r)?;
     let bt = Tensor::new("block_table", block_table)?;
     bt.expect_shape(&[Some(b), None], &format!("[batch={b}, max_pages]"))?;
     bt.expect_array(&[Elem::I32])?;

@@ -36,9 +36,11 @@ pub enum tpla_fault {
 }
 
 /// The engine's paged cache of one layer. Page p starts at base + p * page_stride bytes
-/// and holds page_size rows back to back; a row is row_width elements of dtype
-/// (little-endian): the rank's latent slice (slice_width values, rotated and
-/// normalised), then the RoPE key (d_r values). Token t of a sequence is row
+/// and holds page_size rows back to back; a row is row_width values: the rank's latent
+/// slice (slice_width values, rotated and normalised), then the RoPE key (d_r values),
+/// stored as dtype (little-endian; row_width * sizeof(element) bytes, or for
+/// TPLA_DTYPE_FP8_E4M3 the row of `tpla_dtype`: codes, block scales, bf16 key, CPU
+/// only). Token t of a sequence is row
 /// t % page_size of the page its block table names at t / page_size; slot s is row
 /// s % page_size of page s / page_size. With tpla_context_* calls base is host memory;
 /// a GPU rank takes the same description with a device address.
@@ -48,17 +50,18 @@ pub struct tpla_paged_cache {
     pub struct_size: usize,
     /// A `tpla_dtype`.
     pub dtype: u32,
-    /// Elements per row: slice_width + d_r of the rank (tpla_context_info.row_width).
+    /// Values per row: slice_width + d_r of the rank (tpla_context_info.row_width).
     pub row_width: u32,
     /// Rows per page (1 to 65536).
     pub page_size: u32,
-    /// Bytes from one page to the next: at least page_size * row_width * sizeof(element),
-    /// a multiple of the element size.
+    /// Bytes from one page to the next: at least page_size * row_bytes, a multiple of
+    /// the element size (4 for TPLA_DTYPE_FP8_E4M3, whose rows must be a multiple of 4
+    /// bytes).
     pub page_stride: usize,
     /// Pages of the pool (1 to INT32_MAX); block table entries and slots index them.
     pub pages: usize,
-    /// Page 0, aligned to the element size; (pages - 1) * page_stride + page_size *
-    /// row_width * sizeof(element) bytes must be readable (and writable for appends).
+    /// Page 0, aligned like page_stride; (pages - 1) * page_stride + page_size *
+    /// row_bytes bytes must be readable (and writable for appends).
     pub base: *mut c_void,
 }
 
@@ -67,12 +70,14 @@ unsafe impl Versioned for tpla_paged_cache {
     const NAME: &'static str = "tpla_paged_cache";
 }
 
-/// The described layout and the bytes it spans (for overlap checks).
+/// The described layout of a rank whose RoPE keys are `rope_width` values, and the
+/// bytes it spans (for overlap checks).
 ///
 /// # Safety
 /// `desc` is NULL or a valid `tpla_paged_cache`.
 pub(super) unsafe fn layout<'a>(
     desc: *const tpla_paged_cache,
+    rope_width: usize,
 ) -> Outcome<(PagedLayout, &'a tpla_paged_cache, Span)> {
     // SAFETY: caller contract.
     let d = unsafe { versioned(desc, "cache") }?;
@@ -82,6 +87,7 @@ pub(super) unsafe fn layout<'a>(
     let layout = PagedLayout {
         dtype: DType::from_code(d.dtype)?,
         row_width: to_usize(d.row_width),
+        rope_width,
         page_size: to_usize(d.page_size),
         page_stride: d.page_stride,
         pages: d.pages,
@@ -274,7 +280,7 @@ pub unsafe extern "C" fn tpla_context_decode_paged(
         // SAFETY: caller contract.
         let a = unsafe { versioned(args, "args") }?;
         // SAFETY: caller contract.
-        let (layout, desc, cache_span) = unsafe { layout(a.cache) }?;
+        let (layout, desc, cache_span) = unsafe { layout(a.cache, c.dims().d_r) }?;
         let table_count = a
             .batch
             .checked_mul(a.block_table_width)
@@ -432,7 +438,7 @@ pub unsafe extern "C" fn tpla_context_append_paged(
         // SAFETY: caller contract.
         let c = &unsafe { handle(ctx, "ctx") }?.ctx;
         // SAFETY: caller contract.
-        let (layout, desc, cache_span) = unsafe { layout(cache) }?;
+        let (layout, desc, cache_span) = unsafe { layout(cache, c.dims().d_r) }?;
         check_disjoint(
             &[
                 cache_span,
@@ -496,7 +502,7 @@ pub unsafe extern "C" fn tpla_context_import_sequence(
         // SAFETY: caller contract.
         let src = &unsafe { handle(source, "source") }?.cache;
         // SAFETY: caller contract.
-        let (layout, desc, cache_span) = unsafe { layout(cache) }?;
+        let (layout, desc, cache_span) = unsafe { layout(cache, c.dims().d_r) }?;
         check_disjoint(
             &[
                 cache_span,

@@ -34,6 +34,16 @@ pub struct tpla_device_engine {
     never: std::convert::Infallible,
 }
 
+impl tpla_device_engine {
+    /// The rank's RoPE key width, which sizes its cache rows.
+    fn rope_width(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        return self.engine.dims().d_r;
+        #[cfg(not(feature = "cuda"))]
+        match self.never {}
+    }
+}
+
 /// Opens GPU `device` for the rank of `ctx` (every layer with its weights): compiles (or
 /// loads from the disk cache) the kernels of its shape and uploads every layer's
 /// transform. Destroy it with `tpla_device_engine_destroy`.
@@ -327,7 +337,7 @@ pub unsafe extern "C" fn tpla_device_engine_decode(
         // SAFETY: caller contract.
         let a = unsafe { versioned(args, "args") }?;
         // SAFETY: caller contract.
-        let (layout, desc, _) = unsafe { layout(a.cache) }?;
+        let (layout, desc, _) = unsafe { layout(a.cache, e.rope_width()) }?;
         check_non_null(&[
             (a.block_table as usize, "args->block_table"),
             (a.seq_lens as usize, "args->seq_lens"),
@@ -461,7 +471,7 @@ pub unsafe extern "C" fn tpla_device_engine_append(
         // SAFETY: caller contract.
         let e = unsafe { handle(engine, "engine") }?;
         // SAFETY: caller contract.
-        let (layout, desc, _) = unsafe { layout(cache) }?;
+        let (layout, desc, _) = unsafe { layout(cache, e.rope_width()) }?;
         let mode = rms_mode(rms_mode_value)?;
         let input = DType::from_code(input_dtype)?;
         if count > 0 {
@@ -589,9 +599,9 @@ pub unsafe extern "C" fn tpla_device_engine_copy_rows(
         // SAFETY: caller contract.
         let e = unsafe { handle(engine, "engine") }?;
         // SAFETY: caller contract.
-        let (dst_layout, dst_desc, _) = unsafe { layout(dst) }?;
+        let (dst_layout, dst_desc, _) = unsafe { layout(dst, e.rope_width()) }?;
         // SAFETY: caller contract.
-        let (src_layout, src_desc, _) = unsafe { layout(src) }?;
+        let (src_layout, src_desc, _) = unsafe { layout(src, e.rope_width()) }?;
         if count > 0 {
             check_non_null(&[
                 (dst_slots_dev as usize, "dst_slots_dev"),

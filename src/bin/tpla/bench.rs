@@ -107,6 +107,7 @@ impl EngineStep {
         let layout = PagedLayout {
             dtype: spec.dtype(),
             row_width: rw,
+            rope_width: spec.dims().d_r,
             page_size: ps,
             page_stride: spec.page_stride(),
             pages: batch * width,
@@ -235,11 +236,6 @@ pub fn run(args: Args) -> Result<()> {
             return Err(Error::invalid(format!(
                 "unknown --api '{api}' (kernel, engine)"
             )));
-        }
-        if api == "engine" && dtypes.contains(&DType::Fp8E4m3) {
-            return Err(Error::unsupported(
-                "--api engine: engine-owned memory does not hold FP8 rows yet",
-            ));
         }
     }
 
