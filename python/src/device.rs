@@ -305,7 +305,7 @@ mod imp {
         }
 
         fn cache(&self, kv: &Tensor) -> PyResult<DevicePagedCache> {
-            let layout = paged_layout(kv, None, self.d_r)?;
+            let layout = paged_layout(kv, None, self.d_r, self.slice_width + self.d_r)?;
             if layout.dtype != DType::Bf16 {
                 return Err(to_py(tpla::Error::unsupported(format!(
                     "the CUDA kernels read bfloat16 caches, kv_cache is {}",

@@ -549,7 +549,11 @@ impl PyRankContext {
         kv_dtype: Option<&str>,
     ) -> PyResult<u32> {
         let kv = Tensor::new("kv_cache", kv_cache)?;
-        let layout = paged_layout(&kv, kv_dtype, self.c().dims().d_r)?;
+        let (d_r, row_width) = {
+            let c = self.c();
+            (c.dims().d_r, c.plan().row_width(c.dims()))
+        };
+        let layout = paged_layout(&kv, kv_dtype, d_r, row_width)?;
         let st = Tensor::new("slots", slots)?;
         st.expect_shape(&[None], "[rows]")?;
         let slots = int32s(&st, &mut self.slots)?;
@@ -785,7 +789,7 @@ impl PyRankContext {
         let sm = Tensor::new("slot_mapping", slot_mapping)?;
         sm.expect_shape(&[Some(n)], &format!("[{n}]"))?;
         let kv = Tensor::new("kv_cache", kv_cache)?;
-        let layout = paged_layout(&kv, kv_dtype, d.d_r)?;
+        let layout = paged_layout(&kv, kv_dtype, d.d_r, self.c().plan().row_width(&d))?;
         check_disjoint(&kv, &[&lat, &kr, &sm])?;
         let latents = floats(&lat, &mut self.qbuf)?;
         let rope = floats(&kr, &mut self.rbuf)?;
@@ -894,50 +898,85 @@ fn int32s<'a>(t: &'a Tensor, buf: &'a mut Vec<i32>) -> PyResult<&'a [i32]> {
     }
 }
 
-/// The paged layout of `kv_cache` for a rank whose RoPE keys are `rope_width` values:
-/// `[num_pages, page_size, 1, row_width]` (or without the 1), rows contiguous, pages at
-/// any stride of at least a page.
-fn paged_layout(kv: &Tensor, kv_dtype: Option<&str>, rope_width: usize) -> PyResult<PagedLayout> {
+/// The paged layout of `kv_cache` for a rank of `row_width` values a row, the last
+/// `rope_width` of them the RoPE key: `[num_pages, page_size, 1, row_width]` (or without
+/// the 1) of float32, float16 or bfloat16 (or its uint16 bits), or for
+/// `kv_dtype='fp8_e4m3'` uint8 `[num_pages, page_size, 1, row_bytes]` holding the FP8
+/// rows (codes, block scales, bfloat16 key); rows contiguous, pages at any stride of at
+/// least a page.
+fn paged_layout(
+    kv: &Tensor,
+    kv_dtype: Option<&str>,
+    rope_width: usize,
+    row_width: usize,
+) -> PyResult<PagedLayout> {
     let dtype = match (kv.elem, kv_dtype) {
         (Elem::F32, None | Some("float32")) => DType::F32,
         (Elem::F16, None | Some("float16")) => DType::F16,
         (Elem::Bf16, None | Some("bfloat16")) => DType::Bf16,
         (Elem::U16, Some("bfloat16")) => DType::Bf16,
         (Elem::U16, Some("float16")) => DType::F16,
+        (Elem::U8, Some("fp8_e4m3")) => DType::Fp8E4m3,
         (Elem::U16, None) => {
             return Err(invalid(
                 "kv_cache is uint16: pass kv_dtype='bfloat16' (or 'float16') to say how its \
                  bits are read",
             ))
         }
+        (Elem::U8, None) => {
+            return Err(invalid(
+                "kv_cache is uint8: pass kv_dtype='fp8_e4m3' to read its bytes as FP8 rows",
+            ))
+        }
         (e, Some(want)) => {
             return Err(invalid(format!(
                 "kv_cache is {} and cannot be read as kv_dtype='{want}' (bfloat16 and \
-                 float16 caches may be given as uint16 bits)",
+                 float16 caches may be given as uint16 bits, fp8_e4m3 caches as uint8 bytes)",
                 e.name()
             )))
         }
         (e, None) => {
             return Err(invalid(format!(
-                "kv_cache must be bfloat16, float16 or float32, got {}",
+                "kv_cache must be bfloat16, float16 or float32 (or uint8 with \
+                 kv_dtype='fp8_e4m3'), got {}",
                 e.name()
             )))
         }
     };
-    let (pages, ps, rw) = match kv.shape.as_slice() {
+    let (pages, ps, last) = match kv.shape.as_slice() {
         [p, s, 1, r] => (*p, *s, *r),
         [p, s, r] => (*p, *s, *r),
         _ => {
             return Err(invalid(format!(
-                "kv_cache must have shape [num_pages, page_size, 1, row_width], got {}",
+                "kv_cache must have shape [num_pages, page_size, 1, {}], got {}",
+                if dtype == DType::Fp8E4m3 {
+                    "row_bytes"
+                } else {
+                    "row_width"
+                },
                 kv.shape_str()
             )))
         }
     };
+    let row_bytes = dtype.row_bytes(row_width.saturating_sub(rope_width), rope_width);
+    // an FP8 row's last dimension counts bytes; the others count values (checked against
+    // the rank where the layout is used)
+    let rw = if dtype == DType::Fp8E4m3 {
+        if last != row_bytes {
+            return Err(invalid(format!(
+                "kv_cache's fp8_e4m3 rows must be {row_bytes} bytes for this rank ({} codes, \
+                 block scales, {rope_width} bfloat16 key values), got {last}",
+                row_width.saturating_sub(rope_width)
+            )));
+        }
+        row_width
+    } else {
+        last
+    };
     let n = kv.shape.len();
-    let es = dtype.size() as isize;
-    let row_ok = rw <= 1 || kv.strides[n - 1] == es;
-    let page_ok = ps <= 1 || kv.strides[1] == rw as isize * es;
+    let es = kv.itemsize as isize;
+    let row_ok = last <= 1 || kv.strides[n - 1] == es;
+    let page_ok = ps <= 1 || kv.strides[1] == last as isize * es;
     if !(row_ok && page_ok) {
         return Err(invalid(format!(
             "kv_cache must hold each page's rows contiguously (strides {:?} bytes for shape \
@@ -946,7 +985,7 @@ fn paged_layout(kv: &Tensor, kv_dtype: Option<&str>, rope_width: usize) -> PyRes
             kv.shape_str()
         )));
     }
-    let page_bytes = ps * rw * dtype.size();
+    let page_bytes = ps * last * kv.itemsize;
     let page_stride = if pages <= 1 {
         page_bytes
     } else if kv.strides[0] > 0 {
@@ -1176,7 +1215,7 @@ fn decode<'py>(
         None => None,
     };
     let kv = Tensor::new("kv_cache", kv_cache)?;
-    let layout = paged_layout(&kv, kv_dtype, d.d_r)?;
+    let layout = paged_layout(&kv, kv_dtype, d.d_r, p.row_width(&d))?;
     let bt = Tensor::new("block_table", block_table)?;
     bt.expect_shape(&[Some(b), None], &format!("[batch={b}, max_pages]"))?;
     bt.expect_array(&[Elem::I32])?;

@@ -25,6 +25,7 @@ pub enum Elem {
     I32,
     I64,
     U16,
+    U8,
     Other,
 }
 
@@ -38,6 +39,7 @@ impl Elem {
             Elem::I32 => "int32",
             Elem::I64 => "int64",
             Elem::U16 => "uint16",
+            Elem::U8 => "uint8",
             Elem::Other => "an unsupported element type",
         }
     }
@@ -233,6 +235,7 @@ fn buffer_elem(format: &[u8], itemsize: usize) -> Elem {
         (b"i" | b"l", 4) => Elem::I32,
         (b"l" | b"q", 8) => Elem::I64,
         (b"H", 2) => Elem::U16,
+        (b"B", 1) => Elem::U8,
         _ => Elem::Other,
     }
 }
@@ -245,6 +248,7 @@ fn typestr_elem(t: &str) -> Elem {
         "i4" => Elem::I32,
         "i8" => Elem::I64,
         "u2" => Elem::U16,
+        "u1" => Elem::U8,
         _ => Elem::Other,
     }
 }
@@ -261,6 +265,7 @@ fn dl_elem(t: DLDataType) -> Elem {
         (0, 32) => Elem::I32,
         (0, 64) => Elem::I64,
         (1, 16) => Elem::U16,
+        (1, 8) => Elem::U8,
         _ => Elem::Other,
     }
 }
@@ -270,6 +275,7 @@ fn itemsize_of(elem: Elem, bits: usize) -> usize {
         Elem::F32 | Elem::I32 => 4,
         Elem::F64 | Elem::I64 => 8,
         Elem::F16 | Elem::Bf16 | Elem::U16 => 2,
+        Elem::U8 => 1,
         Elem::Other => bits.div_ceil(8).max(1),
     }
 }

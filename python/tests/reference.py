@@ -18,22 +18,56 @@ def from_bf16_bits(b: np.ndarray) -> np.ndarray:
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
-def decode_rows(kv: np.ndarray, kv_dtype: str) -> np.ndarray:
-    """The cache's values as float64, whatever it stores."""
+FP8_BLOCK = 128
+
+
+def e4m3_to_f32(codes: np.ndarray) -> np.ndarray:
+    """e4m3 ("fn": bias 7, no infinities, 0x7f and 0xff NaN) codes -> float32."""
+    c = codes.astype(np.int32)
+    e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
+    v = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7))
+    v = np.where(c & 0x80, -v, v)
+    return np.where((c & 0x7F) == 0x7F, np.nan, v).astype(np.float32)
+
+
+def fp8_row_bytes(w: int, d_r: int) -> int:
+    return w + 4 * -(-w // FP8_BLOCK) + 2 * d_r
+
+
+def decode_fp8_rows(raw: np.ndarray, w: int, d_r: int) -> np.ndarray:
+    """FP8 rows [n, row_bytes] (w codes, one f32 scale per 128 of them, d_r bf16 key) ->
+    float64 [n, w + d_r]: code * scale rounded to float32, as the kernels compute it."""
+    blocks = -(-w // FP8_BLOCK)
+    raw = np.ascontiguousarray(raw)
+    scales = raw[:, w : w + 4 * blocks].copy().view("<f4")
+    lat = e4m3_to_f32(raw[:, :w]) * np.repeat(scales, FP8_BLOCK, axis=1)[:, :w]
+    rope = from_bf16_bits(raw[:, w + 4 * blocks :].copy().view("<u2"))
+    return np.concatenate([lat.astype(np.float32), rope], axis=1).astype(np.float64)
+
+
+def decode_rows(kv: np.ndarray, kv_dtype: str, w: int = 0, d_r: int = 0) -> np.ndarray:
+    """The cache's values as float64, whatever it stores (fp8_e4m3: latent width `w`,
+    RoPE width `d_r`)."""
     if kv_dtype == "bfloat16":
         return from_bf16_bits(kv).astype(np.float64)
+    if kv_dtype == "fp8_e4m3":
+        return decode_fp8_rows(kv, w, d_r)
     return kv.astype(np.float64)
 
 
 class Pool:
     """An engine's paged cache of one layer: shuffled pages, sequences of mixed lengths,
     rows of `row_width` values of `dtype` ("float32", "float16" or "bfloat16" as uint16
-    bits), optionally padded pages (page stride larger than a page)."""
+    bits; "fp8_e4m3" as uint8 bytes, rows of a latent of `row_width - d_r` values, filled
+    by appends only), optionally padded pages (page stride larger than a page)."""
 
-    def __init__(self, rng, row_width, page_size, pages, dtype, pad_rows=0):
+    def __init__(self, rng, row_width, page_size, pages, dtype, pad_rows=0, d_r=0):
         self.rng, self.rw, self.ps, self.dtype = rng, row_width, page_size, dtype
-        store = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype]
-        self.backing = np.zeros((pages, page_size + pad_rows, 1, row_width), dtype=store)
+        self.d_r = d_r
+        store = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+                 "fp8_e4m3": np.uint8}[dtype]
+        last = fp8_row_bytes(row_width - d_r, d_r) if dtype == "fp8_e4m3" else row_width
+        self.backing = np.zeros((pages, page_size + pad_rows, 1, last), dtype=store)
         # the view the engine passes: pages at a stride of page_size + pad_rows rows
         self.kv = self.backing[:, :page_size]
         self.free = list(rng.permutation(pages))
@@ -42,6 +76,8 @@ class Pool:
     def add(self, seq: int, length: int) -> None:
         n = -(-length // self.ps)
         self.pages_of[seq] = [self.free.pop() for _ in range(n)]
+        if self.dtype == "fp8_e4m3":
+            return  # rows come from appends
         values = self.rng.standard_normal((max(n, 1) * self.ps, self.rw)).astype(np.float32)
         for k, p in enumerate(self.pages_of[seq]):
             rows = values[k * self.ps : (k + 1) * self.ps]
@@ -56,7 +92,7 @@ class Pool:
         if not pages:
             return np.zeros((0, self.rw))
         r = np.concatenate([self.kv[p, :, 0] for p in pages])[:length]
-        return decode_rows(r, self.dtype)
+        return decode_rows(r, self.dtype, self.rw - self.d_r, self.d_r)
 
     def table(self, seqs: list[int], width: int) -> np.ndarray:
         t = np.full((len(seqs), width), 10**8, dtype=np.int32)  # never read: past the pages

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tpla
-from reference import Pool, append_rows, decode_ref, from_bf16_bits, rel_l2
+from reference import Pool, append_rows, decode_fp8_rows, decode_ref, from_bf16_bits, rel_l2
 
 TOL = {"float32": 2e-5, "float16": 2e-5, "bfloat16": 1e-2}
 
@@ -185,6 +185,46 @@ def test_append_at_a_slot_mapping_then_decode(dtype, rms):
     assert tpla.append(lat[:1], rope[:1], pool.kv, bad, context=ctx, kv_dtype=kv_dtype) \
         == tpla.Faults.BAD_SLOT
     assert ctx.last_faults == tpla.Faults.BAD_SLOT
+
+
+def test_fp8_pools_take_appends_and_decode_their_dequantised_rows():
+    rng = np.random.default_rng(5)
+    ctx, weights = make_context(rng, d_c=256, d_r=16, groups=2)
+    d, p = ctx.dims, ctx.plan
+    w = p.slice_width
+    lens = [70, 1, 130]
+    pool = Pool(rng, ctx.row_width, 16, 20, "fp8_e4m3", pad_rows=1, d_r=d.d_r)
+    assert pool.kv.shape[-1] == w + 4 + 2 * d.d_r and pool.kv.dtype == np.uint8
+    seqs = list(range(len(lens)))
+    for s, n in zip(seqs, lens):
+        pool.add(s, n)
+    lat = (rng.standard_normal((sum(lens), d.d_c)) * 2).astype(np.float32)
+    rope = rng.standard_normal((sum(lens), d.d_r)).astype(np.float32)
+    slots = np.array([pool.slot(s, t) for s, n in zip(seqs, lens) for t in range(n)], np.int32)
+    for layer in range(ctx.layers):
+        assert tpla.append(lat, rope, pool.kv, slots, context=ctx, layer=layer,
+                           kv_dtype="fp8_e4m3") == 0
+        # the stored rows: the appended ones, to e4m3's precision (3 mantissa bits)
+        want = append_rows(lat, rope, weights[layer][2].matrix(), p.slice_start, w)
+        got = decode_fp8_rows(pool.kv.reshape(-1, pool.kv.shape[-1])[slots], w, d.d_r)
+        assert rel_l2(got[:, :w], want[:, :w]) < 4e-2
+        assert rel_l2(got[:, w:], want[:, w:]) < 4e-3  # the key in bfloat16
+        # decode reads them as the reference does
+        seqlens = np.array(lens, np.int32)
+        q = rng.standard_normal((len(lens), 1, d.heads, ctx.row_width)).astype(np.float32)
+        out, lse = tpla.decode(q, pool.kv, pool.table(seqs, 12), seqlens,
+                               tpla.decode_plan(seqlens, ctx), layer=layer,
+                               kv_dtype="fp8_e4m3")
+        ro, rl = decode_ref(pool, seqs, lens, q, w, 0.2, ctx.mu(layer))
+        assert rel_l2(out, ro) < 1e-2
+        assert np.allclose(lse, rl, atol=1e-1)
+        assert ctx.last_faults == 0
+    # the bytes must be named: uint8 alone, or rows of another size, are refused
+    with pytest.raises(tpla.InvalidArgumentError, match="fp8_e4m3"):
+        tpla.decode(q, pool.kv, pool.table(seqs, 12), seqlens, tpla.decode_plan(seqlens, ctx))
+    with pytest.raises(tpla.InvalidArgumentError, match="bytes"):
+        tpla.append(lat[:1], rope[:1], pool.kv[..., :-4], slots[:1], context=ctx,
+                    kv_dtype="fp8_e4m3")
 
 
 def test_set_layer_folds_a_checkpoint_layer():

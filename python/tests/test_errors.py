@@ -46,14 +46,15 @@ def test_wrong_dtypes_shapes_strides(step):
            plan)
     expect(ValueError, "cache_seqlens must be int32", d, q, kv, table,
            seqlens.astype(np.float32), plan)
-    expect(ValueError, "kv_cache must be bfloat16, float16 or float32, got float64", d, q,
+    expect(ValueError, r"kv_cache must be bfloat16, float16 or float32 \(or uint8 with "
+           r"kv_dtype='fp8_e4m3'\), got float64", d, q,
            kv.astype(np.float64), table, seqlens, plan)
     expect(ValueError, "kv_cache is uint16: pass kv_dtype", d, q, kv.view(np.uint16)[..., :48],
            table, seqlens, plan)
     expect(ValueError, "kv_cache must have shape", d, q, kv[:, :, 0, 0].copy(), table, seqlens, plan)
     expect(ValueError, "each page's rows contiguously", d, q, kv[:, ::2], table, seqlens, plan)
     wide = np.zeros(kv.shape[:3] + (40,), np.float32)
-    e = expect(tpla.MismatchError, "paged cache's rows are 40 elements", d, q, wide, table,
+    e = expect(tpla.MismatchError, "paged cache's rows are 40 values", d, q, wide, table,
                seqlens, plan)
     assert e.status == "TPLA_STATUS_MISMATCH"
     expect(ValueError, "must be an array", d, "q", kv, table, seqlens, plan)

@@ -18,8 +18,11 @@ Tensor shapes follow ``flash_mla_with_kvcache``:
   ``q_rope=`` given, ``q`` is the latent part alone, or with ``absorb=True`` ``q_nope``
   ``[batch, 1, heads, d_n]`` that the context multiplies by ``W'_UK``.
 * ``kv_cache`` ``[num_pages, page_size, 1, slice_width + d_r]`` bfloat16, float16 or
-  float32 (NumPy users pass bfloat16 bits as uint16 with ``kv_dtype="bfloat16"``); pages
-  may be padded (any page stride of at least a page), rows must be contiguous.
+  float32 (NumPy users pass bfloat16 bits as uint16 with ``kv_dtype="bfloat16"``), or on
+  the CPU uint8 ``[num_pages, page_size, 1, row_bytes]`` FP8 rows with
+  ``kv_dtype="fp8_e4m3"`` (e4m3 codes, one float32 scale per 128 of them, the bfloat16
+  RoPE key); pages may be padded (any page stride of at least a page), rows must be
+  contiguous.
 * ``block_table`` ``[batch, max_pages]`` int32, ``cache_seqlens`` ``[batch]`` int32.
 * returns ``out`` ``[batch, 1, heads, slice_width]`` (``project=True``: the rank's partial
   head outputs ``[batch, 1, heads, d_v]``, to be summed over ranks) and ``lse``
