@@ -6,7 +6,7 @@
 
 mod attention_support;
 
-use attention_support::gpu;
+use attention_support::{gpu, launch_poisoned};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -354,21 +354,9 @@ fn split_counts_agree_and_device_appends_extend_sequences() {
     ] {
         let mut out = DeviceBuffer::<f32>::new(&dev, b * shape.heads * 256).unwrap();
         let mut lse = DeviceBuffer::<f32>::new(&dev, b * shape.heads).unwrap();
-        out.fill_bytes(0xff).unwrap();
-        lse.fill_bytes(0xff).unwrap();
-        unsafe {
-            plan.launch(
-                &cache,
-                slots_dev.ptr(),
-                q_dev.ptr(),
-                out.ptr(),
-                lse.ptr(),
-                backend.stream(),
-            )
-            .unwrap()
-        };
-        dev.synchronize().unwrap();
-        let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
+        let (o, l) = launch_poisoned(
+            &backend, &plan, &cache, &slots_dev, &q_dev, &mut out, &mut lse,
+        );
         let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);
         println!("{}: rel L2 {e:.2e}, lse rel {le:.2e}", plan.kernel_name());
         assert!(
@@ -658,21 +646,9 @@ fn repeated_launches_give_the_same_bits() {
         let mut lse = DeviceBuffer::<f32>::new(&dev, b * heads).unwrap();
         let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
         for launch in 0..200 {
-            out.fill_bytes(0xff).unwrap();
-            lse.fill_bytes(0xff).unwrap();
-            unsafe {
-                plan.launch(
-                    &cache,
-                    slots_dev.ptr(),
-                    q_dev.ptr(),
-                    out.ptr(),
-                    lse.ptr(),
-                    backend.stream(),
-                )
-                .unwrap()
-            };
-            dev.synchronize().unwrap();
-            let (o, l) = (out.to_vec().unwrap(), lse.to_vec().unwrap());
+            let (o, l) = launch_poisoned(
+                &backend, &plan, &cache, &slots_dev, &q_dev, &mut out, &mut lse,
+            );
             match &first {
                 None => {
                     let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);

@@ -12,7 +12,7 @@
 
 mod attention_support;
 
-use attention_support::gpu;
+use attention_support::{gpu, launch_poisoned};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -447,21 +447,9 @@ fn owned_path(
     let q_dev = DeviceBuffer::from_host(dev, q).unwrap();
     let mut out = DeviceBuffer::<f32>::new(dev, b * HEADS * W).unwrap();
     let mut lse = DeviceBuffer::<f32>::new(dev, b * HEADS).unwrap();
-    out.fill_bytes(0xff).unwrap();
-    lse.fill_bytes(0xff).unwrap();
-    unsafe {
-        plan.launch(
-            &cache,
-            slots_dev.ptr(),
-            q_dev.ptr(),
-            out.ptr(),
-            lse.ptr(),
-            backend.stream(),
-        )
-        .unwrap()
-    };
-    dev.synchronize().unwrap();
-    (out.to_vec().unwrap(), lse.to_vec().unwrap())
+    launch_poisoned(
+        backend, &plan, &cache, &slots_dev, &q_dev, &mut out, &mut lse,
+    )
 }
 
 fn bits_equal(a: &[f32], b: &[f32]) -> bool {

@@ -28,6 +28,37 @@ pub fn gpu() -> Option<tpla::attention::cuda::CudaBackend> {
     }
 }
 
+/// Poisons `out` and `lse` (NaN bytes), runs `plan` over the slots `slots` of `cache`
+/// with the queries `q` on the backend's stream, waits, and returns both.
+#[cfg(feature = "cuda")]
+pub fn launch_poisoned(
+    backend: &tpla::attention::cuda::CudaBackend,
+    plan: &tpla::attention::cuda::DecodePlan,
+    cache: &tpla::attention::cuda::DeviceCache,
+    slots: &tpla::attention::cuda::DeviceBuffer<i32>,
+    q: &tpla::attention::cuda::DeviceBuffer<f32>,
+    out: &mut tpla::attention::cuda::DeviceBuffer<f32>,
+    lse: &mut tpla::attention::cuda::DeviceBuffer<f32>,
+) -> (Vec<f32>, Vec<f32>) {
+    out.fill_bytes(0xff).unwrap();
+    lse.fill_bytes(0xff).unwrap();
+    // SAFETY: the cache, slots, queries and outputs are live device buffers of the plan's
+    // batch and shape (callers), on the backend's device and stream.
+    unsafe {
+        plan.launch(
+            cache,
+            slots.ptr(),
+            q.ptr(),
+            out.ptr(),
+            lse.ptr(),
+            backend.stream(),
+        )
+        .unwrap()
+    };
+    backend.device().synchronize().unwrap();
+    (out.to_vec().unwrap(), lse.to_vec().unwrap())
+}
+
 /// Sequences of `layer` of `lens` tokens (sequence `i` drawn from seed `seed + i`): each
 /// one's tokens and the query at its last token.
 pub fn sequences(layer: &SyntheticLayer, lens: &[usize], seed: u64) -> Vec<(Tokens, Query)> {
