@@ -124,7 +124,15 @@ impl PagedLayout {
         if self.row_width == 0 {
             return Err(Error::invalid("cache rows must have at least one element"));
         }
-        if self.rope_width > self.row_width || self.row_width > u32::MAX as usize {
+        if self.row_width > u32::MAX as usize {
+            // the C ABI's limit; it also keeps the row's byte count from overflowing
+            return Err(Error::invalid(format!(
+                "cache rows of {} values exceed {}",
+                self.row_width,
+                u32::MAX
+            )));
+        }
+        if self.rope_width > self.row_width {
             return Err(Error::invalid(format!(
                 "rows of {} values cannot end in a RoPE key of {}",
                 self.row_width, self.rope_width
