@@ -5,8 +5,9 @@
 //! - In process, for ranks emulated on one GPU (each its own [`DeviceRank`], ranks
 //!   numbered `group * shards + shard` as [`crate::geometry::HybridPlan`] does):
 //!   [`merge_by_lse_on_device`] (a) and [`merge_packed_on_device`] (b): one kernel each
-//!   over every rank's buffers (up to [`MAX_IN_PROCESS_RANKS`]), on the first rank's
-//!   stream, in the arithmetic of the collectives (sums in rank order).
+//!   over every rank's buffers (up to
+//!   [`MAX_IN_PROCESS_RANKS`](crate::attention::cuda::MAX_IN_PROCESS_RANKS)), on the
+//!   first rank's stream, in the arithmetic of the collectives (sums in rank order).
 //! - Through NCCL, one rank per GPU (feature `nccl`): [`DeviceRank::merge_by_lse_nccl`]
 //!   (an all-gather of the group's log-sum-exps, the rescale, one all-reduce over every
 //!   rank) and [`DeviceRank::merge_packed_nccl`] (pack, an f64 all-reduce over the
@@ -18,7 +19,7 @@
 
 use crate::attention::cuda::{
     CUstream, RankBuffers, SequenceKernels, ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE,
-    ERR_LSE_ABOVE_BOUND, MAX_IN_PROCESS_RANKS,
+    ERR_LSE_ABOVE_BOUND,
 };
 use crate::combine::sequence::PACKED_EXPONENT_LIMIT;
 use crate::device_rank::DeviceRank;
@@ -103,13 +104,6 @@ fn check_deployment<R: BorrowMut<DeviceRank>>(
         .ok_or_else(|| Error::invalid("a sequence merge needs at least one rank"))?;
     let plan = first.hybrid_plan();
     let (groups, shards) = (plan.latent.groups, plan.sharding.shards);
-    if groups * shards > MAX_IN_PROCESS_RANKS {
-        return Err(Error::invalid(format!(
-            "the in-process merge takes up to {MAX_IN_PROCESS_RANKS} ranks, the deployment \
-             of {groups} latent groups x {shards} sequence shards has {}",
-            groups * shards
-        )));
-    }
     if ranks.len() != groups * shards {
         return Err(Error::invalid(format!(
             "{} ranks given, the deployment of {groups} latent groups x {shards} sequence \
@@ -195,17 +189,12 @@ fn parts<R: BorrowMut<DeviceRank>>(
     Ok((kernels.expect("at least one rank"), ptrs))
 }
 
-/// Every rank's buffers for the in-process merge kernels.
-fn rank_buffers(ptrs: &[Ptrs]) -> RankBuffers {
-    let mut b = RankBuffers {
-        partial: [0; MAX_IN_PROCESS_RANKS],
-        lse: [0; MAX_IN_PROCESS_RANKS],
-        bound: [0; MAX_IN_PROCESS_RANKS],
-    };
-    for (k, p) in ptrs.iter().enumerate() {
-        (b.partial[k], b.lse[k], b.bound[k]) = (p.partial, p.lse, p.bounds);
-    }
-    b
+/// Every rank's buffers for the in-process merge kernels (refuses more ranks than they
+/// take).
+fn rank_buffers(groups: usize, shards: usize, ptrs: &[Ptrs]) -> Result<RankBuffers> {
+    let addresses: Vec<(u64, u64, u64)> =
+        ptrs.iter().map(|p| (p.partial, p.lse, p.bounds)).collect();
+    RankBuffers::new(groups, shards, &addresses)
 }
 
 /// Merge (a) over every rank of a hybrid deployment emulated on one GPU (`ranks` in rank
@@ -222,22 +211,14 @@ pub fn merge_by_lse_on_device<R: BorrowMut<DeviceRank>>(
     let (groups, shards) = check_deployment(ranks, layer, batch)?;
     let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
     let (k, ptrs) = parts(ranks, shards, layer)?;
+    let buffers = rank_buffers(groups, shards, &ptrs)?;
     let device = ranks[0].borrow().backend().device().clone();
     // every rank's decode is done before rank 0's stream reads it
     device.synchronize()?;
     let stream = ranks[0].borrow().stream();
     // SAFETY: the ranks' own buffers (distinct: check_deployment): partials of max_batch
     // * heads * d_v f32 and log-sum-exps of max_batch * heads f32, batch <= max_batch.
-    unsafe {
-        k.launch_merge_lse_all(
-            &rank_buffers(&ptrs),
-            groups,
-            shards,
-            batch * heads,
-            d_v,
-            stream,
-        )?
-    };
+    unsafe { k.launch_merge_lse_all(&buffers, batch * heads, d_v, stream)? };
     sync(stream)
 }
 
@@ -259,6 +240,7 @@ pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
     }
     let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
     let (k, ptrs) = parts(ranks, shards, layer)?;
+    let buffers = rank_buffers(groups, shards, &ptrs)?;
     let device = ranks[0].borrow().backend().device().clone();
     device.synchronize()?;
     let stream = ranks[0].borrow().stream();
@@ -266,17 +248,7 @@ pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
     zero_async(error, 4, stream)?;
     // SAFETY: as in merge_by_lse_on_device, and bounds of max_batch * heads f64 (written
     // for this batch: check_bounds).
-    unsafe {
-        k.launch_merge_packed_all(
-            &rank_buffers(&ptrs),
-            groups,
-            shards,
-            batch * heads,
-            d_v,
-            error,
-            stream,
-        )?
-    };
+    unsafe { k.launch_merge_packed_all(&buffers, batch * heads, d_v, error, stream)? };
     sync(stream)?;
     read_error(ranks[0].borrow(), error)
 }

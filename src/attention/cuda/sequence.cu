@@ -178,7 +178,7 @@ tpla_seq_unpack(const double* __restrict__ packed, int rows, int width, float* _
 // ---- In process: every rank of a deployment on one GPU, merged by one kernel ----
 // The ranks' buffers by rank (group * shards + shard), passed by value; the merged
 // output goes back into every rank's partial (the all-reduce's result on every rank).
-#define MAX_RANKS 32  // combine::sequence_device::MAX_IN_PROCESS_RANKS
+#define MAX_RANKS 32  // attention::cuda::sequence::MAX_IN_PROCESS_RANKS
 struct RankBuffers {
     float* partial[MAX_RANKS];        // [rows][width] f32
     const float* lse[MAX_RANKS];      // [rows] f32

@@ -20,17 +20,57 @@ const ROW_THREADS: u32 = 128;
 /// their buffers pass by value, as one kernel parameter).
 pub const MAX_IN_PROCESS_RANKS: usize = 32;
 
-/// The buffers of every rank of an in-process merge, by rank (`RankBuffers` in
-/// sequence.cu); entries past the rank count are unused.
+/// The kernel parameter of the in-process merges: every rank's buffers by rank
+/// (`RankBuffers` in sequence.cu); entries past the rank count are unused.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct RankBuffers {
+struct RankTable {
     /// `[rows][width]` f32 partial outputs; the merged output is written back to each.
-    pub partial: [u64; MAX_IN_PROCESS_RANKS],
+    partial: [u64; MAX_IN_PROCESS_RANKS],
     /// `[rows]` f32 log-sum-exps.
-    pub lse: [u64; MAX_IN_PROCESS_RANKS],
+    lse: [u64; MAX_IN_PROCESS_RANKS],
     /// `[rows]` f64 logit bounds (merge (b)).
-    pub bound: [u64; MAX_IN_PROCESS_RANKS],
+    bound: [u64; MAX_IN_PROCESS_RANKS],
+}
+
+/// The buffers of every rank of an in-process merge of `groups x shards` ranks.
+pub(crate) struct RankBuffers {
+    table: RankTable,
+    groups: i32,
+    shards: i32,
+}
+
+impl RankBuffers {
+    /// Rank `k`'s (partial, log-sum-exps, bounds) device addresses at `ranks[k]`, for
+    /// `groups x shards` ranks: 1 to [`MAX_IN_PROCESS_RANKS`] of them.
+    pub(crate) fn new(groups: usize, shards: usize, ranks: &[(u64, u64, u64)]) -> Result<Self> {
+        let n = groups.saturating_mul(shards);
+        if n == 0 || n > MAX_IN_PROCESS_RANKS {
+            return Err(Error::invalid(format!(
+                "the in-process merge takes 1 to {MAX_IN_PROCESS_RANKS} ranks, the deployment \
+                 of {groups} latent groups x {shards} sequence shards has {n}"
+            )));
+        }
+        if ranks.len() != n {
+            return Err(Error::invalid(format!(
+                "{} ranks' buffers for a deployment of {n} ranks",
+                ranks.len()
+            )));
+        }
+        let mut table = RankTable {
+            partial: [0; MAX_IN_PROCESS_RANKS],
+            lse: [0; MAX_IN_PROCESS_RANKS],
+            bound: [0; MAX_IN_PROCESS_RANKS],
+        };
+        for (k, &(partial, lse, bound)) in ranks.iter().enumerate() {
+            (table.partial[k], table.lse[k], table.bound[k]) = (partial, lse, bound);
+        }
+        Ok(RankBuffers {
+            table,
+            groups: groups as i32,
+            shards: shards as i32,
+        })
+    }
 }
 
 /// Error bits the pack and unpack kernels set in their error word (sequence.cu).
@@ -285,25 +325,27 @@ impl SequenceKernels {
         }
     }
 
-    /// Merge (a) over `groups x shards` ranks of `rows` rows of `width` outputs: every
-    /// rank's partial (in `ranks`, by rank) ends holding the merged output.
+    /// Merge (a) over the ranks of `ranks`, `rows` rows of `width` outputs each: every
+    /// rank's partial ends holding the merged output.
     ///
     /// # Safety
-    /// The first `groups * shards` entries of `ranks` are live device buffers of those
-    /// sizes (partials `[rows][width]` f32, log-sum-exps `rows` f32), distinct per rank;
-    /// `stream` is live.
+    /// The addresses in `ranks` are live device buffers of those sizes (partials
+    /// `[rows][width]` f32, log-sum-exps `rows` f32), distinct per rank; `stream` is live.
     pub(crate) unsafe fn launch_merge_lse_all(
         &self,
         ranks: &RankBuffers,
-        groups: usize,
-        shards: usize,
         rows: usize,
         width: usize,
         stream: CUstream,
     ) -> Result<()> {
-        let (g, s) = in_process_ranks(groups, shards)?;
         let (r, w) = (int(rows, "the rows")?, int(width, "the width")?);
-        let mut args = [arg(ranks), arg(&g), arg(&s), arg(&r), arg(&w)];
+        let mut args = [
+            arg(&ranks.table),
+            arg(&ranks.groups),
+            arg(&ranks.shards),
+            arg(&r),
+            arg(&w),
+        ];
         // SAFETY: caller contract.
         unsafe {
             self.merge_lse_all
@@ -311,41 +353,34 @@ impl SequenceKernels {
         }
     }
 
-    /// Merge (b) over `groups x shards` ranks, as [`Self::launch_merge_lse_all`], with
-    /// each rank's logit bounds; error bits into the `u32` at `error`.
+    /// Merge (b) over the ranks of `ranks`, as [`Self::launch_merge_lse_all`], with each
+    /// rank's logit bounds; error bits into the `u32` at `error`.
     ///
     /// # Safety
     /// As [`Self::launch_merge_lse_all`], and the bounds are `rows` f64 each.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch_merge_packed_all(
         &self,
         ranks: &RankBuffers,
-        groups: usize,
-        shards: usize,
         rows: usize,
         width: usize,
         error: u64,
         stream: CUstream,
     ) -> Result<()> {
-        let (g, s) = in_process_ranks(groups, shards)?;
         let (r, w) = (int(rows, "the rows")?, int(width, "the width")?);
-        let mut args = [arg(ranks), arg(&g), arg(&s), arg(&r), arg(&w), arg(&error)];
+        let mut args = [
+            arg(&ranks.table),
+            arg(&ranks.groups),
+            arg(&ranks.shards),
+            arg(&r),
+            arg(&w),
+            arg(&error),
+        ];
         // SAFETY: caller contract.
         unsafe {
             self.merge_packed_all
                 .launch(grid_rows(rows)?, ROW_THREADS, 0, stream, &mut args)
         }
     }
-}
-
-fn in_process_ranks(groups: usize, shards: usize) -> Result<(i32, i32)> {
-    if groups == 0 || shards == 0 || groups * shards > MAX_IN_PROCESS_RANKS {
-        return Err(Error::invalid(format!(
-            "an in-process merge takes 1 to {MAX_IN_PROCESS_RANKS} ranks, got {groups} \
-             latent groups x {shards} sequence shards"
-        )));
-    }
-    Ok((groups as i32, shards as i32))
 }
 
 #[cfg(test)]
