@@ -176,6 +176,20 @@ fn errors(
     (worst, lse_err)
 }
 
+/// Prints `kernel`'s errors (outputs and log-sum-exps `got`) against the f64 reference
+/// `want` and asserts them within the bounds of every device check.
+fn assert_near_reference(
+    kernel: &str,
+    shape: LatentShape,
+    batch: usize,
+    got: (&[f32], &[f32]),
+    want: (&[f64], &[f64]),
+) {
+    let (e, le) = errors(shape, batch, got.0, got.1, want.0, want.1);
+    println!("{kernel}: rel L2 {e:.2e}, lse rel {le:.2e}");
+    assert!(e < 1e-2 && le < LSE_BOUND, "{kernel}: {e} {le}");
+}
+
 fn check(
     backend: &mut CudaBackend,
     heads: usize,
@@ -357,13 +371,7 @@ fn split_counts_agree_and_device_appends_extend_sequences() {
         let (o, l) = launch_poisoned(
             &backend, &plan, &cache, &slots_dev, &q_dev, &mut out, &mut lse,
         );
-        let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);
-        println!("{}: rel L2 {e:.2e}, lse rel {le:.2e}", plan.kernel_name());
-        assert!(
-            e < 1e-2 && le < LSE_BOUND,
-            "{}: {e} {le}",
-            plan.kernel_name()
-        );
+        assert_near_reference(&plan.kernel_name(), shape, b, (&o, &l), (&r_out, &r_lse));
         results.push(o);
     }
     // different split points round different probabilities to bf16: agreement to a
@@ -651,13 +659,8 @@ fn repeated_launches_give_the_same_bits() {
             );
             match &first {
                 None => {
-                    let (e, le) = errors(shape, b, &o, &l, &r_out, &r_lse);
-                    println!("{}: rel L2 {e:.2e}, lse rel {le:.2e}", plan.kernel_name());
-                    assert!(
-                        e < 1e-2 && le < LSE_BOUND,
-                        "{}: {e} {le}",
-                        plan.kernel_name()
-                    );
+                    let name = plan.kernel_name();
+                    assert_near_reference(&name, shape, b, (&o, &l), (&r_out, &r_lse));
                     first = Some((o, l));
                 }
                 Some((o0, l0)) => {
