@@ -958,10 +958,10 @@ fn paged_layout(
             )))
         }
     };
-    let row_bytes = dtype.row_bytes(row_width.saturating_sub(rope_width), rope_width);
     // an FP8 row's last dimension counts bytes; the others count values (checked against
     // the rank where the layout is used)
     let rw = if dtype == DType::Fp8E4m3 {
+        let row_bytes = dtype.row_bytes(row_width.saturating_sub(rope_width), rope_width);
         if last != row_bytes {
             return Err(invalid(format!(
                 "kv_cache's fp8_e4m3 rows must be {row_bytes} bytes for this rank ({} codes, \
