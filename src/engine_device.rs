@@ -423,6 +423,7 @@ impl DeviceEngine {
         let pool = PoolRef {
             pool: step.cache.base,
             row_width: l.row_width,
+            dtype: l.dtype,
             page_stride: l.page_stride,
             pages: l.pages,
             table: step.block_table,

@@ -10,6 +10,7 @@ use super::decode::{CudaBackend, DecodePlan, PoolRef};
 use super::driver::{arg, DeviceBuffer, Event};
 use super::kernels::{Kernels, PAGE_SIZE, ROPE_WIDTH};
 use crate::attention::LatentShape;
+use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ pub struct Case {
     pub slice_width: usize,
     pub context: usize,
     pub batch: usize,
+    /// The cache's row type: bf16 or fp8_e4m3.
+    pub dtype: DType,
 }
 
 /// What one shape measured.
@@ -224,21 +227,31 @@ fn measure_api(
         d_r: ROPE_WIDTH,
     };
     let rw = shape.row_width();
-    let set_bytes = case.batch * case.context * rw * 2;
+    if engine_api && case.dtype != DType::Bf16 {
+        return Err(Error::unsupported(format!(
+            "the engine API's GPU path reads bf16 pools, not {}",
+            case.dtype.name()
+        )));
+    }
+    let row_bytes = case.dtype.row_bytes(case.slice_width, ROPE_WIDTH);
+    let set_bytes = case.batch * case.context * row_bytes;
     let copies = (4 * dev.l2_bytes()).div_ceil(set_bytes).clamp(1, 128);
     let pages_per_seq = case.context.div_ceil(PAGE_SIZE);
     let slots = copies * case.batch;
-    let mut cache = backend.new_cache(DeviceCacheConfig {
-        slice_width: case.slice_width,
-        pages: slots * pages_per_seq,
-        slots,
-        max_pages_per_slot: pages_per_seq,
-    })?;
+    let mut cache = backend.new_cache_for(
+        DeviceCacheConfig {
+            slice_width: case.slice_width,
+            pages: slots * pages_per_seq,
+            slots,
+            max_pages_per_slot: pages_per_seq,
+        },
+        case.dtype,
+    )?;
     for s in 0..slots {
         cache.fill_synthetic(s, case.context, 0x5eed_0000 + s as u64)?;
     }
-    let plan = backend.plan(shape, case.batch, case.context)?;
-    let k = backend.kernels(case.heads, case.slice_width, ROPE_WIDTH)?;
+    let plan = backend.plan_for(shape, case.dtype, case.batch, case.context)?;
+    let k = backend.kernels_for(case.heads, case.slice_width, ROPE_WIDTH, case.dtype)?;
     let q_len = case.batch * case.heads * rw;
     let q = DeviceBuffer::<f32>::new(&dev, copies * q_len)?;
     // scores of standard deviation ~1: q entries ~ U(-a, a) against rows ~ U(-1, 1)
@@ -344,7 +357,7 @@ fn measure_api(
         splits: plan.splits(),
         median_us: median(times),
         min_us,
-        bytes: tokens * (rw * 2) as f64,
+        bytes: tokens * row_bytes as f64,
         flops: tokens * 2.0 * (case.heads * (rw + case.slice_width)) as f64,
     })
 }

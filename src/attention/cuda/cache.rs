@@ -1,6 +1,6 @@
-//! The device copy of one rank's slice cache: a pool of pages of 64 bf16 rows
-//! (`[slice_width + d_r]`, the CPU layout), a block table per sequence slot and the
-//! slots' lengths, all in device memory.
+//! The device copy of one rank's slice cache: a pool of pages of 64 rows (bf16
+//! `[slice_width + d_r]` or FP8 e4m3 with block scales, the CPU layouts of DESIGN 7.1), a
+//! block table per sequence slot and the slots' lengths, all in device memory.
 //!
 //! The host keeps the page allocator (a free list) and a mirror of the block tables.
 //! Uploads go through pinned staging buffers and asynchronous copies; decode-time rows
@@ -23,9 +23,10 @@ const STAGING_PAGES: usize = 256;
 /// Sizes of a [`DeviceCache`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceCacheConfig {
-    /// Latent slice width; rows are `slice_width + 64` bf16 values.
+    /// Latent slice width; rows are `slice_width + 64` values (bf16, or FP8 codes and
+    /// scales then a bf16 RoPE key).
     pub slice_width: usize,
-    /// Pages in the pool (each `64 * row_width` bf16 values).
+    /// Pages in the pool (each 64 rows).
     pub pages: usize,
     /// Sequence slots.
     pub slots: usize,
@@ -38,7 +39,9 @@ pub struct DeviceCache {
     device: Arc<CudaDevice>,
     kernels: Arc<Kernels>,
     config: DeviceCacheConfig,
-    pool: DeviceBuffer<u16>,
+    /// The row type, the kernels' (`Kernels::config.dtype`).
+    dtype: DType,
+    pool: DeviceBuffer<u8>,
     block_table: DeviceBuffer<i32>,
     lens: DeviceBuffer<i32>,
     append_error: DeviceBuffer<i32>,
@@ -52,7 +55,8 @@ pub struct DeviceCache {
 }
 
 impl DeviceCache {
-    /// An empty cache. `kernels` must be specialised for `config.slice_width`.
+    /// An empty cache of the rows `kernels` read (`kernels.config.dtype`); `kernels` must
+    /// be specialised for `config.slice_width`.
     pub(crate) fn new(
         device: &Arc<CudaDevice>,
         kernels: Arc<Kernels>,
@@ -74,10 +78,10 @@ impl DeviceCache {
                 config.pages
             )));
         }
-        let row_width = config.slice_width + ROPE_WIDTH;
-        let elems = config
+        let dtype = kernels.config.dtype;
+        let bytes = config
             .pages
-            .checked_mul(PAGE_SIZE * row_width)
+            .checked_mul(PAGE_SIZE * dtype.row_bytes(config.slice_width, ROPE_WIDTH))
             .ok_or_else(|| Error::invalid("device cache size overflows"))?;
         let table_len = config
             .slots
@@ -90,7 +94,8 @@ impl DeviceCache {
         let mut append_error = DeviceBuffer::new(device, 1)?;
         append_error.fill_bytes(0)?;
         Ok(DeviceCache {
-            pool: DeviceBuffer::new(device, elems)?,
+            pool: DeviceBuffer::new(device, bytes)?,
+            dtype,
             block_table,
             lens,
             append_error,
@@ -113,6 +118,14 @@ impl DeviceCache {
     pub fn row_width(&self) -> usize {
         self.config.slice_width + ROPE_WIDTH
     }
+    /// The row type of the pool.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Bytes of one row in the pool.
+    fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.config.slice_width, ROPE_WIDTH)
+    }
     pub fn free_pages(&self) -> usize {
         self.free.len()
     }
@@ -133,7 +146,8 @@ impl DeviceCache {
         super::decode::PoolRef {
             pool: self.pool.ptr(),
             row_width: self.row_width(),
-            page_stride: PAGE_SIZE * self.row_width() * 2,
+            dtype: self.dtype,
+            page_stride: PAGE_SIZE * self.row_bytes(),
             pages: self.config.pages,
             table: self.block_table.ptr(),
             lens: self.lens.ptr(),
@@ -232,13 +246,14 @@ impl DeviceCache {
         cudarc::driver::result::ctx::synchronize().map_err(driver_err("updating a sequence length"))
     }
 
-    /// Replaces the contents of `slot` with sequence `seq` of `source` (bf16 rows of this
-    /// cache's width, any page size), through pinned staging and asynchronous copies.
-    /// Returns when the copies are done.
+    /// Replaces the contents of `slot` with sequence `seq` of `source` (rows of this
+    /// cache's width and type, any page size), through pinned staging and asynchronous
+    /// copies. Returns when the copies are done.
     pub fn upload(&mut self, slot: usize, source: &dyn RowSource, seq: u32) -> Result<()> {
-        if source.dtype() != DType::Bf16 {
-            return Err(Error::unsupported(format!(
-                "the CUDA backend caches bf16 rows; the source holds {}",
+        if source.dtype() != self.dtype {
+            return Err(Error::mismatch(format!(
+                "this device cache holds {} rows; the source holds {}",
+                self.dtype.name(),
                 source.dtype().name()
             )));
         }
@@ -252,7 +267,7 @@ impl DeviceCache {
         let len = source.seq_len(seq)?;
         self.release(slot)?;
         self.reserve(slot, len)?;
-        let row_bytes = self.row_width() * 2;
+        let row_bytes = self.row_bytes();
         let page_bytes = PAGE_SIZE * row_bytes;
         if self.staging.is_none() {
             self.staging = Some([
@@ -324,6 +339,7 @@ impl DeviceCache {
     /// Appends one row per entry of `slots` (distinct) from host rows (f32, `[n][row_width]`),
     /// reserving pages as needed; synchronous.
     pub fn append(&mut self, slots: &[usize], rows: &[f32]) -> Result<()> {
+        self.check_appendable()?;
         let rw = self.row_width();
         if rows.len() != slots.len() * rw {
             return Err(Error::invalid(format!(
@@ -383,6 +399,7 @@ impl DeviceCache {
         count: usize,
         stream: CUstream,
     ) -> Result<()> {
+        self.check_appendable()?;
         if count == 0 {
             return Ok(());
         }
@@ -406,6 +423,18 @@ impl DeviceCache {
         self.kernels
             .append
             .launch((count as u32, 1, 1), 128, 0, stream, &mut args)
+    }
+
+    /// The append kernel writes bf16 rows; quantising appended rows to FP8 on the device
+    /// is not built yet (FP8 device caches take their rows by [`Self::upload`]).
+    fn check_appendable(&self) -> Result<()> {
+        match self.dtype {
+            DType::Bf16 => Ok(()),
+            other => Err(Error::unsupported(format!(
+                "appends into a {} device cache are not supported yet: upload its rows",
+                other.name()
+            ))),
+        }
     }
 
     /// Reports (and clears) a device-side append that found no reserved page.
@@ -441,19 +470,47 @@ impl DeviceCache {
     pub fn fill_synthetic(&mut self, slot: usize, len: usize, seed: u64) -> Result<()> {
         self.release(slot)?;
         self.reserve(slot, len)?;
+        let page_bytes = (PAGE_SIZE * self.row_bytes()) as u64;
         let page_elems = (PAGE_SIZE * self.row_width()) as u64;
+        let (rows, slice, row_bytes) = (
+            PAGE_SIZE as u64,
+            self.config.slice_width as i32,
+            self.row_bytes() as i32,
+        );
         let row0 = slot * self.config.max_pages_per_slot;
         for &page in &self.host_table[row0..row0 + len.div_ceil(PAGE_SIZE)] {
-            let ptr = self.pool.ptr() + page as u64 * page_elems * 2;
+            let ptr = self.pool.ptr() + page as u64 * page_bytes;
             let seed = seed ^ ((page as u64) << 32);
             let scale = 1.0f32;
-            let mut args = [arg(&ptr), arg(&page_elems), arg(&seed), arg(&scale)];
             self.device.bind()?;
-            // SAFETY: writes exactly one page of the pool.
+            // SAFETY: each launch writes exactly one page of the pool.
             unsafe {
-                self.kernels
-                    .fill_bf16
-                    .launch((64, 1, 1), 256, 0, self.stream.raw(), &mut args)?
+                if self.dtype == DType::Fp8E4m3 {
+                    let mut args = [
+                        arg(&ptr),
+                        arg(&rows),
+                        arg(&slice),
+                        arg(&row_bytes),
+                        arg(&seed),
+                        arg(&scale),
+                    ];
+                    self.kernels.fill_fp8.launch(
+                        (64, 1, 1),
+                        128,
+                        0,
+                        self.stream.raw(),
+                        &mut args,
+                    )?
+                } else {
+                    let mut args = [arg(&ptr), arg(&page_elems), arg(&seed), arg(&scale)];
+                    self.kernels.fill_bf16.launch(
+                        (64, 1, 1),
+                        256,
+                        0,
+                        self.stream.raw(),
+                        &mut args,
+                    )?
+                }
             };
         }
         self.stream.synchronize()?;

@@ -5,11 +5,14 @@ use super::cache::{DeviceCache, DeviceCacheConfig};
 use super::compile::default_cache_dir;
 use super::driver::{arg, bf16_pages_tensor_map, CUstream, CudaDevice, DeviceBuffer, Stream};
 use super::engine::EngineKernels;
-use super::kernels::{DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, TILE_TOKENS};
+use super::kernels::{
+    DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, TILE_TOKENS,
+};
 use super::sequence::SequenceKernels;
 use crate::attention::reference::check_attend_args;
 use crate::attention::schedule::HEADER_WORDS;
 use crate::attention::{LatentAttention, LatentShape, RowSource};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -80,9 +83,21 @@ impl CudaBackend {
         self.stream.raw()
     }
 
-    /// The kernels for `heads` heads over slices of `slice_width` (compiled or loaded on
-    /// first use).
+    /// The kernels for `heads` heads over bf16 slices of `slice_width` (compiled or
+    /// loaded on first use).
     pub fn kernels(&self, heads: usize, slice_width: usize, d_r: usize) -> Result<Arc<Kernels>> {
+        self.kernels_for(heads, slice_width, d_r, DType::Bf16)
+    }
+
+    /// [`Self::kernels`] over caches of `dtype` (bf16, or fp8_e4m3 where
+    /// [`KernelConfig::choose`] allows it).
+    pub fn kernels_for(
+        &self,
+        heads: usize,
+        slice_width: usize,
+        d_r: usize,
+        dtype: DType,
+    ) -> Result<Arc<Kernels>> {
         let config = KernelConfig::choose(
             &self.device,
             heads,
@@ -90,6 +105,7 @@ impl CudaBackend {
             d_r,
             self.max_stages,
             self.decode_kernel,
+            dtype,
         )?;
         let mut map = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = map.get(&config) {
@@ -140,9 +156,14 @@ impl CudaBackend {
         Ok(k)
     }
 
-    /// An empty device cache.
+    /// An empty device cache of bf16 rows.
     pub fn new_cache(&self, config: DeviceCacheConfig) -> Result<DeviceCache> {
-        let kernels = self.kernels(64, config.slice_width, super::kernels::ROPE_WIDTH)?;
+        self.new_cache_for(config, DType::Bf16)
+    }
+
+    /// An empty device cache of `dtype` rows (bf16 or fp8_e4m3, DESIGN 7.1).
+    pub fn new_cache_for(&self, config: DeviceCacheConfig, dtype: DType) -> Result<DeviceCache> {
+        let kernels = self.kernels_for(64, config.slice_width, ROPE_WIDTH, dtype)?;
         DeviceCache::new(&self.device, kernels, config)
     }
 
@@ -151,7 +172,18 @@ impl CudaBackend {
     /// the head tiles), each taking an equal share of the batch's tiles; v3 a split count
     /// per sequence.
     pub fn plan(&self, shape: LatentShape, batch: usize, max_len: usize) -> Result<DecodePlan> {
-        let kernels = self.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        self.plan_for(shape, DType::Bf16, batch, max_len)
+    }
+
+    /// [`Self::plan`] over caches of `dtype`.
+    pub fn plan_for(
+        &self,
+        shape: LatentShape,
+        dtype: DType,
+        batch: usize,
+        max_len: usize,
+    ) -> Result<DecodePlan> {
+        let kernels = self.kernels_for(shape.heads, shape.slice_width, shape.d_r, dtype)?;
         let splits = self.splits_for(&kernels, shape, batch, max_len);
         DecodePlan::new(&self.device, kernels, shape, batch, splits)
     }
@@ -264,13 +296,14 @@ impl WorkspaceLayout {
     }
 }
 
-/// The engine's pool as the decode kernels read it: `pages` pages of [`PAGE_SIZE`] bf16
-/// rows of `row_width` at `pool`, page `p` at `pool + p * page_stride` bytes; block table
+/// The engine's pool as the decode kernels read it: `pages` pages of [`PAGE_SIZE`] rows
+/// of `row_width` values of `dtype` at `pool`, page `p` at `pool + p * page_stride` bytes; block table
 /// rows of `max_pages` and lengths at `table` and `lens`, indexed by slot (`num_slots`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PoolRef {
     pub pool: u64,
     pub row_width: usize,
+    pub dtype: DType,
     pub page_stride: usize,
     pub pages: usize,
     pub table: u64,
@@ -282,7 +315,10 @@ pub(crate) struct PoolRef {
 impl PoolRef {
     /// Bytes of the rows of one page.
     pub fn page_bytes(&self) -> usize {
-        PAGE_SIZE * self.row_width * 2
+        PAGE_SIZE
+            * self
+                .dtype
+                .row_bytes(self.row_width.saturating_sub(ROPE_WIDTH), ROPE_WIDTH)
     }
 
     /// Refuses a page stride the decode kernels cannot read: both take any multiple of
@@ -298,6 +334,14 @@ impl PoolRef {
         }
         Ok(())
     }
+}
+
+/// The FP8 pool as the Hopper kernel takes it (`RawPool` in decode_sm90.cu).
+#[repr(C)]
+struct RawPool {
+    base: u64,
+    page_stride: u64,
+    pages: i32,
 }
 
 /// Who holds a plan's workspace.
@@ -464,6 +508,13 @@ impl DecodePlan {
                 self.shape.row_width()
             )));
         }
+        if pool.dtype != self.kernels.config.dtype {
+            return Err(Error::mismatch(format!(
+                "the cache holds {} rows, the plan's kernels read {}",
+                pool.dtype.name(),
+                self.kernels.config.dtype.name()
+            )));
+        }
         pool.check_supported()?;
         self.device.bind()?;
         let pool_ptr = pool.pool;
@@ -479,11 +530,18 @@ impl DecodePlan {
         let page_stride = pool.page_stride as u64;
         let config = self.kernels.config;
         let wgmma = config.kernel == DecodeKernel::Wgmma;
-        // The Hopper kernel reads the pool through a tensor map (by value, so a captured
-        // graph keeps its own copy) and schedules the whole batch over a grid of CTAs
-        // (it takes the batch size and writes the merge's table); v3 reads the pool
-        // through its address and has a block per (split, sequence).
-        let pool_map = if wgmma {
+        // The Hopper kernel reads a bf16 pool through a tensor map and an FP8 pool
+        // through its address, stride and page count (both by value, so a captured graph
+        // keeps its own copy) and schedules the whole batch over a grid of CTAs (it takes
+        // the batch size and writes the merge's table); v3 reads the pool through its
+        // address and has a block per (split, sequence).
+        let raw_pool = RawPool {
+            base: pool_ptr,
+            page_stride: pool.page_stride as u64,
+            pages: i32::try_from(pool.pages)
+                .map_err(|_| Error::invalid("an FP8 pool holds at most 2^31 - 1 pages"))?,
+        };
+        let pool_map = if wgmma && pool.dtype == DType::Bf16 {
             Some(bf16_pages_tensor_map(
                 pool_ptr,
                 self.shape.row_width(),
@@ -494,7 +552,11 @@ impl DecodePlan {
             None
         };
         let mut args = [
-            pool_map.as_ref().map_or(arg(&pool_ptr), arg),
+            match (&pool_map, pool.dtype) {
+                (Some(map), _) => arg(map),
+                (None, DType::Fp8E4m3) => arg(&raw_pool),
+                (None, _) => arg(&pool_ptr),
+            },
             arg(&q),
             arg(&table),
             arg(&lens),
@@ -578,24 +640,28 @@ impl LatentAttention for CudaBackend {
         if seqs.is_empty() {
             return Ok(());
         }
-        // Check the shape before allocating anything.
-        self.kernels(shape.heads, shape.slice_width, shape.d_r)?;
+        // Check the shape and row type before allocating anything.
+        let dtype = cache.dtype();
+        self.kernels_for(shape.heads, shape.slice_width, shape.d_r, dtype)?;
         let lens = seqs
             .iter()
             .map(|&s| cache.seq_len(s))
             .collect::<Result<Vec<_>>>()?;
         let max_len = *lens.iter().max().expect("the batch is not empty");
         let pages: usize = lens.iter().map(|l| l.div_ceil(PAGE_SIZE)).sum();
-        let mut dev_cache = self.new_cache(DeviceCacheConfig {
-            slice_width: shape.slice_width,
-            pages,
-            slots: seqs.len(),
-            max_pages_per_slot: max_len.div_ceil(PAGE_SIZE),
-        })?;
+        let mut dev_cache = self.new_cache_for(
+            DeviceCacheConfig {
+                slice_width: shape.slice_width,
+                pages,
+                slots: seqs.len(),
+                max_pages_per_slot: max_len.div_ceil(PAGE_SIZE),
+            },
+            dtype,
+        )?;
         for (slot, &seq) in seqs.iter().enumerate() {
             dev_cache.upload(slot, cache, seq)?;
         }
-        let plan = self.plan(shape, seqs.len(), max_len)?;
+        let plan = self.plan_for(shape, dtype, seqs.len(), max_len)?;
         let slots: Vec<i32> = (0..seqs.len() as i32).collect();
         let slots_dev = DeviceBuffer::from_host(&self.device, &slots)?;
         let q_dev = DeviceBuffer::from_host(&self.device, q)?;

@@ -51,6 +51,16 @@
 // A tile past the sequence's end has its rows zeroed in shared memory before use (0 *
 // NaN would poison P V).
 //
+// KV_FP8 (MODE_TOKENS only): the pool holds FP8 rows (DESIGN 7.1: SLICE e4m3 codes, an
+// f32 scale per 128 of them, the bf16 RoPE key; ROW8 bytes, 4-aligned, so no tensor map
+// fits): each page arrives raw by one 1D bulk copy into a ring of STAGES raw stages, and
+// the warpgroup that owns the tile turns it into its one bf16 stage in the layout above
+// (value = e4m3 * scale rounded to f32, then to bf16: the bits a bf16 cache of the
+// dequantised rows holds) before its products. The raw stage is refilled right after
+// that conversion, not after the products; the next conversion waits for the products
+// of the warpgroup's previous tile (so no scores are issued ahead). A page index outside
+// the pool copies nothing and converts to zeros, as the tensor map's bounds give.
+//
 // Work schedule: the grid is (head tiles, CTAS). The batch's tiles, sequence after
 // sequence, are cut into CTAS equal ranges of `per` tiles (at least MIN_TILES), and CTA
 // c takes range c, whatever sequences it spans: every multiprocessor gets the same work
@@ -70,6 +80,9 @@
 #endif
 #ifndef STAGES
 #error "STAGES must be defined"
+#endif
+#ifndef KV_FP8
+#define KV_FP8 0
 #endif
 
 #define CHUNKS (RW / 64)                   // 128-byte swizzle atoms across a row
@@ -95,6 +108,9 @@
 #if MODE == MODE_COLUMNS && STAGES != 2
 #error "the seesaw keeps one pair of tiles: STAGES must be 2"
 #endif
+#if KV_FP8 && MODE != MODE_TOKENS
+#error "FP8 pages are converted by the warpgroup that owns the tile: MODE_TOKENS only"
+#endif
 #if NT != PAGE
 #error "one tensor copy per page: the tile is the page"
 #endif
@@ -109,11 +125,18 @@
 // warpgroups done with it (MODE_HEADS).
 #define XCHG_BYTES (MODE == MODE_COLUMNS ? ATOM_BYTES + 2 * 64 * 4 : 0)
 #define STAGE_BARS (MODE == MODE_COLUMNS ? CHUNKS : 1)
+// FP8: one bf16 stage per warpgroup (BF16_STAGES) and the ring of raw pages after them.
+#define SCALE_BYTES (4 * ((SLICE + 127) / 128))
+#define ROW8 (SLICE + SCALE_BYTES + 2 * 64)  // bytes of one FP8 row
+#define RAW_BYTES (NT * ROW8)                // one raw page: a multiple of 16 (NT = 64)
+#define BF16_STAGES (KV_FP8 ? 2 : STAGES)
 #define SM_K 0
-#define SM_Q (STAGES * STAGE_BYTES)
+#define SM_RAW (BF16_STAGES * STAGE_BYTES)
+#define SM_Q (((SM_RAW + (KV_FP8 ? STAGES * RAW_BYTES : 0)) + 1023) / 1024 * 1024)
 #define SM_X (SM_Q + (HQ / 64) * QWG_BYTES)
 #define SM_BAR (SM_X + XCHG_BYTES)
 #define SM_DONE (SM_BAR + STAGES * STAGE_BARS * 8)
+#define SM_PAGE_BAD SM_DONE  // FP8 (MODE_TOKENS: no counts): 1 where a raw stage's page was outside the pool
 #define SM_SCHED (SM_DONE + STAGES * 8)  // this CTA's schedule: 8 words, 16 of scan scratch
 #define SM_END (SM_SCHED + 96)
 #define MIN_TILES 4  // fewest tiles a CTA's range holds (shorter ones cost more merging)
@@ -135,6 +158,17 @@ extern "C" __constant__ int tpla_decode_smem_bytes = SM_END + SM_ALIGN_SLACK;
 struct __align__(64) TensorMap {
     u64 opaque[16];
 };
+// The FP8 pool, passed by value: page p at base + p * page_stride, pages in [0, pages).
+struct RawPool {
+    const unsigned char* base;
+    u64 page_stride;
+    int pages;
+};
+#if KV_FP8
+typedef RawPool PoolParam;
+#else
+typedef TensorMap PoolParam;
+#endif
 
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
@@ -207,6 +241,76 @@ __device__ __forceinline__ void load_tile(const TensorMap* map, u32 k_base, u32 
     for (int c = 0; c < CHUNKS; ++c)
         tma_load_tile(k_base + s * STAGE_BYTES + c * ATOM_BYTES, map, full_bar + 8 * s, c * 64, page);
 }
+
+#if KV_FP8
+// Starts the copy of the CTA's tile number `j` (it names the raw stage) from FP8 page
+// `page`: one bulk copy of the page's rows, evict-first in L2. A page outside the pool
+// copies nothing: its stage is flagged (converted to zeros) and the barrier completes
+// on a plain arrival.
+__device__ __forceinline__ void load_raw_page(const RawPool& pool, unsigned char* smem, u32 base, u32 full_bar,
+                                              int j, int page) {
+    const int s = j % STAGES;
+    const u32 bar = full_bar + 8 * s;
+    const bool inside = page >= 0 && page < pool.pages;
+    reinterpret_cast<volatile u32*>(smem + SM_PAGE_BAD)[s] = inside ? 0u : 1u;
+    if (inside) {
+        mbar_expect_tx(bar, RAW_BYTES);
+        asm volatile(
+            "{\n.reg .b64 policy;\n"
+            "createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], policy;\n}"
+            ::"r"(base + SM_RAW + s * RAW_BYTES), "l"(pool.base + (u64)page * pool.page_stride), "r"(RAW_BYTES),
+              "r"(bar) : "memory");
+    } else {
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+    }
+}
+
+// Two e4m3 codes (low byte first) times `scale`, rounded to f32 then to a bf16 pair.
+__device__ __forceinline__ u32 dequant_pair(u32 codes, float scale) {
+    u32 h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)codes));
+    float lo, hi;
+    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}" : "=f"(lo), "=f"(hi) : "r"(h2));
+    return pack_bf16x2(lo * scale, hi * scale);
+}
+
+// Converts the raw FP8 page at `raw` into the bf16 stage at `stage` (the swizzled
+// layout the tensor map would have written), rows kept..NT-1 as zeros, split over the
+// warpgroup's 128 threads (`me`). FP8 rows are only 4-aligned: 32-bit loads.
+__device__ __forceinline__ void dequant_page(const unsigned char* raw, unsigned char* stage, int kept, int me) {
+    // Thread `me` takes one 16-byte bf16 unit (8 latent values) of every ROWS_STEP-th
+    // row: its column, scale and chunk stay fixed, only the row moves.
+    constexpr int UNITS = SLICE / 8;  // 16-byte bf16 units of a row's latent part (8 to 32)
+    constexpr int ROWS_STEP = 128 / UNITS;
+    const int cu = me % UNITS;
+    const unsigned char* src = raw + (me / UNITS) * ROW8 + cu * 8;
+    unsigned char* dst = stage + (cu / 8) * ATOM_BYTES + (me / UNITS) * 128;
+#pragma unroll 1
+    for (int r = me / UNITS; r < NT; r += ROWS_STEP, src += ROWS_STEP * ROW8, dst += ROWS_STEP * 128) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r < kept) {
+            const u32 c0 = *reinterpret_cast<const u32*>(src);
+            const u32 c1 = *reinterpret_cast<const u32*>(src + 4);
+            const float scale = *reinterpret_cast<const float*>(src - cu * 8 + SLICE + 4 * (cu / 16));
+            v = make_uint4(dequant_pair(c0, scale), dequant_pair(c0 >> 16, scale), dequant_pair(c1, scale),
+                           dequant_pair(c1 >> 16, scale));
+        }
+        *reinterpret_cast<uint4*>(dst + (((cu % 8) ^ (r % 8)) * 16)) = v;
+    }
+    // the RoPE chunk, bf16 already: thread `me` takes unit me % 8 of every 16th row
+    const int unit = me % 8;
+#pragma unroll 1
+    for (int r = me / 8; r < NT; r += 16) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r < kept) {
+            const u32* w = reinterpret_cast<const u32*>(raw + r * ROW8 + SLICE + SCALE_BYTES + unit * 16);
+            v = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+        *reinterpret_cast<uint4*>(stage + (CHUNKS - 1) * ATOM_BYTES + r * 128 + ((unit ^ (r % 8)) * 16)) = v;
+    }
+}
+#endif
 
 // Clears rows valid..NT-1 of chunks [c_begin, c_end) of stage `s` (a sequence's last
 // page, whatever the engine left past its end: 0 * NaN would poison P V), split over
@@ -603,7 +707,7 @@ __device__ __forceinline__ int entry_tiles(const int* slots, const int* seq_lens
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PAGE][RW] bf16, pages a stride apart
+tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PAGE][RW] bf16 (KV_FP8: FP8 rows), pages a stride apart
             const float* __restrict__ q,          // [batch][heads][RW]
             const int* __restrict__ block_table,  // [slots][max_pages]
             const int* __restrict__ seq_lens,     // [slots]
@@ -721,7 +825,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
     const int row0 = (warp % 4) * 16 + g;  // this thread's rows in its warpgroup: row0, row0 + 8
     // The thread that starts this warpgroup's copies (SHARED_TILES: either warpgroup's).
     const bool loader = tw == 0;
-    if (loader && wg == 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)&pool_map) : "memory");
+    if (!KV_FP8 && loader && wg == 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)&pool_map) : "memory");
 
     // ---- the pieces of sequences in this CTA's range, in batch order ----
     int b = my_sched[3];
@@ -748,7 +852,11 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
     __syncthreads();  // the previous piece is done with every stage, Q and the merge buffer
     if (MODE != MODE_COLUMNS && loader && (!SHARED_TILES || wg == 0)) {
         for (int j = j_first; j < min(STAGES, n_tiles); j += j_step)
+#if KV_FP8
+            load_raw_page(pool_map, smem, base, full_bar, done_tiles + j, pages[t_begin + j]);
+#else
             load_tile(&pool_map, k_base, full_bar, done_tiles + j, pages[t_begin + j]);
+#endif
     }
 
     // Queries f32 -> bf16 into the swizzled atoms: element (r, c) of warpgroup block
@@ -815,6 +923,18 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
         const int s = (done_tiles + j) % STAGES;
         mbar_wait(full_bar + 8 * s, ((done_tiles + j) / STAGES) & 1);
         const int valid = min(NT, len - (t_begin + j) * NT);
+#if KV_FP8
+        // the raw page becomes this warpgroup's bf16 stage (its previous tile's products
+        // are done: the loop's barrier), then its raw stage takes the tile STAGES on
+        const bool bad = reinterpret_cast<volatile u32*>(smem + SM_PAGE_BAD)[s] != 0u;
+        dequant_page(smem + SM_RAW + s * RAW_BYTES, smem + SM_K + (s % 2) * STAGE_BYTES, bad ? 0 : valid, tw);
+        fence_async_shared();
+        named_barrier(BAR_WG + wg, 128);
+        if (loader && j + STAGES < n_tiles)
+            load_raw_page(pool_map, smem, base, full_bar, done_tiles + j + STAGES, pages[t_begin + j + STAGES]);
+        scores<0>(sc, q_wg, k_base + (s % 2) * STAGE_BYTES, rope);
+        return valid;
+#endif
         if (valid < NT) {
             // the readers of this stage split the clearing and meet at a barrier
             if (SHARED_TILES) {
@@ -839,15 +959,15 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
     // not with two stages, one each, where the next tile's stage must be refilled
     // first). MODE_HEADS does not: its turns already keep the tensor cores busy, and the
     // early scores measured 1% slower.
-    constexpr bool ahead = MODE == MODE_TOKENS && STAGES > 2;
+    constexpr bool ahead = MODE == MODE_TOKENS && STAGES > 2 && !KV_FP8;
     int valid = j_first < n_tiles ? issue_scores(j_first) : NT;
     for (int j = j_first; j < n_tiles; j += j_step) {
         const int s = (done_tiles + j) % STAGES;
-        const u32 kst = k_base + s * STAGE_BYTES;
+        const u32 kst = k_base + (s % BF16_STAGES) * STAGE_BYTES;  // FP8: s % 2 is wg
         const bool more = j + j_step < n_tiles;
         // the page of the tile this stage takes next, read early to hide the latency
         const int refill = j + STAGES;
-        const int refill_page = loader && refill < n_tiles ? pages[t_begin + refill] : 0;
+        const int refill_page = !KV_FP8 && loader && refill < n_tiles ? pages[t_begin + refill] : 0;
         wgmma_wait_all();
         fence_regs(sc);
         u32 pa[16];  // P of this tile as bf16 pairs
@@ -863,6 +983,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
         // Refill the stage once every reader is done with it: this warpgroup's warps meet
         // at a barrier; with SHARED_TILES the second warpgroup to get there starts the copy.
         named_barrier(BAR_WG + wg, 128);
+#if !KV_FP8
         if (loader && refill < n_tiles) {
             bool last = true;
             if (SHARED_TILES) {
@@ -874,6 +995,7 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
             }
             if (last) load_tile(&pool_map, k_base, full_bar, done_tiles + refill, refill_page);
         }
+#endif
         if (!ahead && more) valid = issue_scores(j + j_step);
     }
     // (nothing in flight; as in seesaw_piece, for ptxas)
@@ -901,6 +1023,13 @@ tpla_decode(const __grid_constant__ TensorMap pool_map,  // the pool: [pages][PA
             buf[(ON + 2) * 128 + tw] = l_part[0];
             buf[(ON + 3) * 128 + tw] = l_part[1];
         }
+        // One barrier orders the hand-over on the hardware (200 launches of every mode
+        // gave the same bits). compute-sanitizer's racecheck (CUDA 13) still flagged WG1's
+        // last stores against WG0's first loads across it in 8 of 9 runs, and in none
+        // when WG0 waited 100 us before loading, or behind this second barrier (RESULTS
+        // "racecheck, session 4"): it costs one barrier per piece and keeps the tool's
+        // report empty, so a real hazard elsewhere would show.
+        __syncthreads();
         __syncthreads();
 #pragma unroll
         for (int h = 0; h < 2; ++h) {

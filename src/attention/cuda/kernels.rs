@@ -8,6 +8,7 @@
 
 use super::compile::{compile_cubin, Origin};
 use super::driver::{CudaDevice, Function, Module};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use cudarc::driver::sys;
 use std::path::Path;
@@ -68,13 +69,17 @@ pub struct KernelConfig {
     /// Blocks per multiprocessor the kernel is built for (registers and shared memory
     /// budgeted so that they fit): 2 where the output accumulator is small.
     pub blocks_per_sm: usize,
+    /// The cache rows the kernel reads: bf16, or FP8 e4m3 (DESIGN 7.1; the Hopper kernel
+    /// with 64 heads a block only).
+    pub dtype: DType,
 }
 
 impl KernelConfig {
     /// The specialisation for `heads` query heads over slices of `slice_width`, or an
     /// `Unsupported` error naming what is supported.
     /// `max_stages` caps the pipeline depth (2 to [`MAX_STAGES`]); `kernel` forces a
-    /// decode kernel (`None`: the fastest one the device and shape allow).
+    /// decode kernel (`None`: the fastest one the device and shape allow); `dtype` is the
+    /// cache's row type (bf16, or FP8 e4m3 on Hopper at slices up to 256).
     pub fn choose(
         device: &CudaDevice,
         heads: usize,
@@ -82,6 +87,7 @@ impl KernelConfig {
         d_r: usize,
         max_stages: usize,
         kernel: Option<DecodeKernel>,
+        dtype: DType,
     ) -> Result<Self> {
         if d_r != ROPE_WIDTH {
             return Err(Error::unsupported(format!(
@@ -100,6 +106,29 @@ impl KernelConfig {
             )));
         }
         let wgmma_fits = device.compute_capability() == (9, 0) && heads % 64 == 0;
+        match dtype {
+            DType::Bf16 => {}
+            DType::Fp8E4m3
+                if wgmma_fits && slice_width <= 256 && kernel != Some(DecodeKernel::MmaSync) =>
+            {
+                return Self::choose_wgmma(device, heads, slice_width, max_stages, dtype)
+            }
+            DType::Fp8E4m3 => {
+                return Err(Error::unsupported(format!(
+                    "FP8 caches decode on the wgmma kernel only: a Hopper GPU (compute capability \
+                     9.0), heads in multiples of 64 and slices up to 256; {} has {:?}, the shape \
+                     {heads} heads x {slice_width}",
+                    device.name(),
+                    device.compute_capability()
+                )))
+            }
+            other => {
+                return Err(Error::unsupported(format!(
+                    "the CUDA kernels read bf16 or fp8_e4m3 caches, not {}",
+                    other.name()
+                )))
+            }
+        }
         match kernel {
             Some(DecodeKernel::Wgmma) if !wgmma_fits => {
                 return Err(Error::unsupported(format!(
@@ -110,7 +139,7 @@ impl KernelConfig {
             )))
             }
             Some(DecodeKernel::Wgmma) | None if wgmma_fits => {
-                return Self::choose_wgmma(device, heads, slice_width, max_stages)
+                return Self::choose_wgmma(device, heads, slice_width, max_stages, dtype)
             }
             _ => {}
         }
@@ -152,6 +181,7 @@ impl KernelConfig {
             heads_tile,
             stages,
             blocks_per_sm,
+            dtype,
         })
     }
 
@@ -159,14 +189,16 @@ impl KernelConfig {
     /// heads allow it (each K tile read once for both warpgroups), else 64 with the
     /// warpgroups taking alternate tiles (an even pipeline depth); slices of 512 take 64
     /// heads with the warpgroups splitting the output columns over a pair of tiles (two
-    /// stages, the seesaw). Otherwise as many stages as shared memory holds.
+    /// stages, the seesaw). Otherwise as many stages as shared memory holds. FP8 caches
+    /// take 64 heads a block (the warpgroup that owns a tile converts it).
     fn choose_wgmma(
         device: &CudaDevice,
         heads: usize,
         slice_width: usize,
         max_stages: usize,
+        dtype: DType,
     ) -> Result<Self> {
-        let heads_tile = if heads % 128 == 0 && slice_width <= 256 {
+        let heads_tile = if heads % 128 == 0 && slice_width <= 256 && dtype == DType::Bf16 {
             128
         } else {
             64
@@ -181,13 +213,15 @@ impl KernelConfig {
         let stages = (2..=deepest)
             .rev()
             .filter(|s| s % step == 0)
-            .find(|&s| sm90_shared_bytes(slice_width, heads_tile, s) <= device.max_shared_per_block())
+            .find(|&s| {
+                sm90_shared_bytes(slice_width, heads_tile, s, dtype) <= device.max_shared_per_block()
+            })
             .ok_or_else(|| {
                 Error::unsupported(format!(
                     "{} allows {} bytes of shared memory per block; the wgmma decode kernel needs {}",
                     device.name(),
                     device.max_shared_per_block(),
-                    sm90_shared_bytes(slice_width, heads_tile, 2)
+                    sm90_shared_bytes(slice_width, heads_tile, 2, dtype)
                 ))
             })?;
         Ok(KernelConfig {
@@ -196,6 +230,7 @@ impl KernelConfig {
             heads_tile,
             stages,
             blocks_per_sm: 1,
+            dtype,
         })
     }
 
@@ -211,7 +246,7 @@ impl KernelConfig {
         match self.kernel {
             DecodeKernel::MmaSync => shared_bytes(self.slice_width, self.heads_tile, self.stages),
             DecodeKernel::Wgmma => {
-                sm90_shared_bytes(self.slice_width, self.heads_tile, self.stages)
+                sm90_shared_bytes(self.slice_width, self.heads_tile, self.stages, self.dtype)
             }
         }
     }
@@ -241,6 +276,9 @@ impl KernelConfig {
                     "-DMODE={}",
                     Sm90Mode::of(self.slice_width, self.heads_tile) as u8
                 ));
+                if self.dtype == DType::Fp8E4m3 {
+                    o.push("-DKV_FP8=1".into());
+                }
             }
         }
         o
@@ -270,10 +308,22 @@ impl Sm90Mode {
 
 /// Bytes of the Hopper kernel's shared-memory layout (`SM_*` in decode_sm90.cu: K
 /// stages, queries, the exchange of P and maxima, mbarriers and stage counters, the
-/// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes).
-pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -> usize {
+/// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes). FP8: two bf16
+/// stages and `stages` raw pages before the queries (at a 1024-byte boundary).
+pub fn sm90_shared_bytes(
+    slice_width: usize,
+    heads_tile: usize,
+    stages: usize,
+    dtype: DType,
+) -> usize {
     let row = slice_width + ROPE_WIDTH;
     let tile = row * TILE_TOKENS * 2;
+    let tiles = match dtype {
+        DType::Fp8E4m3 => (2 * tile
+            + stages * TILE_TOKENS * dtype.row_bytes(slice_width, ROPE_WIDTH))
+        .next_multiple_of(1024),
+        _ => stages * tile,
+    };
     let (exchange, barriers_per_stage) = match Sm90Mode::of(slice_width, heads_tile) {
         // P_a's slot (64 x 64 bf16; P_b's is in Q's RoPE chunk), 64 maxima per
         // warpgroup; one mbarrier per 64-column chunk
@@ -281,12 +331,7 @@ pub fn sm90_shared_bytes(slice_width: usize, heads_tile: usize, stages: usize) -
         _ => (0, 1),
     };
     // 8 bytes per mbarrier, 8 of counter per stage, 96 of the CTA's schedule
-    stages * tile
-        + heads_tile / 64 * tile
-        + exchange
-        + 8 * stages * (barriers_per_stage + 1)
-        + 96
-        + 1024
+    tiles + heads_tile / 64 * tile + exchange + 8 * stages * (barriers_per_stage + 1) + 96 + 1024
 }
 
 /// Bytes of the v3 decode kernel's shared-memory layout (`struct Smem` in decode_v3.cu;
@@ -312,6 +357,7 @@ pub struct Kernels {
     pub combine_pieces: Option<Function>,
     pub append: Function,
     pub fill_bf16: Function,
+    pub fill_fp8: Function,
     pub fill_f32: Function,
     pub read_probe: Function,
     pub decode_shared_bytes: usize,
@@ -330,7 +376,7 @@ impl Kernels {
         let (cubin, origin) = compile_cubin(
             &config.source(),
             &format!(
-                "tpla_decode_{}_w{}_h{}_s{}_b{}",
+                "tpla_decode_{}_w{}_h{}_s{}_b{}_{}",
                 match config.kernel {
                     DecodeKernel::MmaSync => "v3",
                     DecodeKernel::Wgmma => "sm90",
@@ -338,7 +384,8 @@ impl Kernels {
                 config.slice_width,
                 config.heads_tile,
                 config.stages,
-                config.blocks_per_sm
+                config.blocks_per_sm,
+                config.dtype.name()
             ),
             &config.options(),
             device.compute_capability(),
@@ -390,6 +437,7 @@ impl Kernels {
             },
             append: module.function("tpla_append")?,
             fill_bf16: module.function("tpla_fill_bf16")?,
+            fill_fp8: module.function("tpla_fill_fp8")?,
             fill_f32: module.function("tpla_fill_f32")?,
             read_probe: module.function("tpla_read_probe")?,
             decode_shared_bytes: actual,
@@ -419,6 +467,7 @@ mod tests {
             heads_tile: ht,
             stages,
             blocks_per_sm,
+            dtype: DType::Bf16,
         };
         let sm90 = |w, ht, stages| KernelConfig {
             kernel: DecodeKernel::Wgmma,
@@ -426,6 +475,11 @@ mod tests {
             heads_tile: ht,
             stages,
             blocks_per_sm: 1,
+            dtype: DType::Bf16,
+        };
+        let fp8 = |w, stages| KernelConfig {
+            dtype: DType::Fp8E4m3,
+            ..sm90(w, 64, stages)
         };
         for (arch, config) in [
             ("sm_90", v3(512, 64, 2, 1)),
@@ -441,6 +495,9 @@ mod tests {
             ("sm_90a", sm90(64, 64, 8)),
             ("sm_90a", sm90(64, 128, 8)),
             ("sm_90a", sm90(512, 64, 2)),
+            ("sm_90a", fp8(256, 4)),
+            ("sm_90a", fp8(128, 8)),
+            ("sm_90a", fp8(64, 8)),
         ] {
             let mut options = config.options();
             options.push(format!("--gpu-architecture={arch}"));

@@ -100,6 +100,28 @@ extern "C" __global__ void tpla_fill_bf16(bf16_t* data, unsigned long long count
         data[i] = (bf16_t)(pack_bf16x2(scale * hash_unit(seed, i), 0.f) & 0xffffu);
 }
 
+// Fills `rows` FP8 rows (DESIGN 7.1: `slice` e4m3 codes, f32 block scales, 64 bf16 RoPE
+// values; `row_bytes` each) with pseudo-random values of magnitude below `scale`: codes
+// of any finite e4m3 value (the two NaN codes become 448's), each block's scale
+// `scale` / 448, RoPE values in [-scale, scale). Benchmark inputs.
+extern "C" __global__ void tpla_fill_fp8(unsigned char* data, unsigned long long rows, int slice, int row_bytes,
+                                         unsigned long long seed, float scale)
+{
+    const int scales = (slice + 127) / 128;
+    for (unsigned long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        unsigned char* row = data + r * row_bytes;
+        for (int i = threadIdx.x; i < slice; i += blockDim.x) {
+            const unsigned int h = (unsigned int)((hash_unit(seed, r * 1024 + i) + 1.f) * 128.f) & 0xffu;
+            row[i] = (unsigned char)((h & 0x7fu) == 0x7fu ? h - 1u : h);
+        }
+        for (int i = threadIdx.x; i < scales; i += blockDim.x)
+            reinterpret_cast<float*>(row + slice)[i] = scale / 448.f;
+        bf16_t* rope = reinterpret_cast<bf16_t*>(row + slice + 4 * scales);
+        for (int i = threadIdx.x; i < 64; i += blockDim.x)
+            rope[i] = (bf16_t)(pack_bf16x2(scale * hash_unit(seed ^ 0x9e3779b9ull, r * 64 + i), 0.f) & 0xffffu);
+    }
+}
+
 extern "C" __global__ void tpla_fill_f32(float* data, unsigned long long count,
                                          unsigned long long seed, float scale)
 {

@@ -576,17 +576,22 @@ fn synthetic_cache(
 }
 
 /// `--backend cuda`: the GPU's decode step timed with CUDA events
-/// ([`tpla::attention::cuda::bench`]), bf16 cache in pages of 64, against the read
+/// ([`tpla::attention::cuda::bench`]), bf16 or FP8 cache in pages of 64, against the read
 /// bandwidth and cuBLAS bf16 rate measured at the start of the run.
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> Result<()> {
     use tpla::attention::cuda::bench::{measure, measure_ceilings, measure_engine, Case};
     use tpla::attention::cuda::{CudaBackend, DecodeKernel, PAGE_SIZE};
-    if args.dtype != ["bf16"] || args.page_size != PAGE_SIZE {
+    if args.page_size != PAGE_SIZE {
         return Err(Error::unsupported(format!(
-            "the CUDA backend caches bf16 rows in pages of {PAGE_SIZE} tokens"
+            "the CUDA backend caches rows in pages of {PAGE_SIZE} tokens"
         )));
     }
+    let dtypes = args
+        .dtype
+        .iter()
+        .map(|d| DType::parse(d))
+        .collect::<Result<Vec<_>>>()?;
     if args.repeats == 0 || args.context.contains(&0) || args.batch.contains(&0) {
         return Err(Error::invalid(
             "repeats, context lengths and batch sizes must be positive",
@@ -685,15 +690,17 @@ fn run_cuda(args: &Args) -> Result<()> {
                 let collective_a = outputs + if s > 1 { 4 * rows } else { 0 };
                 let collective_b = if s > 1 { 8 * rows * (d_v + 2) } else { 0 }
                     + if g > 1 { 4 * rows * d_v } else { 0 };
-                for (&kernel, api) in kernels
+                for ((&kernel, api), &dtype) in kernels
                     .iter()
                     .flat_map(|k| args.api.iter().map(move |a| (k, a)))
+                    .flat_map(|ka| dtypes.iter().map(move |d| (ka, d)))
                 {
                     let case = Case {
                         heads: plan.heads,
                         slice_width: plan.slice_width,
                         context: tokens,
                         batch,
+                        dtype,
                     };
                     backend.set_decode_kernel(kernel);
                     let m = match api.as_str() {
@@ -709,7 +716,7 @@ fn run_cuda(args: &Args) -> Result<()> {
                             "api": api,
                             "device": backend.device().name(),
                             "kernel": m.kernel,
-                            "dtype": "bf16",
+                            "dtype": dtype.name(),
                             "model": model,
                             "heads": plan.heads,
                             "groups": g,
