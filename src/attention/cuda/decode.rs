@@ -535,11 +535,14 @@ impl DecodePlan {
         // keeps its own copy) and schedules the whole batch over a grid of CTAs (it takes
         // the batch size and writes the merge's table); v3 reads the pool through its
         // address and has a block per (split, sequence).
-        let raw_pool = RawPool {
-            base: pool_ptr,
-            page_stride: pool.page_stride as u64,
-            pages: i32::try_from(pool.pages)
-                .map_err(|_| Error::invalid("an FP8 pool holds at most 2^31 - 1 pages"))?,
+        let raw_pool = match pool.dtype {
+            DType::Fp8E4m3 => Some(RawPool {
+                base: pool_ptr,
+                page_stride: pool.page_stride as u64,
+                pages: i32::try_from(pool.pages)
+                    .map_err(|_| Error::invalid("an FP8 pool holds at most 2^31 - 1 pages"))?,
+            }),
+            _ => None,
         };
         let pool_map = if wgmma && pool.dtype == DType::Bf16 {
             Some(bf16_pages_tensor_map(
@@ -552,10 +555,10 @@ impl DecodePlan {
             None
         };
         let mut args = [
-            match (&pool_map, pool.dtype) {
+            match (&pool_map, &raw_pool) {
                 (Some(map), _) => arg(map),
-                (None, DType::Fp8E4m3) => arg(&raw_pool),
-                (None, _) => arg(&pool_ptr),
+                (None, Some(raw)) => arg(raw),
+                (None, None) => arg(&pool_ptr),
             },
             arg(&q),
             arg(&table),

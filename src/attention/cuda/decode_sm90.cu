@@ -933,8 +933,7 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         if (loader && j + STAGES < n_tiles)
             load_raw_page(pool_map, smem, base, full_bar, done_tiles + j + STAGES, pages[t_begin + j + STAGES]);
         scores<0>(sc, q_wg, k_base + (s % 2) * STAGE_BYTES, rope);
-        return valid;
-#endif
+#else
         if (valid < NT) {
             // the readers of this stage split the clearing and meet at a barrier
             if (SHARED_TILES) {
@@ -951,6 +950,7 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         if (wg == 0 || j + 1 < n_tiles) named_arrive(BAR_TURN + (1 - wg), THREADS);
 #else
         scores<0>(sc, q_wg, k_base + s * STAGE_BYTES, rope);
+#endif
 #endif
         return valid;
     };
