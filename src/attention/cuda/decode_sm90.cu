@@ -277,37 +277,56 @@ __device__ __forceinline__ u32 dequant_pair(u32 codes, float scale) {
 
 // Converts the raw FP8 page at `raw` into the bf16 stage at `stage` (the swizzled
 // layout the tensor map would have written), rows kept..NT-1 as zeros, split over the
-// warpgroup's 128 threads (`me`). FP8 rows are only 4-aligned: 32-bit loads.
+// warpgroup's 128 threads (`me`). FP8 rows are only 4-aligned: 32-bit loads. The loads
+// of DEQ_BATCH rows go out before any of their conversions: one warp of the warpgroup
+// per sub-partition has no other warp of its own to hide a load's latency behind, and
+// a row at a time waited for each (session 4: the conversion was most of a tile's time).
+#define DEQ_BATCH 4
 __device__ __forceinline__ void dequant_page(const unsigned char* raw, unsigned char* stage, int kept, int me) {
     // Thread `me` takes one 16-byte bf16 unit (8 latent values) of every ROWS_STEP-th
     // row: its column, scale and chunk stay fixed, only the row moves.
     constexpr int UNITS = SLICE / 8;  // 16-byte bf16 units of a row's latent part (8 to 32)
     constexpr int ROWS_STEP = 128 / UNITS;
+    constexpr int ROWS = NT / ROWS_STEP;  // rows per thread (4 to 16)
+    static_assert(ROWS % DEQ_BATCH == 0, "the rows split into whole batches");
     const int cu = me % UNITS;
-    const unsigned char* src = raw + (me / UNITS) * ROW8 + cu * 8;
-    unsigned char* dst = stage + (cu / 8) * ATOM_BYTES + (me / UNITS) * 128;
-#pragma unroll 1
-    for (int r = me / UNITS; r < NT; r += ROWS_STEP, src += ROWS_STEP * ROW8, dst += ROWS_STEP * 128) {
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (r < kept) {
-            const u32 c0 = *reinterpret_cast<const u32*>(src);
-            const u32 c1 = *reinterpret_cast<const u32*>(src + 4);
-            const float scale = *reinterpret_cast<const float*>(src - cu * 8 + SLICE + 4 * (cu / 16));
-            v = make_uint4(dequant_pair(c0, scale), dequant_pair(c0 >> 16, scale), dequant_pair(c1, scale),
-                           dequant_pair(c1 >> 16, scale));
+    const int r0 = me / UNITS;
+    const unsigned char* src = raw + r0 * ROW8 + cu * 8;
+    const unsigned char* scale_src = raw + r0 * ROW8 + SLICE + 4 * (cu / 16);
+    unsigned char* dst = stage + (cu / 8) * ATOM_BYTES + r0 * 128;
+#pragma unroll
+    for (int i0 = 0; i0 < ROWS; i0 += DEQ_BATCH) {
+        u32 c0[DEQ_BATCH], c1[DEQ_BATCH];
+        float scale[DEQ_BATCH];
+#pragma unroll
+        for (int k = 0; k < DEQ_BATCH; ++k) {
+            const int at = (i0 + k) * ROWS_STEP * ROW8;
+            c0[k] = *reinterpret_cast<const u32*>(src + at);
+            c1[k] = *reinterpret_cast<const u32*>(src + at + 4);
+            scale[k] = *reinterpret_cast<const float*>(scale_src + at);
         }
-        *reinterpret_cast<uint4*>(dst + (((cu % 8) ^ (r % 8)) * 16)) = v;
+#pragma unroll
+        for (int k = 0; k < DEQ_BATCH; ++k) {
+            const int r = r0 + (i0 + k) * ROWS_STEP;
+            uint4 v = make_uint4(dequant_pair(c0[k], scale[k]), dequant_pair(c0[k] >> 16, scale[k]),
+                                 dequant_pair(c1[k], scale[k]), dequant_pair(c1[k] >> 16, scale[k]));
+            if (r >= kept) v = make_uint4(0u, 0u, 0u, 0u);  // past the end (or no page): codes may be anything
+            *reinterpret_cast<uint4*>(dst + (i0 + k) * ROWS_STEP * 128 + (((cu % 8) ^ (r % 8)) * 16)) = v;
+        }
     }
-    // the RoPE chunk, bf16 already: thread `me` takes unit me % 8 of every 16th row
+    // the RoPE chunk, bf16 already: thread `me` takes unit me % 8 of rows me / 8 + 16 k
     const int unit = me % 8;
-#pragma unroll 1
-    for (int r = me / 8; r < NT; r += 16) {
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (r < kept) {
-            const u32* w = reinterpret_cast<const u32*>(raw + r * ROW8 + SLICE + SCALE_BYTES + unit * 16);
-            v = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-        *reinterpret_cast<uint4*>(stage + (CHUNKS - 1) * ATOM_BYTES + r * 128 + ((unit ^ (r % 8)) * 16)) = v;
+    uint4 w[NT / 16];
+#pragma unroll
+    for (int k = 0; k < NT / 16; ++k) {
+        const u32* from = reinterpret_cast<const u32*>(raw + (me / 8 + 16 * k) * ROW8 + SLICE + SCALE_BYTES + unit * 16);
+        w[k] = make_uint4(from[0], from[1], from[2], from[3]);
+    }
+#pragma unroll
+    for (int k = 0; k < NT / 16; ++k) {
+        const int r = me / 8 + 16 * k;
+        if (r >= kept) w[k] = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(stage + (CHUNKS - 1) * ATOM_BYTES + r * 128 + ((unit ^ (r % 8)) * 16)) = w[k];
     }
 }
 #endif
