@@ -51,15 +51,23 @@
 // A tile past the sequence's end has its rows zeroed in shared memory before use (0 *
 // NaN would poison P V).
 //
-// KV_FP8 (MODE_TOKENS only): the pool holds FP8 rows (DESIGN 7.1: SLICE e4m3 codes, an
+// KV_FP8 (MODE_TOKENS and MODE_HEADS): the pool holds FP8 rows (DESIGN 7.1: SLICE e4m3 codes, an
 // f32 scale per 128 of them, the bf16 RoPE key; ROW8 bytes, 4-aligned, so no tensor map
-// fits): each page arrives raw by one 1D bulk copy into a ring of STAGES raw stages, and
-// the warpgroup that owns the tile turns it into its one bf16 stage in the layout above
+// fits). A third warpgroup (WG2, 40 registers a thread by setmaxnreg; the two consumers
+// get 232) converts them: each raw page arrives by one 1D bulk copy into a ring of
+// STAGES raw stages, and WG2 turns tile t into bf16 stage t % 3 (HEADS: t % 2) in the
+// layout above
 // (value = e4m3 * scale rounded to f32, then to bf16: the bits a bf16 cache of the
-// dequantised rows holds) before its products. The raw stage is refilled right after
-// that conversion, not after the products; the next conversion waits for the products
-// of the warpgroup's previous tile (so no scores are issued ahead). A page index outside
-// the pool copies nothing and converts to zeros, as the tensor map's bounds give.
+// dequantised rows holds; rows past the end as zeros), refills the raw stage right away,
+// and signals the stage's `full` mbarrier; the consumer of tile t (WG t % 2) releases
+// the stage on its `empty` mbarrier after its P V. Three stages, so that the stage WG2
+// fills next was the other consumer's: a consumer never waits for a conversion that
+// started after its own release (with one stage each, session 4-5, it did, and FP8 was
+// slower than bf16). The consumers run the bf16 TOKENS loop, scores ahead included.
+// MODE_HEADS: both consumers read every tile, so two stages (double buffering) and
+// both release each; a page is read and converted once for 128 heads. A page index
+// outside the pool copies nothing and converts to zeros, as the tensor map's bounds
+// give.
 //
 // Work schedule: the grid is (head tiles, CTAS). The batch's tiles, sequence after
 // sequence, are cut into CTAS equal ranges of `per` tiles (at least MIN_TILES), and CTA
@@ -90,7 +98,9 @@
 #define STAGE_BYTES (CHUNKS * ATOM_BYTES)  // one tile of NT = 64 rows
 #define QWG_BYTES (CHUNKS * ATOM_BYTES)    // 64 query rows
 #define HQ (MODE == MODE_HEADS ? 128 : 64)  // heads per block
-#define THREADS 256
+#define THREADS 256                         // the two warpgroups that compute
+// KV_FP8: a third warpgroup converts the raw pages (see the top of the file)
+#define BLOCK_THREADS (THREADS + (KV_FP8 ? 128 : 0))
 #define PV_N (MODE == MODE_COLUMNS ? SLICE / 2 : SLICE)  // output columns per warpgroup
 #define ON (PV_N / 2)                      // output accumulators per thread
 #define SHARED_TILES (MODE != MODE_TOKENS)  // both warpgroups read every tile
@@ -102,14 +112,14 @@
 #if MODE == MODE_COLUMNS ? SLICE != 512 : (SLICE != 64 && SLICE != 128 && SLICE != 256)
 #error "unsupported slice width for this mode"
 #endif
-#if MODE == MODE_TOKENS && (STAGES % 2) != 0
+#if MODE == MODE_TOKENS && !KV_FP8 && (STAGES % 2) != 0
 #error "with two warpgroups taking alternate tiles, STAGES must be even"
 #endif
 #if MODE == MODE_COLUMNS && STAGES != 2
 #error "the seesaw keeps one pair of tiles: STAGES must be 2"
 #endif
-#if KV_FP8 && MODE != MODE_TOKENS
-#error "FP8 pages are converted by the warpgroup that owns the tile: MODE_TOKENS only"
+#if KV_FP8 && MODE == MODE_COLUMNS
+#error "FP8 pages feed the TOKENS and HEADS modes"
 #endif
 #if NT != PAGE
 #error "one tensor copy per page: the tile is the page"
@@ -125,20 +135,26 @@
 // warpgroups done with it (MODE_HEADS).
 #define XCHG_BYTES (MODE == MODE_COLUMNS ? ATOM_BYTES + 2 * 64 * 4 : 0)
 #define STAGE_BARS (MODE == MODE_COLUMNS ? CHUNKS : 1)
-// FP8: one bf16 stage per warpgroup (BF16_STAGES) and the ring of raw pages after them.
+// FP8: BF16_STAGES converted stages, then the ring of STAGES raw pages; the mbarriers
+// are the raw pages' (completed by the copies), then each bf16 stage's `full`
+// (converted) and `empty` (released by its consumer); the counts' place holds a flag
+// per raw page that was outside the pool.
 #define SCALE_BYTES (4 * ((SLICE + 127) / 128))
 #define ROW8 (SLICE + SCALE_BYTES + 2 * 64)  // bytes of one FP8 row
 #define RAW_BYTES (NT * ROW8)                // one raw page: a multiple of 16 (NT = 64)
-#define BF16_STAGES (KV_FP8 ? 2 : STAGES)
+#define BF16_STAGES (KV_FP8 ? (MODE == MODE_HEADS ? 2 : 3) : STAGES)
+#define CONSUMER_REGS 232
+#define PRODUCER_REGS 40
 #define SM_K 0
 #define SM_RAW (BF16_STAGES * STAGE_BYTES)
 #define SM_Q (((SM_RAW + (KV_FP8 ? STAGES * RAW_BYTES : 0)) + 1023) / 1024 * 1024)
 #define SM_X (SM_Q + (HQ / 64) * QWG_BYTES)
 #define SM_BAR (SM_X + XCHG_BYTES)
-#define SM_DONE (SM_BAR + STAGES * STAGE_BARS * 8)
-#define SM_PAGE_BAD SM_DONE  // FP8 (MODE_TOKENS: no counts): 1 where a raw stage's page was outside the pool
-#define SM_SCHED (SM_DONE + STAGES * 8)  // this CTA's schedule: 8 words, 16 of scan scratch
-#define SM_END (SM_SCHED + 96)
+#define SM_DONE (SM_BAR + (STAGES * STAGE_BARS + (KV_FP8 ? 2 * BF16_STAGES : 0)) * 8)
+#define SM_PAGE_BAD SM_DONE
+// this CTA's schedule: 8 words, then the scans' scratch (two words per warp)
+#define SM_SCHED (SM_DONE + STAGES * 8)
+#define SM_END (SM_SCHED + 4 * (8 + 2 * BLOCK_THREADS / 32))
 #define MIN_TILES 4  // fewest tiles a CTA's range holds (shorter ones cost more merging)
 #define SM_ALIGN_SLACK 1024
 
@@ -150,9 +166,12 @@
 #define BAR_M 4
 #define BAR_P 6
 #define BAR_ISSUED 7
+#define BAR_CONVERT 8  // the converting warpgroup (FP8)
 
 // The layout the host sizes the dynamic shared memory from (read back through this symbol).
 extern "C" __constant__ int tpla_decode_smem_bytes = SM_END + SM_ALIGN_SLACK;
+// The threads a block is launched with (read back like the layout).
+extern "C" __constant__ int tpla_decode_threads = BLOCK_THREADS;
 
 // The driver's CUtensorMap: 128 opaque bytes, passed by value as a kernel parameter.
 struct __align__(64) TensorMap {
@@ -175,6 +194,9 @@ __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
 }
 __device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     asm volatile(
@@ -262,7 +284,7 @@ __device__ __forceinline__ void load_raw_page(const RawPool& pool, unsigned char
             ::"r"(base + SM_RAW + s * RAW_BYTES), "l"(pool.base + (u64)page * pool.page_stride), "r"(RAW_BYTES),
               "r"(bar) : "memory");
     } else {
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+        mbar_arrive(bar);
     }
 }
 
@@ -288,45 +310,55 @@ __device__ __forceinline__ void dequant_page(const unsigned char* raw, unsigned 
     constexpr int UNITS = SLICE / 8;  // 16-byte bf16 units of a row's latent part (8 to 32)
     constexpr int ROWS_STEP = 128 / UNITS;
     constexpr int ROWS = NT / ROWS_STEP;  // rows per thread (4 to 16)
-    static_assert(ROWS % DEQ_BATCH == 0, "the rows split into whole batches");
+    static_assert(ROWS % DEQ_BATCH == 0 && DEQ_BATCH % 2 == 0, "the rows split into whole batches");
     const int cu = me % UNITS;
     const int r0 = me / UNITS;
     const unsigned char* src = raw + r0 * ROW8 + cu * 8;
     const unsigned char* scale_src = raw + r0 * ROW8 + SLICE + 4 * (cu / 16);
     unsigned char* dst = stage + (cu / 8) * ATOM_BYTES + r0 * 128;
-#pragma unroll
-    for (int i0 = 0; i0 < ROWS; i0 += DEQ_BATCH) {
+    // the 16-byte unit's place in the swizzled row: rows r0 + m ROWS_STEP alternate
+    // between two (ROWS_STEP = 4) or keep one
+    const int at_even = ((cu % 8) ^ (r0 % 8)) * 16;
+    const int at_odd = ((cu % 8) ^ ((r0 + ROWS_STEP) % 8)) * 16;
+#pragma unroll 1
+    for (int r = r0; r < NT; r += DEQ_BATCH * ROWS_STEP) {
         u32 c0[DEQ_BATCH], c1[DEQ_BATCH];
         float scale[DEQ_BATCH];
 #pragma unroll
         for (int k = 0; k < DEQ_BATCH; ++k) {
-            const int at = (i0 + k) * ROWS_STEP * ROW8;
-            c0[k] = *reinterpret_cast<const u32*>(src + at);
-            c1[k] = *reinterpret_cast<const u32*>(src + at + 4);
-            scale[k] = *reinterpret_cast<const float*>(scale_src + at);
+            c0[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8);
+            c1[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8 + 4);
+            scale[k] = *reinterpret_cast<const float*>(scale_src + k * ROWS_STEP * ROW8);
         }
 #pragma unroll
         for (int k = 0; k < DEQ_BATCH; ++k) {
-            const int r = r0 + (i0 + k) * ROWS_STEP;
             uint4 v = make_uint4(dequant_pair(c0[k], scale[k]), dequant_pair(c0[k] >> 16, scale[k]),
                                  dequant_pair(c1[k], scale[k]), dequant_pair(c1[k] >> 16, scale[k]));
-            if (r >= kept) v = make_uint4(0u, 0u, 0u, 0u);  // past the end (or no page): codes may be anything
-            *reinterpret_cast<uint4*>(dst + (i0 + k) * ROWS_STEP * 128 + (((cu % 8) ^ (r % 8)) * 16)) = v;
+            if (r + k * ROWS_STEP >= kept) v = make_uint4(0u, 0u, 0u, 0u);  // past the end (or no page)
+            *reinterpret_cast<uint4*>(dst + k * ROWS_STEP * 128 + (k % 2 ? at_odd : at_even)) = v;
         }
+        src += DEQ_BATCH * ROWS_STEP * ROW8;
+        scale_src += DEQ_BATCH * ROWS_STEP * ROW8;
+        dst += DEQ_BATCH * ROWS_STEP * 128;
     }
-    // the RoPE chunk, bf16 already: thread `me` takes unit me % 8 of rows me / 8 + 16 k
+    // the RoPE chunk, bf16 already: thread `me` takes unit me % 8 of rows me / 8 + 16 k,
+    // two rows' loads at a time (the converting warpgroup has few registers)
     const int unit = me % 8;
-    uint4 w[NT / 16];
 #pragma unroll
-    for (int k = 0; k < NT / 16; ++k) {
-        const u32* from = reinterpret_cast<const u32*>(raw + (me / 8 + 16 * k) * ROW8 + SLICE + SCALE_BYTES + unit * 16);
-        w[k] = make_uint4(from[0], from[1], from[2], from[3]);
-    }
+    for (int k0 = 0; k0 < NT / 16; k0 += 2) {
+        uint4 w[2];
 #pragma unroll
-    for (int k = 0; k < NT / 16; ++k) {
-        const int r = me / 8 + 16 * k;
-        if (r >= kept) w[k] = make_uint4(0u, 0u, 0u, 0u);
-        *reinterpret_cast<uint4*>(stage + (CHUNKS - 1) * ATOM_BYTES + r * 128 + ((unit ^ (r % 8)) * 16)) = w[k];
+        for (int k = 0; k < 2; ++k) {
+            const u32* from =
+                reinterpret_cast<const u32*>(raw + (me / 8 + 16 * (k0 + k)) * ROW8 + SLICE + SCALE_BYTES + unit * 16);
+            w[k] = make_uint4(from[0], from[1], from[2], from[3]);
+        }
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const int r = me / 8 + 16 * (k0 + k);
+            if (r >= kept) w[k] = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(stage + (CHUNKS - 1) * ATOM_BYTES + r * 128 + ((unit ^ (r % 8)) * 16)) = w[k];
+        }
     }
 }
 #endif
@@ -710,7 +742,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_buf, int la
     int before = 0;
     total = 0;
 #pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) {
+    for (int w = 0; w < BLOCK_THREADS / 32; ++w) {
         const int x = warp_buf[w];
         before += w < warp ? x : 0;
         total += x;
@@ -725,7 +757,62 @@ __device__ __forceinline__ int entry_tiles(const int* slots, const int* seq_lens
     return slot >= 0 && slot < num_slots ? (max(seq_lens[slot], 0) + NT - 1) / NT : 0;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+#if KV_FP8
+// The converting warpgroup's part (thread `me` of it): the same walk over the CTA's pieces
+// as the consumers', meeting them at each piece's five block barriers (its start, Q
+// stored, the merge's three); between the second and the third it converts the piece's
+// pages in order, tile t (counted over the CTA's range) from raw stage t % STAGES into
+// bf16 stage t % BF16_STAGES once that stage's consumer released tile t - BF16_STAGES,
+// and refills the raw stage with the page STAGES on as soon as it is converted.
+__device__ __forceinline__ void convert_pieces(const RawPool& pool, unsigned char* smem, u32 base, u32 full_bar,
+                                               u32 conv_full, u32 conv_empty, const int* block_table,
+                                               const int* seq_lens, const int* slots, int num_slots, int max_pages,
+                                               int batch, int b, int seq_start, int range_begin, int range_end,
+                                               int me) {
+    const bool loader = me == 0;
+    int done_tiles = 0;
+    for (; b < batch && seq_start < range_end; ++b) {
+        const int seq_tiles = entry_tiles(slots, seq_lens, num_slots, b);
+        const int t_begin = max(range_begin, seq_start) - seq_start;
+        const int n_tiles = min(range_end, seq_start + seq_tiles) - seq_start - t_begin;
+        seq_start += seq_tiles;
+        if (n_tiles <= 0) continue;
+        const int len = seq_lens[slots[b]];
+        const int* pages = block_table + (u64)slots[b] * max_pages;
+        __syncthreads();  // the piece's start
+        if (loader)
+            for (int j = 0; j < min(STAGES, n_tiles); ++j)
+                load_raw_page(pool, smem, base, full_bar, done_tiles + j, pages[t_begin + j]);
+        __syncthreads();  // Q stored
+        for (int j = 0; j < n_tiles; ++j) {
+            const int t = done_tiles + j;
+            const int rs = t % STAGES;
+            const int bs = t % BF16_STAGES;
+            mbar_wait(full_bar + 8 * rs, (t / STAGES) & 1);
+            if (t >= BF16_STAGES) mbar_wait(conv_empty + 8 * bs, (t / BF16_STAGES - 1) & 1);
+            const bool bad = reinterpret_cast<volatile u32*>(smem + SM_PAGE_BAD)[rs] != 0u;
+            const int valid = min(NT, len - (t_begin + j) * NT);
+            dequant_page(smem + SM_RAW + rs * RAW_BYTES, smem + SM_K + bs * STAGE_BYTES, bad ? 0 : valid, me);
+            fence_async_shared();
+            named_barrier(BAR_CONVERT, 128);  // the stage is written and the raw page read
+            if (loader) {
+                mbar_arrive(conv_full + 8 * bs);
+                if (j + STAGES < n_tiles)
+                    load_raw_page(pool, smem, base, full_bar, t + STAGES, pages[t_begin + j + STAGES]);
+            }
+        }
+#if MODE == MODE_TOKENS
+        // the consumers' merge through the stage memory
+        __syncthreads();
+        __syncthreads();
+        __syncthreads();
+#endif
+        done_tiles += n_tiles;
+    }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1)
 tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PAGE][RW] bf16 (KV_FP8: FP8 rows), pages a stride apart
             const float* __restrict__ q,          // [batch][heads][RW]
             const int* __restrict__ block_table,  // [slots][max_pages]
@@ -762,13 +849,13 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     const int lane = tid % 32;
 
     // ---- this CTA's range: all threads read the batch's lengths at once (entry tid +
-    // 256 k), a block-wide sum gives the range, block-wide scans find the first sequence
+    // BLOCK_THREADS k), a block-wide sum gives the range, block-wide scans find the first sequence
     // it touches (and, in CTA 0, write the merge's table) ----
     {
         int* warp_buf = my_sched + 8;
         const int t_own = tid < batch ? entry_tiles(slots, seq_lens, num_slots, tid) : 0;
         int t_sum = t_own, t_min = tid < batch ? t_own : 0x7fffffff, t_max = t_own;
-        for (int e = tid + THREADS; e < batch; e += THREADS) {
+        for (int e = tid + BLOCK_THREADS; e < batch; e += BLOCK_THREADS) {
             const int t = entry_tiles(slots, seq_lens, num_slots, e);
             t_sum += t;
             t_min = min(t_min, t);
@@ -785,13 +872,13 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         t_max = __reduce_max_sync(0xffffffffu, t_max);
         if (lane == 0) {
             warp_buf[warp] = t_min;
-            warp_buf[8 + warp] = t_max;
+            warp_buf[BLOCK_THREADS / 32 + warp] = t_max;
         }
         __syncthreads();
 #pragma unroll
-        for (int w = 0; w < THREADS / 32; ++w) {
+        for (int w = 0; w < BLOCK_THREADS / 32; ++w) {
             t_min = min(t_min, warp_buf[w]);
-            t_max = max(t_max, warp_buf[8 + w]);
+            t_max = max(t_max, warp_buf[BLOCK_THREADS / 32 + w]);
         }
         __syncthreads();
         if (t_min == t_max && t_max >= per) per = (t_max + t_max / per - 1) / (t_max / per);
@@ -806,7 +893,7 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
             my_sched[3] = batch;  // no sequence, until one is found below
         }
         int start = 0, split_base = 0;  // running over the chunks of the batch
-        for (int c0 = 0; c0 < batch; c0 += THREADS) {
+        for (int c0 = 0; c0 < batch; c0 += BLOCK_THREADS) {
             const int e = c0 + tid;
             const int t = e < batch ? (c0 == 0 ? t_own : entry_tiles(slots, seq_lens, num_slots, e)) : 0;
             int chunk_tiles, chunk_pieces;
@@ -828,7 +915,10 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         }
     }
     if (tid == 0) {
-        for (int i = 0; i < STAGES * STAGE_BARS; ++i) mbar_init(full_bar + 8 * i, 1);
+        for (int i = 0; i < STAGES * STAGE_BARS + (KV_FP8 ? BF16_STAGES : 0); ++i) mbar_init(full_bar + 8 * i, 1);
+        // FP8: a bf16 stage is free again once each of its readers released it
+        for (int i = 0; i < (KV_FP8 ? BF16_STAGES : 0); ++i)
+            mbar_init(full_bar + 8 * (STAGES + BF16_STAGES + i), SHARED_TILES ? 2 : 1);
         for (int s = 0; s < STAGES; ++s) *reinterpret_cast<u32*>(smem + SM_DONE + 8 * s) = 0u;
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -838,6 +928,10 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     const int range_end = my_sched[2];
 
     const int wg = warp / 4;
+#if KV_FP8
+    const u32 conv_full = full_bar + 8 * STAGES;  // bf16 stage s converted: conv_full + 8 s
+    const u32 conv_empty = conv_full + 8 * BF16_STAGES;  // and released by its consumer
+#endif
     const int tw = tid % 128;  // thread in its warpgroup
     const int g = lane / 4;    // accumulator row group
     const int t4 = lane % 4;   // thread in the row's quad
@@ -854,6 +948,18 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
 #if MODE == MODE_COLUMNS
     u32 phase = 0;  // the mbarrier phase of this warpgroup's stage
 #endif
+#if KV_FP8
+    // The converting warpgroup (2) needs few registers, the consumers their accumulators:
+    // 2 x CONSUMER_REGS + PRODUCER_REGS = 3 x 168, what the launch gave each three threads.
+    // The two roles never join again (ptxas allocates each within its own limit).
+    if (wg == 2) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
+        convert_pieces(pool_map, smem, base, full_bar, conv_full, conv_empty, block_table, seq_lens, slots, num_slots,
+                       max_pages, batch, b, seq_start, range_begin, range_end, tw);
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
+#endif
     for (; b < batch && seq_start < range_end; ++b) {
     const int seq_tiles = entry_tiles(slots, seq_lens, num_slots, b);
     const int t_begin = max(range_begin, seq_start) - seq_start;
@@ -864,19 +970,19 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     split_base += pieces;
     if (n_tiles <= 0) continue;
     const int len = seq_lens[slots[b]];  // a valid slot: it has tiles
+#if !KV_FP8
     const int* pages = block_table + (u64)slots[b] * max_pages;
+#endif
     // TOKENS: WG w takes the tiles whose stage has its parity
     const int j_first = MODE == MODE_TOKENS ? (wg + done_tiles) & 1 : 0;
     const int j_step = MODE == MODE_TOKENS ? 2 : 1;
     __syncthreads();  // the previous piece is done with every stage, Q and the merge buffer
+#if !KV_FP8
     if (MODE != MODE_COLUMNS && loader && (!SHARED_TILES || wg == 0)) {
         for (int j = j_first; j < min(STAGES, n_tiles); j += j_step)
-#if KV_FP8
-            load_raw_page(pool_map, smem, base, full_bar, done_tiles + j, pages[t_begin + j]);
-#else
             load_tile(&pool_map, k_base, full_bar, done_tiles + j, pages[t_begin + j]);
-#endif
     }
+#endif
 
     // Queries f32 -> bf16 into the swizzled atoms: element (r, c) of warpgroup block
     // r / 64 at chunk c / 64, row r % 64, 16-byte unit ((c % 64) / 8) ^ (r % 8). Each
@@ -938,21 +1044,28 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     // Tile j's scores: wait for its stage, clear the rows past the sequence's end, issue
     // the products (MODE_HEADS: in this warpgroup's turn); returns its valid rows.
     float sc[32];
+#if MODE == MODE_HEADS
+    // The turns' barriers, read once through a shuffle: ptxas otherwise recomputes them
+    // from the thread index at each use, which spilled a register at slice 256 (FP8).
+    const int my_turn = __shfl_sync(0xffffffffu, BAR_TURN + wg, 0);
+    const int other_turn = __shfl_sync(0xffffffffu, BAR_TURN + 1 - wg, 0);
+#endif
     auto issue_scores = [&](int j) {
-        const int s = (done_tiles + j) % STAGES;
-        mbar_wait(full_bar + 8 * s, ((done_tiles + j) / STAGES) & 1);
         const int valid = min(NT, len - (t_begin + j) * NT);
 #if KV_FP8
-        // the raw page becomes this warpgroup's bf16 stage (its previous tile's products
-        // are done: the loop's barrier), then its raw stage takes the tile STAGES on
-        const bool bad = reinterpret_cast<volatile u32*>(smem + SM_PAGE_BAD)[s] != 0u;
-        dequant_page(smem + SM_RAW + s * RAW_BYTES, smem + SM_K + (s % 2) * STAGE_BYTES, bad ? 0 : valid, tw);
-        fence_async_shared();
-        named_barrier(BAR_WG + wg, 128);
-        if (loader && j + STAGES < n_tiles)
-            load_raw_page(pool_map, smem, base, full_bar, done_tiles + j + STAGES, pages[t_begin + j + STAGES]);
-        scores<0>(sc, q_wg, k_base + (s % 2) * STAGE_BYTES, rope);
+        // the converting warpgroup zeroed the rows past the end
+        const int t = done_tiles + j;
+        mbar_wait(conv_full + 8 * (t % BF16_STAGES), (t / BF16_STAGES) & 1);
+#if MODE == MODE_HEADS
+        named_barrier(my_turn, THREADS);  // wait for this warpgroup's turn
+        scores<0>(sc, q_wg, k_base + (t % BF16_STAGES) * STAGE_BYTES, rope);
+        if (wg == 0 || j + 1 < n_tiles) named_arrive(other_turn, THREADS);
 #else
+        scores<0>(sc, q_wg, k_base + (t % BF16_STAGES) * STAGE_BYTES, rope);
+#endif
+#else
+        const int s = (done_tiles + j) % STAGES;
+        mbar_wait(full_bar + 8 * s, ((done_tiles + j) / STAGES) & 1);
         if (valid < NT) {
             // the readers of this stage split the clearing and meet at a barrier
             if (SHARED_TILES) {
@@ -964,9 +1077,9 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
             }
         }
 #if MODE == MODE_HEADS
-        named_barrier(BAR_TURN + wg, THREADS);  // wait for this warpgroup's turn
+        named_barrier(my_turn, THREADS);  // wait for this warpgroup's turn
         scores<0>(sc, q_wg, k_base + s * STAGE_BYTES, rope);
-        if (wg == 0 || j + 1 < n_tiles) named_arrive(BAR_TURN + (1 - wg), THREADS);
+        if (wg == 0 || j + 1 < n_tiles) named_arrive(other_turn, THREADS);
 #else
         scores<0>(sc, q_wg, k_base + s * STAGE_BYTES, rope);
 #endif
@@ -978,15 +1091,17 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     // not with two stages, one each, where the next tile's stage must be refilled
     // first). MODE_HEADS does not: its turns already keep the tensor cores busy, and the
     // early scores measured 1% slower.
-    constexpr bool ahead = MODE == MODE_TOKENS && STAGES > 2 && !KV_FP8;
+    constexpr bool ahead = MODE == MODE_TOKENS && (STAGES > 2 || KV_FP8);
     int valid = j_first < n_tiles ? issue_scores(j_first) : NT;
     for (int j = j_first; j < n_tiles; j += j_step) {
-        const int s = (done_tiles + j) % STAGES;
-        const u32 kst = k_base + (s % BF16_STAGES) * STAGE_BYTES;  // FP8: s % 2 is wg
+        const int s = (done_tiles + j) % BF16_STAGES;
+        const u32 kst = k_base + s * STAGE_BYTES;
         const bool more = j + j_step < n_tiles;
+#if !KV_FP8
         // the page of the tile this stage takes next, read early to hide the latency
         const int refill = j + STAGES;
-        const int refill_page = !KV_FP8 && loader && refill < n_tiles ? pages[t_begin + refill] : 0;
+        const int refill_page = loader && refill < n_tiles ? pages[t_begin + refill] : 0;
+#endif
         wgmma_wait_all();
         fence_regs(sc);
         u32 pa[16];  // P of this tile as bf16 pairs
@@ -1002,7 +1117,9 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         // Refill the stage once every reader is done with it: this warpgroup's warps meet
         // at a barrier; with SHARED_TILES the second warpgroup to get there starts the copy.
         named_barrier(BAR_WG + wg, 128);
-#if !KV_FP8
+#if KV_FP8
+        if (loader) mbar_arrive(conv_empty + 8 * s);  // (HEADS: each warpgroup) it may be refilled
+#else
         if (loader && refill < n_tiles) {
             bool last = true;
             if (SHARED_TILES) {

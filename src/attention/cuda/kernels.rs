@@ -32,6 +32,14 @@ pub const MAX_STAGES: usize = 8;
 const V3_THREADS: u32 = 256;
 /// Threads per block of the Hopper decode kernel (two warpgroups).
 const SM90_THREADS: u32 = 256;
+/// Converted bf16 stages of the FP8 kernel (`BF16_STAGES` in decode_sm90.cu): TOKENS
+/// three (its two consumers alternate), HEADS two (both read each).
+fn fp8_bf16_stages(mode: Sm90Mode) -> usize {
+    match mode {
+        Sm90Mode::Heads => 2,
+        _ => 3,
+    }
+}
 /// The v3 kernel's deepest cp.async pipeline (deeper measured no faster).
 const V3_MAX_STAGES: usize = 6;
 /// Tokens per tile of the decode kernel.
@@ -198,7 +206,7 @@ impl KernelConfig {
         max_stages: usize,
         dtype: DType,
     ) -> Result<Self> {
-        let heads_tile = if heads % 128 == 0 && slice_width <= 256 && dtype == DType::Bf16 {
+        let heads_tile = if heads % 128 == 0 && slice_width <= 256 {
             128
         } else {
             64
@@ -206,6 +214,8 @@ impl KernelConfig {
         // TOKENS needs an even depth (a warpgroup owns the stages of its parity); the
         // COLUMNS seesaw keeps exactly one pair of tiles
         let (step, deepest) = match Sm90Mode::of(slice_width, heads_tile) {
+            // FP8: `stages` are raw pages, all of them the converting warpgroup's
+            Sm90Mode::Tokens if dtype == DType::Fp8E4m3 => (1, max_stages.clamp(2, MAX_STAGES)),
             Sm90Mode::Tokens => (2, max_stages.clamp(2, MAX_STAGES)),
             Sm90Mode::Heads => (1, max_stages.clamp(2, MAX_STAGES)),
             Sm90Mode::Columns => (1, 2),
@@ -238,6 +248,8 @@ impl KernelConfig {
     pub fn decode_threads(&self) -> u32 {
         match self.kernel {
             DecodeKernel::MmaSync => V3_THREADS,
+            // FP8: a third warpgroup converts the pages
+            DecodeKernel::Wgmma if self.dtype == DType::Fp8E4m3 => SM90_THREADS + 128,
             DecodeKernel::Wgmma => SM90_THREADS,
         }
     }
@@ -308,8 +320,9 @@ impl Sm90Mode {
 
 /// Bytes of the Hopper kernel's shared-memory layout (`SM_*` in decode_sm90.cu: K
 /// stages, queries, the exchange of P and maxima, mbarriers and stage counters, the
-/// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes). FP8: two bf16
-/// stages and `stages` raw pages before the queries (at a 1024-byte boundary).
+/// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes). FP8: the bf16
+/// stages of [`fp8_bf16_stages`] and `stages` raw pages before the queries (at a 1024-byte boundary), and the
+/// bf16 stages' `full` and `empty` mbarriers beside the raw pages'.
 pub fn sm90_shared_bytes(
     slice_width: usize,
     heads_tile: usize,
@@ -318,20 +331,30 @@ pub fn sm90_shared_bytes(
 ) -> usize {
     let row = slice_width + ROPE_WIDTH;
     let tile = row * TILE_TOKENS * 2;
-    let tiles = match dtype {
-        DType::Fp8E4m3 => (2 * tile
+    let fp8 = dtype == DType::Fp8E4m3;
+    let mode = Sm90Mode::of(slice_width, heads_tile);
+    let tiles = match fp8 {
+        true => (fp8_bf16_stages(mode) * tile
             + stages * TILE_TOKENS * dtype.row_bytes(slice_width, ROPE_WIDTH))
         .next_multiple_of(1024),
-        _ => stages * tile,
+        false => stages * tile,
     };
-    let (exchange, barriers_per_stage) = match Sm90Mode::of(slice_width, heads_tile) {
+    let (exchange, barriers_per_stage) = match mode {
         // P_a's slot (64 x 64 bf16; P_b's is in Q's RoPE chunk), 64 maxima per
         // warpgroup; one mbarrier per 64-column chunk
         Sm90Mode::Columns => (64 * 64 * 2 + 2 * 64 * 4, row / 64),
         _ => (0, 1),
     };
-    // 8 bytes per mbarrier, 8 of counter per stage, 96 of the CTA's schedule
-    tiles + heads_tile / 64 * tile + exchange + 8 * stages * (barriers_per_stage + 1) + 96 + 1024
+    let bf16_stage_barriers = if fp8 { 2 * fp8_bf16_stages(mode) } else { 0 };
+    let warps = (SM90_THREADS as usize + if fp8 { 128 } else { 0 }) / 32;
+    // 8 bytes per mbarrier, 8 of counter (FP8: page flag) per stage, the CTA's schedule
+    // (8 words and two per warp)
+    tiles
+        + heads_tile / 64 * tile
+        + exchange
+        + 8 * (stages * (barriers_per_stage + 1) + bf16_stage_barriers)
+        + 4 * (8 + 2 * warps)
+        + 1024
 }
 
 /// Bytes of the v3 decode kernel's shared-memory layout (`struct Smem` in decode_v3.cu;
@@ -403,6 +426,21 @@ impl Kernels {
                     "decode kernel shared layout is {actual} bytes, the host computed {expected}"
                 ),
             ));
+        }
+        if config.kernel == DecodeKernel::Wgmma {
+            // its roles are warpgroups (FP8: a third one converts): a block of another size
+            // would wait forever at its barriers
+            let threads = module.global_i32("tpla_decode_threads")?;
+            if threads != config.decode_threads() as i32 {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Backend,
+                    format!(
+                        "the decode kernel is built for blocks of {threads} threads, the host \
+                         launches {}",
+                        config.decode_threads()
+                    ),
+                ));
+            }
         }
         decode.set_max_dynamic_shared(actual)?;
         let mut blocks = 0i32;
@@ -477,9 +515,9 @@ mod tests {
             blocks_per_sm: 1,
             dtype: DType::Bf16,
         };
-        let fp8 = |w, stages| KernelConfig {
+        let fp8 = |w, ht, stages| KernelConfig {
             dtype: DType::Fp8E4m3,
-            ..sm90(w, 64, stages)
+            ..sm90(w, ht, stages)
         };
         for (arch, config) in [
             ("sm_90", v3(512, 64, 2, 1)),
@@ -495,9 +533,12 @@ mod tests {
             ("sm_90a", sm90(64, 64, 8)),
             ("sm_90a", sm90(64, 128, 8)),
             ("sm_90a", sm90(512, 64, 2)),
-            ("sm_90a", fp8(256, 4)),
-            ("sm_90a", fp8(128, 8)),
-            ("sm_90a", fp8(64, 8)),
+            ("sm_90a", fp8(256, 64, 2)),
+            ("sm_90a", fp8(128, 64, 7)),
+            ("sm_90a", fp8(64, 64, 8)),
+            ("sm_90a", fp8(256, 128, 2)),
+            ("sm_90a", fp8(128, 128, 6)),
+            ("sm_90a", fp8(64, 128, 8)),
         ] {
             let mut options = config.options();
             options.push(format!("--gpu-architecture={arch}"));
