@@ -120,34 +120,6 @@ tpla_engine_finish(const int* __restrict__ ws, int batch, int heads, float* __re
 #define RMS_EPS 1e-6
 #define BF16_MAX 3.3895313892515355e38
 
-// f64 -> bf16 bits as the host's `half::bf16::from_f64` rounds (its rounding looks at the
-// upper 32 bits of the double only), so device rows equal the CPU's bit for bit.
-__device__ __forceinline__ unsigned short f64_to_bf16_host(double v) {
-    const unsigned long long val = (unsigned long long)__double_as_longlong(v);
-    const u32 x = (u32)(val >> 32);
-    const u32 sign = x & 0x80000000u;
-    const u32 ex = x & 0x7FF00000u;
-    const u32 man = x & 0x000FFFFFu;
-    const u32 hs = sign >> 16;
-    if (ex == 0x7FF00000u) {
-        const u32 nan_bit = (man == 0 && (u32)val == 0) ? 0u : 0x0040u;
-        return (unsigned short)(hs | 0x7F80u | nan_bit | (man >> 13));
-    }
-    const int half_exp = (int)(ex >> 20) - 1023 + 127;
-    if (half_exp >= 0xFF) return (unsigned short)(hs | 0x7F80u);
-    if (half_exp <= 0) {
-        if (7 - half_exp > 21) return (unsigned short)hs;
-        const u32 m = man | 0x00100000u;
-        u32 hm = m >> (14 - half_exp);
-        const u32 rb = 1u << (13 - half_exp);
-        if ((m & rb) != 0 && (m & (3 * rb - 1)) != 0) hm += 1;
-        return (unsigned short)(hs | hm);
-    }
-    const u32 r = hs | ((u32)half_exp << 7) | (man >> 13);
-    const u32 rb = 0x1000u;
-    return (unsigned short)(((man & rb) != 0 && (man & (3 * rb - 1)) != 0) ? r + 1 : r);
-}
-
 __device__ __forceinline__ double load_in(const void* p, u64 i, int bf16_in) {
     if (bf16_in) {
         const u32 bits = (u32)reinterpret_cast<const bf16_t*>(p)[i] << 16;
