@@ -145,18 +145,20 @@ __device__ __forceinline__ double block_sum(double v, double* red) {
 // f32 or bf16) is normalised (exact: by its RMS; sliced: by the RMS estimated from the
 // rank's slice and its energy fraction), rotated (identity; Hadamard: signs, FWHT and
 // 1/sqrt(dc); dense: the [dc][SLICE] columns of U of the slice), cut to the rank's slice
-// starting at slice_start, followed by the RoPE key (DR values), rounded to bf16 as the
-// host does, and stored. All in f64 with the host's order of operations (no fused
-// multiply-adds), so rows equal the CPU's up to the order of the RMS sums. A negative slot
-// is skipped; a slot past the pool sets FAULT_BAD_SLOT, a non-finite input or a value
-// beyond bf16 FAULT_BAD_VALUE, and writes nothing.
+// starting at slice_start, followed by the RoPE key (DR values), and stored as the pool's
+// rows are encoded on the host: bf16 (fp8 == 0), or FP8 (fp8 == 1: the slice's e4m3 codes
+// and block scales, the key in bf16; DESIGN 7.1). All in f64 with the host's order of
+// operations (no fused multiply-adds), so rows equal the CPU's up to the order of the RMS
+// sums. A negative slot is skipped; a slot past the pool sets FAULT_BAD_SLOT, a
+// non-finite input or a value beyond bf16 FAULT_BAD_VALUE, and writes nothing (FP8 pools
+// too, as the host refuses such rows: it keeps every block scale a finite f32).
 // Dynamic shared memory: dc + SLICE doubles.
 extern "C" __global__ void __launch_bounds__(APPEND_THREADS)
 tpla_engine_append(const void* __restrict__ latents, const void* __restrict__ k_rope, int bf16_in,
                    const int* __restrict__ slot_map, int count, int dc, int slice_start,
                    int transform, const double* __restrict__ tdata, int sliced, double fraction,
                    unsigned char* __restrict__ pool, unsigned long long page_stride,
-                   long long pages, unsigned int* __restrict__ faults)
+                   long long pages, int fp8, unsigned int* __restrict__ faults)
 {
     extern __shared__ double y[];  // [dc] the latent, then [SLICE] the rank's slice
     double* s = y + dc;
@@ -232,23 +234,39 @@ tpla_engine_append(const void* __restrict__ latents, const void* __restrict__ k_
         if (tid == 0 && faults) atomicOr(faults, FAULT_BAD_VALUE);
         return;
     }
-    bf16_t* dst = reinterpret_cast<bf16_t*>(pool + (u64)(slot / PAGE) * page_stride) +
-                  (u64)(slot % PAGE) * RW;
-    for (int c = tid; c < RW; c += APPEND_THREADS)
-        dst[c] = f64_to_bf16_host(c < SLICE ? s[c] : load_in(k_rope, (u64)i * DR + (c - SLICE), bf16_in));
+    const u64 row_bytes = fp8 ? FP8_ROW_BYTES : RW * 2;
+    unsigned char* row = pool + (u64)(slot / PAGE) * page_stride + (u64)(slot % PAGE) * row_bytes;
+    const auto key = [&](int c) { return load_in(k_rope, (u64)i * DR + c, bf16_in); };
+    if (fp8) {
+        // s is complete: the barrier of the check above follows its last write
+        store_fp8_row([&](int j) { return s[j]; }, key, row);
+        return;
+    }
+    bf16_t* dst = reinterpret_cast<bf16_t*>(row);
+    for (int c = tid; c < RW; c += APPEND_THREADS) dst[c] = f64_to_bf16_host(c < SLICE ? s[c] : key(c - SLICE));
 }
 
 // ---- row copies (the hand-off of a prefill's rows into decode pages) ----------------------
 
+// One row of `bytes` bytes (a multiple of sizeof(Word), both rows aligned to it), copied
+// by the 32 lanes of a warp.
+template <class Word>
+__device__ __forceinline__ void copy_row(const unsigned char* from, unsigned char* to, int bytes, int lane) {
+    for (int w = lane; w < bytes / (int)sizeof(Word); w += 32)
+        reinterpret_cast<Word*>(to)[w] = reinterpret_cast<const Word*>(from)[w];
+}
+
 // Copies row src_slots[i] of the source pool to row dst_slots[i] of the destination pool
-// (both pages of PAGE rows of RW bf16 values at their page strides), one warp per row in
-// 16-byte words. A negative destination slot is skipped; a source or destination slot past
-// its pool (or a negative source slot) sets FAULT_BAD_SLOT and copies nothing.
+// (both pages of PAGE rows at their page strides, multiples of 16 bytes), one warp per
+// row: bf16 rows (fp8 == 0, RW * 2 bytes, a multiple of 16) in 16-byte words, FP8 rows
+// (fp8 == 1, FP8_ROW_BYTES, only a multiple of 4) in 4-byte words. A negative destination
+// slot is skipped; a source or destination slot past its pool (or a negative source slot)
+// sets FAULT_BAD_SLOT and copies nothing.
 extern "C" __global__ void __launch_bounds__(128)
 tpla_engine_copy_rows(const unsigned char* __restrict__ src, unsigned long long src_stride,
                       long long src_pages, const int* __restrict__ src_slots,
                       unsigned char* __restrict__ dst, unsigned long long dst_stride,
-                      long long dst_pages, const int* __restrict__ dst_slots, int count,
+                      long long dst_pages, const int* __restrict__ dst_slots, int count, int fp8,
                       unsigned int* __restrict__ faults)
 {
     const int lane = threadIdx.x % 32;
@@ -261,10 +279,13 @@ tpla_engine_copy_rows(const unsigned char* __restrict__ src, unsigned long long 
         if (lane == 0 && faults) atomicOr(faults, FAULT_BAD_SLOT);
         return;
     }
-    const uint4* from = reinterpret_cast<const uint4*>(src + (u64)(s / PAGE) * src_stride +
-                                                       (u64)(s % PAGE) * RW * 2);
-    uint4* to = reinterpret_cast<uint4*>(dst + (u64)(d / PAGE) * dst_stride + (u64)(d % PAGE) * RW * 2);
-    for (int w = lane; w < RW * 2 / 16; w += 32) to[w] = from[w];
+    const int row_bytes = fp8 ? FP8_ROW_BYTES : RW * 2;
+    const unsigned char* from = src + (u64)(s / PAGE) * src_stride + (u64)(s % PAGE) * row_bytes;
+    unsigned char* to = dst + (u64)(d / PAGE) * dst_stride + (u64)(d % PAGE) * row_bytes;
+    if (fp8)
+        copy_row<u32>(from, to, row_bytes, lane);
+    else
+        copy_row<uint4>(from, to, row_bytes, lane);
 }
 
 // ---- query rows from absorbed queries ------------------------------------------------------
