@@ -153,6 +153,11 @@ static void unsupported_paths(const tpla_context_options *o) {
   s = tpla_device_engine_create(ctx, 0, &engine);
   printf("cuda: device engine: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
   CHECK(s == TPLA_STATUS_UNSUPPORTED && engine == NULL);
+  s = tpla_device_engine_create_for(ctx, 0, TPLA_DTYPE_FP8_E4M3, &engine);
+  CHECK(s == TPLA_STATUS_UNSUPPORTED && engine == NULL);
+  CHECK(tpla_device_engine_create_for(ctx, 0, 99, &engine) == TPLA_STATUS_INVALID_ARGUMENT);
+  CHECK(tpla_device_engine_create_for(NULL, 0, TPLA_DTYPE_BF16, &engine) ==
+        TPLA_STATUS_NULL_ARGUMENT);
   CHECK(tpla_device_engine_create(NULL, 0, &engine) == TPLA_STATUS_NULL_ARGUMENT);
   CHECK(tpla_device_engine_decode(NULL, NULL) == TPLA_STATUS_NULL_ARGUMENT);
   tpla_device_engine_destroy(NULL);
@@ -429,6 +434,9 @@ static void device_engine_paths(tpla_context *cpu_ctx, float *const *latents,
   DR = info.dims.d_r;
   RW = W + DR;
   n_out = BATCH * H * W;
+  /* FP8 pools decode on the Hopper kernel, for heads in multiples of 64: not these 16 */
+  s = tpla_device_engine_create_for(cpu_ctx, 0, TPLA_DTYPE_FP8_E4M3, &engine);
+  CHECK(s == TPLA_STATUS_UNSUPPORTED);
   CHECK_OK(tpla_device_engine_create(cpu_ctx, 0, &engine));
   pool_bytes = ENGINE_PAGES * 64 * RW * 2;
   memset(&host_pool, 0, sizeof host_pool);

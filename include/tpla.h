@@ -217,8 +217,8 @@ enum tpla_dtype
   TPLA_DTYPE_F16 = 2,
   TPLA_DTYPE_F32 = 3,
   /**
-   * FP8 latent slice (caches, shard files and engine memory on the CPU; not outputs;
-   * the CUDA kernels read bf16 so far). A row of
+   * FP8 latent slice (caches, shard files and engine memory; not outputs; on the GPU
+   * decoded by the Hopper kernel only: tpla_device_engine_create_for). A row of
    * latent width w = d_c/g and RoPE width d_r is `w + 4*ceil(w/128) + 2*d_r` bytes:
    * w e4m3 codes (bias 7, no infinities, 0x7f/0xff NaN), then one little-endian f32
    * scale per block of 128 latent values (the last block may be shorter; value =
@@ -430,9 +430,9 @@ typedef struct tpla_context tpla_context;
 /**
  * One rank's engine-facing GPU object: the decode and append kernels of its shape and
  * every layer's transform on the device, made from a context by
- * `tpla_device_engine_create`; it holds no cache state (the engine passes its pool,
- * block table and lengths on every call) and no pointer to the context. Use it from one
- * thread at a time.
+ * `tpla_device_engine_create` or `tpla_device_engine_create_for`; it holds no cache
+ * state (the engine passes its pool, block table and lengths on every call) and no
+ * pointer to the context. Use it from one thread at a time.
  */
 typedef struct tpla_device_engine tpla_device_engine;
 
@@ -830,11 +830,11 @@ typedef void (*tpla_release_fn)(void *user);
  * and holds page_size rows back to back; a row is row_width values: the rank's latent
  * slice (slice_width values, rotated and normalised), then the RoPE key (d_r values),
  * stored as dtype (little-endian; row_width * sizeof(element) bytes, or for
- * TPLA_DTYPE_FP8_E4M3 the row of `tpla_dtype`: codes, block scales, bf16 key, CPU
- * only). Token t of a sequence is row
- * t % page_size of the page its block table names at t / page_size; slot s is row
- * s % page_size of page s / page_size. With tpla_context_* calls base is host memory;
- * a GPU rank takes the same description with a device address.
+ * TPLA_DTYPE_FP8_E4M3 the row of `tpla_dtype`: codes, block scales, bf16 key). Token t
+ * of a sequence is row t % page_size of the page its block table names at t /
+ * page_size; slot s is row s % page_size of page s / page_size. With tpla_context_*
+ * calls base is host memory; a GPU rank takes the same description with a device
+ * address.
  */
 typedef struct tpla_paged_cache {
   /**
@@ -1169,9 +1169,10 @@ typedef struct tpla_device_decode_args {
    */
   uint32_t layer;
   /**
-   * The layer's cache: `base` is a device address (16-byte aligned); TPLA_DTYPE_BF16,
-   * 64 rows per page, the page stride a multiple of 16 (today's kernels also need it
-   * equal to 64 * row_width * 2: TPLA_STATUS_UNSUPPORTED otherwise).
+   * The layer's cache: `base` is a device address (16-byte aligned); the dtype the
+   * engine was created for (TPLA_DTYPE_BF16 or TPLA_DTYPE_FP8_E4M3), 64 rows per page,
+   * the page stride a multiple of 16 (FP8 pools too, where the CPU takes 4; 64 FP8 rows
+   * always fill a multiple of 16 bytes).
    */
   const struct tpla_paged_cache *cache;
   /**
@@ -2592,14 +2593,9 @@ tpla_status tpla_device_rank_merge_nccl(struct tpla_device_rank *rank,
                                         uint32_t merge);
 
 /**
- * Opens GPU `device` for the rank of `ctx` (every layer with its weights): compiles (or
- * loads from the disk cache) the kernels of its shape and uploads every layer's
- * transform. Destroy it with `tpla_device_engine_destroy`.
- *
- * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a layer without
- * weights), TPLA_STATUS_UNSUPPORTED (built without CUDA; no usable GPU, driver or
- * libnvrtc; heads, slice width, d_r or d_c the kernels lack) or TPLA_STATUS_BACKEND.
- * Reads `ctx`.
+ * Opens GPU `device` for the rank of `ctx` (every layer with its weights), decoding
+ * TPLA_DTYPE_BF16 pools: tpla_device_engine_create_for with that dtype (the same
+ * statuses).
  *
  * # Safety
  * `ctx` is NULL or live; `out` is NULL or writable.
@@ -2607,6 +2603,29 @@ tpla_status tpla_device_rank_merge_nccl(struct tpla_device_rank *rank,
 tpla_status tpla_device_engine_create(const struct tpla_context *ctx,
                                       uint32_t device,
                                       struct tpla_device_engine **out);
+
+/**
+ * Opens GPU `device` for the rank of `ctx` (every layer with its weights), decoding
+ * pools of `kv_dtype` rows (a `tpla_dtype`: TPLA_DTYPE_BF16, or TPLA_DTYPE_FP8_E4M3 on a
+ * Hopper GPU, compute capability 9.0, with the rank's heads a multiple of 64 and its
+ * slice width at most 256): compiles (or loads from the disk cache) the kernels of its
+ * shape and uploads every layer's transform. The dtype is fixed here because the decode
+ * kernels, and with them plans and workspace sizes, depend on it; appends and row
+ * copies take pools of either dtype. Destroy it with `tpla_device_engine_destroy`.
+ *
+ * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a layer without
+ * weights, an unknown dtype), TPLA_STATUS_UNSUPPORTED (built without CUDA; no usable
+ * GPU, driver or libnvrtc; heads, slice width, d_r or d_c the kernels lack; a dtype
+ * other than those two, or FP8 on another GPU or shape) or TPLA_STATUS_BACKEND. Reads
+ * `ctx`.
+ *
+ * # Safety
+ * `ctx` is NULL or live; `out` is NULL or writable.
+ */
+tpla_status tpla_device_engine_create_for(const struct tpla_context *ctx,
+                                          uint32_t device,
+                                          uint32_t kv_dtype,
+                                          struct tpla_device_engine **out);
 
 /**
  * Destroys a device engine, after waiting for the GPU; NULL is a no-op.
@@ -2694,9 +2713,9 @@ tpla_status tpla_device_engine_plan(const struct tpla_device_engine *engine,
  * page stride not a multiple of 16, misaligned addresses, a workspace too small,
  * overlapping buffers, an address that is not device memory of the engine's GPU or whose
  * allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE (layer),
- * TPLA_STATUS_MISMATCH (rows of another width; memory or stream of another GPU),
- * TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype or page size the kernels do not read) or
- * TPLA_STATUS_BACKEND.
+ * TPLA_STATUS_MISMATCH (rows of another width; a dtype other than the one the engine
+ * was created for; memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA;
+ * a dtype or page size the kernels do not read) or TPLA_STATUS_BACKEND.
  *
  * # Safety
  * `engine` is NULL or live; `args` is NULL or a valid `tpla_device_decode_args` whose
@@ -2711,10 +2730,12 @@ tpla_status tpla_device_engine_decode(const struct tpla_device_engine *engine,
  * latents_dev[i] ([count][d_c]) and the RoPE-rotated key k_rope_dev[i] ([count][d_r]),
  * both of `input_dtype` (TPLA_DTYPE_F32 or TPLA_DTYPE_BF16); it is normalised
  * (`rms_mode`, a `tpla_rms_mode`), rotated by the layer's transform, cut to the rank's
- * slice, rounded to bf16 and stored at slot slots_dev[i] (page * 64 + offset), as
+ * slice, stored as the cache's dtype (TPLA_DTYPE_BF16: rounded; TPLA_DTYPE_FP8_E4M3:
+ * quantised per block with its scales, the key rounded to bf16; whatever dtype the
+ * engine decodes) at slot slots_dev[i] (page * 64 + offset), as
  * tpla_context_append_paged does (in f64; the rows are equal to its rows up to the
  * order of the RMS sums). Negative slots are padding and skipped; a slot past the pool
- * sets TPLA_FAULT_BAD_SLOT, a non-finite input or a value beyond bf16
+ * sets TPLA_FAULT_BAD_SLOT, a non-finite input or a value beyond bf16 (FP8 caches too)
  * TPLA_FAULT_BAD_VALUE in `*faults_dev` (a device uint32, or NULL); those tokens are
  * not written. Two tokens of one call must not share a slot.
  *
@@ -2748,17 +2769,19 @@ tpla_status tpla_device_engine_append(const struct tpla_device_engine *engine,
  * of a prefill's rows into decode pages, device to device), on `stream` with no host
  * synchronisation: row src_slots_dev[i] of `src` to row dst_slots_dev[i] of `dst`
  * (device int32 [count] each; slot = page * 64 + offset), bytes unchanged; both caches
- * described as for tpla_device_engine_decode. A prefill held on the host is copied to the
- * device first (as one packed source pool). Negative destination slots are skipped; a
- * slot past its pool, or a negative source slot, sets TPLA_FAULT_BAD_SLOT in
- * `*faults_dev` (a device uint32, or NULL) and copies nothing for that row.
+ * described as for tpla_device_engine_decode, of one dtype (TPLA_DTYPE_BF16 or
+ * TPLA_DTYPE_FP8_E4M3, whatever dtype the engine decodes). A prefill held on the host is
+ * copied to the device first (as one packed source pool). Negative destination slots
+ * are skipped; a slot past its pool, or a negative source slot, sets TPLA_FAULT_BAD_SLOT
+ * in `*faults_dev` (a device uint32, or NULL) and copies nothing for that row.
  *
  * Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
  * TPLA_STATUS_INVALID_ARGUMENT (a bad cache layout, misaligned addresses, count above
  * INT32_MAX, overlapping caches, an address that is not device memory of the engine's
  * GPU or whose allocation is too short, not a stream), TPLA_STATUS_MISMATCH (rows of
- * another width; memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA; a
- * dtype or page size the kernels do not read) or TPLA_STATUS_BACKEND.
+ * another width; caches of two dtypes; memory or stream of another GPU),
+ * TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype or page size the kernels do not read) or
+ * TPLA_STATUS_BACKEND.
  *
  * # Safety
  * `engine` is NULL or live; the caches are NULL or valid `tpla_paged_cache`s over device

@@ -4,9 +4,13 @@
 //! after creation, so a step (plan, then per layer append and decode) can be captured in
 //! a CUDA graph and replayed with new tokens.
 //!
-//! - The cache of a layer is the engine's pool ([`DevicePagedCache`]): bf16 rows of the
-//!   rank's `slice_width + d_r` (latent slice, then RoPE key), pages of
-//!   [`PAGE_SIZE`] rows at `base + page * page_stride`.
+//! - The cache of a layer is the engine's pool ([`DevicePagedCache`]): rows of the rank's
+//!   `slice_width + d_r` (latent slice, then RoPE key), pages of [`PAGE_SIZE`] rows at
+//!   `base + page * page_stride` (a multiple of 16 bytes, the base 16-byte aligned). Rows
+//!   are bf16, or fp8_e4m3 (the slice's e4m3 codes with f32 block scales, the key in
+//!   bf16; DESIGN 7.1). The engine decodes pools of the row type it was made for
+//!   ([`DeviceEngine::from_context_for`]: FP8 on the Hopper kernel only); appends and row
+//!   copies take pools of either type.
 //! - [`DeviceEngine::plan`] writes the plan header into a caller-owned device workspace
 //!   ([`DeviceEngine::workspace_bytes`] bytes for a batch and a block table width), which
 //!   every layer's decode of the step reuses (it also holds the partial outputs of the
@@ -24,7 +28,8 @@
 //!   whose plan was made for another launch sets [`Faults::BAD_PLAN`] and NaN everywhere.
 //! - [`DeviceEngine::append`] writes new tokens from their full pre-norm latents (f32 or
 //!   bf16) and RoPE keys at a slot mapping, normalised, rotated and sliced as
-//!   [`RankContext::append_paged`] does (in f64, rounded to bf16 as the host rounds).
+//!   [`RankContext::append_paged`] does (in f64, rounded to bf16 or quantised to FP8 as
+//!   the host encodes rows).
 //! - [`DeviceEngine::absorb_queries`] builds the query rows from `q_nope` and `q_rope`
 //!   (`W'_UK` of every layer is on the GPU), [`DeviceEngine::project`] the rank's partial
 //!   head outputs from the latent outputs (`W'_UV`), a strided batched cuBLAS product each;
@@ -120,6 +125,8 @@ struct EngineLayer {
 /// the query scales. Holds no cache state.
 pub struct DeviceEngine {
     backend: CudaBackend,
+    /// The decode kernels, for pools of one row type (`kernels.config.dtype`): plans and
+    /// workspaces depend on them.
     kernels: Arc<Kernels>,
     engine: Arc<EngineKernels>,
     dims: ModelDims,
@@ -160,12 +167,24 @@ fn word(value: usize, what: &str) -> Result<i32> {
 }
 
 impl DeviceEngine {
-    /// The engine object of `context`'s rank on `backend`'s GPU: compiles (or loads) the
-    /// kernels of its shape and uploads every layer's transform. Every layer of the
-    /// context must have its weights.
+    /// The engine object of `context`'s rank on `backend`'s GPU, decoding bf16 pools:
+    /// compiles (or loads) the kernels of its shape and uploads every layer's transform.
+    /// Every layer of the context must have its weights.
     pub fn from_context(backend: CudaBackend, context: &RankContext) -> Result<Self> {
+        Self::from_context_for(backend, context, DType::Bf16)
+    }
+
+    /// [`Self::from_context`] decoding pools of `dtype` rows: bf16, or fp8_e4m3 on the
+    /// Hopper kernel (compute capability 9.0, heads in multiples of 64, slices up to 256;
+    /// an `Unsupported` error elsewhere). The row type is fixed here because the decode
+    /// kernels, and with them the plans and workspaces, differ between the two.
+    pub fn from_context_for(
+        backend: CudaBackend,
+        context: &RankContext,
+        dtype: DType,
+    ) -> Result<Self> {
         let (dims, plan) = (*context.dims(), *context.plan());
-        let kernels = backend.kernels(plan.heads, plan.slice_width, dims.d_r)?;
+        let kernels = backend.kernels_for(plan.heads, plan.slice_width, dims.d_r, dtype)?;
         let engine = backend.engine_kernels(plan.slice_width)?;
         if dims.d_c > MAX_APPEND_LATENT {
             return Err(Error::unsupported(format!(
@@ -246,6 +265,10 @@ impl DeviceEngine {
     /// Elements per cache row and query row: `slice_width + d_r`.
     pub fn row_width(&self) -> usize {
         self.shape().row_width()
+    }
+    /// The row type of the pools [`Self::decode`] reads.
+    pub fn pool_dtype(&self) -> DType {
+        self.kernels.config.dtype
     }
 
     fn check_layer(&self, layer: usize) -> Result<&EngineLayer> {
@@ -352,12 +375,16 @@ impl DeviceEngine {
         )
     }
 
+    /// The layout of `cache` if every kernel of the engine can read and write it: bf16 or
+    /// FP8 rows of this rank, pages of [`PAGE_SIZE`] rows, a page stride of a multiple of
+    /// 16 bytes and a 16-byte aligned base (the decode kernels' tile and bulk copies, the
+    /// row copy's words).
     fn check_cache(&self, cache: &DevicePagedCache) -> Result<PagedLayout> {
         let l = cache.layout;
         l.extent()?;
-        if l.dtype != DType::Bf16 {
+        if !matches!(l.dtype, DType::Bf16 | DType::Fp8E4m3) {
             return Err(Error::unsupported(format!(
-                "the CUDA kernels read bf16 caches, not {}",
+                "the CUDA kernels read bf16 or fp8_e4m3 caches, not {}",
                 l.dtype.name()
             )));
         }
@@ -367,11 +394,12 @@ impl DeviceEngine {
                 l.page_size
             )));
         }
-        if l.row_width != self.row_width() {
+        if l.row_width != self.row_width() || l.rope_width != self.dims.d_r {
             return Err(Error::mismatch(format!(
-                "the paged cache's rows are {} elements, this rank's are {} ({} latent + {} \
-                 RoPE)",
+                "the paged cache's rows are {} elements ({} RoPE), this rank's are {} ({} \
+                 latent + {} RoPE)",
                 l.row_width,
+                l.rope_width,
                 self.row_width(),
                 self.plan.slice_width,
                 self.dims.d_r
@@ -379,7 +407,8 @@ impl DeviceEngine {
         }
         if l.page_stride % 16 != 0 {
             return Err(Error::invalid(format!(
-                "the page stride {} is not a multiple of 16 bytes",
+                "the page stride {} is not a multiple of 16 bytes (the decode kernels copy \
+                 pages in 16-byte units)",
                 l.page_stride
             )));
         }
@@ -387,12 +416,13 @@ impl DeviceEngine {
         Ok(l)
     }
 
-    /// One decode step of `layer` over the engine's device memory, enqueued on `stream`
-    /// with no host synchronisation: queries `q` (`[batch][heads][row_width]` f32, scaled
-    /// as [`Self::query_scales`] says), latent outputs `out` (`[batch][heads][slice_width]`
-    /// f32) and log-sum-exps `lse` (`[batch][heads]` f32), all device addresses. Three
-    /// launches: the check of the lengths and page indices, the decode (and its merge),
-    /// the fix-up of empty and faulted entries.
+    /// One decode step of `layer` over the engine's device memory (a pool of
+    /// [`Self::pool_dtype`] rows), enqueued on `stream` with no host synchronisation:
+    /// queries `q` (`[batch][heads][row_width]` f32, scaled as [`Self::query_scales`]
+    /// says), latent outputs `out` (`[batch][heads][slice_width]` f32) and log-sum-exps
+    /// `lse` (`[batch][heads]` f32), all device addresses. Three launches: the check of
+    /// the lengths and page indices, the decode (and its merge), the fix-up of empty and
+    /// faulted entries.
     ///
     /// # Safety
     /// Every address is device memory of this GPU holding what its description says,
@@ -409,6 +439,15 @@ impl DeviceEngine {
     ) -> Result<()> {
         self.check_layer(layer)?;
         let l = self.check_cache(&step.cache)?;
+        if l.dtype != self.pool_dtype() {
+            return Err(Error::mismatch(format!(
+                "this device engine decodes {} pools, the cache holds {} rows (the row type \
+                 is chosen when the engine is made: DeviceEngine::from_context_for, \
+                 tpla_device_engine_create_for)",
+                self.pool_dtype().name(),
+                l.dtype.name()
+            )));
+        }
         let (batch, width) = (step.batch, step.block_table_width);
         let (layout, splits) = self.geometry(batch, width)?;
         check_address(step.block_table, 4, "the block table")?;
@@ -441,10 +480,13 @@ impl DeviceEngine {
     }
 
     /// Appends `a.count` tokens to the engine's device cache of `layer` (see
-    /// [`DeviceAppend`]): one block per token on `stream`, no host synchronisation.
-    /// Negative slots are skipped; a slot past the pool sets [`Faults::BAD_SLOT`], a
-    /// non-finite input or a value beyond bf16 [`Faults::BAD_VALUE`]; those tokens are not
-    /// written.
+    /// [`DeviceAppend`]), a pool of bf16 or FP8 rows (either, whatever
+    /// [`Self::pool_dtype`] is): one block per token on `stream`, no host
+    /// synchronisation. The rows are the bytes [`RankContext::append_paged`] writes into a
+    /// host pool of that type, up to the order of the RMS sums. Negative slots are
+    /// skipped; a slot past the pool sets [`Faults::BAD_SLOT`], a non-finite input or a
+    /// value beyond bf16 (FP8 pools too, as the host refuses) [`Faults::BAD_VALUE`];
+    /// those tokens are not written.
     ///
     /// # Safety
     /// Every address is device memory of this GPU holding what its description says,
@@ -490,6 +532,7 @@ impl DeviceEngine {
         }
         let tdata = layer.data.as_ref().map_or(0, |d| d.ptr());
         let (page_stride, pages) = (l.page_stride as u64, l.pages as i64);
+        let fp8 = (l.dtype == DType::Fp8E4m3) as i32;
         let mut args = [
             arg(&a.latents),
             arg(&a.k_rope),
@@ -505,6 +548,7 @@ impl DeviceEngine {
             arg(&cache.base),
             arg(&page_stride),
             arg(&pages),
+            arg(&fp8),
             arg(&a.faults),
         ];
         let shared = (self.dims.d_c + self.plan.slice_width) * 8;
@@ -524,9 +568,10 @@ impl DeviceEngine {
 }
 
 impl DeviceEngine {
-    /// Copies `count` rows between two device caches of this rank's rows, on `stream`
-    /// with no host synchronisation: row `src_slots[i]` of `src` to row `dst_slots[i]` of
-    /// `dst` (both device `[count]` int32; slot = page * 64 + offset), bytes unchanged. The
+    /// Copies `count` rows between two device caches of this rank's rows (both bf16 or
+    /// both FP8), on `stream` with no host synchronisation: row `src_slots[i]` of `src` to
+    /// row `dst_slots[i]` of `dst` (both device `[count]` int32; slot = page * 64 +
+    /// offset), bytes unchanged. The
     /// hand-off of a prefill's cache into the engine's decode pages, device to device (a
     /// host prefill: copy its rows to the device first, as one packed source "pool").
     /// Negative destination slots are skipped; a slot past its pool (or a negative source
@@ -550,6 +595,13 @@ impl DeviceEngine {
         stream: CUstream,
     ) -> Result<()> {
         let (d, s) = (self.check_cache(dst)?, self.check_cache(src)?);
+        if d.dtype != s.dtype {
+            return Err(Error::mismatch(format!(
+                "row copies keep the bytes: the source holds {} rows, the destination {}",
+                s.dtype.name(),
+                d.dtype.name()
+            )));
+        }
         let n = word(count, "the row count")?;
         if n == 0 {
             return Ok(());
@@ -561,6 +613,7 @@ impl DeviceEngine {
         }
         let (ds, dp) = (d.page_stride as u64, d.pages as i64);
         let (ss, sp) = (s.page_stride as u64, s.pages as i64);
+        let fp8 = (s.dtype == DType::Fp8E4m3) as i32;
         let mut args = [
             arg(&src.base),
             arg(&ss),
@@ -571,6 +624,7 @@ impl DeviceEngine {
             arg(&dp),
             arg(&dst_slots),
             arg(&n),
+            arg(&fp8),
             arg(&faults),
         ];
         self.backend.device().bind()?;

@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tpla::attention::cuda::{CudaBackend, DecodeKernel, DeviceBuffer, DeviceCacheConfig, Origin};
 use tpla::attention::reference::latent_attention;
 use tpla::attention::{LatentAttention, LatentShape, RowSource};
+use tpla::dtype::E4M3_TO_F32;
 use tpla::{DType, ErrorKind, Result};
 
 /// A new seed every run (printed, so a failure can be replayed).
@@ -810,7 +811,7 @@ fn fp8_slices_match_the_reference_and_the_bf16_kernel() {
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     }
     backend.set_decode_kernel(None);
-    // an FP8 device cache takes FP8 rows only, and no appends yet
+    // an FP8 device cache takes FP8 rows only
     let mut cache = backend
         .new_cache_for(
             DeviceCacheConfig {
@@ -828,8 +829,239 @@ fn fp8_slices_match_the_reference_and_the_bf16_kernel() {
         cache.upload(0, &bf16_rows, 0).unwrap_err().kind(),
         ErrorKind::Mismatch
     );
-    assert_eq!(
-        cache.append(&[0], &vec![0.5; 320]).unwrap_err().kind(),
-        ErrorKind::Unsupported
-    );
+}
+
+/// The e4m3 magnitudes, ascending: codes 0x00 to 0x7e.
+fn e4m3_magnitudes() -> Vec<f64> {
+    (0..0x7fusize).map(|c| E4M3_TO_F32[c] as f64).collect()
+}
+
+/// `count` f32 rows of `slice` latent values and a 64-value RoPE key that reach every
+/// branch of the FP8 encoding. Each scale block (128 values, or the last 64 of a slice of
+/// 64) is one kind, the kinds rotating over rows and blocks: normal values of any
+/// magnitude; zeros (negative ones among them); a largest value of 448 (scale exactly 1)
+/// with every midpoint between neighbouring e4m3 values (exact ties, subnormal ones
+/// included, rounding to the even code) or its f32 neighbour above or below; quotients
+/// in the e4m3 subnormal range and below half its step; huge values up to f32::MAX;
+/// values so small that their scale is an f32 subnormal or underflows to 0 (then 1);
+/// NaNs of both signs and payloads and infinities (NaN codes, saturated codes, scale 1);
+/// one NaN among normal values (the block's maximum skips it). RoPE keys: normal values
+/// and, every other row, bit patterns the host's bf16 rounding treats specially (a round
+/// bit with only the f32's lowest bits below it, which the host rounds down; NaN
+/// payloads; a signalling NaN; infinity; the smallest subnormal; -0; f32::MAX).
+fn hard_fp8_rows(slice: usize, count: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mags = e4m3_magnitudes();
+    let normal = |rng: &mut ChaCha8Rng| rng.sample::<f64, _>(StandardNormal) as f32;
+    let specials = [
+        0x3f80_8001u32,
+        0xbf80_8001,
+        0x3f81_8007,
+        0x3f80_8000,
+        0x7fc0_1234,
+        0xff80_0001,
+        0x7f80_0000,
+        0x0000_0001,
+        0x8000_0000,
+        0x7f7f_ffff,
+    ];
+    let mut rows = Vec::with_capacity(count * (slice + 64));
+    for r in 0..count {
+        for blk in 0..slice.div_ceil(128) {
+            let n = (slice - blk * 128).min(128);
+            let block: Vec<f32> = match (r + blk) % 8 {
+                0 => {
+                    let scale = 10f64.powf(rng.random_range(-3.0..3.0));
+                    (0..n)
+                        .map(|_| (scale * rng.sample::<f64, _>(StandardNormal)) as f32)
+                        .collect()
+                }
+                1 => (0..n)
+                    .map(|i| if i % 3 == 0 { -0.0 } else { 0.0 })
+                    .collect(),
+                2 => (0..n)
+                    .map(|i| {
+                        if i == 0 {
+                            return if r % 2 == 0 { 448.0 } else { -448.0 };
+                        }
+                        let k = (i - 1 + r) % (mags.len() - 1);
+                        let mid = ((mags[k] + mags[k + 1]) / 2.0) as f32;
+                        let x = match r % 3 {
+                            0 => mid,
+                            1 => mid.next_up(),
+                            _ => mid.next_down(),
+                        };
+                        if i % 2 == 0 {
+                            -x
+                        } else {
+                            x
+                        }
+                    })
+                    .collect(),
+                3 => (0..n)
+                    .map(|i| {
+                        if i == 0 {
+                            1.0
+                        } else {
+                            let q = rng.random_range(-12.0..-6.0f64).exp2();
+                            (q / 448.0 * if i % 2 == 0 { -1.0 } else { 1.0 }) as f32
+                        }
+                    })
+                    .collect(),
+                4 => (0..n)
+                    .map(|i| {
+                        if i == 0 {
+                            f32::MAX
+                        } else {
+                            (rng.random_range(-1.0..1.0) * 3e38) as f32
+                        }
+                    })
+                    .collect(),
+                5 => {
+                    let scale = [1e-45, 1e-42, 1e-39, 1e-36][r % 4];
+                    (0..n)
+                        .map(|_| (scale * rng.random_range(-1.0..1.0)) as f32)
+                        .collect()
+                }
+                6 => (0..n)
+                    .map(|i| match i % 5 {
+                        0 => f32::from_bits(0x7fc0_0000 | i as u32),
+                        1 => f32::from_bits(0xffa0_0001),
+                        2 => f32::INFINITY,
+                        3 => f32::NEG_INFINITY,
+                        _ => normal(rng),
+                    })
+                    .collect(),
+                _ => (0..n)
+                    .map(|i| if i == 7 { f32::NAN } else { 5.0 * normal(rng) })
+                    .collect(),
+            };
+            rows.extend(block);
+        }
+        for c in 0..64 {
+            rows.push(match specials.get(c) {
+                Some(&bits) if r % 2 == 0 => f32::from_bits(bits),
+                _ => normal(rng),
+            });
+        }
+    }
+    rows
+}
+
+/// Names the field of byte `k` of an FP8 row of `slice` latent values, for messages.
+fn fp8_field(k: usize, slice: usize) -> String {
+    let rope = DType::Fp8E4m3.rope_offset(slice);
+    if k < slice {
+        format!("code of latent value {k}")
+    } else if k < rope {
+        format!("scale of block {}", (k - slice) / 4)
+    } else {
+        format!("RoPE value {}", (k - rope) / 2)
+    }
+}
+
+/// Appends into an FP8 device cache, from host rows and device-side (alternating, 70
+/// rows per slot, so across a page boundary), store exactly the bytes of the host's
+/// `DType::Fp8E4m3.encode_row` of the same f32 values (`hard_fp8_rows`: ties, subnormal
+/// quotients, huge and tiny blocks, zeros, NaN and infinities), at every slice width an
+/// FP8 cache serves. The pages are filled with other rows and released first, so a byte
+/// the kernel does not write shows. A device-side append to a slot out of range is
+/// reported and writes nothing.
+#[test]
+fn fp8_device_appends_store_the_host_encoded_bytes() {
+    let Some(backend) = gpu() else { return };
+    if backend.device().compute_capability() != (9, 0) {
+        eprintln!("skipping: FP8 device caches need the Hopper kernels");
+        return;
+    }
+    let seed = fresh_seed();
+    println!("seed {seed}");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dev = backend.device().clone();
+    let (slots, steps) = (3usize, 70usize);
+    let slot_ids = [2usize, 0, 1];
+    let slots_dev = DeviceBuffer::from_host(&dev, &[2i32, 0, 1]).unwrap();
+    for slice in [64, 128, 256] {
+        let rw = slice + 64;
+        let rb = DType::Fp8E4m3.row_bytes(slice, 64);
+        let mut cache = backend
+            .new_cache_for(
+                DeviceCacheConfig {
+                    slice_width: slice,
+                    pages: 6,
+                    slots,
+                    max_pages_per_slot: 2,
+                },
+                DType::Fp8E4m3,
+            )
+            .unwrap();
+        for s in 0..slots {
+            cache.fill_synthetic(s, 2 * 64, seed + s as u64).unwrap();
+        }
+        for s in 0..slots {
+            cache.release(s).unwrap();
+        }
+        let all = hard_fp8_rows(slice, slots * steps, &mut rng);
+        for step in 0..steps {
+            let rows = &all[step * slots * rw..(step + 1) * slots * rw];
+            if step % 2 == 0 {
+                cache.append(&slot_ids, rows).unwrap();
+                continue;
+            }
+            for &s in &slot_ids {
+                cache.reserve(s, 1).unwrap();
+            }
+            let rows_dev = DeviceBuffer::from_host(&dev, rows).unwrap();
+            unsafe {
+                cache
+                    .append_raw(slots_dev.ptr(), rows_dev.ptr(), slots, backend.stream())
+                    .unwrap()
+            };
+            dev.synchronize().unwrap();
+            cache.check_append_error().unwrap();
+            cache.refresh_lengths().unwrap();
+        }
+        let mut want = vec![0u8; rb];
+        for (i, &slot) in slot_ids.iter().enumerate() {
+            assert_eq!(cache.seq_len(slot).unwrap(), steps);
+            let got = cache.download_rows(slot).unwrap();
+            for step in 0..steps {
+                let row: Vec<f64> = all[(step * slots + i) * rw..][..rw]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                DType::Fp8E4m3.encode_row(&row, slice, &mut want);
+                let g = &got[step * rb..(step + 1) * rb];
+                if let Some(k) = (0..rb).find(|&k| g[k] != want[k]) {
+                    panic!(
+                        "slice {slice}, slot {slot}, row {step} ({} append): byte {k}, the {}, \
+                         is {:#04x} on the device, {:#04x} on the host",
+                        if step % 2 == 0 { "host" } else { "device-side" },
+                        fp8_field(k, slice),
+                        g[k],
+                        want[k]
+                    );
+                }
+            }
+        }
+        println!(
+            "slice {slice}: {} FP8 rows bit-equal to the host's",
+            slots * steps
+        );
+        let bad = DeviceBuffer::from_host(&dev, &[slots as i32]).unwrap();
+        let row = DeviceBuffer::from_host(&dev, &all[..rw]).unwrap();
+        unsafe {
+            cache
+                .append_raw(bad.ptr(), row.ptr(), 1, backend.stream())
+                .unwrap()
+        };
+        dev.synchronize().unwrap();
+        assert_eq!(
+            cache.check_append_error().unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        cache.refresh_lengths().unwrap();
+        for &slot in &slot_ids {
+            assert_eq!(cache.seq_len(slot).unwrap(), steps);
+        }
+    }
 }

@@ -53,8 +53,14 @@ fn dims() -> ModelDims {
 /// A rank context of three layers: Hadamard, PCA and identity transforms, random
 /// absorbed weights (decode on the device reads only mu from them).
 fn context(rng: &mut ChaCha8Rng) -> RankContext {
+    context_of(GROUPS, rng)
+}
+
+/// [`context`] with `groups` latent groups (slices of D_C / groups values).
+fn context_of(groups: usize, rng: &mut ChaCha8Rng) -> RankContext {
     let d = dims();
-    let plan = ShardPlan::new(&d, GROUPS, 1).unwrap();
+    let plan = ShardPlan::new(&d, groups, 1).unwrap();
+    let w = D_C / groups;
     let mut ctx = RankContext::new(d, plan, LAYERS, Box::new(Reference)).unwrap();
     let mut moment = SecondMoment::new(D_C);
     for _ in 0..2 * D_C {
@@ -65,14 +71,14 @@ fn context(rng: &mut ChaCha8Rng) -> RankContext {
     }
     let transforms = [
         Transform::hadamard(D_C, 5).unwrap(),
-        Transform::pca(&moment, SliceLayout::Interleaved, GROUPS).unwrap(),
+        Transform::pca(&moment, SliceLayout::Interleaved, groups).unwrap(),
         Transform::identity(D_C).unwrap(),
     ];
     for (l, t) in transforms.into_iter().enumerate() {
         let mut n = |k: usize| (0..k).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         let layer = RankLayer::from_f32(
-            n(HEADS * W * d.d_n),
-            n(HEADS * W * d.d_v),
+            n(HEADS * w * d.d_n),
+            n(HEADS * w * d.d_v),
             1.0 + 0.1 * l as f64,
             t,
             0.3,
@@ -94,8 +100,39 @@ fn layout(pages: usize) -> PagedLayout {
     }
 }
 
-fn bf16_to_f64(bits: u16) -> f64 {
-    f32::from_bits((bits as u32) << 16) as f64
+/// Bytes of an FP8 row of the rank (DESIGN 7.1): codes, block scales, bf16 key.
+fn fp8_row_bytes() -> usize {
+    DType::Fp8E4m3.row_bytes(W, D_R)
+}
+
+fn fp8_layout(pages: usize) -> PagedLayout {
+    PagedLayout {
+        dtype: DType::Fp8E4m3,
+        page_stride: PAGE * fp8_row_bytes(),
+        ..layout(pages)
+    }
+}
+
+/// An engine pool on the device with its host mirror: bf16 rows ([`Pool`]) or FP8 rows
+/// ([`Fp8Pool`]).
+trait EnginePool {
+    /// The device pool as the engine takes it.
+    fn cache(&self) -> DevicePagedCache;
+    /// The bytes of row `slot` of the host mirror.
+    fn row_bytes_of(&self, slot: usize) -> &[u8];
+    fn dtype(&self) -> DType {
+        self.cache().layout.dtype
+    }
+    /// The f64 rows of a sequence in token order (what the kernels read: FP8 values
+    /// dequantised).
+    fn rows(&self, pages: &[i32], len: usize) -> Vec<f64> {
+        let mut rows = vec![0.0; len * RW];
+        for (t, row) in rows.chunks_mut(RW).enumerate() {
+            let slot = pages[t / PAGE] as usize * PAGE + t % PAGE;
+            self.dtype().decode_row(self.row_bytes_of(slot), W, row);
+        }
+        rows
+    }
 }
 
 /// The engine's device pool of one layer and its host mirror (bf16 bits, pages packed);
@@ -124,14 +161,6 @@ impl Pool {
         pool.upload();
         pool
     }
-    fn cache(&self) -> DevicePagedCache {
-        let mut layout = layout(self.pages);
-        layout.page_stride += self.pad;
-        DevicePagedCache {
-            base: self.dev.ptr(),
-            layout,
-        }
-    }
     fn row_mut(&mut self, slot: usize) -> &mut [u16] {
         &mut self.host[slot * RW..(slot + 1) * RW]
     }
@@ -150,16 +179,85 @@ impl Pool {
             .collect();
         self.dev.upload(&image).unwrap();
     }
-    /// The f64 rows of a sequence in token order.
-    fn rows(&self, pages: &[i32], len: usize) -> Vec<f64> {
-        (0..len)
-            .flat_map(|t| {
-                let slot = pages[t / PAGE] as usize * PAGE + t % PAGE;
-                self.host[slot * RW..(slot + 1) * RW]
-                    .iter()
-                    .map(|&b| bf16_to_f64(b))
+}
+
+impl EnginePool for Pool {
+    fn cache(&self) -> DevicePagedCache {
+        let mut layout = layout(self.pages);
+        layout.page_stride += self.pad;
+        DevicePagedCache {
+            base: self.dev.ptr(),
+            layout,
+        }
+    }
+    fn row_bytes_of(&self, slot: usize) -> &[u8] {
+        bytemuck::cast_slice(&self.host[slot * RW..(slot + 1) * RW])
+    }
+}
+
+/// The engine's device pool of FP8 rows and its host mirror (pages packed); on the device
+/// each page is followed by `pad` bytes (a multiple of 16) of e4m3 NaN codes, which the
+/// kernels must step over.
+struct Fp8Pool {
+    pages: usize,
+    pad: usize,
+    host: Vec<u8>,
+    dev: DeviceBuffer<u8>,
+}
+
+impl Fp8Pool {
+    fn padded(backend: &CudaBackend, pages: usize, pad: usize) -> Self {
+        assert_eq!(pad % 16, 0);
+        let page_bytes = PAGE * fp8_row_bytes();
+        let dev = DeviceBuffer::new(backend.device(), pages * (page_bytes + pad)).unwrap();
+        let mut pool = Fp8Pool {
+            pages,
+            pad,
+            host: vec![0; pages * page_bytes],
+            dev,
+        };
+        pool.upload();
+        pool
+    }
+    fn row_mut(&mut self, slot: usize) -> &mut [u8] {
+        let rb = fp8_row_bytes();
+        &mut self.host[slot * rb..(slot + 1) * rb]
+    }
+    fn upload(&mut self) {
+        let image: Vec<u8> = self
+            .host
+            .chunks(PAGE * fp8_row_bytes())
+            .flat_map(|page| {
+                page.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0x7f, self.pad))
             })
-            .collect()
+            .collect();
+        self.dev.upload(&image).unwrap();
+    }
+    /// The device's rows into the host mirror (padding dropped).
+    fn download(&mut self) {
+        let page_bytes = PAGE * fp8_row_bytes();
+        let image = self.dev.to_vec().unwrap();
+        self.host = image
+            .chunks(page_bytes + self.pad)
+            .flat_map(|page| page[..page_bytes].iter().copied())
+            .collect();
+    }
+}
+
+impl EnginePool for Fp8Pool {
+    fn cache(&self) -> DevicePagedCache {
+        let mut layout = fp8_layout(self.pages);
+        layout.page_stride += self.pad;
+        DevicePagedCache {
+            base: self.dev.ptr(),
+            layout,
+        }
+    }
+    fn row_bytes_of(&self, slot: usize) -> &[u8] {
+        let rb = fp8_row_bytes();
+        &self.host[slot * rb..(slot + 1) * rb]
     }
 }
 
@@ -222,7 +320,7 @@ fn table(seqs: &[Live], width: usize) -> (Vec<i32>, Vec<i32>) {
 
 /// f64 reference outputs and log-sum-exps of `seqs` (empty ones: zeros, -inf), heads
 /// chunked over threads.
-fn reference(pool: &Pool, seqs: &[Live], q: &[f32]) -> (Vec<f64>, Vec<f64>) {
+fn reference(pool: &dyn EnginePool, seqs: &[Live], q: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let shape = LatentShape {
         heads: 8,
         slice_width: W,
@@ -260,7 +358,13 @@ fn reference(pool: &Pool, seqs: &[Live], q: &[f32]) -> (Vec<f64>, Vec<f64>) {
 
 /// Checks device outputs of `seqs` against the reference: relative L2 per entry below
 /// 1e-2 (NaN never passes), lse within 2e-2, empty entries exactly zero and -inf.
-fn check_against_reference(pool: &Pool, seqs: &[Live], q: &[f32], out: &[f32], lse: &[f32]) {
+fn check_against_reference(
+    pool: &dyn EnginePool,
+    seqs: &[Live],
+    q: &[f32],
+    out: &[f32],
+    lse: &[f32],
+) {
     let (r_out, r_lse) = reference(pool, seqs, q);
     for (b, s) in seqs.iter().enumerate() {
         let o = &out[b * HEADS * W..(b + 1) * HEADS * W];
@@ -317,7 +421,7 @@ impl StepBuffers {
             batch: b,
         }
     }
-    fn step(&self, pool: &Pool) -> DeviceStep {
+    fn step(&self, pool: &dyn EnginePool) -> DeviceStep {
         DeviceStep {
             cache: pool.cache(),
             block_table: self.table.ptr(),
@@ -335,7 +439,7 @@ impl StepBuffers {
         &mut self,
         engine: &DeviceEngine,
         layer: usize,
-        pool: &Pool,
+        pool: &dyn EnginePool,
     ) -> (Vec<f32>, Vec<f32>, u32) {
         self.out.fill_bytes(0xff).unwrap();
         self.lse.fill_bytes(0xff).unwrap();
@@ -373,32 +477,36 @@ impl StepBuffers {
 
 /// The rows of `seqs`, for an owned device cache (page size 64, one slot per entry).
 struct Gathered {
+    dtype: DType,
+    row_bytes: usize,
     seqs: Vec<(Vec<u8>, usize)>,
 }
 
 impl Gathered {
-    fn new(pool: &Pool, seqs: &[Live]) -> Self {
+    fn new(pool: &dyn EnginePool, seqs: &[Live]) -> Self {
+        let row_bytes = pool.cache().layout.row_bytes();
         let seqs = seqs
             .iter()
             .map(|s| {
-                let mut bytes = vec![0u8; s.len.div_ceil(PAGE).max(1) * PAGE * RW * 2];
-                for t in 0..s.len {
+                let mut bytes = vec![0u8; s.len.div_ceil(PAGE).max(1) * PAGE * row_bytes];
+                for (t, row) in bytes.chunks_mut(row_bytes).take(s.len).enumerate() {
                     let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
-                    for (c, &v) in pool.host[slot * RW..(slot + 1) * RW].iter().enumerate() {
-                        bytes[(t * RW + c) * 2..(t * RW + c) * 2 + 2]
-                            .copy_from_slice(&v.to_le_bytes());
-                    }
+                    row.copy_from_slice(pool.row_bytes_of(slot));
                 }
                 (bytes, s.len)
             })
             .collect();
-        Gathered { seqs }
+        Gathered {
+            dtype: pool.dtype(),
+            row_bytes,
+            seqs,
+        }
     }
 }
 
 impl RowSource for Gathered {
     fn dtype(&self) -> DType {
-        DType::Bf16
+        self.dtype
     }
     fn row_width(&self) -> usize {
         RW
@@ -410,16 +518,17 @@ impl RowSource for Gathered {
         Ok(self.seqs[seq as usize].1)
     }
     fn page(&self, seq: u32, page: usize) -> &[u8] {
-        let b = PAGE * RW * 2;
+        let b = PAGE * self.row_bytes;
         &self.seqs[seq as usize].0[page * b..(page + 1) * b]
     }
 }
 
-/// The owned-cache device path on the same rows, with the engine's split count.
+/// The owned-cache device path on the same rows (a device cache of the pool's row type),
+/// with the engine's split count.
 fn owned_path(
     backend: &CudaBackend,
     engine: &DeviceEngine,
-    pool: &Pool,
+    pool: &dyn EnginePool,
     seqs: &[Live],
     width: usize,
     q: &[f32],
@@ -428,20 +537,25 @@ fn owned_path(
     let b = seqs.len();
     let pages: usize = seqs.iter().map(|s| s.len.div_ceil(PAGE)).sum();
     let mut cache = backend
-        .new_cache(DeviceCacheConfig {
-            slice_width: W,
-            pages: pages.max(1),
-            slots: b,
-            max_pages_per_slot: width,
-        })
+        .new_cache_for(
+            DeviceCacheConfig {
+                slice_width: W,
+                pages: pages.max(1),
+                slots: b,
+                max_pages_per_slot: width,
+            },
+            pool.dtype(),
+        )
         .unwrap();
     let rows = Gathered::new(pool, seqs);
     for slot in 0..b {
         cache.upload(slot, &rows, slot as u32).unwrap();
     }
+    // the engine chooses its split count this way too: from the table's width
     let plan = backend
-        .plan_with_splits(engine.shape(), b, engine.splits(b, width).unwrap())
+        .plan_for(engine.shape(), pool.dtype(), b, width * PAGE)
         .unwrap();
+    assert_eq!(plan.splits(), engine.splits(b, width).unwrap());
     let slots: Vec<i32> = (0..b as i32).collect();
     let slots_dev = DeviceBuffer::from_host(dev, &slots).unwrap();
     let q_dev = DeviceBuffer::from_host(dev, q).unwrap();
@@ -562,7 +676,31 @@ fn cpu_append(
 ) -> Faults {
     let pages = host.len() / (PAGE * RW);
     let bytes: &mut [u8] = bytemuck::cast_slice_mut(host);
-    let mut cache = PagedCacheMut::new(layout(pages), bytes).unwrap();
+    cpu_append_to(
+        ctx,
+        layer,
+        layout(pages),
+        bytes,
+        slots,
+        latents,
+        k_rope,
+        mode,
+    )
+}
+
+/// [`cpu_append`] into host memory of any layout.
+#[allow(clippy::too_many_arguments)]
+fn cpu_append_to(
+    ctx: &RankContext,
+    layer: usize,
+    layout: PagedLayout,
+    bytes: &mut [u8],
+    slots: &[i32],
+    latents: &[f32],
+    k_rope: &[f32],
+    mode: RmsMode,
+) -> Faults {
+    let mut cache = PagedCacheMut::new(layout, bytes).unwrap();
     ctx.append_paged(layer, &mut cache, slots, latents, k_rope, mode)
         .unwrap()
 }
@@ -1223,6 +1361,15 @@ fn c_entry_points_refuse_null_arguments() {
             tpla_status::NullArgument
         );
         assert_eq!(
+            tpla_device_engine_create_for(
+                std::ptr::null(),
+                0,
+                DType::Fp8E4m3.code(),
+                std::ptr::null_mut()
+            ),
+            tpla_status::NullArgument
+        );
+        assert_eq!(
             tpla_device_engine_decode(std::ptr::null(), std::ptr::null()),
             tpla_status::NullArgument
         );
@@ -1232,5 +1379,498 @@ fn c_entry_points_refuse_null_arguments() {
             tpla_status::NullArgument
         );
         tpla_device_engine_destroy(std::ptr::null_mut());
+    }
+}
+
+// ---- FP8 pools ---------------------------------------------------------------------------
+
+/// One FP8 row of random N(0, 1) values, each scale block with its own magnitude, as the
+/// host encodes it.
+fn random_fp8_row(rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let row: Vec<f64> = (0..RW)
+        .map(|c| {
+            let block_scale = 1.0 + (c / 128) as f64;
+            block_scale * rng.sample::<f64, _>(StandardNormal)
+        })
+        .collect();
+    let mut bytes = vec![0u8; fp8_row_bytes()];
+    DType::Fp8E4m3.encode_row(&row, W, &mut bytes);
+    bytes
+}
+
+/// Compares device FP8 rows with the CPU's (whole pools): the RoPE keys equal; the codes
+/// and scales equal, or (from the order of the RMS sums, which moves a value only in its
+/// last bits) a code one step apart with the same sign and a scale one f32 unit apart, in
+/// a few places. Returns the count of differing codes and scales.
+fn compare_fp8_rows(dev: &[u8], cpu: &[u8], what: &str) -> usize {
+    let rb = fp8_row_bytes();
+    let rope = DType::Fp8E4m3.rope_offset(W);
+    assert_eq!(dev.len(), cpu.len());
+    let mut differ = 0;
+    for (r, (d, c)) in dev.chunks(rb).zip(cpu.chunks(rb)).enumerate() {
+        assert!(
+            d[rope..] == c[rope..],
+            "{what}: row {r}: the RoPE keys differ"
+        );
+        for (j, (&x, &y)) in d[..W].iter().zip(&c[..W]).enumerate() {
+            if x != y {
+                differ += 1;
+                assert!(
+                    (x as i32 - y as i32).abs() == 1 && (x ^ y) & 0x80 == 0,
+                    "{what}: row {r} value {j}: code {x:#04x} on the device, {y:#04x} on the CPU"
+                );
+            }
+        }
+        for (k, (x, y)) in d[W..rope].chunks(4).zip(c[W..rope].chunks(4)).enumerate() {
+            let (x, y) = (
+                u32::from_le_bytes(x.try_into().unwrap()),
+                u32::from_le_bytes(y.try_into().unwrap()),
+            );
+            if x != y {
+                differ += 1;
+                assert!(
+                    (x as i64 - y as i64).abs() == 1,
+                    "{what}: row {r} block {k}: scale {:e} on the device, {:e} on the CPU",
+                    f32::from_bits(x),
+                    f32::from_bits(y)
+                );
+            }
+        }
+    }
+    assert!(
+        differ * 1000 <= (dev.len() / rb * W).max(1000),
+        "{what}: {differ} codes and scales differ"
+    );
+    differ
+}
+
+/// Device appends into FP8 pools (every transform kind, both RMS modes, f32 and bf16
+/// inputs) write the bytes the CPU's `append_paged` writes into a host FP8 pool, at the
+/// same slots of a padded pool whose every byte starts as an e4m3 NaN code on both sides
+/// (so a row written in the wrong place or a byte left unwritten shows); padding slots are
+/// skipped, a slot past the pool is skipped and flagged, and so is a token with a
+/// non-finite input. The engine decodes bf16 pools: appends need no FP8 decode kernels,
+/// so this runs on any GPU.
+#[test]
+fn fp8_device_appends_equal_the_cpu_appends() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let stream = engine.backend().stream();
+    let (pages, n) = (8, 40);
+    let mut all_slots: Vec<i32> = (0..(pages * PAGE) as i32).collect();
+    all_slots.shuffle(&mut rng);
+    let mut slots: Vec<i32> = all_slots[..n].to_vec();
+    slots[3] = -1; // padding
+    slots[7] = (pages * PAGE + 5) as i32; // past the pool
+    let mut total_differ = 0;
+    for layer in 0..LAYERS {
+        for mode in [RmsMode::Exact, RmsMode::Sliced] {
+            for input in [DType::F32, DType::Bf16] {
+                let scale = rng.random_range(0.01..100.0);
+                let mut latents = random_f32(n * D_C, scale, &mut rng);
+                let mut k_rope = random_f32(n * D_R, 1.0, &mut rng);
+                if input == DType::Bf16 {
+                    latents = bf16_round(&latents);
+                    k_rope = bf16_round(&k_rope);
+                }
+                let mut pool = Fp8Pool::padded(engine.backend(), pages, 32);
+                pool.host.fill(0x7f);
+                pool.upload();
+                let mut cpu = pool.host.clone();
+                let cpu_faults = cpu_append_to(
+                    &ctx,
+                    layer,
+                    fp8_layout(pages),
+                    &mut cpu,
+                    &slots,
+                    &latents,
+                    &k_rope,
+                    mode,
+                );
+                assert_eq!(cpu_faults, Faults::BAD_SLOT);
+                let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
+                let (lat_dev, kr_dev) = match input {
+                    DType::F32 => (
+                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&latents)),
+                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&k_rope)),
+                    ),
+                    _ => (
+                        DeviceBuffer::<u8>::from_host(
+                            &dev,
+                            bytemuck::cast_slice(&bf16_bits(&latents)),
+                        ),
+                        DeviceBuffer::<u8>::from_host(
+                            &dev,
+                            bytemuck::cast_slice(&bf16_bits(&k_rope)),
+                        ),
+                    ),
+                };
+                let (lat_dev, kr_dev) = (lat_dev.unwrap(), kr_dev.unwrap());
+                let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+                faults.fill_bytes(0).unwrap();
+                let a = DeviceAppend {
+                    slots: slots_dev.ptr(),
+                    count: n,
+                    latents: lat_dev.ptr(),
+                    k_rope: kr_dev.ptr(),
+                    input,
+                    mode,
+                    faults: faults.ptr(),
+                };
+                unsafe { engine.append(layer, &pool.cache(), &a, stream).unwrap() };
+                dev.synchronize().unwrap();
+                assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_SLOT.bits());
+                let image = pool.dev.to_vec().unwrap();
+                let page_bytes = PAGE * fp8_row_bytes();
+                for page in image.chunks(page_bytes + 32) {
+                    assert!(
+                        page[page_bytes..].iter().all(|&b| b == 0x7f),
+                        "padding written"
+                    );
+                }
+                pool.download();
+                let what = format!("layer {layer} {mode:?} {input:?}");
+                total_differ += compare_fp8_rows(&pool.host, &cpu, &what);
+            }
+        }
+    }
+    println!("device vs CPU FP8 appends: {total_differ} codes or scales one unit apart");
+
+    // a token with a NaN latent, another with an infinite key: neither is written
+    let mut latents = random_f32(3 * D_C, 1.0, &mut rng);
+    let mut k_rope = random_f32(3 * D_R, 1.0, &mut rng);
+    latents[D_C + 17] = f32::NAN;
+    k_rope[2 * D_R + 1] = f32::INFINITY;
+    let mut pool = Fp8Pool::padded(engine.backend(), 1, 0);
+    let slots_dev = DeviceBuffer::from_host(&dev, &[0i32, 1, 2]).unwrap();
+    let lat_dev = DeviceBuffer::from_host(&dev, &latents).unwrap();
+    let kr_dev = DeviceBuffer::from_host(&dev, &k_rope).unwrap();
+    let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+    faults.fill_bytes(0).unwrap();
+    let a = DeviceAppend {
+        slots: slots_dev.ptr(),
+        count: 3,
+        latents: lat_dev.ptr(),
+        k_rope: kr_dev.ptr(),
+        input: DType::F32,
+        mode: RmsMode::Exact,
+        faults: faults.ptr(),
+    };
+    unsafe { engine.append(0, &pool.cache(), &a, stream).unwrap() };
+    dev.synchronize().unwrap();
+    assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_VALUE.bits());
+    pool.download();
+    let rb = fp8_row_bytes();
+    assert!(
+        pool.host[..rb].iter().any(|&v| v != 0),
+        "token 0 was written"
+    );
+    assert!(
+        pool.host[rb..3 * rb].iter().all(|&v| v == 0),
+        "bad tokens were written"
+    );
+}
+
+/// Decode over an engine pool of FP8 rows on the Hopper kernel (an engine made for
+/// fp8_e4m3), on a churning pool as the bf16 test's: sequences of 0 (padding), 1, 63, 64,
+/// 65 and 4096 tokens on shuffled pages, packed and padded page strides; between steps
+/// one sequence leaves, a new one arrives on reused pages and every sequence grows by a
+/// token appended on the device (checked against the CPU's append, then read back as the
+/// pool's rows). Each step: close to the f64 reference over the dequantised rows (the
+/// bounds of the FP8 device-cache test), empty entries zero, no faults, and bit-equal to
+/// an FP8 device cache's decode of the same rows (same kernels, same split count).
+#[test]
+fn fp8_engine_pool_decode_matches_the_reference_and_the_device_cache() {
+    let seed = fresh_seed();
+    for pad in [0, 48] {
+        let Some(backend) = gpu() else { return };
+        if backend.device().compute_capability() != (9, 0) {
+            eprintln!("skipping: FP8 pools decode on the Hopper kernel only");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let ctx = context(&mut rng);
+        let engine = DeviceEngine::from_context_for(backend, &ctx, DType::Fp8E4m3).unwrap();
+        assert_eq!(engine.pool_dtype(), DType::Fp8E4m3);
+        println!("page padding {pad}: {engine:?}");
+        let backend2 = CudaBackend::new(0).unwrap();
+        let dev = engine.backend().device().clone();
+        let stream = engine.backend().stream();
+        let (pages, width) = (200, 66);
+        let mut pool = Fp8Pool::padded(engine.backend(), pages, pad);
+        let mut alloc = Allocator::new(pages, &mut rng);
+        let mut seqs: Vec<Live> = Vec::new();
+        for len in [0usize, 1, 63, 64, 65, 4096] {
+            let mut s = Live {
+                pages: Vec::new(),
+                len,
+            };
+            alloc.grow(&mut s, len);
+            for t in 0..len {
+                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                pool.row_mut(slot)
+                    .copy_from_slice(&random_fp8_row(&mut rng));
+            }
+            seqs.push(s);
+        }
+        for step in 0..3 {
+            pool.upload();
+            let q = random_f32(seqs.len() * HEADS * RW, 0.08, &mut rng);
+            let mut bufs = StepBuffers::new(&engine, &seqs, width, &q);
+            let layer = step % LAYERS;
+            let (out, lse, faults) = bufs.run(&engine, layer, &pool);
+            assert_eq!(faults, 0, "step {step}: faults {faults:#x}");
+            check_against_reference(&pool, &seqs, &q, &out, &lse);
+            let (o_out, o_lse) = owned_path(&backend2, &engine, &pool, &seqs, width, &q);
+            for (b, s) in seqs.iter().enumerate() {
+                if s.len == 0 {
+                    continue;
+                }
+                assert!(
+                    bits_equal(
+                        &out[b * HEADS * W..(b + 1) * HEADS * W],
+                        &o_out[b * HEADS * W..(b + 1) * HEADS * W]
+                    ) && bits_equal(
+                        &lse[b * HEADS..(b + 1) * HEADS],
+                        &o_lse[b * HEADS..(b + 1) * HEADS]
+                    ),
+                    "step {step} entry {b}: engine and device-cache paths differ"
+                );
+            }
+            // churn: a sequence leaves, a new one arrives on reused pages
+            let gone = seqs.remove(2);
+            alloc.release(gone, &mut rng);
+            let mut fresh = Live {
+                pages: Vec::new(),
+                len: 130 + step,
+            };
+            let len = fresh.len;
+            alloc.grow(&mut fresh, len);
+            for t in 0..fresh.len {
+                let slot = fresh.pages[t / PAGE] as usize * PAGE + t % PAGE;
+                pool.row_mut(slot)
+                    .copy_from_slice(&random_fp8_row(&mut rng));
+            }
+            seqs.push(fresh);
+            pool.upload();
+            // every non-empty sequence grows by a token appended on the device
+            let mut slots = Vec::new();
+            for s in seqs.iter_mut().filter(|s| s.len > 0) {
+                alloc.grow(s, s.len + 1);
+                slots.push(s.pages[s.len / PAGE] * PAGE as i32 + (s.len % PAGE) as i32);
+                s.len += 1;
+            }
+            let n = slots.len();
+            let lat = random_f32(n * D_C, 3.0, &mut rng);
+            let kr = random_f32(n * D_R, 1.0, &mut rng);
+            let mut cpu = pool.host.clone();
+            let f = cpu_append_to(
+                &ctx,
+                layer,
+                fp8_layout(pages),
+                &mut cpu,
+                &slots,
+                &lat,
+                &kr,
+                RmsMode::Exact,
+            );
+            assert!(f.is_empty());
+            let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
+            let lat_dev = DeviceBuffer::from_host(&dev, &lat).unwrap();
+            let kr_dev = DeviceBuffer::from_host(&dev, &kr).unwrap();
+            let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+            faults.fill_bytes(0).unwrap();
+            let a = DeviceAppend {
+                slots: slots_dev.ptr(),
+                count: n,
+                latents: lat_dev.ptr(),
+                k_rope: kr_dev.ptr(),
+                input: DType::F32,
+                mode: RmsMode::Exact,
+                faults: faults.ptr(),
+            };
+            unsafe { engine.append(layer, &pool.cache(), &a, stream).unwrap() };
+            dev.synchronize().unwrap();
+            assert_eq!(faults.to_vec().unwrap()[0], 0, "step {step}: append faults");
+            pool.download();
+            compare_fp8_rows(&pool.host, &cpu, &format!("step {step} appends"));
+        }
+        let distinct: std::collections::HashSet<_> = alloc.used.iter().collect();
+        assert!(distinct.len() < alloc.used.len(), "freed pages were reused");
+    }
+}
+
+/// The hand-off of a prefill's FP8 rows into the engine's pages, device to device: rows
+/// land byte for byte at their destination slots (a packed source, a padded destination
+/// whose bytes start as e4m3 NaN codes, shuffled slots); padding is skipped, slots past
+/// either pool are flagged and copy nothing. Any GPU (the copy needs no FP8 decode).
+#[test]
+fn fp8_prefill_rows_are_copied_into_engine_pages_on_the_device() {
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let (src_pages, dst_pages, n) = (3, 7, 150);
+    let mut src = Fp8Pool::padded(engine.backend(), src_pages, 0);
+    for slot in 0..n {
+        src.row_mut(slot).copy_from_slice(&random_fp8_row(&mut rng));
+    }
+    src.upload();
+    let mut dst = Fp8Pool::padded(engine.backend(), dst_pages, 16);
+    dst.host.fill(0x7f);
+    let mut want = dst.host.clone();
+    dst.upload();
+    let mut dst_slots: Vec<i32> = (0..(dst_pages * PAGE) as i32).collect();
+    dst_slots.shuffle(&mut rng);
+    dst_slots.truncate(n);
+    let mut src_slots: Vec<i32> = (0..n as i32).collect();
+    dst_slots[5] = -1; // padding: skipped
+    dst_slots[9] = (dst_pages * PAGE) as i32; // past the destination: flagged
+    src_slots[11] = (src_pages * PAGE + 1) as i32; // past the source: flagged
+    src_slots[12] = -3; // negative source: flagged
+    let dst_dev = DeviceBuffer::from_host(&dev, &dst_slots).unwrap();
+    let src_dev = DeviceBuffer::from_host(&dev, &src_slots).unwrap();
+    let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
+    faults.fill_bytes(0).unwrap();
+    unsafe {
+        engine
+            .copy_rows(
+                &dst.cache(),
+                dst_dev.ptr(),
+                &src.cache(),
+                src_dev.ptr(),
+                n,
+                faults.ptr(),
+                engine.backend().stream(),
+            )
+            .unwrap()
+    };
+    dev.synchronize().unwrap();
+    assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_SLOT.bits());
+    let image = dst.dev.to_vec().unwrap();
+    let page_bytes = PAGE * fp8_row_bytes();
+    for page in image.chunks(page_bytes + 16) {
+        assert!(
+            page[page_bytes..].iter().all(|&b| b == 0x7f),
+            "padding written"
+        );
+    }
+    dst.download();
+    let rb = fp8_row_bytes();
+    for (i, (&d, &s)) in dst_slots.iter().zip(&src_slots).enumerate() {
+        if [5, 9, 11, 12].contains(&i) {
+            continue;
+        }
+        let (d, s) = (d as usize, s as usize);
+        want[d * rb..(d + 1) * rb].copy_from_slice(src.row_bytes_of(s));
+    }
+    assert!(dst.host == want, "the copied rows differ");
+}
+
+/// What the FP8 paths cannot serve is refused at the call, with the kind that says why:
+/// an FP8 engine where the Hopper kernel does not serve the shape or the GPU
+/// (Unsupported); a pool of the other row type than the engine decodes, row copies
+/// between row types, rows of another RoPE width (Mismatch); FP8 pools whose page
+/// stride is not a multiple of 16 bytes or whose base is not 16-byte aligned, though
+/// their layout is valid on the CPU (InvalidArgument); f16 pools (Unsupported).
+#[test]
+fn fp8_engines_and_pools_refuse_what_the_kernels_cannot_serve() {
+    let Some(backend) = gpu() else { return };
+    let hopper = backend.device().compute_capability() == (9, 0);
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    // slices of 512 (one group), and the mma.sync kernel, do not read FP8 rows
+    let wide = context_of(1, &mut rng);
+    let e = DeviceEngine::from_context_for(backend, &wide, DType::Fp8E4m3).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    let mut forced = CudaBackend::new(0).unwrap();
+    forced.set_decode_kernel(Some(DecodeKernel::MmaSync));
+    let e = DeviceEngine::from_context_for(forced, &ctx, DType::Fp8E4m3).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    let e =
+        DeviceEngine::from_context_for(CudaBackend::new(0).unwrap(), &ctx, DType::F16).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    if !hopper {
+        let e = DeviceEngine::from_context_for(CudaBackend::new(0).unwrap(), &ctx, DType::Fp8E4m3)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    }
+
+    let engine = DeviceEngine::from_context(CudaBackend::new(0).unwrap(), &ctx).unwrap();
+    let stream = engine.backend().stream();
+    let dev = engine.backend().device().clone();
+    let pages = 4;
+    let fp8 = Fp8Pool::padded(engine.backend(), pages, 16);
+    let bf16 = Pool::new(engine.backend(), pages);
+    let seqs = vec![Live {
+        pages: vec![0],
+        len: 10,
+    }];
+    let q = random_f32(HEADS * RW, 0.08, &mut rng);
+    let bufs = StepBuffers::new(&engine, &seqs, 1, &q);
+    let kind = |r: Result<()>| r.unwrap_err().kind();
+    let decode = |engine: &DeviceEngine, cache: DevicePagedCache| unsafe {
+        let mut step = bufs.step(&bf16);
+        step.cache = cache;
+        engine.decode(
+            0,
+            &step,
+            bufs.q.ptr(),
+            bufs.out.ptr(),
+            bufs.lse.ptr(),
+            stream,
+        )
+    };
+    let slots_dev = DeviceBuffer::from_host(&dev, &[0i32]).unwrap();
+    let lat_dev = DeviceBuffer::<f32>::new(&dev, D_C).unwrap();
+    let kr_dev = DeviceBuffer::<f32>::new(&dev, D_R).unwrap();
+    let append = |cache: DevicePagedCache| unsafe {
+        let a = DeviceAppend {
+            slots: slots_dev.ptr(),
+            count: 1,
+            latents: lat_dev.ptr(),
+            k_rope: kr_dev.ptr(),
+            input: DType::F32,
+            mode: RmsMode::Exact,
+            faults: 0,
+        };
+        engine.append(0, &cache, &a, stream)
+    };
+    let copy = |dst: DevicePagedCache, src: DevicePagedCache| unsafe {
+        engine.copy_rows(&dst, slots_dev.ptr(), &src, slots_dev.ptr(), 1, 0, stream)
+    };
+    // a bf16 engine decodes bf16 pools only; row copies keep one row type
+    assert_eq!(kind(decode(&engine, fp8.cache())), ErrorKind::Mismatch);
+    assert_eq!(kind(copy(fp8.cache(), bf16.cache())), ErrorKind::Mismatch);
+    assert_eq!(kind(copy(bf16.cache(), fp8.cache())), ErrorKind::Mismatch);
+    // FP8 layouts the CPU takes (4-byte multiples) but the kernels do not
+    let mut c = fp8.cache();
+    c.layout.page_stride += 4;
+    c.layout.pages -= 1;
+    c.layout.extent().unwrap();
+    assert_eq!(kind(decode(&engine, c)), ErrorKind::InvalidArgument);
+    assert_eq!(kind(append(c)), ErrorKind::InvalidArgument);
+    assert_eq!(kind(copy(c, fp8.cache())), ErrorKind::InvalidArgument);
+    let mut c = fp8.cache();
+    c.base += 4;
+    c.layout.pages -= 1;
+    assert_eq!(kind(append(c)), ErrorKind::InvalidArgument);
+    assert_eq!(kind(copy(fp8.cache(), c)), ErrorKind::InvalidArgument);
+    let mut c = fp8.cache();
+    c.layout.rope_width = D_R / 2;
+    assert_eq!(kind(append(c)), ErrorKind::Mismatch);
+    let mut c = bf16.cache();
+    c.layout.dtype = DType::F16;
+    assert_eq!(kind(append(c)), ErrorKind::Unsupported);
+    assert_eq!(kind(decode(&engine, c)), ErrorKind::Unsupported);
+    if hopper {
+        let engine8 =
+            DeviceEngine::from_context_for(CudaBackend::new(0).unwrap(), &ctx, DType::Fp8E4m3)
+                .unwrap();
+        assert_eq!(kind(decode(&engine8, bf16.cache())), ErrorKind::Mismatch);
     }
 }

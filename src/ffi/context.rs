@@ -109,8 +109,8 @@ pub enum tpla_dtype {
     Bf16 = 1,
     F16 = 2,
     F32 = 3,
-    /// FP8 latent slice (caches, shard files and engine memory on the CPU; not outputs;
-    /// the CUDA kernels read bf16 so far). A row of
+    /// FP8 latent slice (caches, shard files and engine memory; not outputs; on the GPU
+    /// decoded by the Hopper kernel only: tpla_device_engine_create_for). A row of
     /// latent width w = d_c/g and RoPE width d_r is `w + 4*ceil(w/128) + 2*d_r` bytes:
     /// w e4m3 codes (bias 7, no infinities, 0x7f/0xff NaN), then one little-endian f32
     /// scale per block of 128 latent values (the last block may be shorter; value =

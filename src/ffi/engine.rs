@@ -39,11 +39,11 @@ pub enum tpla_fault {
 /// and holds page_size rows back to back; a row is row_width values: the rank's latent
 /// slice (slice_width values, rotated and normalised), then the RoPE key (d_r values),
 /// stored as dtype (little-endian; row_width * sizeof(element) bytes, or for
-/// TPLA_DTYPE_FP8_E4M3 the row of `tpla_dtype`: codes, block scales, bf16 key, CPU
-/// only). Token t of a sequence is row
-/// t % page_size of the page its block table names at t / page_size; slot s is row
-/// s % page_size of page s / page_size. With tpla_context_* calls base is host memory;
-/// a GPU rank takes the same description with a device address.
+/// TPLA_DTYPE_FP8_E4M3 the row of `tpla_dtype`: codes, block scales, bf16 key). Token t
+/// of a sequence is row t % page_size of the page its block table names at t /
+/// page_size; slot s is row s % page_size of page s / page_size. With tpla_context_*
+/// calls base is host memory; a GPU rank takes the same description with a device
+/// address.
 #[repr(C)]
 pub struct tpla_paged_cache {
     /// sizeof(tpla_paged_cache).

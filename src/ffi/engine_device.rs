@@ -5,7 +5,7 @@
 //! Every function exists in every build; without the `cuda` feature the argument checks
 //! run and the call then returns TPLA_STATUS_UNSUPPORTED.
 
-use super::context::tpla_context;
+use super::context::{tpla_context, tpla_dtype};
 #[cfg(not(feature = "cuda"))]
 use super::device::no_cuda;
 #[cfg(feature = "cuda")]
@@ -23,9 +23,9 @@ use std::ffi::c_void;
 
 /// One rank's engine-facing GPU object: the decode and append kernels of its shape and
 /// every layer's transform on the device, made from a context by
-/// `tpla_device_engine_create`; it holds no cache state (the engine passes its pool,
-/// block table and lengths on every call) and no pointer to the context. Use it from one
-/// thread at a time.
+/// `tpla_device_engine_create` or `tpla_device_engine_create_for`; it holds no cache
+/// state (the engine passes its pool, block table and lengths on every call) and no
+/// pointer to the context. Use it from one thread at a time.
 pub struct tpla_device_engine {
     #[cfg(feature = "cuda")]
     engine: crate::engine_device::DeviceEngine,
@@ -44,14 +44,9 @@ impl tpla_device_engine {
     }
 }
 
-/// Opens GPU `device` for the rank of `ctx` (every layer with its weights): compiles (or
-/// loads from the disk cache) the kernels of its shape and uploads every layer's
-/// transform. Destroy it with `tpla_device_engine_destroy`.
-///
-/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a layer without
-/// weights), TPLA_STATUS_UNSUPPORTED (built without CUDA; no usable GPU, driver or
-/// libnvrtc; heads, slice width, d_r or d_c the kernels lack) or TPLA_STATUS_BACKEND.
-/// Reads `ctx`.
+/// Opens GPU `device` for the rank of `ctx` (every layer with its weights), decoding
+/// TPLA_DTYPE_BF16 pools: tpla_device_engine_create_for with that dtype (the same
+/// statuses).
 ///
 /// # Safety
 /// `ctx` is NULL or live; `out` is NULL or writable.
@@ -61,24 +56,60 @@ pub unsafe extern "C" fn tpla_device_engine_create(
     device: u32,
     out: *mut *mut tpla_device_engine,
 ) -> tpla_status {
+    // SAFETY: forwarded caller contract.
+    unsafe { tpla_device_engine_create_for(ctx, device, tpla_dtype::Bf16 as u32, out) }
+}
+
+/// Opens GPU `device` for the rank of `ctx` (every layer with its weights), decoding
+/// pools of `kv_dtype` rows (a `tpla_dtype`: TPLA_DTYPE_BF16, or TPLA_DTYPE_FP8_E4M3 on a
+/// Hopper GPU, compute capability 9.0, with the rank's heads a multiple of 64 and its
+/// slice width at most 256): compiles (or loads from the disk cache) the kernels of its
+/// shape and uploads every layer's transform. The dtype is fixed here because the decode
+/// kernels, and with them plans and workspace sizes, depend on it; appends and row
+/// copies take pools of either dtype. Destroy it with `tpla_device_engine_destroy`.
+///
+/// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_INVALID_ARGUMENT (a layer without
+/// weights, an unknown dtype), TPLA_STATUS_UNSUPPORTED (built without CUDA; no usable
+/// GPU, driver or libnvrtc; heads, slice width, d_r or d_c the kernels lack; a dtype
+/// other than those two, or FP8 on another GPU or shape) or TPLA_STATUS_BACKEND. Reads
+/// `ctx`.
+///
+/// # Safety
+/// `ctx` is NULL or live; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_engine_create_for(
+    ctx: *const tpla_context,
+    device: u32,
+    kv_dtype: u32,
+    out: *mut *mut tpla_device_engine,
+) -> tpla_status {
     guard(|| {
         // SAFETY: caller contract.
         let c = &unsafe { handle(ctx, "ctx") }?.ctx;
+        let dtype = DType::from_code(kv_dtype)?;
         // SAFETY: caller contract.
-        unsafe { hand_out(out, || make_engine(c, device)) }
+        unsafe { hand_out(out, || make_engine(c, device, dtype)) }
     })
 }
 
 #[cfg(feature = "cuda")]
-fn make_engine(c: &crate::decode::RankContext, device: u32) -> Outcome<tpla_device_engine> {
+fn make_engine(
+    c: &crate::decode::RankContext,
+    device: u32,
+    dtype: DType,
+) -> Outcome<tpla_device_engine> {
     let backend = crate::attention::cuda::CudaBackend::new(super::to_usize(device))?;
     Ok(tpla_device_engine {
-        engine: crate::engine_device::DeviceEngine::from_context(backend, c)?,
+        engine: crate::engine_device::DeviceEngine::from_context_for(backend, c, dtype)?,
     })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn make_engine(_c: &crate::decode::RankContext, _device: u32) -> Outcome<tpla_device_engine> {
+fn make_engine(
+    _c: &crate::decode::RankContext,
+    _device: u32,
+    _dtype: DType,
+) -> Outcome<tpla_device_engine> {
     no_cuda()
 }
 
@@ -271,9 +302,10 @@ pub struct tpla_device_decode_args {
     pub struct_size: usize,
     /// The layer to decode.
     pub layer: u32,
-    /// The layer's cache: `base` is a device address (16-byte aligned); TPLA_DTYPE_BF16,
-    /// 64 rows per page, the page stride a multiple of 16 (today's kernels also need it
-    /// equal to 64 * row_width * 2: TPLA_STATUS_UNSUPPORTED otherwise).
+    /// The layer's cache: `base` is a device address (16-byte aligned); the dtype the
+    /// engine was created for (TPLA_DTYPE_BF16 or TPLA_DTYPE_FP8_E4M3), 64 rows per page,
+    /// the page stride a multiple of 16 (FP8 pools too, where the CPU takes 4; 64 FP8 rows
+    /// always fill a multiple of 16 bytes).
     pub cache: *const tpla_paged_cache,
     /// Page indices, [batch][block_table_width] int32 (device): row b names the pages of
     /// batch entry b in token order.
@@ -319,9 +351,9 @@ unsafe impl Versioned for tpla_device_decode_args {
 /// page stride not a multiple of 16, misaligned addresses, a workspace too small,
 /// overlapping buffers, an address that is not device memory of the engine's GPU or whose
 /// allocation is too short, not a stream), TPLA_STATUS_OUT_OF_RANGE (layer),
-/// TPLA_STATUS_MISMATCH (rows of another width; memory or stream of another GPU),
-/// TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype or page size the kernels do not read) or
-/// TPLA_STATUS_BACKEND.
+/// TPLA_STATUS_MISMATCH (rows of another width; a dtype other than the one the engine
+/// was created for; memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA;
+/// a dtype or page size the kernels do not read) or TPLA_STATUS_BACKEND.
 ///
 /// # Safety
 /// `engine` is NULL or live; `args` is NULL or a valid `tpla_device_decode_args` whose
@@ -434,10 +466,12 @@ unsafe fn decode(
 /// latents_dev[i] ([count][d_c]) and the RoPE-rotated key k_rope_dev[i] ([count][d_r]),
 /// both of `input_dtype` (TPLA_DTYPE_F32 or TPLA_DTYPE_BF16); it is normalised
 /// (`rms_mode`, a `tpla_rms_mode`), rotated by the layer's transform, cut to the rank's
-/// slice, rounded to bf16 and stored at slot slots_dev[i] (page * 64 + offset), as
+/// slice, stored as the cache's dtype (TPLA_DTYPE_BF16: rounded; TPLA_DTYPE_FP8_E4M3:
+/// quantised per block with its scales, the key rounded to bf16; whatever dtype the
+/// engine decodes) at slot slots_dev[i] (page * 64 + offset), as
 /// tpla_context_append_paged does (in f64; the rows are equal to its rows up to the
 /// order of the RMS sums). Negative slots are padding and skipped; a slot past the pool
-/// sets TPLA_FAULT_BAD_SLOT, a non-finite input or a value beyond bf16
+/// sets TPLA_FAULT_BAD_SLOT, a non-finite input or a value beyond bf16 (FP8 caches too)
 /// TPLA_FAULT_BAD_VALUE in `*faults_dev` (a device uint32, or NULL); those tokens are
 /// not written. Two tokens of one call must not share a slot.
 ///
@@ -568,17 +602,19 @@ unsafe fn append(e: &tpla_device_engine, _a: &Append, _stream: *mut c_void) -> O
 /// of a prefill's rows into decode pages, device to device), on `stream` with no host
 /// synchronisation: row src_slots_dev[i] of `src` to row dst_slots_dev[i] of `dst`
 /// (device int32 [count] each; slot = page * 64 + offset), bytes unchanged; both caches
-/// described as for tpla_device_engine_decode. A prefill held on the host is copied to the
-/// device first (as one packed source pool). Negative destination slots are skipped; a
-/// slot past its pool, or a negative source slot, sets TPLA_FAULT_BAD_SLOT in
-/// `*faults_dev` (a device uint32, or NULL) and copies nothing for that row.
+/// described as for tpla_device_engine_decode, of one dtype (TPLA_DTYPE_BF16 or
+/// TPLA_DTYPE_FP8_E4M3, whatever dtype the engine decodes). A prefill held on the host is
+/// copied to the device first (as one packed source pool). Negative destination slots
+/// are skipped; a slot past its pool, or a negative source slot, sets TPLA_FAULT_BAD_SLOT
+/// in `*faults_dev` (a device uint32, or NULL) and copies nothing for that row.
 ///
 /// Returns TPLA_STATUS_NULL_ARGUMENT, TPLA_STATUS_WRONG_STRUCT_SIZE,
 /// TPLA_STATUS_INVALID_ARGUMENT (a bad cache layout, misaligned addresses, count above
 /// INT32_MAX, overlapping caches, an address that is not device memory of the engine's
 /// GPU or whose allocation is too short, not a stream), TPLA_STATUS_MISMATCH (rows of
-/// another width; memory or stream of another GPU), TPLA_STATUS_UNSUPPORTED (no CUDA; a
-/// dtype or page size the kernels do not read) or TPLA_STATUS_BACKEND.
+/// another width; caches of two dtypes; memory or stream of another GPU),
+/// TPLA_STATUS_UNSUPPORTED (no CUDA; a dtype or page size the kernels do not read) or
+/// TPLA_STATUS_BACKEND.
 ///
 /// # Safety
 /// `engine` is NULL or live; the caches are NULL or valid `tpla_paged_cache`s over device

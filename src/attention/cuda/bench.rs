@@ -227,12 +227,6 @@ fn measure_api(
         d_r: ROPE_WIDTH,
     };
     let rw = shape.row_width();
-    if engine_api && case.dtype != DType::Bf16 {
-        return Err(Error::unsupported(format!(
-            "the engine API's GPU path reads bf16 pools, not {}",
-            case.dtype.name()
-        )));
-    }
     let row_bytes = case.dtype.row_bytes(case.slice_width, ROPE_WIDTH);
     let set_bytes = case.batch * case.context * row_bytes;
     let copies = (4 * dev.l2_bytes()).div_ceil(set_bytes).clamp(1, 128);

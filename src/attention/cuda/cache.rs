@@ -4,8 +4,10 @@
 //!
 //! The host keeps the page allocator (a free list) and a mirror of the block tables.
 //! Uploads go through pinned staging buffers and asynchronous copies; decode-time rows
-//! are appended by a kernel that reads and bumps the device-side length, so an engine
-//! can capture appends in a CUDA graph once it has reserved their pages.
+//! (f32) are appended by a kernel that reads and bumps the device-side length, so an
+//! engine can capture appends in a CUDA graph once it has reserved their pages. Appends
+//! into an FP8 cache are quantised on the device to the bytes the host's
+//! [`DType::encode_row`] writes.
 
 use super::driver::{
     arg, driver_err, CUstream, CudaDevice, DeviceBuffer, Event, PinnedBuffer, Stream,
@@ -337,9 +339,10 @@ impl DeviceCache {
     }
 
     /// Appends one row per entry of `slots` (distinct) from host rows (f32, `[n][row_width]`),
-    /// reserving pages as needed; synchronous.
+    /// reserving pages as needed; synchronous. The rows are stored as the cache's type:
+    /// rounded to bf16, or quantised to FP8 as [`DType::encode_row`] does (bit for bit,
+    /// non-finite values included).
     pub fn append(&mut self, slots: &[usize], rows: &[f32]) -> Result<()> {
-        self.check_appendable()?;
         let rw = self.row_width();
         if rows.len() != slots.len() * rw {
             return Err(Error::invalid(format!(
@@ -384,7 +387,8 @@ impl DeviceCache {
 
     /// Device-side append, enqueued on `stream` with no host synchronisation (graph
     /// capturable): row `i` (f32, `row_width`, at `rows + i * row_width * 4`) goes to the
-    /// end of slot `slots[i]` (device `i32`s, distinct), whose length grows by one.
+    /// end of slot `slots[i]` (device `i32`s, distinct), whose length grows by one; an FP8
+    /// cache quantises it on the device (one block per row), as [`Self::append`] does.
     /// Pages must have been reserved; a row without one is dropped and reported by
     /// [`Self::check_append_error`]. Host-side lengths are brought up to date with
     /// [`Self::refresh_lengths`].
@@ -399,7 +403,6 @@ impl DeviceCache {
         count: usize,
         stream: CUstream,
     ) -> Result<()> {
-        self.check_appendable()?;
         if count == 0 {
             return Ok(());
         }
@@ -419,22 +422,14 @@ impl DeviceCache {
             arg(&max_pages),
             arg(&err),
         ];
+        // the kernels read bf16 or FP8 caches only (KernelConfig::choose)
+        let kernel = if self.dtype == DType::Fp8E4m3 {
+            &self.kernels.append_fp8
+        } else {
+            &self.kernels.append
+        };
         self.device.bind()?;
-        self.kernels
-            .append
-            .launch((count as u32, 1, 1), 128, 0, stream, &mut args)
-    }
-
-    /// The append kernel writes bf16 rows; quantising appended rows to FP8 on the device
-    /// is not built yet (FP8 device caches take their rows by [`Self::upload`]).
-    fn check_appendable(&self) -> Result<()> {
-        match self.dtype {
-            DType::Bf16 => Ok(()),
-            other => Err(Error::unsupported(format!(
-                "appends into a {} device cache are not supported yet: upload its rows",
-                other.name()
-            ))),
-        }
+        kernel.launch((count as u32, 1, 1), 128, 0, stream, &mut args)
     }
 
     /// Reports (and clears) a device-side append that found no reserved page.
@@ -454,6 +449,31 @@ impl DeviceCache {
                 "a device-side append found no reserved page: call reserve before appending",
             )),
         }
+    }
+
+    /// The rows of `slot` in token order, bytes as the pool holds them (`seq_len(slot)`
+    /// rows of the cache's row bytes; [`Self::refresh_lengths`] first after device-side
+    /// appends), after all queued device work: for tests and tools.
+    pub fn download_rows(&self, slot: usize) -> Result<Vec<u8>> {
+        self.check_slot(slot)?;
+        let row_bytes = self.row_bytes();
+        let page_bytes = PAGE_SIZE * row_bytes;
+        let mut rows = vec![0u8; self.host_lens[slot] * row_bytes];
+        let first = slot * self.config.max_pages_per_slot;
+        self.device.bind()?;
+        cudarc::driver::result::ctx::synchronize().map_err(driver_err("waiting for the device"))?;
+        for (chunk, &page) in rows.chunks_mut(page_bytes).zip(&self.host_table[first..]) {
+            // SAFETY: the slot's reserved pages (one per chunk: its length is within them)
+            // lie in the pool; the chunk holds at most one page's rows.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_sync(
+                    chunk,
+                    self.pool.ptr() + (page as usize * page_bytes) as u64,
+                )
+            }
+            .map_err(driver_err("copying rows from the device"))?;
+        }
+        Ok(rows)
     }
 
     /// Reads the device-side lengths back into the host's view (after device appends).

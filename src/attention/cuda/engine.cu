@@ -120,34 +120,6 @@ tpla_engine_finish(const int* __restrict__ ws, int batch, int heads, float* __re
 #define RMS_EPS 1e-6
 #define BF16_MAX 3.3895313892515355e38
 
-// f64 -> bf16 bits as the host's `half::bf16::from_f64` rounds (its rounding looks at the
-// upper 32 bits of the double only), so device rows equal the CPU's bit for bit.
-__device__ __forceinline__ unsigned short f64_to_bf16_host(double v) {
-    const unsigned long long val = (unsigned long long)__double_as_longlong(v);
-    const u32 x = (u32)(val >> 32);
-    const u32 sign = x & 0x80000000u;
-    const u32 ex = x & 0x7FF00000u;
-    const u32 man = x & 0x000FFFFFu;
-    const u32 hs = sign >> 16;
-    if (ex == 0x7FF00000u) {
-        const u32 nan_bit = (man == 0 && (u32)val == 0) ? 0u : 0x0040u;
-        return (unsigned short)(hs | 0x7F80u | nan_bit | (man >> 13));
-    }
-    const int half_exp = (int)(ex >> 20) - 1023 + 127;
-    if (half_exp >= 0xFF) return (unsigned short)(hs | 0x7F80u);
-    if (half_exp <= 0) {
-        if (7 - half_exp > 21) return (unsigned short)hs;
-        const u32 m = man | 0x00100000u;
-        u32 hm = m >> (14 - half_exp);
-        const u32 rb = 1u << (13 - half_exp);
-        if ((m & rb) != 0 && (m & (3 * rb - 1)) != 0) hm += 1;
-        return (unsigned short)(hs | hm);
-    }
-    const u32 r = hs | ((u32)half_exp << 7) | (man >> 13);
-    const u32 rb = 0x1000u;
-    return (unsigned short)(((man & rb) != 0 && (man & (3 * rb - 1)) != 0) ? r + 1 : r);
-}
-
 __device__ __forceinline__ double load_in(const void* p, u64 i, int bf16_in) {
     if (bf16_in) {
         const u32 bits = (u32)reinterpret_cast<const bf16_t*>(p)[i] << 16;
@@ -173,18 +145,20 @@ __device__ __forceinline__ double block_sum(double v, double* red) {
 // f32 or bf16) is normalised (exact: by its RMS; sliced: by the RMS estimated from the
 // rank's slice and its energy fraction), rotated (identity; Hadamard: signs, FWHT and
 // 1/sqrt(dc); dense: the [dc][SLICE] columns of U of the slice), cut to the rank's slice
-// starting at slice_start, followed by the RoPE key (DR values), rounded to bf16 as the
-// host does, and stored. All in f64 with the host's order of operations (no fused
-// multiply-adds), so rows equal the CPU's up to the order of the RMS sums. A negative slot
-// is skipped; a slot past the pool sets FAULT_BAD_SLOT, a non-finite input or a value
-// beyond bf16 FAULT_BAD_VALUE, and writes nothing.
+// starting at slice_start, followed by the RoPE key (DR values), and stored as the pool's
+// rows are encoded on the host: bf16 (fp8 == 0), or FP8 (fp8 == 1: the slice's e4m3 codes
+// and block scales, the key in bf16; DESIGN 7.1). All in f64 with the host's order of
+// operations (no fused multiply-adds), so rows equal the CPU's up to the order of the RMS
+// sums. A negative slot is skipped; a slot past the pool sets FAULT_BAD_SLOT, a
+// non-finite input or a value beyond bf16 FAULT_BAD_VALUE, and writes nothing (FP8 pools
+// too, as the host refuses such rows: it keeps every block scale a finite f32).
 // Dynamic shared memory: dc + SLICE doubles.
 extern "C" __global__ void __launch_bounds__(APPEND_THREADS)
 tpla_engine_append(const void* __restrict__ latents, const void* __restrict__ k_rope, int bf16_in,
                    const int* __restrict__ slot_map, int count, int dc, int slice_start,
                    int transform, const double* __restrict__ tdata, int sliced, double fraction,
                    unsigned char* __restrict__ pool, unsigned long long page_stride,
-                   long long pages, unsigned int* __restrict__ faults)
+                   long long pages, int fp8, unsigned int* __restrict__ faults)
 {
     extern __shared__ double y[];  // [dc] the latent, then [SLICE] the rank's slice
     double* s = y + dc;
@@ -260,23 +234,39 @@ tpla_engine_append(const void* __restrict__ latents, const void* __restrict__ k_
         if (tid == 0 && faults) atomicOr(faults, FAULT_BAD_VALUE);
         return;
     }
-    bf16_t* dst = reinterpret_cast<bf16_t*>(pool + (u64)(slot / PAGE) * page_stride) +
-                  (u64)(slot % PAGE) * RW;
-    for (int c = tid; c < RW; c += APPEND_THREADS)
-        dst[c] = f64_to_bf16_host(c < SLICE ? s[c] : load_in(k_rope, (u64)i * DR + (c - SLICE), bf16_in));
+    const u64 row_bytes = fp8 ? FP8_ROW_BYTES : RW * 2;
+    unsigned char* row = pool + (u64)(slot / PAGE) * page_stride + (u64)(slot % PAGE) * row_bytes;
+    const auto key = [&](int c) { return load_in(k_rope, (u64)i * DR + c, bf16_in); };
+    if (fp8) {
+        // s is complete: the barrier of the check above follows its last write
+        store_fp8_row([&](int j) { return s[j]; }, key, row);
+        return;
+    }
+    bf16_t* dst = reinterpret_cast<bf16_t*>(row);
+    for (int c = tid; c < RW; c += APPEND_THREADS) dst[c] = f64_to_bf16_host(c < SLICE ? s[c] : key(c - SLICE));
 }
 
 // ---- row copies (the hand-off of a prefill's rows into decode pages) ----------------------
 
+// One row of `bytes` bytes (a multiple of sizeof(Word), both rows aligned to it), copied
+// by the 32 lanes of a warp.
+template <class Word>
+__device__ __forceinline__ void copy_row(const unsigned char* from, unsigned char* to, int bytes, int lane) {
+    for (int w = lane; w < bytes / (int)sizeof(Word); w += 32)
+        reinterpret_cast<Word*>(to)[w] = reinterpret_cast<const Word*>(from)[w];
+}
+
 // Copies row src_slots[i] of the source pool to row dst_slots[i] of the destination pool
-// (both pages of PAGE rows of RW bf16 values at their page strides), one warp per row in
-// 16-byte words. A negative destination slot is skipped; a source or destination slot past
-// its pool (or a negative source slot) sets FAULT_BAD_SLOT and copies nothing.
+// (both pages of PAGE rows at their page strides, multiples of 16 bytes), one warp per
+// row: bf16 rows (fp8 == 0, RW * 2 bytes, a multiple of 16) in 16-byte words, FP8 rows
+// (fp8 == 1, FP8_ROW_BYTES, only a multiple of 4) in 4-byte words. A negative destination
+// slot is skipped; a source or destination slot past its pool (or a negative source slot)
+// sets FAULT_BAD_SLOT and copies nothing.
 extern "C" __global__ void __launch_bounds__(128)
 tpla_engine_copy_rows(const unsigned char* __restrict__ src, unsigned long long src_stride,
                       long long src_pages, const int* __restrict__ src_slots,
                       unsigned char* __restrict__ dst, unsigned long long dst_stride,
-                      long long dst_pages, const int* __restrict__ dst_slots, int count,
+                      long long dst_pages, const int* __restrict__ dst_slots, int count, int fp8,
                       unsigned int* __restrict__ faults)
 {
     const int lane = threadIdx.x % 32;
@@ -289,10 +279,13 @@ tpla_engine_copy_rows(const unsigned char* __restrict__ src, unsigned long long 
         if (lane == 0 && faults) atomicOr(faults, FAULT_BAD_SLOT);
         return;
     }
-    const uint4* from = reinterpret_cast<const uint4*>(src + (u64)(s / PAGE) * src_stride +
-                                                       (u64)(s % PAGE) * RW * 2);
-    uint4* to = reinterpret_cast<uint4*>(dst + (u64)(d / PAGE) * dst_stride + (u64)(d % PAGE) * RW * 2);
-    for (int w = lane; w < RW * 2 / 16; w += 32) to[w] = from[w];
+    const int row_bytes = fp8 ? FP8_ROW_BYTES : RW * 2;
+    const unsigned char* from = src + (u64)(s / PAGE) * src_stride + (u64)(s % PAGE) * row_bytes;
+    unsigned char* to = dst + (u64)(d / PAGE) * dst_stride + (u64)(d % PAGE) * row_bytes;
+    if (fp8)
+        copy_row<u32>(from, to, row_bytes, lane);
+    else
+        copy_row<uint4>(from, to, row_bytes, lane);
 }
 
 // ---- query rows from absorbed queries ------------------------------------------------------

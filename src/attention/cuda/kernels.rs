@@ -378,7 +378,9 @@ pub struct Kernels {
     pub combine: Function,
     /// The merge of the wgmma kernel's sequence pieces (wgmma modules only).
     pub combine_pieces: Option<Function>,
+    /// Device appends of f32 rows: into bf16 pools, and quantised into FP8 pools.
     pub append: Function,
+    pub append_fp8: Function,
     pub fill_bf16: Function,
     pub fill_fp8: Function,
     pub fill_f32: Function,
@@ -474,6 +476,7 @@ impl Kernels {
                 DecodeKernel::MmaSync => None,
             },
             append: module.function("tpla_append")?,
+            append_fp8: module.function("tpla_append_fp8")?,
             fill_bf16: module.function("tpla_fill_bf16")?,
             fill_fp8: module.function("tpla_fill_fp8")?,
             fill_f32: module.function("tpla_fill_f32")?,

@@ -10,8 +10,9 @@
 //!   tiles, wgmma from shared memory, two warpgroups) for heads in multiples of 64;
 //!   `mma.sync` v3 (decode_v3.cu) elsewhere and on Ampere/Ada.
 //! - [`DeviceCache`] mirrors the CPU page layout (pages of 64 bf16 rows
-//!   `[slice_width + d_r]`) with device block tables; sequences are uploaded from any
-//!   [`RowSource`](crate::attention::RowSource), decode rows appended on the device.
+//!   `[slice_width + d_r]`, or FP8 rows, DESIGN 7.1) with device block tables; sequences
+//!   are uploaded from any [`RowSource`](crate::attention::RowSource), decode rows
+//!   appended on the device (FP8: quantised there to the host's bytes).
 //! - [`DecodePlan::launch`] takes device addresses and a raw `CUstream` and never
 //!   synchronises, so an engine can capture decode steps in a CUDA graph.
 //! - [`CudaBackend`] implements [`LatentAttention`](crate::attention::LatentAttention)

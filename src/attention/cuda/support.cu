@@ -49,11 +49,34 @@ tpla_combine(const float* __restrict__ part_out, const float* __restrict__ part_
     if (threadIdx.x == 0) lse[(u64)b * heads + h] = red[0] + __logf(red[1]);
 }
 
-// Appends one decode row per entry: rows[i] (f32, RW wide) goes to position
-// seq_lens[slots[i]] of that slot, whose page the host reserved beforehand; the length
-// then grows by one. A row with no reserved page sets *error to 1, a slot id out of
-// range sets it to 2; either row is dropped. Slots must be distinct within one call.
-// One block per row.
+// Device appends of the owned cache (DeviceCache): one decode row per entry, rows[i] (f32,
+// RW wide) to position seq_lens[slots[i]] of that slot, whose page the host reserved
+// beforehand; the length then grows by one. A row with no reserved page sets *error to
+// 1, a slot id out of range sets it to 2; either row is dropped. Slots must be distinct
+// within one call. One block per row; the pool is pages of PAGE rows of its type.
+
+// Where row `i` goes (its row index in the pool), or -1 after flagging *error.
+__device__ __forceinline__ long long append_target(const int* __restrict__ slots, int i, int num_slots,
+                                                   const int* __restrict__ block_table,
+                                                   const int* __restrict__ seq_lens, int max_pages,
+                                                   int* __restrict__ error)
+{
+    const int slot = slots[i];
+    if (slot < 0 || slot >= num_slots) {
+        if (threadIdx.x == 0) atomicExch(error, 2);
+        return -1;
+    }
+    const int pos = seq_lens[slot];
+    const int page_idx = pos / PAGE;
+    const int page = page_idx < max_pages ? block_table[(u64)slot * max_pages + page_idx] : -1;
+    if (page < 0) {
+        if (threadIdx.x == 0) atomicExch(error, 1);
+        return -1;
+    }
+    return (long long)page * PAGE + pos % PAGE;
+}
+
+// Bf16 pools: each value rounded to nearest even from f32.
 extern "C" __global__ void __launch_bounds__(128)
 tpla_append(const float* __restrict__ rows, const int* __restrict__ slots, int count,
             int num_slots, bf16_t* __restrict__ pool, const int* __restrict__ block_table,
@@ -61,24 +84,33 @@ tpla_append(const float* __restrict__ rows, const int* __restrict__ slots, int c
 {
     const int i = blockIdx.x;
     if (i >= count) return;
-    const int slot = slots[i];
-    if (slot < 0 || slot >= num_slots) {
-        if (threadIdx.x == 0) atomicExch(error, 2);
-        return;
-    }
-    const int pos = seq_lens[slot];
-    const int page_idx = pos / PAGE;
-    const int page = page_idx < max_pages ? block_table[(u64)slot * max_pages + page_idx] : -1;
-    if (page < 0) {
-        if (threadIdx.x == 0) atomicExch(error, 1);
-        return;
-    }
-    bf16_t* dst = pool + ((u64)page * PAGE + pos % PAGE) * RW;
+    const long long target = append_target(slots, i, num_slots, block_table, seq_lens, max_pages, error);
+    if (target < 0) return;
+    bf16_t* dst = pool + (u64)target * RW;
     const float* src = rows + (u64)i * RW;
     for (int c = threadIdx.x * 2; c < RW; c += blockDim.x * 2)
         *reinterpret_cast<u32*>(dst + c) = pack_bf16x2(src[c], src[c + 1]);
     __syncthreads();
-    if (threadIdx.x == 0) seq_lens[slot] = pos + 1;
+    if (threadIdx.x == 0) seq_lens[slots[i]] += 1;
+}
+
+// FP8 pools (DESIGN 7.1): the row quantised on the device into exactly the bytes of the
+// host's `DType::Fp8E4m3.encode_row` of the same f32 values (non-finite ones included:
+// a NaN gives the NaN code, an infinity saturates and makes its block's scale 1).
+extern "C" __global__ void __launch_bounds__(128)
+tpla_append_fp8(const float* __restrict__ rows, const int* __restrict__ slots, int count,
+                int num_slots, unsigned char* __restrict__ pool, const int* __restrict__ block_table,
+                int* __restrict__ seq_lens, int max_pages, int* __restrict__ error)
+{
+    const int i = blockIdx.x;
+    if (i >= count) return;
+    const long long target = append_target(slots, i, num_slots, block_table, seq_lens, max_pages, error);
+    if (target < 0) return;
+    const float* src = rows + (u64)i * RW;
+    store_fp8_row([&](int j) { return widen_as_host(src[j]); },
+                  [&](int c) { return widen_as_host(src[SLICE + c]); }, pool + (u64)target * FP8_ROW_BYTES);
+    __syncthreads();
+    if (threadIdx.x == 0) seq_lens[slots[i]] += 1;
 }
 
 // Pseudo-random fill for benchmarks: element i of `data` becomes a value in [-scale,
