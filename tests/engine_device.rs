@@ -59,7 +59,8 @@ fn context(rng: &mut ChaCha8Rng) -> RankContext {
 /// [`context`] with `groups` latent groups (slices of D_C / groups values).
 fn context_of(groups: usize, rng: &mut ChaCha8Rng) -> RankContext {
     let d = dims();
-    let plan = ShardPlan::new(&d, groups, 1).unwrap();
+    // rank 1 as the default context's, rank 0 when there is only one
+    let plan = ShardPlan::new(&d, groups, groups.min(2) - 1).unwrap();
     let w = D_C / groups;
     let mut ctx = RankContext::new(d, plan, LAYERS, Box::new(Reference)).unwrap();
     let mut moment = SecondMoment::new(D_C);
