@@ -51,23 +51,23 @@
 // A tile past the sequence's end has its rows zeroed in shared memory before use (0 *
 // NaN would poison P V).
 //
-// KV_FP8 (MODE_TOKENS and MODE_HEADS): the pool holds FP8 rows (DESIGN 7.1: SLICE e4m3 codes, an
-// f32 scale per 128 of them, the bf16 RoPE key; ROW8 bytes, 4-aligned, so no tensor map
-// fits). A third warpgroup (WG2, 40 registers a thread by setmaxnreg; the two consumers
-// get 232) converts them: each raw page arrives by one 1D bulk copy into a ring of
-// STAGES raw stages, and WG2 turns tile t into bf16 stage t % 3 (HEADS: t % 2) in the
-// layout above
-// (value = e4m3 * scale rounded to f32, then to bf16: the bits a bf16 cache of the
-// dequantised rows holds; rows past the end as zeros), refills the raw stage right away,
-// and signals the stage's `full` mbarrier; the consumer of tile t (WG t % 2) releases
-// the stage on its `empty` mbarrier after its P V. Three stages, so that the stage WG2
-// fills next was the other consumer's: a consumer never waits for a conversion that
-// started after its own release (with one stage each, session 4-5, it did, and FP8 was
-// slower than bf16). The consumers run the bf16 TOKENS loop, scores ahead included.
-// MODE_HEADS: both consumers read every tile, so two stages (double buffering) and
-// both release each; a page is read and converted once for 128 heads. A page index
-// outside the pool copies nothing and converts to zeros, as the tensor map's bounds
-// give.
+// KV_FP8 (MODE_TOKENS and MODE_HEADS): the pool holds FP8 rows (DESIGN 7.1: SLICE e4m3
+// codes, an f32 scale per 128 of them, the bf16 RoPE key; ROW8 bytes, 4-aligned, so no
+// tensor map fits): each raw page arrives by one 1D bulk copy into a ring of STAGES raw
+// stages and is converted (value = e4m3 * scale rounded to f32, then to bf16: the bits a
+// bf16 cache of the dequantised rows holds; rows past the end as zeros) into a bf16
+// stage in the layout above, then the same products run. A page index outside the pool
+// copies nothing and converts to zeros, as the tensor map's bounds give.
+// - MODE_TOKENS: the warpgroup that owns the tile converts it into its one bf16 stage
+//   and refills the raw stage right after that (no scores ahead). Each warp of both
+//   warpgroups converts, which measured faster (session 5: 381 us against 442 at
+//   Kimi-K2 g=2) than one converting warpgroup beside them, whose single warp per
+//   sub-partition became the chain.
+// - MODE_HEADS (FP8_CONVERTER): both warpgroups read every tile, so a third warpgroup
+//   (WG2, 40 registers a thread by setmaxnreg, the consumers 232) converts each page
+//   once, for 128 heads, into two bf16 stages (tile t into t % 2) signalled by `full`
+//   mbarriers and released by both consumers on `empty` ones; the consumers keep the
+//   bf16 HEADS loop and its turns.
 //
 // Work schedule: the grid is (head tiles, CTAS). The batch's tiles, sequence after
 // sequence, are cut into CTAS equal ranges of `per` tiles (at least MIN_TILES), and CTA
@@ -99,8 +99,9 @@
 #define QWG_BYTES (CHUNKS * ATOM_BYTES)    // 64 query rows
 #define HQ (MODE == MODE_HEADS ? 128 : 64)  // heads per block
 #define THREADS 256                         // the two warpgroups that compute
-// KV_FP8: a third warpgroup converts the raw pages (see the top of the file)
-#define BLOCK_THREADS (THREADS + (KV_FP8 ? 128 : 0))
+// KV_FP8 with MODE_HEADS: a third warpgroup converts the raw pages (see the top)
+#define FP8_CONVERTER (KV_FP8 && MODE == MODE_HEADS)
+#define BLOCK_THREADS (THREADS + (FP8_CONVERTER ? 128 : 0))
 #define PV_N (MODE == MODE_COLUMNS ? SLICE / 2 : SLICE)  // output columns per warpgroup
 #define ON (PV_N / 2)                      // output accumulators per thread
 #define SHARED_TILES (MODE != MODE_TOKENS)  // both warpgroups read every tile
@@ -112,7 +113,7 @@
 #if MODE == MODE_COLUMNS ? SLICE != 512 : (SLICE != 64 && SLICE != 128 && SLICE != 256)
 #error "unsupported slice width for this mode"
 #endif
-#if MODE == MODE_TOKENS && !KV_FP8 && (STAGES % 2) != 0
+#if MODE == MODE_TOKENS && (STAGES % 2) != 0
 #error "with two warpgroups taking alternate tiles, STAGES must be even"
 #endif
 #if MODE == MODE_COLUMNS && STAGES != 2
@@ -136,13 +137,13 @@
 #define XCHG_BYTES (MODE == MODE_COLUMNS ? ATOM_BYTES + 2 * 64 * 4 : 0)
 #define STAGE_BARS (MODE == MODE_COLUMNS ? CHUNKS : 1)
 // FP8: BF16_STAGES converted stages, then the ring of STAGES raw pages; the mbarriers
-// are the raw pages' (completed by the copies), then each bf16 stage's `full`
-// (converted) and `empty` (released by its consumer); the counts' place holds a flag
+// are the raw pages' (completed by the copies), then (HEADS) each bf16 stage's `full`
+// (converted) and `empty` (released by both consumers); the counts' place holds a flag
 // per raw page that was outside the pool.
 #define SCALE_BYTES (4 * ((SLICE + 127) / 128))
 #define ROW8 (SLICE + SCALE_BYTES + 2 * 64)  // bytes of one FP8 row
 #define RAW_BYTES (NT * ROW8)                // one raw page: a multiple of 16 (NT = 64)
-#define BF16_STAGES (KV_FP8 ? (MODE == MODE_HEADS ? 2 : 3) : STAGES)
+#define BF16_STAGES (KV_FP8 ? 2 : STAGES)
 #define CONSUMER_REGS 232
 #define PRODUCER_REGS 40
 #define SM_K 0
@@ -150,7 +151,7 @@
 #define SM_Q (((SM_RAW + (KV_FP8 ? STAGES * RAW_BYTES : 0)) + 1023) / 1024 * 1024)
 #define SM_X (SM_Q + (HQ / 64) * QWG_BYTES)
 #define SM_BAR (SM_X + XCHG_BYTES)
-#define SM_DONE (SM_BAR + (STAGES * STAGE_BARS + (KV_FP8 ? 2 * BF16_STAGES : 0)) * 8)
+#define SM_DONE (SM_BAR + (STAGES * STAGE_BARS + (FP8_CONVERTER ? 2 * BF16_STAGES : 0)) * 8)
 #define SM_PAGE_BAD SM_DONE
 // this CTA's schedule: 8 words, then the scans' scratch (two words per warp)
 #define SM_SCHED (SM_DONE + STAGES * 8)
@@ -342,7 +343,7 @@ __device__ __forceinline__ void dequant_page(const unsigned char* raw, unsigned 
         dst += DEQ_BATCH * ROWS_STEP * 128;
     }
     // the RoPE chunk, bf16 already: thread `me` takes unit me % 8 of rows me / 8 + 16 k,
-    // two rows' loads at a time (the converting warpgroup has few registers)
+    // two rows' loads at a time (the HEADS converter has 40 registers)
     const int unit = me % 8;
 #pragma unroll
     for (int k0 = 0; k0 < NT / 16; k0 += 2) {
@@ -757,13 +758,13 @@ __device__ __forceinline__ int entry_tiles(const int* slots, const int* seq_lens
     return slot >= 0 && slot < num_slots ? (max(seq_lens[slot], 0) + NT - 1) / NT : 0;
 }
 
-#if KV_FP8
+#if FP8_CONVERTER
 // The converting warpgroup's part (thread `me` of it): the same walk over the CTA's pieces
-// as the consumers', meeting them at each piece's five block barriers (its start, Q
-// stored, the merge's three); between the second and the third it converts the piece's
-// pages in order, tile t (counted over the CTA's range) from raw stage t % STAGES into
-// bf16 stage t % BF16_STAGES once that stage's consumer released tile t - BF16_STAGES,
-// and refills the raw stage with the page STAGES on as soon as it is converted.
+// as the consumers', meeting them at each piece's two block barriers (its start, Q
+// stored); after the second it converts the piece's pages in order, tile t (counted
+// over the CTA's range) from raw stage t % STAGES into bf16 stage t % BF16_STAGES once
+// both consumers released tile t - BF16_STAGES there, and refills the raw stage with the
+// page STAGES on as soon as it is converted.
 __device__ __forceinline__ void convert_pieces(const RawPool& pool, unsigned char* smem, u32 base, u32 full_bar,
                                                u32 conv_full, u32 conv_empty, const int* block_table,
                                                const int* seq_lens, const int* slots, int num_slots, int max_pages,
@@ -801,13 +802,7 @@ __device__ __forceinline__ void convert_pieces(const RawPool& pool, unsigned cha
                     load_raw_page(pool, smem, base, full_bar, t + STAGES, pages[t_begin + j + STAGES]);
             }
         }
-#if MODE == MODE_TOKENS
-        // the consumers' merge through the stage memory
-        __syncthreads();
-        __syncthreads();
-        __syncthreads();
-#endif
-        done_tiles += n_tiles;
+        done_tiles += n_tiles;  // (HEADS has no merge: nothing more to meet)
     }
 }
 #endif
@@ -915,10 +910,10 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         }
     }
     if (tid == 0) {
-        for (int i = 0; i < STAGES * STAGE_BARS + (KV_FP8 ? BF16_STAGES : 0); ++i) mbar_init(full_bar + 8 * i, 1);
-        // FP8: a bf16 stage is free again once each of its readers released it
-        for (int i = 0; i < (KV_FP8 ? BF16_STAGES : 0); ++i)
-            mbar_init(full_bar + 8 * (STAGES + BF16_STAGES + i), SHARED_TILES ? 2 : 1);
+        for (int i = 0; i < STAGES * STAGE_BARS + (FP8_CONVERTER ? BF16_STAGES : 0); ++i)
+            mbar_init(full_bar + 8 * i, 1);
+        // FP8 HEADS: a bf16 stage is free again once both consumers released it
+        for (int i = 0; i < (FP8_CONVERTER ? BF16_STAGES : 0); ++i) mbar_init(full_bar + 8 * (STAGES + BF16_STAGES + i), 2);
         for (int s = 0; s < STAGES; ++s) *reinterpret_cast<u32*>(smem + SM_DONE + 8 * s) = 0u;
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -928,9 +923,9 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     const int range_end = my_sched[2];
 
     const int wg = warp / 4;
-#if KV_FP8
+#if FP8_CONVERTER
     const u32 conv_full = full_bar + 8 * STAGES;  // bf16 stage s converted: conv_full + 8 s
-    const u32 conv_empty = conv_full + 8 * BF16_STAGES;  // and released by its consumer
+    const u32 conv_empty = conv_full + 8 * BF16_STAGES;  // and released by both consumers
 #endif
     const int tw = tid % 128;  // thread in its warpgroup
     const int g = lane / 4;    // accumulator row group
@@ -948,7 +943,7 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
 #if MODE == MODE_COLUMNS
     u32 phase = 0;  // the mbarrier phase of this warpgroup's stage
 #endif
-#if KV_FP8
+#if FP8_CONVERTER
     // The converting warpgroup (2) needs few registers, the consumers their accumulators:
     // 2 x CONSUMER_REGS + PRODUCER_REGS = 3 x 168, what the launch gave each three threads.
     // The two roles never join again (ptxas allocates each within its own limit).
@@ -970,17 +965,21 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     split_base += pieces;
     if (n_tiles <= 0) continue;
     const int len = seq_lens[slots[b]];  // a valid slot: it has tiles
-#if !KV_FP8
+#if !FP8_CONVERTER
     const int* pages = block_table + (u64)slots[b] * max_pages;
 #endif
     // TOKENS: WG w takes the tiles whose stage has its parity
     const int j_first = MODE == MODE_TOKENS ? (wg + done_tiles) & 1 : 0;
     const int j_step = MODE == MODE_TOKENS ? 2 : 1;
     __syncthreads();  // the previous piece is done with every stage, Q and the merge buffer
-#if !KV_FP8
+#if !FP8_CONVERTER
     if (MODE != MODE_COLUMNS && loader && (!SHARED_TILES || wg == 0)) {
         for (int j = j_first; j < min(STAGES, n_tiles); j += j_step)
+#if KV_FP8
+            load_raw_page(pool_map, smem, base, full_bar, done_tiles + j, pages[t_begin + j]);
+#else
             load_tile(&pool_map, k_base, full_bar, done_tiles + j, pages[t_begin + j]);
+#endif
     }
 #endif
 
@@ -1052,17 +1051,26 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
 #endif
     auto issue_scores = [&](int j) {
         const int valid = min(NT, len - (t_begin + j) * NT);
-#if KV_FP8
+#if FP8_CONVERTER
         // the converting warpgroup zeroed the rows past the end
         const int t = done_tiles + j;
         mbar_wait(conv_full + 8 * (t % BF16_STAGES), (t / BF16_STAGES) & 1);
-#if MODE == MODE_HEADS
         named_barrier(my_turn, THREADS);  // wait for this warpgroup's turn
         scores<0>(sc, q_wg, k_base + (t % BF16_STAGES) * STAGE_BYTES, rope);
         if (wg == 0 || j + 1 < n_tiles) named_arrive(other_turn, THREADS);
-#else
-        scores<0>(sc, q_wg, k_base + (t % BF16_STAGES) * STAGE_BYTES, rope);
-#endif
+#elif KV_FP8
+        // TOKENS: the raw page becomes this warpgroup's bf16 stage (its previous tile's
+        // products are done: the loop's barrier), then its raw stage takes the tile
+        // STAGES on
+        const int s = (done_tiles + j) % STAGES;
+        mbar_wait(full_bar + 8 * s, ((done_tiles + j) / STAGES) & 1);
+        const bool bad = reinterpret_cast<volatile u32*>(smem + SM_PAGE_BAD)[s] != 0u;
+        dequant_page(smem + SM_RAW + s * RAW_BYTES, smem + SM_K + (s % 2) * STAGE_BYTES, bad ? 0 : valid, tw);
+        fence_async_shared();
+        named_barrier(BAR_WG + wg, 128);
+        if (loader && j + STAGES < n_tiles)
+            load_raw_page(pool_map, smem, base, full_bar, done_tiles + j + STAGES, pages[t_begin + j + STAGES]);
+        scores<0>(sc, q_wg, k_base + (s % 2) * STAGE_BYTES, rope);
 #else
         const int s = (done_tiles + j) % STAGES;
         mbar_wait(full_bar + 8 * s, ((done_tiles + j) / STAGES) & 1);
@@ -1091,7 +1099,8 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     // not with two stages, one each, where the next tile's stage must be refilled
     // first). MODE_HEADS does not: its turns already keep the tensor cores busy, and the
     // early scores measured 1% slower.
-    constexpr bool ahead = MODE == MODE_TOKENS && (STAGES > 2 || KV_FP8);
+    // FP8 TOKENS converts before its scores, into its one bf16 stage: no scores ahead.
+    constexpr bool ahead = MODE == MODE_TOKENS && STAGES > 2 && !KV_FP8;
     int valid = j_first < n_tiles ? issue_scores(j_first) : NT;
     for (int j = j_first; j < n_tiles; j += j_step) {
         const int s = (done_tiles + j) % BF16_STAGES;
@@ -1117,9 +1126,9 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         // Refill the stage once every reader is done with it: this warpgroup's warps meet
         // at a barrier; with SHARED_TILES the second warpgroup to get there starts the copy.
         named_barrier(BAR_WG + wg, 128);
-#if KV_FP8
-        if (loader) mbar_arrive(conv_empty + 8 * s);  // (HEADS: each warpgroup) it may be refilled
-#else
+#if FP8_CONVERTER
+        if (loader) mbar_arrive(conv_empty + 8 * s);  // both warpgroups: it may be refilled
+#elif !KV_FP8
         if (loader && refill < n_tiles) {
             bool last = true;
             if (SHARED_TILES) {

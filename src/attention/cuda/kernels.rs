@@ -32,13 +32,14 @@ pub const MAX_STAGES: usize = 8;
 const V3_THREADS: u32 = 256;
 /// Threads per block of the Hopper decode kernel (two warpgroups).
 const SM90_THREADS: u32 = 256;
-/// Converted bf16 stages of the FP8 kernel (`BF16_STAGES` in decode_sm90.cu): TOKENS
-/// three (its two consumers alternate), HEADS two (both read each).
-fn fp8_bf16_stages(mode: Sm90Mode) -> usize {
-    match mode {
-        Sm90Mode::Heads => 2,
-        _ => 3,
-    }
+/// Converted bf16 stages of the FP8 kernel (`BF16_STAGES` in decode_sm90.cu): TOKENS one
+/// per warpgroup, HEADS two that both read.
+const FP8_BF16_STAGES: usize = 2;
+
+/// Whether the kernel of this shape has a third warpgroup that converts FP8 pages
+/// (`FP8_CONVERTER` in decode_sm90.cu: FP8 in the HEADS mode).
+fn fp8_converter(dtype: DType, slice_width: usize, heads_tile: usize) -> bool {
+    dtype == DType::Fp8E4m3 && Sm90Mode::of(slice_width, heads_tile) == Sm90Mode::Heads
 }
 /// The v3 kernel's deepest cp.async pipeline (deeper measured no faster).
 const V3_MAX_STAGES: usize = 6;
@@ -214,8 +215,7 @@ impl KernelConfig {
         // TOKENS needs an even depth (a warpgroup owns the stages of its parity); the
         // COLUMNS seesaw keeps exactly one pair of tiles
         let (step, deepest) = match Sm90Mode::of(slice_width, heads_tile) {
-            // FP8: `stages` are raw pages, all of them the converting warpgroup's
-            Sm90Mode::Tokens if dtype == DType::Fp8E4m3 => (1, max_stages.clamp(2, MAX_STAGES)),
+            // (FP8: `stages` are raw pages; TOKENS' warpgroups own those of their parity)
             Sm90Mode::Tokens => (2, max_stages.clamp(2, MAX_STAGES)),
             Sm90Mode::Heads => (1, max_stages.clamp(2, MAX_STAGES)),
             Sm90Mode::Columns => (1, 2),
@@ -248,8 +248,10 @@ impl KernelConfig {
     pub fn decode_threads(&self) -> u32 {
         match self.kernel {
             DecodeKernel::MmaSync => V3_THREADS,
-            // FP8: a third warpgroup converts the pages
-            DecodeKernel::Wgmma if self.dtype == DType::Fp8E4m3 => SM90_THREADS + 128,
+            // FP8 HEADS: a third warpgroup converts the pages
+            DecodeKernel::Wgmma if fp8_converter(self.dtype, self.slice_width, self.heads_tile) => {
+                SM90_THREADS + 128
+            }
             DecodeKernel::Wgmma => SM90_THREADS,
         }
     }
@@ -320,9 +322,10 @@ impl Sm90Mode {
 
 /// Bytes of the Hopper kernel's shared-memory layout (`SM_*` in decode_sm90.cu: K
 /// stages, queries, the exchange of P and maxima, mbarriers and stage counters, the
-/// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes). FP8: the bf16
-/// stages of [`fp8_bf16_stages`] and `stages` raw pages before the queries (at a 1024-byte boundary), and the
-/// bf16 stages' `full` and `empty` mbarriers beside the raw pages'.
+/// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes). FP8: two bf16
+/// stages and `stages` raw pages before the queries (at a 1024-byte boundary), and with
+/// the converting warpgroup (HEADS) the bf16 stages' `full` and `empty` mbarriers beside
+/// the raw pages'.
 pub fn sm90_shared_bytes(
     slice_width: usize,
     heads_tile: usize,
@@ -331,10 +334,10 @@ pub fn sm90_shared_bytes(
 ) -> usize {
     let row = slice_width + ROPE_WIDTH;
     let tile = row * TILE_TOKENS * 2;
-    let fp8 = dtype == DType::Fp8E4m3;
     let mode = Sm90Mode::of(slice_width, heads_tile);
-    let tiles = match fp8 {
-        true => (fp8_bf16_stages(mode) * tile
+    let converter = fp8_converter(dtype, slice_width, heads_tile);
+    let tiles = match dtype == DType::Fp8E4m3 {
+        true => (FP8_BF16_STAGES * tile
             + stages * TILE_TOKENS * dtype.row_bytes(slice_width, ROPE_WIDTH))
         .next_multiple_of(1024),
         false => stages * tile,
@@ -345,8 +348,8 @@ pub fn sm90_shared_bytes(
         Sm90Mode::Columns => (64 * 64 * 2 + 2 * 64 * 4, row / 64),
         _ => (0, 1),
     };
-    let bf16_stage_barriers = if fp8 { 2 * fp8_bf16_stages(mode) } else { 0 };
-    let warps = (SM90_THREADS as usize + if fp8 { 128 } else { 0 }) / 32;
+    let bf16_stage_barriers = if converter { 2 * FP8_BF16_STAGES } else { 0 };
+    let warps = (SM90_THREADS as usize + if converter { 128 } else { 0 }) / 32;
     // 8 bytes per mbarrier, 8 of counter (FP8: page flag) per stage, the CTA's schedule
     // (8 words and two per warp)
     tiles
@@ -536,8 +539,8 @@ mod tests {
             ("sm_90a", sm90(64, 64, 8)),
             ("sm_90a", sm90(64, 128, 8)),
             ("sm_90a", sm90(512, 64, 2)),
-            ("sm_90a", fp8(256, 64, 2)),
-            ("sm_90a", fp8(128, 64, 7)),
+            ("sm_90a", fp8(256, 64, 4)),
+            ("sm_90a", fp8(128, 64, 8)),
             ("sm_90a", fp8(64, 64, 8)),
             ("sm_90a", fp8(256, 128, 2)),
             ("sm_90a", fp8(128, 128, 6)),
