@@ -18,7 +18,7 @@
 //! and benches/RESULTS.md, "Sequence-shard merges".
 
 use crate::attention::cuda::{
-    CUstream, Event, RankBuffers, SequenceKernels, ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE,
+    CUstream, RankBuffers, SequenceKernels, ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE,
     ERR_LSE_ABOVE_BOUND,
 };
 use crate::combine::sequence::PACKED_EXPONENT_LIMIT;
@@ -78,42 +78,17 @@ fn check_error_bits(bits: u32) -> Result<()> {
     Ok(())
 }
 
-/// Reads the error word `ptr` after the merge enqueued on `stream` (of the bound
-/// context), with the merge's one host wait: the copy is enqueued behind the merge, then
-/// the stream is waited for.
-fn finish_and_read_error(ptr: u64, stream: CUstream) -> Result<()> {
+fn read_error(rank: &DeviceRank, ptr: u64) -> Result<()> {
     let mut bits = [0u32];
-    // SAFETY: a live error word of the stream's context, read in `stream` order; `bits`
-    // outlives the wait below.
-    unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut bits, ptr, stream as _) }.map_err(
-        |e| {
-            Error::new(
-                ErrorKind::Backend,
-                format!("CUDA: reading a merge's error word failed: {e}"),
-            )
-        },
-    )?;
-    sync(stream)?;
+    rank.backend().device().bind()?;
+    // SAFETY: the rank's own live error word; the stream was synchronised.
+    unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bits, ptr) }.map_err(|e| {
+        Error::new(
+            ErrorKind::Backend,
+            format!("CUDA: reading a merge's error word failed: {e}"),
+        )
+    })?;
     check_error_bits(bits[0])
-}
-
-/// Orders `stream` (rank 0's) after the work every other rank has enqueued on its own
-/// stream (their decodes), by events: no host wait. The events may be dropped at once
-/// (the driver keeps a pending one until it completes).
-fn after_every_rank<R: BorrowMut<DeviceRank>>(ranks: &[R], stream: CUstream) -> Result<()> {
-    for rank in ranks {
-        let own = rank.borrow().stream();
-        if own != stream {
-            // recorded in the rank's own context; a wait may cross contexts
-            let done = Event::new(rank.borrow().backend().device())?;
-            // SAFETY: both are live streams (of the ranks' one device: check_deployment).
-            unsafe {
-                done.record(own)?;
-                done.make_wait(stream)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Checks `ranks` form a whole hybrid deployment on one GPU, in rank order, for a step
@@ -237,9 +212,10 @@ pub fn merge_by_lse_on_device<R: BorrowMut<DeviceRank>>(
     let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
     let (k, ptrs) = parts(ranks, shards, layer)?;
     let buffers = rank_buffers(groups, shards, &ptrs)?;
-    let stream = ranks[0].borrow().stream();
+    let device = ranks[0].borrow().backend().device().clone();
     // every rank's decode is done before rank 0's stream reads it
-    after_every_rank(ranks, stream)?;
+    device.synchronize()?;
+    let stream = ranks[0].borrow().stream();
     // SAFETY: the ranks' own buffers (distinct: check_deployment): partials of max_batch
     // * heads * d_v f32 and log-sum-exps of max_batch * heads f32, batch <= max_batch.
     unsafe { k.launch_merge_lse_all(&buffers, batch * heads, d_v, stream)? };
@@ -265,14 +241,16 @@ pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
     let (heads, d_v) = (ranks[0].borrow().plan().heads, ranks[0].borrow().dims().d_v);
     let (k, ptrs) = parts(ranks, shards, layer)?;
     let buffers = rank_buffers(groups, shards, &ptrs)?;
+    let device = ranks[0].borrow().backend().device().clone();
+    device.synchronize()?;
     let stream = ranks[0].borrow().stream();
-    after_every_rank(ranks, stream)?;
     let error = ptrs[0].error;
     zero_async(error, 4, stream)?;
     // SAFETY: as in merge_by_lse_on_device, and bounds of max_batch * heads f64 (written
     // for this batch: check_bounds).
     unsafe { k.launch_merge_packed_all(&buffers, batch * heads, d_v, error, stream)? };
-    finish_and_read_error(error, stream)
+    sync(stream)?;
+    read_error(ranks[0].borrow(), error)
 }
 
 #[cfg(feature = "nccl")]
@@ -408,7 +386,8 @@ mod nccl_merges {
                     same_shard.all_reduce_raw(&[(partial, rows * d_v)], stream)?;
                 }
             }
-            finish_and_read_error(error, stream)
+            sync(stream)?;
+            read_error(self, error)
         }
     }
 }

@@ -420,19 +420,6 @@ impl Event {
     pub unsafe fn record(&self, stream: CUstream) -> Result<()> {
         result::event::record(self.raw, stream).map_err(driver_err("recording an event"))
     }
-    /// Makes `stream` wait, on the device (no host wait), until the stream this event was
-    /// recorded on has passed the recorded point.
-    ///
-    /// # Safety
-    /// `stream` must be a live stream of this device (or null, the legacy one).
-    pub unsafe fn make_wait(&self, stream: CUstream) -> Result<()> {
-        result::stream::wait_event(
-            stream,
-            self.raw,
-            sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-        )
-        .map_err(driver_err("ordering a stream after an event"))
-    }
     /// Waits until the stream has passed the recorded point.
     pub fn synchronize(&self) -> Result<()> {
         self.device.bind()?;
