@@ -305,6 +305,41 @@ __device__ __forceinline__ u32 dequant_pair(u32 codes, float scale) {
 // per sub-partition has no other warp of its own to hide a load's latency behind, and
 // a row at a time waited for each (session 4: the conversion was most of a tile's time).
 #define DEQ_BATCH 4
+// The latent units of dequant_page, DEQ_BATCH rows at a time (`FULL`: no row is past
+// `kept`). Codes load as one 64-bit word where rows are 8-aligned (slice 256).
+template <bool FULL>
+__device__ __forceinline__ void dequant_rows(const unsigned char* src, const unsigned char* scale_src,
+                                             unsigned char* dst, int r0, int at_even, int at_odd, int kept) {
+    constexpr int ROWS_STEP = 128 / (SLICE / 8);
+#pragma unroll 1
+    for (int r = r0; r < NT; r += DEQ_BATCH * ROWS_STEP) {
+        u32 c0[DEQ_BATCH], c1[DEQ_BATCH];
+        float scale[DEQ_BATCH];
+#pragma unroll
+        for (int k = 0; k < DEQ_BATCH; ++k) {
+            if (ROW8 % 8 == 0) {
+                const uint2 c = *reinterpret_cast<const uint2*>(src + k * ROWS_STEP * ROW8);
+                c0[k] = c.x;
+                c1[k] = c.y;
+            } else {
+                c0[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8);
+                c1[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8 + 4);
+            }
+            scale[k] = *reinterpret_cast<const float*>(scale_src + k * ROWS_STEP * ROW8);
+        }
+#pragma unroll
+        for (int k = 0; k < DEQ_BATCH; ++k) {
+            uint4 v = make_uint4(dequant_pair(c0[k], scale[k]), dequant_pair(c0[k] >> 16, scale[k]),
+                                 dequant_pair(c1[k], scale[k]), dequant_pair(c1[k] >> 16, scale[k]));
+            if (!FULL && r + k * ROWS_STEP >= kept) v = make_uint4(0u, 0u, 0u, 0u);  // past the end (or no page)
+            *reinterpret_cast<uint4*>(dst + k * ROWS_STEP * 128 + (k % 2 ? at_odd : at_even)) = v;
+        }
+        src += DEQ_BATCH * ROWS_STEP * ROW8;
+        scale_src += DEQ_BATCH * ROWS_STEP * ROW8;
+        dst += DEQ_BATCH * ROWS_STEP * 128;
+    }
+}
+
 __device__ __forceinline__ void dequant_page(const unsigned char* raw, unsigned char* stage, int kept, int me) {
     // Thread `me` takes one 16-byte bf16 unit (8 latent values) of every ROWS_STEP-th
     // row: its column, scale and chunk stay fixed, only the row moves.
@@ -321,27 +356,11 @@ __device__ __forceinline__ void dequant_page(const unsigned char* raw, unsigned 
     // between two (ROWS_STEP = 4) or keep one
     const int at_even = ((cu % 8) ^ (r0 % 8)) * 16;
     const int at_odd = ((cu % 8) ^ ((r0 + ROWS_STEP) % 8)) * 16;
-#pragma unroll 1
-    for (int r = r0; r < NT; r += DEQ_BATCH * ROWS_STEP) {
-        u32 c0[DEQ_BATCH], c1[DEQ_BATCH];
-        float scale[DEQ_BATCH];
-#pragma unroll
-        for (int k = 0; k < DEQ_BATCH; ++k) {
-            c0[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8);
-            c1[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8 + 4);
-            scale[k] = *reinterpret_cast<const float*>(scale_src + k * ROWS_STEP * ROW8);
-        }
-#pragma unroll
-        for (int k = 0; k < DEQ_BATCH; ++k) {
-            uint4 v = make_uint4(dequant_pair(c0[k], scale[k]), dequant_pair(c0[k] >> 16, scale[k]),
-                                 dequant_pair(c1[k], scale[k]), dequant_pair(c1[k] >> 16, scale[k]));
-            if (r + k * ROWS_STEP >= kept) v = make_uint4(0u, 0u, 0u, 0u);  // past the end (or no page)
-            *reinterpret_cast<uint4*>(dst + k * ROWS_STEP * 128 + (k % 2 ? at_odd : at_even)) = v;
-        }
-        src += DEQ_BATCH * ROWS_STEP * ROW8;
-        scale_src += DEQ_BATCH * ROWS_STEP * ROW8;
-        dst += DEQ_BATCH * ROWS_STEP * 128;
-    }
+    // A whole page (the rule) converts without a select per row: the branch is uniform.
+    if (kept >= NT)
+        dequant_rows<true>(src, scale_src, dst, r0, at_even, at_odd, kept);
+    else
+        dequant_rows<false>(src, scale_src, dst, r0, at_even, at_odd, kept);
     // the RoPE chunk, bf16 already: thread `me` takes unit me % 8 of rows me / 8 + 16 k,
     // two rows' loads at a time (the HEADS converter has 40 registers)
     const int unit = me % 8;
