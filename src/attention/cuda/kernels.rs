@@ -36,10 +36,13 @@ const SM90_THREADS: u32 = 256;
 /// per warpgroup, HEADS two that both read.
 const FP8_BF16_STAGES: usize = 2;
 
-/// Whether the kernel of this shape has a third warpgroup that converts FP8 pages
-/// (`FP8_CONVERTER` in decode_sm90.cu: FP8 in the HEADS mode).
-fn fp8_converter(dtype: DType, slice_width: usize, heads_tile: usize) -> bool {
-    dtype == DType::Fp8E4m3 && Sm90Mode::of(slice_width, heads_tile) == Sm90Mode::Heads
+/// Threads per block of the Hopper kernel of this shape (`BLOCK_THREADS` in
+/// decode_sm90.cu): two warpgroups, and with FP8 in the HEADS mode a third that converts
+/// the pages (`FP8_CONVERTER`).
+fn sm90_threads(dtype: DType, slice_width: usize, heads_tile: usize) -> u32 {
+    let converter =
+        dtype == DType::Fp8E4m3 && Sm90Mode::of(slice_width, heads_tile) == Sm90Mode::Heads;
+    SM90_THREADS + if converter { 128 } else { 0 }
 }
 /// The v3 kernel's deepest cp.async pipeline (deeper measured no faster).
 const V3_MAX_STAGES: usize = 6;
@@ -79,7 +82,7 @@ pub struct KernelConfig {
     /// budgeted so that they fit): 2 where the output accumulator is small.
     pub blocks_per_sm: usize,
     /// The cache rows the kernel reads: bf16, or FP8 e4m3 (DESIGN 7.1; the Hopper kernel
-    /// with 64 heads a block only).
+    /// only).
     pub dtype: DType,
 }
 
@@ -199,7 +202,7 @@ impl KernelConfig {
     /// warpgroups taking alternate tiles (an even pipeline depth); slices of 512 take 64
     /// heads with the warpgroups splitting the output columns over a pair of tiles (two
     /// stages, the seesaw). Otherwise as many stages as shared memory holds. FP8 caches
-    /// take 64 heads a block (the warpgroup that owns a tile converts it).
+    /// take the same modes but the seesaw (`stages` are then raw pages).
     fn choose_wgmma(
         device: &CudaDevice,
         heads: usize,
@@ -248,11 +251,7 @@ impl KernelConfig {
     pub fn decode_threads(&self) -> u32 {
         match self.kernel {
             DecodeKernel::MmaSync => V3_THREADS,
-            // FP8 HEADS: a third warpgroup converts the pages
-            DecodeKernel::Wgmma if fp8_converter(self.dtype, self.slice_width, self.heads_tile) => {
-                SM90_THREADS + 128
-            }
-            DecodeKernel::Wgmma => SM90_THREADS,
+            DecodeKernel::Wgmma => sm90_threads(self.dtype, self.slice_width, self.heads_tile),
         }
     }
 
@@ -335,7 +334,7 @@ pub fn sm90_shared_bytes(
     let row = slice_width + ROPE_WIDTH;
     let tile = row * TILE_TOKENS * 2;
     let mode = Sm90Mode::of(slice_width, heads_tile);
-    let converter = fp8_converter(dtype, slice_width, heads_tile);
+    let threads = sm90_threads(dtype, slice_width, heads_tile);
     let tiles = match dtype == DType::Fp8E4m3 {
         true => (FP8_BF16_STAGES * tile
             + stages * TILE_TOKENS * dtype.row_bytes(slice_width, ROPE_WIDTH))
@@ -348,8 +347,13 @@ pub fn sm90_shared_bytes(
         Sm90Mode::Columns => (64 * 64 * 2 + 2 * 64 * 4, row / 64),
         _ => (0, 1),
     };
-    let bf16_stage_barriers = if converter { 2 * FP8_BF16_STAGES } else { 0 };
-    let warps = (SM90_THREADS as usize + if converter { 128 } else { 0 }) / 32;
+    // the converting warpgroup's bf16 stages are signalled by mbarriers, not copies
+    let bf16_stage_barriers = if threads > SM90_THREADS {
+        2 * FP8_BF16_STAGES
+    } else {
+        0
+    };
+    let warps = threads as usize / 32;
     // 8 bytes per mbarrier, 8 of counter (FP8: page flag) per stage, the CTA's schedule
     // (8 words and two per warp)
     tiles
