@@ -121,6 +121,8 @@ trait EnginePool {
     fn cache(&self) -> DevicePagedCache;
     /// The bytes of row `slot` of the host mirror.
     fn row_bytes_of(&self, slot: usize) -> &[u8];
+    /// Writes a random row of the pool's type into row `slot` of the host mirror.
+    fn fill_random(&mut self, slot: usize, rng: &mut ChaCha8Rng);
     fn dtype(&self) -> DType {
         self.cache().layout.dtype
     }
@@ -194,6 +196,9 @@ impl EnginePool for Pool {
     fn row_bytes_of(&self, slot: usize) -> &[u8] {
         bytemuck::cast_slice(&self.host[slot * RW..(slot + 1) * RW])
     }
+    fn fill_random(&mut self, slot: usize, rng: &mut ChaCha8Rng) {
+        self.row_mut(slot).copy_from_slice(&random_row(rng));
+    }
 }
 
 /// The engine's device pool of FP8 rows and its host mirror (pages packed); on the device
@@ -260,6 +265,9 @@ impl EnginePool for Fp8Pool {
         let rb = fp8_row_bytes();
         &self.host[slot * rb..(slot + 1) * rb]
     }
+    fn fill_random(&mut self, slot: usize, rng: &mut ChaCha8Rng) {
+        self.row_mut(slot).copy_from_slice(&random_fp8_row(rng));
+    }
 }
 
 /// A sequence the engine serves.
@@ -295,6 +303,50 @@ impl Allocator {
         let mut pages = s.pages;
         pages.shuffle(rng);
         self.free.extend(pages);
+    }
+}
+
+/// A new sequence of `len` tokens on pages from `alloc`, its rows random in `pool`'s host
+/// mirror (uploaded by the caller).
+fn new_sequence(
+    pool: &mut dyn EnginePool,
+    alloc: &mut Allocator,
+    len: usize,
+    rng: &mut ChaCha8Rng,
+) -> Live {
+    let mut s = Live {
+        pages: Vec::new(),
+        len,
+    };
+    alloc.grow(&mut s, len);
+    for t in 0..len {
+        pool.fill_random(s.pages[t / PAGE] as usize * PAGE + t % PAGE, rng);
+    }
+    s
+}
+
+/// Asserts that the engine's outputs (`out`, `lse`) and another path's (`other`: its
+/// name, outputs and log-sum-exps) hold the same bits for every non-empty entry.
+fn assert_paths_bit_equal(
+    seqs: &[Live],
+    (out, lse): (&[f32], &[f32]),
+    (other, o_out, o_lse): (&str, &[f32], &[f32]),
+    what: &str,
+) {
+    for (b, s) in seqs.iter().enumerate() {
+        if s.len == 0 {
+            continue;
+        }
+        assert!(
+            bits_equal(
+                &out[b * HEADS * W..(b + 1) * HEADS * W],
+                &o_out[b * HEADS * W..(b + 1) * HEADS * W]
+            ) && bits_equal(
+                &lse[b * HEADS..(b + 1) * HEADS],
+                &o_lse[b * HEADS..(b + 1) * HEADS]
+            ),
+            "{what} entry {b}: engine and {other} paths differ"
+        );
     }
 }
 
@@ -601,19 +653,10 @@ fn engine_pool_decode_matches_the_reference_and_the_owned_path() {
         let width = 66;
         let mut pool = Pool::padded(engine.backend(), pages, pad);
         let mut alloc = Allocator::new(pages, &mut rng);
-        let mut seqs: Vec<Live> = Vec::new();
-        for len in [0usize, 1, 63, 64, 65, 4096] {
-            let mut s = Live {
-                pages: Vec::new(),
-                len,
-            };
-            alloc.grow(&mut s, len);
-            for t in 0..len {
-                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
-                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
-            }
-            seqs.push(s);
-        }
+        let mut seqs: Vec<Live> = [0usize, 1, 63, 64, 65, 4096]
+            .into_iter()
+            .map(|len| new_sequence(&mut pool, &mut alloc, len, &mut rng))
+            .collect();
         for step in 0..3 {
             pool.upload();
             let q = random_f32(seqs.len() * HEADS * RW, 0.08, &mut rng);
@@ -623,36 +666,17 @@ fn engine_pool_decode_matches_the_reference_and_the_owned_path() {
             assert_eq!(faults, 0, "step {step}: faults {faults:#x}");
             check_against_reference(&pool, &seqs, &q, &out, &lse);
             let (o_out, o_lse) = owned_path(&backend2, &engine, &pool, &seqs, width, &q);
-            for (b, s) in seqs.iter().enumerate() {
-                if s.len == 0 {
-                    continue;
-                }
-                assert!(
-                    bits_equal(
-                        &out[b * HEADS * W..(b + 1) * HEADS * W],
-                        &o_out[b * HEADS * W..(b + 1) * HEADS * W]
-                    ) && bits_equal(
-                        &lse[b * HEADS..(b + 1) * HEADS],
-                        &o_lse[b * HEADS..(b + 1) * HEADS]
-                    ),
-                    "step {step} entry {b}: engine and owned paths differ"
-                );
-            }
+            assert_paths_bit_equal(
+                &seqs,
+                (&out, &lse),
+                ("owned", &o_out, &o_lse),
+                &format!("step {step}"),
+            );
             // churn: the 63-token sequence (or its successor) leaves, a new one arrives on
             // reused pages, every non-empty sequence grows by one token
             let gone = seqs.remove(2);
             alloc.release(gone, &mut rng);
-            let mut fresh = Live {
-                pages: Vec::new(),
-                len: 130 + step,
-            };
-            let len = fresh.len;
-            alloc.grow(&mut fresh, len);
-            for t in 0..fresh.len {
-                let slot = fresh.pages[t / PAGE] as usize * PAGE + t % PAGE;
-                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
-            }
-            seqs.push(fresh);
+            seqs.push(new_sequence(&mut pool, &mut alloc, 130 + step, &mut rng));
             for s in seqs.iter_mut().filter(|s| s.len > 0) {
                 alloc.grow(s, s.len + 1);
                 let slot = s.pages[s.len / PAGE] as usize * PAGE + s.len % PAGE;
@@ -864,18 +888,7 @@ fn absorbed_queries_and_projected_heads_match_the_cpu_context() {
     let mut alloc = Allocator::new(pages, &mut rng);
     let seqs: Vec<Live> = [200usize, 1, 77]
         .iter()
-        .map(|&len| {
-            let mut s = Live {
-                pages: Vec::new(),
-                len,
-            };
-            alloc.grow(&mut s, len);
-            for t in 0..len {
-                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
-                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
-            }
-            s
-        })
+        .map(|&len| new_sequence(&mut pool, &mut alloc, len, &mut rng))
         .collect();
     pool.upload();
     let b = seqs.len();
@@ -1172,18 +1185,7 @@ fn bad_inputs_are_refused_at_the_call_or_flagged_on_the_device() {
     let mut alloc = Allocator::new(pages, &mut rng);
     let seqs: Vec<Live> = [70usize, 200, 5, 130, 64]
         .iter()
-        .map(|&len| {
-            let mut s = Live {
-                pages: Vec::new(),
-                len,
-            };
-            alloc.grow(&mut s, len);
-            for t in 0..len {
-                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
-                pool.row_mut(slot).copy_from_slice(&random_row(&mut rng));
-            }
-            s
-        })
+        .map(|&len| new_sequence(&mut pool, &mut alloc, len, &mut rng))
         .collect();
     pool.upload();
     let b = seqs.len();
@@ -1603,20 +1605,10 @@ fn fp8_engine_pool_decode_matches_the_reference_and_the_device_cache() {
         let (pages, width) = (200, 66);
         let mut pool = Fp8Pool::padded(engine.backend(), pages, pad);
         let mut alloc = Allocator::new(pages, &mut rng);
-        let mut seqs: Vec<Live> = Vec::new();
-        for len in [0usize, 1, 63, 64, 65, 4096] {
-            let mut s = Live {
-                pages: Vec::new(),
-                len,
-            };
-            alloc.grow(&mut s, len);
-            for t in 0..len {
-                let slot = s.pages[t / PAGE] as usize * PAGE + t % PAGE;
-                pool.row_mut(slot)
-                    .copy_from_slice(&random_fp8_row(&mut rng));
-            }
-            seqs.push(s);
-        }
+        let mut seqs: Vec<Live> = [0usize, 1, 63, 64, 65, 4096]
+            .into_iter()
+            .map(|len| new_sequence(&mut pool, &mut alloc, len, &mut rng))
+            .collect();
         for step in 0..3 {
             pool.upload();
             let q = random_f32(seqs.len() * HEADS * RW, 0.08, &mut rng);
@@ -1626,36 +1618,16 @@ fn fp8_engine_pool_decode_matches_the_reference_and_the_device_cache() {
             assert_eq!(faults, 0, "step {step}: faults {faults:#x}");
             check_against_reference(&pool, &seqs, &q, &out, &lse);
             let (o_out, o_lse) = owned_path(&backend2, &engine, &pool, &seqs, width, &q);
-            for (b, s) in seqs.iter().enumerate() {
-                if s.len == 0 {
-                    continue;
-                }
-                assert!(
-                    bits_equal(
-                        &out[b * HEADS * W..(b + 1) * HEADS * W],
-                        &o_out[b * HEADS * W..(b + 1) * HEADS * W]
-                    ) && bits_equal(
-                        &lse[b * HEADS..(b + 1) * HEADS],
-                        &o_lse[b * HEADS..(b + 1) * HEADS]
-                    ),
-                    "step {step} entry {b}: engine and device-cache paths differ"
-                );
-            }
+            assert_paths_bit_equal(
+                &seqs,
+                (&out, &lse),
+                ("device-cache", &o_out, &o_lse),
+                &format!("step {step}"),
+            );
             // churn: a sequence leaves, a new one arrives on reused pages
             let gone = seqs.remove(2);
             alloc.release(gone, &mut rng);
-            let mut fresh = Live {
-                pages: Vec::new(),
-                len: 130 + step,
-            };
-            let len = fresh.len;
-            alloc.grow(&mut fresh, len);
-            for t in 0..fresh.len {
-                let slot = fresh.pages[t / PAGE] as usize * PAGE + t % PAGE;
-                pool.row_mut(slot)
-                    .copy_from_slice(&random_fp8_row(&mut rng));
-            }
-            seqs.push(fresh);
+            seqs.push(new_sequence(&mut pool, &mut alloc, 130 + step, &mut rng));
             pool.upload();
             // every non-empty sequence grows by a token appended on the device
             let mut slots = Vec::new();
