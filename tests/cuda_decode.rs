@@ -11,7 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tpla::attention::cuda::{CudaBackend, DecodeKernel, DeviceBuffer, DeviceCacheConfig, Origin};
+use tpla::attention::cuda::{
+    CudaBackend, DecodeKernel, DeviceBuffer, DeviceCache, DeviceCacheConfig, Origin,
+};
 use tpla::attention::reference::latent_attention;
 use tpla::attention::{LatentAttention, LatentShape, RowSource};
 use tpla::dtype::E4M3_TO_F32;
@@ -232,6 +234,25 @@ fn check(
 
 /// Every shape on every decode kernel the device runs for it (on Hopper: wgmma where
 /// the shape allows, and v3 everywhere).
+/// The error a device-side append of one row (`row`: its f32 values on the device) to
+/// `slot` reports, once the stream has run it.
+fn device_append_error(
+    cache: &mut DeviceCache,
+    backend: &CudaBackend,
+    slot: i32,
+    row: u64,
+) -> ErrorKind {
+    let slot_dev = DeviceBuffer::from_host(backend.device(), &[slot]).unwrap();
+    // SAFETY: one slot id and one row on the device, alive until the synchronise
+    unsafe {
+        cache
+            .append_raw(slot_dev.ptr(), row, 1, backend.stream())
+            .unwrap()
+    };
+    backend.device().synchronize().unwrap();
+    cache.check_append_error().unwrap_err().kind()
+}
+
 #[test]
 fn every_shape_matches_the_reference_on_mixed_lengths() {
     let Some(mut backend) = gpu() else { return };
@@ -390,15 +411,8 @@ fn split_counts_agree_and_device_appends_extend_sequences() {
     );
 
     // an append past the reservation is reported, not written out of bounds
-    let full = DeviceBuffer::from_host(&dev, &[2i32]).unwrap();
-    unsafe {
-        cache
-            .append_raw(full.ptr(), extra2_dev.ptr(), 1, backend.stream())
-            .unwrap()
-    };
-    dev.synchronize().unwrap();
     assert_eq!(
-        cache.check_append_error().unwrap_err().kind(),
+        device_append_error(&mut cache, &backend, 2, extra2_dev.ptr()),
         ErrorKind::OutOfCapacity
     );
     assert_eq!(
@@ -597,16 +611,9 @@ fn bad_and_empty_slots_give_nan_never_stale_or_foreign_rows() {
         assert!(l[h..].iter().all(|v| v.is_nan()), "{splits} splits");
     }
     // a device-side append to a slot out of range is reported and writes nothing
-    let bad = DeviceBuffer::from_host(&dev, &[9i32]).unwrap();
     let row = DeviceBuffer::from_host(&dev, &q[..rw]).unwrap();
-    unsafe {
-        cache
-            .append_raw(bad.ptr(), row.ptr(), 1, backend.stream())
-            .unwrap()
-    };
-    dev.synchronize().unwrap();
     assert_eq!(
-        cache.check_append_error().unwrap_err().kind(),
+        device_append_error(&mut cache, &backend, 9, row.ptr()),
         ErrorKind::OutOfRange
     );
     cache.refresh_lengths().unwrap();
@@ -1047,16 +1054,9 @@ fn fp8_device_appends_store_the_host_encoded_bytes() {
             "slice {slice}: {} FP8 rows bit-equal to the host's",
             slots * steps
         );
-        let bad = DeviceBuffer::from_host(&dev, &[slots as i32]).unwrap();
         let row = DeviceBuffer::from_host(&dev, &all[..rw]).unwrap();
-        unsafe {
-            cache
-                .append_raw(bad.ptr(), row.ptr(), 1, backend.stream())
-                .unwrap()
-        };
-        dev.synchronize().unwrap();
         assert_eq!(
-            cache.check_append_error().unwrap_err().kind(),
+            device_append_error(&mut cache, &backend, slots as i32, row.ptr()),
             ErrorKind::OutOfRange
         );
         cache.refresh_lengths().unwrap();
