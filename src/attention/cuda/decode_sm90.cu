@@ -305,12 +305,16 @@ __device__ __forceinline__ u32 dequant_pair(u32 codes, float scale) {
 // per sub-partition has no other warp of its own to hide a load's latency behind, and
 // a row at a time waited for each (session 4: the conversion was most of a tile's time).
 #define DEQ_BATCH 4
+// A converting thread takes one 16-byte bf16 unit (8 latent values) of every
+// DEQ_ROWS_STEP-th row: DEQ_UNITS units a row, 128 threads.
+constexpr int DEQ_UNITS = SLICE / 8;  // 8 to 32
+constexpr int DEQ_ROWS_STEP = 128 / DEQ_UNITS;
 // The latent units of dequant_page, DEQ_BATCH rows at a time (`FULL`: no row is past
 // `kept`). Codes load as one 64-bit word where rows are 8-aligned (slice 256).
 template <bool FULL>
 __device__ __forceinline__ void dequant_rows(const unsigned char* src, const unsigned char* scale_src,
                                              unsigned char* dst, int r0, int at_even, int at_odd, int kept) {
-    constexpr int ROWS_STEP = 128 / (SLICE / 8);
+    constexpr int ROWS_STEP = DEQ_ROWS_STEP;
 #pragma unroll 1
     for (int r = r0; r < NT; r += DEQ_BATCH * ROWS_STEP) {
         u32 c0[DEQ_BATCH], c1[DEQ_BATCH];
@@ -341,10 +345,9 @@ __device__ __forceinline__ void dequant_rows(const unsigned char* src, const uns
 }
 
 __device__ __forceinline__ void dequant_page(const unsigned char* raw, unsigned char* stage, int kept, int me) {
-    // Thread `me` takes one 16-byte bf16 unit (8 latent values) of every ROWS_STEP-th
-    // row: its column, scale and chunk stay fixed, only the row moves.
-    constexpr int UNITS = SLICE / 8;  // 16-byte bf16 units of a row's latent part (8 to 32)
-    constexpr int ROWS_STEP = 128 / UNITS;
+    // thread `me`'s column, scale and chunk stay fixed, only the row moves
+    constexpr int UNITS = DEQ_UNITS;
+    constexpr int ROWS_STEP = DEQ_ROWS_STEP;
     constexpr int ROWS = NT / ROWS_STEP;  // rows per thread (4 to 16)
     static_assert(ROWS % DEQ_BATCH == 0 && DEQ_BATCH % 2 == 0, "the rows split into whole batches");
     const int cu = me % UNITS;
