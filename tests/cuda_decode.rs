@@ -755,12 +755,12 @@ impl RowSource for Fp8Rows {
 }
 
 /// FP8 slices on the Hopper kernel: the outputs match the f64 reference over the
-/// dequantised rows, and the bf16 kernel over the same values rounded to bf16 (the FP8
-/// kernel converts each value to that bf16 before the same products: measured 4e-5
-/// apart, not bit-identical, call 2 of session 4; a value in the wrong place or scale
-/// would be ~1e-2 off), on
-/// mixed lengths with splits, every slice width it serves, 64 and 128 heads. Other
-/// shapes and kernels refuse FP8 with Unsupported.
+/// dequantised rows, at least as closely as the bf16 kernel over the same values
+/// rounded to bf16 (the FP8 kernel multiplies the latent columns in f16, 11 bits where
+/// bf16 has 8: session 6 measured 1.1e-3 against the bf16 kernel's ~3.5e-3; a value in
+/// the wrong place or scale would be ~1e-2 off), on mixed lengths with splits, every
+/// slice width it serves, 64 and 128 heads. Other shapes and kernels refuse FP8 with
+/// Unsupported.
 #[test]
 fn fp8_slices_match_the_reference_and_the_bf16_kernel() {
     let Some(mut backend) = gpu() else { return };
@@ -802,11 +802,13 @@ fn fp8_slices_match_the_reference_and_the_bf16_kernel() {
         let (r_out, r_lse) = reference(&rows.dequantised, shape, &q);
         let name = format!("fp8 H={heads} W={slice} lens={lens:?}");
         assert_near_reference(&name, shape, b, (&out8, &lse8), (&r_out, &r_lse));
-        let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-        let (e, le) = errors(shape, b, &out8, &lse8, &as_f64(&out16), &as_f64(&lse16));
-        let identical = out8 == out16 && lse8 == lse16;
-        println!("{name} against bf16 of the same values: rel L2 {e:.2e}, lse {le:.2e}, bit-identical {identical}");
-        assert!(e < 1e-3 && le < 1e-4, "{name}: {e} {le}");
+        let (e8, le8) = errors(shape, b, &out8, &lse8, &r_out, &r_lse);
+        let (e16, le16) = errors(shape, b, &out16, &lse16, &r_out, &r_lse);
+        println!("{name}: the bf16 kernel over the same values: rel L2 {e16:.2e}, lse {le16:.2e}");
+        assert!(
+            e8 <= e16 && le8 <= le16,
+            "{name}: FP8 ({e8:.2e}, lse {le8:.2e}) further from the reference than bf16 ({e16:.2e}, lse {le16:.2e})"
+        );
     }
     // what the FP8 kernel does not serve is refused, not misread
     let unsupported = [(64, 512, None), (64, 256, Some(DecodeKernel::MmaSync))];

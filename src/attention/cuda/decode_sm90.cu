@@ -54,18 +54,27 @@
 // KV_FP8 (MODE_TOKENS and MODE_HEADS): the pool holds FP8 rows (DESIGN 7.1: SLICE e4m3
 // codes, an f32 scale per 128 of them, the bf16 RoPE key; ROW8 bytes, 4-aligned, so no
 // tensor map fits): each raw page arrives by one 1D bulk copy into a ring of STAGES raw
-// stages and is converted (value = e4m3 * scale rounded to f32, then to bf16: the bits a
-// bf16 cache of the dequantised rows holds; rows past the end as zeros) into a bf16
-// stage in the layout above, then the same products run. A page index outside the pool
-// copies nothing and converts to zeros, as the tensor map's bounds give.
-// - MODE_TOKENS: the warpgroup that owns the tile converts it into its one bf16 stage
+// stages and is converted into a 16-bit stage in the layout above (rows past the end as
+// zeros), then the same products run. The latent columns are f16, not bf16: the e4m3
+// code becomes f16 exactly (one cvt per pair) and one f16x2 multiply applies the
+// block's scale times 2^FP8_F16_EXP, two instructions a pair where bf16 took six
+// (through f32; session 6). The RoPE key stays bf16 and its products stay bf16 (into
+// the same f32 scores), with the queries' RoPE chunk times 2^FP8_F16_EXP so that every
+// score is 2^FP8_F16_EXP S: the softmax takes that factor out of the scores, the
+// output's normalisation out of O (P, in f16, is unchanged). So the dequantised latents
+// sit in f16 as k * 2^FP8_F16_EXP: exact up to the f16 rounding of the scale and the
+// product (2^-11 each), for blocks whose largest magnitude is in [1.7e-3, 4094]
+// (DESIGN 7.1); the latent queries are f16 too (|q| < 65504, with the softmax scale in
+// it). A page index outside the pool copies nothing and converts to zeros, as the
+// tensor map's bounds give.
+// - MODE_TOKENS: the warpgroup that owns the tile converts it into its one 16-bit stage
 //   and refills the raw stage right after that (no scores ahead). Each warp of both
 //   warpgroups converts, which measured faster (session 5: 381 us against 442 at
 //   Kimi-K2 g=2) than one converting warpgroup beside them, whose single warp per
 //   sub-partition became the chain.
 // - MODE_HEADS (FP8_CONVERTER): both warpgroups read every tile, so a third warpgroup
 //   (WG2, 40 registers a thread by setmaxnreg, the consumers 232) converts each page
-//   once, for 128 heads, into two bf16 stages (tile t into t % 2) signalled by `full`
+//   once, for 128 heads, into two 16-bit stages (tile t into t % 2) signalled by `full`
 //   mbarriers and released by both consumers on `empty` ones; the consumers keep the
 //   bf16 HEADS loop and its turns.
 //
@@ -92,6 +101,12 @@
 #ifndef KV_FP8
 #define KV_FP8 0
 #endif
+// FP8 caches multiply the latent columns in f16 (see the top); the dequantised values are
+// stored times 2^FP8_F16_EXP, the f16 window centred on the latents models hold
+#define LAT_F16 KV_FP8
+#define FP8_F16_EXP 4
+#define LAT_SCALE (LAT_F16 ? (float)(1 << FP8_F16_EXP) : 1.f)  // every score is LAT_SCALE S
+#define SCORE_LOG2E (LOG2E / LAT_SCALE)
 
 #define CHUNKS (RW / 64)                   // 128-byte swizzle atoms across a row
 #define ATOM_BYTES (64 * 128)              // 64 rows of one 64-column chunk
@@ -136,22 +151,22 @@
 // warpgroups done with it (MODE_HEADS).
 #define XCHG_BYTES (MODE == MODE_COLUMNS ? ATOM_BYTES + 2 * 64 * 4 : 0)
 #define STAGE_BARS (MODE == MODE_COLUMNS ? CHUNKS : 1)
-// FP8: BF16_STAGES converted stages, then the ring of STAGES raw pages; the mbarriers
-// are the raw pages' (completed by the copies), then (HEADS) each bf16 stage's `full`
+// FP8: CONV_STAGES converted stages, then the ring of STAGES raw pages; the mbarriers
+// are the raw pages' (completed by the copies), then (HEADS) each 16-bit stage's `full`
 // (converted) and `empty` (released by both consumers); the counts' place holds a flag
 // per raw page that was outside the pool.
 #define SCALE_BYTES (4 * ((SLICE + 127) / 128))
 #define ROW8 (SLICE + SCALE_BYTES + 2 * 64)  // bytes of one FP8 row
 #define RAW_BYTES (NT * ROW8)                // one raw page: a multiple of 16 (NT = 64)
-#define BF16_STAGES (KV_FP8 ? 2 : STAGES)
+#define CONV_STAGES (KV_FP8 ? 2 : STAGES)
 #define CONSUMER_REGS 232
 #define PRODUCER_REGS 40
 #define SM_K 0
-#define SM_RAW (BF16_STAGES * STAGE_BYTES)
+#define SM_RAW (CONV_STAGES * STAGE_BYTES)
 #define SM_Q (((SM_RAW + (KV_FP8 ? STAGES * RAW_BYTES : 0)) + 1023) / 1024 * 1024)
 #define SM_X (SM_Q + (HQ / 64) * QWG_BYTES)
 #define SM_BAR (SM_X + XCHG_BYTES)
-#define SM_DONE (SM_BAR + (STAGES * STAGE_BARS + (FP8_CONVERTER ? 2 * BF16_STAGES : 0)) * 8)
+#define SM_DONE (SM_BAR + (STAGES * STAGE_BARS + (FP8_CONVERTER ? 2 * CONV_STAGES : 0)) * 8)
 #define SM_PAGE_BAD SM_DONE
 // this CTA's schedule: 8 words, then the scans' scratch (two words per warp)
 #define SM_SCHED (SM_DONE + STAGES * 8)
@@ -289,16 +304,16 @@ __device__ __forceinline__ void load_raw_page(const RawPool& pool, unsigned char
     }
 }
 
-// Two e4m3 codes (low byte first) times `scale`, rounded to f32 then to a bf16 pair.
-__device__ __forceinline__ u32 dequant_pair(u32 codes, float scale) {
-    u32 h2;
+// Two e4m3 codes (low byte first) as an f16 pair (exact) times `scale2` (the block's
+// scale times LAT_SCALE, in both halves).
+__device__ __forceinline__ u32 dequant_pair(u32 codes, u32 scale2) {
+    u32 h2, r;
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)codes));
-    float lo, hi;
-    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}" : "=f"(lo), "=f"(hi) : "r"(h2));
-    return pack_bf16x2(lo * scale, hi * scale);
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h2), "r"(scale2));
+    return r;
 }
 
-// Converts the raw FP8 page at `raw` into the bf16 stage at `stage` (the swizzled
+// Converts the raw FP8 page at `raw` into the 16-bit stage at `stage` (the swizzled
 // layout the tensor map would have written), rows kept..NT-1 as zeros, split over the
 // warpgroup's 128 threads (`me`). FP8 rows are only 4-aligned: 32-bit loads. The loads
 // of DEQ_BATCH rows go out before any of their conversions: one warp of the warpgroup
@@ -317,8 +332,7 @@ __device__ __forceinline__ void dequant_rows(const unsigned char* src, const uns
     constexpr int ROWS_STEP = DEQ_ROWS_STEP;
 #pragma unroll 1
     for (int r = r0; r < NT; r += DEQ_BATCH * ROWS_STEP) {
-        u32 c0[DEQ_BATCH], c1[DEQ_BATCH];
-        float scale[DEQ_BATCH];
+        u32 c0[DEQ_BATCH], c1[DEQ_BATCH], scale2[DEQ_BATCH];
 #pragma unroll
         for (int k = 0; k < DEQ_BATCH; ++k) {
             if (ROW8 % 8 == 0) {
@@ -329,12 +343,13 @@ __device__ __forceinline__ void dequant_rows(const unsigned char* src, const uns
                 c0[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8);
                 c1[k] = *reinterpret_cast<const u32*>(src + k * ROWS_STEP * ROW8 + 4);
             }
-            scale[k] = *reinterpret_cast<const float*>(scale_src + k * ROWS_STEP * ROW8);
+            const float scale = *reinterpret_cast<const float*>(scale_src + k * ROWS_STEP * ROW8) * LAT_SCALE;
+            scale2[k] = pack_f16x2(scale, scale);
         }
 #pragma unroll
         for (int k = 0; k < DEQ_BATCH; ++k) {
-            uint4 v = make_uint4(dequant_pair(c0[k], scale[k]), dequant_pair(c0[k] >> 16, scale[k]),
-                                 dequant_pair(c1[k], scale[k]), dequant_pair(c1[k] >> 16, scale[k]));
+            uint4 v = make_uint4(dequant_pair(c0[k], scale2[k]), dequant_pair(c0[k] >> 16, scale2[k]),
+                                 dequant_pair(c1[k], scale2[k]), dequant_pair(c1[k] >> 16, scale2[k]));
             if (!FULL && r + k * ROWS_STEP >= kept) v = make_uint4(0u, 0u, 0u, 0u);  // past the end (or no page)
             *reinterpret_cast<uint4*>(dst + k * ROWS_STEP * 128 + (k % 2 ? at_odd : at_even)) = v;
         }
@@ -469,6 +484,8 @@ __device__ __forceinline__ void scores(float (&sc)[32], u32 q_rows, u32 kst, con
         } else {
             if (MODE == MODE_COLUMNS)
                 wgmma_qk_n64(sc, desc_at(q_desc, off), desc_at(k_desc, off), acc);
+            else if (LAT_F16 && c < CHUNKS - 1)
+                wgmma_qk_n64_f16(sc, smem_desc(q_rows + off, 16, 1024), smem_desc(kst + off, 16, 1024), acc);
             else
                 wgmma_qk_n64(sc, smem_desc(q_rows + off, 16, 1024), smem_desc(kst + off, 16, 1024), acc);
         }
@@ -485,7 +502,13 @@ __device__ __forceinline__ void attend_values(float (&o)[ON], const u32 (&pa)[16
     for (int kk = 0; kk < NT / 16; ++kk) {
         const u64 dv = MODE == MODE_COLUMNS ? desc_at(v_desc, kk * 16 * 128)
                                             : smem_desc(kst + col_chunk * ATOM_BYTES + kk * 16 * 128, ATOM_BYTES, 1024);
-#if PV_N == 256
+#if PV_N == 256 && LAT_F16
+        wgmma_pv_n256_f16(o, pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3], dv, 1);
+#elif PV_N == 128 && LAT_F16
+        wgmma_pv_n128_f16(o, pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3], dv, 1);
+#elif LAT_F16
+        wgmma_pv_n64_f16(o, pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3], dv, 1);
+#elif PV_N == 256
         wgmma_pv_n256(o, pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3], dv, 1);
 #elif PV_N == 128
         wgmma_pv_n128(o, pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3], dv, 1);
@@ -540,7 +563,7 @@ __device__ __forceinline__ void scale_row(float (&o)[ON], int h, float alpha) {
 // 8 n + 2 t4 + e % 2, the first `valid` tokens real): moves the reference maxima when
 // the tile's maximum exceeds them by more than RESCALE_LOG2 (rescaling the output rows
 // and row sums), adds the tile's probabilities to the row sums and packs them as bf16
-// pairs, the A operand of the P V products.
+// pairs (LAT_F16: f16), the A operand of the P V products. The scores are LAT_SCALE S.
 __device__ __forceinline__ void softmax_tile(float (&sc)[32], int valid, int t4, float (&m_ref)[2],
                                              float (&l_part)[2], float (&o)[ON], u32 (&pa)[16]) {
     if (valid < NT) {
@@ -560,7 +583,7 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[32], int valid, int t4,
     for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        mx[h] *= LOG2E;
+        mx[h] *= SCORE_LOG2E;
         if (mx[h] > m_ref[h] + RESCALE_LOG2) {  // mx is finite: the tile holds a valid token
             const float alpha = fast_exp2(m_ref[h] - mx[h]);  // 0 on the first tile
             m_ref[h] = mx[h];
@@ -570,14 +593,14 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[32], int valid, int t4,
     }
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-        const float p0 = fast_exp2(fmaf(sc[4 * n], LOG2E, -m_ref[0]));
-        const float p1 = fast_exp2(fmaf(sc[4 * n + 1], LOG2E, -m_ref[0]));
-        const float p2 = fast_exp2(fmaf(sc[4 * n + 2], LOG2E, -m_ref[1]));
-        const float p3 = fast_exp2(fmaf(sc[4 * n + 3], LOG2E, -m_ref[1]));
+        const float p0 = fast_exp2(fmaf(sc[4 * n], SCORE_LOG2E, -m_ref[0]));
+        const float p1 = fast_exp2(fmaf(sc[4 * n + 1], SCORE_LOG2E, -m_ref[0]));
+        const float p2 = fast_exp2(fmaf(sc[4 * n + 2], SCORE_LOG2E, -m_ref[1]));
+        const float p3 = fast_exp2(fmaf(sc[4 * n + 3], SCORE_LOG2E, -m_ref[1]));
         l_part[0] += p0 + p1;
         l_part[1] += p2 + p3;
-        pa[2 * n] = pack_bf16x2(p0, p1);
-        pa[2 * n + 1] = pack_bf16x2(p2, p3);
+        pa[2 * n] = LAT_F16 ? pack_f16x2(p0, p1) : pack_bf16x2(p0, p1);
+        pa[2 * n + 1] = LAT_F16 ? pack_f16x2(p2, p3) : pack_bf16x2(p2, p3);
     }
 }
 
@@ -784,8 +807,8 @@ __device__ __forceinline__ int entry_tiles(const int* slots, const int* seq_lens
 // The converting warpgroup's part (thread `me` of it): the same walk over the CTA's pieces
 // as the consumers', meeting them at each piece's two block barriers (its start, Q
 // stored); after the second it converts the piece's pages in order, tile t (counted
-// over the CTA's range) from raw stage t % STAGES into bf16 stage t % BF16_STAGES once
-// both consumers released tile t - BF16_STAGES there, and refills the raw stage with the
+// over the CTA's range) from raw stage t % STAGES into 16-bit stage t % CONV_STAGES once
+// both consumers released tile t - CONV_STAGES there, and refills the raw stage with the
 // page STAGES on as soon as it is converted.
 __device__ __forceinline__ void convert_pieces(const RawPool& pool, unsigned char* smem, u32 base, u32 full_bar,
                                                u32 conv_full, u32 conv_empty, const int* block_table,
@@ -810,9 +833,9 @@ __device__ __forceinline__ void convert_pieces(const RawPool& pool, unsigned cha
         for (int j = 0; j < n_tiles; ++j) {
             const int t = done_tiles + j;
             const int rs = t % STAGES;
-            const int bs = t % BF16_STAGES;
+            const int bs = t % CONV_STAGES;
             mbar_wait(full_bar + 8 * rs, (t / STAGES) & 1);
-            if (t >= BF16_STAGES) mbar_wait(conv_empty + 8 * bs, (t / BF16_STAGES - 1) & 1);
+            if (t >= CONV_STAGES) mbar_wait(conv_empty + 8 * bs, (t / CONV_STAGES - 1) & 1);
             const bool bad = reinterpret_cast<volatile u32*>(smem + SM_PAGE_BAD)[rs] != 0u;
             const int valid = min(NT, len - (t_begin + j) * NT);
             dequant_page(smem + SM_RAW + rs * RAW_BYTES, smem + SM_K + bs * STAGE_BYTES, bad ? 0 : valid, me);
@@ -932,10 +955,10 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         }
     }
     if (tid == 0) {
-        for (int i = 0; i < STAGES * STAGE_BARS + (FP8_CONVERTER ? BF16_STAGES : 0); ++i)
+        for (int i = 0; i < STAGES * STAGE_BARS + (FP8_CONVERTER ? CONV_STAGES : 0); ++i)
             mbar_init(full_bar + 8 * i, 1);
-        // FP8 HEADS: a bf16 stage is free again once both consumers released it
-        for (int i = 0; i < (FP8_CONVERTER ? BF16_STAGES : 0); ++i) mbar_init(full_bar + 8 * (STAGES + BF16_STAGES + i), 2);
+        // FP8 HEADS: a 16-bit stage is free again once both consumers released it
+        for (int i = 0; i < (FP8_CONVERTER ? CONV_STAGES : 0); ++i) mbar_init(full_bar + 8 * (STAGES + CONV_STAGES + i), 2);
         for (int s = 0; s < STAGES; ++s) *reinterpret_cast<u32*>(smem + SM_DONE + 8 * s) = 0u;
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -946,8 +969,8 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
 
     const int wg = warp / 4;
 #if FP8_CONVERTER
-    const u32 conv_full = full_bar + 8 * STAGES;  // bf16 stage s converted: conv_full + 8 s
-    const u32 conv_empty = conv_full + 8 * BF16_STAGES;  // and released by both consumers
+    const u32 conv_full = full_bar + 8 * STAGES;  // 16-bit stage s converted: conv_full + 8 s
+    const u32 conv_empty = conv_full + 8 * CONV_STAGES;  // and released by both consumers
 #endif
     const int tw = tid % 128;  // thread in its warpgroup
     const int g = lane / 4;    // accumulator row group
@@ -1005,7 +1028,8 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     }
 #endif
 
-    // Queries f32 -> bf16 into the swizzled atoms: element (r, c) of warpgroup block
+    // Queries f32 -> bf16 (LAT_F16: the latent columns f16, the RoPE chunk bf16 times
+    // LAT_SCALE) into the swizzled atoms: element (r, c) of warpgroup block
     // r / 64 at chunk c / 64, row r % 64, 16-byte unit ((c % 64) / 8) ^ (r % 8). Each
     // thread's Q_PER_THREAD float4s (thread tid + THREADS k) are loaded Q_BATCH at a time,
     // all of a batch before any is stored: a loop of one load each waited for its global
@@ -1026,8 +1050,13 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
                 const int rr = r % 64;
                 const u32 at = (u32)((r / 64) * QWG_BYTES + (c / 64) * ATOM_BYTES + rr * 128 +
                                      ((((c % 64) / 8) ^ (rr % 8)) * 16) + (c % 8) * 2);
-                *reinterpret_cast<uint2*>(smem + SM_Q + at) =
-                    make_uint2(pack_bf16x2(v[k].x, v[k].y), pack_bf16x2(v[k].z, v[k].w));
+                uint2 w = make_uint2(pack_bf16x2(v[k].x, v[k].y), pack_bf16x2(v[k].z, v[k].w));
+                if (LAT_F16) {
+                    const float f = LAT_SCALE;
+                    w = c < SLICE ? make_uint2(pack_f16x2(v[k].x, v[k].y), pack_f16x2(v[k].z, v[k].w))
+                                  : make_uint2(pack_bf16x2(v[k].x * f, v[k].y * f), pack_bf16x2(v[k].z * f, v[k].w * f));
+                }
+                *reinterpret_cast<uint2*>(smem + SM_Q + at) = w;
             }
         }
         fence_async_shared();
@@ -1076,12 +1105,12 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
 #if FP8_CONVERTER
         // the converting warpgroup zeroed the rows past the end
         const int t = done_tiles + j;
-        mbar_wait(conv_full + 8 * (t % BF16_STAGES), (t / BF16_STAGES) & 1);
+        mbar_wait(conv_full + 8 * (t % CONV_STAGES), (t / CONV_STAGES) & 1);
         named_barrier(my_turn, THREADS);  // wait for this warpgroup's turn
-        scores<0>(sc, q_wg, k_base + (t % BF16_STAGES) * STAGE_BYTES, rope);
+        scores<0>(sc, q_wg, k_base + (t % CONV_STAGES) * STAGE_BYTES, rope);
         if (wg == 0 || j + 1 < n_tiles) named_arrive(other_turn, THREADS);
 #elif KV_FP8
-        // TOKENS: the raw page becomes this warpgroup's bf16 stage (its previous tile's
+        // TOKENS: the raw page becomes this warpgroup's 16-bit stage (its previous tile's
         // products are done: the loop's barrier), then its raw stage takes the tile
         // STAGES on
         const int s = (done_tiles + j) % STAGES;
@@ -1121,11 +1150,11 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
     // not with two stages, one each, where the next tile's stage must be refilled
     // first). MODE_HEADS does not: its turns already keep the tensor cores busy, and the
     // early scores measured 1% slower.
-    // FP8 TOKENS converts before its scores, into its one bf16 stage: no scores ahead.
+    // FP8 TOKENS converts before its scores, into its one 16-bit stage: no scores ahead.
     constexpr bool ahead = MODE == MODE_TOKENS && STAGES > 2 && !KV_FP8;
     int valid = j_first < n_tiles ? issue_scores(j_first) : NT;
     for (int j = j_first; j < n_tiles; j += j_step) {
-        const int s = (done_tiles + j) % BF16_STAGES;
+        const int s = (done_tiles + j) % CONV_STAGES;
         const u32 kst = k_base + s * STAGE_BYTES;
         const bool more = j + j_step < n_tiles;
 #if !KV_FP8
@@ -1240,8 +1269,9 @@ tpla_decode(const __grid_constant__ PoolParam pool_map,  // the pool: [pages][PA
         const int head = h0 + (MODE == MODE_HEADS ? wg * 64 : 0) + row0;
         const u64 row = pieces == 1 ? (u64)b * heads + head : (u64)(split_base - pieces + piece) * heads + head;
         float* dst = (pieces == 1 ? out : part_out) + row * SLICE + col_chunk * 64;
-        const float inv0 = 1.f / l_part[0];
-        const float inv1 = 1.f / l_part[1];
+        // (O holds LAT_SCALE times the values' products)
+        const float inv0 = 1.f / (l_part[0] * LAT_SCALE);
+        const float inv1 = 1.f / (l_part[1] * LAT_SCALE);
 #pragma unroll
         for (int n = 0; n < ON / 4; ++n) {
             const int c = 8 * n + 2 * t4;

@@ -32,9 +32,9 @@ pub const MAX_STAGES: usize = 8;
 const V3_THREADS: u32 = 256;
 /// Threads per block of the Hopper decode kernel (two warpgroups).
 const SM90_THREADS: u32 = 256;
-/// Converted bf16 stages of the FP8 kernel (`BF16_STAGES` in decode_sm90.cu): TOKENS one
+/// Converted 16-bit stages of the FP8 kernel (`CONV_STAGES` in decode_sm90.cu): TOKENS one
 /// per warpgroup, HEADS two that both read.
-const FP8_BF16_STAGES: usize = 2;
+const FP8_CONV_STAGES: usize = 2;
 
 /// Threads per block of the Hopper kernel of this shape (`BLOCK_THREADS` in
 /// decode_sm90.cu): two warpgroups, and with FP8 in the HEADS mode a third that converts
@@ -323,7 +323,7 @@ impl Sm90Mode {
 /// stages, queries, the exchange of P and maxima, mbarriers and stage counters, the
 /// CTA's schedule, and slack to align the swizzle atoms to 1024 bytes). FP8: two bf16
 /// stages and `stages` raw pages before the queries (at a 1024-byte boundary), and with
-/// the converting warpgroup (HEADS) the bf16 stages' `full` and `empty` mbarriers beside
+/// the converting warpgroup (HEADS) the 16-bit stages' `full` and `empty` mbarriers beside
 /// the raw pages'.
 pub fn sm90_shared_bytes(
     slice_width: usize,
@@ -336,7 +336,7 @@ pub fn sm90_shared_bytes(
     let mode = Sm90Mode::of(slice_width, heads_tile);
     let threads = sm90_threads(dtype, slice_width, heads_tile);
     let tiles = match dtype == DType::Fp8E4m3 {
-        true => (FP8_BF16_STAGES * tile
+        true => (FP8_CONV_STAGES * tile
             + stages * TILE_TOKENS * dtype.row_bytes(slice_width, ROPE_WIDTH))
         .next_multiple_of(1024),
         false => stages * tile,
@@ -347,9 +347,9 @@ pub fn sm90_shared_bytes(
         Sm90Mode::Columns => (64 * 64 * 2 + 2 * 64 * 4, row / 64),
         _ => (0, 1),
     };
-    // the converting warpgroup's bf16 stages are signalled by mbarriers, not copies
+    // the converting warpgroup's 16-bit stages are signalled by mbarriers, not copies
     let bf16_stage_barriers = if threads > SM90_THREADS {
-        2 * FP8_BF16_STAGES
+        2 * FP8_CONV_STAGES
     } else {
         0
     };
