@@ -2843,6 +2843,98 @@ tpla_status tpla_device_engine_project(const struct tpla_device_engine *engine,
                                        void *stream);
 
 /**
+ * The status (and `tpla_last_error_message`) of a merge (b) error word `bits` read back
+ * by the engine: TPLA_STATUS_OK for none, TPLA_STATUS_INVALID_ARGUMENT with the host
+ * merge's message otherwise.
+ */
+tpla_status tpla_sequence_merge_error(uint32_t bits);
+
+/**
+ * Merge (a), this rank's step between the engine's all-gather and all-reduce, on
+ * `stream` (a CUstream, NULL for the default one): `out_dev` ([rows][width] f32, this
+ * rank's outputs of tpla_device_engine_decode, rows = batch * heads, or its projected
+ * head outputs, width = d_v) times e^(lse_own - L), with `gathered_dev` the log-sum-exps
+ * of the `shards` shards of its latent group side by side ([shards][rows] f32, shard j's
+ * at row j) and `shard` this rank's. Summing `out_dev` over every rank of the
+ * deployment then gives the exact, group-summed output.
+ *
+ * Returns TPLA_STATUS_INVALID_ARGUMENT for a NULL handle or buffer, shard >= shards, no
+ * rows or width, or a buffer that is not device memory of the engine's GPU holding its
+ * bytes (or an output overlapping an input); TPLA_STATUS_UNSUPPORTED without CUDA.
+ *
+ * # Safety
+ * `engine` is NULL or live; the buffers are device memory valid until the stream passes
+ * this point; `stream` is NULL or a live stream of the engine's device.
+ */
+tpla_status tpla_device_engine_sequence_rescale(const struct tpla_device_engine *engine,
+                                                size_t shard,
+                                                size_t shards,
+                                                size_t rows,
+                                                size_t width,
+                                                const float *gathered_dev,
+                                                float *out_dev,
+                                                void *stream);
+
+/**
+ * Merge (b)'s shared logit bounds `bound_dev` ([rows] f64) of the decode's query rows
+ * `q_dev` ([rows][row_width] f32, as tpla_device_engine_decode reads them; the same on
+ * every shard of a latent group), with `rope_key_norm` (finite, >= 0) a bound of |k_rope|
+ * over every token of the batch's sequences. On `stream`.
+ *
+ * Returns as tpla_device_engine_sequence_rescale (and INVALID_ARGUMENT for a
+ * `rope_key_norm` that is negative or not finite).
+ *
+ * # Safety
+ * As tpla_device_engine_sequence_rescale.
+ */
+tpla_status tpla_device_engine_sequence_bounds(const struct tpla_device_engine *engine,
+                                               size_t rows,
+                                               double rope_key_norm,
+                                               const float *q_dev,
+                                               double *bound_dev,
+                                               void *stream);
+
+/**
+ * Merge (b), pack, on `stream`: `packed_dev` ([rows][tpla_sequence_packed_row_len(width)]
+ * f64) from this rank's outputs `out_dev` ([rows][width] f32), log-sum-exps `lse_dev`
+ * ([rows] f32) and the shared bounds `bound_dev` ([rows] f64); `tpla_merge_error` bits
+ * ORed into `*error_dev` (a device uint32_t the engine clears). The engine then sums
+ * `packed_dev` over the shards of the rank's latent group (an f64 all-reduce).
+ *
+ * Returns as tpla_device_engine_sequence_rescale.
+ *
+ * # Safety
+ * As tpla_device_engine_sequence_rescale.
+ */
+tpla_status tpla_device_engine_sequence_pack(const struct tpla_device_engine *engine,
+                                             size_t rows,
+                                             size_t width,
+                                             const float *out_dev,
+                                             const float *lse_dev,
+                                             const double *bound_dev,
+                                             double *packed_dev,
+                                             uint32_t *error_dev,
+                                             void *stream);
+
+/**
+ * Merge (b), unpack, on `stream`: the merged outputs `out_dev` ([rows][width] f32) from
+ * the packs summed over the group's shards (`packed_dev`); `tpla_merge_error` bits ORed
+ * into `*error_dev`. The engine then sums `out_dev` over the latent groups.
+ *
+ * Returns as tpla_device_engine_sequence_rescale.
+ *
+ * # Safety
+ * As tpla_device_engine_sequence_rescale.
+ */
+tpla_status tpla_device_engine_sequence_unpack(const struct tpla_device_engine *engine,
+                                               size_t rows,
+                                               size_t width,
+                                               const double *packed_dev,
+                                               float *out_dev,
+                                               uint32_t *error_dev,
+                                               void *stream);
+
+/**
  * Generates the synthetic layer of shape `dims` and `seed` (same inputs, same layer;
  * d_r must be even). Destroy it with `tpla_synthetic_destroy`.
  *

@@ -150,7 +150,7 @@ impl std::fmt::Debug for DeviceEngine {
     }
 }
 
-fn check_address(ptr: u64, align: u64, what: &str) -> Result<()> {
+pub(crate) fn check_address(ptr: u64, align: u64, what: &str) -> Result<()> {
     if ptr == 0 {
         return Err(Error::invalid(format!("{what} is a null device address")));
     }

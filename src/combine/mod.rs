@@ -7,7 +7,8 @@
 //! - NCCL on GPUs (feature `nccl`): [`nccl`].
 //!
 //! Sequence shards merge their partial outputs by their log-sum-exps first:
-//! [`sequence`] (on the CPU) and `sequence_device` (on the GPU, feature `cuda`).
+//! [`sequence`] (on the CPU), `sequence_device` (on the GPU, feature `cuda`) and
+//! `sequence_engine` (the same on an engine's own device buffers).
 
 use crate::error::{Error, Result};
 
@@ -16,6 +17,8 @@ pub mod nccl;
 pub mod sequence;
 #[cfg(feature = "cuda")]
 pub mod sequence_device;
+#[cfg(feature = "cuda")]
+pub mod sequence_engine;
 
 /// Sums `buffers` element-wise, in rank order, and writes the sum into each of them, so
 /// every rank ends with bit-identical values.

@@ -34,6 +34,37 @@ use crate::error::{Error, Result};
 /// Largest `|l - m|` whose `e^(l - m)` is a normal f64 (`e^700 ~ 1e304`).
 pub const PACKED_EXPONENT_LIMIT: f64 = 700.0;
 
+/// Bit of merge (b)'s error word on the GPU (the pack and unpack kernels of sequence.cu
+/// OR them in where the host merge returns an error): a logit bound was not finite.
+pub const MERGE_BOUND_NOT_FINITE: u32 = 1;
+/// Error bit: a log-sum-exp lay more than [`PACKED_EXPONENT_LIMIT`] above its bound.
+pub const MERGE_LSE_ABOVE_BOUND: u32 = 2;
+/// Error bit: the bound lay more than [`PACKED_EXPONENT_LIMIT`] above every shard's
+/// log-sum-exp of a row (its outputs are NaN).
+pub const MERGE_BOUND_FAR_ABOVE: u32 = 4;
+
+/// The host merge's error for the bits of a GPU merge's error word, `Ok` for none.
+pub fn merge_error(bits: u32) -> Result<()> {
+    if bits & MERGE_BOUND_NOT_FINITE != 0 {
+        return Err(Error::invalid(
+            "a logit bound is not finite: bounds must be finite",
+        ));
+    }
+    if bits & MERGE_LSE_ABOVE_BOUND != 0 {
+        return Err(Error::invalid(format!(
+            "a log-sum-exp lies more than {PACKED_EXPONENT_LIMIT} above its logit bound: the \
+             bound must not lie more than {PACKED_EXPONENT_LIMIT} below it"
+        )));
+    }
+    if bits & MERGE_BOUND_FAR_ABOVE != 0 {
+        return Err(Error::invalid(format!(
+            "the logit bound lies more than {PACKED_EXPONENT_LIMIT} above the log-sum-exp of \
+             every shard of an entry"
+        )));
+    }
+    Ok(())
+}
+
 /// Values per packed row of `width` outputs: the numerators, the denominator, and the
 /// count of shards that hold a token of the entry (which tells an entry without tokens
 /// from one whose bound was too loose).
@@ -300,6 +331,18 @@ fn check_rows(what: &str, got: usize, rows: usize, width: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_merge_error_bits_read_as_the_cpu_merge_errors() {
+        assert!(merge_error(0).is_ok());
+        let e = merge_error(MERGE_BOUND_NOT_FINITE).unwrap_err();
+        assert!(e.message().contains("finite"), "{e}");
+        let e = merge_error(MERGE_LSE_ABOVE_BOUND).unwrap_err();
+        assert!(e.message().contains("above its logit bound"), "{e}");
+        let e = merge_error(MERGE_BOUND_FAR_ABOVE).unwrap_err();
+        assert!(e.message().contains("more than 700 above"), "{e}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+    }
 
     /// Two shards of one row of width 2: shard 0 with lse 0, shard 1 with lse ln 3, so
     /// the weights are 1/4 and 3/4.

@@ -17,11 +17,7 @@
 //! (the first `batch * heads * d_v` values). Which merge to use: see [`super::sequence`]
 //! and benches/RESULTS.md, "Sequence-shard merges".
 
-use crate::attention::cuda::{
-    CUstream, RankBuffers, SequenceKernels, ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE,
-    ERR_LSE_ABOVE_BOUND,
-};
-use crate::combine::sequence::PACKED_EXPONENT_LIMIT;
+use crate::attention::cuda::{CUstream, RankBuffers, SequenceKernels};
 use crate::device_rank::DeviceRank;
 use crate::error::{Error, ErrorKind, Result};
 use std::borrow::BorrowMut;
@@ -56,28 +52,6 @@ fn sync(stream: CUstream) -> Result<()> {
     })
 }
 
-/// The error of a pack's or unpack's error bits (the messages of the CPU merge).
-fn check_error_bits(bits: u32) -> Result<()> {
-    if bits & ERR_BOUND_NOT_FINITE != 0 {
-        return Err(Error::invalid(
-            "a logit bound is not finite: bounds must be finite",
-        ));
-    }
-    if bits & ERR_LSE_ABOVE_BOUND != 0 {
-        return Err(Error::invalid(format!(
-            "a log-sum-exp lies more than {PACKED_EXPONENT_LIMIT} above its logit bound: the \
-             bound must not lie more than {PACKED_EXPONENT_LIMIT} below it"
-        )));
-    }
-    if bits & ERR_BOUND_FAR_ABOVE != 0 {
-        return Err(Error::invalid(format!(
-            "the logit bound lies more than {PACKED_EXPONENT_LIMIT} above the log-sum-exp of \
-             every shard of an entry"
-        )));
-    }
-    Ok(())
-}
-
 fn read_error(rank: &DeviceRank, ptr: u64) -> Result<()> {
     let mut bits = [0u32];
     rank.backend().device().bind()?;
@@ -88,7 +62,7 @@ fn read_error(rank: &DeviceRank, ptr: u64) -> Result<()> {
             format!("CUDA: reading a merge's error word failed: {e}"),
         )
     })?;
-    check_error_bits(bits[0])
+    crate::combine::sequence::merge_error(bits[0])
 }
 
 /// Checks `ranks` form a whole hybrid deployment on one GPU, in rank order, for a step
@@ -389,22 +363,5 @@ mod nccl_merges {
             sync(stream)?;
             read_error(self, error)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_bits_read_as_the_cpu_merge_errors() {
-        assert!(check_error_bits(0).is_ok());
-        let e = check_error_bits(ERR_BOUND_NOT_FINITE).unwrap_err();
-        assert!(e.message().contains("finite"), "{e}");
-        let e = check_error_bits(ERR_LSE_ABOVE_BOUND).unwrap_err();
-        assert!(e.message().contains("above its logit bound"), "{e}");
-        let e = check_error_bits(ERR_BOUND_FAR_ABOVE).unwrap_err();
-        assert!(e.message().contains("more than 700 above"), "{e}");
-        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     }
 }

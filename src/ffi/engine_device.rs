@@ -31,10 +31,15 @@ pub struct tpla_device_engine {
     engine: crate::engine_device::DeviceEngine,
     /// No device engine exists in a build without CUDA.
     #[cfg(not(feature = "cuda"))]
-    never: std::convert::Infallible,
+    pub(super) never: std::convert::Infallible,
 }
 
 impl tpla_device_engine {
+    #[cfg(feature = "cuda")]
+    pub(super) fn engine(&self) -> &crate::engine_device::DeviceEngine {
+        &self.engine
+    }
+
     /// The rank's RoPE key width, which sizes its cache rows.
     fn rope_width(&self) -> usize {
         #[cfg(feature = "cuda")]

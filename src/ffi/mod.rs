@@ -28,6 +28,8 @@ pub mod device;
 
 pub mod engine_device;
 
+pub mod engine_sequence;
+
 pub mod synthetic;
 
 use crate::error::{Error, ErrorKind};

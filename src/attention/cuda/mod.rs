@@ -42,7 +42,5 @@ pub(crate) use engine::APPEND_THREADS;
 pub use kernels::{
     DecodeKernel, KernelConfig, Kernels, MAX_STAGES, PAGE_SIZE, ROPE_WIDTH, SLICE_WIDTHS,
 };
-pub(crate) use sequence::{
-    RankBuffers, ERR_BOUND_FAR_ABOVE, ERR_BOUND_NOT_FINITE, ERR_LSE_ABOVE_BOUND,
-};
+pub(crate) use sequence::RankBuffers;
 pub use sequence::{SequenceKernels, MAX_IN_PROCESS_RANKS};

@@ -14,7 +14,7 @@ typedef unsigned long long u64;
 #define QNAN_D __longlong_as_double(0x7ff8000000000000ll)
 #define PACKED_EXPONENT_LIMIT 700.0  // combine::sequence::PACKED_EXPONENT_LIMIT
 
-// Error bits of the pack and unpack (src/attention/cuda/sequence.rs)
+// Error bits of the pack and unpack (combine::sequence::MERGE_*, the engine's error word)
 #define ERR_BOUND_NOT_FINITE 1u
 #define ERR_LSE_ABOVE_BOUND 2u
 #define ERR_BOUND_FAR_ABOVE 4u

@@ -73,11 +73,6 @@ impl RankBuffers {
     }
 }
 
-/// Error bits the pack and unpack kernels set in their error word (sequence.cu).
-pub(crate) const ERR_BOUND_NOT_FINITE: u32 = 1;
-pub(crate) const ERR_LSE_ABOVE_BOUND: u32 = 2;
-pub(crate) const ERR_BOUND_FAR_ABOVE: u32 = 4;
-
 fn options() -> Vec<String> {
     vec!["-std=c++17".into()]
 }
@@ -87,12 +82,9 @@ fn options() -> Vec<String> {
 pub struct SequenceKernels {
     pub origin: Origin,
     empty: Function,
-    #[cfg(feature = "nccl")]
     rescale: Function,
     bounds: Function,
-    #[cfg(feature = "nccl")]
     pack: Function,
-    #[cfg(feature = "nccl")]
     unpack: Function,
     merge_lse_all: Function,
     merge_packed_all: Function,
@@ -125,12 +117,9 @@ impl SequenceKernels {
         Ok(SequenceKernels {
             origin,
             empty: module.function("tpla_seq_empty")?,
-            #[cfg(feature = "nccl")]
             rescale: module.function("tpla_seq_rescale")?,
             bounds: module.function("tpla_seq_bounds")?,
-            #[cfg(feature = "nccl")]
             pack: module.function("tpla_seq_pack")?,
-            #[cfg(feature = "nccl")]
             unpack: module.function("tpla_seq_unpack")?,
             merge_lse_all: module.function("tpla_seq_merge_lse_all")?,
             merge_packed_all: module.function("tpla_seq_merge_packed_all")?,
@@ -180,7 +169,6 @@ impl SequenceKernels {
         }
     }
 
-    #[cfg(feature = "nccl")]
     /// Merge (a): rows `[rows][width]` at `out` times `e^(l_own - L)`, the log-sum-exps
     /// of shard `j` at `gathered + 4 * j * stride` (`rows` f32 each).
     ///
@@ -265,7 +253,6 @@ impl SequenceKernels {
         unsafe { self.bounds.launch(grid, ROW_THREADS, 0, stream, &mut args) }
     }
 
-    #[cfg(feature = "nccl")]
     /// Merge (b), pack: `[rows][width + 2]` f64 at `packed` from the outputs `out`
     /// (`[rows][width]` f32), log-sum-exps `lse` (`rows` f32) and bounds `bound` (`rows`
     /// f64); error bits into the `u32` at `error`.
@@ -301,7 +288,6 @@ impl SequenceKernels {
         }
     }
 
-    #[cfg(feature = "nccl")]
     /// Merge (b), unpack: `[rows][width]` f32 at `out` from the summed packs at `packed`;
     /// error bits into the `u32` at `error`.
     ///
