@@ -606,7 +606,9 @@ mod imp {
 
         /// The rank's partial head outputs `[batch, 1, heads, d_v]` float32 from
         /// `decode`'s latent outputs `[batch, 1, heads, slice_width]` (`W'_UV`, cuBLAS, on
-        /// the stream); sum them over the ranks (`tpla.all_reduce`).
+        /// the stream); sum them over the ranks (`tpla.all_reduce`). A bfloat16 `out=`
+        /// gets the float32 outputs rounded to bfloat16 (the first such call allocates
+        /// the engine's staging buffer: make one before capturing a graph).
         #[pyo3(signature = (latent, *, layer=0, out=None, stream=None))]
         fn project(
             &self,
@@ -884,13 +886,23 @@ mod imp {
                 Some(o) => o.clone(),
                 None => empty(py, &rows.shape(self.d_v), "float32", latent, "out")?,
             };
-            let ot = self.output("out", &out_obj)?;
+            let ot = self.dev("out", &out_obj)?;
+            let out_dtype = match ot.expect_output(&[Elem::F32, Elem::Bf16])? {
+                Elem::F32 => DType::F32,
+                _ => DType::Bf16,
+            };
             rows.expect(&ot, self.d_v)?;
             check_disjoint(&ot, &[&lt])?;
             // SAFETY: checked device memory of the engine's GPU of the documented sizes.
             unsafe {
-                self.e()
-                    .project(layer, rows.batch, lt.ptr as u64, ot.ptr as u64, s)
+                self.e().project_for(
+                    layer,
+                    rows.batch,
+                    lt.ptr as u64,
+                    ot.ptr as u64,
+                    out_dtype,
+                    s,
+                )
             }
             .py()?;
             drop((lt, ot));

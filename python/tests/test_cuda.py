@@ -249,7 +249,19 @@ def test_absorbed_queries_and_projection_match_the_cpu_context():
     rows = engine.absorb_queries(q_nope, q_pe, layer=1)
     assert rows.shape == (3, 1, HEADS, rw)
     latent, _ = engine.decode(rows, kv, table, seqlens, plan, layer=1)
-    assert torch.allclose(engine.project(latent, layer=1), heads, rtol=1e-4, atol=1e-5)
+    f32_heads = engine.project(latent, layer=1)
+    assert torch.allclose(f32_heads, heads, rtol=1e-4, atol=1e-5)
+    # bfloat16 head outputs: the float32 ones rounded to nearest even, bit for bit (a
+    # batch this small is one cuBLAS product, the float32 call's)
+    bf = torch.empty(3, 1, HEADS, D_V, dtype=torch.bfloat16, device="cuda")
+    assert engine.project(latent, layer=1, out=bf) is bf
+    h16, _ = tpla.decode(q_nope, kv, table, seqlens, plan, layer=1, q_rope=q_pe, absorb=True,
+                         project=True, out=torch.empty_like(bf))
+    torch.cuda.synchronize()
+    assert torch.equal(bf, f32_heads.to(torch.bfloat16))
+    assert torch.equal(h16, heads.to(torch.bfloat16))
+    with pytest.raises(tpla.InvalidArgumentError, match="float32 or bfloat16"):
+        engine.project(latent, layer=1, out=bf.half())
 
 
 # ---- append --------------------------------------------------------------------------
