@@ -102,6 +102,13 @@ static double rel_l2(const float *a, const float *b, size_t n) {
   return sqrt(num / den);
 }
 
+/* A finite float's bf16 bits, rounded to nearest even. */
+static uint16_t bf16_of(float v) {
+  uint32_t x;
+  memcpy(&x, &v, sizeof x);
+  return (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
 /* Without CUDA or a GPU: a device rank and an NCCL communicator are UNSUPPORTED. */
 static void unsupported_paths(const tpla_context_options *o) {
   tpla_backend_options cpu = backend_options(TPLA_BACKEND_CPU, 1);
@@ -160,6 +167,8 @@ static void unsupported_paths(const tpla_context_options *o) {
         TPLA_STATUS_NULL_ARGUMENT);
   CHECK(tpla_device_engine_create(NULL, 0, &engine) == TPLA_STATUS_NULL_ARGUMENT);
   CHECK(tpla_device_engine_decode(NULL, NULL) == TPLA_STATUS_NULL_ARGUMENT);
+  CHECK(tpla_device_engine_project_for(NULL, 0, 1, NULL, NULL, TPLA_DTYPE_BF16, NULL) ==
+        TPLA_STATUS_NULL_ARGUMENT);
   tpla_device_engine_destroy(NULL);
   /* the sequence-shard paths check their handles in every build */
   CHECK(tpla_device_rank_sequence_shard(NULL, NULL, NULL, NULL) == TPLA_STATUS_NULL_ARGUMENT);
@@ -577,6 +586,42 @@ static void device_engine_paths(tpla_context *cpu_ctx, float *const *latents,
   e_lse = rel_l2(got_lse, want_lse, BATCH * H);
   printf("cuda: device engine decode: rel. L2 vs CPU: latent %.2e, lse %.2e\n", e, e_lse);
   CHECK(e < 1e-2 && e_lse < 1e-3 && faults == 0);
+
+  /* the partial head outputs, f32 and bf16: a batch this small is one cuBLAS product,
+   * the same as the f32 call's, so the bf16 outputs are its outputs rounded */
+  {
+    size_t n_heads = BATCH * H * info.dims.d_v;
+    CUdeviceptr heads_dev, heads16_dev;
+    float *heads = (float *)xcalloc(n_heads, sizeof(float));
+    uint16_t *heads16 = (uint16_t *)xcalloc(n_heads, sizeof(uint16_t));
+    CU(cu.mem_alloc(&heads_dev, n_heads * sizeof(float)));
+    CU(cu.mem_alloc(&heads16_dev, n_heads * sizeof(uint16_t)));
+    CHECK_OK(tpla_device_engine_project(engine, 0, BATCH, (const float *)out_dev,
+                                        (float *)heads_dev, stream));
+    CHECK_OK(tpla_device_engine_project_for(engine, 0, BATCH, (const float *)out_dev,
+                                            (void *)heads16_dev, TPLA_DTYPE_BF16, stream));
+    CU(cu.stream_sync(stream));
+    CU(cu.dtoh(heads, heads_dev, n_heads * sizeof(float)));
+    CU(cu.dtoh(heads16, heads16_dev, n_heads * sizeof(uint16_t)));
+    for (j = 0; j < n_heads; j++) CHECK(heads16[j] == bf16_of(heads[j]));
+    CHECK(tpla_device_engine_project_for(engine, 0, BATCH, (const float *)out_dev,
+                                         (void *)heads16_dev, 99, stream) ==
+          TPLA_STATUS_INVALID_ARGUMENT);
+    s = tpla_device_engine_project_for(engine, 0, BATCH, (const float *)out_dev,
+                                       (void *)heads16_dev, TPLA_DTYPE_F16, stream);
+    printf("cuda: f16 head outputs: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
+    CHECK(s == TPLA_STATUS_UNSUPPORTED);
+    CHECK(tpla_device_engine_project_for(engine, 0, BATCH, (const float *)out_dev,
+                                         (void *)(heads16_dev + 1), TPLA_DTYPE_BF16,
+                                         stream) == TPLA_STATUS_INVALID_ARGUMENT);
+    CHECK(tpla_device_engine_project_for(engine, 0, BATCH, (const float *)out_dev,
+                                         (void *)out_dev, TPLA_DTYPE_BF16, stream) ==
+          TPLA_STATUS_INVALID_ARGUMENT); /* overlaps the latents */
+    CU(cu.mem_free(heads_dev));
+    CU(cu.mem_free(heads16_dev));
+    free(heads);
+    free(heads16);
+  }
 
   /* bad device arguments */
   {

@@ -100,6 +100,13 @@
 #define TPLA_SEQUENCE_MERGE_PACKED 1
 
 /**
+ * Bytes of a device engine's f32 staging buffer of bf16 projections
+ * (tpla_device_engine_project_for): each cuBLAS product covers as many batch entries as
+ * it holds (at least one).
+ */
+#define TPLA_BF16_PROJECTION_STAGING_BYTES 4194304
+
+/**
  * Outcome of a call. `TPLA_STATUS_OK` is zero; every other value comes with a sentence
  * from `tpla_last_error_message()`. Values are stable: new ones are only ever appended.
  */
@@ -2829,6 +2836,7 @@ tpla_status tpla_device_engine_absorb_queries(const struct tpla_device_engine *e
  * W'_UV[h]^T latent_dev[b][h] ([batch][heads][slice_width] f32), a batched cuBLAS product
  * with the layer's W'_UV held on the GPU; sum them over the ranks with
  * tpla_nccl_all_reduce. NaN latent rows (faulted entries) give NaN head rows.
+ * tpla_device_engine_project_for with TPLA_DTYPE_F32.
  *
  * Returns as tpla_device_engine_absorb_queries.
  *
@@ -2841,6 +2849,31 @@ tpla_status tpla_device_engine_project(const struct tpla_device_engine *engine,
                                        const float *latent_dev,
                                        float *heads_dev,
                                        void *stream);
+
+/**
+ * tpla_device_engine_project writing head outputs of `heads_dtype`: TPLA_DTYPE_F32, or
+ * TPLA_DTYPE_BF16 (uint16_t bits, 2-byte aligned: the f32 outputs rounded to nearest
+ * even. A batch of up to TPLA_BF16_PROJECTION_STAGING_BYTES / (heads * d_v * 4) entries
+ * is one cuBLAS product of the f32 call's shape; a larger one is cut into such products,
+ * whose sums may differ from one product's in the last f32 bit, so that a value may
+ * round to the neighbouring bf16). cuBLAS has no f32 x f32 -> bf16 product: the f32
+ * products go through an engine-owned staging buffer, allocated by the first bf16
+ * call (make one before capturing a CUDA graph, as for the cuBLAS handle), and one
+ * rounding kernel; bf16 projections of one engine must not run on two streams at once.
+ *
+ * Returns as tpla_device_engine_absorb_queries, and TPLA_STATUS_INVALID_ARGUMENT (an
+ * unknown dtype), TPLA_STATUS_UNSUPPORTED (a dtype other than those two).
+ *
+ * # Safety
+ * As tpla_device_engine_absorb_queries.
+ */
+tpla_status tpla_device_engine_project_for(const struct tpla_device_engine *engine,
+                                           uint32_t layer,
+                                           size_t batch,
+                                           const float *latent_dev,
+                                           void *heads_dev,
+                                           uint32_t heads_dtype,
+                                           void *stream);
 
 /**
  * The status (and `tpla_last_error_message`) of a merge (b) error word `bits` read back

@@ -1,7 +1,8 @@
 //! The engine API on the GPU (feature `cuda`): stateless decode and append on the
 //! engine's own device memory, the contract of [`crate::engine`] with device addresses
 //! and the engine's `CUstream`. Nothing here synchronises with the host or allocates
-//! after creation, so a step (plan, then per layer append and decode) can be captured in
+//! after creation (but the cuBLAS handle and the bf16 projection's staging buffer, made
+//! on first use), so a step (plan, then per layer append and decode) can be captured in
 //! a CUDA graph and replayed with new tokens.
 //!
 //! - The cache of a layer is the engine's pool ([`DevicePagedCache`]): rows of the rank's
@@ -32,7 +33,8 @@
 //!   the host encodes rows).
 //! - [`DeviceEngine::absorb_queries`] builds the query rows from `q_nope` and `q_rope`
 //!   (`W'_UK` of every layer is on the GPU), [`DeviceEngine::project`] the rank's partial
-//!   head outputs from the latent outputs (`W'_UV`), a strided batched cuBLAS product each;
+//!   head outputs from the latent outputs (`W'_UV`), a strided batched cuBLAS product each
+//!   (f32 outputs; [`DeviceEngine::project_for`] also bf16, engine-owned as the rest);
 //!   [`DeviceEngine::copy_rows`] hands a prefill's rows over into the engine's pages.
 //!
 //! Everything that can be checked without reading device memory is checked at the call
@@ -60,6 +62,10 @@ pub const KIND_CUDA: i32 = 3;
 
 /// Largest latent width a device append takes (its shared memory holds the latent).
 pub const MAX_APPEND_LATENT: usize = 4096;
+
+/// Bytes of the f32 staging buffer of bf16 projections ([`DeviceEngine::project_for`]):
+/// each cuBLAS product covers as many batch entries as it holds (at least one).
+pub const BF16_PROJECTION_STAGING_BYTES: usize = 4 << 20;
 
 /// The engine's cache of one layer in device memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +140,8 @@ pub struct DeviceEngine {
     layers: Vec<EngineLayer>,
     /// Made on the first absorption or projection (decode and append need no cuBLAS).
     blas: std::cell::OnceCell<Blas>,
+    /// The f32 products of bf16 projections, made on the first one.
+    bf16_staging: std::cell::OnceCell<DeviceBuffer<f32>>,
 }
 
 // SAFETY: the raw handles inside (modules, the backend's stream) are used from one
@@ -233,6 +241,7 @@ impl DeviceEngine {
         }
         Ok(DeviceEngine {
             blas: std::cell::OnceCell::new(),
+            bf16_staging: std::cell::OnceCell::new(),
             backend,
             kernels,
             engine,
@@ -753,14 +762,109 @@ impl DeviceEngine {
         heads_out: u64,
         stream: CUstream,
     ) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.project_for(layer, batch, latent, heads_out, DType::F32, stream) }
+    }
+
+    /// [`Self::project`] writing head outputs of `out_dtype`: f32, or bf16 (the f32
+    /// outputs rounded to nearest even as `half::bf16::from_f32` rounds them: a batch of
+    /// up to [`BF16_PROJECTION_STAGING_BYTES`] / (heads * d_v * 4) entries is one cuBLAS
+    /// product of the f32 call's shape; a larger one is cut into such products, whose f32
+    /// sums may differ from one product's in their last bit, and so a value may round to
+    /// the neighbouring bf16). `heads_out` is aligned to its element size. The first bf16
+    /// call allocates the engine's staging buffer (make one before capturing a graph, as
+    /// for the cuBLAS handle); other dtypes are `Unsupported`.
+    ///
+    /// # Safety
+    /// As [`Self::project`]; and no bf16 projection of this engine runs on another stream
+    /// meanwhile (they share the staging buffer).
+    pub unsafe fn project_for(
+        &self,
+        layer: usize,
+        batch: usize,
+        latent: u64,
+        heads_out: u64,
+        out_dtype: DType,
+        stream: CUstream,
+    ) -> Result<()> {
         let l = self.check_layer(layer)?;
         let n = Self::check_batch(batch)?;
+        if !matches!(out_dtype, DType::F32 | DType::Bf16) {
+            return Err(Error::unsupported(format!(
+                "projected head outputs are f32 or bf16, not {}",
+                out_dtype.name()
+            )));
+        }
         check_address(latent, 4, "the latent outputs")?;
-        check_address(heads_out, 4, "the head outputs")?;
+        check_address(heads_out, out_dtype.size() as u64, "the head outputs")?;
+        let blas = self.blas()?;
+        if out_dtype == DType::F32 {
+            self.backend.device().bind()?;
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.project_f32(blas, l, n, latent, heads_out, stream) };
+        }
+        // cuBLAS writes bf16 results only from bf16 operands (cublasGemmEx and its
+        // strided batched form, CUBLAS_COMPUTE_32F: A/B CUDA_R_32F allow C CUDA_R_32F
+        // only), and rounding W'_UV and the latents to bf16 first would add two roundings
+        // to every product. So the f32 products go to a staging buffer, as many entries
+        // as it holds at a time, and one small kernel rounds them: the f32 outputs are
+        // written and read once more (batch * heads * d_v * 8 bytes; each product reads
+        // all of W'_UV, heads * w * d_v * 4) and a launch is added per product.
+        let staging = self.bf16_staging()?;
+        let (h, w, dv) = (self.plan.heads, self.plan.slice_width, self.dims.d_v);
+        let per_entry = h * dv;
+        let chunk = staging.len() / per_entry;
+        self.backend.device().bind()?;
+        for first in (0..batch).step_by(chunk) {
+            let entries = chunk.min(batch - first);
+            let from = latent + (first * h * w * 4) as u64;
+            // SAFETY: the staging buffer holds `chunk` entries' outputs; the latents are
+            // the caller's (contract).
+            unsafe { self.project_f32(blas, l, entries as i32, from, staging.ptr(), stream) }?;
+            let (src, count) = (staging.ptr(), (entries * per_entry) as u64);
+            let dst = heads_out + (first * per_entry * 2) as u64;
+            let mut args = [arg(&src), arg(&count), arg(&dst)];
+            let threads = 256u32;
+            // SAFETY: reads `count` staged values, writes as many bf16 outputs of the
+            // caller's buffer (contract).
+            unsafe {
+                self.engine.round_bf16.launch(
+                    (count.div_ceil(threads as u64) as u32, 1, 1),
+                    threads,
+                    0,
+                    stream,
+                    &mut args,
+                )
+            }?;
+        }
+        Ok(())
+    }
+
+    fn bf16_staging(&self) -> Result<&DeviceBuffer<f32>> {
+        if self.bf16_staging.get().is_none() {
+            let per_entry = self.plan.heads * self.dims.d_v;
+            let entries = (BF16_PROJECTION_STAGING_BYTES / (per_entry * 4)).max(1);
+            let buffer = DeviceBuffer::new(self.backend.device(), entries * per_entry)?;
+            let _ = self.bf16_staging.set(buffer);
+        }
+        Ok(self.bf16_staging.get().expect("set above"))
+    }
+
+    /// `heads_out` (f32) from `latent` for `n` entries: one strided batched product.
+    ///
+    /// # Safety
+    /// As [`Self::project`], for `n` entries; the device is bound.
+    unsafe fn project_f32(
+        &self,
+        blas: &Blas,
+        l: &EngineLayer,
+        n: i32,
+        latent: u64,
+        heads_out: u64,
+        stream: CUstream,
+    ) -> Result<()> {
         let (h, w, dv) = (self.plan.heads, self.plan.slice_width, self.dims.d_v);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let blas = self.blas()?;
-        self.backend.device().bind()?;
         // As `DeviceRank::project`: per head, C (d_v x batch) = A (d_v x w) * B (w x
         // batch) with A the row-major W'_UV[h] (w x d_v), B the head's latents (leading
         // dimension heads * w) and C its outputs (heads * d_v).

@@ -1,5 +1,6 @@
 //! The scalar encoders of the CUDA kernels (src/attention/cuda/common.cuh: the e4m3 code,
-//! the FP8 block scale, the bf16 rounding and the f32 widening the device appends use),
+//! the FP8 block scale, the bf16 roundings of f64 and f32 values the device appends and
+//! the bf16 projection use, and the f32 widening),
 //! compiled for this host by the C++ compiler with stand-ins for the few CUDA intrinsics
 //! they call, give the bits of the host encoders of src/dtype.rs (the `float8` and `half`
 //! crates) on every probe: all e4m3 codes, the midpoints between them and their
@@ -20,8 +21,8 @@ use tpla::dtype::{e4m3_from_f64, fp8_block_scale, E4M3_TO_F32};
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Reads `<kind> <hex bits>` lines and prints the encoder's result in hex: `e` e4m3 code
-/// of an f64, `b` bf16 of an f64, `s` FP8 block scale (f32 bits) of a block maximum, `w`
-/// f64 bits of an f32 widened as the host widens it.
+/// of an f64, `b` bf16 of an f64, `f` bf16 of an f32, `s` FP8 block scale (f32 bits) of a
+/// block maximum, `w` f64 bits of an f32 widened as the host widens it.
 const DRIVER: &str = r#"
 #include <cmath>
 #include <cstdio>
@@ -47,11 +48,15 @@ int main() {
         case 'e': std::printf("%x\n", e4m3_from_f64(x)); break;
         case 'b': std::printf("%x\n", f64_to_bf16_host(x)); break;
         case 's': std::printf("%x\n", __float_as_uint(fp8_block_scale(x))); break;
+        case 'f':
         case 'w': {
             float f;
             const unsigned int u = (unsigned int)b;
             std::memcpy(&f, &u, 4);
-            std::printf("%llx\n", (unsigned long long)__double_as_longlong(widen_as_host(f)));
+            if (kind == 'f')
+                std::printf("%x\n", f32_to_bf16_host(f));
+            else
+                std::printf("%llx\n", (unsigned long long)__double_as_longlong(widen_as_host(f)));
             break;
         }
         default: return 1;
@@ -221,11 +226,12 @@ fn the_device_block_scale_is_the_hosts() {
     }
 }
 
-/// f32 bits whose bf16 rounding differs between round-to-nearest-even of the f32 and the
-/// host's rounding of its f64 (which ignores the f32's lowest three mantissa bits),
-/// then random f32 and f64 values of every magnitude and the specials.
+/// f32 bits whose bf16 rounding differs between round-to-nearest-even of the f32 (the
+/// f32 rounding, checked on them too) and the host's rounding of its f64 (which ignores
+/// the f32's lowest three mantissa bits), then random f32 and f64 values of every
+/// magnitude and the specials.
 #[test]
-fn the_device_bf16_rounding_and_widening_are_the_hosts() {
+fn the_device_bf16_roundings_and_widening_are_the_hosts() {
     let mut rng = ChaCha8Rng::seed_from_u64(16);
     let mut f32_bits: Vec<u32> = vec![
         0x3f80_8001, // round bit set, only the lowest bit below it: the host rounds down
@@ -251,6 +257,11 @@ fn the_device_bf16_rounding_and_widening_are_the_hosts() {
     for (&b, got) in f32_bits.iter().zip(run(&widened)) {
         let want = f32::from_bits(b) as f64;
         assert_eq!(got, want.to_bits(), "widening f32 {b:#010x}");
+    }
+    let rounded: Vec<(char, u64)> = f32_bits.iter().map(|&b| ('f', b as u64)).collect();
+    for (&b, got) in f32_bits.iter().zip(run(&rounded)) {
+        let want = half::bf16::from_f32(f32::from_bits(b)).to_bits();
+        assert_eq!(got as u16, want, "rounding f32 {b:#010x} to bf16");
     }
     let mut values: Vec<f64> = f32_bits.iter().map(|&b| f32::from_bits(b) as f64).collect();
     for _ in 0..30_000 {

@@ -949,6 +949,117 @@ fn absorbed_queries_and_projected_heads_match_the_cpu_context() {
     }
 }
 
+/// bf16 partial head outputs (`project_for`): the f32 outputs of `project` rounded to bf16
+/// (as `half::bf16::from_f32` rounds), bit for bit for batches of one staged cuBLAS
+/// product (the f32 call's product), and within one bf16 unit of them (same sign) for a
+/// batch cut into several products, whose f32 sums may differ in their last bit; a NaN
+/// latent row (a faulted entry) gives NaN outputs in both. Bad arguments are refused at
+/// the call with the kind the API documents.
+#[test]
+fn bf16_projected_heads_are_the_f32_ones_rounded() {
+    use tpla::engine_device::BF16_PROJECTION_STAGING_BYTES;
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let dev = engine.backend().device().clone();
+    let stream = engine.backend().stream();
+    let per_entry = HEADS * dims().d_v;
+    let chunk = BF16_PROJECTION_STAGING_BYTES / (per_entry * 4);
+    for (batch, one_product) in [(3, true), (chunk, true), (2 * chunk + 5, false)] {
+        let mut latent = random_f32(batch * HEADS * W, 1.0, &mut rng);
+        latent[W..2 * W].fill(f32::NAN); // entry 0, head 1
+        let latent_dev = DeviceBuffer::from_host(&dev, &latent).unwrap();
+        let mut f32_dev = DeviceBuffer::<f32>::new(&dev, batch * per_entry).unwrap();
+        let mut bf16_dev = DeviceBuffer::<u16>::new(&dev, batch * per_entry).unwrap();
+        for layer in 0..LAYERS {
+            f32_dev.fill_bytes(0xff).unwrap();
+            bf16_dev.fill_bytes(0xff).unwrap();
+            unsafe {
+                let l = latent_dev.ptr();
+                engine
+                    .project(layer, batch, l, f32_dev.ptr(), stream)
+                    .unwrap();
+                engine
+                    .project_for(layer, batch, l, bf16_dev.ptr(), DType::Bf16, stream)
+                    .unwrap();
+            }
+            dev.synchronize().unwrap();
+            let f32s = f32_dev.to_vec().unwrap();
+            let got = bf16_dev.to_vec().unwrap();
+            let what = format!("batch {batch}, layer {layer}");
+            let nan_head = per_entry / HEADS..2 * per_entry / HEADS;
+            let mut differ = 0;
+            for (i, (&g, &f)) in got.iter().zip(&f32s).enumerate() {
+                if nan_head.contains(&i) {
+                    assert!(f.is_nan(), "{what}: f32 output {i} of the NaN row is {f}");
+                }
+                let want = half::bf16::from_f32(f).to_bits();
+                if f.is_nan() {
+                    assert!(half::bf16::from_bits(g).is_nan(), "{what}: output {i}");
+                } else if g != want {
+                    differ += 1;
+                    assert!(
+                        (g as i32 - want as i32).abs() == 1 && (g ^ want) & 0x8000 == 0,
+                        "{what}: output {i} is {g:#06x}, the f32 {f:e} rounds to {want:#06x}"
+                    );
+                }
+            }
+            println!(
+                "{what}: {differ} of {} bf16 outputs one unit off",
+                got.len()
+            );
+            if one_product {
+                assert_eq!(differ, 0, "{what}: one product, yet outputs differ");
+            }
+        }
+    }
+
+    // refused at the call
+    let latent_dev = DeviceBuffer::from_host(&dev, &random_f32(HEADS * W, 1.0, &mut rng)).unwrap();
+    let out_dev = DeviceBuffer::<f32>::new(&dev, 2 * per_entry).unwrap();
+    let (l, o) = (latent_dev.ptr(), out_dev.ptr());
+    let kind = |r: Result<()>| r.unwrap_err().kind();
+    unsafe {
+        for dtype in [DType::F16, DType::Fp8E4m3] {
+            assert_eq!(
+                kind(engine.project_for(0, 1, l, o, dtype, stream)),
+                ErrorKind::Unsupported
+            );
+        }
+        for (latent, out, dtype) in [
+            (0, o, DType::Bf16),
+            (l, 0, DType::Bf16),
+            (l + 2, o, DType::Bf16),
+            (l, o + 1, DType::Bf16),
+            (l, o + 2, DType::F32),
+        ] {
+            assert_eq!(
+                kind(engine.project_for(0, 1, latent, out, dtype, stream)),
+                ErrorKind::InvalidArgument,
+                "latent {latent:#x}, out {out:#x}, {dtype:?}"
+            );
+        }
+        assert_eq!(
+            kind(engine.project_for(0, 0, l, o, DType::Bf16, stream)),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            kind(engine.project_for(0, 65536, l, o, DType::Bf16, stream)),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            kind(engine.project_for(LAYERS, 1, l, o, DType::Bf16, stream)),
+            ErrorKind::OutOfRange
+        );
+        // bf16 outputs need 2-byte alignment only
+        engine
+            .project_for(0, 1, l, o + 2, DType::Bf16, stream)
+            .unwrap();
+    }
+    dev.synchronize().unwrap();
+}
+
 /// The hand-off of a prefill's rows into the engine's pages, device to device: rows land
 /// byte for byte at their destination slots (a packed source, shuffled destinations);
 /// padding is skipped, slots past either pool are flagged and copy nothing.
@@ -1374,6 +1485,18 @@ fn c_entry_points_refuse_null_arguments() {
         );
         assert_eq!(
             tpla_device_engine_decode(std::ptr::null(), std::ptr::null()),
+            tpla_status::NullArgument
+        );
+        assert_eq!(
+            tpla_device_engine_project_for(
+                std::ptr::null(),
+                0,
+                1,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                DType::Bf16.code(),
+                std::ptr::null_mut()
+            ),
             tpla_status::NullArgument
         );
         let mut bytes = 0usize;

@@ -33,9 +33,9 @@ mod stub {
     #[pymethods]
     impl PyDeviceEngine {
         #[new]
-        #[pyo3(signature = (context, device=0))]
-        fn new(context: &PyRankContext, device: usize) -> PyResult<Self> {
-            let _ = (context, device);
+        #[pyo3(signature = (context, device=0, *, kv_dtype="bfloat16"))]
+        fn new(context: &PyRankContext, device: usize, kv_dtype: &str) -> PyResult<Self> {
+            let _ = (context, device, kv_dtype);
             Err(no_cuda())
         }
     }
@@ -63,8 +63,9 @@ mod stub {
 mod imp {
     use crate::checks::{refuse_lse_when_projecting, Rows};
     use crate::errors::{invalid, to_py, Tpla};
+    use crate::sequence::dtype_name;
     use crate::tensor::{check_disjoint, Elem, Tensor};
-    use crate::{paged_layout, rms_mode, PyRankContext};
+    use crate::{paged_layout, parse_dtype, rms_mode, PyRankContext};
     use pyo3::prelude::*;
     use pyo3::sync::GILOnceCell;
     use pyo3::types::PyDict;
@@ -79,13 +80,16 @@ mod imp {
 
     /// One rank's engine-facing GPU object (`tpla::engine_device::DeviceEngine`): the
     /// decode and append kernels of the rank's shape and every layer's transform and
-    /// absorbed weights on GPU `device`. It holds no cache state: the engine passes its
-    /// pool, block table and lengths (torch CUDA tensors) on every call.
+    /// absorbed weights on GPU `device`, decoding pools of one row type (`kv_dtype`). It
+    /// holds no cache state: the engine passes its pool, block table and lengths (torch
+    /// CUDA tensors) on every call.
     #[pyclass(module = "tpla", name = "DeviceEngine")]
     pub struct PyDeviceEngine {
         /// A mutex only to make the class `Sync`; never contended under the GIL.
         engine: Mutex<DeviceEngine>,
         ordinal: usize,
+        /// The row type of the pools `decode` reads (the engine's `pool_dtype`).
+        kv_dtype: DType,
         heads: usize,
         slice_width: usize,
         d_c: usize,
@@ -304,11 +308,17 @@ mod imp {
             Ok((t.ptr as u64, Some(t)))
         }
 
-        fn cache(&self, kv: &Tensor) -> PyResult<DevicePagedCache> {
-            let layout = paged_layout(kv, None, self.d_r, self.slice_width + self.d_r)?;
-            if layout.dtype != DType::Bf16 {
+        /// The device pool `kv` of rows of `kv_dtype` (the CPU's names and rules; a uint8
+        /// pool given to an engine made for fp8_e4m3 needs no name: the engine's rows).
+        fn cache(&self, kv: &Tensor, kv_dtype: Option<&str>) -> PyResult<DevicePagedCache> {
+            let named = kv_dtype.or_else(|| {
+                (kv.elem == Elem::U8 && self.kv_dtype == DType::Fp8E4m3)
+                    .then_some(dtype_name(DType::Fp8E4m3))
+            });
+            let layout = paged_layout(kv, named, self.d_r, self.slice_width + self.d_r)?;
+            if !matches!(layout.dtype, DType::Bf16 | DType::Fp8E4m3) {
                 return Err(to_py(tpla::Error::unsupported(format!(
-                    "the CUDA kernels read bfloat16 caches, kv_cache is {}",
+                    "the CUDA kernels read bfloat16 caches or uint8 fp8_e4m3 rows, kv_cache is {}",
                     kv.elem.name()
                 ))));
             }
@@ -343,27 +353,32 @@ mod imp {
     #[pymethods]
     impl PyDeviceEngine {
         /// The engine object of `context`'s rank on GPU `device` (every layer of the
-        /// context with its weights): compiles (or loads from the disk cache) the kernels
-        /// of its shape and uploads every layer's transform and absorbed weights.
+        /// context with its weights), decoding pools of `kv_dtype` rows ("bfloat16", or
+        /// "fp8_e4m3" on a Hopper GPU: uint8 rows of codes, block scales and the bfloat16
+        /// key): compiles (or loads from the disk cache) the kernels of its shape and
+        /// uploads every layer's transform and absorbed weights.
         #[new]
-        #[pyo3(signature = (context, device=0))]
+        #[pyo3(signature = (context, device=0, *, kv_dtype="bfloat16"))]
         fn new(
             py: Python<'_>,
             context: &Bound<'_, PyRankContext>,
             device: usize,
+            kv_dtype: &str,
         ) -> PyResult<Self> {
+            let dtype = parse_dtype(kv_dtype)?;
             let c = context.try_borrow_mut()?;
             let mut guard = c.ctx.lock().unwrap_or_else(|e| e.into_inner());
             let ctx: &mut tpla::decode::RankContext = &mut guard;
             let engine = py
                 .allow_threads(move || {
                     let backend = CudaBackend::new(device)?;
-                    DeviceEngine::from_context(backend, ctx)
+                    DeviceEngine::from_context_for(backend, ctx, dtype)
                 })
                 .py()?;
             let (d, p) = (*engine.dims(), *engine.plan());
             let layers = engine.layer_count();
             Ok(PyDeviceEngine {
+                kv_dtype: engine.pool_dtype(),
                 engine: Mutex::new(engine),
                 ordinal: device,
                 heads: p.heads,
@@ -397,6 +412,11 @@ mod imp {
         #[getter]
         fn row_width(&self) -> usize {
             self.slice_width + self.d_r
+        }
+        /// The row type of the pools `decode` reads ("bfloat16" or "fp8_e4m3").
+        #[getter]
+        fn kv_dtype(&self) -> &'static str {
+            dtype_name(self.kv_dtype)
         }
         /// The GPU's name.
         #[getter]
@@ -485,12 +505,16 @@ mod imp {
         /// One decode step of `layer` on the engine's paged pool, on the stream with no
         /// synchronisation: `q` query rows `[batch, 1, heads, row_width]` (or `[batch,
         /// heads, row_width]`) float32, scaled as `query_scales` says (`absorb_queries`
-        /// makes them); `kv_cache` `[pages, 64, 1, row_width]` bfloat16; `block_table`
-        /// `[batch, block_table_width]` and `cache_seqlens` `[batch]` int32. Returns
-        /// `(out, lse)`: `[batch, 1, heads, slice_width]` and `[batch, heads, 1]` float32
-        /// (into `out=` / `lse=` when given). `faults`: an optional int32 CUDA tensor of
-        /// one element the kernels OR `tpla.Faults` bits into (never cleared).
-        #[pyo3(signature = (q, kv_cache, block_table, cache_seqlens, plan, *, layer=0, out=None, lse=None, faults=None, stream=None))]
+        /// makes them); `kv_cache` `[pages, 64, 1, row_width]` bfloat16, or for an engine
+        /// made with `kv_dtype="fp8_e4m3"` uint8 `[pages, 64, 1, row_bytes]` FP8 rows;
+        /// `block_table` `[batch, block_table_width]` and `cache_seqlens` `[batch]` int32.
+        /// Returns `(out, lse)`: `[batch, 1, heads, slice_width]` and `[batch, heads, 1]`
+        /// float32 (into `out=` / `lse=` when given). `faults`: an optional int32 CUDA
+        /// tensor of one element the kernels OR `tpla.Faults` bits into (never cleared).
+        /// `kv_dtype`: how `kv_cache` is read, as on the CPU (default: its dtype; uint8
+        /// pools are the engine's FP8 rows); pools of another row type than the engine's
+        /// raise `MismatchError`.
+        #[pyo3(signature = (q, kv_cache, block_table, cache_seqlens, plan, *, layer=0, out=None, lse=None, kv_dtype=None, faults=None, stream=None))]
         #[allow(clippy::too_many_arguments)]
         fn decode(
             slf: &Bound<'_, Self>,
@@ -502,6 +526,7 @@ mod imp {
             layer: usize,
             out: Option<&Bound<'_, PyAny>>,
             lse: Option<&Bound<'_, PyAny>>,
+            kv_dtype: Option<&str>,
             faults: Option<&Bound<'_, PyAny>>,
             stream: Option<u64>,
         ) -> PyResult<(PyObject, PyObject)> {
@@ -511,6 +536,7 @@ mod imp {
                 slf,
                 q,
                 kv_cache,
+                kv_dtype,
                 block_table,
                 cache_seqlens,
                 plan,
@@ -527,8 +553,10 @@ mod imp {
         /// the RoPE keys `[tokens, d_r]` (or `[tokens, 1, d_r]`), both float32 or both
         /// bfloat16; `slot_mapping` `[tokens]` int32 (`page * 64 + offset`; negative:
         /// skipped). Normalised (`rms` "exact" or "sliced"), rotated and sliced as the CPU
-        /// append does. A slot past the pool or a non-finite value sets `faults` bits.
-        #[pyo3(signature = (kv_c, k_pe, kv_cache, slot_mapping, *, layer=0, rms="exact", faults=None, stream=None))]
+        /// append does, then rounded to bfloat16 or quantised to FP8 as the pool's rows
+        /// are (`kv_dtype` as for `decode`; either row type, whatever the engine
+        /// decodes). A slot past the pool or a non-finite value sets `faults` bits.
+        #[pyo3(signature = (kv_c, k_pe, kv_cache, slot_mapping, *, layer=0, rms="exact", kv_dtype=None, faults=None, stream=None))]
         #[allow(clippy::too_many_arguments)]
         fn append(
             &self,
@@ -539,6 +567,7 @@ mod imp {
             slot_mapping: &Bound<'_, PyAny>,
             layer: usize,
             rms: &str,
+            kv_dtype: Option<&str>,
             faults: Option<&Bound<'_, PyAny>>,
             stream: Option<u64>,
         ) -> PyResult<()> {
@@ -547,6 +576,7 @@ mod imp {
                 kv_c,
                 k_pe,
                 kv_cache,
+                kv_dtype,
                 slot_mapping,
                 layer,
                 rms,
@@ -576,7 +606,9 @@ mod imp {
 
         /// The rank's partial head outputs `[batch, 1, heads, d_v]` float32 from
         /// `decode`'s latent outputs `[batch, 1, heads, slice_width]` (`W'_UV`, cuBLAS, on
-        /// the stream); sum them over the ranks (`tpla.all_reduce`).
+        /// the stream); sum them over the ranks (`tpla.all_reduce`). A bfloat16 `out=`
+        /// gets the float32 outputs rounded to bfloat16 (the first such call allocates
+        /// the engine's staging buffer: make one before capturing a graph).
         #[pyo3(signature = (latent, *, layer=0, out=None, stream=None))]
         fn project(
             &self,
@@ -592,9 +624,10 @@ mod imp {
         /// Copies rows between two device pools of this rank's rows, on the stream with no
         /// synchronisation: row `src_slots[i]` of `src` to row `dst_slots[i]` of `dst`
         /// (`[rows]` int32 slots, `page * 64 + offset`; a negative destination: skipped),
-        /// bytes unchanged: a prefill's cache handed over into the engine's pages. A slot
-        /// past its pool sets `BAD_SLOT` in `faults` and copies nothing for that row.
-        #[pyo3(signature = (dst, dst_slots, src, src_slots, *, faults=None, stream=None))]
+        /// bytes unchanged: a prefill's cache handed over into the engine's pages. Both
+        /// pools hold rows of one type (`kv_dtype` as for `decode`, either row type). A
+        /// slot past its pool sets `BAD_SLOT` in `faults` and copies nothing for that row.
+        #[pyo3(signature = (dst, dst_slots, src, src_slots, *, kv_dtype=None, faults=None, stream=None))]
         #[allow(clippy::too_many_arguments)]
         fn copy_rows(
             &self,
@@ -603,13 +636,14 @@ mod imp {
             dst_slots: &Bound<'_, PyAny>,
             src: &Bound<'_, PyAny>,
             src_slots: &Bound<'_, PyAny>,
+            kv_dtype: Option<&str>,
             faults: Option<&Bound<'_, PyAny>>,
             stream: Option<u64>,
         ) -> PyResult<()> {
             let dt = self.dev("dst", dst)?;
-            let dc = self.cache(&dt)?;
+            let dc = self.cache(&dt, kv_dtype)?;
             let st = self.dev("src", src)?;
-            let sc = self.cache(&st)?;
+            let sc = self.cache(&st, kv_dtype)?;
             let ds = self.int32s("dst_slots", dst_slots)?;
             ds.expect_shape(&[None], "[rows]")?;
             let n = ds.shape[0];
@@ -632,8 +666,14 @@ mod imp {
 
         fn __repr__(&self) -> String {
             format!(
-                "DeviceEngine(device={}, heads={}, slice_width={}, d_r={}, layers={})",
-                self.ordinal, self.heads, self.slice_width, self.d_r, self.layers
+                "DeviceEngine(device={}, heads={}, slice_width={}, d_r={}, layers={}, \
+                 kv_dtype='{}')",
+                self.ordinal,
+                self.heads,
+                self.slice_width,
+                self.d_r,
+                self.layers,
+                dtype_name(self.kv_dtype)
             )
         }
     }
@@ -646,6 +686,7 @@ mod imp {
             slf: &Bound<'py, PyDeviceEngine>,
             q: &Bound<'py, PyAny>,
             kv_cache: &Bound<'py, PyAny>,
+            kv_dtype: Option<&str>,
             block_table: &Bound<'py, PyAny>,
             cache_seqlens: &Bound<'py, PyAny>,
             plan: &Bound<'py, PyDevicePlan>,
@@ -667,7 +708,7 @@ mod imp {
             let rows = Rows::of(&qt, h, w + self.d_r)?;
             let b = rows.batch;
             let kv = self.dev("kv_cache", kv_cache)?;
-            let cache = self.cache(&kv)?;
+            let cache = self.cache(&kv, kv_dtype)?;
             let bt = self.int32s("block_table", block_table)?;
             bt.expect_shape(&[Some(b), None], &format!("[batch={b}, max_pages]"))?;
             let width = bt.shape[1];
@@ -732,6 +773,7 @@ mod imp {
             kv_c: &Bound<'_, PyAny>,
             k_pe: &Bound<'_, PyAny>,
             kv_cache: &Bound<'_, PyAny>,
+            kv_dtype: Option<&str>,
             slot_mapping: &Bound<'_, PyAny>,
             layer: usize,
             rms: &str,
@@ -768,7 +810,7 @@ mod imp {
             let sm = self.int32s("slot_mapping", slot_mapping)?;
             sm.expect_shape(&[Some(n)], &format!("[{n}]"))?;
             let kv = self.dev("kv_cache", kv_cache)?;
-            let cache = self.cache(&kv)?;
+            let cache = self.cache(&kv, kv_dtype)?;
             let (fptr, ft) = self.faults(faults)?;
             check_disjoint(&kv, &[&lat, &kr, &sm])?;
             if let Some(f) = &ft {
@@ -844,13 +886,23 @@ mod imp {
                 Some(o) => o.clone(),
                 None => empty(py, &rows.shape(self.d_v), "float32", latent, "out")?,
             };
-            let ot = self.output("out", &out_obj)?;
+            let ot = self.dev("out", &out_obj)?;
+            let out_dtype = match ot.expect_output(&[Elem::F32, Elem::Bf16])? {
+                Elem::F32 => DType::F32,
+                _ => DType::Bf16,
+            };
             rows.expect(&ot, self.d_v)?;
             check_disjoint(&ot, &[&lt])?;
             // SAFETY: checked device memory of the engine's GPU of the documented sizes.
             unsafe {
-                self.e()
-                    .project(layer, rows.batch, lt.ptr as u64, ot.ptr as u64, s)
+                self.e().project_for(
+                    layer,
+                    rows.batch,
+                    lt.ptr as u64,
+                    ot.ptr as u64,
+                    out_dtype,
+                    s,
+                )
             }
             .py()?;
             drop((lt, ot));
@@ -906,9 +958,6 @@ mod imp {
                  softmax_scale=None and mu=None",
             );
         }
-        if !matches!(kv_dtype, None | Some("bfloat16")) {
-            return unsupported("the CUDA kernels read bfloat16 caches");
-        }
         if q_rope.is_some() != absorb {
             return unsupported(
                 "on the GPU q is either the joined query rows, or q_nope with q_rope= and \
@@ -928,6 +977,7 @@ mod imp {
                 &slf,
                 q,
                 kv_cache,
+                kv_dtype,
                 block_table,
                 cache_seqlens,
                 plan,
@@ -944,6 +994,7 @@ mod imp {
             &slf,
             q,
             kv_cache,
+            kv_dtype,
             block_table,
             cache_seqlens,
             plan,

@@ -1333,16 +1333,12 @@ fn append(
 ) -> PyResult<PyObject> {
     #[cfg(feature = "cuda")]
     if let Ok(engine) = context.downcast::<device::PyDeviceEngine>() {
-        if !matches!(kv_dtype, None | Some("bfloat16")) {
-            return Err(errors::to_py(tpla::Error::unsupported(
-                "the CUDA kernels write bfloat16 caches",
-            )));
-        }
         engine.borrow().append_impl(
             py,
             kv_c,
             k_pe,
             kv_cache,
+            kv_dtype,
             slot_mapping,
             layer,
             rms,

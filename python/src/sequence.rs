@@ -315,7 +315,7 @@ impl PyRankCache {
     }
 }
 
-fn dtype_name(dtype: tpla::DType) -> &'static str {
+pub(crate) fn dtype_name(dtype: tpla::DType) -> &'static str {
     match dtype {
         tpla::DType::Bf16 => "bfloat16",
         tpla::DType::F16 => "float16",

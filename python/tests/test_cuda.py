@@ -1,11 +1,12 @@
 """The GPU engine path (tpla.DeviceEngine) on torch CUDA tensors, against the NumPy float64
 reference (tests/reference.py) and the CPU backend: decode on a shuffled paged pool of
 mixed lengths, append then decode, a torch.cuda.graphs capture replayed with new tokens,
-bad inputs, and (with TPLA_FLASHMLA_SO naming a built flash_mla_dense.so) agreement with
-FlashMLA at g=1.
+FP8 pools (appends and row copies on any GPU, decode on a Hopper one), bad inputs, and
+(with TPLA_FLASHMLA_SO naming a built flash_mla_dense.so) agreement with FlashMLA at g=1.
 
 Every test skips, saying why, without torch, without a CUDA device or in a build without
-the cargo feature `cuda`; one test checks the clear error of a machine without a GPU.
+the cargo feature `cuda` (the FP8 decode tests also on a GPU other than Hopper); one test
+checks the clear error of a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 
 import tpla
-from reference import Pool, append_rows, decode_ref, from_bf16_bits, rel_l2
+from reference import (Pool, append_rows, decode_fp8_rows, decode_ref, fp8_row_bytes,
+                       from_bf16_bits, rel_l2)
 
 try:
     import torch
@@ -45,6 +47,18 @@ if WHY is not None:
 needs_gpu = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 
 
+def _why_not_fp8_decode() -> str | None:
+    if WHY is not None:
+        return WHY
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "FP8 pools decode on the Hopper kernel only (compute capability 9.0)"
+    return None
+
+
+WHY_FP8 = _why_not_fp8_decode()
+needs_fp8_decode = pytest.mark.skipif(WHY_FP8 is not None, reason=WHY_FP8 or "")
+
+
 def test_no_gpu_is_a_clear_error():
     if WHY is None:
         pytest.skip("a GPU is present: the GPU tests below run instead")
@@ -58,6 +72,14 @@ def test_no_gpu_is_a_clear_error():
         print(f"DeviceEngine without a GPU: {e}")
     else:
         pytest.skip("a DeviceEngine could be made (a GPU without torch)")
+
+
+def test_an_unknown_kv_dtype_is_refused_before_a_gpu_is_looked_for():
+    if not tpla.cuda_enabled():
+        pytest.skip("this tpla build has no CUDA support (cargo feature `cuda` off)")
+    ctx = make_context(np.random.default_rng(0), layers=1)
+    with pytest.raises(tpla.InvalidArgumentError, match="element type 'int8'"):
+        tpla.DeviceEngine(ctx, kv_dtype="int8")
 
 
 # ---- helpers -------------------------------------------------------------------------
@@ -81,13 +103,13 @@ def make_context(rng, groups=4, group=None, layers=2, scale=None, identity=False
 _ENGINES: dict = {}
 
 
-def engine_for(groups=4, identity=False, scale=None):
+def engine_for(groups=4, identity=False, scale=None, kv_dtype="bfloat16"):
     """(context, engine), made once per configuration (kernel compilation is slow)."""
-    key = (groups, identity, scale)
+    key = (groups, identity, scale, kv_dtype)
     if key not in _ENGINES:
         ctx = make_context(np.random.default_rng(100 + groups), groups=groups,
                            identity=identity, scale=scale)
-        _ENGINES[key] = (ctx, tpla.DeviceEngine(ctx, 0))
+        _ENGINES[key] = (ctx, tpla.DeviceEngine(ctx, 0, kv_dtype=kv_dtype))
     return _ENGINES[key]
 
 
@@ -118,16 +140,19 @@ def table_with_padding(pool, seqs, width):
 
 
 class HostRows:
-    """decode_ref's view of a device pool copied back (bf16 bits)."""
+    """decode_ref's view of a device pool copied back (bf16 bits, or FP8 bytes of a latent
+    slice of `fp8_width` values: dequantised)."""
 
-    def __init__(self, bits, pages_of):
-        self.bits, self.pages_of = bits, pages_of
+    def __init__(self, bits, pages_of, fp8_width=None):
+        self.bits, self.pages_of, self.fp8_width = bits, pages_of, fp8_width
 
     def rows(self, seq, length):
         pages = self.pages_of[seq]
         if length == 0:
             return np.zeros((0, self.bits.shape[-1]))
         r = np.concatenate([self.bits[p, :, 0] for p in pages])[:length]
+        if self.fp8_width is not None:
+            return decode_fp8_rows(r, self.fp8_width, D_R)
         return from_bf16_bits(r).astype(np.float64)
 
 
@@ -224,7 +249,19 @@ def test_absorbed_queries_and_projection_match_the_cpu_context():
     rows = engine.absorb_queries(q_nope, q_pe, layer=1)
     assert rows.shape == (3, 1, HEADS, rw)
     latent, _ = engine.decode(rows, kv, table, seqlens, plan, layer=1)
-    assert torch.allclose(engine.project(latent, layer=1), heads, rtol=1e-4, atol=1e-5)
+    f32_heads = engine.project(latent, layer=1)
+    assert torch.allclose(f32_heads, heads, rtol=1e-4, atol=1e-5)
+    # bfloat16 head outputs: the float32 ones rounded to nearest even, bit for bit (a
+    # batch this small is one cuBLAS product, the float32 call's)
+    bf = torch.empty(3, 1, HEADS, D_V, dtype=torch.bfloat16, device="cuda")
+    assert engine.project(latent, layer=1, out=bf) is bf
+    h16, _ = tpla.decode(q_nope, kv, table, seqlens, plan, layer=1, q_rope=q_pe, absorb=True,
+                         project=True, out=torch.empty_like(bf))
+    torch.cuda.synchronize()
+    assert torch.equal(bf, f32_heads.to(torch.bfloat16))
+    assert torch.equal(h16, heads.to(torch.bfloat16))
+    with pytest.raises(tpla.InvalidArgumentError, match="float32 or bfloat16"):
+        engine.project(latent, layer=1, out=bf.half())
 
 
 # ---- append --------------------------------------------------------------------------
@@ -467,6 +504,196 @@ def test_bad_inputs_raise_the_right_errors():
     assert isinstance(e, tpla.MismatchError)
     with pytest.raises(tpla.MismatchError):
         engine.append(lat, kr, kv.to("cuda:1"), sl)
+
+
+# ---- FP8 pools -----------------------------------------------------------------------
+
+
+def fp8_append_case(rng, pages, lens):
+    """Shuffled pages for sequences of `lens`, their slots in token order, and their
+    tokens' pre-norm latents and RoPE keys (float32)."""
+    order = list(rng.permutation(pages))
+    pages_of = {s: [int(order.pop()) for _ in range(-(-n // PAGE))] for s, n in enumerate(lens)}
+    slots = np.array([pages_of[s][t // PAGE] * PAGE + t % PAGE
+                      for s, n in enumerate(lens) for t in range(n)], np.int32)
+    lat = (rng.standard_normal((len(slots), D_C)) * (1 + np.arange(D_C) % 5)).astype(np.float32)
+    kr = rng.standard_normal((len(slots), D_R)).astype(np.float32)
+    return pages_of, slots, lat, kr
+
+
+def check_fp8_rows_equal_the_cpu_append(dev, host, slots, w):
+    """Device FP8 rows against the CPU's append of the same tokens: the RoPE keys equal
+    byte for byte; codes and scales equal but for a few (the order of the RMS sums moves
+    a value in its last bits, so a code may land one e4m3 step away)."""
+    d, c = dev.reshape(-1, dev.shape[-1])[slots], host.reshape(-1, host.shape[-1])[slots]
+    rope = w + 4 * -(-w // 128)
+    assert np.array_equal(d[:, rope:], c[:, rope:])
+    differ = int(np.count_nonzero(d[:, :rope] != c[:, :rope]))
+    assert differ * 1000 <= max(d[:, :rope].size, 1000), differ
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_appends_and_row_copies_on_any_gpu(dtype):
+    # a bfloat16 engine writes and copies FP8 rows (no FP8 decode kernels needed); the
+    # uint8 pools must then be named with kv_dtype
+    rng = np.random.default_rng(43)
+    ctx, engine = engine_for()
+    w, start = engine.slice_width, ctx.plan.slice_start
+    rb = fp8_row_bytes(w, D_R)
+    pages = 12
+    pages_of, slots, lat, kr = fp8_append_case(rng, pages, [1, 70, 130])
+    tdt = torch.float32 if dtype == "float32" else torch.bfloat16
+    lat_t, kr_t = torch.from_numpy(lat).cuda().to(tdt), torch.from_numpy(kr).cuda().to(tdt)
+    lat_in, kr_in = lat_t.float().cpu().numpy(), kr_t.float().cpu().numpy()
+    kv = torch.zeros(pages, PAGE, 1, rb, dtype=torch.uint8, device="cuda")
+    faults = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(tpla.InvalidArgumentError, match="kv_dtype='fp8_e4m3'"):
+        tpla.append(lat_t, kr_t, kv, torch.from_numpy(slots).cuda(), context=engine)
+    for layer in range(engine.layers):
+        kv.zero_()
+        # a skipped slot (-1) and one past the pool (BAD_SLOT) ride along
+        sl = np.concatenate([slots, [-1, pages * PAGE + 5]]).astype(np.int32)
+        tpla.append(torch.cat([lat_t, lat_t[:2]]), torch.cat([kr_t, kr_t[:2]]), kv,
+                    torch.from_numpy(sl).cuda(), context=engine, layer=layer,
+                    kv_dtype="fp8_e4m3", faults=faults)
+        torch.cuda.synchronize()
+        assert int(faults.item()) == tpla.Faults.BAD_SLOT
+        faults.zero_()
+        dev = kv.cpu().numpy()
+        # the stored rows: the appended ones, to e4m3's precision (3 mantissa bits)
+        got = decode_fp8_rows(dev.reshape(-1, rb)[slots], w, D_R)
+        want = append_rows(lat_in, kr_in, ctx.transform(layer).matrix(), start, w)
+        assert rel_l2(got[:, :w], want[:, :w]) < 4e-2
+        assert rel_l2(got[:, w:], want[:, w:]) < 4e-3  # the key in bfloat16
+        written = np.zeros(pages * PAGE, bool)
+        written[slots] = True
+        assert not dev.reshape(-1, rb)[~written].any()
+        host = np.zeros((pages, PAGE, 1, rb), np.uint8)
+        assert ctx.append(lat_in, kr_in, host, slots, layer=layer, kv_dtype="fp8_e4m3") == 0
+        check_fp8_rows_equal_the_cpu_append(dev, host, slots, w)
+    # the rows handed over into another pool (padded pages: 4 rows keep the page stride
+    # a multiple of 16 bytes), byte for byte
+    backing = torch.full((pages, PAGE + 4, 1, rb), 0x7F, dtype=torch.uint8, device="cuda")
+    dst = backing[:, :PAGE]
+    dst_np = rng.permutation(pages * PAGE)[: len(slots)].astype(np.int32)
+    dst_np[5] = -1  # skipped
+    engine.copy_rows(dst, torch.from_numpy(dst_np).cuda(), kv, torch.from_numpy(slots).cuda(),
+                     kv_dtype="fp8_e4m3", faults=faults)
+    torch.cuda.synchronize()
+    assert int(faults.item()) == 0
+    keep = dst_np >= 0
+    got = dst.cpu().numpy().reshape(-1, rb)
+    assert np.array_equal(got[dst_np[keep]], kv.cpu().numpy().reshape(-1, rb)[slots[keep]])
+    untouched = np.ones(pages * PAGE, bool)
+    untouched[dst_np[keep]] = False
+    assert (got[untouched] == 0x7F).all()
+    assert (backing[:, PAGE:].cpu().numpy() == 0x7F).all()
+    # pools of two row types: the bytes cannot be copied
+    bf16_pool = torch.zeros(pages, PAGE, 1, engine.row_width, dtype=torch.bfloat16,
+                            device="cuda")
+    with pytest.raises(tpla.InvalidArgumentError, match="fp8_e4m3"):
+        engine.copy_rows(bf16_pool, torch.from_numpy(dst_np).cuda(), kv,
+                         torch.from_numpy(slots).cuda(), kv_dtype="fp8_e4m3")
+
+
+@needs_fp8_decode
+def test_fp8_engine_appends_and_decodes_as_the_reference_and_the_cpu():
+    rng = np.random.default_rng(47)
+    ctx, engine = engine_for(kv_dtype="fp8_e4m3")
+    assert engine.kv_dtype == "fp8_e4m3" and "fp8_e4m3" in repr(engine)
+    w, rw, start = engine.slice_width, engine.row_width, ctx.plan.slice_start
+    rb = fp8_row_bytes(w, D_R)
+    pages = 20
+    lens = [1, 64, 65, 300, 0]
+    pages_of, slots, lat, kr = fp8_append_case(rng, pages, lens)
+    b = len(lens)
+    width = max(len(p) for p in pages_of.values()) + 1
+    table_np = np.full((b, width), -1, np.int32)
+    for s in range(b):
+        table_np[s, : len(pages_of[s])] = pages_of[s]
+    table = torch.from_numpy(table_np).cuda()
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    plan = tpla.decode_plan(seqlens, engine, block_table_width=width)
+    assert plan.workspace_bytes == engine.workspace_bytes(b, width)
+    cpu_plan = tpla.decode_plan(seqlens.cpu(), ctx)
+    kv = torch.zeros(pages, PAGE, 1, rb, dtype=torch.uint8, device="cuda")
+    for layer in range(engine.layers):
+        kv.zero_()
+        # the engine's own uint8 pools need no kv_dtype
+        engine.append(torch.from_numpy(lat).cuda(), torch.from_numpy(kr).cuda(), kv,
+                      torch.from_numpy(slots).cuda(), layer=layer)
+        torch.cuda.synchronize()
+        dev = kv.cpu().numpy()
+        host = np.zeros((pages, PAGE, 1, rb), np.uint8)
+        assert ctx.append(lat, kr, host, slots, layer=layer, kv_dtype="fp8_e4m3") == 0
+        check_fp8_rows_equal_the_cpu_append(dev, host, slots, w)
+        # decode: the f64 reference over the dequantised rows, and the CPU's FP8 decode
+        q = torch.randn(b, 1, HEADS, rw, device="cuda")
+        out, lse = tpla.decode(scaled_rows(engine, q, layer), kv, table, seqlens, plan,
+                               layer=layer, kv_dtype="fp8_e4m3")
+        torch.cuda.synchronize()
+        ro, rl = decode_ref(HostRows(dev, pages_of, fp8_width=w), list(range(b)), lens,
+                            q.cpu().numpy(), w, ctx.dims.softmax_scale, ctx.mu(layer))
+        check_outputs(out, lse, ro, rl)
+        e = lens.index(0)
+        assert torch.all(out[e] == 0) and torch.all(torch.isinf(lse[e]))
+        oc, _ = tpla.decode(q.cpu().numpy(), dev, table_np, np.array(lens, np.int32), cpu_plan,
+                            layer=layer, kv_dtype="fp8_e4m3")
+        assert rel_l2(out.cpu().numpy(), oc) < 1e-2
+        # what an engine has in hand: q_nope and q_rope in, partial head outputs out
+        q_nope = torch.randn(b, 1, HEADS, D_N, device="cuda")
+        q_pe = torch.randn(b, 1, HEADS, D_R, device="cuda")
+        heads, _ = tpla.decode(q_nope, kv, table, seqlens, plan, layer=layer, q_rope=q_pe,
+                               absorb=True, project=True)
+        hc, _ = tpla.decode(q_nope.cpu().numpy(), dev, table_np, np.array(lens, np.int32),
+                            cpu_plan, layer=layer, q_rope=q_pe.cpu().numpy(), absorb=True,
+                            project=True, kv_dtype="fp8_e4m3")
+        torch.cuda.synchronize()
+        assert rel_l2(heads.cpu().numpy(), hc) < 1e-2
+    # a bfloat16 pool is not what this engine decodes
+    bf16_pool = torch.zeros(pages, PAGE, 1, rw, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(tpla.MismatchError, match="fp8_e4m3"):
+        engine.decode(scaled_rows(engine, q, 0), bf16_pool, table, seqlens, plan)
+
+
+@needs_gpu
+def test_fp8_bad_inputs_raise_the_right_errors():
+    rng = np.random.default_rng(53)
+    ctx, engine = engine_for()
+    w, rw = engine.slice_width, engine.row_width
+    rb = fp8_row_bytes(w, D_R)
+    # the engine's row type: one of the two the kernels read, by its name
+    with pytest.raises(tpla.UnsupportedError, match="f16"):
+        tpla.DeviceEngine(ctx, 0, kv_dtype="float16")
+    if WHY_FP8 is not None:
+        with pytest.raises(tpla.UnsupportedError, match="Hopper"):
+            tpla.DeviceEngine(ctx, 0, kv_dtype="fp8_e4m3")
+    pool = Pool(rng, rw, PAGE, 4, "bfloat16")
+    pool.add(0, 100)
+    table = torch.from_numpy(table_with_padding(pool, [0], 3)).cuda()
+    seqlens = torch.tensor([100], dtype=torch.int32, device="cuda")
+    plan = engine.plan(seqlens, 3)
+    q = torch.randn(1, 1, HEADS, rw, device="cuda")
+    kv8 = torch.zeros(4, PAGE, 1, rb, dtype=torch.uint8, device="cuda")
+    # uint8 pools given to a bfloat16 engine: named, then refused by its decode
+    with pytest.raises(tpla.InvalidArgumentError, match="kv_dtype='fp8_e4m3'"):
+        engine.decode(q, kv8, table, seqlens, plan)
+    with pytest.raises(tpla.MismatchError, match="fp8_e4m3"):
+        engine.decode(q, kv8, table, seqlens, plan, kv_dtype="fp8_e4m3")
+    with pytest.raises(tpla.MismatchError, match="fp8_e4m3"):
+        tpla.decode(q, kv8, table, seqlens, plan, kv_dtype="fp8_e4m3")
+    # rows of another size, a dtype that is not the pool's
+    lat, kr = torch.randn(1, D_C, device="cuda"), torch.randn(1, D_R, device="cuda")
+    sl = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(tpla.InvalidArgumentError, match="bytes"):
+        engine.append(lat, kr, kv8[..., :-4], sl, kv_dtype="fp8_e4m3")
+    with pytest.raises(tpla.InvalidArgumentError, match="cannot be read"):
+        engine.append(lat, kr, kv8, sl, kv_dtype="bfloat16")
+    with pytest.raises(tpla.InvalidArgumentError, match="cannot be read"):
+        engine.append(lat, kr, bits_to_cuda(pool.backing), sl, kv_dtype="fp8_e4m3")
+    with pytest.raises(tpla.InvalidArgumentError, match="shape"):
+        engine.append(lat, kr, kv8.view(4, PAGE, rb // 4, 4), sl, kv_dtype="fp8_e4m3")
 
 
 # ---- FlashMLA ------------------------------------------------------------------------

@@ -18,8 +18,8 @@ Tensor shapes follow ``flash_mla_with_kvcache``:
   ``q_rope=`` given, ``q`` is the latent part alone, or with ``absorb=True`` ``q_nope``
   ``[batch, 1, heads, d_n]`` that the context multiplies by ``W'_UK``.
 * ``kv_cache`` ``[num_pages, page_size, 1, slice_width + d_r]`` bfloat16, float16 or
-  float32 (NumPy users pass bfloat16 bits as uint16 with ``kv_dtype="bfloat16"``), or on
-  the CPU uint8 ``[num_pages, page_size, 1, row_bytes]`` FP8 rows with
+  float32 (NumPy users pass bfloat16 bits as uint16 with ``kv_dtype="bfloat16"``), or
+  uint8 ``[num_pages, page_size, 1, row_bytes]`` FP8 rows with
   ``kv_dtype="fp8_e4m3"`` (e4m3 codes, one float32 scale per 128 of them, the bfloat16
   RoPE key); pages may be padded (any page stride of at least a page), rows must be
   contiguous.
@@ -50,7 +50,8 @@ synchronisation (capturable in ``torch.cuda.graphs``)::
         out, lse = tpla.decode(rows, kv_cache[layer], block_table, cache_seqlens, plan,
                                layer=layer)
 
-There ``kv_cache`` is ``[num_pages, 64, 1, slice_width + d_r]`` bfloat16, ``block_table``,
+There ``kv_cache`` is ``[num_pages, 64, 1, slice_width + d_r]`` bfloat16 (or, for an engine
+made with ``kv_dtype="fp8_e4m3"`` on a Hopper GPU, uint8 FP8 rows as on the CPU), ``block_table``,
 ``cache_seqlens`` and ``slot_mapping`` int32, and the query rows float32, already scaled
 (:meth:`DeviceEngine.query_scales`). Faults are OR-ed into an optional int32 CUDA tensor
 (``faults=``), read whenever the caller synchronises. :func:`cuda_enabled` says whether

@@ -280,12 +280,22 @@ class DeviceEngine:
 
     Every call is enqueued on ``stream`` (a ``CUstream`` as an int; default: torch's
     current stream of the engine's device) without host synchronisation, so it can be
-    captured in ``torch.cuda.graphs``. Raises UnsupportedError without CUDA.
+    captured in ``torch.cuda.graphs``. Raises UnsupportedError without CUDA. ``kv_dtype``
+    is the row type of the pools ``decode`` reads: "bfloat16", or "fp8_e4m3" (uint8 rows;
+    a Hopper GPU) — appends and row copies take either.
     """
 
-    def __init__(self, context: RankContext, device: int = 0) -> None: ...
+    def __init__(
+        self,
+        context: RankContext,
+        device: int = 0,
+        *,
+        kv_dtype: Literal["bfloat16", "fp8_e4m3"] = "bfloat16",
+    ) -> None: ...
     @property
     def device(self) -> int: ...
+    @property
+    def kv_dtype(self) -> str: ...
     @property
     def device_name(self) -> str: ...
     @property
@@ -318,6 +328,7 @@ class DeviceEngine:
         layer: int = 0,
         out: Optional[CudaTensor] = None,
         lse: Optional[CudaTensor] = None,
+        kv_dtype: Optional[str] = None,
         faults: Optional[CudaTensor] = None,
         stream: Optional[int] = None,
     ) -> Tuple[CudaTensor, CudaTensor]: ...
@@ -330,6 +341,7 @@ class DeviceEngine:
         *,
         layer: int = 0,
         rms: Literal["exact", "sliced"] = "exact",
+        kv_dtype: Optional[str] = None,
         faults: Optional[CudaTensor] = None,
         stream: Optional[int] = None,
     ) -> None: ...
@@ -349,6 +361,7 @@ class DeviceEngine:
         src: CudaTensor,
         src_slots: CudaTensor,
         *,
+        kv_dtype: Optional[str] = None,
         faults: Optional[CudaTensor] = None,
         stream: Optional[int] = None,
     ) -> None: ...

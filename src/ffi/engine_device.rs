@@ -768,6 +768,7 @@ pub unsafe extern "C" fn tpla_device_engine_absorb_queries(
 /// W'_UV[h]^T latent_dev[b][h] ([batch][heads][slice_width] f32), a batched cuBLAS product
 /// with the layer's W'_UV held on the GPU; sum them over the ranks with
 /// tpla_nccl_all_reduce. NaN latent rows (faulted entries) give NaN head rows.
+/// tpla_device_engine_project_for with TPLA_DTYPE_F32.
 ///
 /// Returns as tpla_device_engine_absorb_queries.
 ///
@@ -782,6 +783,55 @@ pub unsafe extern "C" fn tpla_device_engine_project(
     heads_dev: *mut f32,
     stream: *mut c_void,
 ) -> tpla_status {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        tpla_device_engine_project_for(
+            engine,
+            layer,
+            batch,
+            latent_dev,
+            heads_dev.cast(),
+            tpla_dtype::F32 as u32,
+            stream,
+        )
+    }
+}
+
+/// Bytes of a device engine's f32 staging buffer of bf16 projections
+/// (tpla_device_engine_project_for): each cuBLAS product covers as many batch entries as
+/// it holds (at least one).
+pub const TPLA_BF16_PROJECTION_STAGING_BYTES: usize = 4194304;
+
+#[cfg(feature = "cuda")]
+const _: () = assert!(
+    TPLA_BF16_PROJECTION_STAGING_BYTES == crate::engine_device::BF16_PROJECTION_STAGING_BYTES
+);
+
+/// tpla_device_engine_project writing head outputs of `heads_dtype`: TPLA_DTYPE_F32, or
+/// TPLA_DTYPE_BF16 (uint16_t bits, 2-byte aligned: the f32 outputs rounded to nearest
+/// even. A batch of up to TPLA_BF16_PROJECTION_STAGING_BYTES / (heads * d_v * 4) entries
+/// is one cuBLAS product of the f32 call's shape; a larger one is cut into such products,
+/// whose sums may differ from one product's in the last f32 bit, so that a value may
+/// round to the neighbouring bf16). cuBLAS has no f32 x f32 -> bf16 product: the f32
+/// products go through an engine-owned staging buffer, allocated by the first bf16
+/// call (make one before capturing a CUDA graph, as for the cuBLAS handle), and one
+/// rounding kernel; bf16 projections of one engine must not run on two streams at once.
+///
+/// Returns as tpla_device_engine_absorb_queries, and TPLA_STATUS_INVALID_ARGUMENT (an
+/// unknown dtype), TPLA_STATUS_UNSUPPORTED (a dtype other than those two).
+///
+/// # Safety
+/// As tpla_device_engine_absorb_queries.
+#[no_mangle]
+pub unsafe extern "C" fn tpla_device_engine_project_for(
+    engine: *const tpla_device_engine,
+    layer: u32,
+    batch: usize,
+    latent_dev: *const f32,
+    heads_dev: *mut c_void,
+    heads_dtype: u32,
+    stream: *mut c_void,
+) -> tpla_status {
     guard(|| {
         // SAFETY: caller contract.
         let e = unsafe { handle(engine, "engine") }?;
@@ -789,9 +839,10 @@ pub unsafe extern "C" fn tpla_device_engine_project(
             (latent_dev as usize, "latent_dev"),
             (heads_dev as usize, "heads_dev"),
         ])?;
+        let dtype = DType::from_code(heads_dtype)?;
         let bufs = [latent_dev as u64, heads_dev as u64, 0];
         // SAFETY: forwarded caller contract.
-        unsafe { gemm(e, Gemm::Project, layer, batch, bufs, stream) }
+        unsafe { gemm(e, Gemm::Project(dtype), layer, batch, bufs, stream) }
     })
 }
 
@@ -801,8 +852,8 @@ pub unsafe extern "C" fn tpla_device_engine_project(
 enum Gemm {
     /// `[q_nope, q_rope, rows]`
     Absorb,
-    /// `[latent, heads, -]`
-    Project,
+    /// `[latent, heads, -]`, heads of that dtype
+    Project(DType),
 }
 
 /// # Safety
@@ -825,18 +876,23 @@ unsafe fn gemm(
         engine.plan().heads,
         engine.plan().slice_width,
     );
-    let rows = batch.saturating_mul(h).saturating_mul(4);
+    let rows = batch.saturating_mul(h);
+    let f32s = |width: usize| rows.saturating_mul(width).saturating_mul(4);
     let (inputs, output) = match which {
         Gemm::Absorb => (
             vec![
-                (bufs[0], rows.saturating_mul(d.d_n), "q_nope_dev"),
-                (bufs[1], rows.saturating_mul(d.d_r), "q_rope_dev"),
+                (bufs[0], f32s(d.d_n), "q_nope_dev"),
+                (bufs[1], f32s(d.d_r), "q_rope_dev"),
             ],
-            (bufs[2], rows.saturating_mul(w + d.d_r), "rows_dev"),
+            (bufs[2], f32s(w + d.d_r), "rows_dev"),
         ),
-        Gemm::Project => (
-            vec![(bufs[0], rows.saturating_mul(w), "latent_dev")],
-            (bufs[1], rows.saturating_mul(d.d_v), "heads_dev"),
+        Gemm::Project(dtype) => (
+            vec![(bufs[0], f32s(w), "latent_dev")],
+            (
+                bufs[1],
+                rows.saturating_mul(d.d_v).saturating_mul(dtype.size()),
+                "heads_dev",
+            ),
         ),
     };
     if batch == 0 || batch > 65535 {
@@ -852,7 +908,9 @@ unsafe fn gemm(
     Ok(unsafe {
         match which {
             Gemm::Absorb => engine.absorb_queries(layer, batch, bufs[0], bufs[1], bufs[2], stream),
-            Gemm::Project => engine.project(layer, batch, bufs[0], bufs[1], stream),
+            Gemm::Project(dtype) => {
+                engine.project_for(layer, batch, bufs[0], bufs[1], dtype, stream)
+            }
         }
     }?)
 }

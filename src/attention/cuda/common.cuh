@@ -90,6 +90,15 @@ __device__ __forceinline__ unsigned short f64_to_bf16_host(double v) {
     return (unsigned short)(((man & rb) != 0 && (man & (3 * rb - 1)) != 0) ? r + 1 : r);
 }
 
+// f32 -> bf16 bits as the host's `half::bf16::from_f32` rounds (to nearest even, past the
+// largest finite value to infinity; a NaN stays NaN, quiet, with its sign and the top of its
+// payload), so device outputs rounded to bf16 equal the host's rounding of the same f32.
+__device__ __forceinline__ unsigned short f32_to_bf16_host(float v) {
+    const u32 x = __float_as_uint(v);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (unsigned short)((x >> 16) | 0x0040u);
+    return (unsigned short)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
 // f32 -> f64 as the host widens it (Rust's `as f64`, x86's cvtss2sd): exact for numbers;
 // a NaN keeps its sign and payload and becomes quiet. Built from the bits because the
 // device conversion need not keep a NaN's sign or payload, which reach the stored bytes

@@ -301,3 +301,14 @@ tpla_engine_rope_rows(const float* __restrict__ q_rope, float scale, int count,
     const u64 r = i / DR, c = i % DR;
     rows[r * RW + SLICE + c] = scale * q_rope[i];
 }
+
+// ---- bf16 head outputs ---------------------------------------------------------------------
+
+// dst[i] = src[i] rounded to bf16 as the host rounds an f32: the bf16 projection's f32
+// products, which it stages because cuBLAS has no f32 x f32 -> bf16 product.
+extern "C" __global__ void __launch_bounds__(256)
+tpla_engine_round_bf16(const float* __restrict__ src, u64 count, bf16_t* __restrict__ dst)
+{
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) dst[i] = f32_to_bf16_host(src[i]);
+}

@@ -43,6 +43,7 @@ pub struct EngineKernels {
     pub(crate) append: Function,
     pub(crate) copy_rows: Function,
     pub(crate) rope_rows: Function,
+    pub(crate) round_bf16: Function,
     // Keeps the functions above valid; dropped last.
     _module: Module,
 }
@@ -72,6 +73,7 @@ impl EngineKernels {
             append: module.function("tpla_engine_append")?,
             copy_rows: module.function("tpla_engine_copy_rows")?,
             rope_rows: module.function("tpla_engine_rope_rows")?,
+            round_bf16: module.function("tpla_engine_round_bf16")?,
             _module: module,
         })
     }
