@@ -1970,3 +1970,235 @@ fn fp8_engines_and_pools_refuse_what_the_kernels_cannot_serve() {
         assert_eq!(kind(decode(&engine8, bf16.cache())), ErrorKind::Mismatch);
     }
 }
+
+/// Largest difference of `got` from `want`, relative to `want`'s largest magnitude.
+fn rel_max_diff<T: Copy + Into<f64>>(got: &[T], want: &[T]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, &w| m.max(w.into().abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g.into() - w.into()).abs())
+        .fold(
+            0f64,
+            |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        );
+    diff / scale
+}
+
+/// The sequence-shard merges on engine buffers (`combine::sequence_engine`) against the
+/// CPU merges of `combine::sequence` on the same random outputs, log-sum-exps and
+/// queries of three shards: (a) the rescale of every shard; (b) the logit bounds, each
+/// shard's pack, and the unpack of the packs summed on the host, which must equal the
+/// sum of (a)'s rescaled outputs (both are the exact merge). A bound 800 below a
+/// log-sum-exp sets the error word's bit, which reads as the host merge's error; bad
+/// arguments are refused at the call, in Rust and C, with nothing enqueued.
+#[test]
+fn sequence_merges_on_engine_buffers_match_the_cpu_merges() {
+    use tpla::combine::sequence::{
+        logit_bound, merge_error, pack_against_bound, packed_row_len, rescale_by_gathered_lse,
+        unpack_merged, MERGE_LSE_ABOVE_BOUND,
+    };
+    let Some(backend) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let device = engine.backend().device().clone();
+    let stream = engine.backend().stream();
+    let (shards, rows, width) = (3usize, 2 * HEADS, W);
+    let outs: Vec<Vec<f32>> = (0..shards)
+        .map(|_| random_f32(rows * width, 1.0, &mut rng))
+        .collect();
+    let lses: Vec<Vec<f32>> = (0..shards)
+        .map(|_| random_f32(rows, 3.0, &mut rng))
+        .collect();
+    let upload = |v: &[f32]| {
+        let mut b = DeviceBuffer::<f32>::new(&device, v.len()).unwrap();
+        b.upload(v).unwrap();
+        b
+    };
+    let download = |b: &DeviceBuffer<f32>, n: usize| {
+        let mut v = vec![f32::NAN; n];
+        b.download(&mut v).unwrap();
+        v
+    };
+    // (a): every shard rescaled as the CPU does; their sum is the merged output
+    let gathered = upload(&lses.concat());
+    let lse_refs: Vec<&[f32]> = lses.iter().map(|v| v.as_slice()).collect();
+    let mut merged_a = vec![0f32; rows * width];
+    for shard in 0..shards {
+        let mut want = outs[shard].clone();
+        rescale_by_gathered_lse(&mut want, width, shard, &lse_refs).unwrap();
+        let out = upload(&outs[shard]);
+        unsafe {
+            engine
+                .sequence_rescale(
+                    shard,
+                    shards,
+                    rows,
+                    width,
+                    gathered.ptr(),
+                    out.ptr(),
+                    stream,
+                )
+                .unwrap();
+        }
+        let got = download(&out, rows * width);
+        let d = rel_max_diff(&got, &want);
+        println!("(a) shard {shard}: {d:.2e} from the CPU rescale");
+        assert!(d < 1e-6, "(a) shard {shard}: {d}");
+        for (m, g) in merged_a.iter_mut().zip(&got) {
+            *m += g;
+        }
+    }
+    // (b): bounds from the queries, packs, their sum unpacked
+    let q = random_f32(rows * RW, 0.1, &mut rng);
+    let rope_norm = 2.5;
+    let latent_norm = tpla::combine::sequence::latent_row_norm_bound(D_C);
+    let want_bounds: Vec<f64> = q
+        .chunks_exact(RW)
+        .map(|row| logit_bound(row, W, latent_norm, rope_norm))
+        .collect();
+    let q_dev = upload(&q);
+    let bound = DeviceBuffer::<f64>::new(&device, rows).unwrap();
+    unsafe {
+        engine
+            .sequence_bounds(rows, rope_norm, q_dev.ptr(), bound.ptr(), stream)
+            .unwrap();
+    }
+    let mut bounds = vec![f64::NAN; rows];
+    bound.download(&mut bounds).unwrap();
+    let d = rel_max_diff(&bounds, &want_bounds);
+    assert!(d < 1e-12, "bounds: {d}");
+    let plen = packed_row_len(width);
+    let mut error = DeviceBuffer::<u32>::new(&device, 1).unwrap();
+    error.upload(&[0]).unwrap();
+    let mut summed = vec![0f64; rows * plen];
+    for shard in 0..shards {
+        let mut want = vec![0f64; rows * plen];
+        pack_against_bound(&outs[shard], &lses[shard], &bounds, width, &mut want).unwrap();
+        let (out, lse) = (upload(&outs[shard]), upload(&lses[shard]));
+        let packed = DeviceBuffer::<f64>::new(&device, rows * plen).unwrap();
+        unsafe {
+            engine
+                .sequence_pack(
+                    rows,
+                    width,
+                    out.ptr(),
+                    lse.ptr(),
+                    bound.ptr(),
+                    packed.ptr(),
+                    error.ptr(),
+                    stream,
+                )
+                .unwrap();
+        }
+        let mut got = vec![f64::NAN; rows * plen];
+        packed.download(&mut got).unwrap();
+        let d = rel_max_diff(&got, &want);
+        assert!(d < 1e-12, "(b) pack of shard {shard}: {d}");
+        for (s, g) in summed.iter_mut().zip(&got) {
+            *s += g;
+        }
+    }
+    let mut want_b = vec![0f32; rows * width];
+    unpack_merged(&summed, width, &mut want_b).unwrap();
+    let mut packed = DeviceBuffer::<f64>::new(&device, rows * plen).unwrap();
+    packed.upload(&summed).unwrap();
+    let merged = DeviceBuffer::<f32>::new(&device, rows * width).unwrap();
+    unsafe {
+        engine
+            .sequence_unpack(rows, width, packed.ptr(), merged.ptr(), error.ptr(), stream)
+            .unwrap();
+    }
+    let got_b = download(&merged, rows * width);
+    let mut bits = [u32::MAX];
+    error.download(&mut bits).unwrap();
+    assert_eq!(bits[0], 0, "no merge error on sound bounds");
+    let (d_unpack, d_ab) = (
+        rel_max_diff(&got_b, &want_b),
+        rel_max_diff(&got_b, &merged_a),
+    );
+    println!("(b) unpack {d_unpack:.2e} from the CPU's, {d_ab:.2e} from (a)'s merge");
+    assert!(d_unpack < 1e-6 && d_ab < 1e-5, "(b): {d_unpack} {d_ab}");
+    // a bound far below a log-sum-exp: the error bit, read as the host merge's error
+    let mut low = bounds.clone();
+    low[5] = lses[0][5] as f64 - 800.0;
+    let mut low_dev = DeviceBuffer::<f64>::new(&device, rows).unwrap();
+    low_dev.upload(&low).unwrap();
+    let (out, lse) = (upload(&outs[0]), upload(&lses[0]));
+    unsafe {
+        engine
+            .sequence_pack(
+                rows,
+                width,
+                out.ptr(),
+                lse.ptr(),
+                low_dev.ptr(),
+                packed.ptr(),
+                error.ptr(),
+                stream,
+            )
+            .unwrap();
+    }
+    error.download(&mut bits).unwrap();
+    assert_eq!(bits[0], MERGE_LSE_ABOVE_BOUND);
+    let e = merge_error(bits[0]).unwrap_err();
+    assert!(e.message().contains("above its logit bound"), "{e}");
+    // refused at the call
+    let refusals = unsafe {
+        [
+            engine.sequence_rescale(3, 3, rows, width, gathered.ptr(), out.ptr(), stream),
+            engine.sequence_rescale(0, 3, 0, width, gathered.ptr(), out.ptr(), stream),
+            engine.sequence_rescale(0, 3, rows, width, 0, out.ptr(), stream),
+            engine.sequence_bounds(rows, -1.0, q_dev.ptr(), bound.ptr(), stream),
+            engine.sequence_bounds(rows, f64::NAN, q_dev.ptr(), bound.ptr(), stream),
+            engine.sequence_bounds(rows, 1.0, q_dev.ptr(), bound.ptr() + 4, stream),
+            engine.sequence_unpack(rows, 0, packed.ptr(), merged.ptr(), error.ptr(), stream),
+        ]
+    };
+    for (k, r) in refusals.into_iter().enumerate() {
+        assert_eq!(
+            r.unwrap_err().kind(),
+            ErrorKind::InvalidArgument,
+            "refusal {k}"
+        );
+    }
+    // the C entry points: NULL refused before the GPU, the error word's status
+    use std::ptr::{null, null_mut};
+    use tpla::ffi::engine_sequence::*;
+    use tpla::ffi::tpla_status;
+    unsafe {
+        assert_eq!(
+            tpla_device_engine_sequence_rescale(
+                null(),
+                0,
+                2,
+                rows,
+                width,
+                null(),
+                null_mut(),
+                null_mut()
+            ),
+            tpla_status::NullArgument
+        );
+        assert_eq!(
+            tpla_device_engine_sequence_unpack(
+                null(),
+                rows,
+                width,
+                null(),
+                null_mut(),
+                null_mut(),
+                null_mut()
+            ),
+            tpla_status::NullArgument
+        );
+    }
+    assert_eq!(
+        tpla_sequence_merge_error(MERGE_LSE_ABOVE_BOUND),
+        tpla_status::InvalidArgument
+    );
+    assert_eq!(tpla_sequence_merge_error(8), tpla_status::InvalidArgument);
+    assert_eq!(tpla_sequence_merge_error(0), tpla_status::Ok);
+}
