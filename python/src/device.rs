@@ -205,6 +205,20 @@ mod imp {
 
     /// A new torch CUDA tensor of `shape` and `dtype` ("float32", "uint8") on the device
     /// of `like` (a torch tensor); other producers must pass their own buffers.
+    /// A tensor's last extent (the row width) and the extents before it (the rows).
+    fn split_rows(t: &Tensor) -> PyResult<(usize, Vec<usize>)> {
+        match t.shape.split_last() {
+            Some((&width, rows)) if width > 0 && rows.iter().product::<usize>() > 0 => {
+                Ok((width, rows.to_vec()))
+            }
+            _ => Err(invalid(format!(
+                "{} must have shape [..., width] with rows and a width, got {}",
+                t.name,
+                t.shape_str()
+            ))),
+        }
+    }
+
     fn empty<'py>(
         py: Python<'py>,
         shape: &[usize],
@@ -290,6 +304,43 @@ mod imp {
             let t = self.dev(name, obj)?;
             t.expect_output(&[Elem::F32])?;
             Ok(t)
+        }
+
+        /// A merge's device error word: one writable int32 of this GPU.
+        fn error_word(&self, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+            let t = self.dev("error", obj)?;
+            t.expect_elem(&[Elem::I32])?;
+            if t.numel() != 1 {
+                return Err(invalid(format!(
+                    "error must hold one int32 word, got shape {}",
+                    t.shape_str()
+                )));
+            }
+            t.expect_writable()?;
+            Ok(t)
+        }
+
+        /// The output `given` (checked: `elem`, `shape`, this GPU) or a new torch tensor
+        /// of `dtype` next to `like`.
+        #[allow(clippy::too_many_arguments)]
+        fn dev_output<'py>(
+            &self,
+            py: Python<'py>,
+            name: &'static str,
+            given: Option<&Bound<'py, PyAny>>,
+            shape: &[usize],
+            dtype: &str,
+            elem: Elem,
+            like: &Bound<'py, PyAny>,
+        ) -> PyResult<(Bound<'py, PyAny>, Tensor)> {
+            let obj = match given {
+                Some(o) => o.clone(),
+                None => empty(py, shape, dtype, like, name)?,
+            };
+            let t = self.dev(name, &obj)?;
+            t.expect_output(&[elem])?;
+            t.expect_exact_shape(shape)?;
+            Ok((obj, t))
         }
 
         fn faults(&self, obj: Option<&Bound<'_, PyAny>>) -> PyResult<(u64, Option<Tensor>)> {
@@ -619,6 +670,210 @@ mod imp {
             stream: Option<u64>,
         ) -> PyResult<PyObject> {
             Ok(self.project_impl(py, latent, layer, out, stream)?.unbind())
+        }
+
+        /// Merge (a) of the sequence shards, this rank's step between the engine's
+        /// all-gather of the log-sum-exps and its all-reduce, on the stream: rescales
+        /// `out` (float32 `[..., width]`: `decode`'s latent outputs or `project`'s head
+        /// outputs) in place by `e^(lse_own - L)`, with `gathered` (float32 `[shards,
+        /// ...]`, `out`'s shape without its last extent, e.g.
+        /// `all_gather_into_tensor`'s output) the shards' log-sum-exps and `shard` this
+        /// rank's. Summing `out` over every rank then gives the exact output.
+        #[pyo3(signature = (out, gathered, *, shard, stream=None))]
+        fn sequence_rescale(
+            &self,
+            py: Python<'_>,
+            out: &Bound<'_, PyAny>,
+            gathered: &Bound<'_, PyAny>,
+            shard: usize,
+            stream: Option<u64>,
+        ) -> PyResult<()> {
+            let ot = self.dev("out", out)?;
+            ot.expect_output(&[Elem::F32])?;
+            let (width, rows_shape) = split_rows(&ot)?;
+            let gt = self.f32_rows("gathered", gathered)?;
+            if gt.shape.len() != rows_shape.len() + 1 || gt.shape[1..] != rows_shape[..] {
+                return Err(invalid(format!(
+                    "gathered must have shape [shards, {}] (out's shape without its last \
+                     extent), got {}",
+                    rows_shape
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    gt.shape_str()
+                )));
+            }
+            check_disjoint(&ot, &[&gt])?;
+            let rows = rows_shape.iter().product();
+            let s = self.checked_stream(py, stream)?;
+            // SAFETY: checked device memory of the engine's GPU of the documented sizes.
+            unsafe {
+                self.e().sequence_rescale(
+                    shard,
+                    gt.shape[0],
+                    rows,
+                    width,
+                    gt.ptr as u64,
+                    ot.ptr as u64,
+                    s,
+                )
+            }
+            .py()
+        }
+
+        /// Merge (b)'s shared logit bounds (float64 `[...]`, returned or written into
+        /// `out=`) of `decode`'s query rows `q` (float32 `[..., row_width]`, the same on
+        /// every shard of a latent group), with `rope_key_norm` a bound of `|k_rope|` over
+        /// the batch's tokens. On the stream.
+        #[pyo3(signature = (q, *, rope_key_norm, out=None, stream=None))]
+        fn sequence_bounds<'py>(
+            &self,
+            py: Python<'py>,
+            q: &Bound<'py, PyAny>,
+            rope_key_norm: f64,
+            out: Option<&Bound<'py, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<PyObject> {
+            let qt = self.f32_rows("q", q)?;
+            let (width, rows_shape) = split_rows(&qt)?;
+            if width != self.slice_width + self.d_r {
+                return Err(invalid(format!(
+                    "q's rows hold {width} values, the rank's rows {}",
+                    self.slice_width + self.d_r
+                )));
+            }
+            let (oobj, ot) =
+                self.dev_output(py, "out", out, &rows_shape, "float64", Elem::F64, q)?;
+            check_disjoint(&ot, &[&qt])?;
+            let s = self.checked_stream(py, stream)?;
+            // SAFETY: as sequence_rescale.
+            unsafe {
+                self.e().sequence_bounds(
+                    rows_shape.iter().product(),
+                    rope_key_norm,
+                    qt.ptr as u64,
+                    ot.ptr as u64,
+                    s,
+                )
+            }
+            .py()?;
+            drop((qt, ot));
+            Ok(oobj.unbind())
+        }
+
+        /// Merge (b), pack, on the stream: float64 `[..., width + 2]` (returned or
+        /// written into `packed=`) from this rank's `out` (float32 `[..., width]`), `lse`
+        /// (float32 `[...]`) and the shared `bound` (float64 `[...]`); what the host merge
+        /// refuses is ORed into `error` (one int32 word on the GPU, which the caller
+        /// clears; `tpla.sequence_merge_error(word)` raises the host merge's error). Sum
+        /// the packs over the group's shards (an all-reduce), then `sequence_unpack`.
+        #[pyo3(signature = (out, lse, bound, *, error, packed=None, stream=None))]
+        #[allow(clippy::too_many_arguments)]
+        fn sequence_pack<'py>(
+            &self,
+            py: Python<'py>,
+            out: &Bound<'py, PyAny>,
+            lse: &Bound<'py, PyAny>,
+            bound: &Bound<'py, PyAny>,
+            error: &Bound<'py, PyAny>,
+            packed: Option<&Bound<'py, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<PyObject> {
+            let ot = self.f32_rows("out", out)?;
+            let (width, rows_shape) = split_rows(&ot)?;
+            let lt = self.f32_rows("lse", lse)?;
+            let bt = self.dev("bound", bound)?;
+            bt.expect_array(&[Elem::F64])?;
+            for t in [&lt, &bt] {
+                if t.shape != rows_shape {
+                    return Err(invalid(format!(
+                        "{} has shape {}, expected {rows_shape:?} (out's shape without its \
+                         last extent)",
+                        t.name,
+                        t.shape_str()
+                    )));
+                }
+            }
+            let et = self.error_word(error)?;
+            let mut packed_shape = rows_shape.clone();
+            packed_shape.push(tpla::combine::sequence::packed_row_len(width));
+            let (pobj, pt) = self.dev_output(
+                py,
+                "packed",
+                packed,
+                &packed_shape,
+                "float64",
+                Elem::F64,
+                out,
+            )?;
+            check_disjoint(&pt, &[&ot, &lt, &bt, &et])?;
+            check_disjoint(&et, &[&ot, &lt, &bt])?;
+            let s = self.checked_stream(py, stream)?;
+            // SAFETY: as sequence_rescale.
+            unsafe {
+                self.e().sequence_pack(
+                    rows_shape.iter().product(),
+                    width,
+                    ot.ptr as u64,
+                    lt.ptr as u64,
+                    bt.ptr as u64,
+                    pt.ptr as u64,
+                    et.ptr as u64,
+                    s,
+                )
+            }
+            .py()?;
+            drop(pt);
+            Ok(pobj.unbind())
+        }
+
+        /// Merge (b), unpack, on the stream: the merged outputs (float32 `[..., width]`,
+        /// returned or written into `out=`) from the packs summed over the group's shards
+        /// (float64 `[..., width + 2]`); refusals ORed into `error` as for
+        /// `sequence_pack`. Then sum the outputs over the latent groups.
+        #[pyo3(signature = (packed, *, error, out=None, stream=None))]
+        fn sequence_unpack<'py>(
+            &self,
+            py: Python<'py>,
+            packed: &Bound<'py, PyAny>,
+            error: &Bound<'py, PyAny>,
+            out: Option<&Bound<'py, PyAny>>,
+            stream: Option<u64>,
+        ) -> PyResult<PyObject> {
+            let pt = self.dev("packed", packed)?;
+            pt.expect_array(&[Elem::F64])?;
+            let width = match pt.shape.last() {
+                Some(&n) if n > 2 => n - 2,
+                _ => {
+                    return Err(invalid(format!(
+                        "packed must have shape [..., width + 2], got {}",
+                        pt.shape_str()
+                    )))
+                }
+            };
+            let mut shape = pt.shape.clone();
+            *shape.last_mut().expect("checked above") = width;
+            let et = self.error_word(error)?;
+            let (oobj, ot) =
+                self.dev_output(py, "out", out, &shape, "float32", Elem::F32, packed)?;
+            check_disjoint(&ot, &[&pt, &et])?;
+            check_disjoint(&et, &[&pt])?;
+            let s = self.checked_stream(py, stream)?;
+            // SAFETY: as sequence_rescale.
+            unsafe {
+                self.e().sequence_unpack(
+                    shape[..shape.len() - 1].iter().product(),
+                    width,
+                    pt.ptr as u64,
+                    ot.ptr as u64,
+                    et.ptr as u64,
+                    s,
+                )
+            }
+            .py()?;
+            drop(ot);
+            Ok(oobj.unbind())
         }
 
         /// Copies rows between two device pools of this rank's rows, on the stream with no

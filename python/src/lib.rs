@@ -1550,6 +1550,7 @@ fn _tpla(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sequence::rescale_by_gathered_lse, m)?)?;
     m.add_function(wrap_pyfunction!(sequence::pack_against_bound, m)?)?;
     m.add_function(wrap_pyfunction!(sequence::unpack_merged, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence::sequence_merge_error, m)?)?;
     m.add_function(wrap_pyfunction!(sequence::packed_row_len, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(presets, m)?)?;

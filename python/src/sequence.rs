@@ -584,6 +584,13 @@ pub fn unpack_merged<'py>(
     Ok(oobj.unbind())
 }
 
+/// Raises the host merge's error (InvalidArgumentError) for the bits of a GPU merge's
+/// error word (`DeviceEngine.sequence_pack` / `sequence_unpack`); nothing for 0.
+#[pyfunction]
+pub fn sequence_merge_error(bits: u32) -> PyResult<()> {
+    merge::merge_error(bits).py()
+}
+
 /// Values of one packed row of `width` outputs: `width + 2`.
 #[pyfunction]
 pub fn packed_row_len(width: usize) -> usize {

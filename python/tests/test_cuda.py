@@ -740,3 +740,63 @@ def test_g1_agrees_with_flashmla():
     print(f"libtpla g=1 vs FlashMLA: rel L2 {err:.3e}")
     assert err < 1e-2
     assert torch.allclose(lse.reshape(b, HEADS), fl.float().reshape(b, HEADS), atol=2e-2)
+
+
+@needs_gpu
+def test_sequence_merges_on_engine_buffers_match_the_cpu_merges():
+    """DeviceEngine.sequence_* (the rank's merge steps between the engine's own
+    collectives) against the CPU merges on the same random outputs of three shards; (b)
+    unpacked from the packs summed on the host equals (a)'s sum; a bound far below an lse
+    sets the error word, which sequence_merge_error raises."""
+    rng = np.random.default_rng(17)
+    ctx, engine = engine_for()
+    w, rw = D_C // 4, engine.row_width
+    shards, batch = 3, 2
+    outs = [rng.standard_normal((batch, 1, HEADS, w)).astype(np.float32) for _ in range(shards)]
+    lses = [(3 * rng.standard_normal((batch, 1, HEADS))).astype(np.float32)
+            for _ in range(shards)]
+    gathered = torch.from_numpy(np.stack(lses)).cuda()
+    merged_a = np.zeros_like(outs[0])
+    for shard in range(shards):
+        want = outs[shard].copy()
+        tpla.rescale_by_gathered_lse(want, shard, list(lses))
+        got = torch.from_numpy(outs[shard]).cuda()
+        engine.sequence_rescale(got, gathered, shard=shard)
+        torch.cuda.synchronize()
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-6, atol=1e-7)
+        merged_a += got.cpu().numpy()
+    q = (0.1 * rng.standard_normal((batch, 1, HEADS, rw))).astype(np.float32)
+    bound = engine.sequence_bounds(torch.from_numpy(q).cuda(), rope_key_norm=2.5)
+    assert bound.dtype == torch.float64 and bound.shape == (batch, 1, HEADS)
+    error = torch.zeros(1, dtype=torch.int32, device="cuda")
+    summed = None
+    for shard in range(shards):
+        bound_np = bound.cpu().numpy()
+        want = tpla.pack_against_bound(outs[shard], lses[shard], bound_np)
+        got = engine.sequence_pack(torch.from_numpy(outs[shard]).cuda(),
+                                   torch.from_numpy(lses[shard]).cuda(), bound, error=error)
+        torch.cuda.synchronize()
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-12)
+        summed = got if summed is None else summed + got
+    merged_b = engine.sequence_unpack(summed, error=error)
+    torch.cuda.synchronize()
+    assert int(error.item()) == 0
+    tpla.sequence_merge_error(0)
+    np.testing.assert_allclose(merged_b.cpu().numpy(),
+                               tpla.unpack_merged(summed.cpu().numpy()), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(merged_b.cpu().numpy(), merged_a, rtol=1e-5, atol=1e-6)
+    low = bound.clone()
+    low[0, 0, 5] = float(lses[0][0, 0, 5]) - 800.0
+    engine.sequence_pack(torch.from_numpy(outs[0]).cuda(), torch.from_numpy(lses[0]).cuda(),
+                         low, error=error)
+    torch.cuda.synchronize()
+    with pytest.raises(tpla.InvalidArgumentError, match="above its logit bound"):
+        tpla.sequence_merge_error(int(error.item()))
+    with pytest.raises(tpla.InvalidArgumentError, match="shape"):
+        engine.sequence_rescale(torch.from_numpy(outs[0]).cuda(), gathered[:, :1], shard=0)
+    with pytest.raises(tpla.InvalidArgumentError, match="shard 3 of"):
+        engine.sequence_rescale(torch.from_numpy(outs[0]).cuda(), gathered, shard=3)
+    with pytest.raises(tpla.InvalidArgumentError, match="int32"):
+        engine.sequence_pack(torch.from_numpy(outs[0]).cuda(),
+                             torch.from_numpy(lses[0]).cuda(), bound,
+                             error=error.to(torch.float32))

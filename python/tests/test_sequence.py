@@ -492,3 +492,10 @@ def test_bad_arguments_are_clear_exceptions(tmp_path):
         tpla.export_shards([tmp_path / f"x{i}" for i in range(6)], d, m.transforms, [],
                            sharding=sh)
     assert not any(tmp_path.iterdir()), "a refused export left files behind"
+
+
+def test_gpu_merge_error_words_raise_the_host_merge_errors():
+    tpla.sequence_merge_error(0)
+    for bits, text in [(1, "finite"), (2, "above its logit bound"), (4, "700 above")]:
+        with pytest.raises(tpla.InvalidArgumentError, match=text):
+            tpla.sequence_merge_error(bits)

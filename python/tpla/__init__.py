@@ -108,6 +108,7 @@ from ._tpla import (
     packed_row_len,
     presets,
     rescale_by_gathered_lse,
+    sequence_merge_error,
     unpack_merged,
 )
 from .errors import (
@@ -160,6 +161,7 @@ __all__ = [
     "packed_row_len",
     "presets",
     "rescale_by_gathered_lse",
+    "sequence_merge_error",
     "unpack_merged",
 ]
 

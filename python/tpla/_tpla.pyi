@@ -373,6 +373,35 @@ class DeviceEngine:
         out: Optional[CudaTensor] = None,
         stream: Optional[int] = None,
     ) -> CudaTensor: ...
+    def sequence_rescale(
+        self, out: CudaTensor, gathered: CudaTensor, *, shard: int, stream: Optional[int] = None
+    ) -> None: ...
+    def sequence_bounds(
+        self,
+        q: CudaTensor,
+        *,
+        rope_key_norm: float,
+        out: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> CudaTensor: ...
+    def sequence_pack(
+        self,
+        out: CudaTensor,
+        lse: CudaTensor,
+        bound: CudaTensor,
+        *,
+        error: CudaTensor,
+        packed: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> CudaTensor: ...
+    def sequence_unpack(
+        self,
+        packed: CudaTensor,
+        *,
+        error: CudaTensor,
+        out: Optional[CudaTensor] = None,
+        stream: Optional[int] = None,
+    ) -> CudaTensor: ...
 
 @overload
 def decode_plan(cache_seqlens: ArrayLike, context: RankContext) -> DecodePlan: ...
@@ -458,6 +487,7 @@ def pack_against_bound(
     out: ArrayLike, lse: ArrayLike, bound: ArrayLike, *, packed: Optional[ArrayLike] = None
 ) -> Any: ...
 def unpack_merged(packed: ArrayLike, *, out: Optional[ArrayLike] = None) -> Any: ...
+def sequence_merge_error(bits: int) -> None: ...
 def packed_row_len(width: int) -> int: ...
 def cpu_kernels() -> list[str]: ...
 def cuda_enabled() -> bool: ...
