@@ -627,12 +627,17 @@ static void device_engine_paths(tpla_context *cpu_ctx, float *const *latents,
   {
     tpla_device_decode_args bad = da;
     tpla_paged_cache padded = dev_pool;
+    /* a padded page stride (a multiple of 16 bytes) is served; one that is not, refused */
     padded.page_stride += 64;
     padded.pages -= 1;
     bad.cache = &padded;
+    CHECK_OK(tpla_device_engine_decode(engine, &bad));
+    CU(cu.stream_sync(stream));
+    padded.page_stride += 8;
     s = tpla_device_engine_decode(engine, &bad);
-    printf("cuda: padded page stride: %s: %s\n", tpla_status_str(s), tpla_last_error_message());
-    CHECK(s == TPLA_STATUS_UNSUPPORTED);
+    printf("cuda: page stride not a multiple of 16: %s: %s\n", tpla_status_str(s),
+           tpla_last_error_message());
+    CHECK(s == TPLA_STATUS_INVALID_ARGUMENT);
     bad = da;
     bad.workspace = NULL;
     CHECK(tpla_device_engine_decode(engine, &bad) == TPLA_STATUS_NULL_ARGUMENT);

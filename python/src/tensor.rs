@@ -202,6 +202,8 @@ fn torch_types(py: Python<'_>) -> PyResult<Option<&'static TorchTypes>> {
         ("bfloat16", Elem::Bf16),
         ("int32", Elem::I32),
         ("int64", Elem::I64),
+        // FP8 pools: uint8 bytes
+        ("uint8", Elem::U8),
     ] {
         dtypes.push((torch.getattr(n)?.unbind(), e));
     }
