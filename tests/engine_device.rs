@@ -50,6 +50,16 @@ fn dims() -> ModelDims {
     ModelDims::new(HEADS, D_C, D_R, 64, 64, 1.0 / 128f64.sqrt()).unwrap()
 }
 
+/// What most tests start from: a fresh generator (its seed printed), [`context`] and a
+/// bf16 device engine made from it; `None` (the test returns) without a usable GPU.
+fn engine_setup() -> Option<(ChaCha8Rng, RankContext, DeviceEngine)> {
+    let backend = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
+    let ctx = context(&mut rng);
+    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    Some((rng, ctx, engine))
+}
+
 /// A rank context of three layers: Hadamard, PCA and identity transforms, random
 /// absorbed weights (decode on the device reads only mu from them).
 fn context(rng: &mut ChaCha8Rng) -> RankContext {
@@ -768,10 +778,9 @@ fn bf16_bits(v: &[f32]) -> Vec<u16> {
 /// slot past the pool is skipped and flagged, and so is a token with a non-finite input.
 #[test]
 fn device_appends_equal_the_cpu_appends() {
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, ctx, engine)) = engine_setup() else {
+        return;
+    };
     let dev = engine.backend().device().clone();
     let stream = engine.backend().stream();
     let pages = 8;
@@ -876,10 +885,9 @@ fn device_appends_equal_the_cpu_appends() {
 fn absorbed_queries_and_projected_heads_match_the_cpu_context() {
     use tpla::decode::{Outputs, Queries};
     use tpla::engine::{BlockTable, PagedCache, PagedStep};
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let mut ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, mut ctx, engine)) = engine_setup() else {
+        return;
+    };
     let dev = engine.backend().device().clone();
     let stream = engine.backend().stream();
     let d = dims();
@@ -958,10 +966,9 @@ fn absorbed_queries_and_projected_heads_match_the_cpu_context() {
 #[test]
 fn bf16_projected_heads_are_the_f32_ones_rounded() {
     use tpla::engine_device::BF16_PROJECTION_STAGING_BYTES;
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, _, engine)) = engine_setup() else {
+        return;
+    };
     let dev = engine.backend().device().clone();
     let stream = engine.backend().stream();
     let per_entry = HEADS * dims().d_v;
@@ -1065,10 +1072,9 @@ fn bf16_projected_heads_are_the_f32_ones_rounded() {
 /// padding is skipped, slots past either pool are flagged and copy nothing.
 #[test]
 fn prefill_rows_are_copied_into_engine_pages_on_the_device() {
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, _, engine)) = engine_setup() else {
+        return;
+    };
     let dev = engine.backend().device().clone();
     let (src_pages, dst_pages, n) = (3, 7, 150);
     let mut src = Pool::new(engine.backend(), src_pages);
@@ -1124,10 +1130,9 @@ fn prefill_rows_are_copied_into_engine_pages_on_the_device() {
 #[test]
 fn plan_append_and_decode_of_several_layers_replay_from_a_cuda_graph() {
     use cudarc::driver::{result, sys};
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, ctx, engine)) = engine_setup() else {
+        return;
+    };
     let dev = engine.backend().device().clone();
     let stream = engine.backend().stream();
     let (pages, width, steps) = (32, 8, 3);
@@ -1286,10 +1291,9 @@ fn plan_append_and_decode_of_several_layers_replay_from_a_cuda_graph() {
 /// and sets TPLA_FAULT_BAD_PLAN.
 #[test]
 fn bad_inputs_are_refused_at_the_call_or_flagged_on_the_device() {
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, _, engine)) = engine_setup() else {
+        return;
+    };
     let stream = engine.backend().stream();
     let (pages, width) = (40, 6);
     let mut pool = Pool::new(engine.backend(), pages);
@@ -1579,10 +1583,9 @@ fn compare_fp8_rows(dev: &[u8], cpu: &[u8], what: &str) -> usize {
 /// so this runs on any GPU.
 #[test]
 fn fp8_device_appends_equal_the_cpu_appends() {
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, ctx, engine)) = engine_setup() else {
+        return;
+    };
     let dev = engine.backend().device().clone();
     let stream = engine.backend().stream();
     let (pages, n) = (8, 40);
@@ -1805,10 +1808,9 @@ fn fp8_engine_pool_decode_matches_the_reference_and_the_device_cache() {
 /// either pool are flagged and copy nothing. Any GPU (the copy needs no FP8 decode).
 #[test]
 fn fp8_prefill_rows_are_copied_into_engine_pages_on_the_device() {
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, _, engine)) = engine_setup() else {
+        return;
+    };
     let dev = engine.backend().device().clone();
     let (src_pages, dst_pages, n) = (3, 7, 150);
     let mut src = Fp8Pool::padded(engine.backend(), src_pages, 0);
@@ -1999,10 +2001,9 @@ fn sequence_merges_on_engine_buffers_match_the_cpu_merges() {
         logit_bound, merge_error, pack_against_bound, packed_row_len, rescale_by_gathered_lse,
         unpack_merged, MERGE_LSE_ABOVE_BOUND,
     };
-    let Some(backend) = gpu() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(fresh_seed());
-    let ctx = context(&mut rng);
-    let engine = DeviceEngine::from_context(backend, &ctx).unwrap();
+    let Some((mut rng, _, engine)) = engine_setup() else {
+        return;
+    };
     let device = engine.backend().device().clone();
     let stream = engine.backend().stream();
     let (shards, rows, width) = (3usize, 2 * HEADS, W);
@@ -2026,10 +2027,10 @@ fn sequence_merges_on_engine_buffers_match_the_cpu_merges() {
     let gathered = upload(&lses.concat());
     let lse_refs: Vec<&[f32]> = lses.iter().map(|v| v.as_slice()).collect();
     let mut merged_a = vec![0f32; rows * width];
-    for shard in 0..shards {
-        let mut want = outs[shard].clone();
+    for (shard, host) in outs.iter().enumerate() {
+        let mut want = host.clone();
         rescale_by_gathered_lse(&mut want, width, shard, &lse_refs).unwrap();
-        let out = upload(&outs[shard]);
+        let out = upload(host);
         unsafe {
             engine
                 .sequence_rescale(
@@ -2074,10 +2075,10 @@ fn sequence_merges_on_engine_buffers_match_the_cpu_merges() {
     let mut error = DeviceBuffer::<u32>::new(&device, 1).unwrap();
     error.upload(&[0]).unwrap();
     let mut summed = vec![0f64; rows * plen];
-    for shard in 0..shards {
+    for (shard, (host, lse_host)) in outs.iter().zip(&lses).enumerate() {
         let mut want = vec![0f64; rows * plen];
-        pack_against_bound(&outs[shard], &lses[shard], &bounds, width, &mut want).unwrap();
-        let (out, lse) = (upload(&outs[shard]), upload(&lses[shard]));
+        pack_against_bound(host, lse_host, &bounds, width, &mut want).unwrap();
+        let (out, lse) = (upload(host), upload(lse_host));
         let packed = DeviceBuffer::<f64>::new(&device, rows * plen).unwrap();
         unsafe {
             engine

@@ -306,13 +306,14 @@ mod imp {
             Ok(t)
         }
 
-        /// A merge's device error word: one writable int32 of this GPU.
-        fn error_word(&self, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-            let t = self.dev("error", obj)?;
+        /// A word the GPU ORs bits into (`faults`, a merge's `error`): one writable int32
+        /// of this GPU.
+        fn bit_word(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+            let t = self.dev(name, obj)?;
             t.expect_elem(&[Elem::I32])?;
             if t.numel() != 1 {
                 return Err(invalid(format!(
-                    "error must hold one int32 word, got shape {}",
+                    "{name} must hold one int32 word, got shape {}",
                     t.shape_str()
                 )));
             }
@@ -347,15 +348,7 @@ mod imp {
             let Some(obj) = obj else {
                 return Ok((0, None));
             };
-            let t = self.dev("faults", obj)?;
-            t.expect_elem(&[Elem::I32])?;
-            if t.numel() != 1 {
-                return Err(invalid(format!(
-                    "faults must hold one int32 word, got shape {}",
-                    t.shape_str()
-                )));
-            }
-            t.expect_writable()?;
+            let t = self.bit_word("faults", obj)?;
             Ok((t.ptr as u64, Some(t)))
         }
 
@@ -795,7 +788,7 @@ mod imp {
                     )));
                 }
             }
-            let et = self.error_word(error)?;
+            let et = self.bit_word("error", error)?;
             let mut packed_shape = rows_shape.clone();
             packed_shape.push(tpla::combine::sequence::packed_row_len(width));
             let (pobj, pt) = self.dev_output(
@@ -854,7 +847,7 @@ mod imp {
             };
             let mut shape = pt.shape.clone();
             *shape.last_mut().expect("checked above") = width;
-            let et = self.error_word(error)?;
+            let et = self.bit_word("error", error)?;
             let (oobj, ot) =
                 self.dev_output(py, "out", out, &shape, "float32", Elem::F32, packed)?;
             check_disjoint(&ot, &[&pt, &et])?;
