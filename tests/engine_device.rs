@@ -773,6 +773,47 @@ fn bf16_bits(v: &[f32]) -> Vec<u16> {
         .collect()
 }
 
+/// Appends the tokens at `slots` (pre-norm latents `[n][D_C]` and RoPE keys `[n][D_R]`,
+/// handed to the device as `input`: f32, or the bf16 bits of these values) into `cache`
+/// through [`DeviceEngine::append`], waits for it, and returns the fault word.
+#[allow(clippy::too_many_arguments)]
+fn device_append(
+    engine: &DeviceEngine,
+    layer: usize,
+    cache: &DevicePagedCache,
+    slots: &[i32],
+    latents: &[f32],
+    k_rope: &[f32],
+    input: DType,
+    mode: RmsMode,
+) -> u32 {
+    let dev = engine.backend().device();
+    let upload = |v: &[f32]| match input {
+        DType::F32 => DeviceBuffer::<u8>::from_host(dev, bytemuck::cast_slice(v)),
+        _ => DeviceBuffer::<u8>::from_host(dev, bytemuck::cast_slice(&bf16_bits(v))),
+    };
+    let slots_dev = DeviceBuffer::from_host(dev, slots).unwrap();
+    let (lat_dev, kr_dev) = (upload(latents).unwrap(), upload(k_rope).unwrap());
+    let mut faults = DeviceBuffer::<u32>::new(dev, 1).unwrap();
+    faults.fill_bytes(0).unwrap();
+    let a = DeviceAppend {
+        slots: slots_dev.ptr(),
+        count: slots.len(),
+        latents: lat_dev.ptr(),
+        k_rope: kr_dev.ptr(),
+        input,
+        mode,
+        faults: faults.ptr(),
+    };
+    unsafe {
+        engine
+            .append(layer, cache, &a, engine.backend().stream())
+            .unwrap()
+    };
+    dev.synchronize().unwrap();
+    faults.to_vec().unwrap()[0]
+}
+
 /// Device appends (every transform kind, both RMS modes, f32 and bf16 inputs) write the
 /// rows the CPU's `append_paged` writes, at the same slots; padding slots are skipped, a
 /// slot past the pool is skipped and flagged, and so is a token with a non-finite input.
@@ -805,38 +846,17 @@ fn device_appends_equal_the_cpu_appends() {
                 let cpu_faults = cpu_append(&ctx, layer, &mut cpu, &slots, &latents, &k_rope, mode);
                 assert_eq!(cpu_faults, Faults::BAD_SLOT);
                 let mut pool = Pool::new(engine.backend(), pages);
-                let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
-                let (lat_dev, kr_dev) = match input {
-                    DType::F32 => (
-                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&latents)),
-                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&k_rope)),
-                    ),
-                    _ => (
-                        DeviceBuffer::<u8>::from_host(
-                            &dev,
-                            bytemuck::cast_slice(&bf16_bits(&latents)),
-                        ),
-                        DeviceBuffer::<u8>::from_host(
-                            &dev,
-                            bytemuck::cast_slice(&bf16_bits(&k_rope)),
-                        ),
-                    ),
-                };
-                let (lat_dev, kr_dev) = (lat_dev.unwrap(), kr_dev.unwrap());
-                let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
-                faults.fill_bytes(0).unwrap();
-                let a = DeviceAppend {
-                    slots: slots_dev.ptr(),
-                    count: n,
-                    latents: lat_dev.ptr(),
-                    k_rope: kr_dev.ptr(),
+                let faults = device_append(
+                    &engine,
+                    layer,
+                    &pool.cache(),
+                    &slots,
+                    &latents,
+                    &k_rope,
                     input,
                     mode,
-                    faults: faults.ptr(),
-                };
-                unsafe { engine.append(layer, &pool.cache(), &a, stream).unwrap() };
-                dev.synchronize().unwrap();
-                assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_SLOT.bits());
+                );
+                assert_eq!(faults, Faults::BAD_SLOT.bits());
                 pool.host = pool.dev.to_vec().unwrap();
                 let what = format!("layer {layer} {mode:?} {input:?}");
                 total_differ += compare_rows(&pool.host, &cpu, &what);
@@ -1620,38 +1640,17 @@ fn fp8_device_appends_equal_the_cpu_appends() {
                     mode,
                 );
                 assert_eq!(cpu_faults, Faults::BAD_SLOT);
-                let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
-                let (lat_dev, kr_dev) = match input {
-                    DType::F32 => (
-                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&latents)),
-                        DeviceBuffer::<u8>::from_host(&dev, bytemuck::cast_slice(&k_rope)),
-                    ),
-                    _ => (
-                        DeviceBuffer::<u8>::from_host(
-                            &dev,
-                            bytemuck::cast_slice(&bf16_bits(&latents)),
-                        ),
-                        DeviceBuffer::<u8>::from_host(
-                            &dev,
-                            bytemuck::cast_slice(&bf16_bits(&k_rope)),
-                        ),
-                    ),
-                };
-                let (lat_dev, kr_dev) = (lat_dev.unwrap(), kr_dev.unwrap());
-                let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
-                faults.fill_bytes(0).unwrap();
-                let a = DeviceAppend {
-                    slots: slots_dev.ptr(),
-                    count: n,
-                    latents: lat_dev.ptr(),
-                    k_rope: kr_dev.ptr(),
+                let faults = device_append(
+                    &engine,
+                    layer,
+                    &pool.cache(),
+                    &slots,
+                    &latents,
+                    &k_rope,
                     input,
                     mode,
-                    faults: faults.ptr(),
-                };
-                unsafe { engine.append(layer, &pool.cache(), &a, stream).unwrap() };
-                dev.synchronize().unwrap();
-                assert_eq!(faults.to_vec().unwrap()[0], Faults::BAD_SLOT.bits());
+                );
+                assert_eq!(faults, Faults::BAD_SLOT.bits());
                 let image = pool.dev.to_vec().unwrap();
                 let page_bytes = PAGE * fp8_row_bytes();
                 for page in image.chunks(page_bytes + 32) {
@@ -1726,8 +1725,6 @@ fn fp8_engine_pool_decode_matches_the_reference_and_the_device_cache() {
         assert_eq!(engine.pool_dtype(), DType::Fp8E4m3);
         println!("page padding {pad}: {engine:?}");
         let backend2 = CudaBackend::new(0).unwrap();
-        let dev = engine.backend().device().clone();
-        let stream = engine.backend().stream();
         let (pages, width) = (200, 66);
         let mut pool = Fp8Pool::padded(engine.backend(), pages, pad);
         let mut alloc = Allocator::new(pages, &mut rng);
@@ -1777,23 +1774,17 @@ fn fp8_engine_pool_decode_matches_the_reference_and_the_device_cache() {
                 RmsMode::Exact,
             );
             assert!(f.is_empty());
-            let slots_dev = DeviceBuffer::from_host(&dev, &slots).unwrap();
-            let lat_dev = DeviceBuffer::from_host(&dev, &lat).unwrap();
-            let kr_dev = DeviceBuffer::from_host(&dev, &kr).unwrap();
-            let mut faults = DeviceBuffer::<u32>::new(&dev, 1).unwrap();
-            faults.fill_bytes(0).unwrap();
-            let a = DeviceAppend {
-                slots: slots_dev.ptr(),
-                count: n,
-                latents: lat_dev.ptr(),
-                k_rope: kr_dev.ptr(),
-                input: DType::F32,
-                mode: RmsMode::Exact,
-                faults: faults.ptr(),
-            };
-            unsafe { engine.append(layer, &pool.cache(), &a, stream).unwrap() };
-            dev.synchronize().unwrap();
-            assert_eq!(faults.to_vec().unwrap()[0], 0, "step {step}: append faults");
+            let faults = device_append(
+                &engine,
+                layer,
+                &pool.cache(),
+                &slots,
+                &lat,
+                &kr,
+                DType::F32,
+                RmsMode::Exact,
+            );
+            assert_eq!(faults, 0, "step {step}: append faults");
             pool.download();
             compare_fp8_rows(&pool.host, &cpu, &format!("step {step} appends"));
         }

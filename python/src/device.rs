@@ -203,8 +203,6 @@ mod imp {
         Ok(handle as usize as CUstream)
     }
 
-    /// A new torch CUDA tensor of `shape` and `dtype` ("float32", "uint8") on the device
-    /// of `like` (a torch tensor); other producers must pass their own buffers.
     /// A tensor's last extent (the row width) and the extents before it (the rows).
     fn split_rows(t: &Tensor) -> PyResult<(usize, Vec<usize>)> {
         match t.shape.split_last() {
@@ -219,6 +217,23 @@ mod imp {
         }
     }
 
+    /// The caller's output `given`, or (none given) [`empty`] of `shape` and `dtype`.
+    fn given_or_empty<'py>(
+        py: Python<'py>,
+        given: Option<&Bound<'py, PyAny>>,
+        shape: &[usize],
+        dtype: &str,
+        like: &Bound<'py, PyAny>,
+        what: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match given {
+            Some(o) => Ok(o.clone()),
+            None => empty(py, shape, dtype, like, what),
+        }
+    }
+
+    /// A new torch CUDA tensor of `shape` and `dtype` ("float32", "uint8") on the device
+    /// of `like` (a torch tensor); other producers must pass their own buffers.
     fn empty<'py>(
         py: Python<'py>,
         shape: &[usize],
@@ -334,10 +349,7 @@ mod imp {
             elem: Elem,
             like: &Bound<'py, PyAny>,
         ) -> PyResult<(Bound<'py, PyAny>, Tensor)> {
-            let obj = match given {
-                Some(o) => o.clone(),
-                None => empty(py, shape, dtype, like, name)?,
-            };
+            let obj = given_or_empty(py, given, shape, dtype, like, name)?;
             let t = self.dev(name, &obj)?;
             t.expect_output(&[elem])?;
             t.expect_exact_shape(shape)?;
@@ -506,10 +518,8 @@ mod imp {
             let batch = sl.shape[0];
             let need = me.e().workspace_bytes(batch, block_table_width).py()?;
             let s = me.checked_stream(py, stream)?;
-            let ws_obj = match workspace {
-                Some(w) => w.clone(),
-                None => empty(py, &[need], "uint8", cache_seqlens, "workspace")?,
-            };
+            let ws_obj =
+                given_or_empty(py, workspace, &[need], "uint8", cache_seqlens, "workspace")?;
             let ws = me.dev("workspace", &ws_obj)?;
             ws.expect_contiguous()?;
             ws.expect_writable()?;
@@ -970,19 +980,11 @@ mod imp {
                 )));
             }
             let s = self.checked_stream(py, stream)?;
-            let out_obj = match out {
-                Some(o) => o.clone(),
-                None => empty(py, &rows.shape(w), "float32", q, "out")?,
-            };
+            let out_obj = given_or_empty(py, out, &rows.shape(w), "float32", q, "out")?;
             let ot = self.output("out", &out_obj)?;
             rows.expect(&ot, w)?;
-            let lse_shape = rows.lse_shape();
-            let lse_obj = match lse {
-                Some(l) => l.clone(),
-                None => empty(py, &lse_shape, "float32", q, "lse")?,
-            };
-            let lt = self.output("lse", &lse_obj)?;
-            lt.expect_exact_shape(&lse_shape)?;
+            let (lse_obj, lt) =
+                self.dev_output(py, "lse", lse, &rows.lse_shape(), "float32", Elem::F32, q)?;
             let (fptr, ft) = self.faults(faults)?;
             let inputs = [&qt, &kv, &bt, &sl];
             check_disjoint(&ot, &inputs)?;
@@ -1095,10 +1097,7 @@ mod imp {
             rows.expect(&qr, self.d_r)?;
             let rw = self.slice_width + self.d_r;
             let s = self.checked_stream(py, stream)?;
-            let out_obj = match out {
-                Some(o) => o.clone(),
-                None => empty(py, &rows.shape(rw), "float32", q_nope, "out")?,
-            };
+            let out_obj = given_or_empty(py, out, &rows.shape(rw), "float32", q_nope, "out")?;
             let ot = self.output("out", &out_obj)?;
             rows.expect(&ot, rw)?;
             check_disjoint(&ot, &[&qn, &qr])?;
@@ -1130,10 +1129,7 @@ mod imp {
             let lt = self.f32_rows("latent", latent)?;
             let rows = Rows::of(&lt, self.heads, self.slice_width)?;
             let s = self.checked_stream(py, stream)?;
-            let out_obj = match out {
-                Some(o) => o.clone(),
-                None => empty(py, &rows.shape(self.d_v), "float32", latent, "out")?,
-            };
+            let out_obj = given_or_empty(py, out, &rows.shape(self.d_v), "float32", latent, "out")?;
             let ot = self.dev("out", &out_obj)?;
             let out_dtype = match ot.expect_output(&[Elem::F32, Elem::Bf16])? {
                 Elem::F32 => DType::F32,
