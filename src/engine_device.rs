@@ -770,10 +770,12 @@ impl DeviceEngine {
     /// outputs rounded to nearest even as `half::bf16::from_f32` rounds them: a batch of
     /// up to [`BF16_PROJECTION_STAGING_BYTES`] / (heads * d_v * 4) entries is one cuBLAS
     /// product of the f32 call's shape; a larger one is cut into such products, whose f32
-    /// sums may differ from one product's in their last bit, and so a value may round to
-    /// the neighbouring bf16). `heads_out` is aligned to its element size. The first bf16
-    /// call allocates the engine's staging buffer (make one before capturing a graph, as
-    /// for the cuBLAS handle); other dtypes are `Unsupported`.
+    /// sums may differ from one product's by f32 rounding of the terms, so a value may
+    /// round to a neighbouring bf16, or several units away where the terms nearly cancel:
+    /// session 6 saw -6.7e-6 rounded 4 units from the single product's). `heads_out` is
+    /// aligned to its element size. The first bf16 call allocates the engine's staging
+    /// buffer (make one before capturing a graph, as for the cuBLAS handle); other dtypes
+    /// are `Unsupported`.
     ///
     /// # Safety
     /// As [`Self::project`]; and no bf16 projection of this engine runs on another stream
