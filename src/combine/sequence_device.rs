@@ -201,8 +201,8 @@ pub fn merge_by_lse_on_device<R: BorrowMut<DeviceRank>>(
 /// RoPE key norm bound, so that it holds the shared logit bounds), by one kernel: each
 /// rank's outputs packed against its bounds in f64, each latent group's packs summed and
 /// divided, then the groups summed. Synchronous; a bound that is not one (a log-sum-exp
-/// more than [`PACKED_EXPONENT_LIMIT`] above it) is an `InvalidArgument` error, as on
-/// the CPU.
+/// more than [`PACKED_EXPONENT_LIMIT`](crate::combine::sequence::PACKED_EXPONENT_LIMIT)
+/// above it) is an `InvalidArgument` error, as on the CPU.
 pub fn merge_packed_on_device<R: BorrowMut<DeviceRank>>(
     ranks: &mut [R],
     layer: usize,
