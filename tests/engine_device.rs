@@ -980,8 +980,8 @@ fn absorbed_queries_and_projected_heads_match_the_cpu_context() {
 /// bf16 partial head outputs (`project_for`): the f32 outputs of `project` over the same
 /// staged products (the batch in runs of the staging buffer's entries) rounded to bf16
 /// (as `half::bf16::from_f32` rounds), bit for bit, for batches of one product and of
-/// several; a NaN latent row (a faulted entry) gives NaN outputs in both. Bad arguments are refused at
-/// the call with the kind the API documents.
+/// several; a NaN latent row (a faulted entry) gives NaN outputs in both. Bad arguments
+/// are refused at the call with the kind the API documents.
 #[test]
 fn bf16_projected_heads_are_the_f32_ones_rounded() {
     use tpla::engine_device::BF16_PROJECTION_STAGING_BYTES;
